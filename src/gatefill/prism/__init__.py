@@ -1,0 +1,1 @@
+"""The PRISM job: schema, exact scoring, discovery, checks, demo data."""
