@@ -1,0 +1,101 @@
+"""Every error gatefill raises on purpose, each carrying its data and the exit code the CLI maps it to.
+
+The tree::
+
+    GatefillError                      exit 1 unless a subclass says otherwise
+    ├── UsageError                     exit 2: the user asked for something malformed
+    │   ├── ConfigError                missing or malformed gatefill.toml, unknown environment, bad override
+    │   └── InputLineError             a malformed line on a JSON Lines stdin (``error: line N: ...``)
+    ├── DatabaseError                  exit 2: a database problem that stops us before anything is written
+    │   ├── DatabaseUnreachable        cannot connect (the message never contains the password)
+    │   └── SchemaMissing              the database lacks tables or columns the pipeline needs
+    ├── DataError                      exit 1: stored data that cannot be processed (e.g. unparseable reference data)
+    └── GateBlocked                    exit 4: a gate refuses to let a phase proceed
+
+Driver exceptions (sqlite3, psycopg, httpx) are translated into these once, at the boundary that calls the driver,
+with ``raise ... from exc``; phase code never catches a driver exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DatabaseError",
+    "DatabaseUnreachable",
+    "GateBlocked",
+    "GatefillError",
+    "InputLineError",
+    "SchemaMissing",
+    "UsageError",
+]
+
+
+class GatefillError(Exception):
+    """Root of every error gatefill raises deliberately; ``exit_code`` is what the CLI exits with."""
+
+    exit_code: int = 1
+
+
+class UsageError(GatefillError):
+    """The user asked for something malformed or impossible; nothing was written."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """The configuration file or an environment override is missing, malformed or names an unknown environment."""
+
+
+class InputLineError(UsageError):
+    """One line of a JSON Lines input stream could not be used."""
+
+    def __init__(self, line_no: int, reason: str) -> None:
+        self.line_no = line_no
+        self.reason = reason
+        super().__init__(f"line {line_no}: {reason}")
+
+
+class DatabaseError(GatefillError):
+    """A database problem that stops a command before it writes anything."""
+
+    exit_code = 2
+
+
+class DatabaseUnreachable(DatabaseError):
+    """The database could not be reached; ``target`` is the URL with any password masked."""
+
+    def __init__(self, target: str, reason: str) -> None:
+        self.target = target
+        self.reason = reason
+        super().__init__(f"cannot connect to {target}: {reason}")
+
+
+class SchemaMissing(DatabaseError):
+    """The database lacks tables or columns the pipeline needs."""
+
+    def __init__(self, target: str, missing: Sequence[str]) -> None:
+        self.target = target
+        self.missing = list(missing)
+        shown = ", ".join(self.missing[:12]) + (" ..." if len(self.missing) > 12 else "")
+        super().__init__(
+            f"{target} lacks {len(self.missing)} required table(s)/column(s): {shown} "
+            "(run `gatefill db init --env NAME` to create them, or `gatefill db check` to list them)"
+        )
+
+
+class DataError(GatefillError):
+    """Stored data that cannot be processed as it is."""
+
+
+class GateBlocked(GatefillError):
+    """A gate refuses to let a phase proceed; ``missing`` says what would let it through."""
+
+    exit_code = 4
+
+    def __init__(self, gate: str, missing: Sequence[str]) -> None:
+        self.gate = gate
+        self.missing = list(missing)
+        super().__init__(f"gate '{gate}' blocks this step: " + "; ".join(self.missing))
