@@ -6,9 +6,9 @@ The tree::
     ├── UsageError                     exit 2: the user asked for something malformed
     │   ├── ConfigError                missing or malformed gatefill.toml, unknown environment, bad override
     │   └── InputLineError             a malformed line on a JSON Lines stdin (``error: line N: ...``)
-    ├── DatabaseError                  exit 2: a database problem that stops us before anything is written
-    │   ├── DatabaseUnreachable        cannot connect (the message never contains the password)
-    │   └── SchemaMissing              the database lacks tables or columns the pipeline needs
+    ├── DatabaseError                  exit 1: a statement failed (message scrubbed of secrets)
+    │   ├── DatabaseUnreachable        exit 2: cannot connect (the message never contains the password)
+    │   └── SchemaMissing              exit 2: the database lacks tables or columns the pipeline needs
     ├── DataError                      exit 1: stored data that cannot be processed (e.g. unparseable reference data)
     └── GateBlocked                    exit 4: a gate refuses to let a phase proceed
 
@@ -59,13 +59,13 @@ class InputLineError(UsageError):
 
 
 class DatabaseError(GatefillError):
-    """A database problem that stops a command before it writes anything."""
-
-    exit_code = 2
+    """A statement failed in the database; the message names the target with its password masked."""
 
 
 class DatabaseUnreachable(DatabaseError):
     """The database could not be reached; ``target`` is the URL with any password masked."""
+
+    exit_code = 2
 
     def __init__(self, target: str, reason: str) -> None:
         self.target = target
@@ -75,6 +75,8 @@ class DatabaseUnreachable(DatabaseError):
 
 class SchemaMissing(DatabaseError):
     """The database lacks tables or columns the pipeline needs."""
+
+    exit_code = 2
 
     def __init__(self, target: str, missing: Sequence[str]) -> None:
         self.target = target

@@ -1,0 +1,250 @@
+"""Reads ``gatefill.toml`` plus environment-variable overrides into ``Settings`` and its named ``Environment`` entries.
+
+Lookup order for the file: ``--config PATH``, then ``$GATEFILL_CONFIG``, then ``./gatefill.toml``. Every value of
+``[env.NAME]`` can be overridden by ``GATEFILL_ENV_<NAME>_<KEY>`` (NAME upper-cased, non-alphanumerics as ``_``); an
+environment may even exist only as variables (``GATEFILL_ENV_CI_DATABASE_URL=...``), which suits CI. Secrets come from
+environment variables only: a password written literally into the file is refused, and ``Environment`` never shows the
+database URL unmasked in its ``repr`` or in ``display_url``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from gatefill.errors import ConfigError
+
+__all__ = ["EXAMPLE_CONFIG", "Environment", "Settings", "load_settings"]
+
+EnvironmentKind = Literal["staging", "production"]
+
+_ENV_KEYS = {
+    "database_url",
+    "database_password_env",
+    "kind",
+    "functions_url",
+    "results_url",
+    "service_role_key_env",
+}
+_TOP_KEYS = {"env", "artifacts_dir"}
+_DEFAULT_KEY_ENV = "SUPABASE_SERVICE_ROLE_KEY"
+
+EXAMPLE_CONFIG = """\
+# gatefill.toml: the environments gatefill may touch.
+# Every value can be overridden by an environment variable GATEFILL_ENV_<NAME>_<KEY>,
+# e.g. GATEFILL_ENV_PRODUCTION_DATABASE_URL. Secrets never go in this file: passwords and
+# service-role keys are read from the environment variables named below.
+
+# Where run artifacts (plans, logs, reports) are written, relative to this file.
+artifacts_dir = "artifacts"
+
+[env.staging]
+# SQLite paths are relative to this file; Postgres: postgresql://user@host:5432/dbname
+database_url = "sqlite:///staging.db"
+kind = "staging"                      # "staging" or "production": production applies need passed gates
+# functions_url = "http://127.0.0.1:54321/functions/v1"   # the PRISM edge functions (gatefill serve functions)
+# results_url = "http://127.0.0.1:54321"                  # where /results/<session_id>?t=TOKEN is served
+# service_role_key_env = "SUPABASE_SERVICE_ROLE_KEY"      # name of the variable holding the service-role key
+
+[env.production]
+database_url = "sqlite:///production.db"
+kind = "production"
+# database_password_env = "PROD_DB_PASSWORD"   # the password is read from this variable, never from this file
+"""
+
+
+def _env_prefix(name: str) -> str:
+    return "GATEFILL_ENV_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper() + "_"
+
+
+@dataclass(frozen=True)
+class Environment:
+    """One named target database with its optional PRISM endpoints; the URL may hold a secret and is never shown raw."""
+
+    name: str
+    kind: EnvironmentKind
+    database_url: str = field(repr=False)
+    functions_url: str | None = None
+    results_url: str | None = None
+    service_role_key_env: str = _DEFAULT_KEY_ENV
+
+    @property
+    def url(self) -> URL:
+        """The SQLAlchemy URL (with the password, for the driver only)."""
+        return make_url(self.database_url)
+
+    @property
+    def display_url(self) -> str:
+        """The database URL with any password replaced by ``***``, safe for messages, logs and reports."""
+        return self.url.render_as_string(hide_password=True)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.get_backend_name() == "sqlite"
+
+    def service_role_key(self) -> str | None:
+        """The service-role key from the environment variable named in the config, or None when it is unset."""
+        value = os.environ.get(self.service_role_key_env)
+        return value or None
+
+    def __repr__(self) -> str:
+        return f"Environment(name={self.name!r}, kind={self.kind!r}, database_url={self.display_url!r})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The parsed configuration: where it came from, where artifacts go, and the named environments."""
+
+    path: Path | None
+    root: Path
+    artifacts_dir: Path
+    environments: Mapping[str, Environment]
+
+    def env(self, name: str) -> Environment:
+        """The environment called ``name``; an unknown name is a ``ConfigError`` listing the known ones."""
+        try:
+            return self.environments[name]
+        except KeyError:
+            known = ", ".join(sorted(self.environments)) or "none"
+            where = str(self.path) if self.path else "no gatefill.toml found"
+            raise ConfigError(f"unknown environment '{name}' (known: {known}; config: {where})") from None
+
+
+def _find_config(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file not found: {explicit}")
+        return explicit
+    from_env = environ.get("GATEFILL_CONFIG")
+    if from_env:
+        path = Path(from_env)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (from GATEFILL_CONFIG)")
+        return path
+    default = Path.cwd() / "gatefill.toml"
+    return default if default.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _resolve_database_url(raw: str, env_name: str, root: Path, password_env: str | None, from_file: bool) -> str:
+    """Validates the URL, refuses literal passwords in the file, injects the password variable, anchors SQLite paths."""
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigError(f"environment '{env_name}': database_url is not a database URL") from None
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"environment '{env_name}': unsupported database '{backend}' (use sqlite:/// or postgresql://)"
+        )
+    if from_file and url.password:
+        raise ConfigError(
+            f"environment '{env_name}': gatefill.toml must not contain a password; set "
+            f"{_env_prefix(env_name)}DATABASE_URL or database_password_env instead"
+        )
+    if password_env:
+        password = os.environ.get(password_env)
+        if not password:
+            raise ConfigError(f"environment '{env_name}': variable {password_env} (database_password_env) is not set")
+        url = url.set(password=password)
+    if backend == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    elif url.database and url.database != ":memory:" and not Path(url.database).is_absolute():
+        url = url.set(database=str((root / url.database).resolve()))
+    return url.render_as_string(hide_password=False)
+
+
+def _build_environment(name: str, table: Mapping[str, object], root: Path, environ: Mapping[str, str]) -> Environment:
+    unknown = set(table) - _ENV_KEYS
+    if unknown:
+        raise ConfigError(f"environment '{name}': unknown key(s) {', '.join(sorted(unknown))}")
+    values: dict[str, str] = {}
+    for key, value in table.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"environment '{name}': {key} must be a string")
+        values[key] = value
+    overridden: set[str] = set()
+    prefix = _env_prefix(name)
+    for key in _ENV_KEYS:
+        override = environ.get(prefix + key.upper())
+        if override:
+            values[key] = override
+            overridden.add(key)
+    if "database_url" not in values:
+        raise ConfigError(f"environment '{name}': database_url is missing (or set {prefix}DATABASE_URL)")
+    kind = values.get("kind", "staging")
+    if kind not in ("staging", "production"):
+        raise ConfigError(f"environment '{name}': kind must be 'staging' or 'production', not '{kind}'")
+    database_url = _resolve_database_url(
+        values["database_url"],
+        name,
+        root,
+        values.get("database_password_env"),
+        from_file="database_url" not in overridden,
+    )
+    return Environment(
+        name=name,
+        kind="production" if kind == "production" else "staging",
+        database_url=database_url,
+        functions_url=values.get("functions_url"),
+        results_url=values.get("results_url"),
+        service_role_key_env=values.get("service_role_key_env", _DEFAULT_KEY_ENV),
+    )
+
+
+def _names_from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """Environments declared only through ``GATEFILL_ENV_<NAME>_DATABASE_URL`` (upper-case name → lower-case name)."""
+    found: dict[str, str] = {}
+    for key in environ:
+        match = re.fullmatch(r"GATEFILL_ENV_([A-Z0-9_]+)_DATABASE_URL", key)
+        if match:
+            found[match.group(1)] = match.group(1).lower()
+    return found
+
+
+def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Reads the configuration (file and environment variables) and validates every environment in it."""
+    environ = os.environ if environ is None else environ
+    path = _find_config(config_path, environ)
+    data: dict[str, object] = _read_toml(path) if path else {}
+    root = path.parent.resolve() if path else Path.cwd()
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}")
+    env_tables = data.get("env", {})
+    if not isinstance(env_tables, dict):
+        raise ConfigError(f"{path}: [env] must be a table of [env.NAME] sections")
+    environments: dict[str, Environment] = {}
+    for name, table in env_tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: env.{name} must be a table")
+        environments[name] = _build_environment(name, table, root, environ)
+    declared = {re.sub(r"[^A-Za-z0-9]", "_", n).upper() for n in environments}
+    for upper, lower in _names_from_environ(environ).items():
+        if upper not in declared:
+            environments[lower] = _build_environment(lower, {}, root, environ)
+    artifacts = data.get("artifacts_dir", "artifacts")
+    if not isinstance(artifacts, str):
+        raise ConfigError(f"{path}: artifacts_dir must be a string")
+    artifacts_override = environ.get("GATEFILL_ARTIFACTS_DIR")
+    artifacts_dir = Path(artifacts_override or artifacts)
+    if not artifacts_dir.is_absolute():
+        artifacts_dir = (root / artifacts_dir) if not artifacts_override else (Path.cwd() / artifacts_dir)
+    return Settings(path=path, root=root, artifacts_dir=artifacts_dir, environments=environments)

@@ -1,0 +1,281 @@
+"""One SQLAlchemy engine per environment, the dialect's capabilities, portable column types, and driver-error translation.
+
+Phase code asks ``Database.caps`` what the dialect can do (RLS, advisory locks, ``SKIP LOCKED``, ``COPY``) instead of
+branching on the dialect name. Driver exceptions are translated here, once, into ``gatefill.errors`` types whose
+messages carry the URL with its password masked and are scrubbed of the password itself.
+
+SQLite specifics: every connection runs with ``foreign_keys=ON``, WAL journaling and a busy timeout, and write
+transactions open with ``BEGIN IMMEDIATE`` so that two writers queue on the lock instead of failing on an upgrade;
+JSON is stored as TEXT and timestamps as fixed-width ISO-8601 UTC text (``2025-09-17T08:00:00.000000Z``), which sorts
+and compares correctly as text.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from gatefill.config import Environment
+from gatefill.errors import DatabaseError, DatabaseUnreachable
+
+__all__ = [
+    "Capabilities",
+    "Database",
+    "JSONValue",
+    "TextArray",
+    "UTCTimestamp",
+    "UUIDText",
+    "format_utc",
+    "parse_utc",
+]
+
+_ISO_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def format_utc(value: datetime) -> str:
+    """Fixed-width ISO-8601 UTC text; naive datetimes are taken to be UTC already."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.strftime(_ISO_FORMAT)
+
+
+def parse_utc(text: str) -> datetime:
+    """Parses ISO-8601 text (``Z`` or an offset, or none meaning UTC) into an aware UTC datetime."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T", 1))
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def dumps_json(value: object) -> str:
+    """Compact JSON as the platform writes it (integral floats as integers, as JavaScript prints them)."""
+    return json.dumps(_js_numbers(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _js_numbers(value: object) -> object:
+    # JSON.stringify prints 90.0 as 90; jsonb keeps "90.0" as written, so normalise before sending.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _js_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_js_numbers(v) for v in value]
+    return value
+
+
+class UUIDText(sa.types.TypeDecorator[str]):
+    """A UUID kept as lower-case hyphenated text in Python: native ``uuid`` on Postgres, TEXT on SQLite."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.UUID(as_uuid=False))
+        return dialect.type_descriptor(sa.Text())
+
+
+class JSONValue(sa.types.TypeDecorator[Any]):
+    """A JSON document: ``jsonb`` on Postgres, compact JSON text on SQLite; Python sees decoded values."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.JSONB(none_as_null=True))
+        return dialect.type_descriptor(sa.Text())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if dialect.name == "postgresql":
+            return _js_numbers(value)
+        return dumps_json(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return value
+        return json.loads(value)
+
+
+class TextArray(sa.types.TypeDecorator[list[str]]):
+    """A list of strings: ``text[]`` on Postgres, a JSON array in TEXT on SQLite."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.ARRAY(sa.Text()))
+        return dialect.type_descriptor(sa.Text())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return value
+        return json.dumps(list(value), ensure_ascii=False)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return value
+        return json.loads(value)
+
+
+class UTCTimestamp(sa.types.TypeDecorator[datetime]):
+    """An instant: ``timestamptz`` on Postgres, fixed-width ISO-8601 UTC text on SQLite; Python sees aware UTC."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(sa.DateTime(timezone=True))
+        return dialect.type_descriptor(sa.Text())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = parse_utc(value)
+        if dialect.name == "postgresql":
+            return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return format_utc(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return parse_utc(value)
+        if isinstance(value, datetime):
+            return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        return value
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the connected dialect can do; phase code branches on these flags, never on the dialect's name."""
+
+    dialect: str
+    row_level_security: bool
+    roles: bool
+    advisory_locks: bool
+    skip_locked: bool
+    copy_from: bool
+    #: SQL expression for "now" as stored in a UTCTimestamp column.
+    now_sql: str
+
+
+POSTGRES_CAPS = Capabilities("postgresql", True, True, True, True, True, "now()")
+SQLITE_CAPS = Capabilities("sqlite", False, False, False, False, False, "strftime('%Y-%m-%dT%H:%M:%f000Z','now')")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"
+
+
+class Database:
+    """The engine of one environment plus the error boundary around every use of it."""
+
+    def __init__(self, env: Environment, *, create: bool = False, pool_size: int = 5) -> None:
+        self.env = env
+        self.display_url = env.display_url
+        url = env.url
+        self._secret = url.password if isinstance(url.password, str) and url.password else None
+        if env.is_sqlite:
+            self.caps = SQLITE_CAPS
+            path = url.database
+            if path and path != ":memory:" and not create and not Path(path).is_file():
+                raise DatabaseUnreachable(self.display_url, "no such database file (run `gatefill db init`)")
+            if path and path != ":memory:" and create:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None hands transaction control to us, so BEGIN IMMEDIATE below really is the start.
+            self.engine: Engine = sa.create_engine(
+                url, connect_args={"isolation_level": None, "timeout": 30, "check_same_thread": False}
+            )
+            sa.event.listen(self.engine, "connect", _sqlite_on_connect)
+            sa.event.listen(self.engine, "begin", _sqlite_on_begin)
+        else:
+            self.caps = POSTGRES_CAPS
+            self.engine = sa.create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=pool_size,
+                connect_args={"connect_timeout": 5, "application_name": "gatefill"},
+            )
+
+    def scrub(self, text: str) -> str:
+        """The text with the database password (if any) masked."""
+        return text.replace(self._secret, "***") if self._secret else text
+
+    @contextmanager
+    def translate_errors(self) -> Iterator[None]:
+        """Re-raises driver errors as gatefill errors with masked, single-line messages."""
+        try:
+            yield
+        except DBAPIError as exc:
+            reason = self.scrub(_first_line(str(exc.orig)))
+            if exc.connection_invalidated or _is_connect_error(exc):
+                raise DatabaseUnreachable(self.display_url, reason) from exc
+            raise DatabaseError(f"{self.display_url}: {reason}") from exc
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"{self.display_url}: {self.scrub(_first_line(str(exc)))}") from exc
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection for reads (and explicit transactions), inside the error boundary."""
+        with self.translate_errors(), self.engine.connect() as conn:
+            if self.caps.dialect == "sqlite":
+                # Reads take a deferred BEGIN so they never queue behind a writer in WAL mode.
+                conn = conn.execution_options(sqlite_begin="DEFERRED")
+            yield conn
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A write transaction that commits on success and rolls back on any error."""
+        with self.translate_errors(), self.engine.begin() as conn:
+            yield conn
+
+    def ping(self) -> None:
+        """Proves the database answers; raises ``DatabaseUnreachable`` otherwise."""
+        with self.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dispose()
+
+
+def _is_connect_error(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower()
+    markers = ("connection refused", "could not connect", "connection failed", "unable to open database", "timeout")
+    return isinstance(exc, sa.exc.OperationalError) and any(m in text for m in markers)
+
+
+def _sqlite_on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+    conn.exec_driver_sql(f"BEGIN {mode}")
