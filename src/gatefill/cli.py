@@ -1,2 +1,236 @@
-def main() -> None:
-    raise SystemExit(0)
+"""The ``gatefill`` command line: parses, calls one library function, renders, and maps errors to exit codes.
+
+No logic lives here. ``GatefillError`` is caught once, in ``main``: one line ``error: ...`` on stderr and the exit code
+of the error's class (0 ok/PASS, 1 FAIL or run errors, 2 usage/config error, 3 INCONCLUSIVE, 4 blocked by a gate);
+a traceback only with ``--traceback``.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gatefill.config import EXAMPLE_CONFIG, Settings, load_settings
+from gatefill.db import Database
+from gatefill.errors import GatefillError, UsageError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="gatefill",
+    help="Guarded backfills of derived data in Postgres and SQLite: plan, apply, soak, health check, final gate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Create or check the PRISM schema of an environment.", no_args_is_help=True)
+score_app = typer.Typer(
+    help="Score JSON Lines from stdin with the exact PRISM algorithms (one output line per input line).",
+    no_args_is_help=True,
+)
+app.add_typer(db_app, name="db")
+app.add_typer(score_app, name="score")
+
+out = Console(highlight=False, soft_wrap=True)
+
+
+@dataclass
+class _State:
+    """Options given before the command name."""
+
+    config: Path | None = None
+    traceback: bool = False
+
+
+_STATE = _State()
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="Path to gatefill.toml (default: $GATEFILL_CONFIG or ./gatefill.toml).")
+]
+EnvOption = Annotated[str, typer.Option("--env", help="Environment name from gatefill.toml.")]
+
+
+@app.callback()
+def _root(
+    config: ConfigOption = None,
+    show_traceback: Annotated[bool, typer.Option("--traceback", help="Show a traceback on errors.")] = False,
+) -> None:
+    _STATE.config = config
+    _STATE.traceback = show_traceback
+
+
+def _settings() -> Settings:
+    return load_settings(_STATE.config)
+
+
+def _database(env_name: str, *, create: bool = False) -> Database:
+    return Database(_settings().env(env_name), create=create)
+
+
+@app.command("init")
+def init_command(
+    path: Annotated[Path, typer.Option("--path", help="Where to write the example.")] = Path("gatefill.toml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented example gatefill.toml."""
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists (use --force to overwrite)")
+    path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
+    out.print(f"wrote {path}")
+
+
+@db_app.command("init")
+def db_init_command(env: EnvOption) -> None:
+    """Create the PRISM tables (idempotently) and load the reference data."""
+    from gatefill.prism.schema import init_schema, load_reference_data
+
+    with _database(env, create=True) as db:
+        init_schema(db)
+        added = load_reference_data(db)
+        out.print(f"schema ready on {db.display_url}")
+        for table, n in added.items():
+            out.print(f"  {table}: +{n} rows")
+
+
+@db_app.command("check")
+def db_check_command(env: EnvOption) -> None:
+    """Verify (read-only) that the tables and columns the pipeline needs exist; list what is missing."""
+    from gatefill.prism.schema import check_schema
+
+    with _database(env) as db:
+        report = check_schema(db)
+        if report.missing:
+            out.print(f"[bold red]MISSING[/] on {db.display_url}: {len(report.missing)} table(s)/column(s)")
+            for item in report.missing:
+                out.print(f"  - {item}")
+            raise typer.Exit(1)
+        out.print(f"[bold green]OK[/] {db.display_url}: every required table and column is present")
+        table = Table("check", "finding")
+        for name, finding in {**report.reference, **report.security}.items():
+            table.add_row(name, finding)
+        out.print(table)
+
+
+def _score(kind: str) -> None:
+    from gatefill.prism.scoring import score_jsonl
+
+    for line in score_jsonl(kind, sys.stdin):
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+@score_app.command("profile")
+def score_profile_command() -> None:
+    """ProfileInput lines (as spec/goldens/g*.input.json) → engine output lines (as g*.output.json)."""
+    _score("profile")
+
+
+@score_app.command("fc")
+def score_fc_command() -> None:
+    """{session_id, version, basis, responses, options} lines → {blocks_answered, scores, written} lines."""
+    _score("fc")
+
+
+@score_app.command("calibrate")
+def score_calibrate_command() -> None:
+    """{profile, conf_raw_params, cuts} lines → {conf_raw, conf_calibrated, confidence} lines."""
+    _score("calibrate")
+
+
+def _parse_when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"not an ISO-8601 time: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@app.command("seed")
+def seed_command(
+    env: EnvOption,
+    scenario: Annotated[str, typer.Option(help="staging-2025-09-17, production-2025-09-18 or synthetic.")],
+    sessions: Annotated[int | None, typer.Option(help="Number of sessions (synthetic).")] = None,
+    missing_fraction: Annotated[
+        float | None, typer.Option("--missing-fraction", help="Share of sessions lacking rows (synthetic).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed builds the same data.")] = 0,
+    now: Annotated[str | None, typer.Option(help="Simulated 'now' (ISO-8601); default: the scenario's date.")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Delete existing PRISM data rows first.")] = False,
+) -> None:
+    """Write realistic PRISM data for a scenario and print exactly what was built."""
+    from gatefill.prism.schema import init_schema, load_reference_data
+    from gatefill.prism.seed import seed_scenario
+
+    with _database(env, create=True) as db:
+        init_schema(db)
+        load_reference_data(db)
+        report = seed_scenario(
+            db,
+            scenario,
+            sessions=sessions,
+            missing_fraction=missing_fraction,
+            seed=seed,
+            now=_parse_when(now),
+            replace=replace,
+        )
+        out.print(report.render())
+
+
+@app.command("demo")
+def demo_command(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to build the demo.")] = Path("gatefill-demo"),
+) -> None:
+    """Build the SQLite demo: staging and production environments seeded with the two PRISM scenarios."""
+    from gatefill.demo import run_demo
+
+    run_demo(directory, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI and returns its exit code (the console script exits with it)."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(
+            args=list(argv) if argv is not None else None, prog_name="gatefill", standalone_mode=False
+        )
+    except GatefillError as exc:
+        if _STATE.traceback:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except typer.exceptions.TyperException as exc:
+        # Click-style usage errors (bad option, missing argument, bare group): their own message, exit code 2.
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _STATE.config = None
+        _STATE.traceback = False
+    return result if isinstance(result, int) else 0
+
+
+def entrypoint() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())

@@ -143,7 +143,9 @@ def _read_toml(path: Path) -> dict[str, object]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
 
 
-def _resolve_database_url(raw: str, env_name: str, root: Path, password_env: str | None, from_file: bool) -> str:
+def _resolve_database_url(
+    raw: str, env_name: str, root: Path, password_env: str | None, from_file: bool, environ: Mapping[str, str]
+) -> str:
     """Validates the URL, refuses literal passwords in the file, injects the password variable, anchors SQLite paths."""
     try:
         url = make_url(raw)
@@ -160,7 +162,7 @@ def _resolve_database_url(raw: str, env_name: str, root: Path, password_env: str
             f"{_env_prefix(env_name)}DATABASE_URL or database_password_env instead"
         )
     if password_env:
-        password = os.environ.get(password_env)
+        password = environ.get(password_env)
         if not password:
             raise ConfigError(f"environment '{env_name}': variable {password_env} (database_password_env) is not set")
         url = url.set(password=password)
@@ -198,6 +200,7 @@ def _build_environment(name: str, table: Mapping[str, object], root: Path, envir
         root,
         values.get("database_password_env"),
         from_file="database_url" not in overridden,
+        environ=environ,
     )
     return Environment(
         name=name,

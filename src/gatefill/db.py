@@ -1,4 +1,4 @@
-"""One SQLAlchemy engine per environment, the dialect's capabilities, portable column types, and driver-error translation.
+"""One SQLAlchemy engine per environment, dialect capabilities, portable column types, driver-error translation.
 
 Phase code asks ``Database.caps`` what the dialect can do (RLS, advisory locks, ``SKIP LOCKED``, ``COPY``) instead of
 branching on the dialect name. Driver exceptions are translated here, once, into ``gatefill.errors`` types whose

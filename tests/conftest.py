@@ -1,0 +1,170 @@
+"""Shared fixtures: real SQLite files and real Postgres databases, each test getting a fresh copy of an initialised one.
+
+Postgres is found through ``GATEFILL_TEST_DATABASE_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``).
+The run creates one template database (schema + reference data) per worker, clones it per test with
+``CREATE DATABASE ... TEMPLATE`` (cheap) and drops everything it created. If the server cannot be reached, the whole
+run stops with one line saying how to point it at a server: the Postgres half is never silently skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from gatefill.config import Environment
+from gatefill.db import Database
+from gatefill.prism.schema import init_schema, load_reference_data
+
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def server_url() -> str:
+    return os.environ.get("GATEFILL_TEST_DATABASE_URL", DEFAULT_PG)
+
+
+def _conninfo(url: str) -> str:
+    # psycopg wants a libpq URL; SQLAlchemy-style driver suffixes are tolerated in the variable.
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = _conninfo(url).rpartition("/")
+    query = ""
+    if "?" in url:
+        query = "?" + url.split("?", 1)[1]
+    return f"{base}/{name}{query}"
+
+
+def _admin() -> psycopg.Connection:
+    return psycopg.connect(_conninfo(server_url()), autocommit=True, connect_timeout=5)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    try:
+        with _admin() as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        pytest.exit(
+            f"Postgres unreachable ({reason}); start it or set GATEFILL_TEST_DATABASE_URL=postgresql://USER@HOST:PORT/DB",
+            returncode=2,
+        )
+
+
+def create_pg_database(template: str | None = None) -> str:
+    """Creates a uniquely named database (optionally from a template) and returns its name."""
+    name = f"gf_test_{RUN_ID}_{uuid.uuid4().hex[:10]}"
+    with _admin() as conn:
+        if template:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template))
+            )
+        else:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name
+
+
+def drop_pg_database(name: str) -> None:
+    with _admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def pg_env(name: str, env_name: str = "test", kind: str = "staging") -> Environment:
+    url = _with_database(server_url(), name).replace("postgresql://", "postgresql+psycopg://", 1)
+    return Environment(name=env_name, kind="production" if kind == "production" else "staging", database_url=url)
+
+
+def sqlite_env(path: Path, env_name: str = "test", kind: str = "staging") -> Environment:
+    return Environment(
+        name=env_name, kind="production" if kind == "production" else "staging", database_url=f"sqlite:///{path}"
+    )
+
+
+@dataclass
+class Target:
+    """A fresh, initialised PRISM database of one dialect for one test."""
+
+    dialect: str
+    env: Environment
+    db: Database
+
+    @property
+    def url(self) -> str:
+        return self.env.database_url
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    name = create_pg_database()
+    db = Database(pg_env(name))
+    try:
+        init_schema(db)
+        load_reference_data(db)
+    finally:
+        db.dispose()
+    yield name
+    drop_pg_database(name)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    db = Database(sqlite_env(path), create=True)
+    try:
+        init_schema(db)
+        load_reference_data(db)
+    finally:
+        db.dispose()  # the last connection to close checkpoints the WAL into the file
+    assert not path.with_name(path.name + "-wal").exists()
+    return path
+
+
+@pytest.fixture
+def pg_target(pg_template: str) -> Iterator[Target]:
+    name = create_pg_database(pg_template)
+    env = pg_env(name)
+    db = Database(env)
+    try:
+        yield Target("postgresql", env, db)
+    finally:
+        db.dispose()
+        drop_pg_database(name)
+
+
+@pytest.fixture
+def sqlite_target(sqlite_template: Path, tmp_path: Path) -> Iterator[Target]:
+    path = tmp_path / "prism.db"
+    shutil.copyfile(sqlite_template, path)
+    env = sqlite_env(path)
+    db = Database(env)
+    try:
+        yield Target("sqlite", env, db)
+    finally:
+        db.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request: pytest.FixtureRequest) -> Target:
+    """The same test on a fresh SQLite file and on a fresh Postgres database."""
+    fixture = "sqlite_target" if request.param == "sqlite" else "pg_target"
+    result: Target = request.getfixturevalue(fixture)
+    return result
+
+
+@pytest.fixture
+def empty_pg() -> Iterator[str]:
+    """A fresh, empty Postgres database (no schema); yields its name."""
+    name = create_pg_database()
+    try:
+        yield name
+    finally:
+        drop_pg_database(name)
