@@ -103,6 +103,7 @@ def test_zero_event_upper_bound_general_k_matches_scipy_one_sided(k: int, n: int
     assert zero_event_upper_bound(n, n) == 1.0
 
 
+@settings(deadline=None)
 @given(counts(), st.sampled_from(CONFIDENCES))
 def test_intervals_lie_in_unit_range_and_contain_the_estimate(kn: tuple[int, int], confidence: float) -> None:
     k, n = kn
@@ -110,6 +111,7 @@ def test_intervals_lie_in_unit_range_and_contain_the_estimate(kn: tuple[int, int
         assert 0.0 <= interval.low <= k / n <= interval.high <= 1.0
 
 
+@settings(deadline=None)
 @given(counts(), st.sampled_from(CONFIDENCES))
 def test_intervals_are_monotone_in_k(kn: tuple[int, int], confidence: float) -> None:
     k, n = kn
@@ -124,6 +126,7 @@ def test_intervals_are_monotone_in_k(kn: tuple[int, int], confidence: float) -> 
     assert zero_event_upper_bound(k, n, confidence) <= zero_event_upper_bound(k + 1, n, confidence)
 
 
+@settings(deadline=None)
 @given(st.integers(1, 10**6))
 def test_rule_of_three_is_below_three_over_n(n: int) -> None:
     assert 0.0 < rule_of_three_upper(n) < 3 / n
@@ -220,7 +223,7 @@ def test_empty_sample_is_inconclusive() -> None:
     assert decision.p_value_inferior == 1.0
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(counts(), st.floats(0.1, 0.99), st.sampled_from([0.0, 0.01, 0.05, 0.1]), st.sampled_from([0.01, 0.05, 0.1]))
 def test_known_baseline_verdict_is_dual_to_its_interval(
     kn: tuple[int, int], baseline: float, margin: float, alpha: float
@@ -346,7 +349,8 @@ def test_two_sample_verdict_is_dual_to_its_interval(
     elif decision.verdict == "FAIL":
         assert high <= -margin + 1e-7
     else:
-        assert low <= -margin + 1e-7 <= high + 2e-7
+        assert low <= -margin + 1e-7
+        assert high >= -margin - 1e-7
 
 
 def test_two_sample_verdicts() -> None:
