@@ -1,0 +1,5 @@
+"""``python -m gatefill`` runs the CLI."""
+
+from gatefill.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,156 @@
+"""The command line as users and scripts see it: exit codes, one-line errors, secrets never shown, every command helped."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from gatefill.cli import app, main
+from tests.conftest import Target
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def all_commands() -> list[list[str]]:
+    """Every command path of the Typer app, e.g. ['db', 'init']."""
+    found: list[list[str]] = []
+
+    def walk(group: typer.Typer, prefix: list[str]) -> None:
+        for command in group.registered_commands:
+            name = command.name or (command.callback.__name__ if command.callback else "")
+            found.append([*prefix, name])
+        for sub in group.registered_groups:
+            assert sub.name and sub.typer_instance
+            walk(sub.typer_instance, [*prefix, sub.name])
+
+    walk(app, [])
+    return found
+
+
+def test_every_command_has_help_and_is_in_the_readme(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = all_commands()
+    assert len(commands) >= 8
+    for path in commands:
+        assert main([*path, "--help"]) == 0, path
+        assert "Usage:" in capsys.readouterr().out
+        assert f"gatefill {' '.join(path)}" in readme, f"README does not mention `gatefill {' '.join(path)}`"
+
+
+def write_config(tmp_path: Path, url: str, name: str = "staging") -> Path:
+    path = tmp_path / "gatefill.toml"
+    path.write_text(f'[env.{name}]\ndatabase_url = "{url}"\n', encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["db", "check", "--env", "nope"], "error: unknown environment 'nope'"),
+        (["--config", "/nonexistent/gatefill.toml", "db", "check", "--env", "x"], "error: config file not found"),
+        (["seed", "--env", "staging", "--scenario", "nope"], "error: "),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, "sqlite:///staging.db")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message)
+    assert err.count("\n") == 1
+
+
+def test_malformed_config_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gatefill.toml").write_text("[env.staging\n", encoding="utf-8")
+    assert main(["db", "check", "--env", "staging"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_unreachable_database_message_hides_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, "sqlite:///unused.db")
+    monkeypatch.setenv("GATEFILL_ENV_STAGING_DATABASE_URL", "postgresql://postgres:Sup3rSecretPw@127.0.0.1:1/prism")
+    assert main(["db", "init", "--env", "staging"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot connect to postgresql+psycopg://postgres:***@127.0.0.1:1/prism")
+    assert "Sup3rSecretPw" not in err
+    assert not list(tmp_path.glob("*.db"))
+
+
+def test_missing_sqlite_database_is_not_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, "sqlite:///staging.db")
+    assert main(["db", "check", "--env", "staging"]) == 2
+    assert "no such database file" in capsys.readouterr().err
+    assert not (tmp_path / "staging.db").exists()
+
+
+def test_db_init_and_check_through_the_cli(
+    target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, "sqlite:///unused.db")
+    monkeypatch.setenv("GATEFILL_ENV_STAGING_DATABASE_URL", target.url)
+    assert main(["db", "init", "--env", "staging"]) == 0
+    assert main(["db", "check", "--env", "staging"]) == 0
+    assert "every required table and column is present" in capsys.readouterr().out
+    with target.db.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE fn_logs")
+    assert main(["db", "check", "--env", "staging"]) == 1
+    assert "- fn_logs" in capsys.readouterr().out
+
+
+def test_init_writes_a_commented_example_and_refuses_to_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["init"]) == 0
+    text = (tmp_path / "gatefill.toml").read_text(encoding="utf-8")
+    assert "[env.staging]" in text and text.count("#") > 5
+    assert main(["init"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_secrets_never_appear_in_anything_a_run_writes(tmp_path: Path, target: Target) -> None:
+    """Runs real commands in a subprocess with a service key and a DB password set, then greps every output."""
+    key = "sk-SERVICE-ROLE-0123456789abcdef"
+    password = "pw-DATABASE-9876543210"
+    work = tmp_path / "work"
+    work.mkdir()
+    write_config(work, "sqlite:///unused.db", name="prod")
+    env = {
+        **os.environ,
+        "SUPABASE_SERVICE_ROLE_KEY": key,
+        "GATEFILL_ENV_PROD_DATABASE_URL": f"postgresql://postgres:{password}@127.0.0.1:1/prism",
+        "GATEFILL_ENV_STAGING_DATABASE_URL": target.url,
+    }
+    outputs = []
+    for argv in (
+        ["db", "init", "--env", "prod"],
+        ["db", "check", "--env", "prod"],
+        ["--traceback", "db", "check", "--env", "prod"],
+        ["db", "init", "--env", "staging"],
+        ["db", "check", "--env", "staging"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "gatefill", *argv], cwd=work, env=env, capture_output=True, text=True, timeout=60
+        )
+        outputs.append(proc.stdout + proc.stderr)
+    written = [p.read_bytes().decode("utf-8", "replace") for p in work.rglob("*") if p.is_file()]
+    for text in outputs + written:
+        assert key not in text
+        assert password not in text
+    assert re.search(r"error: cannot connect to .*\*\*\*@127\.0\.0\.1:1/prism", outputs[0])
