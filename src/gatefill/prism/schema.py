@@ -64,7 +64,7 @@ class _UUIDDefault(sa.sql.expression.FunctionElement[str]):
     inherit_cache = True
 
 
-class _NowDefault(sa.sql.expression.FunctionElement[datetime]):
+class _NowDefault(sa.sql.expression.FunctionElement[str]):
     """``now()`` on Postgres, fixed-width ISO-8601 UTC text on SQLite."""
 
     type = sa.Text()
