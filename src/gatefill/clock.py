@@ -1,0 +1,95 @@
+"""The injected clock: every component that reads the time or waits takes a ``Clock``, so a 6-hour soak or a
+20-sessions-per-minute apply can run in seconds under ``SimulatedClock`` in tests and in the demo.
+
+``RealClock`` reads the wall clock (aware UTC) and sleeps for real; ``monotonic`` is for measuring durations.
+``SimulatedClock`` starts at a given instant and only moves when someone sleeps or advances it; it is thread-safe so
+that a server thread and a test thread can share it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+__all__ = ["Clock", "RealClock", "SimulatedClock", "parse_duration", "utc"]
+
+
+class Clock(Protocol):
+    """What time it is, and how to wait."""
+
+    def now(self) -> datetime:
+        """The current instant, timezone-aware UTC."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards (for durations and rates)."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Waits ``seconds`` (a simulated clock just moves forward)."""
+        ...
+
+
+class RealClock:
+    """The wall clock."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+class SimulatedClock:
+    """A clock that moves only when slept on or advanced; ``sleep`` returns at once."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._start = utc(start) if start is not None else datetime.now(UTC)
+        self._elapsed = 0.0
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._start + timedelta(seconds=self._elapsed)
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._elapsed
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+
+    def advance(self, seconds: float) -> None:
+        """Moves the clock forward (never backwards)."""
+        if seconds > 0:
+            with self._lock:
+                self._elapsed += seconds
+
+
+def utc(value: datetime) -> datetime:
+    """The same instant as an aware UTC datetime (naive values are taken to be UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like ``6h``, ``5m``, ``90s``, ``1h30m`` or ``250ms``; raises ValueError otherwise."""
+    import re
+
+    rest = text.strip().lower()
+    if not rest:
+        raise ValueError("empty duration")
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*(ms|min|s|m|h|d)", rest):
+        total += float(number) * _UNITS[unit]
+    if re.sub(r"(\d+(?:\.\d+)?)\s*(ms|min|s|m|h|d)", "", rest).strip():
+        raise ValueError(f"not a duration: {text!r} (use e.g. 6h, 5m, 90s)")
+    return total
