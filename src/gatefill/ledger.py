@@ -1,0 +1,505 @@
+"""The run ledger: runs and their state machine, plans, batches, per-session results, row changes with before-images,
+approvals, soak measurements and run locks, stored in ``gatefill_*`` tables of the target database.
+
+The ledger lives next to the data on purpose: a batch's data writes and its ledger rows commit in one transaction, so
+after a crash the ledger says exactly which batches happened (principle 2), and rollback can restore exactly the rows
+a run changed from their before-images (principle 3). On Postgres the tables get RLS enabled with no policies, so
+only the owner and roles with BYPASSRLS (the service role) can read them through an exposed API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gatefill.db import Database, JSONValue, UTCTimestamp
+from gatefill.errors import GatefillError, UsageError
+
+__all__ = [
+    "LEDGER_METADATA",
+    "TRANSITIONS",
+    "Approval",
+    "IllegalTransition",
+    "Run",
+    "RunLocked",
+    "RunNotFound",
+    "RunStatus",
+    "acquire_lock",
+    "create_run",
+    "get_run",
+    "init_ledger",
+    "new_run_id",
+    "record_approval",
+    "release_lock",
+    "row_key",
+    "transition",
+]
+
+LEDGER_METADATA = sa.MetaData()
+
+
+class RunStatus(StrEnum):
+    """Where a run stands; legal moves between them are the ``TRANSITIONS`` table."""
+
+    PLANNED = "planned"  # a plan exists; nothing has been written
+    RUNNING = "running"  # batches are being applied (or measurements taken)
+    PAUSED = "paused"  # stopped between batches (Ctrl-C, lost database, too many failures); resumable
+    SUCCEEDED = "succeeded"  # every batch committed, no session failed
+    COMPLETED_WITH_ERRORS = "completed_with_errors"  # every batch committed, some sessions failed
+    FAILED = "failed"  # stopped by an error it cannot resume from
+    ROLLED_BACK = "rolled_back"  # its changes were restored from the before-images
+    CANCELLED = "cancelled"  # abandoned before completion by a person
+
+
+TERMINAL = frozenset(
+    {RunStatus.SUCCEEDED, RunStatus.COMPLETED_WITH_ERRORS, RunStatus.FAILED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED}
+)
+
+TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.PLANNED: frozenset(
+        {
+            RunStatus.RUNNING,  # apply (or soak) starts after its gate let it through
+            RunStatus.CANCELLED,  # the plan was rejected or superseded
+        }
+    ),
+    RunStatus.RUNNING: frozenset(
+        {
+            RunStatus.SUCCEEDED,  # the last batch committed and no session failed
+            RunStatus.COMPLETED_WITH_ERRORS,  # the last batch committed; some sessions failed and are listed
+            RunStatus.PAUSED,  # Ctrl-C after the current batch, the database went away, or --max-failures was hit
+            RunStatus.FAILED,  # an error that resuming cannot fix (e.g. the plan no longer matches the database)
+            RunStatus.RUNNING,  # a resume after a crash finds the run still marked running and takes it over
+        }
+    ),
+    RunStatus.PAUSED: frozenset(
+        {
+            RunStatus.RUNNING,  # resumed from the first unfinished batch
+            RunStatus.CANCELLED,  # a person gave up on it
+            RunStatus.ROLLED_BACK,  # its committed batches were undone
+        }
+    ),
+    RunStatus.SUCCEEDED: frozenset({RunStatus.ROLLED_BACK}),  # undone afterwards
+    RunStatus.COMPLETED_WITH_ERRORS: frozenset(
+        {
+            RunStatus.ROLLED_BACK,  # undone afterwards
+            RunStatus.RUNNING,  # failed sessions retried
+        }
+    ),
+    RunStatus.FAILED: frozenset({RunStatus.ROLLED_BACK, RunStatus.CANCELLED}),  # cleaned up after a hard failure
+    RunStatus.ROLLED_BACK: frozenset(),  # final
+    RunStatus.CANCELLED: frozenset({RunStatus.ROLLED_BACK}),  # a cancelled, partly applied run can still be undone
+}
+
+
+class RunNotFound(UsageError):
+    """No run with that id exists in this environment's ledger."""
+
+    def __init__(self, run_id: str, where: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"unknown run '{run_id}' in {where} (see `gatefill status`)")
+
+
+class IllegalTransition(GatefillError):
+    """A run was asked to move between statuses the transition table does not connect."""
+
+    def __init__(self, run_id: str, current: RunStatus, wanted: RunStatus) -> None:
+        self.run_id = run_id
+        self.current = current
+        self.wanted = wanted
+        super().__init__(f"run {run_id} is {current.value}; it cannot become {wanted.value}")
+
+
+class RunLocked(GatefillError):
+    """Another process holds the run (or the environment); a second apply must not interleave with it."""
+
+    exit_code = 4
+
+    def __init__(self, name: str, holder: str) -> None:
+        self.name = name
+        self.holder = holder
+        super().__init__(f"{name} is active elsewhere ({holder}); wait for it or stop it first")
+
+
+runs = sa.Table(
+    "gatefill_runs",
+    LEDGER_METADATA,
+    sa.Column("id", sa.Text(), primary_key=True),
+    sa.Column("phase", sa.Text(), nullable=False),
+    sa.Column("environment", sa.Text(), nullable=False),
+    sa.Column("job", sa.Text(), nullable=False),
+    sa.Column("status", sa.Text(), nullable=False),
+    sa.Column("versions", JSONValue(), nullable=False),
+    sa.Column("params", JSONValue(), nullable=False),
+    sa.Column("plan_hash", sa.Text()),
+    sa.Column("plan", JSONValue()),
+    sa.Column("parent_run_id", sa.Text()),
+    sa.Column("summary", JSONValue()),
+    sa.Column("error", sa.Text()),
+    sa.Column("created_at", UTCTimestamp(), nullable=False),
+    sa.Column("updated_at", UTCTimestamp(), nullable=False),
+    sa.Column("started_at", UTCTimestamp()),
+    sa.Column("finished_at", UTCTimestamp()),
+)
+
+run_events = sa.Table(
+    "gatefill_run_events",
+    LEDGER_METADATA,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("at", UTCTimestamp(), nullable=False),
+    sa.Column("from_status", sa.Text()),
+    sa.Column("to_status", sa.Text(), nullable=False),
+    sa.Column("reason", sa.Text()),
+)
+
+batches = sa.Table(
+    "gatefill_batches",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("batch_no", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("status", sa.Text(), nullable=False),
+    sa.Column("sessions", sa.Integer(), nullable=False),
+    sa.Column("succeeded", sa.Integer(), nullable=False),
+    sa.Column("failed", sa.Integer(), nullable=False),
+    sa.Column("skipped", sa.Integer(), nullable=False),
+    sa.Column("started_at", UTCTimestamp(), nullable=False),
+    sa.Column("finished_at", UTCTimestamp(), nullable=False),
+    sa.Column("detail", JSONValue()),
+)
+
+session_results = sa.Table(
+    "gatefill_session_results",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("session_id", sa.Text(), primary_key=True),
+    sa.Column("batch_no", sa.Integer(), nullable=False),
+    sa.Column("result", sa.Text(), nullable=False),
+    sa.Column("error", sa.Text()),
+    sa.Column("detail", JSONValue()),
+    sa.Column("at", UTCTimestamp(), nullable=False),
+)
+
+changes = sa.Table(
+    "gatefill_changes",
+    LEDGER_METADATA,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("batch_no", sa.Integer(), nullable=False),
+    sa.Column("table_name", sa.Text(), nullable=False),
+    # The primary key of the changed row as canonical JSON, so that any table's key fits one column.
+    sa.Column("row_key", sa.Text(), nullable=False),
+    sa.Column("session_id", sa.Text()),
+    # NULL before = the row was absent (an insert); rollback deletes it. Otherwise the full row to restore.
+    sa.Column("before", JSONValue()),
+    sa.Column("after", JSONValue(), nullable=False),
+    sa.Column("at", UTCTimestamp(), nullable=False),
+    sa.UniqueConstraint("run_id", "table_name", "row_key", name="gatefill_changes_run_row"),
+)
+
+approvals = sa.Table(
+    "gatefill_approvals",
+    LEDGER_METADATA,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("gate", sa.Text(), nullable=False),
+    sa.Column("kind", sa.Text(), nullable=False),  # approval | override
+    sa.Column("approved_by", sa.Text(), nullable=False),
+    sa.Column("note", sa.Text()),
+    sa.Column("plan_hash", sa.Text()),
+    sa.Column("at", UTCTimestamp(), nullable=False),
+    sa.CheckConstraint("kind IN ('approval','override')", name="gatefill_approvals_kind"),
+)
+
+measurements = sa.Table(
+    "gatefill_measurements",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("seq", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("window_start", UTCTimestamp(), nullable=False),
+    sa.Column("window_end", UTCTimestamp(), nullable=False),
+    sa.Column("taken_at", UTCTimestamp(), nullable=False),
+    sa.Column("verdict", sa.Text(), nullable=False),
+    sa.Column("checks", JSONValue(), nullable=False),
+)
+
+locks = sa.Table(
+    "gatefill_locks",
+    LEDGER_METADATA,
+    sa.Column("name", sa.Text(), primary_key=True),
+    sa.Column("holder", sa.Text(), nullable=False),
+    sa.Column("acquired_at", UTCTimestamp(), nullable=False),
+)
+
+LEDGER_TABLES: tuple[str, ...] = tuple(LEDGER_METADATA.tables)
+
+
+def init_ledger(db: Database) -> None:
+    """Creates the ledger tables if missing (idempotent); on Postgres, hides them behind RLS without policies."""
+    with db.begin() as conn:
+        if db.caps.advisory_locks:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gatefill.ledger.schema'))"))
+        LEDGER_METADATA.create_all(conn, checkfirst=True)
+        if db.caps.row_level_security:
+            for table in LEDGER_TABLES:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+
+
+def new_run_id(phase: str, now: datetime) -> str:
+    """A sortable, readable run id: ``<phase>-<UTC timestamp>-<random>``, e.g. ``apply-20250917T080000Z-3f9a``."""
+    return f"{phase}-{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
+
+
+def row_key(values: Mapping[str, Any]) -> str:
+    """The canonical JSON text of a primary key (sorted keys), used to find a row's change again."""
+    return json.dumps({k: str(v) for k, v in values.items()}, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One execution of a phase in one environment, as recorded in the ledger."""
+
+    id: str
+    phase: str
+    environment: str
+    job: str
+    status: RunStatus
+    versions: Mapping[str, str]
+    params: Mapping[str, Any]
+    plan_hash: str | None
+    plan: Mapping[str, Any] | None
+    parent_run_id: str | None
+    summary: Mapping[str, Any] | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A recorded decision at a gate: who let the run through (or overrode the gate), when, why."""
+
+    run_id: str
+    gate: str
+    kind: str
+    approved_by: str
+    note: str | None
+    plan_hash: str | None
+    at: datetime
+
+
+def _run_from_row(row: sa.Row[Any]) -> Run:
+    return Run(
+        id=row.id,
+        phase=row.phase,
+        environment=row.environment,
+        job=row.job,
+        status=RunStatus(row.status),
+        versions=row.versions,
+        params=row.params,
+        plan_hash=row.plan_hash,
+        plan=row.plan,
+        parent_run_id=row.parent_run_id,
+        summary=row.summary,
+        error=row.error,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def create_run(
+    conn: Connection,
+    *,
+    run_id: str,
+    phase: str,
+    environment: str,
+    job: str,
+    versions: Mapping[str, str],
+    params: Mapping[str, Any],
+    now: datetime,
+    status: RunStatus = RunStatus.PLANNED,
+    plan: Mapping[str, Any] | None = None,
+    plan_hash: str | None = None,
+    parent_run_id: str | None = None,
+) -> Run:
+    """Records a new run (its first status event included) and returns it."""
+    conn.execute(
+        runs.insert().values(
+            id=run_id,
+            phase=phase,
+            environment=environment,
+            job=job,
+            status=status.value,
+            versions=dict(versions),
+            params=dict(params),
+            plan=dict(plan) if plan is not None else None,
+            plan_hash=plan_hash,
+            parent_run_id=parent_run_id,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    conn.execute(run_events.insert().values(run_id=run_id, at=now, from_status=None, to_status=status.value))
+    return get_run(conn, run_id, where=environment)
+
+
+def get_run(conn: Connection, run_id: str, *, where: str = "this environment") -> Run:
+    """The run with that id; ``RunNotFound`` (exit 2) otherwise."""
+    row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
+    if row is None:
+        raise RunNotFound(run_id, where)
+    return _run_from_row(row)
+
+
+def list_runs(conn: Connection, *, phase: str | None = None, limit: int = 50) -> list[Run]:
+    """The most recent runs first."""
+    query = sa.select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
+    if phase is not None:
+        query = query.where(runs.c.phase == phase)
+    return [_run_from_row(r) for r in conn.execute(query)]
+
+
+def transition(
+    conn: Connection,
+    run_id: str,
+    wanted: RunStatus,
+    *,
+    now: datetime,
+    reason: str | None = None,
+    summary: Mapping[str, Any] | None = None,
+    error: str | None = None,
+) -> Run:
+    """Moves a run to ``wanted`` if the transition table allows it (else ``IllegalTransition``), under a row lock."""
+    # FOR UPDATE serialises concurrent movers on Postgres; SQLite's compiler omits it (its writers are serialised).
+    query = sa.select(runs.c.status).where(runs.c.id == run_id).with_for_update()
+    current_text = conn.execute(query).scalar_one_or_none()
+    if current_text is None:
+        raise RunNotFound(run_id, "this environment")
+    current = RunStatus(current_text)
+    if wanted not in TRANSITIONS[current]:
+        raise IllegalTransition(run_id, current, wanted)
+    values: dict[str, Any] = {"status": wanted.value, "updated_at": now}
+    if wanted in TERMINAL or wanted is RunStatus.PAUSED:
+        values["finished_at"] = now
+    if summary is not None:
+        values["summary"] = dict(summary)
+    if error is not None:
+        values["error"] = error
+    conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
+    if wanted is RunStatus.RUNNING:
+        conn.execute(runs.update().where(runs.c.id == run_id, runs.c.started_at.is_(None)).values(started_at=now))
+    conn.execute(
+        run_events.insert().values(
+            run_id=run_id, at=now, from_status=current.value, to_status=wanted.value, reason=reason
+        )
+    )
+    return get_run(conn, run_id)
+
+
+def record_approval(
+    conn: Connection,
+    *,
+    run_id: str,
+    gate: str,
+    approved_by: str,
+    now: datetime,
+    note: str | None = None,
+    plan_hash: str | None = None,
+    kind: str = "approval",
+) -> Approval:
+    """Records who approved (or overrode) which gate of a run; the run must exist."""
+    if not approved_by.strip():
+        raise UsageError("an approval needs a name (--by NAME)")
+    get_run(conn, run_id)
+    conn.execute(
+        approvals.insert().values(
+            run_id=run_id, gate=gate, kind=kind, approved_by=approved_by, note=note, plan_hash=plan_hash, at=now
+        )
+    )
+    return Approval(run_id, gate, kind, approved_by, note, plan_hash, now)
+
+
+def approvals_for(conn: Connection, run_id: str, gate: str | None = None) -> list[Approval]:
+    """Every approval and override recorded for a run (optionally one gate), oldest first."""
+    query = sa.select(approvals).where(approvals.c.run_id == run_id).order_by(approvals.c.id)
+    if gate is not None:
+        query = query.where(approvals.c.gate == gate)
+    return [Approval(r.run_id, r.gate, r.kind, r.approved_by, r.note, r.plan_hash, r.at) for r in conn.execute(query)]
+
+
+def lock_holder() -> str:
+    """Who this process is, for lock rows and messages: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def acquire_lock(conn: Connection, name: str, *, now: datetime, holder: str | None = None) -> None:
+    """Takes the named lock row in the caller's transaction; ``RunLocked`` if another live holder has it.
+
+    The row commits with the caller's transaction, so callers take it in a short transaction of its own and release
+    it with ``release_lock`` when done. A holder on this host whose process no longer exists is considered dead and
+    its lock is taken over (crash recovery); holders on other hosts are never presumed dead.
+    """
+    me = holder or lock_holder()
+    row = conn.execute(sa.select(locks).where(locks.c.name == name)).first()
+    if row is not None and row.holder != me and _holder_alive(row.holder):
+        raise RunLocked(name, row.holder)
+    if row is None:
+        conn.execute(locks.insert().values(name=name, holder=me, acquired_at=now))
+    else:
+        conn.execute(locks.update().where(locks.c.name == name).values(holder=me, acquired_at=now))
+
+
+def release_lock(conn: Connection, name: str, *, holder: str | None = None) -> None:
+    """Drops the named lock if this process holds it."""
+    conn.execute(locks.delete().where(locks.c.name == name, locks.c.holder == (holder or lock_holder())))
+
+
+def _holder_alive(holder: str) -> bool:
+    host, _, pid_text = holder.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def session_results_for(conn: Connection, run_id: str) -> dict[str, str]:
+    """session id → result for every session a run has recorded."""
+    rows = conn.execute(
+        sa.select(session_results.c.session_id, session_results.c.result).where(session_results.c.run_id == run_id)
+    )
+    return {sid: result for sid, result in rows}
+
+
+def committed_batches(conn: Connection, run_id: str) -> set[int]:
+    """The batch numbers of a run that committed (its resume point is the first one missing)."""
+    rows = conn.execute(sa.select(batches.c.batch_no).where(batches.c.run_id == run_id))
+    return {n for (n,) in rows}
+
+
+def record_changes(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Inserts ledger change rows (run_id, batch_no, table_name, row_key, session_id, before, after, at)."""
+    if rows:
+        conn.execute(changes.insert(), list(rows))
+
+
+def changes_for(conn: Connection, run_id: str) -> Iterable[sa.Row[Any]]:
+    """Every change a run recorded, in the order it made them."""
+    return conn.execute(sa.select(changes).where(changes.c.run_id == run_id).order_by(changes.c.id))

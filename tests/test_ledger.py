@@ -1,0 +1,87 @@
+"""The run ledger on SQLite and Postgres: state machine, approvals, locks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gatefill import ledger
+from gatefill.ledger import IllegalTransition, RunLocked, RunNotFound, RunStatus
+from tests.conftest import Target
+
+NOW = datetime(2025, 9, 17, 8, 0, tzinfo=UTC)
+
+
+def make_run(target: Target, run_id: str = "apply-1") -> None:
+    ledger.init_ledger(target.db)
+    ledger.init_ledger(target.db)  # idempotent
+    with target.db.begin() as conn:
+        ledger.create_run(
+            conn,
+            run_id=run_id,
+            phase="apply",
+            environment="staging",
+            job="prism",
+            versions={"fc": "v1.2", "engine": "v1.2.1"},
+            params={"rate": "20/min"},
+            now=NOW,
+        )
+
+
+def test_every_edge_of_the_transition_table_has_a_reason_and_terminal_states_hold() -> None:
+    assert set(ledger.TRANSITIONS) == set(RunStatus)
+    assert ledger.TRANSITIONS[RunStatus.ROLLED_BACK] == frozenset()
+    for status in ledger.TERMINAL:
+        assert RunStatus.PAUSED not in ledger.TRANSITIONS[status]
+
+
+def test_state_machine_enforced(target: Target) -> None:
+    make_run(target)
+    with target.db.begin() as conn:
+        run = ledger.transition(conn, "apply-1", RunStatus.RUNNING, now=NOW + timedelta(seconds=1))
+        assert run.status is RunStatus.RUNNING and run.started_at == NOW + timedelta(seconds=1)
+        ledger.transition(conn, "apply-1", RunStatus.PAUSED, now=NOW + timedelta(seconds=2), reason="ctrl-c")
+        run = ledger.transition(conn, "apply-1", RunStatus.RUNNING, now=NOW + timedelta(seconds=3))
+        assert run.started_at == NOW + timedelta(seconds=1)  # a resume keeps the first start
+        run = ledger.transition(conn, "apply-1", RunStatus.SUCCEEDED, now=NOW + timedelta(seconds=4), summary={"n": 3})
+        assert run.summary == {"n": 3} and run.finished_at == NOW + timedelta(seconds=4)
+    with pytest.raises(IllegalTransition, match="succeeded; it cannot become paused"), target.db.begin() as conn:
+        ledger.transition(conn, "apply-1", RunStatus.PAUSED, now=NOW)
+    with pytest.raises(RunNotFound), target.db.begin() as conn:
+        ledger.transition(conn, "nope", RunStatus.RUNNING, now=NOW)
+
+
+def test_approvals_recorded_with_who_when_and_plan_hash(target: Target) -> None:
+    make_run(target)
+    with target.db.begin() as conn:
+        ledger.record_approval(conn, run_id="apply-1", gate="plan", approved_by="ana", now=NOW, plan_hash="abc")
+        ledger.record_approval(
+            conn, run_id="apply-1", gate="soak", approved_by="bo", now=NOW, note="no soak", kind="override"
+        )
+        found = ledger.approvals_for(conn, "apply-1")
+    assert [(a.gate, a.kind, a.approved_by, a.plan_hash) for a in found] == [
+        ("plan", "approval", "ana", "abc"),
+        ("soak", "override", "bo", None),
+    ]
+    with pytest.raises(RunNotFound), target.db.begin() as conn:
+        ledger.record_approval(conn, run_id="nope", gate="plan", approved_by="ana", now=NOW)
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(target: Target) -> None:
+    make_run(target)
+    with target.db.begin() as conn:
+        ledger.acquire_lock(conn, "run:apply-1", now=NOW)
+        ledger.acquire_lock(conn, "run:apply-1", now=NOW)  # re-entrant for the holder
+    with pytest.raises(RunLocked, match="active elsewhere"), target.db.begin() as conn:
+        ledger.acquire_lock(conn, "run:apply-1", now=NOW, holder="otherhost:1")
+    with target.db.begin() as conn:
+        ledger.release_lock(conn, "run:apply-1")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_holder = f"{ledger.lock_holder().rsplit(':', 1)[0]}:{dead.stdout.strip()}"
+    with target.db.begin() as conn:
+        ledger.acquire_lock(conn, "run:apply-1", now=NOW, holder=dead_holder)
+    with target.db.begin() as conn:
+        ledger.acquire_lock(conn, "run:apply-1", now=NOW)  # the holder's process is gone: taken over
