@@ -424,10 +424,12 @@ _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
 
 
 def _quote(s: str) -> str:
+    if _SURROGATE_RE.search(s):
+        # A JavaScript string is UTF-16: an adjacent high+low surrogate pair *is* the astral character, and
+        # well-formed JSON.stringify escapes the surrogates left alone (Python strings can hold them; UTF-8 cannot).
+        s = s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+        return _SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", _encode_str(s))
     out: str = _encode_str(s)
-    if _SURROGATE_RE.search(out):
-        # Well-formed JSON.stringify escapes lone surrogates (Python strings can hold them; UTF-8 cannot).
-        out = _SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", out)
     return out
 
 
