@@ -1,0 +1,443 @@
+"""The PRISM edge functions over HTTP: a FastAPI app with the Supabase paths and contracts, and ``serve`` to run it.
+
+Paths are those Supabase serves (``POST /functions/v1/<name>``) plus the results link ``GET /results/{id}?t=TOKEN``;
+bodies are JSON and CORS is ``*`` with upstream's allowed headers. Every function runs through
+``gatefill.prism.service`` (one code path with the rest of gatefill); this module only parses, authenticates, limits
+and renders. Every error body is ``{error, code}``.
+
+Security decisions, each because a deployment must not be trickable:
+- ``score_fc_session`` and ``score_prism`` need ``Authorization: Bearer <service-role key>``, compared in constant
+  time; the key is read from the variable named in the config and never appears in a response, a log line or an
+  error message.
+- Fault injection (``X-Gatefill-Fault``) and simulated time (``X-Gatefill-Now``) are honoured only when the app was
+  built with ``allow_fault_injection=True`` *and* the request carries the service-role key; otherwise such a request is
+  refused (403 or 401), never silently served as asked.
+- The results endpoints are rate limited per client address (sliding window on the injected clock). Uvicorn's own
+  access log is off because it prints query strings, which carry share tokens; ``serve`` logs path and status only.
+- Uvicorn trusts ``X-Forwarded-For`` from 127.0.0.1 only (its default), so a local proxy, or the traffic simulator
+  playing many respondents, can name the client address; remote clients cannot.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from gatefill.clock import Clock, RealClock
+from gatefill.config import Environment
+from gatefill.db import Database, dumps_json, parse_utc
+from gatefill.errors import ConfigError, DatabaseError, DatabaseUnreachable, GatefillError
+from gatefill.prism.service import (
+    CallContext,
+    Faults,
+    FunctionFailure,
+    PrismService,
+)
+
+__all__ = ["FUNCTION_NAMES", "MAX_BODY_BYTES", "RateLimiter", "create_app", "serve", "serve_functions"]
+
+MAX_BODY_BYTES = 64 * 1024
+FUNCTION_NAMES = ("score_fc_session", "score_prism", "finalizeAssessment", "get-results-by-session")
+_PROTECTED = frozenset({"score_fc_session", "score_prism"})
+_RATE_LIMITED = frozenset({"get-results-by-session"})
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_VERSION_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+# Upstream's corsHeaders (supabase/functions/_shared/cors.ts).
+_CORS_HEADERS = ["authorization", "x-client-info", "apikey", "content-type"]
+_FAULT_HEADER = "x-gatefill-fault"
+_NOW_HEADER = "x-gatefill-now"
+
+_log = logging.getLogger("gatefill.functions")
+
+
+class _JSONResponse(Response):
+    """A JSON response printed as JavaScript prints it (``90`` not ``90.0``), so bodies match the original's bytes."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps_json(content).encode("utf-8")
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> _JSONResponse:
+    return _JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
+
+
+class _Reject(Exception):
+    """A request refused before it reaches the service; carries the HTTP status, code and one-line message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+class RateLimiter:
+    """A sliding-window request counter per client address on the injected clock (``limit`` requests per ``window``)."""
+
+    def __init__(self, clock: Clock, limit: int = 60, window: float = 60.0, max_clients: int = 100_000) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._hits: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, client: str) -> float | None:
+        """Records one request; returns None if allowed, else the seconds until the window has room again."""
+        now = self.clock.monotonic()
+        with self._lock:
+            hits = self._hits.get(client)
+            if hits is None:
+                hits = deque()
+                self._hits[client] = hits
+                # Bounded memory: forget the least recently seen clients first.
+                while len(self._hits) > self.max_clients:
+                    self._hits.popitem(last=False)
+            else:
+                self._hits.move_to_end(client)
+            while hits and hits[0] <= now - self.window:
+                hits.popleft()
+            if len(hits) >= self.limit:
+                return max(0.0, hits[0] + self.window - now)
+            hits.append(now)
+            return None
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def _key_matches(presented: str | None, key: str) -> bool:
+    if presented is None:
+        return False
+    return hmac.compare_digest(presented.encode("utf-8"), key.encode("utf-8"))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise _Reject(400, "INVALID_REQUEST", "malformed Content-Length")
+        if int(declared) > limit:
+            raise _Reject(413, "BODY_TOO_LARGE", f"request body over {limit // 1024} KiB")
+    chunks: list[bytes] = []
+    total = 0
+    # A chunked body has no Content-Length: count while reading so nothing over the limit is ever buffered.
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _Reject(413, "BODY_TOO_LARGE", f"request body over {limit // 1024} KiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str) -> Any:
+    # JSON.parse refuses NaN and Infinity; so do we.
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+def _parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError):
+        raise _Reject(400, "INVALID_JSON", "request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise _Reject(400, "INVALID_JSON", "request body must be a JSON object")
+    return value
+
+
+def _session_id(value: object) -> str:
+    if value is None or value == "":
+        raise _Reject(400, "SESSION_ID_REQUIRED", "session_id is required")
+    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
+        raise _Reject(400, "INVALID_SESSION_ID", "session_id must be a UUID")
+    return value.lower()
+
+
+def _optional_text(body: dict[str, Any], key: str, default: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not _VERSION_RE.fullmatch(value):
+        raise _Reject(400, "INVALID_PARAMETER", f"{key} must be a short identifier")
+    return value
+
+
+class _App:
+    """The request handling shared by every route: limits, authentication, faults, simulated time, dispatch."""
+
+    def __init__(
+        self,
+        env: Environment,
+        service: PrismService,
+        *,
+        clock: Clock,
+        service_role_key: str,
+        allow_fault_injection: bool,
+        rate_limit_per_minute: int,
+        max_body_bytes: int,
+    ) -> None:
+        self.env = env
+        self.service = service
+        self.clock = clock
+        self._key = service_role_key
+        self.allow_fault_injection = allow_fault_injection
+        self.limiter = RateLimiter(clock, limit=rate_limit_per_minute, window=60.0)
+        self.max_body_bytes = max_body_bytes
+
+    def client(self, request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def check_rate(self, request: Request) -> None:
+        wait = self.limiter.check(self.client(request))
+        if wait is not None:
+            raise _Reject(
+                429, "RATE_LIMITED", "too many requests; try again later", headers={"Retry-After": str(int(wait) + 1)}
+            )
+
+    def authorised(self, request: Request) -> bool:
+        return _key_matches(_bearer(request), self._key)
+
+    def context(self, request: Request) -> CallContext:
+        """The request's "now" and faults; the special headers need fault injection enabled and the service key."""
+        fault_header = request.headers.get(_FAULT_HEADER)
+        now_header = request.headers.get(_NOW_HEADER)
+        faults = Faults()
+        now = self.clock.now()
+        if fault_header is not None or now_header is not None:
+            if not self.allow_fault_injection:
+                raise _Reject(403, "FAULT_INJECTION_DISABLED", "fault injection is not enabled on this server")
+            if not self.authorised(request):
+                raise _Reject(401, "UNAUTHORIZED", "fault injection needs the service-role key")
+            if fault_header is not None:
+                try:
+                    faults = Faults.parse(fault_header)
+                except ValueError as exc:
+                    raise _Reject(400, "INVALID_FAULT", str(exc)) from None
+            if now_header is not None:
+                try:
+                    now = parse_utc(now_header.strip())
+                except ValueError:
+                    raise _Reject(400, "INVALID_NOW", "X-Gatefill-Now must be an ISO-8601 instant") from None
+        return CallContext(
+            now=now,
+            faults=faults,
+            request_id=uuid.uuid4().hex,
+            ip=self.client(request),
+            ua=request.headers.get("user-agent"),
+        )
+
+    async def slow(self, ctx: CallContext) -> None:
+        if ctx.faults.slow_ms > 0:
+            # The server's own clock: a real server really waits, a simulated one only moves forward.
+            await run_in_threadpool(self.clock.sleep, ctx.faults.slow_ms / 1000.0)
+
+    async def call(self, name: str, request: Request, body_reader: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
+        """Runs one function: rate limit, auth, body, validation, service call; errors become ``{error, code}``."""
+        try:
+            if name in _RATE_LIMITED:
+                self.check_rate(request)
+            if name in _PROTECTED and not self.authorised(request):
+                raise _Reject(401, "UNAUTHORIZED", "missing or invalid service-role key")
+            ctx = self.context(request)
+            body = await body_reader()
+            await self.slow(ctx)
+            result = await run_in_threadpool(self.dispatch, name, body, ctx, request)
+            return _JSONResponse(result.body, status_code=result.status)
+        except _Reject as exc:
+            return _error(exc.status, exc.code, exc.message, exc.headers)
+        except FunctionFailure as exc:
+            return _error(exc.status, exc.code, exc.message)
+        except DatabaseUnreachable:
+            _log.error("%s: database unreachable", name)
+            return _error(503, "DATABASE_UNAVAILABLE", "database unavailable")
+        except DatabaseError as exc:
+            _log.error("%s: %s", name, exc)
+            return _error(500, "DATABASE_ERROR", "database error")
+        except GatefillError as exc:
+            _log.error("%s: %s", name, exc)
+            return _error(500, "INTERNAL_ERROR", "internal error")
+
+    def dispatch(self, name: str, body: dict[str, Any], ctx: CallContext, request: Request) -> _Result:
+        if name == "score_fc_session":
+            session_id = _session_id(body.get("session_id"))
+            version = _optional_text(body, "version", "v1.2")
+            basis = _optional_text(body, "basis", "functions")
+            if basis not in ("functions", "types"):
+                raise _Reject(400, "INVALID_PARAMETER", "basis must be 'functions' or 'types'")
+            return _Result(200, self.service.score_fc_session(session_id, ctx, version=version, basis=basis))
+        if name == "score_prism":
+            session_id = _session_id(body.get("session_id"))
+            return _Result(200, self.service.score_prism(session_id, ctx))
+        if name == "finalizeAssessment":
+            session_id = _session_id(body.get("session_id"))
+            responses = body.get("responses")
+            count = len(responses) if isinstance(responses, list) else None
+            base = self.env.results_url or str(request.base_url)
+            return _Result(200, self.service.finalize(session_id, ctx, responses_count=count, results_base_url=base))
+        # get-results-by-session
+        session_id = _session_id(body.get("session_id"))
+        token = body.get("share_token")
+        return self.results(session_id, token if isinstance(token, str) else None, ctx)
+
+    def results(self, session_id: str, token: str | None, ctx: CallContext) -> _Result:
+        outcome = self.service.get_results(session_id, token, ctx)
+        return _Result(outcome.status, outcome.body)
+
+
+class _Result:
+    """A successful (or service-decided) response: HTTP status and JSON body."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.body = body
+
+
+def create_app(
+    env: Environment,
+    db: Database,
+    *,
+    clock: Clock | None = None,
+    allow_fault_injection: bool = False,
+    rate_limit_per_minute: int = 60,
+    service_role_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    reference_ttl: float = 10.0,
+) -> FastAPI:
+    """The functions app for ``env`` on ``db``; raises ``ConfigError`` if the service-role key variable is unset."""
+    key = service_role_key or env.service_role_key()
+    if not key:
+        raise ConfigError(
+            f"environment '{env.name}': variable {env.service_role_key_env} (service_role_key_env) is not set"
+        )
+    clock = clock or RealClock()
+    service = PrismService(db, clock=clock, reference_ttl=reference_ttl)
+    handler = _App(
+        env,
+        service,
+        clock=clock,
+        service_role_key=key,
+        allow_fault_injection=allow_fault_injection,
+        rate_limit_per_minute=rate_limit_per_minute,
+        max_body_bytes=max_body_bytes,
+    )
+    app = FastAPI(title="gatefill PRISM functions", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gatefill = handler
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["POST", "GET", "OPTIONS"],
+        allow_headers=_CORS_HEADERS,
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+        message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, "request refused")
+        return _error(exc.status_code, code, message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> Response:
+        # Never echo the exception: it could carry row data; the log has its type and the traceback.
+        _log.exception("unhandled %s", type(exc).__name__)
+        return _error(500, "INTERNAL_ERROR", "internal error")
+
+    @app.post("/functions/v1/{name}")
+    async def _function(name: str, request: Request) -> Response:
+        if name not in FUNCTION_NAMES:
+            return _error(404, "FUNCTION_NOT_FOUND", "function not found")
+
+        async def body() -> dict[str, Any]:
+            return _parse_json_object(await _read_body(request, handler.max_body_bytes))
+
+        return await handler.call(name, request, body)
+
+    @app.get("/results/{session_id}")
+    async def _results_link(session_id: str, request: Request) -> Response:
+        token = request.query_params.get("t")
+
+        async def body() -> dict[str, Any]:
+            return {"session_id": session_id, "share_token": token}
+
+        return await handler.call("get-results-by-session", request, body)
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn without its signal handlers, so it can run in a thread (tests, the benchmark)."""
+
+    def install_signal_handlers(self) -> None:
+        return None
+
+
+def _access_logger(app: FastAPI) -> Callable[..., Any]:
+    async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        # Path only: query strings carry share tokens.
+        _log.info(
+            "%s %s %d %.1fms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
+
+    return middleware
+
+
+def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 54321, log_level: str = "info") -> None:
+    """Runs ``app`` under uvicorn until interrupted; access lines carry path and status, never query strings."""
+    app.middleware("http")(_access_logger(app))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off")
+    uvicorn.Server(config).run()
+
+
+def serve_functions(
+    env: Environment,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 54321,
+    allow_fault_injection: bool = False,
+    clock: Clock | None = None,
+    log_level: str = "info",
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """What ``gatefill serve functions`` runs: opens the database, builds the app and serves until interrupted."""
+    with Database(env, pool_size=20) as db:
+        db.ping()
+        app = create_app(env, db, clock=clock, allow_fault_injection=allow_fault_injection)
+        if on_ready is not None:
+            on_ready(f"http://{host}:{port}/functions/v1")
+        serve(app, host=host, port=port, log_level=log_level)
+
+
+def _now_text(value: datetime) -> str:
+    return value.isoformat()

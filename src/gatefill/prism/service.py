@@ -1,0 +1,740 @@
+"""The PRISM platform's server side as a library: the edge functions' reads, scoring and writes, one transaction each.
+
+``PrismService`` is what ``gatefill serve functions`` runs behind HTTP: ``score_fc_session``, ``score_prism``,
+``finalize`` (finalizeAssessment) and ``get_results`` (get-results-by-session). Scoring goes through
+``gatefill.prism.scoring`` only (``score_fc_session`` for the tally, ``score_session`` for the profile), so these rows
+equal what every other gatefill writer produces. Writes are dialect-neutral SQLAlchemy Core with ON CONFLICT upserts;
+every function writes its ``fn_logs`` events in the transaction that writes its rows, with the request's "now" as
+``at``.
+
+Where this departs from the original functions (spec prism-data-model §2), on purpose:
+- A failed write is an error (5xx plus a ``fc_upsert_error``/``profile_write_failed`` event), never a 200.
+- An ``fc_scores`` row of ``{}`` is never written (scoring spec §7.3); such a session gets ``fc_scores_empty``.
+- finalize marks the session completed even when a write fails (the respondent did finish; the missing rows are
+  then what a backfill finds), stores the real number of answered questions in ``completed_questions`` (upstream
+  stored ``profile.fc_answered_ct``), and fails when the FC write fails instead of scoring with legacy FC.
+- Results access answers 403 for a wrong, expired or foreign token *and* for an unknown or unfinished session, so
+  the status never reveals whether a session exists; the token is compared in constant time and only its sha256
+  is stored.
+
+Concurrency: the profile transaction first locks the session row (``SELECT ... FOR UPDATE`` on Postgres; SQLite
+serialises writers with ``BEGIN IMMEDIATE``), so concurrent finalize calls for one session run one after the other:
+one profile per session, ``recomputed_at`` set by the later one, nothing lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gatefill.clock import Clock
+from gatefill.db import Database
+from gatefill.errors import DatabaseError, DatabaseUnreachable, DataError, GatefillError
+from gatefill.prism import scoring
+from gatefill.prism.jsmath import to_fixed
+from gatefill.prism.schema import (
+    assessment_responses,
+    assessment_scoring_key,
+    assessment_sessions,
+    calibration_model,
+    fc_options,
+    fc_responses,
+    fc_scores,
+    fn_logs,
+    insert_for,
+    profiles,
+    results_token_access_logs,
+    scoring_config,
+    type_prototypes,
+)
+
+__all__ = [
+    "DRIFTED_RESULTS_VERSION",
+    "FAULT_NAMES",
+    "SHARE_TOKEN_TTL",
+    "CallContext",
+    "Faults",
+    "FunctionFailure",
+    "PrismService",
+    "ResultsOutcome",
+    "load_reference_data_from_db",
+    "load_session_inputs",
+    "token_hash",
+]
+
+#: Server-side faults a request may ask for when the server allows fault injection.
+FAULT_NAMES = ("engine_version_override", "legacy_fc", "profile_write_fail", "token_bypass", "slow")
+#: The scoring_config.results_version an ``engine_version_override`` fault pretends is stored (the pre-v1.2.1 value).
+DRIFTED_RESULTS_VERSION = "v1.2.0"
+SHARE_TOKEN_TTL = timedelta(days=30)
+_DEFAULT_SLOW_MS = 250.0
+_MAX_SLOW_MS = 10_000.0
+_MAX_TOKEN_CHARS = 256
+
+Event: TypeAlias = tuple[str, dict[str, object]]
+
+
+class FunctionFailure(GatefillError):
+    """A function call that ends in an error response: HTTP ``status``, machine ``code`` and a one-line message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The faults one request asked for (only honoured where the server allows fault injection)."""
+
+    names: frozenset[str] = frozenset()
+    slow_ms: float = 0.0
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    @classmethod
+    def parse(cls, header: str) -> Faults:
+        """Parses ``name[=value], ...`` (``slow=MS`` sets the delay); raises ValueError on unknown names or values."""
+        names: set[str] = set()
+        slow_ms = 0.0
+        for part in header.split(","):
+            item = part.strip()
+            if not item:
+                continue
+            name, _, value = item.partition("=")
+            name = name.strip()
+            if name not in FAULT_NAMES:
+                raise ValueError(f"unknown fault {name[:40]!r} (known: {', '.join(FAULT_NAMES)})")
+            names.add(name)
+            if name == "slow":
+                try:
+                    slow_ms = float(value) if value.strip() else _DEFAULT_SLOW_MS
+                except ValueError:
+                    raise ValueError("slow needs a delay in milliseconds (slow=250)") from None
+                if not 0 <= slow_ms <= _MAX_SLOW_MS:
+                    raise ValueError(f"slow delay must be within 0..{_MAX_SLOW_MS:g} ms")
+            elif value:
+                raise ValueError(f"fault {name} takes no value")
+        return cls(frozenset(names), slow_ms)
+
+    def header(self) -> str:
+        """The ``X-Gatefill-Fault`` value that asks for these faults."""
+        return ", ".join(f"slow={self.slow_ms:g}" if n == "slow" else n for n in sorted(self.names))
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """One call's circumstances: its "now" (simulated or real), faults, request id and client."""
+
+    now: datetime
+    faults: Faults = field(default_factory=Faults)
+    request_id: str = ""
+    ip: str | None = None
+    ua: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultsOutcome:
+    """The answer to one results request: HTTP status, body, whether access was granted and why not."""
+
+    status: int
+    body: dict[str, object]
+    granted: bool
+    reason: str
+
+
+def token_hash(token: str | None) -> str:
+    """The sha256 hex of a share token as results_token_access_logs stores it (no token → hash of '')."""
+    return hashlib.sha256((token or "").encode("utf-8")).hexdigest()
+
+
+# ====================================================================================================================
+# Loading inputs
+
+
+def load_reference_data_from_db(
+    conn: Connection, *, config_override: Mapping[str, object] | None = None
+) -> scoring.ReferenceData:
+    """``scoring.ReferenceData`` from the database's reference tables, as score_prism reads them (spec §4.1).
+
+    ``calibration_model`` rows of version v1.2.1 become the knots lookup keyed by ``(stratum.dim_band,
+    stratum.overlay)``, the latest ``trained_at`` winning; ``config_override`` replaces scoring_config keys.
+    """
+    static = _load_static_reference(conn)
+    config = _load_scoring_config(conn)
+    if config_override:
+        config.update(config_override)
+    return static.build(config)
+
+
+def load_session_inputs(
+    conn: Connection, session_ids: Sequence[str], *, with_fc_responses: bool = True
+) -> dict[str, scoring.SessionInputs]:
+    """The stored scoring inputs of each session, one query per table.
+
+    Answers come in (created_at, question_id) order and FC responses in (answered_at, block_id) order: the stable
+    stand-in for upstream's unordered reads (integer answers and weights sum exactly in any order).
+    ``existing_fc_scores`` is the v1.2/functions ``scores_json`` or None.
+    """
+    ids = list(dict.fromkeys(session_ids))
+    answers: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
+    fc_rows: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
+    existing: dict[str, object] = {}
+    if not ids:
+        return {}
+    r = assessment_responses
+    for row in conn.execute(
+        sa.select(r.c.session_id, r.c.id, r.c.question_id, r.c.answer_value, r.c.created_at)
+        .where(r.c.session_id.in_(ids))
+        .order_by(r.c.session_id, r.c.created_at, r.c.question_id)
+    ):
+        answers[row.session_id].append(
+            {
+                "id": row.id,
+                "question_id": row.question_id,
+                "answer_value": row.answer_value,
+                "created_at": row.created_at,
+            }
+        )
+    if with_fc_responses:
+        f = fc_responses
+        for fc_row in conn.execute(
+            sa.select(f.c.session_id, f.c.block_id, f.c.option_id)
+            .where(f.c.session_id.in_(ids))
+            .order_by(f.c.session_id, f.c.answered_at, f.c.block_id)
+        ):
+            fc_rows[fc_row.session_id].append({"block_id": fc_row.block_id, "option_id": fc_row.option_id})
+    s = fc_scores
+    for score_row in conn.execute(
+        sa.select(s.c.session_id, s.c.scores_json).where(
+            s.c.session_id.in_(ids), s.c.version == scoring.FC_VERSION, s.c.fc_kind == scoring.FC_KIND
+        )
+    ):
+        existing[score_row.session_id] = score_row.scores_json
+    return {
+        sid: scoring.SessionInputs(
+            session_id=sid, answers=answers[sid], fc_responses=fc_rows[sid], existing_fc_scores=existing.get(sid)
+        )
+        for sid in ids
+    }
+
+
+@dataclass(frozen=True)
+class _StaticReference:
+    """The reference tables that change only by migration: scoring key, FC options, prototypes, calibration knots."""
+
+    key_rows: tuple[scoring.KeyRow, ...]
+    options: dict[object, object]
+    prototypes: list[tuple[object, object, object]]
+    knots: dict[tuple[str, str], Sequence[Any]]
+
+    def build(self, config: Mapping[str, object]) -> scoring.ReferenceData:
+        return scoring.ReferenceData(
+            scoring_key=self.key_rows,
+            fc_options=self.options,
+            scoring_config=dict(config),
+            type_prototypes=self.prototypes,
+            calibration_knots=self.knots,
+        )
+
+
+def _load_static_reference(conn: Connection) -> _StaticReference:
+    k = assessment_scoring_key
+    key_rows = tuple(
+        scoring.KeyRow(
+            question_id=int(row.question_id),
+            scale_type=row.scale_type,
+            tag=row.tag,
+            reverse_scored=bool(row.reverse_scored),
+            pair_group=row.pair_group,
+            social_desirability=bool(row.social_desirability),
+            fc_map=row.fc_map,
+            weight=float(row.weight) if row.weight is not None else 1.0,
+        )
+        for row in conn.execute(sa.select(k).order_by(k.c.question_id))
+    )
+    options = {row.id: row.weights_json for row in conn.execute(sa.select(fc_options.c.id, fc_options.c.weights_json))}
+    t = type_prototypes
+    prototypes = [
+        (row.type_code, row.func, row.block)
+        for row in conn.execute(sa.select(t.c.type_code, t.c.func, t.c.block).order_by(t.c.type_code, t.c.func))
+    ]
+    c = calibration_model
+    knots: dict[tuple[str, str], Sequence[Any]] = {}
+    # Ascending trained_at, so the latest model of a stratum is the one left in the map (upstream: latest first).
+    for row in conn.execute(
+        sa.select(c.c.stratum, c.c.knots).where(c.c.version == scoring.ENGINE_VERSION).order_by(c.c.trained_at)
+    ):
+        stratum = row.stratum
+        if (
+            isinstance(stratum, Mapping)
+            and "dim_band" in stratum
+            and "overlay" in stratum
+            and isinstance(row.knots, list)
+        ):
+            knots[(str(stratum["dim_band"]), str(stratum["overlay"]))] = row.knots
+    return _StaticReference(key_rows, options, prototypes, knots)
+
+
+def _load_scoring_config(conn: Connection) -> dict[str, object]:
+    return {row.key: row.value for row in conn.execute(sa.select(scoring_config.c.key, scoring_config.c.value))}
+
+
+class _ReferenceCache:
+    """Reference data per call: scoring_config read every time (drift must show at once), the rest kept ``ttl`` s."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._static: _StaticReference | None = None
+        self._loaded_at = 0.0
+        self._built: dict[str, scoring.ReferenceData] = {}
+
+    def get(self, conn: Connection, *, drift: bool) -> scoring.ReferenceData:
+        # Wall time, not the injected clock: this is a performance cache, and a simulated clock may never move.
+        now = time.monotonic()
+        with self._lock:
+            static = self._static if self._static is not None and now - self._loaded_at < self.ttl else None
+        if static is None:
+            static = _load_static_reference(conn)
+            with self._lock:
+                self._static, self._loaded_at, self._built = static, now, {}
+        config = _load_scoring_config(conn)
+        if drift:
+            config["results_version"] = DRIFTED_RESULTS_VERSION
+        fingerprint = json.dumps(config, sort_keys=True, default=str)
+        with self._lock:
+            ref = self._built.get(fingerprint) if self._static is static else None
+        if ref is None:
+            ref = static.build(config)
+            with self._lock:
+                if self._static is static:
+                    if len(self._built) > 8:
+                        self._built.clear()
+                    self._built[fingerprint] = ref
+        return ref
+
+
+# ====================================================================================================================
+# The service
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+_PROFILE_COLUMNS = frozenset(c.name for c in profiles.columns)
+# Events the FC tally inside score_session emits; score_prism never tallies, so they are not its events.
+_TALLY_EVENTS = frozenset({"fc_no_responses", "fc_option_not_found"})
+
+
+@dataclass
+class _ProfileAttempt:
+    """What one profile transaction computed, kept outside it so a failed write can still log its events."""
+
+    events: list[Event] = field(default_factory=list)
+    score: scoring.SessionScore | None = None
+    writing: bool = False
+    share_token: str | None = None
+    created: bool = False
+
+    @property
+    def row(self) -> dict[str, object]:
+        """The profile row written (only called once the write succeeded)."""
+        if self.score is None or self.score.profile_row is None:
+            raise DataError("no profile row was scored")
+        return self.score.profile_row
+
+
+class PrismService:
+    """The four PRISM functions over one database, with reference data cached briefly and time from each call."""
+
+    def __init__(self, db: Database, *, clock: Clock, reference_ttl: float = 10.0) -> None:
+        self.db = db
+        self.clock = clock
+        self._reference = _ReferenceCache(reference_ttl)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # helpers
+
+    def _log(self, conn: Connection, fn: str, ctx: CallContext, events: Iterable[Event]) -> None:
+        rows = []
+        for name, payload in events:
+            body: dict[str, object] = {"fn": fn, **payload}
+            if ctx.request_id:
+                body["request_id"] = ctx.request_id
+            if ctx.faults:
+                body["injected"] = sorted(ctx.faults.names)
+            rows.append({"evt": name, "payload": _jsonable(body), "at": ctx.now})
+        if rows:
+            conn.execute(fn_logs.insert(), rows)
+
+    def _log_alone(self, fn: str, ctx: CallContext, events: Iterable[Event]) -> None:
+        with self.db.begin() as conn:
+            self._log(conn, fn, ctx, events)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # score_fc_session
+
+    def score_fc_session(
+        self,
+        session_id: str,
+        ctx: CallContext,
+        *,
+        version: str = scoring.FC_VERSION,
+        basis: str = scoring.FC_KIND,
+        fn: str = "score_fc_session",
+    ) -> dict[str, object]:
+        """Tallies the session's FC responses and upserts ``fc_scores`` (created_at kept on re-runs); never ``{}``."""
+        events: list[Event] = []
+        if not version or version == "v1.1":
+            events.append(("fc_version_mismatch", {"session_id": session_id, "version": version}))
+        events.append(("fc_scoring_start", {"session_id": session_id, "version": version, "basis": basis}))
+        reply: dict[str, object] = {"session_id": session_id, "version": version, "basis": basis}
+        writing = False
+        try:
+            with self.db.begin() as conn:
+                ref = self._reference.get(conn, drift=False)
+                responses = [
+                    {"block_id": row.block_id, "option_id": row.option_id}
+                    for row in conn.execute(
+                        sa.select(fc_responses.c.block_id, fc_responses.c.option_id)
+                        .where(fc_responses.c.session_id == session_id)
+                        .order_by(fc_responses.c.answered_at, fc_responses.c.block_id)
+                    )
+                ]
+                tally = scoring.score_fc_session(responses, ref.fc_options, basis)
+                if not tally.written:
+                    events.append(("fc_no_responses", {"session_id": session_id}))
+                    self._log(conn, fn, ctx, events)
+                    return {**reply, "blocks_answered": 0, "scores": {}, "info": "no fc responses"}
+                for option_id in tally.unresolved_option_ids:
+                    events.append(("fc_option_not_found", {"session_id": session_id, "option_id": option_id}))
+                events.append(
+                    ("fc_tally_complete", {"session_id": session_id, "blocks_answered": tally.blocks_answered})
+                )
+                events.append(("fc_scores_normalized", {"session_id": session_id, "keys": len(tally.scores)}))
+                if not tally.writable:
+                    finding = "fc_scores_empty" if not tally.scores else "fc_scores_non_finite"
+                    events.append((finding, {"session_id": session_id, "responses": len(responses)}))
+                    self._log(conn, fn, ctx, events)
+                    return {
+                        **reply,
+                        "blocks_answered": tally.blocks_answered,
+                        "scores": {},
+                        "written": False,
+                        "info": "no fc option resolved" if not tally.scores else "non-finite fc scores",
+                    }
+                row = {**tally.to_row(session_id, version), "created_at": ctx.now}
+                stmt = insert_for(conn, fc_scores).values(row)
+                writing = True
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["session_id", "version", "fc_kind"],
+                        set_={
+                            "scores_json": stmt.excluded.scores_json,
+                            "blocks_answered": stmt.excluded.blocks_answered,
+                        },
+                    )
+                )
+                writing = False
+                events.append(
+                    ("fc_scoring_complete", {"session_id": session_id, "blocks_answered": tally.blocks_answered})
+                )
+                self._log(conn, fn, ctx, events)
+                return {**reply, "blocks_answered": tally.blocks_answered, "scores": tally.scores}
+        except DatabaseUnreachable:
+            raise
+        except DatabaseError as exc:
+            if not writing:
+                raise
+            events.append(("fc_upsert_error", {"session_id": session_id, "error": _reason(exc)}))
+            self._log_alone(fn, ctx, events)
+            raise FunctionFailure(500, "FC_UPSERT_ERROR", "fc_scores write failed") from exc
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # score_prism and finalize
+
+    def score_prism(self, session_id: str, ctx: CallContext) -> dict[str, object]:
+        """Scores the profile from stored answers and the stored v1.2 FC row (legacy FC without one) and upserts it."""
+        attempt = self._profile(session_id, ctx, fn="score_prism", finalize=None)
+        row = attempt.row
+        conf = row["conf_calibrated"]
+        return {
+            "status": "success",
+            "profile": _jsonable(row),
+            "gap_to_second": row.get("top_gap"),
+            "confidence_numeric": to_fixed(float(conf) * 100, 1) if isinstance(conf, int | float) else None,
+        }
+
+    def finalize(
+        self, session_id: str, ctx: CallContext, *, responses_count: int | None = None, results_base_url: str
+    ) -> dict[str, object]:
+        """finalizeAssessment: FC scoring, then profile scoring, then the session's completion with its share token."""
+        fn = "finalizeAssessment"
+        if "legacy_fc" not in ctx.faults:
+            try:
+                self.score_fc_session(session_id, ctx, fn=fn)
+            except FunctionFailure:
+                # The respondent did finish: record that, then report the failed write.
+                with self.db.begin() as conn:
+                    self._complete_session(conn, session_id, ctx, responses_count)
+                raise
+        attempt = self._profile(session_id, ctx, fn=fn, finalize=responses_count if responses_count is not None else -1)
+        token = attempt.share_token or ""
+        url = f"{results_base_url.rstrip('/')}/results/{session_id}?t={token}"
+        return {
+            "ok": True,
+            "status": "success",
+            "session_id": session_id,
+            "share_token": token,
+            "profile": _jsonable(attempt.row),
+            "results_url": url,
+        }
+
+    def _profile(self, session_id: str, ctx: CallContext, *, fn: str, finalize: int | None) -> _ProfileAttempt:
+        """One transaction: lock the session, score, upsert the profile (and complete the session), log events.
+
+        ``finalize`` is None for score_prism, else the responses count finalize was given (-1: none given).
+        """
+        attempt = _ProfileAttempt()
+        responses_count = None if finalize is None or finalize < 0 else finalize
+        try:
+            with self.db.begin() as conn:
+                self._run_profile(conn, session_id, ctx, fn, finalize is not None, responses_count, attempt)
+        except DatabaseUnreachable:
+            raise
+        except DatabaseError as exc:
+            if not attempt.writing:
+                raise
+            attempt.events.append(("profile_write_failed", {"session_id": session_id, "error": _reason(exc)}))
+            with self.db.begin() as conn:
+                if finalize is not None:
+                    self._complete_session(conn, session_id, ctx, responses_count)
+                self._log(conn, fn, ctx, attempt.events)
+            raise FunctionFailure(500, "PROFILE_WRITE_FAILED", "profile write failed") from exc
+        if attempt.score is None or attempt.score.profile_row is None:
+            raise _scoring_failure(attempt, finalize is not None)
+        return attempt
+
+    def _run_profile(
+        self,
+        conn: Connection,
+        session_id: str,
+        ctx: CallContext,
+        fn: str,
+        finalize: bool,
+        responses_count: int | None,
+        attempt: _ProfileAttempt,
+    ) -> None:
+        s = assessment_sessions
+        # The row lock serialises concurrent scoring of one session (a no-op on SQLite, whose writers queue anyway).
+        conn.execute(sa.select(s.c.id).where(s.c.id == session_id).with_for_update())
+        ref = self._reference.get(conn, drift="engine_version_override" in ctx.faults)
+        inputs = load_session_inputs(conn, [session_id], with_fc_responses=False)[session_id]
+        existing = conn.execute(
+            sa.select(profiles.c.id, profiles.c.submitted_at).where(profiles.c.session_id == session_id)
+        ).first()
+        try:
+            score = scoring.score_session(
+                inputs, ref, ctx.now, {"submitted_at": existing.submitted_at} if existing is not None else None
+            )
+        except DataError as exc:
+            attempt.events.append(("scoring_failed", {"session_id": session_id, "error": _reason(exc)}))
+            self._log(conn, fn, ctx, attempt.events)
+            return
+        attempt.score = score
+        attempt.events.extend((name, payload) for name, payload in score.events if name not in _TALLY_EVENTS)
+        row = score.profile_row
+        if row is None:
+            if score.findings and "no_responses" not in score.findings:
+                attempt.events.append(("profile_withheld", {"session_id": session_id, "findings": score.findings}))
+            if finalize:
+                attempt.events.append(("finalize_failed", {"session_id": session_id, "findings": score.findings}))
+            self._log(conn, fn, ctx, attempt.events)
+            return
+        unknown = sorted(set(row) - _PROFILE_COLUMNS)
+        attempt.writing = True
+        if unknown:
+            raise DatabaseError(f"profiles has no column(s) {', '.join(unknown)}")
+        if "profile_write_fail" in ctx.faults:
+            raise DatabaseError("profile write failed (injected fault profile_write_fail)")
+        stmt = insert_for(conn, profiles).values(row)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["session_id"],
+                set_={name: stmt.excluded[name] for name in row if name != "session_id"},
+            )
+        )
+        attempt.writing = False
+        attempt.created = existing is None
+        if finalize:
+            attempt.share_token = self._complete_session(conn, session_id, ctx, responses_count)
+            attempt.events.append(
+                (
+                    "finalize_complete",
+                    {
+                        "session_id": session_id,
+                        "profile_created": attempt.created,
+                        "type_code": row.get("type_code"),
+                        "fc_source": "fc_scores" if inputs.existing_fc_scores is not None else "legacy",
+                        "delay_ms": ctx.faults.slow_ms,
+                    },
+                )
+            )
+        self._log(conn, fn, ctx, attempt.events)
+
+    def _complete_session(
+        self, conn: Connection, session_id: str, ctx: CallContext, responses_count: int | None
+    ) -> str | None:
+        """§2.3's session update; returns the share token (the existing one, else a new random UUID)."""
+        s = assessment_sessions
+        current = conn.execute(
+            sa.select(s.c.share_token, s.c.share_token_expires_at).where(s.c.id == session_id).with_for_update()
+        ).first()
+        if current is None:
+            return None
+        if responses_count is None:
+            responses_count = int(
+                conn.execute(
+                    sa.select(sa.func.count(sa.distinct(assessment_responses.c.question_id))).where(
+                        assessment_responses.c.session_id == session_id
+                    )
+                ).scalar_one()
+            )
+        token = current.share_token or str(uuid.uuid4())
+        conn.execute(
+            sa.update(s)
+            .where(s.c.id == session_id)
+            .values(
+                status="completed",
+                completed_at=ctx.now,
+                finalized_at=ctx.now,
+                completed_questions=responses_count,
+                share_token=token,
+                share_token_expires_at=current.share_token_expires_at or ctx.now + SHARE_TOKEN_TTL,
+                updated_at=ctx.now,
+            )
+        )
+        return str(token)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # get-results-by-session
+
+    def get_results(self, session_id: str, token: str | None, ctx: CallContext) -> ResultsOutcome:
+        """The token check: 401 without a token, 403 for anything that is not this completed session's live token
+        (unknown sessions included), 404 without a profile, else 200. Every access is logged with the token's sha256.
+        """
+        presented = token or None
+        bypass = "token_bypass" in ctx.faults
+        s = assessment_sessions
+        with self.db.begin() as conn:
+            session = conn.execute(
+                sa.select(
+                    s.c.id, s.c.status, s.c.share_token, s.c.share_token_expires_at, s.c.completed_at, s.c.finalized_at
+                ).where(s.c.id == session_id)
+            ).first()
+            expected = (session.share_token if session is not None else None) or ""
+            # Always compare, against a stand-in of the same length when there is no session: same work either way.
+            matches = (
+                hmac.compare_digest(
+                    (presented or "")[:_MAX_TOKEN_CHARS].encode("utf-8"), (expected or "-" * 36).encode("utf-8")
+                )
+                and len(presented or "") <= _MAX_TOKEN_CHARS
+            )
+            reason = "ok"
+            if bypass:
+                # The misconfigured endpoint: it serves any existing session, token or not.
+                reason = "ok" if session is not None else "unknown_session"
+            elif presented is None:
+                reason = "no_token"
+            elif session is None:
+                reason = "unknown_session"
+            elif not matches or not expected:
+                reason = "token_mismatch"
+            elif session.status != "completed":
+                reason = "not_completed"
+            elif session.share_token_expires_at is not None and session.share_token_expires_at <= ctx.now:
+                reason = "expired"
+            granted = reason == "ok"
+            profile = None
+            if granted:
+                profile = (
+                    conn.execute(sa.select(profiles).where(profiles.c.session_id == session_id)).mappings().first()
+                )
+            conn.execute(
+                results_token_access_logs.insert().values(
+                    profile_id=profile["id"] if profile is not None else None,
+                    session_id=session_id,
+                    token_hash=token_hash(presented),
+                    success=granted,
+                    ip=ctx.ip,
+                    ua=(ctx.ua or "")[:512] or None,
+                    ts=ctx.now,
+                )
+            )
+            events: list[Event] = []
+            if presented is None:
+                events.append(("tokenless_access", {"session_id": session_id, "served": granted}))
+            if not granted:
+                status = 401 if reason == "no_token" else 403
+                events.append(("results_access_denied", {"session_id": session_id, "reason": reason, "status": status}))
+            self._log(conn, "get-results-by-session", ctx, events)
+        if not granted:
+            if reason == "no_token":
+                return ResultsOutcome(401, {"error": "share token required", "code": "TOKEN_REQUIRED"}, False, reason)
+            return ResultsOutcome(403, {"error": "access denied", "code": "ACCESS_DENIED"}, False, reason)
+        if profile is None:
+            return ResultsOutcome(404, {"error": "profile not found", "code": "PROFILE_NOT_FOUND"}, True, "no_profile")
+        assert session is not None
+        body_profile = {k: v for k, v in profile.items() if k != "share_token"}
+        body_session = {
+            "id": session.id,
+            "status": session.status,
+            "completed_at": session.completed_at,
+            "finalized_at": session.finalized_at,
+        }
+        return ResultsOutcome(
+            200,
+            {"status": "success", "profile": _jsonable(body_profile), "session": _jsonable(body_session)},
+            True,
+            reason,
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason for an event payload (gatefill's DB errors are already masked and single-line)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+def _scoring_failure(attempt: _ProfileAttempt, finalize: bool) -> FunctionFailure:
+    findings: Sequence[str] = attempt.score.findings if attempt.score is not None else ["scoring_failed"]
+    if "no_responses" in findings:
+        # score_prism answers 400 "no responses"; finalize turned any score_prism failure into 422.
+        return FunctionFailure(422 if finalize else 400, "NO_RESPONSES", "no responses")
+    if attempt.score is None:
+        return FunctionFailure(422, "SCORING_FAILED", "the session's answers cannot be scored")
+    return FunctionFailure(422, "PROFILE_WITHHELD", "profile withheld: " + ", ".join(findings))

@@ -1,0 +1,150 @@
+"""Live functions servers for the PRISM HTTP tests: a real uvicorn on 127.0.0.1 in a thread, per module and dialect.
+
+As in httpx's own suite, the server runs in a thread on a socket bound to a free port, with signal handlers off;
+each module gets its own database (a copy of the session's initialised template) so module-scoped servers never
+see another module's rows. Tests isolate themselves from the shared rate limiter by naming a client address of
+their own (``X-Forwarded-For``, which uvicorn trusts from 127.0.0.1 only).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from gatefill.clock import Clock, RealClock
+from gatefill.config import Environment
+from gatefill.db import Database
+from gatefill.prism.functions_server import create_app
+from gatefill.prism.simulator import Respondent, new_respondent, write_answers, write_session
+from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
+
+#: The service-role key of every test server; tests grep responses, logs and rows for it.
+SERVICE_KEY = f"sk-test-{uuid.uuid4().hex}"
+KEY_ENV = "GATEFILL_TEST_SERVICE_ROLE_KEY"
+
+
+class _ThreadServer(uvicorn.Server):
+    """Uvicorn without signal handlers, so it can run outside the main thread."""
+
+    def install_signal_handlers(self) -> None:
+        return None
+
+
+@contextmanager
+def run_server(app: FastAPI) -> Iterator[str]:
+    """Serves ``app`` on a free port of 127.0.0.1 in a thread; yields the base URL and stops it afterwards."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+    server = _ThreadServer(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@dataclass
+class Live:
+    """A running functions server and the database behind it."""
+
+    dialect: str
+    env: Environment
+    db: Database
+    base_url: str
+    clock: Clock
+    http: httpx.Client
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+
+    @property
+    def functions_url(self) -> str:
+        return f"{self.base_url}/functions/v1"
+
+    def post(
+        self,
+        name: str,
+        body: Any = None,
+        *,
+        key: bool = False,
+        ip: str | None = None,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        sent = dict(headers or {})
+        if key:
+            sent["authorization"] = f"Bearer {SERVICE_KEY}"
+        if ip:
+            sent["x-forwarded-for"] = ip
+        if content is None:
+            return self.http.post(f"{self.functions_url}/{name}", json=body, headers=sent)
+        return self.http.post(f"{self.functions_url}/{name}", content=content, headers=sent)
+
+    def respondent(
+        self, *, at: datetime | None = None, answers: bool = True, fc: bool = True, abandon: bool = False
+    ) -> Respondent:
+        """A session written as the frontend writes it: the row, then (optionally) all answers and FC choices."""
+        r = new_respondent(self.rng, answer_ms=60_000, abandon=abandon)
+        if not fc:
+            r = Respondent(r.session_id, r.share_token, r.ip, r.answers, (), r.answer_ms, r.abandon_after)
+        started = at or self.clock.now()
+        write_session(self.db, r, started)
+        if answers:
+            write_answers(self.db, r, started, r.answer_ms)
+        return r
+
+
+def _module_database(kind: str, request: pytest.FixtureRequest, tmp: Path) -> tuple[Environment, str | None]:
+    if kind == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp / "prism.db"
+        shutil.copyfile(template, path)
+        env = sqlite_env(path)
+        return Environment(env.name, env.kind, env.database_url, service_role_key_env=KEY_ENV), None
+    name = create_pg_database(request.getfixturevalue("pg_template"))
+    env = pg_env(name)
+    return Environment(env.name, env.kind, env.database_url, service_role_key_env=KEY_ENV), name
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """A fault-injection-enabled functions server on a fresh module database (SQLite and Postgres)."""
+    env, pg_name = _module_database(request.param, request, tmp_path_factory.mktemp("live"))
+    server_db = Database(env, pool_size=20)
+    db = Database(env)
+    clock = RealClock()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(KEY_ENV, SERVICE_KEY)
+            app = create_app(env, server_db, clock=clock, allow_fault_injection=True)
+        with run_server(app) as url, httpx.Client(timeout=30) as http:
+            yield Live(request.param, env, db, url, clock, http)
+    finally:
+        db.dispose()
+        server_db.dispose()
+        if pg_name:
+            drop_pg_database(pg_name)
