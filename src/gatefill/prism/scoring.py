@@ -28,6 +28,7 @@ import io
 import itertools
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -77,7 +78,11 @@ __all__ = [
 ]
 
 FUNCS: Final = ("Ti", "Te", "Fi", "Fe", "Ni", "Ne", "Si", "Se")
-TYPES: Final = tuple("LIE ILI ESE SEI LII ILE ESI SEE LSE SLI EIE IEI LSI SLE EII IEE".split())
+# fmt: off
+TYPES: Final = (
+    "LIE", "ILI", "ESE", "SEI", "LII", "ILE", "ESI", "SEE", "LSE", "SLI", "EIE", "IEI", "LSI", "SLE", "EII", "IEE",
+)
+# fmt: on
 SEATS: Final = ("base", "creative", "role", "vulnerable", "mobilizing", "suggestive", "ignoring", "demonstrative")
 ENGINE_VERSION: Final = "v1.2.1"
 FC_VERSION: Final = "v1.2"
@@ -361,6 +366,8 @@ class FcTally:
 
 def _js_own_entries(v: object) -> list[tuple[str, object]]:
     """``Object.keys(v || {})`` with values, for the JSON values a ``weights_json`` column can hold."""
+    if type(v) is dict:
+        return [(k if type(k) is str else js_string(k), x) for k, x in v.items()]
     if not js_truthy(v):
         return []
     if isinstance(v, Mapping):
@@ -407,7 +414,9 @@ def score_fc_session(
                 continue
             if k in poisoned:
                 continue
-            tally[k] = tally.get(k, 0.0) + _or_zero(js_to_number(v))
+            # `Number(w[k]) || 0`; the seed's integer weights take the short way (exact, never NaN or -0).
+            x = float(v) if type(v) is int and -_MAX_SAFE <= v <= _MAX_SAFE else _or_zero(js_to_number(v))
+            tally[k] = tally.get(k, 0.0) + x
     keys = js_key_order(tally)
     scores: dict[str, float] = {}
     if poisoned:
@@ -437,7 +446,24 @@ _NO_FUNC: Final = -1
 _BAD_TAG: Final = -2
 
 
-def _compile_key(scoring_key: Mapping[Any, object]) -> dict[str, _KeyInfo]:
+_MAX_SAFE: Final = 9007199254740992  # 2**53: integers up to here print the same in Python and JavaScript
+_CANONICAL_INT_RE: Final = re.compile(r"-?(?:0|[1-9][0-9]*)")
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledKey:
+    """``scoringKey`` digested for the item pass, looked up by ``String(question_id)`` or directly by an int id."""
+
+    by_str: dict[str, _KeyInfo]
+    by_int: dict[int, _KeyInfo]
+
+    def lookup(self, qid: object) -> _KeyInfo | None:
+        if type(qid) is int and -_MAX_SAFE <= qid <= _MAX_SAFE:
+            return self.by_int.get(qid)
+        return self.by_str.get(qid if type(qid) is str else js_string(qid))
+
+
+def _compile_key(scoring_key: Mapping[Any, object]) -> _CompiledKey:
     """Pre-digest ``scoringKey`` into what the item pass needs; entries that can't affect any score are dropped."""
     compiled: dict[str, _KeyInfo] = {}
     for qk, row in scoring_key.items():
@@ -462,7 +488,13 @@ def _compile_key(scoring_key: Mapping[Any, object]) -> dict[str, _KeyInfo]:
         if fc_map is None and func == _NO_FUNC:
             continue
         compiled[qs] = (fc_map, js_truthy(row.get("reverse_scored", UNDEFINED)), func)
-    return compiled
+    # An int question id i looks up String(i), which is the canonical decimal form of i.
+    by_int = {
+        int(k): v
+        for k, v in compiled.items()
+        if _CANONICAL_INT_RE.fullmatch(k) and k != "-0" and abs(int(k)) <= _MAX_SAFE
+    }
+    return _CompiledKey(compiled, by_int)
 
 
 def _weights(protos: object) -> tuple[tuple[float, ...], ...]:
@@ -541,7 +573,7 @@ def _v8_sort16(n: int, cmp: Callable[[int, int], float]) -> list[int]:
 
 def _engine(
     responses: Iterable[object],
-    key: Mapping[str, _KeyInfo],
+    key: _CompiledKey,
     config: Mapping[str, object],
     fc_scores: Mapping[str, object] | None,
     fc_expected: object,
@@ -555,12 +587,17 @@ def _engine(
     derived_poisoned = False
     fc_answered = 0
 
+    by_int = key.by_int
+    by_str = key.by_str
     # Item pass (§3.2), one loop in response order.
     for r in responses:
-        if not isinstance(r, Mapping):
+        if type(r) is not dict and not isinstance(r, Mapping):
             raise ScoringInputError("each response must be an object")
         qid = r.get("question_id", UNDEFINED)
-        info = key.get(qid if type(qid) is str else js_string(qid))
+        if type(qid) is int and -_MAX_SAFE <= qid <= _MAX_SAFE:
+            info = by_int.get(qid)
+        else:
+            info = by_str.get(qid if type(qid) is str else js_string(qid))
         if info is None:
             continue
         fc_map, reverse, fi = info
@@ -584,7 +621,7 @@ def _engine(
             val = float(ans)
             if val - val != 0.0:
                 continue
-        elif type(ans) is int and -9007199254740992 <= ans <= 9007199254740992:
+        elif type(ans) is int and -_MAX_SAFE <= ans <= _MAX_SAFE:
             val = float(ans)
         else:
             if _nullish(ans):
@@ -990,7 +1027,10 @@ def _latest_rows(rows: Iterable[Mapping[str, object]]) -> list[Mapping[str, obje
     last: dict[str, Mapping[str, object]] = {}
     for r in rows:
         qid = r.get("question_id", UNDEFINED)
-        k = qid if type(qid) is str else js_string(qid)
+        if type(qid) is int and -_MAX_SAFE <= qid <= _MAX_SAFE:
+            k = str(qid)
+        else:
+            k = qid if type(qid) is str else js_string(qid)
         prev = last.get(k)
         if prev is None:
             last[k] = r  # the common case (question ids are unique per session): no date parsing needed
@@ -1099,7 +1139,7 @@ class ReferenceData:
     calibration_knots: KnotsLookup | None = None
     key_rows: dict[str, KeyRow] = field(init=False, repr=False, compare=False)
     config: dict[str, object] = field(init=False, repr=False, compare=False)
-    _compiled: dict[str, _KeyInfo] = field(init=False, repr=False, compare=False)
+    _compiled: _CompiledKey = field(init=False, repr=False, compare=False)
     _weights: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -1172,14 +1212,14 @@ class SessionScore:
 BLOCKING_FINDINGS: Final = frozenset({"existing_fc_scores_empty", "non_finite_profile"})
 
 
-def _all_finite(v: object) -> bool:
-    if isinstance(v, float):
-        return v - v == 0.0
-    if isinstance(v, Mapping):
-        return all(_all_finite(x) for x in v.values())
-    if isinstance(v, list | tuple):
-        return all(_all_finite(x) for x in v)
-    return True
+def _profile_finite(out: Mapping[str, object]) -> bool:
+    """Every computed number of an engine output is finite (NaN/±Infinity would be stored as JSON null)."""
+    nums: list[object] = [out["score_fit_raw"], out["top_gap"], out["conf_raw"], out["conf_calibrated"]]
+    for group in ("top_types", "top_3_fits"):
+        for t in out[group]:  # type: ignore[attr-defined]
+            nums.extend(t.values())
+    nums.extend(out["strengths"].values())  # type: ignore[attr-defined]
+    return all(type(v) is not float or v - v == 0.0 for v in nums)
 
 
 def score_session(
@@ -1247,11 +1287,10 @@ def score_session(
         events.append(
             ("engine_version_override", {"db_version": db_version, "engine_version": ENGINE_VERSION, "session_id": sid})
         )
-    row: dict[str, object] | None = build_profile_row(sid, output, cal, existing_profile, now)
-    if not _all_finite(row):
+    built = build_profile_row(sid, output, cal, existing_profile, now)
+    if not _profile_finite(built):
         findings.append("non_finite_profile")
-    if any(f in BLOCKING_FINDINGS for f in findings):
-        row = None
+    row = None if any(f in BLOCKING_FINDINGS for f in findings) else built
     return SessionScore(sid, tally, fc_row, output, cal, detail.method, row, events, findings)
 
 
