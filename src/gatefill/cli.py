@@ -170,8 +170,11 @@ def seed_command(
 ) -> None:
     """Write realistic PRISM data for a scenario and print exactly what was built."""
     from gatefill.prism.schema import init_schema, load_reference_data
-    from gatefill.prism.seed import seed_scenario
+    from gatefill.prism.seed import seed_scenario, validate_seed_arguments
 
+    # Validate everything before the database (file) is created, so bad input writes nothing.
+    when = _parse_when(now)
+    validate_seed_arguments(scenario, sessions=sessions, missing_fraction=missing_fraction, seed=seed, now=when)
     with _database(env, create=True) as db:
         init_schema(db)
         load_reference_data(db)
@@ -181,7 +184,7 @@ def seed_command(
             sessions=sessions,
             missing_fraction=missing_fraction,
             seed=seed,
-            now=_parse_when(now),
+            now=when,
             replace=replace,
         )
         out.print(report.render())

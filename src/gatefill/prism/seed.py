@@ -1619,3 +1619,15 @@ def _seed_sqlite(
             if unchecked:
                 raw.execute("PRAGMA foreign_keys=ON")
     return dict(sink.written), replaced
+
+
+def validate_seed_arguments(
+    scenario: str,
+    *,
+    sessions: int | None = None,
+    missing_fraction: float | None = None,
+    seed: int = 0,
+    now: datetime | None = None,
+) -> None:
+    """Raises the ``UsageError`` ``seed_scenario`` would, without touching any database (the CLI calls it first)."""
+    _validate(scenario, sessions, missing_fraction, seed, now)

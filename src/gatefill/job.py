@@ -1,0 +1,123 @@
+"""The Job protocol: what a backfill does, as the phase machinery sees it.
+
+A job discovers candidates, says which rows each one will write (the same function serves the plan's expected
+changes and apply's writes), processes a batch inside the caller's transaction while reporting every row it changes
+with its before-image, and names the tables it writes with their primary keys so rollback can work by key. PRISM
+tables appear only in ``gatefill.prism``; phase modules know jobs only through this protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy.engine import Connection
+
+__all__ = ["BatchOutcome", "Candidate", "Check", "Job", "RowChange", "SessionOutcome", "WrittenTable"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named predicate with its evidence and verdict (PASS / FAIL / INCONCLUSIVE)."""
+
+    name: str
+    verdict: str
+    summary: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    query: str | None = None
+    gating: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "verdict": self.verdict,
+            "summary": self.summary,
+            "evidence": dict(self.evidence),
+            "query": self.query,
+            "gating": self.gating,
+        }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One unit of work (or a blocked one), with its category and the row operations it implies."""
+
+    key: str
+    category: str
+    created_at: datetime
+    operations: tuple[str, ...]
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def blocked(self) -> bool:
+        return not self.operations
+
+
+@dataclass(frozen=True)
+class WrittenTable:
+    """A table the job writes, with its primary-key columns (rollback restores and deletes by them)."""
+
+    name: str
+    primary_key: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RowChange:
+    """One row a batch wrote: its table, key, the row before (None = absent) and the row after."""
+
+    table: str
+    key: Mapping[str, Any]
+    before: Mapping[str, Any] | None
+    after: Mapping[str, Any]
+    candidate: str
+
+
+@dataclass
+class SessionOutcome:
+    """What happened to one candidate in a batch: ``written``, ``already_present`` or ``failed`` (with the error)."""
+
+    key: str
+    result: str
+    operations: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchOutcome:
+    """The changes and per-candidate outcomes of one processed batch."""
+
+    changes: list[RowChange] = field(default_factory=list)
+    sessions: list[SessionOutcome] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+class Job(Protocol):
+    """A backfill job; see the module docstring."""
+
+    name: str
+
+    @property
+    def versions(self) -> Mapping[str, str]:
+        """The versions of what the job writes (a production apply needs a soak of the same versions)."""
+        ...
+
+    def written_tables(self) -> Sequence[WrittenTable]:
+        """The tables this job writes."""
+        ...
+
+    def prechecks(self, conn: Connection, environment: str) -> list[Check]:
+        """Checks that must pass before planning or applying (schema, config, privileges)."""
+        ...
+
+    def discover(self, conn: Connection, params: Mapping[str, Any]) -> Iterator[Candidate]:
+        """Every candidate and blocked unit, in key order, set-based and paginated."""
+        ...
+
+    def process_batch(
+        self, conn: Connection, candidates: Sequence[Candidate], *, now: datetime, run_id: str
+    ) -> BatchOutcome:
+        """Writes one batch in the caller's transaction, re-checking each candidate under lock first."""
+        ...

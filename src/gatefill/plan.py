@@ -1,0 +1,262 @@
+"""Phase 1a, plan: discover, classify, batch in priority order, count the expected changes, and write an immutable,
+content-hashed plan (``backfill_plan.json`` + ``backfill_plan.md``) under a new run id in the ledger.
+
+The expected changes are counted from each candidate's ``operations``, the same tuple apply executes, so plan and
+apply cannot disagree about what a candidate means. Batches follow the priority order of the seeds: the named
+priority sessions, then those of the most recent 30 days, then older ones (each group oldest first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from gatefill import ledger
+from gatefill.config import Environment
+from gatefill.db import Database, format_utc
+from gatefill.errors import DataError, UsageError
+from gatefill.job import Candidate, Check, Job
+from gatefill.throttle import parse_rate
+
+__all__ = ["PLAN_FORMAT", "Plan", "PlanParams", "build_plan", "load_plan_file", "plan_hash", "verify_plan"]
+
+PLAN_FORMAT = "gatefill-plan/1"
+RECENT_DAYS = 30
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    """What the user asked the plan for."""
+
+    since: datetime
+    priority: tuple[str, ...] = ()
+    rate: str = "20/min"
+    batch_size: int = 5
+    profiles: str = "missing"  # missing | stale
+
+    def validate(self) -> None:
+        parse_rate(self.rate)
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.profiles not in ("missing", "stale"):
+            raise UsageError("--profiles must be 'missing' or 'stale'")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "since": format_utc(self.since),
+            "priority": list(self.priority),
+            "rate": self.rate,
+            "batch_size": self.batch_size,
+            "profiles": self.profiles,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An immutable plan: its JSON body (hash included) and where it was written."""
+
+    body: Mapping[str, Any]
+    json_path: Path | None
+    md_path: Path | None
+
+    @property
+    def run_id(self) -> str:
+        return str(self.body["run_id"])
+
+    @property
+    def hash(self) -> str:
+        return str(self.body["hash"])
+
+    @property
+    def environment(self) -> str:
+        return str(self.body["environment"]["name"])
+
+    def batches(self) -> list[dict[str, Any]]:
+        return list(self.body["batches"])
+
+    def candidates(self) -> dict[str, dict[str, Any]]:
+        return {c["key"]: c for c in self.body["candidates"]}
+
+
+def plan_hash(body: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of the plan without its ``hash`` field."""
+    content = {k: v for k, v in body.items() if k != "hash"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def verify_plan(body: Mapping[str, Any], env: Environment) -> None:
+    """Refuses a plan whose hash does not match its content, of another format, or made for another environment."""
+    if body.get("format") != PLAN_FORMAT:
+        raise UsageError(f"not a gatefill plan (format {body.get('format')!r}, expected {PLAN_FORMAT})")
+    if body.get("hash") != plan_hash(body):
+        raise UsageError("plan hash does not match its content: the plan was modified after it was made")
+    planned_for = body.get("environment", {}).get("name")
+    if planned_for != env.name:
+        raise UsageError(f"plan was made for environment '{planned_for}', not '{env.name}'")
+    if body.get("environment", {}).get("database") != env.display_url:
+        raise UsageError(f"plan was made for database {body['environment'].get('database')}, not {env.display_url}")
+
+
+def load_plan_file(path: Path) -> dict[str, Any]:
+    """Reads a plan JSON file (``UsageError`` if missing or not JSON)."""
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"plan file not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read plan {path}: {exc}") from None
+    if not isinstance(body, dict):
+        raise UsageError(f"{path} is not a gatefill plan")
+    return body
+
+
+def _group(candidate: Candidate, priority: set[str], recent_from: datetime) -> str:
+    if candidate.key in priority:
+        return "priority"
+    if candidate.created_at >= recent_from:
+        return f"recent_{RECENT_DAYS}d"
+    return "older"
+
+
+def make_batches(
+    candidates: Sequence[Candidate], priority: Sequence[str], batch_size: int, now: datetime
+) -> list[dict[str, Any]]:
+    """Splits the runnable candidates into batches: priority sessions, then the last 30 days, then older ones."""
+    wanted = set(priority)
+    recent_from = now - timedelta(days=RECENT_DAYS)
+    order = {"priority": 0, f"recent_{RECENT_DAYS}d": 1, "older": 2}
+    runnable = [c for c in candidates if c.operations]
+    priority_rank = {key: i for i, key in enumerate(priority)}
+
+    def sort_key(c: Candidate) -> tuple[int, int, datetime, str]:
+        group = _group(c, wanted, recent_from)
+        return (order[group], priority_rank.get(c.key, 0), c.created_at, c.key)
+
+    batches: list[dict[str, Any]] = []
+    current: list[Candidate] = []
+    current_group: str | None = None
+    for candidate in sorted(runnable, key=sort_key):
+        group = _group(candidate, wanted, recent_from)
+        if current and (group != current_group or len(current) == batch_size):
+            batches.append({"batch_no": len(batches) + 1, "group": current_group, "keys": [c.key for c in current]})
+            current = []
+        current.append(candidate)
+        current_group = group
+    if current:
+        batches.append({"batch_no": len(batches) + 1, "group": current_group, "keys": [c.key for c in current]})
+    return batches
+
+
+def expected_changes(candidates: Sequence[Candidate]) -> dict[str, dict[str, int]]:
+    """Rows each table will gain (insert) or have rewritten (update), counted from the candidates' operations."""
+    counts: dict[str, Counter[str]] = {}
+    for c in candidates:
+        for op in c.operations:
+            table, _, kind = op.partition(":")
+            counts.setdefault(table, Counter())[kind] += 1
+    return {t: {"insert": n["insert"], "update": n["update"]} for t, n in sorted(counts.items())}
+
+
+def build_plan(
+    db: Database,
+    env: Environment,
+    job: Job,
+    params: PlanParams,
+    *,
+    now: datetime,
+    artifacts_dir: Path,
+    source: str = "plan",
+    run_id: str | None = None,
+    render: Any = None,
+) -> Plan:
+    """Runs prechecks and discovery, records a planned run in the ledger and writes the plan files."""
+    params.validate()
+    ledger.init_ledger(db)
+    with db.connect() as conn:
+        prechecks: list[Check] = job.prechecks(conn, env.name)
+        failed = [c for c in prechecks if c.verdict == "FAIL" and c.gating]
+        if failed:
+            from gatefill.errors import GateBlocked
+
+            raise GateBlocked("precheck", [f"{c.name}: {c.summary}" for c in failed])
+        candidates = list(job.discover(conn, {"since": params.since, "profiles": params.profiles}))
+    known = {c.key for c in candidates}
+    unknown_priority = [p for p in params.priority if p not in known]
+    rate = parse_rate(params.rate)
+    batches = make_batches(candidates, params.priority, params.batch_size, now)
+    runnable = [c for c in candidates if c.operations]
+    by_category: dict[str, list[str]] = {}
+    for c in candidates:
+        by_category.setdefault(c.category, []).append(c.key)
+    run_id = run_id or ledger.new_run_id("apply", now)
+    changes = expected_changes(runnable)
+    body: dict[str, Any] = {
+        "format": PLAN_FORMAT,
+        "run_id": run_id,
+        "source": source,
+        "created_at": format_utc(now),
+        "environment": {"name": env.name, "kind": env.kind, "database": env.display_url},
+        "job": job.name,
+        "versions": dict(job.versions),
+        "parameters": params.to_json(),
+        "prechecks": [c.to_json() for c in prechecks],
+        "categories": {k: {"count": len(v), "keys": v} for k, v in sorted(by_category.items())},
+        "candidates": [
+            {
+                "key": c.key,
+                "category": c.category,
+                "created_at": format_utc(c.created_at),
+                "operations": list(c.operations),
+                "detail": dict(c.detail),
+            }
+            for c in candidates
+        ],
+        "batches": batches,
+        "totals": {
+            "candidates": len(runnable),
+            "blocked_or_skipped": len(candidates) - len(runnable),
+            "batches": len(batches),
+            "priority_not_found": unknown_priority,
+        },
+        "expected_changes": changes,
+        "expected_runtime_seconds": rate.seconds_for(len(runnable)),
+    }
+    body["hash"] = plan_hash(body)
+    with db.begin() as conn:
+        ledger.create_run(
+            conn,
+            run_id=run_id,
+            phase="apply",
+            environment=env.name,
+            job=job.name,
+            versions=job.versions,
+            params=params.to_json(),
+            now=now,
+            plan=body,
+            plan_hash=body["hash"],
+        )
+    out_dir = artifacts_dir / run_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "backfill_plan.json"
+    json_path.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    md_path: Path | None = None
+    if render is not None:
+        md_path = out_dir / "backfill_plan.md"
+        md_path.write_text(render(body), encoding="utf-8")
+    return Plan(body=body, json_path=json_path, md_path=md_path)
+
+
+def plan_from_ledger(db: Database, run_id: str) -> dict[str, Any]:
+    """The plan body stored with a run (``DataError`` if the run has none)."""
+    with db.connect() as conn:
+        run = ledger.get_run(conn, run_id, where=db.display_url)
+    if run.plan is None:
+        raise DataError(f"run {run_id} has no plan")
+    return dict(run.plan)
