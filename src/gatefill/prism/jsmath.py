@@ -350,6 +350,11 @@ def js_number_to_string(x: float) -> str:
         return "Infinity"
     if x < 9007199254740992.0 and x.is_integer():
         return str(int(x))  # exact below 2**53; above it the shortest digits are not the integer's digits
+    return _format_shortest(x)
+
+
+def _format_shortest(x: float) -> str:
+    """The general path of :func:`js_number_to_string` for a finite ``x > 0``."""
     # repr() gives the shortest digit string that round-trips (ties to the nearer value), as V8 does.
     r = repr(x)
     if "e" in r:

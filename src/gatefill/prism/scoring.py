@@ -56,6 +56,7 @@ __all__ = [
     "FC_VERSION",
     "FUNCS",
     "TYPES",
+    "Calibration",
     "FcSeed",
     "FcTally",
     "KeyRow",
@@ -65,11 +66,13 @@ __all__ = [
     "SessionScore",
     "build_profile_row",
     "calibrate",
+    "calibrate_detail",
     "engine_config",
     "latest_answers",
     "load_fc_seed",
     "load_scoring_key",
     "load_type_prototypes",
+    "platt_fallback",
     "score_assessment",
     "score_fc_session",
     "score_jsonl",
@@ -841,6 +844,11 @@ def _interpolate(raw: float, knots: Sequence[object]) -> float:
     return raw
 
 
+def platt_fallback(raw: float) -> float:
+    """The calibration used when no ``calibration_model`` row matches: ``clamp01(sigmoid(-0.5 + 1.2·raw))``."""
+    return _clamp01(1 / (1 + js_exp(-(-0.5 + 1.2 * raw))))
+
+
 def calibrate_detail(
     profile: Mapping[str, object],
     conf_raw_params: Mapping[str, object] | None,
@@ -881,7 +889,7 @@ def calibrate_detail(
     raw = _clamp01(1 / (1 + js_exp(-(pa * top_gap + pb * share_margin / 100 - pc * entropy))))
     if knots is None:
         method = "platt_fallback"
-        cal = _clamp01(1 / (1 + js_exp(-(-0.5 + 1.2 * raw))))
+        cal = platt_fallback(raw)
     else:
         method = "knots"
         cal = _interpolate(raw, knots)
