@@ -43,6 +43,7 @@ __all__ = [
     "init_schema",
     "insert_for",
     "load_reference_data",
+    "missing_columns",
     "reference_rows",
     "require_schema",
 ]
@@ -676,23 +677,30 @@ def _required_columns() -> dict[str, list[str]]:
     }
 
 
+def missing_columns(conn: Connection, tables: Iterable[str] | None = None) -> list[str]:
+    """Required PRISM tables and ``table.column`` names absent from the connected database (read-only)."""
+    wanted = set(tables) if tables is not None else set(PRISM_TABLES)
+    inspector = sa.inspect(conn)
+    present = set(inspector.get_table_names())
+    missing: list[str] = []
+    for table, columns in _required_columns().items():
+        if table not in wanted:
+            continue
+        if table not in present:
+            missing.append(table)
+            continue
+        have = {c["name"] for c in inspector.get_columns(table)}
+        missing.extend(f"{table}.{c}" for c in columns if c not in have)
+    return missing
+
+
 def check_schema(db: Database, tables: Iterable[str] | None = None) -> SchemaReport:
     """Read-only: lists required tables/columns that are missing, plus reference-data and RLS findings."""
     wanted = set(tables) if tables is not None else set(PRISM_TABLES)
-    missing: list[str] = []
     reference: dict[str, str] = {}
     security: dict[str, str] = {}
     with db.connect() as conn:
-        inspector = sa.inspect(conn)
-        present = set(inspector.get_table_names())
-        for table, columns in _required_columns().items():
-            if table not in wanted:
-                continue
-            if table not in present:
-                missing.append(table)
-                continue
-            have = {c["name"] for c in inspector.get_columns(table)}
-            missing.extend(f"{table}.{c}" for c in columns if c not in have)
+        missing = missing_columns(conn, wanted)
         if not missing and wanted >= set(PRISM_TABLES):
             reference = _reference_findings(conn)
             if db.caps.row_level_security:
