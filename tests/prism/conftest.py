@@ -76,6 +76,7 @@ class Live:
     dialect: str
     env: Environment
     db: Database
+    server_db: Database
     base_url: str
     clock: Clock
     http: httpx.Client
@@ -142,7 +143,7 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             mp.setenv(KEY_ENV, SERVICE_KEY)
             app = create_app(env, server_db, clock=clock, allow_fault_injection=True)
         with run_server(app) as url, httpx.Client(timeout=30) as http:
-            yield Live(request.param, env, db, url, clock, http)
+            yield Live(request.param, env, db, server_db, url, clock, http)
     finally:
         db.dispose()
         server_db.dispose()

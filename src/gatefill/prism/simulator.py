@@ -132,7 +132,7 @@ class Respondent:
     share_token: str
     ip: str
     answers: tuple[tuple[int, str, str, str, str, int], ...]  # qid, text, type, section, value, offset_ms
-    fc_choices: tuple[tuple[str, str, int], ...]  # block_id, option_id, offset_ms
+    fc_choices: tuple[tuple[int, str, str, int], ...]  # question id, block_id, option_id, offset_ms
     answer_ms: int
     abandon_after: int | None = None  # answers written before leaving; None = finishes
 
@@ -185,7 +185,7 @@ def new_respondent(rng: random.Random, *, answer_ms: int | None = None, abandon:
         text = f"Question {q.qid}"
         answers.append((q.qid, text, q.scale.lower(), q.section, value, offset))
     fc = tuple(
-        (str(o["block_id"]), str(o["id"]), answers[qid - 1][5])
+        (qid, str(o["block_id"]), str(o["id"]), answers[qid - 1][5])
         for qid, o in zip(_FC_BLOCK_QUESTIONS, choices, strict=True)
     )
     address = _ADDRESSES[rng.randrange(2, _ADDRESSES.num_addresses - 1)]
@@ -245,7 +245,7 @@ def write_answers(db: Database, r: Respondent, started_at: datetime, upto_ms: in
             "option_id": option_id,
             "answered_at": started_at + timedelta(milliseconds=offset),
         }
-        for (block_id, option_id, offset), qid in zip(r.fc_choices, _FC_BLOCK_QUESTIONS, strict=True)
+        for qid, block_id, option_id, offset in r.fc_choices
         if qid in written_qids
     ]
     if rows:
@@ -576,9 +576,7 @@ class _Respondent:
         self.written_ms = upto_ms
         limit = len(self.r.answers) if self.r.abandon_after is None else self.r.abandon_after
         self.outcome.fc_answers = sum(
-            1
-            for (_, _, offset), qid in zip(self.r.fc_choices, _FC_BLOCK_QUESTIONS, strict=True)
-            if offset <= upto_ms and qid <= limit
+            1 for qid, _, _, offset in self.r.fc_choices if offset <= upto_ms and qid <= limit
         )
 
     def finalize(self) -> None:
