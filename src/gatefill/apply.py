@@ -1,0 +1,484 @@
+"""Phase 1b, apply: execute an approved plan in priority order, throttled, in batches that each commit atomically with
+their ledger rows, resumable after any interruption.
+
+What makes it crash-safe: the only record of progress is the ledger, written in the same transaction as the batch's
+data. A resume asks the ledger which sessions already have a result and continues with the rest, in plan order, so
+work is neither repeated nor skipped, whatever batch size either attempt used. Ctrl-C sets a flag that is honoured
+between batches (the current batch finishes); a lost database connection is retried with backoff and then pauses
+the run with a message saying how to resume. A second apply of a run that is active elsewhere is refused by a lock
+(Postgres advisory lock held on a dedicated connection; SQLite lock row whose holder is checked for liveness).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from gatefill import ledger
+from gatefill.clock import Clock
+from gatefill.config import Environment
+from gatefill.db import Database, format_utc
+from gatefill.errors import DatabaseUnreachable, GateBlocked, GatefillError
+from gatefill.job import Candidate, Job, SessionOutcome
+from gatefill.ledger import RunStatus
+from gatefill.plan import verify_plan
+from gatefill.throttle import TokenBucket, parse_rate
+
+__all__ = ["ApplyOptions", "ApplyResult", "RunPaused", "apply_plan", "ensure_run_for_plan"]
+
+
+class RunPaused(GatefillError):
+    """The run stopped between batches and can be resumed with ``gatefill apply RUN``."""
+
+    def __init__(self, run_id: str, reason: str, exit_code: int = 1) -> None:
+        self.run_id = run_id
+        self.reason = reason
+        self.exit_code = exit_code
+        super().__init__(f"run {run_id} paused: {reason}; resume with `gatefill apply {run_id}`")
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How to execute a plan."""
+
+    rate: str | None = None  # default: the plan's rate
+    batch_size: int | None = None  # default: the plan's batch size
+    executor: str = "local"
+    max_failures: int = 0
+    approve_as: str | None = None
+    retry_attempts: int = 5
+    retry_base_seconds: float = 0.5
+
+
+@dataclass
+class ApplyResult:
+    """What an apply did, as measured (the reports render this)."""
+
+    run_id: str
+    status: RunStatus
+    sessions_total: int
+    counts: Counter[str] = field(default_factory=Counter)
+    batches_committed: int = 0
+    elapsed_seconds: float = 0.0
+    throttle_wait_seconds: float = 0.0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def measured_rate_per_minute(self) -> float:
+        processed = sum(self.counts.values())
+        return processed / self.elapsed_seconds * 60.0 if self.elapsed_seconds > 0 else 0.0
+
+
+ProgressCallback = Callable[[int, int, float], None]  # done, total, elapsed seconds
+
+
+def ensure_run_for_plan(db: Database, plan_body: Mapping[str, Any], *, now: datetime) -> ledger.Run:
+    """The ledger run of a plan; a plan file made elsewhere (e.g. by health) is registered on first use."""
+    ledger.init_ledger(db)
+    with db.begin() as conn:
+        try:
+            run = ledger.get_run(conn, str(plan_body["run_id"]))
+        except ledger.RunNotFound:
+            return ledger.create_run(
+                conn,
+                run_id=str(plan_body["run_id"]),
+                phase="apply",
+                environment=str(plan_body["environment"]["name"]),
+                job=str(plan_body["job"]),
+                versions=plan_body["versions"],
+                params=plan_body["parameters"],
+                now=now,
+                plan=plan_body,
+                plan_hash=str(plan_body["hash"]),
+            )
+    if run.plan_hash != plan_body["hash"]:
+        raise GateBlocked(
+            "plan", [f"run {run.id} was planned with hash {run.plan_hash}, this plan has {plan_body['hash']}"]
+        )
+    return run
+
+
+def _plan_candidates(plan_body: Mapping[str, Any]) -> tuple[list[str], dict[str, Candidate]]:
+    """The runnable candidates in plan (batch) order, rebuilt as Candidate objects."""
+    by_key: dict[str, Candidate] = {}
+    for c in plan_body["candidates"]:
+        if c["operations"]:
+            by_key[c["key"]] = Candidate(
+                key=c["key"],
+                category=c["category"],
+                created_at=datetime.fromisoformat(c["created_at"].replace("Z", "+00:00")),
+                operations=tuple(c["operations"]),
+                detail=c.get("detail", {}),
+            )
+    order = [key for batch in plan_body["batches"] for key in batch["keys"]]
+    groups = {key: batch["group"] for batch in plan_body["batches"] for key in batch["keys"]}
+    for key in order:
+        if key not in by_key:
+            raise GateBlocked("plan", [f"batch lists {key}, which is not a runnable candidate of the plan"])
+    return order, {k: _with_group(by_key[k], groups[k]) for k in order}
+
+
+def _with_group(c: Candidate, group: str) -> Candidate:
+    return Candidate(c.key, c.category, c.created_at, c.operations, {**c.detail, "group": group})
+
+
+class _RunLock:
+    """Holds the per-run lock for the duration of an apply."""
+
+    def __init__(self, db: Database, run_id: str, now: datetime) -> None:
+        self.db = db
+        self.name = f"apply:{run_id}"
+        self.now = now
+        self._conn: sa.Connection | None = None
+
+    def __enter__(self) -> _RunLock:
+        if self.db.caps.advisory_locks:
+            # A session-level advisory lock dies with its connection, so a killed apply can never leave it behind.
+            with self.db.translate_errors():
+                self._conn = self.db.engine.connect()
+                got = self._conn.execute(
+                    sa.text("SELECT pg_try_advisory_lock(hashtext(:n))"), {"n": self.name}
+                ).scalar_one()
+                self._conn.commit()
+            if not got:
+                self._conn.close()
+                self._conn = None
+                holder = self._advisory_holder()
+                raise ledger.RunLocked(self.name, holder)
+        else:
+            with self.db.begin() as conn:
+                ledger.acquire_lock(conn, self.name, now=self.now)
+        return self
+
+    def _advisory_holder(self) -> str:
+        with self.db.connect() as conn:
+            row = conn.execute(
+                sa.text(
+                    "SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+                    "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.objid = (hashtext(:n)::bigint & 4294967295)"
+                ),
+                {"n": self.name},
+            ).first()
+        return f"backend pid {row.pid} ({row.application_name})" if row else "another session"
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:n))"), {"n": self.name})
+                self._conn.commit()
+            finally:
+                self._conn.close()
+        elif not self.db.caps.advisory_locks:
+            try:
+                with self.db.begin() as conn:
+                    ledger.release_lock(conn, self.name)
+            except DatabaseUnreachable:
+                pass  # the row names a dead process once we exit; the next apply takes it over
+
+
+def _require_plan_approval(db: Database, run: ledger.Run, plan_hash: str, options: ApplyOptions, now: datetime) -> None:
+    with db.begin() as conn:
+        approvals = [a for a in ledger.approvals_for(conn, run.id, "plan") if a.plan_hash == plan_hash]
+        if approvals:
+            return
+        if options.approve_as:
+            ledger.record_approval(
+                conn,
+                run_id=run.id,
+                gate="plan",
+                approved_by=options.approve_as,
+                now=now,
+                note="approved at apply time (--approve-as)",
+                plan_hash=plan_hash,
+            )
+            return
+    raise GateBlocked(
+        "plan",
+        [
+            f"plan of run {run.id} is not approved: run `gatefill approve {run.id} --gate plan --by NAME` "
+            "or pass --approve-as NAME"
+        ],
+    )
+
+
+def _remaining(db: Database, run: ledger.Run, order: Sequence[str]) -> tuple[list[str], int, bool]:
+    """Sessions still to do (plan order), the next batch number, and whether failed sessions are being retried."""
+    with db.connect() as conn:
+        done = ledger.session_results_for(conn, run.id)
+        committed = ledger.committed_batches(conn, run.id)
+    retry_failed = run.status is RunStatus.COMPLETED_WITH_ERRORS
+    todo = [k for k in order if k not in done or (retry_failed and done[k] == "failed")]
+    return todo, (max(committed) + 1 if committed else 1), retry_failed
+
+
+def _batches_to_run(
+    plan_batches: Sequence[Mapping[str, Any]], todo: Sequence[str], batch_size: int | None
+) -> list[list[str]]:
+    """The plan's batches restricted to what is left to do; ``batch_size`` re-splits each plan batch."""
+    wanted = set(todo)
+    out: list[list[str]] = []
+    for plan_batch in plan_batches:
+        keys = [k for k in plan_batch["keys"] if k in wanted]
+        size = batch_size or max(1, len(plan_batch["keys"]))
+        out.extend(keys[i : i + size] for i in range(0, len(keys), size))
+    return out
+
+
+def _session_row(run_id: str, batch_no: int, s: SessionOutcome, candidate: Candidate, now: datetime) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "session_id": s.key,
+        "batch_no": batch_no,
+        "result": s.result,
+        "error": s.error,
+        "detail": {
+            "category": candidate.category,
+            "group": candidate.detail.get("group"),
+            "operations": s.operations,
+            "seconds": round(s.seconds, 6),
+        },
+        "at": now,
+    }
+
+
+def _commit_batch(
+    db: Database,
+    job: Job,
+    run_id: str,
+    batch_no: int,
+    batch: Sequence[Candidate],
+    clock: Clock,
+    retrying: bool,
+) -> tuple[list[SessionOutcome], dict[str, Any]]:
+    """Processes one batch and writes its ledger rows in the same transaction."""
+    started = clock.now()
+    with db.begin() as conn:
+        outcome = job.process_batch(conn, batch, now=started, run_id=run_id)
+        finished = clock.now()
+        ledger.record_changes(
+            conn,
+            [
+                {
+                    "run_id": run_id,
+                    "batch_no": batch_no,
+                    "table_name": ch.table,
+                    "row_key": ledger.row_key(ch.key),
+                    "session_id": ch.candidate,
+                    "before": dict(ch.before) if ch.before is not None else None,
+                    "after": dict(ch.after),
+                    "at": started,
+                }
+                for ch in outcome.changes
+            ],
+        )
+        by_key = {c.key: c for c in batch}
+        rows = [_session_row(run_id, batch_no, s, by_key[s.key], finished) for s in outcome.sessions]
+        if retrying:
+            conn.execute(
+                ledger.session_results.delete().where(
+                    ledger.session_results.c.run_id == run_id,
+                    ledger.session_results.c.session_id.in_([r["session_id"] for r in rows]),
+                )
+            )
+        conn.execute(ledger.session_results.insert(), rows)
+        counts = Counter(s.result for s in outcome.sessions)
+        detail = {
+            "group": batch[0].detail.get("group") if batch else None,
+            "keys": [c.key for c in batch],
+            "changes": len(outcome.changes),
+        }
+        conn.execute(
+            ledger.batches.insert().values(
+                run_id=run_id,
+                batch_no=batch_no,
+                status="committed",
+                sessions=len(batch),
+                succeeded=counts["written"],
+                failed=counts["failed"],
+                skipped=counts["already_present"],
+                started_at=started,
+                finished_at=finished,
+                detail=detail,
+            )
+        )
+    log = {
+        "batch_no": batch_no,
+        "group": detail["group"],
+        "started_at": format_utc(started),
+        "completed_at": format_utc(finished),
+        "sessions_processed": len(batch),
+        "sessions_written": counts["written"],
+        "sessions_already_present": counts["already_present"],
+        "sessions_failed": counts["failed"],
+        "rows_written": _rows_by_table(outcome.changes),
+        "sessions": [
+            {
+                "session_id": s.key,
+                "category": by_key[s.key].category,
+                "result": s.result,
+                "error": s.error,
+                "seconds": round(s.seconds, 6),
+                "operations": s.operations,
+                "rows": [
+                    {"table": ch.table, "key": dict(ch.key), "before": "absent" if ch.before is None else "present"}
+                    for ch in outcome.changes
+                    if ch.candidate == s.key
+                ],
+            }
+            for s in outcome.sessions
+        ],
+    }
+    return outcome.sessions, log
+
+
+def _rows_by_table(changes: Sequence[Any]) -> dict[str, int]:
+    return dict(Counter(ch.table for ch in changes))
+
+
+@contextmanager
+def _stop_on_sigint(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C sets ``stop`` (honoured between batches) instead of killing a batch half-way; a second one aborts."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(_signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def apply_plan(
+    db: Database,
+    env: Environment,
+    job: Job,
+    plan_body: Mapping[str, Any],
+    *,
+    options: ApplyOptions,
+    clock: Clock,
+    artifacts_dir: Path,
+    progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
+    before_batch: Callable[[int], None] | None = None,
+) -> ApplyResult:
+    """Applies (or resumes) the plan's run; returns the measured result and writes the batch logs."""
+    verify_plan(plan_body, env)
+    if options.executor != "local":
+        raise GateBlocked("executor", [f"executor '{options.executor}' is not available in this build (use local)"])
+    now = clock.now()
+    run = ensure_run_for_plan(db, plan_body, now=now)
+    if run.status in (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED):
+        raise GateBlocked("apply", [f"run {run.id} is {run.status.value}; nothing to apply"])
+    plan_hash = str(plan_body["hash"])
+    _require_plan_approval(db, run, plan_hash, options, now)
+    rate = parse_rate(options.rate or str(plan_body["parameters"]["rate"]))
+    if options.batch_size is not None and options.batch_size < 1:
+        raise GateBlocked("apply", ["--batch-size must be at least 1"])
+    order, candidates = _plan_candidates(plan_body)
+    stop = stop or threading.Event()
+    logs_dir = artifacts_dir / run.id / "backfill_logs"
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    result = ApplyResult(run.id, run.status, len(order))
+    with _RunLock(db, run.id, now), _stop_on_sigint(stop):
+        todo, next_batch, retrying = _remaining(db, run, order)
+        with db.begin() as conn:
+            ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=f"apply ({len(todo)} to do)")
+        to_run = _batches_to_run(plan_body["batches"], todo, options.batch_size)
+        bucket = TokenBucket(rate, clock, capacity=max((len(b) for b in to_run), default=1))
+        start = clock.monotonic()
+        done = len(order) - len(todo)
+        for batch_keys in to_run:
+            if stop.is_set():
+                _pause(db, run.id, clock, "interrupted (Ctrl-C) after the last committed batch")
+                raise RunPaused(run.id, f"interrupted after batch {next_batch - 1}", exit_code=130)
+            if before_batch is not None:
+                before_batch(next_batch)
+            result.throttle_wait_seconds += bucket.acquire(len(batch_keys))
+            batch = [candidates[k] for k in batch_keys]
+            sessions, log = _commit_with_retry(db, job, run.id, next_batch, batch, clock, retrying, options)
+            (logs_dir / f"batch_{next_batch}.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
+            for s in sessions:
+                result.counts[s.result] += 1
+                if s.result == "failed":
+                    result.failures.append({"session_id": s.key, "batch_no": next_batch, "error": s.error})
+            result.batches_committed += 1
+            next_batch += 1
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(order), clock.monotonic() - start)
+        result.elapsed_seconds = clock.monotonic() - start
+        with db.connect() as conn:
+            all_results = ledger.session_results_for(conn, run.id)
+        failed_total = sum(1 for r in all_results.values() if r == "failed")
+        final = RunStatus.COMPLETED_WITH_ERRORS if failed_total else RunStatus.SUCCEEDED
+        with db.begin() as conn:
+            ledger.transition(
+                conn,
+                run.id,
+                final,
+                now=clock.now(),
+                summary={
+                    "results": dict(Counter(all_results.values())),
+                    "elapsed_seconds": result.elapsed_seconds,
+                    "measured_rate_per_minute": result.measured_rate_per_minute,
+                    "rate": rate.text,
+                    "batch_size": options.batch_size or plan_body["parameters"]["batch_size"],
+                    "max_failures": options.max_failures,
+                },
+            )
+        result.status = final
+    return result
+
+
+def _commit_with_retry(
+    db: Database,
+    job: Job,
+    run_id: str,
+    batch_no: int,
+    batch: Sequence[Candidate],
+    clock: Clock,
+    retrying: bool,
+    options: ApplyOptions,
+) -> tuple[list[SessionOutcome], dict[str, Any]]:
+    """A lost connection rolls the batch back in the database; retry it with exponential backoff and jitter."""
+    attempt = 0
+    while True:
+        try:
+            return _commit_batch(db, job, run_id, batch_no, batch, clock, retrying)
+        except DatabaseUnreachable as exc:
+            attempt += 1
+            if attempt >= options.retry_attempts:
+                # If it is still down, the run stays 'running' and the next apply takes it over.
+                with contextlib.suppress(DatabaseUnreachable):
+                    _pause(db, run_id, clock, f"database unreachable: {exc.reason}")
+                raise RunPaused(
+                    run_id, f"database unreachable before batch {batch_no} committed ({exc.reason})"
+                ) from exc
+            delay = options.retry_base_seconds * (2 ** (attempt - 1)) * (0.5 + random.random())
+            time.sleep(delay)  # a real wait even under a simulated clock: the database needs real time to return
+
+
+def _pause(db: Database, run_id: str, clock: Clock, reason: str) -> None:
+    with db.begin() as conn:
+        ledger.transition(conn, run_id, RunStatus.PAUSED, now=clock.now(), reason=reason)
