@@ -438,7 +438,7 @@ class _Client:
         if faults:
             headers["x-gatefill-fault"] = ", ".join(faults)
         if self.simulated:
-            headers["x-gatefill-now"] = self.clock.now().isoformat()
+            headers["x-gatefill-now"] = _instant(self.clock).isoformat()
         if "x-gatefill-fault" in headers or "x-gatefill-now" in headers:
             if not self.key:
                 raise ConfigError("fault injection and simulated time need the service-role key variable to be set")
@@ -454,6 +454,12 @@ class _Client:
                 f"({_code(response)}): start it with --allow-fault-injection and set the service-role key"
             )
         return response
+
+
+def _instant(clock: Clock) -> datetime:
+    """The clock's now at millisecond precision, as the platform's JavaScript ``Date`` stamps rows."""
+    now = clock.now()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 class _Transport(GatefillError):
@@ -567,7 +573,7 @@ class _Respondent:
             sim.schedule(offset_s + self.stop_ms / 1000.0 + sim.rng.uniform(0.5, 3.0), self.finalize)
 
     def start(self) -> None:
-        self.started = self.sim.clock.now()
+        self.started = _instant(self.sim.clock)
         self.outcome.started_at = self.started
         write_session(self.sim.db, self.r, self.started)
 
@@ -591,7 +597,7 @@ class _Respondent:
         outcome.finalize_ms = (time.perf_counter() - started) * 1000.0
         outcome.finalize_status = response.status_code
         outcome.finalize_code = _code(response)
-        outcome.finalized_at = sim.clock.now()
+        outcome.finalized_at = _instant(sim.clock)
         if response.status_code != 200:
             return
         body = response.json()
@@ -647,7 +653,7 @@ def simulate(
         raise UsageError(f"--sessions must be within 0..{max_sessions}")
     rate_per_s = None
     if rate is not None:
-        parsed = parse_rate(rate if "/" in rate else f"{rate}/h")
+        parsed = parse_rate(rate if "/" in rate or not rate.strip()[:1].isdigit() else f"{rate}/h")
         if parsed.per_second is None:
             raise UsageError("--rate must be a finite rate such as 120/h")
         rate_per_s = parsed.per_second
