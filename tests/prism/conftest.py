@@ -1,6 +1,7 @@
 """Live functions servers for the PRISM HTTP tests: a real uvicorn on 127.0.0.1 in a thread, per module and dialect.
 
-As in httpx's own suite, the server runs in a thread on a socket bound to a free port, with signal handlers off;
+As in httpx's own suite, the server runs in a thread on a socket bound to a free port, with signal handlers off
+(``serve_in_thread``);
 each module gets its own database (a copy of the session's initialised template) so module-scoped servers never
 see another module's rows. Tests isolate themselves from the shared rate limiter by naming a client address of
 their own (``X-Forwarded-For``, which uvicorn trusts from 127.0.0.1 only).
@@ -10,9 +11,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,13 +21,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from gatefill.clock import Clock, RealClock
 from gatefill.config import Environment
 from gatefill.db import Database
-from gatefill.prism.functions_server import create_app
+from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.simulator import Respondent, new_respondent, write_answers, write_session
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
 
@@ -38,35 +35,11 @@ SERVICE_KEY = f"sk-test-{uuid.uuid4().hex}"
 KEY_ENV = "GATEFILL_TEST_SERVICE_ROLE_KEY"
 
 
-class _ThreadServer(uvicorn.Server):
-    """Uvicorn without signal handlers, so it can run outside the main thread."""
-
-    def install_signal_handlers(self) -> None:
-        return None
-
-
 @contextmanager
 def run_server(app: FastAPI) -> Iterator[str]:
     """Serves ``app`` on a free port of 127.0.0.1 in a thread; yields the base URL and stops it afterwards."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
-    server = _ThreadServer(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve_in_thread(app) as url:
+        yield url
 
 
 @dataclass

@@ -19,9 +19,9 @@ import sqlalchemy as sa
 
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
-from gatefill.errors import ConfigError
+from gatefill.errors import ConfigError, UsageError
 from gatefill.prism import scoring
-from gatefill.prism.functions_server import RateLimiter, create_app
+from gatefill.prism.functions_server import RateLimiter, create_app, serve_functions
 from gatefill.prism.schema import (
     assessment_sessions,
     fc_scores,
@@ -235,6 +235,17 @@ def test_create_app_refuses_to_start_without_the_key_and_names_only_the_variable
     env = Environment("keyless", "staging", live.env.database_url, service_role_key_env="GATEFILL_TEST_UNSET_KEY")
     with pytest.raises(ConfigError, match="GATEFILL_TEST_UNSET_KEY"):
         create_app(env, live.db)
+
+
+def test_serve_functions_refuses_fault_injection_on_production_and_taken_ports(live: Live) -> None:
+    prod = Environment("prod", "production", live.env.database_url, service_role_key_env=KEY_ENV)
+    with pytest.raises(UsageError, match="production"):
+        serve_functions(prod, allow_fault_injection=True)
+    port = int(live.base_url.rsplit(":", 1)[1])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, SERVICE_KEY)
+        with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve_functions(live.env, port=port)
 
 
 # ====================================================================================================================

@@ -253,6 +253,8 @@ def test_parse_inject() -> None:
 
 def test_run_simulation_resolves_url_clock_and_start(live: Live) -> None:
     bare = Environment("bare", "staging", live.env.database_url)
+    with pytest.raises(UsageError, match="production"):
+        run_simulation(Environment("prod", "production", live.env.database_url), functions_url="http://x", sessions=1)
     with pytest.raises(ConfigError, match="functions_url"):
         run_simulation(bare, functions_url=None, sessions=1)
     with pytest.raises(UsageError, match="--start needs --clock simulated"):

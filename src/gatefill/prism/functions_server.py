@@ -24,12 +24,13 @@ import hmac
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
@@ -42,7 +43,7 @@ from starlette.responses import Response
 from gatefill.clock import Clock, RealClock
 from gatefill.config import Environment
 from gatefill.db import Database, dumps_json, parse_utc
-from gatefill.errors import ConfigError, DatabaseError, DatabaseUnreachable, GatefillError
+from gatefill.errors import ConfigError, DatabaseError, DatabaseUnreachable, GatefillError, UsageError
 from gatefill.prism.service import (
     CallContext,
     Faults,
@@ -50,7 +51,15 @@ from gatefill.prism.service import (
     PrismService,
 )
 
-__all__ = ["FUNCTION_NAMES", "MAX_BODY_BYTES", "RateLimiter", "create_app", "serve", "serve_functions"]
+__all__ = [
+    "FUNCTION_NAMES",
+    "MAX_BODY_BYTES",
+    "RateLimiter",
+    "create_app",
+    "serve",
+    "serve_functions",
+    "serve_in_thread",
+]
 
 MAX_BODY_BYTES = 64 * 1024
 FUNCTION_NAMES = ("score_fc_session", "score_prism", "finalizeAssessment", "get-results-by-session")
@@ -389,14 +398,31 @@ def create_app(
     return app
 
 
-class _Server(uvicorn.Server):
-    """Uvicorn without its signal handlers, so it can run in a thread (tests, the benchmark)."""
+class _ThreadServer(uvicorn.Server):
+    """Uvicorn without its signal handlers, so it can run outside the main thread."""
 
     def install_signal_handlers(self) -> None:
         return None
 
 
-def _access_logger(app: FastAPI) -> Callable[..., Any]:
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so a taken port is a one-line ``UsageError``, not uvicorn's exit."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, IndexError) as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _access_log_middleware() -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
     async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
@@ -413,11 +439,46 @@ def _access_logger(app: FastAPI) -> Callable[..., Any]:
     return middleware
 
 
+def _uvicorn_config(app: FastAPI, log_level: str) -> uvicorn.Config:
+    # Uvicorn's access log prints query strings (share tokens): off. Proxy headers stay trusted from 127.0.0.1 only.
+    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+
+
 def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 54321, log_level: str = "info") -> None:
-    """Runs ``app`` under uvicorn until interrupted; access lines carry path and status, never query strings."""
-    app.middleware("http")(_access_logger(app))
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off")
-    uvicorn.Server(config).run()
+    """Runs ``app`` under uvicorn until interrupted; access lines carry method, path and status, never queries."""
+    sock = _bind(host, port)
+    if not _log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        _log.addHandler(handler)
+        _log.setLevel(log_level.upper())
+    app.middleware("http")(_access_log_middleware())
+    try:
+        uvicorn.Server(_uvicorn_config(app, log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+@contextmanager
+def serve_in_thread(
+    app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+) -> Iterator[str]:
+    """Serves ``app`` from a background thread (port 0: a free one); yields the base URL, stops on exit."""
+    sock = _bind(host, port)
+    server = _ThreadServer(_uvicorn_config(app, log_level))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gatefill-functions", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise GatefillError(f"the functions server on {host}:{sock.getsockname()[1]} did not start")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def serve_functions(
@@ -426,18 +487,18 @@ def serve_functions(
     host: str = "127.0.0.1",
     port: int = 54321,
     allow_fault_injection: bool = False,
-    clock: Clock | None = None,
     log_level: str = "info",
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """What ``gatefill serve functions`` runs: opens the database, builds the app and serves until interrupted."""
+    """What ``gatefill serve functions`` runs: opens the database, builds the app and serves until interrupted.
+
+    Fault injection is refused for production environments: there it would let a key holder corrupt live rows.
+    """
+    if allow_fault_injection and env.kind == "production":
+        raise UsageError(f"environment '{env.name}' is production: --allow-fault-injection is refused there")
     with Database(env, pool_size=20) as db:
         db.ping()
-        app = create_app(env, db, clock=clock, allow_fault_injection=allow_fault_injection)
+        app = create_app(env, db, allow_fault_injection=allow_fault_injection)
         if on_ready is not None:
             on_ready(f"http://{host}:{port}/functions/v1")
         serve(app, host=host, port=port, log_level=log_level)
-
-
-def _now_text(value: datetime) -> str:
-    return value.isoformat()

@@ -721,6 +721,9 @@ def run_simulation(
     seed: int = 0,
 ) -> SimulationReport:
     """What ``gatefill simulate`` runs: resolves the URL, key and clock, then ``simulate`` on the environment's DB."""
+    if env.kind == "production":
+        # The simulator writes synthetic sessions and answers: never into a production database.
+        raise UsageError(f"environment '{env.name}' is production: simulate writes synthetic sessions, refused")
     url = functions_url or env.functions_url
     if not url:
         raise ConfigError(f"environment '{env.name}': no functions_url (give --functions-url)")
