@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from gatefill.prism import jsmath
 from gatefill.prism import scoring as S
-from gatefill.prism.jsmath import js_dumps, js_number, js_number_to_string, to_fixed, to_fixed_decimal
+from gatefill.prism.jsmath import js_dumps, js_number, js_number_to_string, js_string, to_fixed, to_fixed_decimal
 from tests.prism.test_scoring import NOW, OPTIONS, REF, realistic_answers, realistic_fc
 
 KEY_JSON = {k: r.as_json() for k, r in S.load_scoring_key().items()}
@@ -171,3 +171,12 @@ def test_latest_answers_picks_the_latest_row(rows: list[tuple[int, int, int]]) -
     for q in {q for q, _, _ in rows}:
         candidates = [(t, i) for i, (qq, t, _) in enumerate(rows) if qq == q]
         assert latest[q] == str(max(candidates)[1])  # latest time, then the later row
+
+
+@settings(max_examples=200, deadline=None)
+@given(qids=st.lists(st.integers(min_value=-(2**60), max_value=2**60), min_size=1, max_size=30))
+def test_latest_rows_fast_path_equals_the_map_walk(qids: list[int]) -> None:
+    rows = [{"id": str(i), "question_id": q, "answer_value": str(i), "created_at": NOW} for i, q in enumerate(qids)]
+    as_text = [{**r, "question_id": js_string(r["question_id"])} for r in rows]  # strings take the general walk
+    picked = [r["id"] for r in S._latest_rows(rows)]
+    assert picked == [r["id"] for r in S._latest_rows(as_text)]

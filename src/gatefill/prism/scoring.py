@@ -1032,6 +1032,13 @@ def _js_ge(a: object, b: object) -> bool:
 
 def _latest_rows(rows: Iterable[Mapping[str, object]]) -> list[Mapping[str, object]]:
     """The latest row per ``String(question_id)``, in first-seen order (a JavaScript Map keeps the first position)."""
+    rows = list(rows)
+    qids = [r.get("question_id", UNDEFINED) for r in rows]
+    # Fast path for the normal case (UNIQUE (session_id, question_id)): distinct safe ints have distinct String()
+    # forms, so every row is its question's only row and the Map order is the row order.
+    ints = [q for q in qids if type(q) is int]
+    if ints and len(ints) == len(qids) == len(set(ints)) and min(ints) >= -_MAX_SAFE and max(ints) <= _MAX_SAFE:
+        return rows
     last: dict[str, Mapping[str, object]] = {}
     for r in rows:
         qid = r.get("question_id", UNDEFINED)
