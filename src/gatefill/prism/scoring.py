@@ -122,6 +122,7 @@ FALLBACK_PROTOTYPES: Final = {
 TYPE_MAP: Final = {code: (funcs[0], funcs[1]) for code, funcs in _SEAT_FUNCS.items()}
 
 _FUNC_INDEX: Final = {f: i for i, f in enumerate(FUNCS)}
+_MAX_SAFE: Final = 9007199254740992  # 2**53: integers up to here convert and print the same in Python and JavaScript
 
 # Object.prototype's property names. A lookup `obj[name]` on a plain JavaScript object finds these even when the
 # object does not own them, which the original code hit with answers such as "toString"; see _fc_map_value.
@@ -374,7 +375,7 @@ def _js_own_entries(v: object) -> list[tuple[str, object]]:
     if not js_truthy(v):
         return []
     if isinstance(v, Mapping):
-        return [(str(k), val) for k, val in v.items()]
+        return [(js_string(k), val) for k, val in v.items()]
     if isinstance(v, list | tuple):
         return [(str(i), e) for i, e in enumerate(v)]
     if isinstance(v, str):
@@ -448,8 +449,6 @@ _KeyInfo: TypeAlias = tuple[Mapping[str, object] | None, bool, int]
 _NO_FUNC: Final = -1
 _BAD_TAG: Final = -2
 
-
-_MAX_SAFE: Final = 9007199254740992  # 2**53: integers up to here print the same in Python and JavaScript
 _CANONICAL_INT_RE: Final = re.compile(r"-?(?:0|[1-9][0-9]*)")
 
 
@@ -459,11 +458,6 @@ class _CompiledKey:
 
     by_str: dict[str, _KeyInfo]
     by_int: dict[int, _KeyInfo]
-
-    def lookup(self, qid: object) -> _KeyInfo | None:
-        if type(qid) is int and -_MAX_SAFE <= qid <= _MAX_SAFE:
-            return self.by_int.get(qid)
-        return self.by_str.get(qid if type(qid) is str else js_string(qid))
 
 
 def _compile_key(scoring_key: Mapping[Any, object]) -> _CompiledKey:
