@@ -7,6 +7,7 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from gatefill.errors import ConfigError, UsageError
 from gatefill.prism import scoring
 from gatefill.prism.functions_server import RateLimiter, create_app, serve_functions
 from gatefill.prism.schema import (
+    assessment_responses,
     assessment_sessions,
     fc_scores,
     fn_logs,
@@ -31,6 +33,8 @@ from gatefill.prism.schema import (
     scoring_config,
 )
 from gatefill.prism.service import Faults, load_reference_data_from_db, load_session_inputs
+from gatefill.prism.simulator import new_respondent, write_answers, write_session
+from tests.conftest import Target
 from tests.prism.conftest import KEY_ENV, SERVICE_KEY, Live, run_server
 
 
@@ -658,3 +662,32 @@ def test_load_reference_data_from_db_equals_the_package(live: Live) -> None:
     assert ref.key_rows == package.key_rows
     assert dict(ref.fc_options) == dict(package.fc_options)
     assert ref.config == package.config
+
+
+def test_load_session_inputs_picks_the_latest_of_repeated_answers(pg_target: Target) -> None:
+    """Without ``uniq_session_question`` (a live table may lack it) the latest answer per question still wins."""
+    db = pg_target.db
+    r = new_respondent(random.Random(1), answer_ms=60_000)
+    started = datetime(2025, 9, 17, 18, 0, tzinfo=UTC)
+    write_session(db, r, started)
+    write_answers(db, r, started, r.answer_ms)
+    with db.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE assessment_responses DROP CONSTRAINT uniq_session_question")
+        conn.execute(
+            assessment_responses.insert().values(
+                session_id=r.session_id,
+                question_id=17,
+                question_text="Question 17",
+                question_type="likert_1_5",
+                question_section="likert",
+                answer_value="1",
+                created_at=started + timedelta(hours=1),
+                updated_at=started + timedelta(hours=1),
+            )
+        )
+    with db.connect() as conn:
+        inputs = load_session_inputs(conn, [r.session_id])[r.session_id]
+    assert len(inputs.answers) == 249 and all("created_at" in a for a in inputs.answers)
+    latest = scoring.latest_answers(inputs.answers)
+    assert len(latest) == 248
+    assert [a["answer_value"] for a in latest if a["question_id"] == 17] == ["1"]

@@ -188,9 +188,12 @@ def load_session_inputs(
 ) -> dict[str, scoring.SessionInputs]:
     """The stored scoring inputs of each session, one query per table.
 
-    Answers come in (created_at, question_id) order and FC responses in (answered_at, block_id) order: the stable
-    stand-in for upstream's unordered reads (integer answers and weights sum exactly in any order).
-    ``existing_fc_scores`` is the v1.2/functions ``scores_json`` or None.
+    Answers come in question order and FC responses in (answered_at, block_id) order: stable stand-ins for upstream's
+    unordered reads (integer answers and weights sum exactly in any order). ``uniq_session_question`` makes a
+    question's answer unique, so only ``question_id`` and ``answer_value`` are read (``id`` and ``created_at``
+    matter only to pick the latest of several answers, and decoding them doubled the cost of this read); a session
+    that nonetheless has repeated questions is re-read with both, in (created_at, id) order, so the latest answer
+    still wins exactly as upstream picks it. ``existing_fc_scores`` is the v1.2/functions ``scores_json`` or None.
     """
     ids = list(dict.fromkeys(session_ids))
     answers: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
@@ -199,19 +202,33 @@ def load_session_inputs(
     if not ids:
         return {}
     r = assessment_responses
-    for row in conn.execute(
-        sa.select(r.c.session_id, r.c.id, r.c.question_id, r.c.answer_value, r.c.created_at)
+    repeated: set[str] = set()
+    last: tuple[object, object] = (None, None)
+    for sid, qid, value in conn.execute(
+        sa.select(r.c.session_id, r.c.question_id, r.c.answer_value)
         .where(r.c.session_id.in_(ids))
-        .order_by(r.c.session_id, r.c.created_at, r.c.question_id)
+        .order_by(r.c.session_id, r.c.question_id)
     ):
-        answers[row.session_id].append(
-            {
-                "id": row.id,
-                "question_id": row.question_id,
-                "answer_value": row.answer_value,
-                "created_at": row.created_at,
-            }
-        )
+        if (sid, qid) == last:
+            repeated.add(sid)
+        last = (sid, qid)
+        answers[sid].append({"question_id": qid, "answer_value": value})
+    if repeated:
+        for sid in repeated:
+            answers[sid] = []
+        for row in conn.execute(
+            sa.select(r.c.session_id, r.c.id, r.c.question_id, r.c.answer_value, r.c.created_at)
+            .where(r.c.session_id.in_(sorted(repeated)))
+            .order_by(r.c.session_id, r.c.created_at, r.c.id)
+        ):
+            answers[row.session_id].append(
+                {
+                    "id": row.id,
+                    "question_id": row.question_id,
+                    "answer_value": row.answer_value,
+                    "created_at": row.created_at,
+                }
+            )
     if with_fc_responses:
         f = fc_responses
         for fc_row in conn.execute(
@@ -348,21 +365,70 @@ def _jsonable(value: object) -> object:
 _PROFILE_COLUMNS = frozenset(c.name for c in profiles.columns)
 # Events the FC tally inside score_session emits; score_prism never tallies, so they are not its events.
 _TALLY_EVENTS = frozenset({"fc_no_responses", "fc_option_not_found"})
+_UPSERTS: dict[tuple[str, str], Any] = {}
+
+
+def _upsert(conn: Connection, table: sa.Table, conflict: tuple[str, ...], keep: frozenset[str]) -> Any:
+    """``INSERT ... ON CONFLICT (conflict) DO UPDATE`` of every column but ``keep``, built once per dialect.
+
+    Reusing one construct lets SQLAlchemy's compiled cache hit (building ``excluded`` costs more than the query).
+    """
+    key = (conn.dialect.name, table.name)
+    stmt = _UPSERTS.get(key)
+    if stmt is None:
+        base = insert_for(conn, table)
+        update = {c.name: base.excluded[c.name] for c in table.columns if c.name not in keep and c.name not in conflict}
+        stmt = _UPSERTS[key] = base.on_conflict_do_update(index_elements=list(conflict), set_=update)
+    return stmt
+
+
+def _fc_step(
+    session_id: str, responses: Sequence[Mapping[str, object]], ref: scoring.ReferenceData, version: str, basis: str
+) -> tuple[list[Event], dict[str, object], dict[str, object] | None]:
+    """score_fc_session's computation: its events, its reply, and the fc_scores row to upsert (None: write nothing)."""
+    events: list[Event] = []
+    if not version or version == "v1.1":
+        events.append(("fc_version_mismatch", {"session_id": session_id, "version": version}))
+    events.append(("fc_scoring_start", {"session_id": session_id, "version": version, "basis": basis}))
+    reply: dict[str, object] = {"session_id": session_id, "version": version, "basis": basis}
+    tally = scoring.score_fc_session(responses, ref.fc_options, basis)
+    if not tally.written:
+        events.append(("fc_no_responses", {"session_id": session_id}))
+        return events, {**reply, "blocks_answered": 0, "scores": {}, "info": "no fc responses"}, None
+    for option_id in tally.unresolved_option_ids:
+        events.append(("fc_option_not_found", {"session_id": session_id, "option_id": option_id}))
+    events.append(("fc_tally_complete", {"session_id": session_id, "blocks_answered": tally.blocks_answered}))
+    events.append(("fc_scores_normalized", {"session_id": session_id, "keys": len(tally.scores)}))
+    if not tally.writable:
+        empty = not tally.scores
+        events.append(("fc_scores_empty" if empty else "fc_scores_non_finite", {"session_id": session_id}))
+        info = "no fc option resolved" if empty else "non-finite fc scores"
+        return (
+            events,
+            {**reply, "blocks_answered": tally.blocks_answered, "scores": {}, "written": False, "info": info},
+            None,
+        )
+    return (
+        events,
+        {**reply, "blocks_answered": tally.blocks_answered, "scores": tally.scores},
+        tally.to_row(session_id, version),
+    )
 
 
 @dataclass
-class _ProfileAttempt:
-    """What one profile transaction computed, kept outside it so a failed write can still log its events."""
+class _Work:
+    """What one call computed and wrote, kept outside its transaction so a failure can still be recorded."""
 
     events: list[Event] = field(default_factory=list)
+    fc_reply: dict[str, object] | None = None
     score: scoring.SessionScore | None = None
-    writing: bool = False
+    writing: str | None = None  # "fc" while the fc_scores upsert runs: its failure aborts the transaction
     share_token: str | None = None
-    created: bool = False
+    failure: FunctionFailure | None = None
 
     @property
     def row(self) -> dict[str, object]:
-        """The profile row written (only called once the write succeeded)."""
+        """The profile row written (only asked for once the write succeeded)."""
         if self.score is None or self.score.profile_row is None:
             raise DataError("no profile row was scored")
         return self.score.profile_row
@@ -391,29 +457,30 @@ class PrismService:
         if rows:
             conn.execute(fn_logs.insert(), rows)
 
-    def _log_alone(self, fn: str, ctx: CallContext, events: Iterable[Event]) -> None:
-        with self.db.begin() as conn:
-            self._log(conn, fn, ctx, events)
+    def _write_fc(self, conn: Connection, work: _Work, row: Mapping[str, object], ctx: CallContext) -> None:
+        work.writing = "fc"
+        # created_at is only inserted, never updated: re-runs keep it, as upstream's upsert did.
+        conn.execute(
+            _upsert(conn, fc_scores, ("session_id", "version", "fc_kind"), frozenset({"created_at"})),
+            {
+                **row,
+                "created_at": ctx.now,
+            },
+        )
+        work.writing = None
+        work.events.append(
+            ("fc_scoring_complete", {"session_id": row["session_id"], "blocks_answered": row["blocks_answered"]})
+        )
 
     # ---------------------------------------------------------------------------------------------------------------
     # score_fc_session
 
     def score_fc_session(
-        self,
-        session_id: str,
-        ctx: CallContext,
-        *,
-        version: str = scoring.FC_VERSION,
-        basis: str = scoring.FC_KIND,
-        fn: str = "score_fc_session",
+        self, session_id: str, ctx: CallContext, *, version: str = scoring.FC_VERSION, basis: str = scoring.FC_KIND
     ) -> dict[str, object]:
         """Tallies the session's FC responses and upserts ``fc_scores`` (created_at kept on re-runs); never ``{}``."""
-        events: list[Event] = []
-        if not version or version == "v1.1":
-            events.append(("fc_version_mismatch", {"session_id": session_id, "version": version}))
-        events.append(("fc_scoring_start", {"session_id": session_id, "version": version, "basis": basis}))
-        reply: dict[str, object] = {"session_id": session_id, "version": version, "basis": basis}
-        writing = False
+        fn = "score_fc_session"
+        work = _Work()
         try:
             with self.db.begin() as conn:
                 ref = self._reference.get(conn, drift=False)
@@ -425,53 +492,19 @@ class PrismService:
                         .order_by(fc_responses.c.answered_at, fc_responses.c.block_id)
                     )
                 ]
-                tally = scoring.score_fc_session(responses, ref.fc_options, basis)
-                if not tally.written:
-                    events.append(("fc_no_responses", {"session_id": session_id}))
-                    self._log(conn, fn, ctx, events)
-                    return {**reply, "blocks_answered": 0, "scores": {}, "info": "no fc responses"}
-                for option_id in tally.unresolved_option_ids:
-                    events.append(("fc_option_not_found", {"session_id": session_id, "option_id": option_id}))
-                events.append(
-                    ("fc_tally_complete", {"session_id": session_id, "blocks_answered": tally.blocks_answered})
-                )
-                events.append(("fc_scores_normalized", {"session_id": session_id, "keys": len(tally.scores)}))
-                if not tally.writable:
-                    finding = "fc_scores_empty" if not tally.scores else "fc_scores_non_finite"
-                    events.append((finding, {"session_id": session_id, "responses": len(responses)}))
-                    self._log(conn, fn, ctx, events)
-                    return {
-                        **reply,
-                        "blocks_answered": tally.blocks_answered,
-                        "scores": {},
-                        "written": False,
-                        "info": "no fc option resolved" if not tally.scores else "non-finite fc scores",
-                    }
-                row = {**tally.to_row(session_id, version), "created_at": ctx.now}
-                stmt = insert_for(conn, fc_scores).values(row)
-                writing = True
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=["session_id", "version", "fc_kind"],
-                        set_={
-                            "scores_json": stmt.excluded.scores_json,
-                            "blocks_answered": stmt.excluded.blocks_answered,
-                        },
-                    )
-                )
-                writing = False
-                events.append(
-                    ("fc_scoring_complete", {"session_id": session_id, "blocks_answered": tally.blocks_answered})
-                )
-                self._log(conn, fn, ctx, events)
-                return {**reply, "blocks_answered": tally.blocks_answered, "scores": tally.scores}
+                work.events, reply, row = _fc_step(session_id, responses, ref, version, basis)
+                if row is not None:
+                    self._write_fc(conn, work, row, ctx)
+                self._log(conn, fn, ctx, work.events)
+                return reply
         except DatabaseUnreachable:
             raise
         except DatabaseError as exc:
-            if not writing:
+            if work.writing is None:
                 raise
-            events.append(("fc_upsert_error", {"session_id": session_id, "error": _reason(exc)}))
-            self._log_alone(fn, ctx, events)
+            work.events.append(("fc_upsert_error", {"session_id": session_id, "error": _reason(exc)}))
+            with self.db.begin() as conn:
+                self._log(conn, fn, ctx, work.events)
             raise FunctionFailure(500, "FC_UPSERT_ERROR", "fc_scores write failed") from exc
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -479,8 +512,8 @@ class PrismService:
 
     def score_prism(self, session_id: str, ctx: CallContext) -> dict[str, object]:
         """Scores the profile from stored answers and the stored v1.2 FC row (legacy FC without one) and upserts it."""
-        attempt = self._profile(session_id, ctx, fn="score_prism", finalize=None)
-        row = attempt.row
+        work = self._score(session_id, ctx, fn="score_prism", tally_fc=False, finalize=False, responses_count=None)
+        row = work.row
         conf = row["conf_calibrated"]
         return {
             "status": "success",
@@ -492,139 +525,179 @@ class PrismService:
     def finalize(
         self, session_id: str, ctx: CallContext, *, responses_count: int | None = None, results_base_url: str
     ) -> dict[str, object]:
-        """finalizeAssessment: FC scoring, then profile scoring, then the session's completion with its share token."""
-        fn = "finalizeAssessment"
-        if "legacy_fc" not in ctx.faults:
-            try:
-                self.score_fc_session(session_id, ctx, fn=fn)
-            except FunctionFailure:
-                # The respondent did finish: record that, then report the failed write.
-                with self.db.begin() as conn:
-                    self._complete_session(conn, session_id, ctx, responses_count)
-                raise
-        attempt = self._profile(session_id, ctx, fn=fn, finalize=responses_count if responses_count is not None else -1)
-        token = attempt.share_token or ""
-        url = f"{results_base_url.rstrip('/')}/results/{session_id}?t={token}"
+        """finalizeAssessment: FC scoring, then profile scoring, then the session's completion with its share token.
+
+        One transaction (one commit) instead of upstream's three calls; its rows are the same. ``legacy_fc`` skips
+        the FC step, as a finalize that never reached score_fc_session.
+        """
+        work = self._score(
+            session_id,
+            ctx,
+            fn="finalizeAssessment",
+            tally_fc="legacy_fc" not in ctx.faults,
+            finalize=True,
+            responses_count=responses_count,
+        )
+        token = work.share_token or ""
         return {
             "ok": True,
             "status": "success",
             "session_id": session_id,
             "share_token": token,
-            "profile": _jsonable(attempt.row),
-            "results_url": url,
+            "profile": _jsonable(work.row),
+            "results_url": f"{results_base_url.rstrip('/')}/results/{session_id}?t={token}",
         }
 
-    def _profile(self, session_id: str, ctx: CallContext, *, fn: str, finalize: int | None) -> _ProfileAttempt:
-        """One transaction: lock the session, score, upsert the profile (and complete the session), log events.
-
-        ``finalize`` is None for score_prism, else the responses count finalize was given (-1: none given).
-        """
-        attempt = _ProfileAttempt()
-        responses_count = None if finalize is None or finalize < 0 else finalize
+    def _score(
+        self, session_id: str, ctx: CallContext, *, fn: str, tally_fc: bool, finalize: bool, responses_count: int | None
+    ) -> _Work:
+        """Runs one scoring call in one transaction; a write failure is recorded (events, completion) and raised."""
+        work = _Work()
         try:
             with self.db.begin() as conn:
-                self._run_profile(conn, session_id, ctx, fn, finalize is not None, responses_count, attempt)
+                self._score_in(conn, work, session_id, ctx, fn, tally_fc, finalize, responses_count)
         except DatabaseUnreachable:
             raise
         except DatabaseError as exc:
-            if not attempt.writing:
+            if work.writing is None:
                 raise
-            attempt.events.append(("profile_write_failed", {"session_id": session_id, "error": _reason(exc)}))
+            # The failed FC upsert aborted the transaction: record the failure and the completion in a new one.
+            work.events.append(("fc_upsert_error", {"session_id": session_id, "error": _reason(exc)}))
             with self.db.begin() as conn:
-                if finalize is not None:
-                    self._complete_session(conn, session_id, ctx, responses_count)
-                self._log(conn, fn, ctx, attempt.events)
-            raise FunctionFailure(500, "PROFILE_WRITE_FAILED", "profile write failed") from exc
-        if attempt.score is None or attempt.score.profile_row is None:
-            raise _scoring_failure(attempt, finalize is not None)
-        return attempt
+                if finalize:
+                    self._complete_session(conn, session_id, ctx, responses_count, None, None)
+                self._log(conn, fn, ctx, work.events)
+            raise FunctionFailure(500, "FC_UPSERT_ERROR", "fc_scores write failed") from exc
+        if work.failure is not None:
+            raise work.failure
+        return work
 
-    def _run_profile(
+    def _score_in(
+        self,
+        conn: Connection,
+        work: _Work,
+        session_id: str,
+        ctx: CallContext,
+        fn: str,
+        tally_fc: bool,
+        finalize: bool,
+        responses_count: int | None,
+    ) -> None:
+        s = assessment_sessions
+        # The row lock serialises concurrent scoring of one session (a no-op on SQLite, whose writers queue anyway).
+        locked = conn.execute(
+            sa.select(s.c.id, s.c.share_token, s.c.share_token_expires_at).where(s.c.id == session_id).with_for_update()
+        ).first()
+        ref = self._reference.get(conn, drift="engine_version_override" in ctx.faults)
+        inputs = load_session_inputs(conn, [session_id], with_fc_responses=tally_fc)[session_id]
+        fc_value = inputs.existing_fc_scores
+        if tally_fc:
+            events, work.fc_reply, fc_row = _fc_step(
+                session_id, inputs.fc_responses, ref, scoring.FC_VERSION, scoring.FC_KIND
+            )
+            work.events.extend(events)
+            if fc_row is not None:
+                self._write_fc(conn, work, fc_row, ctx)
+                fc_value = fc_row["scores_json"]
+        existing = conn.execute(
+            sa.select(profiles.c.id, profiles.c.submitted_at).where(profiles.c.session_id == session_id)
+        ).first()
+        answered = len({a["question_id"] for a in inputs.answers})
+        try:
+            score = scoring.score_session(
+                scoring.SessionInputs(session_id, inputs.answers, (), fc_value),
+                ref,
+                ctx.now,
+                {"submitted_at": existing.submitted_at} if existing is not None else None,
+            )
+        except DataError as exc:
+            work.events.append(("scoring_failed", {"session_id": session_id, "error": _reason(exc)}))
+            work.failure = FunctionFailure(422, "SCORING_FAILED", "the session's answers cannot be scored")
+            self._log(conn, fn, ctx, work.events)
+            return
+        work.score = score
+        work.events.extend(event for event in score.events if event[0] not in _TALLY_EVENTS)
+        row = score.profile_row
+        if row is None:
+            if "no_responses" in score.findings:
+                # score_prism answers 400 "no responses"; finalize turned any score_prism failure into 422.
+                work.failure = FunctionFailure(422 if finalize else 400, "NO_RESPONSES", "no responses")
+            else:
+                work.events.append(("profile_withheld", {"session_id": session_id, "findings": score.findings}))
+                work.failure = FunctionFailure(
+                    422, "PROFILE_WITHHELD", "profile withheld: " + ", ".join(score.findings)
+                )
+            if finalize:
+                work.events.append(("finalize_failed", {"session_id": session_id, "findings": score.findings}))
+            self._log(conn, fn, ctx, work.events)
+            return
+        failed = self._write_profile(conn, row, ctx)
+        if failed is not None:
+            work.events.append(("profile_write_failed", {"session_id": session_id, "error": failed}))
+            work.failure = FunctionFailure(500, "PROFILE_WRITE_FAILED", "profile write failed")
+        if finalize:
+            # The respondent did finish, even when the profile could not be written: the completion is recorded.
+            work.share_token = self._complete_session(conn, session_id, ctx, responses_count, locked, answered)
+            if failed is None:
+                work.events.append(
+                    (
+                        "finalize_complete",
+                        {
+                            "session_id": session_id,
+                            "profile_created": existing is None,
+                            "type_code": row.get("type_code"),
+                            "fc_source": "fc_scores" if fc_value is not None else "legacy",
+                            "delay_ms": ctx.faults.slow_ms,
+                        },
+                    )
+                )
+        self._log(conn, fn, ctx, work.events)
+
+    def _write_profile(self, conn: Connection, row: Mapping[str, object], ctx: CallContext) -> str | None:
+        """Upserts the profile inside a savepoint; returns None, or why it failed (the transaction stays usable)."""
+        try:
+            with self.db.translate_errors(), conn.begin_nested():
+                unknown = sorted(set(row) - _PROFILE_COLUMNS)
+                if unknown:
+                    raise DatabaseError(f"profiles has no column(s) {', '.join(unknown)}")
+                if "profile_write_fail" in ctx.faults:
+                    raise DatabaseError("profile write failed (injected fault profile_write_fail)")
+                conn.execute(_upsert(conn, profiles, ("session_id",), frozenset({"id", "share_token", "user_id"})), row)
+        except DatabaseUnreachable:
+            raise
+        except DatabaseError as exc:
+            return _reason(exc)
+        return None
+
+    def _complete_session(
         self,
         conn: Connection,
         session_id: str,
         ctx: CallContext,
-        fn: str,
-        finalize: bool,
         responses_count: int | None,
-        attempt: _ProfileAttempt,
-    ) -> None:
-        s = assessment_sessions
-        # The row lock serialises concurrent scoring of one session (a no-op on SQLite, whose writers queue anyway).
-        conn.execute(sa.select(s.c.id).where(s.c.id == session_id).with_for_update())
-        ref = self._reference.get(conn, drift="engine_version_override" in ctx.faults)
-        inputs = load_session_inputs(conn, [session_id], with_fc_responses=False)[session_id]
-        existing = conn.execute(
-            sa.select(profiles.c.id, profiles.c.submitted_at).where(profiles.c.session_id == session_id)
-        ).first()
-        try:
-            score = scoring.score_session(
-                inputs, ref, ctx.now, {"submitted_at": existing.submitted_at} if existing is not None else None
-            )
-        except DataError as exc:
-            attempt.events.append(("scoring_failed", {"session_id": session_id, "error": _reason(exc)}))
-            self._log(conn, fn, ctx, attempt.events)
-            return
-        attempt.score = score
-        attempt.events.extend((name, payload) for name, payload in score.events if name not in _TALLY_EVENTS)
-        row = score.profile_row
-        if row is None:
-            if score.findings and "no_responses" not in score.findings:
-                attempt.events.append(("profile_withheld", {"session_id": session_id, "findings": score.findings}))
-            if finalize:
-                attempt.events.append(("finalize_failed", {"session_id": session_id, "findings": score.findings}))
-            self._log(conn, fn, ctx, attempt.events)
-            return
-        unknown = sorted(set(row) - _PROFILE_COLUMNS)
-        attempt.writing = True
-        if unknown:
-            raise DatabaseError(f"profiles has no column(s) {', '.join(unknown)}")
-        if "profile_write_fail" in ctx.faults:
-            raise DatabaseError("profile write failed (injected fault profile_write_fail)")
-        stmt = insert_for(conn, profiles).values(row)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["session_id"],
-                set_={name: stmt.excluded[name] for name in row if name != "session_id"},
-            )
-        )
-        attempt.writing = False
-        attempt.created = existing is None
-        if finalize:
-            attempt.share_token = self._complete_session(conn, session_id, ctx, responses_count)
-            attempt.events.append(
-                (
-                    "finalize_complete",
-                    {
-                        "session_id": session_id,
-                        "profile_created": attempt.created,
-                        "type_code": row.get("type_code"),
-                        "fc_source": "fc_scores" if inputs.existing_fc_scores is not None else "legacy",
-                        "delay_ms": ctx.faults.slow_ms,
-                    },
-                )
-            )
-        self._log(conn, fn, ctx, attempt.events)
-
-    def _complete_session(
-        self, conn: Connection, session_id: str, ctx: CallContext, responses_count: int | None
+        locked: Any,
+        answered: int | None,
     ) -> str | None:
         """§2.3's session update; returns the share token (the existing one, else a new random UUID)."""
         s = assessment_sessions
-        current = conn.execute(
-            sa.select(s.c.share_token, s.c.share_token_expires_at).where(s.c.id == session_id).with_for_update()
-        ).first()
-        if current is None:
-            return None
+        if locked is None:
+            locked = conn.execute(
+                sa.select(s.c.id, s.c.share_token, s.c.share_token_expires_at)
+                .where(s.c.id == session_id)
+                .with_for_update()
+            ).first()
+            if locked is None:
+                return None
         if responses_count is None:
+            responses_count = answered
+        if responses_count is None:
+            r = assessment_responses
             responses_count = int(
                 conn.execute(
-                    sa.select(sa.func.count(sa.distinct(assessment_responses.c.question_id))).where(
-                        assessment_responses.c.session_id == session_id
-                    )
+                    sa.select(sa.func.count(sa.distinct(r.c.question_id))).where(r.c.session_id == session_id)
                 ).scalar_one()
             )
-        token = current.share_token or str(uuid.uuid4())
+        token = locked.share_token or str(uuid.uuid4())
         conn.execute(
             sa.update(s)
             .where(s.c.id == session_id)
@@ -634,7 +707,7 @@ class PrismService:
                 finalized_at=ctx.now,
                 completed_questions=responses_count,
                 share_token=token,
-                share_token_expires_at=current.share_token_expires_at or ctx.now + SHARE_TOKEN_TTL,
+                share_token_expires_at=locked.share_token_expires_at or ctx.now + SHARE_TOKEN_TTL,
                 updated_at=ctx.now,
             )
         )
@@ -728,13 +801,3 @@ def _reason(exc: BaseException) -> str:
     """A one-line reason for an event payload (gatefill's DB errors are already masked and single-line)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:300]
-
-
-def _scoring_failure(attempt: _ProfileAttempt, finalize: bool) -> FunctionFailure:
-    findings: Sequence[str] = attempt.score.findings if attempt.score is not None else ["scoring_failed"]
-    if "no_responses" in findings:
-        # score_prism answers 400 "no responses"; finalize turned any score_prism failure into 422.
-        return FunctionFailure(422 if finalize else 400, "NO_RESPONSES", "no responses")
-    if attempt.score is None:
-        return FunctionFailure(422, "SCORING_FAILED", "the session's answers cannot be scored")
-    return FunctionFailure(422, "PROFILE_WITHHELD", "profile withheld: " + ", ".join(findings))
