@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ from gatefill.prism.simulator import Respondent, new_respondent, write_answers, 
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
 
 #: The service-role key of every test server; tests grep responses, logs and rows for it.
-SERVICE_KEY = f"sk-test-{uuid.uuid4().hex}"
+# Fixed, not random: the key appears in test ids, which must be identical on every xdist worker.
+SERVICE_KEY = "sk-test-6ec2f8019aa64e3698c6c39d6c8cad25"
 KEY_ENV = "GATEFILL_TEST_SERVICE_ROLE_KEY"
 
 

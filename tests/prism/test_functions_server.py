@@ -223,12 +223,11 @@ def test_finalize_of_an_unknown_session_is_422_and_writes_no_rows(live: Live) ->
 
 
 @pytest.mark.parametrize("name", ["score_fc_session", "score_prism"])
-@pytest.mark.parametrize(
-    "authorization", [None, "Bearer wrong-key", f"Basic {SERVICE_KEY}", "Bearer", f"Bearer {SERVICE_KEY}x"]
-)
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", "Basic {key}", "Bearer", "Bearer {key}x"])
 def test_scoring_functions_need_the_service_role_key(live: Live, name: str, authorization: str | None) -> None:
     r = live.respondent()
-    headers = {"authorization": authorization} if authorization is not None else {}
+    # The key is filled in here, not in the parameters: test ids are printed.
+    headers = {"authorization": authorization.format(key=SERVICE_KEY)} if authorization is not None else {}
     resp = live.post(name, {"session_id": r.session_id}, headers=headers)
     assert resp.status_code == 401
     assert resp.json() == {"error": "missing or invalid service-role key", "code": "UNAUTHORIZED"}
@@ -404,6 +403,17 @@ def test_bad_input_is_400_before_any_sql(
     resp = live.post(name, content=content, key=True, ip=_ip(), headers={"content-type": "application/json"})
     assert resp.status_code == 400, resp.text
     assert resp.json() == {"error": resp.json()["error"], "code": code}
+    assert statements == []
+
+
+def test_the_results_link_validates_its_session_id_before_any_sql(live: Live, statements: list[str]) -> None:
+    resp = live.http.get(
+        f"{live.base_url}/results/1%27%20OR%201=1", params={"t": "x"}, headers={"x-forwarded-for": _ip()}
+    )
+    assert resp.status_code == 400 and resp.json() == {
+        "error": "session_id must be a UUID",
+        "code": "INVALID_SESSION_ID",
+    }
     assert statements == []
 
 

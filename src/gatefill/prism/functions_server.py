@@ -88,14 +88,11 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return _JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
 
 
-class _Reject(Exception):
-    """A request refused before it reaches the service; carries the HTTP status, code and one-line message."""
+class _Reject(FunctionFailure):
+    """A request refused before it reaches the service (bad input, no key, rate limit), with optional headers."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+        super().__init__(status, code, message)
         self.headers = headers
 
 
@@ -272,10 +269,10 @@ class _App:
             if name in _PROTECTED and not self.authorised(request):
                 raise _Reject(401, "UNAUTHORIZED", "missing or invalid service-role key")
             ctx = self.context(request)
-            body = await body_reader()
+            run = self.prepare(name, await body_reader(), ctx, request)
             await self.slow(ctx)
-            result = await run_in_threadpool(self.dispatch, name, body, ctx, request)
-            return _JSONResponse(result.body, status_code=result.status)
+            status, body = await run_in_threadpool(run)
+            return _JSONResponse(body, status_code=status)
         except _Reject as exc:
             return _error(exc.status, exc.code, exc.message, exc.headers)
         except FunctionFailure as exc:
@@ -290,41 +287,33 @@ class _App:
             _log.error("%s: %s", name, exc)
             return _error(500, "INTERNAL_ERROR", "internal error")
 
-    def dispatch(self, name: str, body: dict[str, Any], ctx: CallContext, request: Request) -> _Result:
+    def prepare(
+        self, name: str, body: dict[str, Any], ctx: CallContext, request: Request
+    ) -> Callable[[], tuple[int, dict[str, object]]]:
+        """Validates the body on the event loop (no SQL sees unvalidated input) and returns the database work."""
+        session_id = _session_id(body.get("session_id"))
+        service = self.service
         if name == "score_fc_session":
-            session_id = _session_id(body.get("session_id"))
             version = _optional_text(body, "version", "v1.2")
             basis = _optional_text(body, "basis", "functions")
             if basis not in ("functions", "types"):
                 raise _Reject(400, "INVALID_PARAMETER", "basis must be 'functions' or 'types'")
-            return _Result(200, self.service.score_fc_session(session_id, ctx, version=version, basis=basis))
+            return lambda: (200, service.score_fc_session(session_id, ctx, version=version, basis=basis))
         if name == "score_prism":
-            session_id = _session_id(body.get("session_id"))
-            return _Result(200, self.service.score_prism(session_id, ctx))
+            return lambda: (200, service.score_prism(session_id, ctx))
         if name == "finalizeAssessment":
-            session_id = _session_id(body.get("session_id"))
             responses = body.get("responses")
             count = len(responses) if isinstance(responses, list) else None
             base = self.env.results_url or str(request.base_url)
-            return _Result(200, self.service.finalize(session_id, ctx, responses_count=count, results_base_url=base))
-        # get-results-by-session
-        session_id = _session_id(body.get("session_id"))
+            return lambda: (200, service.finalize(session_id, ctx, responses_count=count, results_base_url=base))
         token = body.get("share_token")
-        return self.results(session_id, token if isinstance(token, str) else None, ctx)
+        presented = token if isinstance(token, str) else None
 
-    def results(self, session_id: str, token: str | None, ctx: CallContext) -> _Result:
-        outcome = self.service.get_results(session_id, token, ctx)
-        return _Result(outcome.status, outcome.body)
+        def results() -> tuple[int, dict[str, object]]:
+            outcome = service.get_results(session_id, presented, ctx)
+            return outcome.status, outcome.body
 
-
-class _Result:
-    """A successful (or service-decided) response: HTTP status and JSON body."""
-
-    __slots__ = ("body", "status")
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        self.status = status
-        self.body = body
+        return results
 
 
 def create_app(
