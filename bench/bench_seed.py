@@ -39,8 +39,10 @@ def _with_database(url: str, name: str) -> str:
     return f"{base}/{name}{query}"
 
 
-def _run(server: str, sessions: int, fraction: float, seed: int, fk_checks: bool) -> tuple[float, int, int]:
-    """One timed seeding into a fresh database; returns (seconds, answer rows, all rows)."""
+def _run(
+    server: str, sessions: int, fraction: float, seed: int, fk_checks: bool
+) -> tuple[float, int, int, dict[str, float]]:
+    """One timed seeding into a fresh database; returns (seconds, answer rows, all rows, seconds per step)."""
     name = f"gf_bench_seed_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(_libpq(server), autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -59,7 +61,7 @@ def _run(server: str, sessions: int, fraction: float, seed: int, fk_checks: bool
             raise SystemExit("count query returned nothing")
         if answers[0] != report.counts["assessment_responses"] or sessions_n[0] != sessions:
             raise SystemExit(f"row counts differ from the report: {answers[0]} answers, {sessions_n[0]} sessions")
-        return report.elapsed_s, answers[0], sum(report.counts.values())
+        return report.elapsed_s, answers[0], sum(report.counts.values()), report.timings
     finally:
         with psycopg.connect(_libpq(server), autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -78,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server: {args.server}  sessions: {args.sessions:,}  missing fraction: {args.missing_fraction}")
     times = []
     for i in range(args.runs):
-        seconds, answers, rows = _run(args.server, args.sessions, args.missing_fraction, args.seed, args.fk_checks)
+        seconds, answers, rows, steps = _run(
+            args.server, args.sessions, args.missing_fraction, args.seed, args.fk_checks
+        )
         times.append(seconds)
         print(
             f"run {i + 1}: {seconds:.1f} s, {answers:,} answers ({answers / seconds:,.0f}/s), "
             f"{rows:,} rows in all ({rows / seconds:,.0f}/s)",
             flush=True,
         )
+        print("  steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()), flush=True)
     median = statistics.median(times)
     print(f"median of {len(times)}: {median:.1f} s  (goal for 100,000 sessions: <= 120 s)")
     return 0
