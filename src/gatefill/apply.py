@@ -31,9 +31,11 @@ from gatefill.clock import Clock
 from gatefill.config import Environment
 from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, GateBlocked, GatefillError
-from gatefill.job import Candidate, Job, SessionOutcome
+from gatefill.job import Candidate, Check, Job, SessionOutcome
 from gatefill.ledger import RunStatus
 from gatefill.plan import verify_plan
+from gatefill.reports import render, write_json, write_text
+from gatefill.rollback import RollbackResult, rollback_run, write_rollback_sql
 from gatefill.throttle import TokenBucket, parse_rate
 
 __all__ = ["ApplyOptions", "ApplyResult", "RunPaused", "apply_plan", "ensure_run_for_plan"]
@@ -482,3 +484,222 @@ def _commit_with_retry(
 def _pause(db: Database, run_id: str, clock: Clock, reason: str) -> None:
     with db.begin() as conn:
         ledger.transition(conn, run_id, RunStatus.PAUSED, now=clock.now(), reason=reason)
+
+
+# ---------------------------------------------------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """The apply gate's verdict and where its artifacts were written."""
+
+    verdict: str
+    checks: list[Check]
+    paths: dict[str, Path]
+
+
+def write_apply_artifacts(
+    db: Database,
+    env: Environment,
+    job: Job,
+    run_id: str,
+    *,
+    clock: Clock,
+    artifacts_dir: Path,
+    max_failures: int = 0,
+    result: ApplyResult | None = None,
+) -> ApplyReport:
+    """Writes execution_results.json, backfill_summary.md and backfill_gate.md, every number read from the ledger
+    and the database at the time of writing; the rollback is verified by a dry run."""
+
+    out = artifacts_dir / run_id
+    logs = out / "backfill_logs"
+    measured_at = clock.now()
+    with db.connect() as conn:
+        run = ledger.get_run(conn, run_id)
+        plan = run.plan or {}
+        results = ledger.session_results_for(conn, run_id)
+        detail_rows = conn.execute(
+            sa.select(ledger.session_results).where(ledger.session_results.c.run_id == run_id)
+        ).all()
+        batch_rows = conn.execute(
+            sa.select(ledger.batches).where(ledger.batches.c.run_id == run_id).order_by(ledger.batches.c.batch_no)
+        ).all()
+        job_checks = job.post_checks(conn, run_id)
+        approvals = ledger.approvals_for(conn, run_id)
+    counts = Counter(results.values())
+    planned = {c["key"]: c for c in plan.get("candidates", []) if c.get("operations")}
+    by_category: dict[str, Counter[str]] = {}
+    for key, cand in planned.items():
+        row = by_category.setdefault(cand["category"], Counter())
+        row["planned"] += 1
+        if key in results:
+            row[results[key]] += 1
+    failures = [
+        {"session_id": r.session_id, "batch_no": r.batch_no, "error": r.error}
+        for r in detail_rows
+        if r.result == "failed"
+    ]
+    summary = dict(run.summary or {})
+    elapsed = float(summary.get("elapsed_seconds", result.elapsed_seconds if result else 0.0))
+    started = run.started_at.isoformat() if run.started_at else "not started"
+    finished = run.finished_at.isoformat() if run.finished_at else "not finished"
+    rollback_file = f"rollback_{(run.started_at or measured_at).date().isoformat()}.sql"
+    paths: dict[str, Path] = {}
+    paths["rollback_sql"] = write_rollback_sql(db, run_id, job.written_tables(), logs / rollback_file)
+    paths["execution_results"] = write_json(
+        logs / "execution_results.json",
+        {
+            "run_id": run_id,
+            "plan_hash": run.plan_hash,
+            "environment": env.name,
+            "database": env.display_url,
+            "status": run.status.value,
+            "execution_start": started,
+            "execution_end": finished,
+            "runtime_seconds": elapsed,
+            "rate_requested": summary.get("rate"),
+            "measured_rate_per_minute": summary.get("measured_rate_per_minute"),
+            "total_sessions": len(planned),
+            "results": dict(counts),
+            "failed_sessions": len(failures),
+            "batch_results": [
+                {
+                    "batch_no": b.batch_no,
+                    "sessions": b.sessions,
+                    "written": b.succeeded,
+                    "already_present": b.skipped,
+                    "failed": b.failed,
+                    "started_at": b.started_at.isoformat(),
+                    "completed_at": b.finished_at.isoformat(),
+                }
+                for b in batch_rows
+            ],
+            "errors": failures,
+            "measured_at": measured_at.isoformat(),
+        },
+    )
+    # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
+    dry = rollback_run(db, run_id, job.written_tables(), now=measured_at, dry_run=True, artifacts_dir=artifacts_dir)
+    recorded = {t.table: t.inserted_by_run + t.updated_by_run for t in dry.tables}
+    conflicted = Counter(c.table for c in dry.conflicts)
+    expected = plan.get("expected_changes", {})
+    tables = [
+        {
+            "table": t.name,
+            "expected_insert": expected.get(t.name, {}).get("insert", 0),
+            "expected_update": expected.get(t.name, {}).get("update", 0),
+            "recorded": recorded.get(t.name, 0),
+            "present": recorded.get(t.name, 0) - conflicted[t.name],
+        }
+        for t in job.written_tables()
+    ]
+    paths["summary"] = write_text(
+        out / "backfill_summary.md",
+        render(
+            "backfill_summary.md.j2",
+            run=run,
+            database=env.display_url,
+            started=started,
+            finished=finished,
+            elapsed=elapsed,
+            waited=float(result.throttle_wait_seconds) if result else 0.0,
+            rate=summary.get("rate", "n/a"),
+            measured_rate=float(summary.get("measured_rate_per_minute") or 0.0),
+            batches=len(batch_rows),
+            results=dict(counts),
+            planned=len(planned),
+            by_category={k: {**{"written": 0, "already_present": 0, "failed": 0}, **v} for k, v in by_category.items()},
+            tables=tables,
+            measured_at=measured_at.isoformat(),
+            failures=failures,
+            rollback_file=rollback_file,
+        ),
+    )
+    checks = _gate_checks(run, planned, results, failures, max_failures, tables, job_checks, dry)
+    verdict = (
+        "FAIL"
+        if any(c.verdict == "FAIL" and c.gating for c in checks)
+        else ("INCONCLUSIVE" if any(c.verdict == "INCONCLUSIVE" and c.gating for c in checks) else "PASS")
+    )
+    paths["gate"] = write_text(
+        out / "backfill_gate.md",
+        render(
+            "gate.md.j2",
+            title=f"Backfill gate {run_id}",
+            verdict=verdict,
+            facts={
+                "environment": f"`{env.name}` ({env.kind}) on `{env.display_url}`",
+                "run status": run.status.value,
+                "plan hash": f"`{run.plan_hash}`",
+                "measured at": measured_at.isoformat(),
+            },
+            checks=checks,
+            approvals=approvals,
+            next_step=(
+                "Next: review `backfill_summary.md`, then run the staging soak: "
+                f"`gatefill soak --env {env.name} --after {run_id}`."
+                if verdict == "PASS"
+                else f"Next: inspect the failures; undo with `gatefill rollback {run_id}` if needed."
+            ),
+        ),
+    )
+    return ApplyReport(verdict, checks, paths)
+
+
+def _gate_checks(
+    run: ledger.Run,
+    planned: Mapping[str, Any],
+    results: Mapping[str, str],
+    failures: Sequence[Mapping[str, Any]],
+    max_failures: int,
+    tables: Sequence[Mapping[str, Any]],
+    job_checks: Sequence[Check],
+    dry: RollbackResult,
+) -> list[Check]:
+    missing = [k for k in planned if k not in results]
+    checks = [
+        Check(
+            "all_candidates_processed",
+            "PASS" if not missing and run.status in (RunStatus.SUCCEEDED, RunStatus.COMPLETED_WITH_ERRORS) else "FAIL",
+            f"{len(results)} of {len(planned)} planned sessions have a recorded result; run {run.status.value}",
+            {"planned": len(planned), "with_result": len(results), "missing": missing[:20]},
+            "SELECT session_id, result FROM gatefill_session_results WHERE run_id = :run",
+        ),
+        Check(
+            "write_errors",
+            "PASS" if len(failures) <= max_failures else "FAIL",
+            f"{len(failures)} failed sessions (tolerated: {max_failures})",
+            {
+                "failed": len(failures),
+                "max_failures": max_failures,
+                "sessions": [f["session_id"] for f in failures][:20],
+            },
+            "SELECT count(*) FROM gatefill_session_results WHERE run_id = :run AND result = 'failed'",
+        ),
+        Check(
+            "rows_present_as_written",
+            "PASS" if all(t["recorded"] == t["present"] for t in tables) else "FAIL",
+            "; ".join(f"{t['table']}: {t['present']}/{t['recorded']}" for t in tables),
+            {t["table"]: {"recorded": t["recorded"], "present": t["present"]} for t in tables},
+            "each row in gatefill_changes read back by primary key and compared with its after-image (rollback plan)",
+        ),
+    ]
+    checks.extend(job_checks)
+    failed_verifications = [c.name for c in dry.verification if c.verdict != "PASS"]
+    checks.append(
+        Check(
+            "rollback_dry_run",
+            "PASS" if dry.verified else "FAIL",
+            f"{dry.changes} recorded changes undone inside a transaction and verified "
+            f"({len(dry.verification) - len(failed_verifications)}/{len(dry.verification)} verification queries "
+            f"passed, {len(dry.conflicts)} conflicts), then rolled back",
+            {
+                "tables": [t.to_json() for t in dry.tables],
+                "failed_verifications": failed_verifications,
+                "conflicts": [c.describe() for c in dry.conflicts][:20],
+            },
+            "rollback executed inside a transaction, verified, then rolled back",
+        )
+    )
+    return checks

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -198,6 +199,199 @@ def demo_command(
     from gatefill.demo import run_demo
 
     run_demo(directory, out)
+
+
+SinceOption = Annotated[str, typer.Option("--since", help="Only sessions created at or after this date (ISO-8601).")]
+
+
+def _since(value: str) -> datetime:
+    parsed = _parse_when(value)
+    assert parsed is not None
+    return parsed
+
+
+@app.command("plan")
+def plan_command(
+    env: EnvOption,
+    since: SinceOption = "2025-08-01",
+    priority: Annotated[
+        list[str] | None, typer.Option("--priority", help="Session ids to process first (repeatable).")
+    ] = None,
+    rate: Annotated[str, typer.Option(help="Throttle for apply: e.g. 20/min, or unlimited.")] = "20/min",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sessions per batch (one transaction).")] = 5,
+    profiles: Annotated[str, typer.Option(help="missing: only absent profiles; stale: also rescore stale ones.")] = (
+        "missing"
+    ),
+) -> None:
+    """Discover what needs backfilling, write backfill_plan.json/.md and record a planned run (halts for approval)."""
+    from gatefill.clock import RealClock
+    from gatefill.plan import PlanParams, build_plan
+    from gatefill.prism.job import PrismJob
+    from gatefill.prism.schema import require_schema
+
+    settings = _settings()
+    environment = settings.env(env)
+    params = PlanParams(
+        since=_since(since), priority=tuple(priority or ()), rate=rate, batch_size=batch_size, profiles=profiles
+    )
+    params.validate()
+    with Database(environment) as db:
+        require_schema(db)
+        plan = build_plan(
+            db, environment, PrismJob(), params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir
+        )
+    body = plan.body
+    out.print(f"run [bold]{plan.run_id}[/] planned on {environment.name}: {body['totals']['candidates']} candidates")
+    table = Table("category", "sessions", "operations")
+    for name, cat in body["categories"].items():
+        ops = next((", ".join(c["operations"]) for c in body["candidates"] if c["category"] == name), "")
+        table.add_row(name, str(cat["count"]), ops or "not processed")
+    out.print(table)
+    for t, n in body["expected_changes"].items():
+        out.print(f"expected {t}: +{n['insert']} inserted, {n['update']} updated")
+    out.print(f"plan: {plan.json_path}\nreport: {plan.md_path}\nhash: {plan.hash}")
+    out.print(f"next: gatefill approve {plan.run_id} --gate plan --by NAME")
+
+
+@app.command("approve")
+def approve_command(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    gate: Annotated[str, typer.Option("--gate", help="plan, soak or production.")],
+    by: Annotated[str, typer.Option("--by", help="Who approves.")],
+    env: Annotated[str | None, typer.Option("--env", help="Environment of the run (default: search all).")] = None,
+    note: Annotated[str | None, typer.Option("--note", help="Why.")] = None,
+) -> None:
+    """Record an approval (who, when, note, plan hash) for a gate of a run."""
+    from gatefill.runs import approve
+
+    approval = approve(_settings(), run_id, gate=gate, by=by, note=note, env_name=env)
+    out.print(f"approved {approval.gate} of {approval.run_id} by {approval.approved_by} at {approval.at.isoformat()}")
+
+
+@app.command("apply")
+def apply_command(
+    target: Annotated[str, typer.Argument(metavar="RUN|PLAN.json", help="A planned run id or a plan file.")],
+    env: Annotated[str | None, typer.Option("--env", help="Environment (default: the plan's).")] = None,
+    rate: Annotated[str | None, typer.Option(help="Override the plan's rate (e.g. 20/min, unlimited).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Override the plan's batch size.")] = None,
+    executor: Annotated[str, typer.Option(help="local (in-process scoring) or functions (HTTP).")] = "local",
+    max_failures: Annotated[int, typer.Option("--max-failures", help="Failures the gate tolerates.")] = 0,
+    approve_as: Annotated[
+        str | None, typer.Option("--approve-as", help="Record the plan approval under this name and proceed.")
+    ] = None,
+) -> None:
+    """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable."""
+    from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
+    from gatefill.clock import RealClock
+    from gatefill.plan import load_plan_file, plan_from_ledger
+    from gatefill.prism.job import PrismJob
+    from gatefill.runs import find_run
+
+    settings = _settings()
+    path = Path(target)
+    if target.endswith(".json") or path.is_file():
+        body = load_plan_file(path)
+        environment = settings.env(env or str(body.get("environment", {}).get("name")))
+    else:
+        environment, _ = find_run(settings, target, env)
+        with Database(environment) as db:
+            body = plan_from_ledger(db, target)
+    options = ApplyOptions(
+        rate=rate, batch_size=batch_size, executor=executor, max_failures=max_failures, approve_as=approve_as
+    )
+    clock = RealClock()
+    job = PrismJob()
+    with Database(environment) as db:
+        with _progress_reporter() as progress:
+            result = apply_plan(
+                db,
+                environment,
+                job,
+                body,
+                options=options,
+                clock=clock,
+                artifacts_dir=settings.artifacts_dir,
+                progress=progress,
+            )
+        report = write_apply_artifacts(
+            db,
+            environment,
+            job,
+            result.run_id,
+            clock=clock,
+            artifacts_dir=settings.artifacts_dir,
+            max_failures=max_failures,
+            result=result,
+        )
+    out.print(
+        f"run {result.run_id}: {result.status.value}; "
+        + ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
+        + f"; {result.elapsed_seconds:.1f} s, measured {result.measured_rate_per_minute:.1f} sessions/min"
+    )
+    for name, artifact in report.paths.items():
+        out.print(f"  {name}: {artifact}")
+    out.print(f"backfill gate: [bold]{report.verdict}[/]")
+    raise typer.Exit(0 if report.verdict == "PASS" else 1)
+
+
+@contextmanager
+def _progress_reporter() -> Iterator[Callable[[int, int, float], None]]:
+    """A Rich progress bar (rate, ETA) on a terminal; otherwise a plain line at most every 5 seconds."""
+    if out.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            "{task.fields[rate]}",
+            TimeRemainingColumn(),
+            console=out,
+        ) as bar:
+            task = bar.add_task("apply", total=None, rate="")
+
+            def update(done: int, total: int, elapsed: float) -> None:
+                rate = f"{done / elapsed * 60:.1f}/min" if elapsed > 0 else ""
+                bar.update(task, completed=done, total=total, rate=rate)
+
+            yield update
+        return
+    last = [0.0]
+
+    def plain(done: int, total: int, elapsed: float) -> None:
+        if elapsed - last[0] >= 5.0 or done == total:
+            last[0] = elapsed
+            rate = done / elapsed * 60 if elapsed > 0 else 0.0
+            out.print(f"apply: {done}/{total} sessions, {elapsed:.0f} s, {rate:.1f}/min")
+
+    yield plain
+
+
+@app.command("status")
+def status_command(
+    run_id: Annotated[str | None, typer.Argument(metavar="[RUN]", help="A run id (default: recent runs).")] = None,
+    env: Annotated[str | None, typer.Option("--env", help="Environment (default: all).")] = None,
+) -> None:
+    """Show a run's progress and results, or the recent runs of each environment."""
+    from gatefill.runs import recent_runs, run_progress
+
+    settings = _settings()
+    if run_id is None:
+        table = Table("run", "phase", "environment", "status", "created")
+        for name, run in recent_runs(settings, env):
+            table.add_row(run.id, run.phase, name, run.status.value, run.created_at.isoformat())
+        out.print(table)
+        return
+    p = run_progress(settings, run_id, env)
+    out.print(f"run {p.run.id} ({p.run.phase}) on {p.environment.name}: [bold]{p.run.status.value}[/]")
+    out.print(
+        f"  sessions with a result: {p.done} of {p.total}  " + ", ".join(f"{k} {v}" for k, v in p.results.items())
+    )
+    out.print(f"  batches committed: {p.batches}; last at {p.last_batch_at.isoformat() if p.last_batch_at else '-'}")
+    for a in p.approvals:
+        out.print(
+            f"  {a.kind}: gate {a.gate} by {a.approved_by} at {a.at.isoformat()}" + (f" ({a.note})" if a.note else "")
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

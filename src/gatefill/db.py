@@ -36,6 +36,7 @@ __all__ = [
     "TextArray",
     "UTCTimestamp",
     "UUIDText",
+    "canonical_json",
     "format_utc",
     "parse_utc",
 ]
@@ -61,6 +62,11 @@ def parse_utc(text: str) -> datetime:
 def dumps_json(value: object) -> str:
     """Compact JSON as the platform writes it (integral floats as integers, as JavaScript prints them)."""
     return json.dumps(_js_numbers(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def canonical_json(value: object) -> str:
+    """Sorted-key compact JSON with JS number forms: the same text before and after a trip through any JSON column."""
+    return json.dumps(_js_numbers(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _js_numbers(value: object) -> object:

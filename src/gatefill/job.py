@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 __all__ = ["BatchOutcome", "Candidate", "Check", "Job", "RowChange", "SessionOutcome", "WrittenTable"]
@@ -61,6 +62,8 @@ class WrittenTable:
 
     name: str
     primary_key: tuple[str, ...]
+    #: The Core definition (gatefill's logical column types), so rollback can restore values exactly.
+    table: sa.Table | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,10 @@ class Job(Protocol):
 
     def discover(self, conn: Connection, params: Mapping[str, Any]) -> Iterator[Candidate]:
         """Every candidate and blocked unit, in key order, set-based and paginated."""
+        ...
+
+    def post_checks(self, conn: Connection, run_id: str) -> list[Check]:
+        """Job-specific checks of what a finished apply wrote (e.g. version stamps), for the apply gate."""
         ...
 
     def process_batch(

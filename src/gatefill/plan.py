@@ -19,9 +19,10 @@ from typing import Any
 
 from gatefill import ledger
 from gatefill.config import Environment
-from gatefill.db import Database, format_utc
+from gatefill.db import Database, canonical_json, format_utc
 from gatefill.errors import DataError, UsageError
 from gatefill.job import Candidate, Check, Job
+from gatefill.reports import render, write_json, write_text
 from gatefill.throttle import parse_rate
 
 __all__ = ["PLAN_FORMAT", "Plan", "PlanParams", "build_plan", "load_plan_file", "plan_hash", "verify_plan"]
@@ -87,8 +88,7 @@ class Plan:
 def plan_hash(body: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the plan without its ``hash`` field."""
     content = {k: v for k, v in body.items() if k != "hash"}
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()
 
 
 def verify_plan(body: Mapping[str, Any], env: Environment) -> None:
@@ -174,7 +174,7 @@ def build_plan(
     artifacts_dir: Path,
     source: str = "plan",
     run_id: str | None = None,
-    render: Any = None,
+    file_stem: str = "backfill_plan",
 ) -> Plan:
     """Runs prechecks and discovery, records a planned run in the ledger and writes the plan files."""
     params.validate()
@@ -243,14 +243,50 @@ def build_plan(
             plan_hash=body["hash"],
         )
     out_dir = artifacts_dir / run_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "backfill_plan.json"
-    json_path.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    md_path: Path | None = None
-    if render is not None:
-        md_path = out_dir / "backfill_plan.md"
-        md_path.write_text(render(body), encoding="utf-8")
+    json_path = write_json(out_dir / f"{file_stem}.json", body)
+    md_path = write_text(out_dir / f"{file_stem}.md", render_plan_markdown(body))
     return Plan(body=body, json_path=json_path, md_path=md_path)
+
+
+_CALLS = {"fc_scores": "score_fc_session", "profiles": "score_prism"}
+
+
+def render_plan_markdown(body: Mapping[str, Any]) -> str:
+    """``backfill_plan.md``: the plan's numbers laid out for review (nothing here is computed but counts)."""
+    ops: dict[str, str] = {}
+    calls: Counter[str] = Counter({"score_fc_session": 0, "score_prism": 0})
+    for c in body["candidates"]:
+        ops.setdefault(c["category"], ", ".join(c["operations"]) or "nothing (not processed)")
+        for op in c["operations"]:
+            calls[_CALLS.get(op.split(":")[0], op)] += 1
+    return render("backfill_plan.md.j2", p=body, ops=ops, calls=calls, risks=plan_risks(body))
+
+
+def plan_risks(body: Mapping[str, Any]) -> list[str]:
+    """The risks a reviewer should weigh, each derived from the plan's own numbers."""
+    cats = body["categories"]
+    risks = [
+        "Live traffic may finalize candidates while apply runs: each session is re-checked under a row lock and "
+        "rows that appeared meanwhile are left alone and logged `already_present`.",
+    ]
+    stale = cats.get("stale_profile", {}).get("count", 0)
+    if stale and body["parameters"]["profiles"] != "stale":
+        risks.append(f"{stale} profiles carry another results_version and are NOT rescored (use --profiles stale).")
+    fc_only = cats.get("fc_only", {}).get("count", 0)
+    if fc_only:
+        risks.append(
+            f"{fc_only} fc_only sessions keep their existing profile, which was scored without the new FC rows."
+        )
+    for name in ("no_fc_responses", "unresolvable_fc_options", "insufficient_answers"):
+        n = cats.get(name, {}).get("count", 0)
+        if n:
+            risks.append(f"{n} sessions are blocked ({name}); they are data-quality findings, not backfill work.")
+    missing = body["totals"]["priority_not_found"]
+    if missing:
+        risks.append(f"Priority sessions not found among the candidates: {', '.join(missing)}.")
+    if body["environment"]["kind"] == "production":
+        risks.append("Production: apply requires an approved, passing staging soak of the same versions.")
+    return risks
 
 
 def plan_from_ledger(db: Database, run_id: str) -> dict[str, Any]:

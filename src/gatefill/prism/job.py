@@ -37,7 +37,7 @@ from gatefill.prism.schema import (
 )
 from gatefill.prism.service import load_reference_data_from_db, load_session_inputs
 
-__all__ = ["PrismJob", "operations_for"]
+__all__ = ["PrismJob", "operations_for", "stamp_check"]
 
 _FC_INSERT = "fc_scores:insert"
 _PROFILE_INSERT = "profiles:insert"
@@ -78,11 +78,15 @@ class PrismJob:
     def versions(self) -> Mapping[str, str]:
         return {"fc_version": self.fc_version, "fc_kind": scoring.FC_KIND, "engine_version": self.engine_version}
 
+    def post_checks(self, conn: Connection, run_id: str) -> list[Check]:
+        """After apply: the version stamps of every row this run wrote, re-counted in the database."""
+        return [stamp_check(conn, run_id, self.fc_version, self.engine_version)]
+
     def written_tables(self) -> Sequence[WrittenTable]:
         return (
-            WrittenTable("fc_scores", ("session_id", "version", "fc_kind")),
-            WrittenTable("profiles", ("id",)),
-            WrittenTable("fn_logs", ("id",)),
+            WrittenTable("fc_scores", ("session_id", "version", "fc_kind"), fc_scores),
+            WrittenTable("profiles", ("id",), profiles),
+            WrittenTable("fn_logs", ("id",), fn_logs),
         )
 
     # ---------------------------------------------------------------------------------------------------- prechecks
@@ -338,4 +342,36 @@ def _write_privileges(conn: Connection) -> Check:
         f"RLS {'bypassed' if passes_rls else 'would filter writes'}",
         dict(row._mapping),
         "has_table_privilege(...) on fc_scores/profiles/fn_logs; rolsuper/rolbypassrls/table owner vs relrowsecurity",
+    )
+
+
+def stamp_check(conn: Connection, run_id: str, fc_version: str, engine_version: str) -> Check:
+    """Re-counts, in the database, the version stamps of the rows a run wrote (as the ledger lists them)."""
+    changes = sa.table("gatefill_changes", sa.column("run_id"), sa.column("table_name"), sa.column("session_id"))
+    fc_sessions = sa.select(changes.c.session_id).where(changes.c.run_id == run_id, changes.c.table_name == "fc_scores")
+    profile_sessions = sa.select(changes.c.session_id).where(
+        changes.c.run_id == run_id, changes.c.table_name == "profiles"
+    )
+    fc_total, fc_ok = conn.execute(
+        sa.select(
+            sa.func.count(),
+            sa.func.count().filter(sa.and_(fc_scores.c.version == fc_version, fc_scores.c.fc_kind == scoring.FC_KIND)),
+        ).where(sa.cast(fc_scores.c.session_id, sa.Text).in_(fc_sessions))
+    ).one()
+    p_total, p_ok = conn.execute(
+        sa.select(
+            sa.func.count(),
+            sa.func.count().filter(
+                sa.and_(profiles.c.results_version == engine_version, profiles.c.version == engine_version)
+            ),
+        ).where(sa.cast(profiles.c.session_id, sa.Text).in_(profile_sessions))
+    ).one()
+    ok = fc_total == fc_ok and p_total == p_ok
+    return Check(
+        "version_stamps",
+        "PASS" if ok else "FAIL",
+        f"fc_scores {fc_ok}/{fc_total} stamped {fc_version}/{scoring.FC_KIND}; "
+        f"profiles {p_ok}/{p_total} stamped {engine_version}",
+        {"fc_scores": {"rows": fc_total, "correct": fc_ok}, "profiles": {"rows": p_total, "correct": p_ok}},
+        "rows of the run's sessions (gatefill_changes) re-read from fc_scores/profiles with their stamps",
     )

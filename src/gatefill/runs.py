@@ -1,0 +1,127 @@
+"""Finding runs across the configured environments, recording approvals, and reading a run's progress.
+
+A run id is unique per ledger, and each environment has its own ledger (in its own database); commands that take a
+run id without ``--env`` look through every configured environment whose database exists and answers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from gatefill import ledger
+from gatefill.clock import Clock, RealClock
+from gatefill.config import Environment, Settings
+from gatefill.db import Database
+from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
+
+__all__ = ["GATES", "RunProgress", "approve", "find_run", "run_progress"]
+
+GATES = ("plan", "soak", "production")
+
+
+def find_run(settings: Settings, run_id: str, env_name: str | None = None) -> tuple[Environment, ledger.Run]:
+    """The environment holding ``run_id`` and the run; ``RunNotFound`` (exit 2) if no reachable ledger has it."""
+    names = [env_name] if env_name else list(settings.environments)
+    searched: list[str] = []
+    for name in names:
+        env = settings.env(name)
+        try:
+            with Database(env) as db, db.connect() as conn:
+                if ledger.runs.name not in sa.inspect(conn).get_table_names():
+                    searched.append(name)
+                    continue
+                return env, ledger.get_run(conn, run_id, where=name)
+        except ledger.RunNotFound:
+            searched.append(name)
+        except DatabaseUnreachable:
+            if env_name:
+                raise
+            searched.append(f"{name} (unreachable)")
+    raise ledger.RunNotFound(run_id, "environment(s) " + (", ".join(searched) or "none configured"))
+
+
+def approve(
+    settings: Settings,
+    run_id: str,
+    *,
+    gate: str,
+    by: str,
+    note: str | None = None,
+    env_name: str | None = None,
+    clock: Clock | None = None,
+) -> ledger.Approval:
+    """Records an approval of ``gate`` for a run; a plan approval is bound to the plan's hash."""
+    if gate not in GATES:
+        raise UsageError(f"unknown gate '{gate}' (use {', '.join(GATES)})")
+    env, run = find_run(settings, run_id, env_name)
+    now = (clock or RealClock()).now()
+    with Database(env) as db, db.begin() as conn:
+        return ledger.record_approval(
+            conn, run_id=run.id, gate=gate, approved_by=by, now=now, note=note, plan_hash=run.plan_hash
+        )
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """How far a run got, read from its ledger."""
+
+    environment: Environment
+    run: ledger.Run
+    total: int
+    results: Counter[str]
+    batches: int
+    last_batch_at: datetime | None
+    approvals: list[ledger.Approval]
+
+    @property
+    def done(self) -> int:
+        return sum(self.results.values())
+
+
+def run_progress(settings: Settings, run_id: str, env_name: str | None = None) -> RunProgress:
+    """Progress of one run: sessions with a result, committed batches, approvals."""
+    env, run = find_run(settings, run_id, env_name)
+    total = 0
+    if run.plan is not None:
+        total = sum(1 for c in run.plan.get("candidates", []) if c.get("operations"))
+    with Database(env) as db, db.connect() as conn:
+        results = Counter(ledger.session_results_for(conn, run.id).values())
+        batch_row = conn.execute(
+            sa.select(sa.func.count(), sa.func.max(ledger.batches.c.finished_at)).where(
+                ledger.batches.c.run_id == run.id
+            )
+        ).one()
+        approvals = ledger.approvals_for(conn, run.id)
+    return RunProgress(env, run, total, results, int(batch_row[0]), batch_row[1], approvals)
+
+
+def recent_runs(settings: Settings, env_name: str | None = None, limit: int = 20) -> list[tuple[str, ledger.Run]]:
+    """The most recent runs of each reachable environment."""
+    found: list[tuple[str, ledger.Run]] = []
+    for name in [env_name] if env_name else list(settings.environments):
+        env = settings.env(name)
+        try:
+            with Database(env) as db, db.connect() as conn:
+                if ledger.runs.name not in sa.inspect(conn).get_table_names():
+                    continue
+                found.extend((name, r) for r in ledger.list_runs(conn, limit=limit))
+        except (DatabaseUnreachable, GatefillError):
+            if env_name:
+                raise
+    return sorted(found, key=lambda item: item[1].created_at, reverse=True)[:limit]
+
+
+def summary_line(run: ledger.Run) -> dict[str, Any]:
+    """A run as a flat row for tables."""
+    return {
+        "run": run.id,
+        "phase": run.phase,
+        "environment": run.environment,
+        "status": run.status.value,
+        "created": run.created_at.isoformat(),
+    }
