@@ -401,3 +401,34 @@ def test_fast_uuid_matches_the_standard_library() -> None:
     a, b = random.Random(5), random.Random(5)
     for _ in range(200):
         assert _uuid(a) == str(uuid.UUID(int=b.getrandbits(128), version=4))
+
+
+def test_parallel_bulk_load_on_postgres(pg_target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gatefill.prism.seed as seed_module
+
+    monkeypatch.setattr(seed_module, "_PARALLEL_MIN", 40)  # the helper connection, at test size
+    report = seed_scenario(pg_target.db, "synthetic", sessions=60, seed=9)
+    assert any("second connection" in note for note in report.notes)
+    with pg_target.db.connect() as conn:
+        per_session = conn.execute(
+            sa.text(
+                "SELECT count(*), min(n), max(n) FROM "
+                "(SELECT count(*) AS n FROM assessment_responses GROUP BY session_id) x"
+            )
+        ).one()
+    assert tuple(per_session) == (60, 248, 248)
+    assert report.counts["assessment_responses"] == 60 * 248
+
+
+def test_failed_parallel_load_leaves_nothing(pg_target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gatefill.prism.seed as seed_module
+
+    def broken(self: object, sink: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(seed_module, "_PARALLEL_MIN", 40)
+    monkeypatch.setattr(seed_module._Synthetic, "_write_fc_responses", broken)
+    before = _digest(pg_target.db)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        seed_scenario(pg_target.db, "synthetic", sessions=60, seed=9)
+    assert _digest(pg_target.db) == before

@@ -1335,6 +1335,8 @@ class _Synthetic:
 
     def write(self, sink: _Sink, answers_upto: int | None = None) -> None:
         """Writes every table; answers only for sessions ``[0, answers_upto)`` (the rest go to a helper)."""
+        if not any(p.scored for p in self.pool):
+            self.score_patterns()
         stamp, days, pool = _stamp, self.days, self.pool
         sessions = []
         for sid, p, start, kind, user, email, token, _, _, country in self.sessions:
@@ -1629,7 +1631,6 @@ def seed_scenario(
         n = 1000 if sessions is None else sessions
         fraction = 0.1 if missing_fraction is None else float(missing_fraction)
         synthetic = _Synthetic(rng, pg, scorer, n, fraction, now)
-        synthetic.score_patterns()
         notes.append(
             f"{n} sessions drawn from {len(synthetic.pool)} simulated respondents; fc_scores/profiles computed once "
             "per respondent by score_session (exact for every session that shares those answers)"
@@ -1644,10 +1645,11 @@ def seed_scenario(
             )
     replaced: dict[str, int] = {}
     timings = {"prepare": time.perf_counter() - started}
+    clear = replace and bool(existing)  # nothing to delete: no TRUNCATE lock either
     if pg:
-        counts, replaced = _seed_postgres(db, replace, story, synthetic, fk_checks, notes, timings)
+        counts, replaced = _seed_postgres(db, clear, story, synthetic, fk_checks, notes, timings)
     else:
-        counts, replaced = _seed_sqlite(db, replace, story, synthetic, notes, timings)
+        counts, replaced = _seed_sqlite(db, clear, story, synthetic, notes, timings)
     categories = synthetic.categories if synthetic is not None else story.categories if story is not None else {}
     report_fields = {name: sorted(categories.get(name, [])) for name in _CATEGORY_MEANINGS}
     if story is not None and story.unchecked.rows and "left out" in " ".join(notes):
@@ -1683,6 +1685,13 @@ def _seed_postgres(
     """Postgres: one transaction of COPYs (plus, for a synthetic bulk load, one helper transaction in parallel)."""
     replaced: dict[str, int] = {}
     helper: _HelperCopy | None = None
+    n = len(synthetic.sessions) if synthetic is not None else 0
+    # The helper starts before the main transaction (scoring then overlaps its COPY). It needs the FK triggers off
+    # and must not meet a TRUNCATE, whose lock lasts until the main commit: a replace of real data loads serially.
+    if n >= _PARALLEL_MIN and synthetic is not None and not fk_checks and not replace and _may_skip_fk(db):
+        split = int(n * _MAIN_SHARE)
+        helper = _HelperCopy(db, synthetic, split, n)
+        helper.start()
     try:
         with db.begin() as conn:
             conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
@@ -1693,17 +1702,14 @@ def _seed_postgres(
                 _write_story(story, sink)
                 _write_unchecked(conn, sink, story.unchecked, notes)
             elif synthetic is not None:
-                skipped = not fk_checks and _skip_fk_triggers(conn, notes)
-                # TRUNCATE holds its lock until commit, which would block the helper: replace loads serially.
-                if skipped and not any(replaced.values()) and len(synthetic.sessions) >= 2_000:
-                    half = len(synthetic.sessions) // 2
-                    helper = _HelperCopy(db, synthetic, half, len(synthetic.sessions))
-                    helper.start()
-                    synthetic.write(sink, answers_upto=half)
+                if not fk_checks:
+                    _skip_fk_triggers(conn, notes)
+                if helper is not None:
+                    synthetic.write(sink, answers_upto=split)
                     helper.join()
                     sink._count("assessment_responses", helper.rows)
                     timings["assessment_responses (helper)"] = helper.seconds
-                    notes.append("answers of the later half of the sessions loaded by a second connection in parallel")
+                    notes.append(f"answers of the last {n - split} sessions loaded by a second connection in parallel")
                 else:
                     synthetic.write(sink)
             counts = dict(sink.written)
@@ -1716,6 +1722,22 @@ def _seed_postgres(
         if helper is not None:
             helper.close()
     return counts, replaced
+
+
+#: Synthetic loads at least this big use the helper connection; the main one also writes the other tables, so it
+#: takes a little less than half of the answers.
+_PARALLEL_MIN = 2_000
+_MAIN_SHARE = 0.45
+
+
+def _may_skip_fk(db: Database) -> bool:
+    """Whether this role may set ``session_replication_role`` (tried in a transaction that writes nothing)."""
+    try:
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
+    except sa.exc.DBAPIError:
+        return False
+    return True
 
 
 def _skip_fk_triggers(conn: Connection, notes: list[str]) -> bool:
