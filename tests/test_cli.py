@@ -1,4 +1,4 @@
-"""The command line as users and scripts see it: exit codes, one-line errors, secrets never shown, every command helped."""
+"""The command line as users and scripts see it: exit codes, one-line errors, no secrets, every command helped."""
 
 from __future__ import annotations
 
@@ -68,7 +68,9 @@ def test_bad_input_is_one_line_and_exit_2(
     assert err.count("\n") == 1
 
 
-def test_malformed_config_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_malformed_config_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "gatefill.toml").write_text("[env.staging\n", encoding="utf-8")
     assert main(["db", "check", "--env", "staging"]) == 2

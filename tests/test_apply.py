@@ -1,0 +1,224 @@
+"""Plan and apply on SQLite and Postgres against the seeded staging scenario: ground truth, exact rows, idempotence,
+gate refusals, and a live writer finalizing candidates while apply runs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from gatefill import ledger
+from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
+from gatefill.clock import SimulatedClock
+from gatefill.errors import GateBlocked, UsageError
+from gatefill.ledger import RunStatus
+from gatefill.plan import PlanParams, build_plan
+from gatefill.prism import scoring
+from gatefill.prism.job import PrismJob
+from gatefill.prism.schema import fc_scores, fn_logs, profiles
+from gatefill.prism.seed import TEST_SESSION_A, TEST_SESSION_B, SeedReport, seed_scenario
+from gatefill.prism.service import CallContext, PrismService, load_reference_data_from_db, load_session_inputs
+from tests.conftest import Target
+
+SINCE = datetime(2025, 8, 1, tzinfo=UTC)
+START = datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def staging(target: Target) -> tuple[Target, SeedReport]:
+    return target, seed_scenario(target.db, "staging-2025-09-17")
+
+
+def make_plan(target: Target, tmp_path: Path, **params: object) -> dict[str, object]:
+    plan = build_plan(
+        target.db,
+        target.env,
+        PrismJob(),
+        PlanParams(since=SINCE, **params),  # type: ignore[arg-type]
+        now=START,
+        artifacts_dir=tmp_path / "artifacts",
+    )
+    return dict(plan.body)
+
+
+def test_plan_matches_what_the_scenario_built(staging: tuple[Target, SeedReport], tmp_path: Path) -> None:
+    target, truth = staging
+    body = make_plan(target, tmp_path, priority=(TEST_SESSION_A, TEST_SESSION_B))
+    cats = {name: sorted(c["keys"]) for name, c in body["categories"].items()}  # type: ignore[attr-defined]
+    assert cats["profile+fc"] == sorted(truth.missing_both)
+    assert cats["fc_only"] == sorted(truth.missing_fc_only)
+    assert cats.get("profile_only", []) == sorted(truth.missing_profile_only)
+    assert cats["stale_profile"] == sorted(truth.stale_profile)
+    assert cats["no_fc_responses"] == sorted(truth.no_fc_responses)
+    assert cats["unresolvable_fc_options"] == sorted(truth.unresolvable_fc_options)
+    assert cats["insufficient_answers"] == sorted(truth.insufficient_answers)
+    assert cats["not_completed"] == sorted(truth.in_progress + truth.abandoned)
+    assert body["totals"]["candidates"] == 39  # type: ignore[index]
+    assert body["expected_changes"] == {
+        "fc_scores": {"insert": 39, "update": 0},
+        "profiles": {"insert": 13, "update": 0},
+    }
+    batches = body["batches"]
+    assert batches[0] == {"batch_no": 1, "group": "priority", "keys": [TEST_SESSION_A, TEST_SESSION_B]}  # type: ignore[index]
+    assert all(len(b["keys"]) <= 5 for b in batches)  # type: ignore[union-attr]
+    assert (tmp_path / "artifacts" / str(body["run_id"]) / "backfill_plan.md").read_text().count("| PASS |") == 4
+
+
+def test_apply_writes_exactly_what_the_scoring_library_computes(
+    staging: tuple[Target, SeedReport], tmp_path: Path
+) -> None:
+    target, truth = staging
+    body = make_plan(target, tmp_path)
+    clock = SimulatedClock(START)
+    result = apply_plan(
+        target.db,
+        target.env,
+        PrismJob(),
+        body,
+        options=ApplyOptions(approve_as="t"),
+        clock=clock,
+        artifacts_dir=tmp_path / "artifacts",
+    )
+    assert result.status is RunStatus.SUCCEEDED
+    assert result.counts == Counter({"written": 39})
+    assert result.elapsed_seconds == pytest.approx(117.0, rel=0.02)  # 39 sessions at 20/min
+    candidates = sorted(truth.missing_both + truth.missing_fc_only)
+    with target.db.connect() as conn:
+        ref = load_reference_data_from_db(conn)
+        inputs = load_session_inputs(conn, candidates)
+        fc_rows = {
+            r.session_id: r for r in conn.execute(sa.select(fc_scores).where(fc_scores.c.session_id.in_(candidates)))
+        }
+        prof = {
+            r.session_id: r
+            for r in conn.execute(sa.select(profiles).where(profiles.c.session_id.in_(truth.missing_both)))
+        }
+    for sid in candidates:
+        expected = scoring.score_session(
+            scoring.SessionInputs(sid, inputs[sid].answers, inputs[sid].fc_responses, None), ref, START
+        )
+        assert expected.fc_scores_row is not None
+        assert fc_rows[sid].scores_json == expected.fc_scores_row["scores_json"]
+        assert fc_rows[sid].blocks_answered == expected.fc_scores_row["blocks_answered"]
+        if sid in truth.missing_both:
+            assert expected.profile_row is not None
+            for column in (
+                "type_code",
+                "top_types",
+                "top_3_fits",
+                "strengths",
+                "conf_raw",
+                "conf_calibrated",
+                "confidence",
+                "fit_band",
+                "score_fit_raw",
+                "fc_answered_ct",
+                "results_version",
+            ):
+                assert getattr(prof[sid], column) == expected.profile_row[column], (sid, column)
+    assert fc_rows[TEST_SESSION_A].scores_json == {
+        "Te": 90,
+        "Ti": 90,
+        "Fe": 50,
+        "Fi": 60,
+        "Ne": 80,
+        "Ni": 100,
+        "Se": 70,
+        "Si": 50,
+    }
+    report = write_apply_artifacts(
+        target.db, target.env, PrismJob(), result.run_id, clock=clock, artifacts_dir=tmp_path / "artifacts"
+    )
+    assert report.verdict == "PASS", [(c.name, c.summary) for c in report.checks if c.verdict != "PASS"]
+    executed = json.loads(report.paths["execution_results"].read_text())
+    assert executed["results"] == {"written": 39}
+    assert executed["measured_rate_per_minute"] == pytest.approx(20.0, rel=0.02)
+
+    # A second plan finds nothing left; re-applying the finished run is refused and changes nothing.
+    again = make_plan(target, tmp_path)
+    assert again["totals"]["candidates"] == 0  # type: ignore[index]
+    with pytest.raises(GateBlocked, match="succeeded; nothing to apply"):
+        apply_plan(
+            target.db,
+            target.env,
+            PrismJob(),
+            body,
+            options=ApplyOptions(),
+            clock=clock,
+            artifacts_dir=tmp_path / "artifacts",
+        )
+
+
+def test_gate_refusals_write_nothing(staging: tuple[Target, SeedReport], tmp_path: Path) -> None:
+    target, _ = staging
+    body = make_plan(target, tmp_path)
+    clock = SimulatedClock(START)
+    run = lambda b: apply_plan(  # noqa: E731
+        target.db, target.env, PrismJob(), b, options=ApplyOptions(), clock=clock, artifacts_dir=tmp_path / "a"
+    )
+    with pytest.raises(GateBlocked) as blocked:
+        run(body)
+    assert blocked.value.exit_code == 4 and "gatefill approve" in str(blocked.value)
+    tampered = json.loads(json.dumps(body))
+    tampered["candidates"][0]["operations"] = ["profiles:update"]
+    with pytest.raises(UsageError, match="hash does not match"):
+        run(tampered)
+    other = json.loads(json.dumps(body))
+    other["environment"]["name"] = "production"
+    with pytest.raises(UsageError):
+        run(other)
+    with target.db.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(ledger.changes)).scalar_one() == 0
+        assert ledger.get_run(conn, str(body["run_id"])).status is RunStatus.PLANNED
+
+
+def test_a_live_writer_finalizing_candidates_is_never_overwritten(
+    staging: tuple[Target, SeedReport], tmp_path: Path
+) -> None:
+    target, truth = staging
+    body = make_plan(target, tmp_path, batch_size=3)
+    later = [k for b in body["batches"][2:] for k in b["keys"]]  # type: ignore[index]
+    live_sessions = [k for k in later if k in truth.missing_both][:4]
+    assert len(live_sessions) == 4
+    service = PrismService(target.db, clock=SimulatedClock(START))
+    live_rows: dict[str, object] = {}
+
+    def live_writer(batch_no: int) -> None:
+        # Between batches 2 and 3, the live app finalizes four sessions that are still waiting in later batches.
+        if batch_no == 3:
+            for sid in live_sessions:
+                service.finalize(sid, CallContext(now=START), results_base_url="http://127.0.0.1")
+            with target.db.connect() as conn:
+                for row in conn.execute(sa.select(profiles).where(profiles.c.session_id.in_(live_sessions))):
+                    live_rows[row.session_id] = dict(row._mapping)
+
+    result = apply_plan(
+        target.db,
+        target.env,
+        PrismJob(),
+        body,
+        options=ApplyOptions(approve_as="t"),
+        clock=SimulatedClock(START),
+        artifacts_dir=tmp_path / "artifacts",
+        before_batch=live_writer,
+    )
+    assert result.status is RunStatus.SUCCEEDED
+    assert result.counts["already_present"] == len(live_sessions)
+    assert result.counts["written"] == 39 - len(live_sessions)
+    with target.db.connect() as conn:
+        for row in conn.execute(sa.select(profiles).where(profiles.c.session_id.in_(live_sessions))):
+            assert dict(row._mapping) == live_rows[row.session_id]  # untouched by apply
+        changed_keys = {
+            json.loads(c.row_key).get("session_id")
+            for c in ledger.changes_for(conn, result.run_id)
+            if c.table_name == "fc_scores"
+        }
+        assert not changed_keys & set(live_sessions)
+        backfill_events = conn.execute(
+            sa.select(sa.func.count()).select_from(fn_logs).where(fn_logs.c.evt == "gatefill_backfill")
+        ).scalar_one()
+        assert backfill_events == 39 - len(live_sessions)
