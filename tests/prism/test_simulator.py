@@ -191,6 +191,17 @@ def test_rate_mode_runs_poisson_arrivals_over_the_duration(live: Live) -> None:
     assert report.injected_counts == dict.fromkeys(INJECTABLE, 0)
 
 
+def test_a_short_real_clock_run_takes_about_its_duration(live: Live) -> None:
+    before = datetime.now(UTC)
+    wall = time.perf_counter()
+    report = simulate(live.db, live.functions_url, sessions=2, duration="2s", seed=1, abandon_rate=0.0)
+    elapsed = time.perf_counter() - wall
+    assert 0.5 < elapsed < 10
+    assert report.clock == "real" and report.totals()["profiles_expected"] == 2
+    assert all(before <= o.started_at <= datetime.now(UTC) for o in report.sessions)
+    assert report.totals()["results_status"] == {"200": 2}
+
+
 def test_simulated_time_needs_a_server_that_allows_it(live: Live) -> None:
     app = create_app(live.env, live.db, service_role_key=SERVICE_KEY)
     with run_server(app) as url, pytest.raises(UsageError, match="--allow-fault-injection"):

@@ -503,6 +503,7 @@ class _Simulation:
         abandon_rate: float,
         slow_ms: float,
         answer_cap_ms: int,
+        pace: float,
     ) -> None:
         self.db = db
         self.client = client
@@ -513,6 +514,9 @@ class _Simulation:
         self.abandon_rate = abandon_rate
         self.slow_ms = slow_ms
         self.answer_cap_ms = answer_cap_ms
+        # Pauses (before finalize, before opening the results) shrink with short runs, so a real-clock run of a
+        # few seconds ends in seconds too; runs of an hour or more keep them at their realistic length.
+        self.pace = pace
         self.begin = report.started_at
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
@@ -538,7 +542,7 @@ class _Simulation:
         injected = [name for name in INJECTABLE if rng.random() < self.faults.get(name, 0.0)]
         natural = rng.random() < self.abandon_rate
         abandon = "abandon" in injected or natural
-        answer_ms = min(rng.randint(10 * 60_000, 25 * 60_000), max(5_000, self.answer_cap_ms))
+        answer_ms = min(rng.randint(10 * 60_000, 25 * 60_000), max(1_000, self.answer_cap_ms))
         r = new_respondent(rng, answer_ms=answer_ms, abandon=abandon)
         if abandon:
             # An abandoning respondent never reaches finalize: the abandonment is all that was injected.
@@ -570,7 +574,7 @@ class _Respondent:
             upto = self.stop_ms * i // _SAVES
             sim.schedule(offset_s + upto / 1000.0, functools.partial(self.save, upto))
         if self.r.finishes:
-            sim.schedule(offset_s + self.stop_ms / 1000.0 + sim.rng.uniform(0.5, 3.0), self.finalize)
+            sim.schedule(offset_s + self.stop_ms / 1000.0 + sim.rng.uniform(0.5, 3.0) * sim.pace, self.finalize)
 
     def start(self) -> None:
         self.started = _instant(self.sim.clock)
@@ -606,7 +610,7 @@ class _Respondent:
         token = body.get("share_token") if isinstance(body, dict) else None
         self.token = token if isinstance(token, str) else None
         # People open their results link a few seconds later.
-        sim.schedule(sim.elapsed() + sim.rng.uniform(1.0, 8.0), self.fetch_results)
+        sim.schedule(sim.elapsed() + sim.rng.uniform(1.0, 8.0) * sim.pace, self.fetch_results)
 
     def fetch_results(self) -> None:
         bypass = "token_bypass" in self.outcome.injected
@@ -645,7 +649,8 @@ def simulate(
     Exactly one of ``sessions`` (N arrivals spread uniformly over ``duration``) and ``rate`` (``R/h`` Poisson
     arrivals during ``duration``) is given; ``duration`` defaults to 1h. Respondents who started before the end
     finish, so the run ends a little after ``duration``. Answering takes 10-25 minutes, shortened to half the
-    duration when that is shorter. With a ``SimulatedClock`` the run takes only as long as its writes and calls.
+    duration when that is shorter, and the pauses before finalize and results shrink likewise below an hour. With
+    a ``SimulatedClock`` the run takes only as long as its writes and calls.
     """
     if (sessions is None) == (rate is None):
         raise UsageError("give exactly one of --sessions N and --rate R/h")
@@ -697,6 +702,7 @@ def simulate(
             abandon_rate=abandon_rate,
             slow_ms=slow_ms,
             answer_cap_ms=int(duration_s * 500),
+            pace=min(1.0, duration_s / 3600.0),
         )
         for offset in _arrivals(rng, sessions, rate_per_s, duration_s):
             sim.add_respondent(offset)
