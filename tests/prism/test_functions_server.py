@@ -32,7 +32,7 @@ from gatefill.prism.schema import (
     results_token_access_logs,
     scoring_config,
 )
-from gatefill.prism.service import Faults, load_reference_data_from_db, load_session_inputs
+from gatefill.prism.service import EVENTS, Faults, load_reference_data_from_db, load_session_inputs
 from gatefill.prism.simulator import new_respondent, write_answers, write_session
 from tests.conftest import Target
 from tests.prism.conftest import KEY_ENV, SERVICE_KEY, Live, run_server
@@ -663,6 +663,12 @@ def test_the_service_role_key_appears_nowhere(live: Live, caplog: pytest.LogCapt
     everything = "\n".join([*bodies, *stored, caplog.text])
     assert SERVICE_KEY not in everything
     assert KEY_ENV not in "\n".join(bodies)
+
+
+def test_every_event_written_is_in_the_catalogue(live: Live) -> None:
+    with live.db.connect() as conn:
+        written = set(conn.execute(sa.select(fn_logs.c.evt).distinct()).scalars())
+    assert written and written <= set(EVENTS), written - set(EVENTS)
 
 
 def test_load_reference_data_from_db_equals_the_package(live: Live) -> None:

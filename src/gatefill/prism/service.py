@@ -61,6 +61,7 @@ from gatefill.prism.schema import (
 
 __all__ = [
     "DRIFTED_RESULTS_VERSION",
+    "EVENTS",
     "FAULT_NAMES",
     "SHARE_TOKEN_TTL",
     "CallContext",
@@ -72,6 +73,39 @@ __all__ = [
     "load_session_inputs",
     "token_hash",
 ]
+
+#: Every ``fn_logs`` event these functions write, with what it means. Each payload carries ``fn`` (the function),
+#: ``session_id`` and ``request_id``, plus ``injected`` (the fault names) when the call carried faults.
+EVENTS: dict[str, str] = {
+    # score_fc_session, upstream names (spec prism-data-model §2.1)
+    "fc_version_mismatch": "score_fc_session asked for version v1.1 or none",
+    "fc_scoring_start": "FC scoring began {version, basis}",
+    "fc_no_responses": "no fc_responses: nothing written",
+    "fc_option_not_found": "an FC answer names an unknown option {option_id}",
+    "fc_tally_complete": "the tally is done {blocks_answered}",
+    "fc_scores_normalized": "the scores are normalised {keys}",
+    "fc_upsert_error": "the fc_scores write failed {error}: 5xx",
+    "fc_scoring_complete": "the fc_scores row was written {blocks_answered}",
+    # gatefill findings instead of writing a wrong row (scoring spec §7.3)
+    "fc_scores_empty": "answers exist but no option resolved: no {} row written",
+    "fc_scores_non_finite": "non-finite FC scores: nothing written",
+    # score_prism, upstream names (§2.2), emitted by gatefill.prism.scoring
+    "fc_scores_loaded": "the profile used the stored v1.2 fc_scores row",
+    "fc_fallback_legacy": "no fc_scores row: the profile used legacy FC from fc_map",
+    "engine_version_override": "scoring_config.results_version differs from v1.2.1 {db_version, engine_version}",
+    "no_responses": "no answers to score: 400 (finalize: 422)",
+    # gatefill's own
+    "scoring_failed": "the answers could not be scored {error}: 422",
+    "profile_withheld": "scoring findings make the row wrong {findings}: 422",
+    "profile_write_failed": "the profile write failed {error}: 5xx, no profile",
+    "finalize_complete": "finalize wrote the profile and completed the session "
+    "{profile_created, type_code, fc_source, delay_ms}",
+    "finalize_failed": "finalize could not score the session {findings}",
+    # get-results-by-session
+    "tokenless_access": "a results request without a token {served} (upstream name, §2.4)",
+    "results_access_denied": "results refused {reason, status}: no_token, unknown_session, token_mismatch, "
+    "not_completed or expired",
+}
 
 #: Server-side faults a request may ask for when the server allows fault injection.
 FAULT_NAMES = ("engine_version_override", "legacy_fc", "profile_write_fail", "token_bypass", "slow")
