@@ -21,7 +21,16 @@ and one v1.2 FC option per block chosen in line with the latent type. Derived ro
 path the backfill itself uses, with the timestamps of the moment the platform would have written them.
 
 Everything is a function of the scenario, ``seed`` and ``now``: ``random.Random`` drives every choice and every UUID,
-so the same arguments give the same database, row for row.
+so the same arguments give the same database, row for row, on SQLite and on Postgres alike.
+
+Writing: one transaction per seeding, in which ``replace`` first deletes the PRISM data rows (never reference data).
+Postgres gets COPY in text format (rows pre-formatted as text, sent in blocks of a few MB), SQLite ``executemany``.
+The synthetic scenario is built for volume (100k sessions = 24.8M answers): sessions draw their answer sheets from a
+pool of 512 simulated respondents whose rows are formatted once, fc_scores/profiles are computed once per respondent
+(exact for every session sharing those answers), answer ids derive from the session id (see ``_question_tails``),
+sessions are written in id order so every index grows at its right edge, and on Postgres the per-row foreign-key
+triggers are skipped for that load (``session_replication_role``; the rows are consistent by construction and the
+constraints stay) so that a second connection can load half of the answers in parallel (``_HelperCopy``).
 """
 
 from __future__ import annotations
