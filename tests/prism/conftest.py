@@ -108,7 +108,8 @@ def _module_database(kind: str, request: pytest.FixtureRequest, tmp: Path) -> tu
 def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """A fault-injection-enabled functions server on a fresh module database (SQLite and Postgres)."""
     env, pg_name = _module_database(request.param, request, tmp_path_factory.mktemp("live"))
-    server_db = Database(env, pool_size=20)
+    # Small pool: parallel workers and other suites share one Postgres (max_connections 100); calls queue instead.
+    server_db = Database(env, pool_size=8)
     db = Database(env)
     clock = RealClock()
     try:
