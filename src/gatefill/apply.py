@@ -177,10 +177,11 @@ class _RunLock:
 
     def __exit__(self, *exc: object) -> None:
         if self._conn is not None:
-            try:
+            # If the server dropped this connection (outage), the session-level lock died with it: nothing to free.
+            with contextlib.suppress(sa.exc.DBAPIError):
                 self._conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:n))"), {"n": self.name})
                 self._conn.commit()
-            finally:
+            with contextlib.suppress(sa.exc.DBAPIError):
                 self._conn.close()
         elif not self.db.caps.advisory_locks:
             try:
