@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
-from gatefill.errors import ConfigError, UsageError
+from gatefill.errors import ConfigError, SchemaMissing, UsageError
 from gatefill.prism import scoring
 from gatefill.prism.functions_server import RateLimiter, create_app, serve_functions
 from gatefill.prism.schema import (
@@ -34,7 +34,7 @@ from gatefill.prism.schema import (
 )
 from gatefill.prism.service import EVENTS, Faults, load_reference_data_from_db, load_session_inputs
 from gatefill.prism.simulator import new_respondent, write_answers, write_session
-from tests.conftest import Target
+from tests.conftest import Target, pg_env
 from tests.prism.conftest import KEY_ENV, SERVICE_KEY, Live, run_server
 
 
@@ -249,6 +249,11 @@ def test_serve_functions_refuses_fault_injection_on_production_and_taken_ports(l
         mp.setenv(KEY_ENV, SERVICE_KEY)
         with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port}"):
             serve_functions(live.env, port=port)
+
+
+def test_serve_functions_needs_the_schema(empty_pg: str) -> None:
+    with pytest.raises(SchemaMissing, match="gatefill db init"):
+        serve_functions(pg_env(empty_pg))
 
 
 # ====================================================================================================================

@@ -44,6 +44,7 @@ from gatefill.clock import Clock, RealClock
 from gatefill.config import Environment
 from gatefill.db import Database, dumps_json, parse_utc
 from gatefill.errors import ConfigError, DatabaseError, DatabaseUnreachable, GatefillError, UsageError
+from gatefill.prism.schema import require_schema
 from gatefill.prism.service import (
     CallContext,
     Faults,
@@ -486,7 +487,7 @@ def serve_functions(
     if allow_fault_injection and env.kind == "production":
         raise UsageError(f"environment '{env.name}' is production: --allow-fault-injection is refused there")
     with Database(env, pool_size=20) as db:
-        db.ping()
+        require_schema(db)
         app = create_app(env, db, allow_fault_injection=allow_fault_injection)
         if on_ready is not None:
             on_ready(f"http://{host}:{port}/functions/v1")
