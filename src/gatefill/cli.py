@@ -394,6 +394,87 @@ def status_command(
         )
 
 
+@app.command("rollback")
+def rollback_command(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="The apply run to undo.")],
+    env: Annotated[str | None, typer.Option("--env", help="Environment of the run (default: search all).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Execute, verify and roll back: change nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Restore even rows changed since the run wrote them.")] = False,
+) -> None:
+    """Restore exactly what a run changed (before-images by primary key), verify it, write rollback_report.md."""
+    from gatefill.rollback import rollback_command as run_rollback
+    from gatefill.runs import find_run
+
+    settings = _settings()
+    environment, _ = find_run(settings, run_id, env)
+    result = run_rollback(environment, run_id, dry_run=dry_run, force=force, artifacts_dir=settings.artifacts_dir)
+    what = "dry run of rollback" if dry_run else "rollback"
+    out.print(f"{what} of {run_id} on {environment.name}: [bold]{result.verdict}[/] ({result.changes} changes)")
+    for t in result.tables:
+        out.print(f"  {t.table}: " + ", ".join(f"{k} {v}" for k, v in t.to_json().items() if k != "table" and v))
+    if result.report_path:
+        out.print(f"report: {result.report_path}")
+    raise typer.Exit(0 if result.verdict == "PASS" else 1)
+
+
+serve_app = typer.Typer(help="Run gatefill's stand-ins for the platform's services.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("functions")
+def serve_functions_command(
+    env: EnvOption,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 54321,
+    allow_fault_injection: Annotated[
+        bool, typer.Option("--allow-fault-injection", help="Honour X-Gatefill-Fault headers (never on production).")
+    ] = False,
+) -> None:
+    """Serve the PRISM edge functions (/functions/v1/...) and /results/{id}?t=TOKEN over HTTP."""
+    from gatefill.prism.functions_server import serve_functions
+
+    serve_functions(
+        _settings().env(env),
+        host=host,
+        port=port,
+        allow_fault_injection=allow_fault_injection,
+        on_ready=lambda url: out.print(f"serving PRISM functions at {url}"),
+    )
+
+
+@app.command("simulate")
+def simulate_command(
+    env: EnvOption,
+    functions_url: Annotated[
+        str | None, typer.Option("--functions-url", help="Base URL of the functions (default: from config).")
+    ] = None,
+    sessions: Annotated[int | None, typer.Option(help="Number of respondents to simulate.")] = None,
+    rate: Annotated[str | None, typer.Option(help="Arrival rate instead of a count, e.g. 12/h.")] = None,
+    duration: Annotated[str | None, typer.Option(help="How long traffic runs, e.g. 6h.")] = None,
+    clock: Annotated[str, typer.Option(help="real, or simulated (6 hours in seconds).")] = "real",
+    start: Annotated[str | None, typer.Option(help="Simulated start time (ISO-8601; default now).")] = None,
+    inject: Annotated[
+        str | None, typer.Option(help="Faults with probabilities, e.g. legacy_fc=0.1,profile_write_fail=0.05.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Simulate live respondents: answers, abandonment, finalize over HTTP, results fetches; with injected faults."""
+    from gatefill.prism.simulator import run_simulation
+
+    report = run_simulation(
+        _settings().env(env),
+        functions_url=functions_url,
+        sessions=sessions,
+        rate=rate,
+        duration=duration,
+        clock=clock,
+        start=_parse_when(start),
+        inject=inject,
+        seed=seed,
+    )
+    out.print(report.render())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI and returns its exit code (the console script exits with it)."""
     command = typer.main.get_command(app)
