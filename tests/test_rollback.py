@@ -36,6 +36,7 @@ from gatefill.prism.job import PrismJob
 from gatefill.prism.seed import seed_scenario
 from gatefill.rollback import (
     RollbackConflicts,
+    RollbackVerificationFailed,
     _sqlite_real,
     load_changes,
     plan_rollback,
@@ -65,24 +66,37 @@ def _pk(table: sa.Table) -> list[str]:
     return [c.name for c in table.primary_key.columns]
 
 
+#: Tables the backfill or the live users write; every other PRISM table is hashed whole (faster, same strictness).
+KEYED = frozenset({"assessment_sessions", "fc_scores", "profiles", "fn_logs"})
+
+
 def snapshot(db: Database) -> Snapshot:
     """table → row_key → the row exactly as stored: SQLite's raw values, Postgres's canonical text of the row.
 
     Raw storage is stricter than value equality: JSON text, timestamp text and float bits must all be restored.
+    Tables outside ``KEYED`` appear as one entry holding the hash of all their rows in primary-key order.
     """
     out: Snapshot = {}
     with db.connect() as conn:
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         for name, table in sorted(META.tables.items()):
             pk = _pk(table)
             if db.caps.dialect == "postgresql":
-                keys = ", ".join(f"t.{c}::text" for c in pk)
-                query = f"SELECT {keys}, t::text FROM {name} t"
+                query = (
+                    f"SELECT {', '.join(f't.{c}::text' for c in pk)}, t::text FROM {name} t ORDER BY {', '.join(pk)}"
+                )
             else:
-                query = f"SELECT {', '.join(pk)}, * FROM {name}"
-            rows = out[name] = {}
-            for row in conn.exec_driver_sql(query):
-                key = ledger.row_key(dict(zip(pk, row[: len(pk)], strict=True)))
-                rows[key] = repr(tuple(row[len(pk) :]))
+                query = f"SELECT {', '.join(pk)}, * FROM {name} ORDER BY {', '.join(pk)}"
+            cursor.execute(query)
+            fetched = cursor.fetchall()
+            if name not in KEYED:
+                out[name] = {"<all rows>": f"{len(fetched)}:{hashlib.sha256(repr(fetched).encode()).hexdigest()}"}
+                continue
+            out[name] = {
+                ledger.row_key(dict(zip(pk, row[: len(pk)], strict=True))): repr(tuple(row[len(pk) :]))
+                for row in fetched
+            }
+        cursor.close()
     return out
 
 
@@ -507,6 +521,43 @@ def test_sql_script_refuses_when_rows_changed_since_unless_generated_with_force(
     assert_restored(case)
 
 
+_TAMPER = {
+    "sqlite": [
+        "CREATE TRIGGER gf_tamper AFTER INSERT ON profiles BEGIN "
+        "UPDATE profiles SET type_code = 'TAMPERED' WHERE id = NEW.id; END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION gf_tamper() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN NEW.type_code := 'TAMPERED'; RETURN NEW; END $$",
+        "CREATE TRIGGER gf_tamper BEFORE INSERT ON profiles FOR EACH ROW EXECUTE FUNCTION gf_tamper()",
+    ],
+}
+
+
+def test_failed_verification_commits_nothing_live_or_scripted(case: Case, tmp_path: Path) -> None:
+    """A trigger that alters restored rows: verification catches it and the transaction never commits."""
+    script = write_rollback_sql(case.db, RUN, TABLES, tmp_path / "rollback.sql", now=ROLLBACK_AT)
+    with case.db.begin() as conn:
+        for statement in _TAMPER[case.target.dialect]:
+            conn.exec_driver_sql(statement)
+    everything = digests(case.db)
+
+    dry = rollback_run(case.db, RUN, TABLES, now=ROLLBACK_AT, artifacts_dir=case.artifacts, dry_run=True)
+    assert dry.verdict == "FAIL" and not dry.verified  # what apply's gate looks at
+    with pytest.raises(RollbackVerificationFailed) as failed:
+        rollback_run(case.db, RUN, TABLES, now=ROLLBACK_AT, artifacts_dir=case.artifacts)
+    message = str(failed.value)
+    assert "\n" not in message and "profiles: 0 of 10 rows equal their before-image in every column" in message
+    assert "fc_scores" not in message  # only the failing checks are named
+    report = (case.artifacts / RUN / "rollback_report.md").read_text()
+    assert "**FAIL**" in report and "differs from its before-image: type_code" in report
+    assert digests(case.db) == everything and status_of(case.db) is RunStatus.SUCCEEDED
+
+    done = run_script(case, script)
+    assert done.returncode != 0 and "'verify: equals its before-image: profiles " in failed_statement(done, script)
+    assert digests(case.db) == everything and status_of(case.db) is RunStatus.SUCCEEDED
+
+
 def test_rollback_command_glue(case: Case) -> None:
     dry = rollback_command(
         case.target.env, RUN, dry_run=True, force=False, artifacts_dir=case.artifacts, now=ROLLBACK_AT
@@ -515,6 +566,17 @@ def test_rollback_command_glue(case: Case) -> None:
     real = rollback_command(case.target.env, RUN, dry_run=False, force=False, artifacts_dir=case.artifacts)
     assert real.committed and real.status_after is RunStatus.ROLLED_BACK
     assert_restored(case)
+
+
+def test_unknown_run_and_missing_ledger_are_usage_errors(target: Target, tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    with pytest.raises(RunNotFound, match="it has no run ledger"):
+        rollback_command(target.env, RUN, dry_run=True, force=False, artifacts_dir=artifacts)
+    ledger.init_ledger(target.db)
+    with pytest.raises(RunNotFound) as unknown:
+        rollback_command(target.env, "apply-nope", dry_run=False, force=False, artifacts_dir=artifacts)
+    assert unknown.value.exit_code == 2 and "unknown run 'apply-nope'" in str(unknown.value)
+    assert not artifacts.exists()  # nothing written for a run that does not exist
 
 
 # ---------------------------------------------------------------------------------------------------- literals

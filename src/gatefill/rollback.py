@@ -275,6 +275,8 @@ def _coerce_key(column: sa.Column[Any], text: str) -> Any:
         return text == "True"
     if kind == _TS:
         return parse_utc(text)
+    if kind == _UUID:
+        return text.lower()  # as Postgres returns it
     return text
 
 
@@ -396,11 +398,14 @@ def _current_rows(
 def _plan(
     conn: Connection, run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], *, lock: bool
 ) -> RollbackPlan:
+    where = conn.engine.url.render_as_string(hide_password=True)
+    if not sa.inspect(conn).has_table(ledger.runs.name):
+        raise ledger.RunNotFound(run_id, f"{where} (it has no run ledger)")
     status_text = conn.execute(
         sa.select(ledger.runs.c.status).where(ledger.runs.c.id == run_id).with_for_update()
     ).scalar_one_or_none()
     if status_text is None:
-        raise ledger.RunNotFound(run_id, "this environment")
+        raise ledger.RunNotFound(run_id, where)
     changes = _load_changes(conn, run_id, defs)
     current = _current_rows(conn, defs, changes, lock=lock)
     conflicts: list[Conflict] = []
@@ -562,7 +567,6 @@ def rollback_run(
     ``rolled_back`` (e.g. already rolled back, or still running) raises ``IllegalTransition`` before any write.
     """
     defs = _definitions(tables, metadata)
-    ledger.init_ledger(db)
     refused = committed = False
     counts: dict[str, TableCounts] = {}
     checks: list[Check] = []
@@ -838,11 +842,15 @@ def _keys_in(table: sa.Table, pk: Sequence[str], keys: Sequence[Mapping[str, Any
 def _row_matches(table: sa.Table, pk: Sequence[str], key: Mapping[str, Any], image: Mapping[str, Any], pg: bool) -> str:
     same = "IS NOT DISTINCT FROM" if pg else "IS"
     parts = [_key_where(table, pk, key, pg)]
-    for name, value in image.items():
-        if name in pk:
-            continue
-        parts.append(f"{_ident(name)} {same} {_literal(_kind(table.c[name]), value, pg)}")
+    for name in _columns(table, image):
+        if name not in pk:
+            parts.append(f"{_ident(name)} {same} {_literal(_kind(table.c[name]), image[name], pg)}")
     return f"EXISTS (SELECT 1 FROM {_ident(table.name)} WHERE " + " AND ".join(parts) + ")"
+
+
+def _columns(table: sa.Table, image: Mapping[str, Any]) -> list[str]:
+    # The table's column order reads better than jsonb's key order (which the ledger's images come back in).
+    return [c.name for c in table.columns if c.name in image]
 
 
 def _one_line(text: str) -> str:
@@ -863,10 +871,12 @@ def rollback_sql(
 ) -> str:
     """The rollback as a script for ``psql -v ON_ERROR_STOP=1 -f FILE`` or ``sqlite3 DB < FILE``.
 
-    One transaction: (1) unless ``guard`` is false, every row the run wrote must still equal its after-image, else
-    the script stops before any write; (2) DELETE every key the run wrote, newest change first; (3) INSERT every
-    before-image, oldest change first; (4) verify inside the transaction that inserted keys are absent and restored
-    rows equal their before-images, aborting otherwise; COMMIT; then SELECTs printing counts that should be 0.
+    One transaction: (0) the run's status must still allow ``rolled_back`` (so the script cannot run twice);
+    (1) unless ``guard`` is false, every row the run wrote must still equal its after-image; (2) DELETE every key
+    the run wrote, newest change first; (3) INSERT every before-image, oldest change first; (4) verify that inserted
+    keys are absent and restored rows equal their before-images; (5) mark the run ``rolled_back`` in the ledger;
+    COMMIT; then SELECTs printing counts that should be 0. A failed check is a CHECK violation that stops the
+    script (``ON_ERROR_STOP`` / ``.bail on``, both set by the script itself) with the transaction uncommitted.
     ``database`` must be a display URL (no password). Nothing is selected by timestamp.
     """
     dialect = conn_or_dialect if isinstance(conn_or_dialect, str) else conn_or_dialect.dialect.name
@@ -896,6 +906,8 @@ def rollback_sql(
     if guard:
         out.append("-- Refuses (stops before any write) if a row changed since the run wrote it; a script generated")
         out.append("-- with --force omits that guard.")
+    if not pg:
+        out.append("-- Non-integral floats are written as integer / 2^k: exact, which SQLite's decimal parser is not.")
     out.append("")
     if pg:
         out += [
@@ -943,7 +955,7 @@ def rollback_sql(
         if change.before is None:
             continue
         table, _ = defs[change.table]
-        cols = list(change.before)
+        cols = _columns(table, change.before)
         values = ", ".join(_literal(_kind(table.c[c]), change.before[c], pg) for c in cols)
         out.append(f"INSERT INTO {_ident(table.name)} ({', '.join(_ident(c) for c in cols)}) VALUES ({values});")
     out += ["", "-- 4. Verify inside the transaction (a failed check aborts it: nothing is committed)."]
@@ -953,14 +965,15 @@ def rollback_sql(
         for part in _chunks(inserted):
             where = _keys_in(table, written.primary_key, part, pg)
             label = f"{name}: rows the run inserted, still present"
-            out.append(f"{check} {_quote('0 ' + label)}, count(*) = 0 FROM {_ident(name)} WHERE {where};")
+            what = _quote(f"verify: no {name} row the run inserted is still present")
+            out.append(f"{check} {what}, count(*) = 0 FROM {_ident(name)} WHERE {where};")
             finals.append(
                 f"SELECT {_quote(label)} AS check_name, count(*) AS should_be_0 FROM {_ident(name)} WHERE {where};"
             )
         for change in changes:
             if change.table != name or change.before is None:
                 continue
-            what = _quote(f"equals its before-image: {name} {change.row_key}")
+            what = _quote(f"verify: equals its before-image: {name} {change.row_key}")
             out.append(f"{check} {what}, {_row_matches(table, written.primary_key, change.key, change.before, pg)};")
         updated = [c.key for c in changes if c.table == name and c.before is not None]
         for part in _chunks(updated):
@@ -1031,8 +1044,9 @@ def rollback_command(
 ) -> RollbackResult:
     """What ``gatefill rollback RUN --env NAME [--dry-run] [--force]`` does: finds the run's job and rolls it back."""
     with Database(env) as db:
-        ledger.init_ledger(db)
         with db.connect() as conn:
+            if not sa.inspect(conn).has_table(ledger.runs.name):
+                raise ledger.RunNotFound(run_id, f"{db.display_url} (it has no run ledger)")
             run = ledger.get_run(conn, run_id, where=db.display_url)
         return rollback_run(
             db,
