@@ -10,14 +10,16 @@ every function writes its ``fn_logs`` events in the transaction that writes its 
 Where this departs from the original functions (spec prism-data-model §2), on purpose:
 - A failed write is an error (5xx plus a ``fc_upsert_error``/``profile_write_failed`` event), never a 200.
 - An ``fc_scores`` row of ``{}`` is never written (scoring spec §7.3); such a session gets ``fc_scores_empty``.
-- finalize marks the session completed even when a write fails (the respondent did finish; the missing rows are
-  then what a backfill finds), stores the real number of answered questions in ``completed_questions`` (upstream
-  stored ``profile.fc_answered_ct``), and fails when the FC write fails instead of scoring with legacy FC.
+- finalize runs in one transaction (upstream: three calls, each committing). A failed write rolls the whole call
+  back; the failure event and, for finalize, the session's completion are then recorded in a second transaction
+  (the respondent did finish; the missing rows are what a backfill finds). finalize stores the real number of
+  answered questions in ``completed_questions`` (upstream stored ``profile.fc_answered_ct``), and fails when the FC
+  write fails instead of scoring with legacy FC.
 - Results access answers 403 for a wrong, expired or foreign token *and* for an unknown or unfinished session, so
   the status never reveals whether a session exists; the token is compared in constant time and only its sha256
   is stored.
 
-Concurrency: the profile transaction first locks the session row (``SELECT ... FOR UPDATE`` on Postgres; SQLite
+Concurrency: a scoring transaction first locks the session row (``SELECT ... FOR UPDATE`` on Postgres; SQLite
 serialises writers with ``BEGIN IMMEDIATE``), so concurrent finalize calls for one session run one after the other:
 one profile per session, ``recomputed_at`` set by the later one, nothing lost or duplicated.
 """
@@ -456,7 +458,7 @@ class _Work:
     events: list[Event] = field(default_factory=list)
     fc_reply: dict[str, object] | None = None
     score: scoring.SessionScore | None = None
-    writing: str | None = None  # "fc" while the fc_scores upsert runs: its failure aborts the transaction
+    writing: str | None = None  # "fc"/"profile" while that write runs: its failure aborts the transaction
     share_token: str | None = None
     failure: FunctionFailure | None = None
 
@@ -595,13 +597,20 @@ class PrismService:
         except DatabaseError as exc:
             if work.writing is None:
                 raise
-            # The failed FC upsert aborted the transaction: record the failure and the completion in a new one.
-            work.events.append(("fc_upsert_error", {"session_id": session_id, "error": _reason(exc)}))
+            # The failed write rolled the call back (its other writes too: no savepoint, which would cost two round
+            # trips on every call). Record the failure and, for finalize, the completion in a new transaction: the
+            # respondent did finish, and the missing rows are what a backfill then finds.
+            failure = FunctionFailure(500, "FC_UPSERT_ERROR", "fc_scores write failed")
+            event = "fc_upsert_error"
+            if work.writing == "profile":
+                failure = FunctionFailure(500, "PROFILE_WRITE_FAILED", "profile write failed")
+                event = "profile_write_failed"
+            work.events.append((event, {"session_id": session_id, "error": _reason(exc)}))
             with self.db.begin() as conn:
                 if finalize:
                     self._complete_session(conn, session_id, ctx, responses_count, None, None)
                 self._log(conn, fn, ctx, work.events)
-            raise FunctionFailure(500, "FC_UPSERT_ERROR", "fc_scores write failed") from exc
+            raise failure from exc
         if work.failure is not None:
             raise work.failure
         return work
@@ -665,43 +674,30 @@ class PrismService:
                 work.events.append(("finalize_failed", {"session_id": session_id, "findings": score.findings}))
             self._log(conn, fn, ctx, work.events)
             return
-        failed = self._write_profile(conn, row, ctx)
-        if failed is not None:
-            work.events.append(("profile_write_failed", {"session_id": session_id, "error": failed}))
-            work.failure = FunctionFailure(500, "PROFILE_WRITE_FAILED", "profile write failed")
+        work.writing = "profile"
+        unknown = sorted(set(row) - _PROFILE_COLUMNS)
+        if unknown:
+            raise DatabaseError(f"profiles has no column(s) {', '.join(unknown)}")
+        if "profile_write_fail" in ctx.faults:
+            # The injected fault fails the write where a real failure would, so it takes the real failure's path.
+            raise DatabaseError("profile write failed (injected fault profile_write_fail)")
+        conn.execute(_upsert(conn, profiles, ("session_id",), frozenset({"id", "share_token", "user_id"})), row)
+        work.writing = None
         if finalize:
-            # The respondent did finish, even when the profile could not be written: the completion is recorded.
             work.share_token = self._complete_session(conn, session_id, ctx, responses_count, locked, answered)
-            if failed is None:
-                work.events.append(
-                    (
-                        "finalize_complete",
-                        {
-                            "session_id": session_id,
-                            "profile_created": existing is None,
-                            "type_code": row.get("type_code"),
-                            "fc_source": "fc_scores" if fc_value is not None else "legacy",
-                            "delay_ms": ctx.faults.slow_ms,
-                        },
-                    )
+            work.events.append(
+                (
+                    "finalize_complete",
+                    {
+                        "session_id": session_id,
+                        "profile_created": existing is None,
+                        "type_code": row.get("type_code"),
+                        "fc_source": "fc_scores" if fc_value is not None else "legacy",
+                        "delay_ms": ctx.faults.slow_ms,
+                    },
                 )
+            )
         self._log(conn, fn, ctx, work.events)
-
-    def _write_profile(self, conn: Connection, row: Mapping[str, object], ctx: CallContext) -> str | None:
-        """Upserts the profile inside a savepoint; returns None, or why it failed (the transaction stays usable)."""
-        try:
-            with self.db.translate_errors(), conn.begin_nested():
-                unknown = sorted(set(row) - _PROFILE_COLUMNS)
-                if unknown:
-                    raise DatabaseError(f"profiles has no column(s) {', '.join(unknown)}")
-                if "profile_write_fail" in ctx.faults:
-                    raise DatabaseError("profile write failed (injected fault profile_write_fail)")
-                conn.execute(_upsert(conn, profiles, ("session_id",), frozenset({"id", "share_token", "user_id"})), row)
-        except DatabaseUnreachable:
-            raise
-        except DatabaseError as exc:
-            return _reason(exc)
-        return None
 
     def _complete_session(
         self,
