@@ -37,6 +37,7 @@ from gatefill.prism.seed import seed_scenario
 from gatefill.rollback import (
     RollbackConflicts,
     RollbackVerificationFailed,
+    _literal,
     _sqlite_real,
     load_changes,
     plan_rollback,
@@ -550,7 +551,8 @@ def test_failed_verification_commits_nothing_live_or_scripted(case: Case, tmp_pa
     assert "\n" not in message and "profiles: 0 of 10 rows equal their before-image in every column" in message
     assert "fc_scores" not in message  # only the failing checks are named
     report = (case.artifacts / RUN / "rollback_report.md").read_text()
-    assert "**FAIL**" in report and "differs from its before-image: type_code" in report
+    assert "**FAIL**" in report and "FAILED verification" in report
+    assert "differs from its before-image: type_code" in report
     assert digests(case.db) == everything and status_of(case.db) is RunStatus.SUCCEEDED
 
     done = run_script(case, script)
@@ -719,3 +721,12 @@ def test_script_literals_round_trip_every_column_kind_exactly(target: Target, tm
         conn.execute(ledger.runs.update().where(ledger.runs.c.id == "odd").values(status="cancelled"))
     result = rollback_run(target.db, "odd", ODD_TABLES, now=ROLLBACK_AT, artifacts_dir=tmp_path, metadata=KINDS)
     assert result.verdict == "PASS" and _raw(target.db) == raw_before
+
+    # Float literals evaluate to the very same double on this dialect, across the whole exponent range.
+    pg = target.dialect == "postgresql"
+    floats = [rng.random() * 10 ** rng.randint(-320, 300) * rng.choice((1, -1)) for _ in range(1000)]
+    with target.db.connect() as conn:
+        for start in range(0, len(floats), 250):
+            part = floats[start : start + 250]
+            got = conn.exec_driver_sql("SELECT " + ", ".join(_literal("float", v, pg) for v in part)).one()
+            assert list(got) == part

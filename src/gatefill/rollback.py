@@ -23,6 +23,7 @@ argument): on SQLite the database itself cannot say which TEXT column holds JSON
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -53,6 +54,7 @@ __all__ = [
     "TableCounts",
     "load_changes",
     "plan_rollback",
+    "render_report",
     "render_rollback",
     "rollback_command",
     "rollback_run",
@@ -401,9 +403,10 @@ def _plan(
     where = conn.engine.url.render_as_string(hide_password=True)
     if not sa.inspect(conn).has_table(ledger.runs.name):
         raise ledger.RunNotFound(run_id, f"{where} (it has no run ledger)")
-    status_text = conn.execute(
-        sa.select(ledger.runs.c.status).where(ledger.runs.c.id == run_id).with_for_update()
-    ).scalar_one_or_none()
+    query = sa.select(ledger.runs.c.status).where(ledger.runs.c.id == run_id)
+    # Locking the run row serialises a rollback against a resume of the same run (Postgres; SQLite's BEGIN IMMEDIATE
+    # already serialises writers); a read-only plan takes no lock.
+    status_text = conn.execute(query.with_for_update() if lock else query).scalar_one_or_none()
     if status_text is None:
         raise ledger.RunNotFound(run_id, where)
     changes = _load_changes(conn, run_id, defs)
@@ -627,17 +630,13 @@ def rollback_run(
     )
     path = artifacts_dir / run_id / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = _with_report(result, path)
+    result = dataclasses.replace(result, report_path=path)
     path.write_text(render_report(result), encoding="utf-8")
     if refused:
         raise RollbackConflicts(run_id, plan.conflicts, path)
     if not dry_run and not committed and plan.changes:
         raise RollbackVerificationFailed(run_id, [c for c in checks if c.verdict != "PASS"], path)
     return result
-
-
-def _with_report(result: RollbackResult, path: Path) -> RollbackResult:
-    return RollbackResult(**{**result.__dict__, "report_path": path})
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -652,6 +651,8 @@ def render_report(result: RollbackResult) -> str:
     mode = "DRY RUN: executed inside a transaction that was then rolled back" if result.dry_run else "executed"
     if result.refused:
         mode = "REFUSED: nothing was changed"
+    elif not result.dry_run and not result.committed:
+        mode = "FAILED verification: the transaction was rolled back, nothing was changed"
     status = (
         f"{result.status_before.value} → {result.status_after.value}"
         if result.committed
