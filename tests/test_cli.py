@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -156,3 +157,21 @@ def test_secrets_never_appear_in_anything_a_run_writes(tmp_path: Path, target: T
         assert key not in text
         assert password not in text
     assert re.search(r"error: cannot connect to .*\*\*\*@127\.0\.0\.1:1/prism", outputs[0])
+
+
+def test_score_commands_stream_json_lines_and_stop_on_a_malformed_line() -> None:
+    goldens = ROOT / "tests" / "prism" / "goldens"
+    inputs = "".join(json.dumps(json.loads((goldens / f"g{i}.input.json").read_text())) + "\n" for i in range(1, 7))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gatefill", "score", "profile"], input=inputs, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    outputs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert outputs == [json.loads((goldens / f"g{i}.output.json").read_text()) for i in range(1, 7)]
+    bad = inputs.splitlines()[0] + "\n{not json\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gatefill", "score", "profile"], input=bad, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert len(proc.stdout.splitlines()) == 1  # the good line was answered before the bad one stopped the stream
+    assert proc.stderr.startswith("error: line 2: ") and proc.stderr.count("\n") == 1
