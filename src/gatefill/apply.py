@@ -547,7 +547,7 @@ def write_apply_artifacts(
     finished = run.finished_at.isoformat() if run.finished_at else "not finished"
     rollback_file = f"rollback_{(run.started_at or measured_at).date().isoformat()}.sql"
     paths: dict[str, Path] = {}
-    paths["rollback_sql"] = write_rollback_sql(db, run_id, job.written_tables(), logs / rollback_file)
+    paths["rollback_sql"] = write_rollback_sql(db, run_id, job.written_tables(), logs / rollback_file, now=measured_at)
     paths["execution_results"] = write_json(
         logs / "execution_results.json",
         {

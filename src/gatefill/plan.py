@@ -17,15 +17,27 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from gatefill import ledger
 from gatefill.config import Environment
 from gatefill.db import Database, canonical_json, format_utc
-from gatefill.errors import DataError, UsageError
+from gatefill.errors import DataError, GateBlocked, UsageError
 from gatefill.job import Candidate, Check, Job
 from gatefill.reports import render, write_json, write_text
 from gatefill.throttle import parse_rate
 
-__all__ = ["PLAN_FORMAT", "Plan", "PlanParams", "build_plan", "load_plan_file", "plan_hash", "verify_plan"]
+__all__ = [
+    "PLAN_FORMAT",
+    "Plan",
+    "PlanParams",
+    "build_plan",
+    "compose_plan",
+    "load_plan_file",
+    "plan_hash",
+    "verify_plan",
+    "write_plan_files",
+]
 
 PLAN_FORMAT = "gatefill-plan/1"
 RECENT_DAYS = 30
@@ -164,42 +176,33 @@ def expected_changes(candidates: Sequence[Candidate]) -> dict[str, dict[str, int
     return {t: {"insert": n["insert"], "update": n["update"]} for t, n in sorted(counts.items())}
 
 
-def build_plan(
-    db: Database,
+def compose_plan(
+    conn: Connection,
     env: Environment,
     job: Job,
     params: PlanParams,
     *,
     now: datetime,
-    artifacts_dir: Path,
-    source: str = "plan",
     run_id: str | None = None,
-    file_stem: str = "backfill_plan",
-) -> Plan:
-    """Runs prechecks and discovery, records a planned run in the ledger and writes the plan files."""
+    source: str = "plan",
+) -> dict[str, Any]:
+    """Read-only: runs prechecks and discovery and returns the hashed plan body (nothing is recorded or written)."""
     params.validate()
-    ledger.init_ledger(db)
-    with db.connect() as conn:
-        prechecks: list[Check] = job.prechecks(conn, env.name)
-        failed = [c for c in prechecks if c.verdict == "FAIL" and c.gating]
-        if failed:
-            from gatefill.errors import GateBlocked
-
-            raise GateBlocked("precheck", [f"{c.name}: {c.summary}" for c in failed])
-        candidates = list(job.discover(conn, {"since": params.since, "profiles": params.profiles}))
+    prechecks: list[Check] = job.prechecks(conn, env.name)
+    failed = [c for c in prechecks if c.verdict == "FAIL" and c.gating]
+    if failed:
+        raise GateBlocked("precheck", [f"{c.name}: {c.summary}" for c in failed])
+    candidates = list(job.discover(conn, {"since": params.since, "profiles": params.profiles}))
     known = {c.key for c in candidates}
-    unknown_priority = [p for p in params.priority if p not in known]
     rate = parse_rate(params.rate)
     batches = make_batches(candidates, params.priority, params.batch_size, now)
     runnable = [c for c in candidates if c.operations]
     by_category: dict[str, list[str]] = {}
     for c in candidates:
         by_category.setdefault(c.category, []).append(c.key)
-    run_id = run_id or ledger.new_run_id("apply", now)
-    changes = expected_changes(runnable)
     body: dict[str, Any] = {
         "format": PLAN_FORMAT,
-        "run_id": run_id,
+        "run_id": run_id or ledger.new_run_id("apply", now),
         "source": source,
         "created_at": format_utc(now),
         "environment": {"name": env.name, "kind": env.kind, "database": env.display_url},
@@ -223,16 +226,35 @@ def build_plan(
             "candidates": len(runnable),
             "blocked_or_skipped": len(candidates) - len(runnable),
             "batches": len(batches),
-            "priority_not_found": unknown_priority,
+            "priority_not_found": [p for p in params.priority if p not in known],
         },
-        "expected_changes": changes,
+        "expected_changes": expected_changes(runnable),
         "expected_runtime_seconds": rate.seconds_for(len(runnable)),
     }
     body["hash"] = plan_hash(body)
+    return body
+
+
+def build_plan(
+    db: Database,
+    env: Environment,
+    job: Job,
+    params: PlanParams,
+    *,
+    now: datetime,
+    artifacts_dir: Path,
+    source: str = "plan",
+    run_id: str | None = None,
+) -> Plan:
+    """Composes the plan, records it as a planned run in the ledger and writes backfill_plan.json/.md."""
+    params.validate()
+    ledger.init_ledger(db)
+    with db.connect() as conn:
+        body = compose_plan(conn, env, job, params, now=now, run_id=run_id, source=source)
     with db.begin() as conn:
         ledger.create_run(
             conn,
-            run_id=run_id,
+            run_id=body["run_id"],
             phase="apply",
             environment=env.name,
             job=job.name,
@@ -242,9 +264,13 @@ def build_plan(
             plan=body,
             plan_hash=body["hash"],
         )
-    out_dir = artifacts_dir / run_id
-    json_path = write_json(out_dir / f"{file_stem}.json", body)
-    md_path = write_text(out_dir / f"{file_stem}.md", render_plan_markdown(body))
+    return write_plan_files(body, artifacts_dir / body["run_id"], "backfill_plan")
+
+
+def write_plan_files(body: Mapping[str, Any], out_dir: Path, stem: str) -> Plan:
+    """Writes ``<stem>.json`` (the plan exactly) and ``<stem>.md`` (its review) into ``out_dir``."""
+    json_path = write_json(out_dir / f"{stem}.json", body)
+    md_path = write_text(out_dir / f"{stem}.md", render_plan_markdown(body))
     return Plan(body=body, json_path=json_path, md_path=md_path)
 
 
