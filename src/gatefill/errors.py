@@ -20,8 +20,9 @@ The tree::
     ├── RunLocked                      (ledger) exit 4: the run is active elsewhere
     └── GateBlocked                    exit 4: a gate refuses to let a phase proceed
 
-Subclasses defined next to their phase are marked with their module. Driver exceptions (sqlite3, psycopg, httpx) are translated into these once, at the boundary that calls the driver,
-with ``raise ... from exc``; phase code never catches a driver exception.
+Subclasses defined next to their phase are marked with their module. Driver exceptions (sqlite3, psycopg,
+httpx) are translated into these once, at the boundary that calls the driver, with ``raise ... from exc``; phase
+code never catches a driver exception.
 """
 
 from __future__ import annotations
