@@ -394,6 +394,38 @@ def status_command(
         )
 
 
+@app.command("health")
+def health_command(
+    env: EnvOption,
+    since: SinceOption = "2025-08-01",
+    at: Annotated[str | None, typer.Option("--at", help="Judge as of this time (ISO-8601; default now).")] = None,
+) -> None:
+    """Read-only production health checks with evidence; writes a mini backfill plan when anything needs work."""
+    from gatefill.clock import RealClock
+    from gatefill.health import check_health
+    from gatefill.prism.schema import require_schema
+
+    settings = _settings()
+    environment = settings.env(env)
+    with Database(environment) as db:
+        require_schema(db)
+        result = check_health(
+            db,
+            environment,
+            since=_since(since),
+            now=_parse_when(at) or RealClock().now(),
+            artifacts_dir=settings.artifacts_dir,
+        )
+    table = Table("check", "verdict", "evidence")
+    for c in result.checks:
+        table.add_row(c.name, c.verdict, c.summary)
+    out.print(table)
+    for name, artifact in result.paths.items():
+        out.print(f"{name}: {artifact}")
+    out.print(f"{environment.name}: [bold]{'HEALTHY' if result.healthy else 'NOT HEALTHY'}[/]")
+    raise typer.Exit(result.exit_code)
+
+
 @app.command("rollback")
 def rollback_command(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="The apply run to undo.")],

@@ -1,0 +1,101 @@
+"""Phase 3, production health: read-only checks with evidence, and a mini backfill plan when anything needs work.
+
+Nothing is written to the database: the checks are SELECTs, and the mini plan is composed by the same
+``compose_plan`` as ``gatefill plan`` (same discovery, same format, same hash), then written only as files:
+``prod_health_check.md`` always, ``prod_mini_backfill_plan.json`` (+ ``.md``) when discovery finds candidates.
+``gatefill apply prod_mini_backfill_plan.json`` accepts that file unchanged and registers its run on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gatefill import ledger
+from gatefill.config import Environment
+from gatefill.db import Database, format_utc
+from gatefill.job import Check
+from gatefill.plan import PlanParams, compose_plan, write_plan_files
+from gatefill.prism.health_checks import health_checks
+from gatefill.prism.job import PrismJob
+from gatefill.reports import render, write_json, write_text
+
+__all__ = ["HealthResult", "check_health"]
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    """The verdict of a health check, its checks, the mini plan (if any) and where the files went."""
+
+    run_id: str
+    healthy: bool
+    checks: list[Check]
+    plan: dict[str, Any] | None
+    paths: dict[str, Path]
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.healthy else 1
+
+
+def check_health(
+    db: Database,
+    env: Environment,
+    *,
+    since: datetime,
+    now: datetime,
+    artifacts_dir: Path,
+    job: PrismJob | None = None,
+    rate: str = "20/min",
+    batch_size: int = 5,
+) -> HealthResult:
+    """Runs the health checks and, when sessions need backfill, composes the mini plan (read-only on the database)."""
+    job = job or PrismJob()
+    run_id = ledger.new_run_id("health", now)
+    with db.connect() as conn:
+        checks = health_checks(
+            conn,
+            since=since,
+            now=now,
+            fc_version=job.fc_version,
+            engine_version=job.engine_version,
+            row_level_security=db.caps.row_level_security,
+        )
+        params = PlanParams(since=since, rate=rate, batch_size=batch_size, profiles="missing")
+        plan = compose_plan(conn, env, job, params, now=now, run_id=ledger.new_run_id("apply", now), source="health")
+    needs_backfill = plan["totals"]["candidates"] > 0
+    healthy = not needs_backfill and all(c.verdict == "PASS" or not c.gating for c in checks)
+    out = artifacts_dir / run_id
+    paths: dict[str, Path] = {}
+    if needs_backfill:
+        written = write_plan_files(plan, out, "prod_mini_backfill_plan")
+        paths["mini_plan"] = written.json_path or out / "prod_mini_backfill_plan.json"
+    paths["checks_json"] = write_json(
+        out / "prod_health_checks.json",
+        {
+            "run_id": run_id,
+            "environment": env.name,
+            "database": env.display_url,
+            "since": format_utc(since),
+            "measured_at": format_utc(now),
+            "healthy": healthy,
+            "checks": [c.to_json() for c in checks],
+            "mini_plan": plan["run_id"] if needs_backfill else None,
+        },
+    )
+    paths["report"] = write_text(
+        out / "prod_health_check.md",
+        render(
+            "prod_health_check.md.j2",
+            run_id=run_id,
+            env=env,
+            since=format_utc(since),
+            now=format_utc(now),
+            healthy=healthy,
+            checks=checks,
+            plan=plan if needs_backfill else None,
+        ),
+    )
+    return HealthResult(run_id, healthy, checks, plan if needs_backfill else None, paths)

@@ -1,0 +1,288 @@
+"""The PRISM production health checks: read-only, set-based queries, each returned as a Check with its query and counts.
+
+Every check looks at sessions created since ``since`` (the backfill window) unless it says otherwise; lists of
+session ids are capped in the evidence (counts never are). A check with nothing to look at (e.g. no completed
+sessions) is INCONCLUSIVE, never PASS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gatefill.job import Check
+from gatefill.prism import scoring
+from gatefill.prism.discovery import MIN_ANSWERS
+from gatefill.prism.schema import PRISM_TABLES, scoring_config
+
+__all__ = ["LISTED", "health_checks"]
+
+#: How many session ids a check lists in its evidence (the counts are always complete).
+LISTED = 50
+_FULL_ANSWERS = 248
+_FC_BLOCKS = 6
+
+
+def _ids(conn: Connection, sql: str, params: dict[str, Any]) -> tuple[int, list[str]]:
+    rows = [str(r[0]) for r in conn.execute(sa.text(sql), params)]
+    return len(rows), sorted(rows)[:LISTED]
+
+
+def _verdict(bad: int, looked_at: int) -> str:
+    if bad:
+        return "FAIL"
+    return "PASS" if looked_at else "INCONCLUSIVE"
+
+
+def health_checks(
+    conn: Connection,
+    *,
+    since: datetime,
+    now: datetime,
+    fc_version: str = scoring.FC_VERSION,
+    engine_version: str = scoring.ENGINE_VERSION,
+    row_level_security: bool,
+) -> list[Check]:
+    """Runs every PRISM health check (read-only) and returns them in report order."""
+    p: dict[str, Any] = {"since": since, "now": now, "fcv": fc_version, "kind": scoring.FC_KIND, "ev": engine_version}
+    if conn.dialect.name == "sqlite":
+        # SQLite stores instants as fixed-width ISO text: compare text with text.
+        from gatefill.db import format_utc
+
+        p["since"], p["now"] = format_utc(since), format_utc(now)
+    completed_sql = "SELECT count(*) FROM assessment_sessions WHERE status = 'completed' AND created_at >= :since"
+    completed = int(conn.execute(sa.text(completed_sql), p).scalar_one())
+    checks: list[Check] = []
+
+    sql = (
+        "SELECT s.id FROM assessment_sessions s WHERE s.status = 'completed' AND s.created_at >= :since "
+        "AND NOT EXISTS (SELECT 1 FROM profiles p WHERE p.session_id = s.id)"
+    )
+    n, ids = _ids(conn, sql, p)
+    checks.append(
+        Check(
+            "missing_profiles",
+            _verdict(n, completed),
+            f"{n} of {completed} completed sessions have no profile",
+            {"completed": completed, "missing": n, "sessions": ids},
+            sql,
+        )
+    )
+    sql = (
+        "SELECT s.id FROM assessment_sessions s WHERE s.status = 'completed' AND s.created_at >= :since "
+        "AND NOT EXISTS (SELECT 1 FROM fc_scores f WHERE f.session_id = s.id AND f.version = :fcv "
+        "AND f.fc_kind = :kind)"
+    )
+    n, ids = _ids(conn, sql, p)
+    checks.append(
+        Check(
+            "missing_fc_scores",
+            _verdict(n, completed),
+            f"{n} of {completed} completed sessions have no {fc_version}/{scoring.FC_KIND} fc_scores row",
+            {"completed": completed, "missing": n, "sessions": ids},
+            sql,
+        )
+    )
+    checks.append(_versions(conn, p, completed))
+    sql = (
+        "SELECT id FROM assessment_sessions WHERE status = 'completed' AND created_at >= :since "
+        "AND (completed_at IS NULL OR finalized_at IS NULL)"
+    )
+    n, ids = _ids(conn, sql, p)
+    checks.append(
+        Check(
+            "completion_timestamps",
+            _verdict(n, completed),
+            f"{n} of {completed} completed sessions lack completed_at or finalized_at",
+            {"completed": completed, "lacking": n, "sessions": ids},
+            sql,
+        )
+    )
+    checks.append(_sufficiency(conn, p, completed))
+    checks.append(_orphans(conn))
+    checks.append(_tokens(conn, p, completed))
+    # Through the Core table so the JSON value is decoded the same way on both dialects.
+    value = conn.execute(sa.select(scoring_config.c.value).where(scoring_config.c.key == "results_version")).scalar()
+    checks.append(
+        Check(
+            "results_version",
+            "PASS" if value == engine_version else "FAIL",
+            f"scoring_config.results_version = {value!r} (engine {engine_version})",
+            {"scoring_config": value, "engine": engine_version},
+            "SELECT value FROM scoring_config WHERE key = 'results_version'",
+        )
+    )
+    if row_level_security:
+        checks.append(_rls(conn))
+    else:
+        checks.append(
+            Check(
+                "row_level_security",
+                "PASS",
+                "SQLite has no roles or RLS: nothing is exposed to API roles",
+                {"dialect": conn.dialect.name},
+                gating=False,
+            )
+        )
+    return checks
+
+
+def _versions(conn: Connection, p: dict[str, Any], completed: int) -> Check:
+    fc_sql = (
+        "SELECT coalesce(f.version, 'NULL'), coalesce(f.fc_kind, 'NULL'), count(*) FROM fc_scores f "
+        "JOIN assessment_sessions s ON s.id = f.session_id WHERE s.created_at >= :since GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    prof_sql = (
+        "SELECT coalesce(p.results_version, 'NULL'), count(*) FROM profiles p "
+        "JOIN assessment_sessions s ON s.id = p.session_id WHERE s.created_at >= :since GROUP BY 1 ORDER BY 1"
+    )
+    fc = {f"{v}/{k}": int(n) for v, k, n in conn.execute(sa.text(fc_sql), p)}
+    prof = {str(v): int(n) for v, n in conn.execute(sa.text(prof_sql), p)}
+    current_fc = f"{p['fcv']}/{p['kind']}"
+    legacy_fc = sum(n for key, n in fc.items() if key != current_fc)
+    legacy_profiles = sum(n for key, n in prof.items() if key != p["ev"])
+    looked = sum(fc.values()) + sum(prof.values())
+    return Check(
+        "version_distribution",
+        _verdict(legacy_fc + legacy_profiles, looked),
+        f"fc_scores {fc or '{}'}; profiles {prof or '{}'} (current: {current_fc}, {p['ev']}); "
+        f"{legacy_fc} legacy fc rows, {legacy_profiles} legacy or NULL profiles",
+        {
+            "fc_scores": fc,
+            "profiles": prof,
+            "legacy_fc_scores": legacy_fc,
+            "legacy_profiles": legacy_profiles,
+            "completed_sessions": completed,
+        },
+        f"{fc_sql}; {prof_sql}",
+    )
+
+
+def _sufficiency(conn: Connection, p: dict[str, Any], completed: int) -> Check:
+    sql = (
+        "SELECT s.id, (SELECT count(*) FROM assessment_responses r WHERE r.session_id = s.id) AS answers, "
+        "(SELECT count(*) FROM fc_responses f WHERE f.session_id = s.id) AS fc FROM assessment_sessions s "
+        "WHERE s.status = 'completed' AND s.created_at >= :since"
+    )
+    short: list[str] = []
+    partial = 0
+    fc_short: list[str] = []
+    for sid, answers, fc in conn.execute(sa.text(sql), p):
+        if answers < MIN_ANSWERS:
+            short.append(str(sid))
+        elif answers < _FULL_ANSWERS:
+            partial += 1
+        if fc < _FC_BLOCKS:
+            fc_short.append(str(sid))
+    return Check(
+        "answer_sufficiency",
+        _verdict(len(short), completed),
+        f"{len(short)} completed sessions with < {MIN_ANSWERS} answers, {partial} with {MIN_ANSWERS}-"
+        f"{_FULL_ANSWERS - 1}, {len(fc_short)} with fewer than {_FC_BLOCKS} FC answers",
+        {
+            "completed": completed,
+            "below_148": len(short),
+            "below_148_sessions": sorted(short)[:LISTED],
+            "partial_148_to_247": partial,
+            "fc_below_6": len(fc_short),
+            "fc_below_6_sessions": sorted(fc_short)[:LISTED],
+        },
+        sql,
+    )
+
+
+def _orphans(conn: Connection) -> Check:
+    counts: dict[str, int] = {}
+    queries = []
+    for table in ("profiles", "fc_scores", "fc_responses", "assessment_responses"):
+        sql = (
+            f"SELECT count(*) FROM {table} t WHERE NOT EXISTS "
+            f"(SELECT 1 FROM assessment_sessions s WHERE s.id = t.session_id)"
+        )
+        queries.append(sql)
+        counts[table] = int(conn.execute(sa.text(sql)).scalar_one())
+    total = sum(counts.values())
+    return Check(
+        "orphans",
+        "FAIL" if total else "PASS",
+        "rows without a session: " + ", ".join(f"{t} {n}" for t, n in counts.items()),
+        counts,
+        "; ".join(queries),
+    )
+
+
+def _tokens(conn: Connection, p: dict[str, Any], completed: int) -> Check:
+    base = "FROM assessment_sessions WHERE status = 'completed' AND created_at >= :since"
+    missing = int(
+        conn.execute(sa.text(f"SELECT count(*) {base} AND (share_token IS NULL OR share_token = '')"), p).scalar_one()
+    )
+    expired = int(
+        conn.execute(
+            sa.text(f"SELECT count(*) {base} AND (share_token_expires_at IS NULL OR share_token_expires_at <= :now)"), p
+        ).scalar_one()
+    )
+    dup_sql = (
+        "SELECT count(*) FROM (SELECT share_token FROM assessment_sessions GROUP BY share_token HAVING count(*) > 1) d"
+    )
+    duplicated = int(conn.execute(sa.text(dup_sql)).scalar_one())
+    bad = missing + duplicated
+    return Check(
+        "share_tokens",
+        _verdict(bad, completed),
+        f"completed sessions: {missing} without a token, {expired} expired or without expiry (reported); "
+        f"{duplicated} tokens shared by several sessions",
+        {"completed": completed, "missing": missing, "expired_or_no_expiry": expired, "duplicated": duplicated},
+        f"SELECT count(*) {base} AND share_token missing | expired at :now; {dup_sql}",
+    )
+
+
+_REQUIRED_POLICIES: dict[str, Sequence[str]] = {
+    "profiles": ("profiles_owner_read", "profiles_service_role"),
+    "assessment_sessions": ("sessions_owner_read",),
+    "fc_scores": ("fc_scores_service_role",),
+}
+
+
+def _rls(conn: Connection) -> Check:
+    rows = conn.execute(
+        sa.text(
+            "SELECT c.relname, c.relrowsecurity FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relname = ANY(:t) AND c.relkind = 'r'"
+        ),
+        {"t": list(PRISM_TABLES)},
+    ).all()
+    rls_off = sorted(name for name, on in rows if not on)
+    policies = {
+        (t, pol)
+        for t, pol in conn.execute(
+            sa.text("SELECT tablename, policyname FROM pg_policies WHERE schemaname = current_schema()")
+        )
+    }
+    missing = [f"{t}.{pol}" for t, names in _REQUIRED_POLICIES.items() for pol in names if (t, pol) not in policies]
+    visible = _anon_visible_profiles(conn)
+    bad = len(rls_off) + len(missing) + (visible if isinstance(visible, int) else 0)
+    return Check(
+        "row_level_security",
+        "FAIL" if bad else "PASS",
+        f"RLS off on {rls_off or 'no table'}; missing policies {missing or 'none'}; "
+        f"profiles visible to anon: {visible}",
+        {"rls_off": rls_off, "missing_policies": missing, "anon_visible_profiles": visible},
+        "pg_class.relrowsecurity, pg_policies; SET LOCAL ROLE anon; SELECT count(*) FROM profiles",
+    )
+
+
+def _anon_visible_profiles(conn: Connection) -> int | str:
+    """Rows of profiles the ``anon`` role can see: 0, or 'no access' when the privilege is revoked (also 0 rows)."""
+    with conn.begin_nested() as probe:
+        try:
+            conn.execute(sa.text("SET LOCAL ROLE anon"))
+            result: int | str = int(conn.execute(sa.text("SELECT count(*) FROM profiles")).scalar_one())
+        except sa.exc.ProgrammingError:
+            result = "no access (privilege revoked)"
+        probe.rollback()
+    conn.execute(sa.text("RESET ROLE"))
+    return result

@@ -1,0 +1,94 @@
+"""Production health on SQLite and Postgres: a healthy scenario passes, damage is listed session by session, the
+mini plan is accepted by apply unchanged and fixes it, and the check itself writes nothing to the database."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from gatefill.apply import ApplyOptions, apply_plan
+from gatefill.clock import SimulatedClock
+from gatefill.health import check_health
+from gatefill.plan import load_plan_file
+from gatefill.prism.job import PrismJob
+from gatefill.prism.schema import fc_scores, profiles
+from gatefill.prism.seed import seed_scenario
+from tests.conftest import Target
+
+SINCE = datetime(2025, 8, 1, tzinfo=UTC)
+AT = datetime(2025, 9, 18, 0, 10, tzinfo=UTC)
+
+
+def table_names(target: Target) -> set[str]:
+    with target.db.connect() as conn:
+        return set(sa.inspect(conn).get_table_names())
+
+
+def test_healthy_production_passes_and_writes_nothing(target: Target, tmp_path: Path) -> None:
+    seed_scenario(target.db, "production-2025-09-18")
+    tables_before = table_names(target)
+    result = check_health(target.db, target.env, since=SINCE, now=AT, artifacts_dir=tmp_path)
+    assert result.healthy and result.exit_code == 0, [(c.name, c.summary) for c in result.checks if c.verdict != "PASS"]
+    assert result.plan is None and "mini_plan" not in result.paths
+    by_name = {c.name: c for c in result.checks}
+    assert by_name["missing_profiles"].evidence["completed"] == 157
+    assert by_name["version_distribution"].evidence["fc_scores"] == {"v1.2/functions": 157}
+    assert table_names(target) == tables_before  # no ledger tables, nothing created
+    report = result.paths["report"].read_text()
+    assert "HEALTHY" in report and "157" in report
+
+
+def test_unhealthy_production_lists_the_exact_sessions_and_its_mini_plan_fixes_them(
+    target: Target, tmp_path: Path
+) -> None:
+    seed_scenario(target.db, "production-2025-09-18")
+    with target.db.begin() as conn:
+        victims = sorted(
+            r[0] for r in conn.execute(sa.select(profiles.c.session_id).order_by(profiles.c.session_id).limit(4))
+        )
+        conn.execute(profiles.delete().where(profiles.c.session_id.in_(victims[:2])))
+        conn.execute(fc_scores.delete().where(fc_scores.c.session_id.in_(victims[1:])))
+    result = check_health(target.db, target.env, since=SINCE, now=AT, artifacts_dir=tmp_path)
+    assert not result.healthy and result.exit_code == 1
+    by_name = {c.name: c for c in result.checks}
+    assert by_name["missing_profiles"].evidence["sessions"] == victims[:2]
+    assert by_name["missing_fc_scores"].evidence["sessions"] == victims[1:]
+    plan_path = result.paths["mini_plan"]
+    body = load_plan_file(plan_path)
+    assert body["source"] == "health"
+    assert {c["key"]: c["category"] for c in body["candidates"] if c["operations"]} == {
+        victims[0]: "profile_only",
+        victims[1]: "profile+fc",
+        victims[2]: "fc_only",
+        victims[3]: "fc_only",
+    }
+    applied = apply_plan(
+        target.db,
+        target.env,
+        PrismJob(),
+        json.loads(plan_path.read_text()),
+        options=ApplyOptions(rate="unlimited", approve_as="oncall"),
+        clock=SimulatedClock(AT),
+        artifacts_dir=tmp_path,
+    )
+    assert applied.counts["written"] == 4
+    again = check_health(target.db, target.env, since=SINCE, now=AT, artifacts_dir=tmp_path)
+    assert again.healthy, [(c.name, c.summary) for c in again.checks if c.verdict != "PASS"]
+
+
+def test_staging_traps_are_reported_not_hidden(target: Target, tmp_path: Path) -> None:
+    truth = seed_scenario(target.db, "staging-2025-09-17")
+    result = check_health(
+        target.db, target.env, since=SINCE, now=datetime(2025, 9, 17, 8, tzinfo=UTC), artifacts_dir=tmp_path
+    )
+    by_name = {c.name: c for c in result.checks}
+    assert by_name["answer_sufficiency"].evidence["below_148_sessions"] == sorted(truth.insufficient_answers)
+    assert by_name["version_distribution"].evidence["legacy_profiles"] >= len(truth.stale_profile)
+    assert result.plan is not None and result.plan["totals"]["candidates"] == 39
+    if target.dialect == "postgresql":
+        rls = by_name["row_level_security"]
+        assert rls.verdict == "PASS", rls.summary
+        assert rls.evidence["anon_visible_profiles"] in (0, "no access (privilege revoked)")
