@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gatefill.db import Database
+from gatefill.db import Database, UTCTimestamp
 from gatefill.errors import DatabaseError, UsageError
 from gatefill.prism.schema import (
     PROFILE_RESULT_COLUMNS,
@@ -59,11 +59,6 @@ def staging(
             drop_pg_database(name)
 
 
-def _scalar_set(db: Database, sql: str) -> set[str]:
-    with db.connect() as conn:
-        return {str(r[0]) for r in conn.execute(sa.text(sql))}
-
-
 # Measured from the tables: completed since the window start, scorable (>= 148 answers, >= 1 resolvable FC answer).
 _SCORABLE = """
     SELECT s.id FROM assessment_sessions s
@@ -77,10 +72,16 @@ _HAS_FC = (
 _HAS_PROFILE = "EXISTS (SELECT 1 FROM profiles p WHERE p.session_id = s.id)"
 
 
+def _sql(sql: str) -> sa.TextClause:
+    """The statement with ``:since`` bound as a timestamp (SQLite compares the stored ISO text)."""
+    clause = sa.text(sql)
+    return clause.bindparams(sa.bindparam("since", SINCE, type_=UTCTimestamp())) if ":since" in sql else clause
+
+
 def _ids(db: Database, where: str, base: str = _SCORABLE) -> set[str]:
     with db.connect() as conn:
         sql = f"SELECT id FROM assessment_sessions s WHERE s.id IN ({base}) AND {where}"
-        return {str(r[0]) for r in conn.execute(sa.text(sql), {"since": SINCE})}
+        return {str(r[0]) for r in conn.execute(_sql(sql))}
 
 
 def test_staging_has_exactly_39_candidates_13_without_profile(staging: tuple[Database, SeedReport]) -> None:
@@ -332,6 +333,13 @@ def test_synthetic_counts_fraction_and_integrity(target: Target) -> None:
                 "(SELECT 1 FROM assessment_sessions s WHERE s.id = p.session_id))"
             )
         ).scalar_one()
+        outside = conn.execute(
+            _sql(
+                "SELECT count(*) FROM assessment_responses r JOIN assessment_sessions s ON s.id = r.session_id "
+                "WHERE r.created_at < s.started_at OR r.created_at > s.completed_at OR r.updated_at <> r.created_at "
+                "OR s.created_at < :since"
+            )
+        ).scalar_one()
     assert counts == {
         "assessment_sessions": 200,
         "assessment_responses": 200 * 248,
@@ -341,7 +349,7 @@ def test_synthetic_counts_fraction_and_integrity(target: Target) -> None:
         "fn_logs": 0,
     }
     assert {k: v for k, v in report.counts.items()} == counts
-    assert orphans == 0
+    assert orphans == 0 and outside == 0
     _assert_rescored(db, report.completed[:3], with_fc=True)
     _assert_rescored(db, report.missing_fc_only[:2], with_fc=False)
 

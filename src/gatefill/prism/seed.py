@@ -1406,11 +1406,20 @@ class _Synthetic:
         days, hms, pool = self.days, _HMS, self.pool
         for sid, p, start, *_ in self.sessions[lo:hi]:
             pre, sidt = sid[:24], sid + "\t"
-            out = []
-            for tail, _, mid, secs, frac in pool[p].answers:
-                t = start + secs
-                ts = days[t // 86400] + hms[t % 86400] + frac
-                out.append(f"{pre}{tail}{sidt}{mid}{ts}\t{ts}\n")
+            day, sod = divmod(start, 86400)
+            answers = pool[p].answers
+            if sod + answers[-1][3] < 86400:  # the usual case: the whole session within one UTC day
+                dp = days[day]
+                out = [
+                    f"{pre}{tail}{sidt}{mid}{dp}{hms[sod + secs]}{frac}\t{dp}{hms[sod + secs]}{frac}\n"
+                    for tail, _, mid, secs, frac in answers
+                ]
+            else:
+                out = []
+                for tail, _, mid, secs, frac in answers:
+                    t = start + secs
+                    ts = days[t // 86400] + hms[t % 86400] + frac
+                    out.append(f"{pre}{tail}{sidt}{mid}{ts}\t{ts}\n")
             yield "".join(out)
 
     def _write_answers(self, sink: _Sink, lo: int, hi: int) -> None:
@@ -1736,7 +1745,7 @@ def _seed_postgres(
 #: Synthetic loads at least this big use the helper connection; the main one also writes the other tables, so it
 #: takes a little less than half of the answers.
 _PARALLEL_MIN = 2_000
-_MAIN_SHARE = 0.45
+_MAIN_SHARE = 0.4
 
 
 def _may_skip_fk(db: Database) -> bool:
