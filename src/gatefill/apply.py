@@ -28,9 +28,10 @@ import sqlalchemy as sa
 
 from gatefill import ledger
 from gatefill.clock import Clock
-from gatefill.config import Environment
+from gatefill.config import Environment, Settings
 from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, GateBlocked, GatefillError
+from gatefill.gate import Override, check_production_gate, record_production_gate
 from gatefill.job import Candidate, Check, Job, SessionOutcome
 from gatefill.ledger import RunStatus
 from gatefill.plan import verify_plan
@@ -191,22 +192,13 @@ class _RunLock:
                 pass  # the row names a dead process once we exit; the next apply takes it over
 
 
-def _require_plan_approval(db: Database, run: ledger.Run, plan_hash: str, options: ApplyOptions, now: datetime) -> None:
-    with db.begin() as conn:
-        approvals = [a for a in ledger.approvals_for(conn, run.id, "plan") if a.plan_hash == plan_hash]
-        if approvals:
-            return
-        if options.approve_as:
-            ledger.record_approval(
-                conn,
-                run_id=run.id,
-                gate="plan",
-                approved_by=options.approve_as,
-                now=now,
-                note="approved at apply time (--approve-as)",
-                plan_hash=plan_hash,
-            )
-            return
+def _plan_approved(db: Database, run: ledger.Run, plan_hash: str, options: ApplyOptions) -> bool:
+    """Whether this plan (by hash) is approved; refuses (exit 4) when it is not and --approve-as was not given."""
+    with db.connect() as conn:
+        if any(a.plan_hash == plan_hash for a in ledger.approvals_for(conn, run.id, "plan")):
+            return True
+    if options.approve_as:
+        return False
     raise GateBlocked(
         "plan",
         [
@@ -214,6 +206,20 @@ def _require_plan_approval(db: Database, run: ledger.Run, plan_hash: str, option
             "or pass --approve-as NAME"
         ],
     )
+
+
+def _record_plan_approval(db: Database, run: ledger.Run, plan_hash: str, options: ApplyOptions, now: datetime) -> None:
+    assert options.approve_as
+    with db.begin() as conn:
+        ledger.record_approval(
+            conn,
+            run_id=run.id,
+            gate="plan",
+            approved_by=options.approve_as,
+            now=now,
+            note="approved at apply time (--approve-as)",
+            plan_hash=plan_hash,
+        )
 
 
 def _remaining(db: Database, run: ledger.Run, order: Sequence[str]) -> tuple[list[str], int, bool]:
@@ -384,8 +390,14 @@ def apply_plan(
     progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
     before_batch: Callable[[int], None] | None = None,
+    settings: Settings | None = None,
+    override: Override | None = None,
 ) -> ApplyResult:
-    """Applies (or resumes) the plan's run; returns the measured result and writes the batch logs."""
+    """Applies (or resumes) the plan's run; returns the measured result and writes the batch logs.
+
+    On a production environment the production gate must pass first (``settings`` lets it find the staging soak),
+    or ``override`` must name who lets it through and why.
+    """
     verify_plan(plan_body, env)
     if options.executor != "local":
         raise GateBlocked("executor", [f"executor '{options.executor}' is not available in this build (use local)"])
@@ -394,7 +406,21 @@ def apply_plan(
     if run.status in (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED):
         raise GateBlocked("apply", [f"run {run.id} is {run.status.value}; nothing to apply"])
     plan_hash = str(plan_body["hash"])
-    _require_plan_approval(db, run, plan_hash, options, now)
+    # Every gate is checked before anything is recorded, so a refused apply writes nothing.
+    plan_approved = _plan_approved(db, run, plan_hash, options)
+    gate_needed = False
+    evidence = None
+    if env.kind == "production":
+        with db.connect() as conn:
+            gate_needed = not ledger.approvals_for(conn, run.id, "soak")  # a resumed run passed it already
+        if gate_needed:
+            if settings is None:
+                raise GateBlocked("production", ["a production apply needs the configured staging environments"])
+            evidence = check_production_gate(settings, plan_body["versions"], now=now, override=override)
+    if not plan_approved:
+        _record_plan_approval(db, run, plan_hash, options, now)
+    if gate_needed:
+        record_production_gate(db, run.id, evidence, override, now=now)
     rate = parse_rate(options.rate or str(plan_body["parameters"]["rate"]))
     if options.batch_size is not None and options.batch_size < 1:
         raise GateBlocked("apply", ["--batch-size must be at least 1"])

@@ -279,10 +279,16 @@ def apply_command(
     approve_as: Annotated[
         str | None, typer.Option("--approve-as", help="Record the plan approval under this name and proceed.")
     ] = None,
+    override_gate: Annotated[
+        bool, typer.Option("--override-gate", help="Production: proceed without a passing soak (needs --by, --reason).")
+    ] = False,
+    by: Annotated[str | None, typer.Option("--by", help="Who overrides the gate.")] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden.")] = None,
 ) -> None:
     """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable."""
     from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
     from gatefill.clock import RealClock
+    from gatefill.gate import Override
     from gatefill.plan import load_plan_file, plan_from_ledger
     from gatefill.prism.job import PrismJob
     from gatefill.runs import find_run
@@ -299,6 +305,10 @@ def apply_command(
     options = ApplyOptions(
         rate=rate, batch_size=batch_size, executor=executor, max_failures=max_failures, approve_as=approve_as
     )
+    override = None
+    if override_gate:
+        override = Override(by or "", reason or "")
+        override.validate()
     clock = RealClock()
     job = PrismJob()
     with Database(environment) as db:
@@ -312,6 +322,8 @@ def apply_command(
                 clock=clock,
                 artifacts_dir=settings.artifacts_dir,
                 progress=progress,
+                settings=settings,
+                override=override,
             )
         report = write_apply_artifacts(
             db,
@@ -365,6 +377,19 @@ def _progress_reporter() -> Iterator[Callable[[int, int, float], None]]:
             out.print(f"apply: {done}/{total} sessions, {elapsed:.0f} s, {rate:.1f}/min")
 
     yield plain
+
+
+@app.command("gates")
+def gates_command(env: Annotated[str | None, typer.Option("--env", help="Environment (default: all).")] = None) -> None:
+    """List every gate record (approvals and overrides) with who, when and why."""
+    from gatefill.gate import gate_records
+
+    table = Table("at", "environment", "run", "gate", "kind", "by", "note")
+    for record in gate_records(_settings(), env):
+        a = record.approval
+        kind = "[bold red]OVERRIDE[/]" if a.kind == "override" else a.kind
+        table.add_row(a.at.isoformat(), record.environment, a.run_id, a.gate, kind, a.approved_by, a.note or "")
+    out.print(table)
 
 
 @app.command("status")
