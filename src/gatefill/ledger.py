@@ -409,6 +409,11 @@ def transition(
     return get_run(conn, run_id)
 
 
+def runs_update_summary(conn: Connection, run_id: str, summary: Mapping[str, Any], *, now: datetime) -> None:
+    """Replaces a run's summary (the pipeline keeps its step state there) without changing its status."""
+    conn.execute(runs.update().where(runs.c.id == run_id).values(summary=dict(summary), updated_at=now))
+
+
 def record_approval(
     conn: Connection,
     *,

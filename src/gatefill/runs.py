@@ -21,7 +21,9 @@ from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
 
 __all__ = ["GATES", "RunProgress", "approve", "find_run", "run_progress"]
 
-GATES = ("plan", "soak", "production")
+#: plan: the plan may be applied; review: the applied backfill was reviewed (the pipeline waits for it); soak: the
+#: staging soak is accepted; production: the production go/no-go of a pipeline.
+GATES = ("plan", "review", "soak", "production")
 
 
 def find_run(settings: Settings, run_id: str, env_name: str | None = None) -> tuple[Environment, ledger.Run]:

@@ -1,0 +1,295 @@
+"""The whole pipeline as a resumable state machine: plan → plan approval → staging apply → review → soak →
+production go/no-go → production health → (mini plan → approval → production apply) → final gate.
+
+The pipeline is a ledger run (phase ``pipeline``) in the staging environment's ledger; its ``summary`` holds the
+ids of the runs each step produced. Every invocation re-reads that state and the ledgers, does every step whose
+gate is open, and stops at the first gate that is not, saying exactly what it waits for. Nothing is skipped: a gate
+opens only through a recorded approval (or, for the production apply, the production gate of ``gatefill.gate``).
+A pipeline that reached its final gate is done, and running it again changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gatefill import ledger
+from gatefill.apply import ApplyOptions, apply_plan, ensure_run_for_plan, write_apply_artifacts
+from gatefill.clock import Clock
+from gatefill.config import Settings
+from gatefill.db import Database, format_utc
+from gatefill.errors import UsageError
+from gatefill.health import check_health
+from gatefill.ledger import RunStatus
+from gatefill.plan import PlanParams, build_plan, load_plan_file
+from gatefill.prism.job import PrismJob
+
+__all__ = ["STEPS", "PipelineOptions", "PipelineState", "run_pipeline"]
+
+STEPS = (
+    "plan",
+    "plan_approval",
+    "apply",
+    "review",
+    "soak",
+    "go_no_go",
+    "health",
+    "mini_plan_approval",
+    "production_apply",
+    "final_gate",
+)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """What the pipeline runs on and how."""
+
+    staging: str
+    production: str
+    since: datetime
+    priority: tuple[str, ...] = ()
+    rate: str = "20/min"
+    batch_size: int = 5
+    soak_duration: str = "6h"
+    soak_interval: str = "5m"
+    #: Approves every gate under this name as it is reached (the demo: approvals recorded as "demo").
+    auto_approve_as: str | None = None
+
+
+@dataclass
+class PipelineState:
+    """Where a pipeline stands: the runs of each step, what it waits for, and what each step reported."""
+
+    run_id: str
+    steps: dict[str, Any] = field(default_factory=dict)
+    waiting_for: str | None = None
+    done: bool = False
+    log: list[str] = field(default_factory=list)
+
+
+SoakStep = Callable[[Database, Any, str, Clock, Path], Mapping[str, Any]]
+
+
+def _pipeline_run(db: Database, options: PipelineOptions, now: datetime) -> ledger.Run:
+    """The unfinished pipeline of these environments, or a new one."""
+    ledger.init_ledger(db)
+    with db.connect() as conn:
+        for run in ledger.list_runs(conn, phase="pipeline", limit=20):
+            # The most recent pipeline of these two environments: unfinished (continue it) or done (a no-op).
+            if run.params.get("staging") == options.staging and run.params.get("production") == options.production:
+                return run
+    with db.begin() as conn:
+        run = ledger.create_run(
+            conn,
+            run_id=ledger.new_run_id("pipeline", now),
+            phase="pipeline",
+            environment=options.staging,
+            job="prism",
+            versions=PrismJob().versions,
+            params={
+                "staging": options.staging,
+                "production": options.production,
+                "since": format_utc(options.since),
+                "priority": list(options.priority),
+                "rate": options.rate,
+                "batch_size": options.batch_size,
+            },
+            now=now,
+        )
+        return ledger.transition(conn, run.id, RunStatus.RUNNING, now=now, reason="pipeline started")
+
+
+def _approved(db: Database, run_id: str, gate: str) -> ledger.Approval | None:
+    with db.connect() as conn:
+        found = [a for a in ledger.approvals_for(conn, run_id, gate)]
+    return found[-1] if found else None
+
+
+def _approve_or_wait(
+    db: Database, run_id: str, gate: str, options: PipelineOptions, now: datetime, state: PipelineState, env: str
+) -> bool:
+    """True when the gate is approved (auto-approving under the demo name if asked); else records what is awaited."""
+    if _approved(db, run_id, gate):
+        return True
+    if options.auto_approve_as:
+        with db.begin() as conn:
+            run = ledger.get_run(conn, run_id)
+            ledger.record_approval(
+                conn,
+                run_id=run_id,
+                gate=gate,
+                approved_by=options.auto_approve_as,
+                now=now,
+                note="recorded automatically by the demo pipeline",
+                plan_hash=run.plan_hash,
+            )
+        return True
+    state.waiting_for = f"`gatefill approve {run_id} --gate {gate} --by NAME --env {env}`"
+    return False
+
+
+def _save(db: Database, state: PipelineState, now: datetime) -> None:
+    with db.begin() as conn:
+        ledger.runs_update_summary(
+            conn, state.run_id, {"steps": state.steps, "done": state.done, "waiting_for": state.waiting_for}, now=now
+        )
+
+
+def run_pipeline(
+    settings: Settings,
+    options: PipelineOptions,
+    *,
+    clock: Clock,
+    soak_step: SoakStep,
+    apply_clock: Clock | None = None,
+) -> PipelineState:
+    """Advances the pipeline as far as its gates allow and returns where it stands."""
+    staging_env = settings.env(options.staging)
+    production_env = settings.env(options.production)
+    if staging_env.kind != "staging" or production_env.kind != "production":
+        raise UsageError(
+            f"--staging must name a staging environment and --production a production one "
+            f"({staging_env.name} is {staging_env.kind}, {production_env.name} is {production_env.kind})"
+        )
+    job = PrismJob()
+    artifacts = settings.artifacts_dir
+    with Database(staging_env) as staging, Database(production_env) as production:
+        run = _pipeline_run(staging, options, clock.now())
+        state = PipelineState(
+            run.id, dict((run.summary or {}).get("steps", {})), done=bool((run.summary or {}).get("done"))
+        )
+        if state.done:
+            state.log.append("the pipeline already reached its final gate: nothing to do")
+            return state
+        steps = state.steps
+
+        if "plan" not in steps:
+            params = PlanParams(
+                since=options.since, priority=options.priority, rate=options.rate, batch_size=options.batch_size
+            )
+            plan = build_plan(staging, staging_env, job, params, now=clock.now(), artifacts_dir=artifacts)
+            blocked = {
+                name: cat["count"]
+                for name, cat in plan.body["categories"].items()
+                if not any(c["operations"] for c in plan.body["candidates"] if c["category"] == name)
+            }
+            steps["plan"] = {
+                "run_id": plan.run_id,
+                "candidates": plan.body["totals"]["candidates"],
+                "blocked": blocked,
+                "artifact": str(plan.md_path),
+            }
+            state.log.append(
+                f"plan {plan.run_id}: {plan.body['totals']['candidates']} candidates on {staging_env.name}"
+            )
+        plan_run = steps["plan"]["run_id"]
+        if not _approve_or_wait(staging, plan_run, "plan", options, clock.now(), state, staging_env.name):
+            _save(staging, state, clock.now())
+            return state
+
+        if "apply" not in steps:
+            with staging.connect() as conn:
+                body = dict(ledger.get_run(conn, plan_run).plan or {})
+            result = apply_plan(
+                staging,
+                staging_env,
+                job,
+                body,
+                options=ApplyOptions(),
+                clock=apply_clock or clock,
+                artifacts_dir=artifacts,
+                settings=settings,
+            )
+            report = write_apply_artifacts(
+                staging, staging_env, job, plan_run, clock=clock, artifacts_dir=artifacts, result=result
+            )
+            steps["apply"] = {
+                "run_id": plan_run,
+                "status": result.status.value,
+                "verdict": report.verdict,
+                "results": dict(result.counts),
+                "elapsed_seconds": result.elapsed_seconds,
+                "rate_per_minute": result.measured_rate_per_minute,
+                "artifacts": {k: str(v) for k, v in report.paths.items()},
+            }
+            state.log.append(f"apply {plan_run}: {result.status.value}, gate {report.verdict}")
+        if steps["apply"]["verdict"] != "PASS":
+            state.waiting_for = f"the staging backfill gate is {steps['apply']['verdict']}: fix or roll back"
+            _save(staging, state, clock.now())
+            return state
+        if not _approve_or_wait(staging, plan_run, "review", options, clock.now(), state, staging_env.name):
+            _save(staging, state, clock.now())
+            return state
+
+        if "soak" not in steps:
+            steps["soak"] = dict(soak_step(staging, staging_env, plan_run, clock, artifacts))
+            state.log.append(f"soak {steps['soak']['run_id']}: {steps['soak']['verdict']}")
+        soak_run = steps["soak"]["run_id"]
+        if not _approve_or_wait(staging, soak_run, "soak", options, clock.now(), state, staging_env.name):
+            _save(staging, state, clock.now())
+            return state
+        if not _approve_or_wait(staging, run.id, "production", options, clock.now(), state, staging_env.name):
+            _save(staging, state, clock.now())
+            return state
+
+        if "health" not in steps:
+            health = check_health(
+                production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts
+            )
+            steps["health"] = {
+                "run_id": health.run_id,
+                "healthy": health.healthy,
+                "checks": {c.name: c.verdict for c in health.checks},
+                "mini_plan": str(health.paths["mini_plan"]) if "mini_plan" in health.paths else None,
+                "artifact": str(health.paths["report"]),
+            }
+            state.log.append(f"health {health.run_id}: {'healthy' if health.healthy else 'not healthy'}")
+        mini = steps["health"]["mini_plan"]
+        if mini and "production_apply" not in steps:
+            body = load_plan_file(Path(mini))
+            ensure_run_for_plan(production, body, now=clock.now())
+            if not _approve_or_wait(
+                production, body["run_id"], "plan", options, clock.now(), state, production_env.name
+            ):
+                _save(staging, state, clock.now())
+                return state
+            result = apply_plan(
+                production,
+                production_env,
+                job,
+                body,
+                options=ApplyOptions(),
+                clock=apply_clock or clock,
+                artifacts_dir=artifacts,
+                settings=settings,
+            )
+            report = write_apply_artifacts(
+                production, production_env, job, result.run_id, clock=clock, artifacts_dir=artifacts, result=result
+            )
+            after = check_health(
+                production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts
+            )
+            steps["production_apply"] = {
+                "run_id": result.run_id,
+                "status": result.status.value,
+                "verdict": report.verdict,
+                "results": dict(result.counts),
+                "healthy_after": after.healthy,
+                "health_after": after.run_id,
+                "artifacts": {k: str(v) for k, v in report.paths.items()},
+            }
+            state.log.append(f"production apply {result.run_id}: {result.status.value}, gate {report.verdict}")
+
+        from gatefill.final_gate import write_final_gate
+
+        steps["final_gate"] = write_final_gate(settings, options, state.run_id, steps, now=clock.now())
+        state.done = True
+        state.waiting_for = None
+        state.log.append(f"final gate: {steps['final_gate']['verdict']} ({steps['final_gate']['artifact']})")
+        _save(staging, state, clock.now())
+        with staging.begin() as conn:
+            ledger.transition(conn, state.run_id, RunStatus.SUCCEEDED, now=clock.now(), reason="final gate written")
+        return state
