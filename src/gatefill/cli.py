@@ -7,6 +7,7 @@ a traceback only with ``--traceback``.
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -188,7 +189,7 @@ def seed_command(
             now=when,
             replace=replace,
         )
-        out.print(report.render())
+        out.print(report.render(), markup=False)
 
 
 @app.command("demo")
@@ -482,9 +483,13 @@ app.add_typer(serve_app, name="serve")
 def serve_functions_command(
     env: EnvOption,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 54321,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 54321,
     allow_fault_injection: Annotated[
-        bool, typer.Option("--allow-fault-injection", help="Honour X-Gatefill-Fault headers (never on production).")
+        bool,
+        typer.Option(
+            "--allow-fault-injection",
+            help="Honour X-Gatefill-Fault and X-Gatefill-Now headers from service-role callers (never on production).",
+        ),
     ] = False,
 ) -> None:
     """Serve the PRISM edge functions (/functions/v1/...) and /results/{id}?t=TOKEN over HTTP."""
@@ -514,6 +519,9 @@ def simulate_command(
         str | None, typer.Option(help="Faults with probabilities, e.g. legacy_fc=0.1,profile_write_fail=0.05.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the full report (every respondent) as JSON.")
+    ] = None,
 ) -> None:
     """Simulate live respondents: answers, abandonment, finalize over HTTP, results fetches; with injected faults."""
     from gatefill.prism.simulator import run_simulation
@@ -529,7 +537,9 @@ def simulate_command(
         inject=inject,
         seed=seed,
     )
-    out.print(report.render())
+    out.print(report.render(), markup=False)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
