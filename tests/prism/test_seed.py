@@ -415,6 +415,7 @@ def test_parallel_bulk_load_on_postgres(pg_target: Target, monkeypatch: pytest.M
     import gatefill.prism.seed as seed_module
 
     monkeypatch.setattr(seed_module, "_PARALLEL_MIN", 40)  # the helper connection, at test size
+    monkeypatch.setattr(seed_module, "_QUEUE_STEP", 3)  # both connections take ranges from the queue
     report = seed_scenario(pg_target.db, "synthetic", sessions=60, seed=9)
     assert any("second connection" in note for note in report.notes)
     with pg_target.db.connect() as conn:

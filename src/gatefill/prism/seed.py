@@ -1268,6 +1268,26 @@ def _stamp(start_s: int, offset_ms: int, days: Mapping[int, str]) -> str:
     return f"{days[d]}{_HMS[sod]}.{ms:03d}000Z"
 
 
+#: Sessions per range taken from the queue: 62,000 answers, a few seconds of COPY.
+_QUEUE_STEP = 250
+
+
+class _SessionQueue:
+    """Hands out consecutive ranges of session indexes, in order, to the connections that COPY answers."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.step, self.next = n, _QUEUE_STEP, 0
+        self.lock = threading.Lock()
+
+    def take(self) -> tuple[int, int] | None:
+        with self.lock:
+            if self.next >= self.n:
+                return None
+            lo = self.next
+            self.next = min(self.n, lo + self.step)
+            return lo, self.next
+
+
 class _Synthetic:
     """Generates N completed sessions from a pool of respondents and streams their rows into a ``_Sink``.
 
@@ -1342,8 +1362,12 @@ class _Synthetic:
             wire = tuple(e(row[c]) for e, c in zip(prof_encs, _PROFILE_COLS[len(_PROFILE_HEAD) :], strict=True))
             pat.scored[with_fc] = (fc_row, wire, "\t".join(_copy_field(v) for v in wire))
 
-    def write(self, sink: _Sink, answers_upto: int | None = None) -> None:
-        """Writes every table; answers only for sessions ``[0, answers_upto)`` (the rest go to a helper)."""
+    def write(self, sink: _Sink, queue: _SessionQueue | None = None) -> None:
+        """Writes every table, the answers last: those of the sessions it takes from ``queue`` (default: all).
+
+        A helper connection may take sessions from the same queue meanwhile; the answers come last so that the
+        main connection joins the shared work once its own tables are written and both finish together.
+        """
         if not any(p.scored for p in self.pool):
             self.score_patterns()
         stamp, days, pool = _stamp, self.days, self.pool
@@ -1360,7 +1384,6 @@ class _Synthetic:
             sessions.append((*row, email, token, expires, country))
         sink.rows("assessment_sessions", _SESSION_COLS, sessions)
         del sessions
-        self._write_answers(sink, 0, len(self.sessions) if answers_upto is None else answers_upto)
         self._write_fc_responses(sink)
         scores = []
         for sid, p, start, kind, *_ in self.sessions:
@@ -1380,6 +1403,7 @@ class _Synthetic:
                 )
         sink.rows("fc_scores", _FC_SCORE_COLS, scores)
         self._write_profiles(sink)
+        self._write_answers(sink, queue or _SessionQueue(len(self.sessions)))
 
     def _write_fc_responses(self, sink: _Sink) -> None:
         days, hms, pool = self.days, _HMS, self.pool
@@ -1422,21 +1446,29 @@ class _Synthetic:
                     out.append(f"{pre}{tail}{sidt}{mid}{ts}\t{ts}\n")
             yield "".join(out)
 
-    def _write_answers(self, sink: _Sink, lo: int, hi: int) -> None:
+    def queued_texts(self, queue: _SessionQueue, counted: list[int]) -> Iterator[str]:
+        """COPY text of the answers of every range taken from ``queue`` until it is empty; rows added to ``counted``."""
+        while (taken := queue.take()) is not None:
+            counted[0] += self.answer_count(*taken)
+            yield from self.answer_texts(*taken)
+
+    def _write_answers(self, sink: _Sink, queue: _SessionQueue) -> None:
         if sink.copy:
-            sink.chunks(
-                "assessment_responses", _RESPONSE_COLS, self.answer_texts(lo, hi), rows=self.answer_count(lo, hi)
-            )
+            started, counted = time.perf_counter(), [0]
+            sink.chunks("assessment_responses", _RESPONSE_COLS, self.queued_texts(queue, counted), rows=None)
+            sink._count("assessment_responses", counted[0])
+            sink.timings["assessment_responses"] = time.perf_counter() - started
             return
         days, hms, pool = self.days, _HMS, self.pool
 
         def tuples() -> Iterator[tuple[_Wire, ...]]:
-            for sid, p, start, *_ in self.sessions[lo:hi]:
-                pre = sid[:24]
-                for tail, wire, _, secs, frac in pool[p].answers:
-                    t = start + secs
-                    ts = days[t // 86400] + hms[t % 86400] + frac
-                    yield (pre + tail[:-1], sid, *wire, ts, ts)
+            while (taken := queue.take()) is not None:
+                for sid, p, start, *_ in self.sessions[taken[0] : taken[1]]:
+                    pre = sid[:24]
+                    for tail, wire, _, secs, frac in pool[p].answers:
+                        t = start + secs
+                        ts = days[t // 86400] + hms[t % 86400] + frac
+                        yield (pre + tail[:-1], sid, *wire, ts, ts)
 
         sink.rows("assessment_responses", _RESPONSE_COLS, tuples())
 
@@ -1456,21 +1488,27 @@ class _Synthetic:
 
 
 class _HelperCopy:
-    """A second Postgres connection that COPYs the answers of the later sessions in parallel, in its own transaction.
+    """A second Postgres connection that COPYs answers in parallel with the main one, in its own transaction.
 
     Postgres runs one COPY per backend on one core, so on the answers table (99% of the rows) a second backend
-    nearly halves the wall time. Its rows reference sessions the main transaction has not committed yet, so it runs
+    nearly halves the wall time. Both take ranges of sessions from one ``_SessionQueue``, so neither waits for the
+    other at the end. Its rows reference sessions the main transaction has not committed yet, so it runs
     only when the foreign-key triggers are skipped (``session_replication_role``). It commits right after the main
     transaction; should that commit fail, the seeded rows are deleted again, so no half-built database remains.
     """
 
-    def __init__(self, db: Database, synthetic: _Synthetic, lo: int, hi: int) -> None:
+    def __init__(self, db: Database, synthetic: _Synthetic, queue: _SessionQueue) -> None:
         self.db = db
-        self.rows = synthetic.answer_count(lo, hi)
+        self.counted = [0]
         self.proxy = db.engine.raw_connection()
         self.error: BaseException | None = None
         self.seconds = 0.0
-        self.thread = threading.Thread(target=self._run, args=(synthetic.answer_texts(lo, hi),), daemon=True)
+        texts = synthetic.queued_texts(queue, self.counted)
+        self.thread = threading.Thread(target=self._run, args=(texts,), daemon=True)
+
+    @property
+    def rows(self) -> int:
+        return self.counted[0]
 
     def _run(self, texts: Iterable[str]) -> None:
         started = time.perf_counter()
@@ -1706,9 +1744,9 @@ def _seed_postgres(
     n = len(synthetic.sessions) if synthetic is not None else 0
     # The helper starts before the main transaction (scoring then overlaps its COPY). It needs the FK triggers off
     # and must not meet a TRUNCATE, whose lock lasts until the main commit: a replace of real data loads serially.
+    queue = _SessionQueue(n)
     if n >= _PARALLEL_MIN and synthetic is not None and not fk_checks and not replace and _may_skip_fk(db):
-        split = int(n * _MAIN_SHARE)
-        helper = _HelperCopy(db, synthetic, split, n)
+        helper = _HelperCopy(db, synthetic, queue)
         helper.start()
     try:
         with db.begin() as conn:
@@ -1722,14 +1760,12 @@ def _seed_postgres(
             elif synthetic is not None:
                 if not fk_checks:
                     _skip_fk_triggers(conn, notes)
+                synthetic.write(sink, queue)
                 if helper is not None:
-                    synthetic.write(sink, answers_upto=split)
                     helper.join()
                     sink._count("assessment_responses", helper.rows)
                     timings["assessment_responses (helper)"] = helper.seconds
-                    notes.append(f"answers of the last {n - split} sessions loaded by a second connection in parallel")
-                else:
-                    synthetic.write(sink)
+                    notes.append(f"{helper.rows:,} answers loaded by a second connection in parallel")
             counts = dict(sink.written)
             timings.update(sink.timings)
             committing = time.perf_counter()
@@ -1742,10 +1778,8 @@ def _seed_postgres(
     return counts, replaced
 
 
-#: Synthetic loads at least this big use the helper connection; the main one also writes the other tables, so it
-#: takes a little less than half of the answers.
+#: Synthetic loads at least this big use the helper connection.
 _PARALLEL_MIN = 2_000
-_MAIN_SHARE = 0.4
 
 
 def _may_skip_fk(db: Database) -> bool:
