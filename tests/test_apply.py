@@ -222,3 +222,48 @@ def test_a_live_writer_finalizing_candidates_is_never_overwritten(
             sa.select(sa.func.count()).select_from(fn_logs).where(fn_logs.c.evt == "gatefill_backfill")
         ).scalar_one()
         assert backfill_events == 39 - len(live_sessions)
+
+
+def test_ctrl_c_finishes_the_current_batch_pauses_and_resumes(
+    staging: tuple[Target, SeedReport], tmp_path: Path
+) -> None:
+    import threading
+
+    from gatefill.apply import RunPaused
+
+    target, _ = staging
+    body = make_plan(target, tmp_path)
+    stop = threading.Event()
+
+    def press_ctrl_c(batch_no: int) -> None:
+        if batch_no == 3:
+            stop.set()  # what the SIGINT handler does; batch 3 itself still runs to its commit
+
+    with pytest.raises(RunPaused) as paused:
+        apply_plan(
+            target.db,
+            target.env,
+            PrismJob(),
+            body,
+            options=ApplyOptions(approve_as="t", rate="unlimited"),
+            clock=SimulatedClock(START),
+            artifacts_dir=tmp_path / "a",
+            stop=stop,
+            before_batch=press_ctrl_c,
+        )
+    assert paused.value.exit_code == 130 and "after batch 3" in str(paused.value)
+    with target.db.connect() as conn:
+        assert ledger.get_run(conn, str(body["run_id"])).status is RunStatus.PAUSED
+        assert ledger.committed_batches(conn, str(body["run_id"])) == {1, 2, 3}
+    result = apply_plan(
+        target.db,
+        target.env,
+        PrismJob(),
+        body,
+        options=ApplyOptions(rate="unlimited"),
+        clock=SimulatedClock(START),
+        artifacts_dir=tmp_path / "a",
+    )
+    assert result.status is RunStatus.SUCCEEDED
+    with target.db.connect() as conn:
+        assert len(ledger.session_results_for(conn, str(body["run_id"]))) == 39

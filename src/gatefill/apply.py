@@ -17,8 +17,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from gatefill.config import Environment, Settings
 from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, GateBlocked, GatefillError
 from gatefill.gate import Override, check_production_gate, record_production_gate
+from gatefill.interrupt import stop_on_sigint
 from gatefill.job import Candidate, Check, Job, SessionOutcome
 from gatefill.ledger import RunStatus
 from gatefill.plan import verify_plan
@@ -356,28 +356,6 @@ def _rows_by_table(changes: Sequence[Any]) -> dict[str, int]:
     return dict(Counter(ch.table for ch in changes))
 
 
-@contextmanager
-def _stop_on_sigint(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C sets ``stop`` (honoured between batches) instead of killing a batch half-way; a second one aborts."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(_signum: int, _frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def apply_plan(
     db: Database,
     env: Environment,
@@ -429,7 +407,7 @@ def apply_plan(
     logs_dir = artifacts_dir / run.id / "backfill_logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     result = ApplyResult(run.id, run.status, len(order))
-    with _RunLock(db, run.id, now), _stop_on_sigint(stop):
+    with _RunLock(db, run.id, now), stop_on_sigint(stop):
         todo, next_batch, retrying = _remaining(db, run, order)
         with db.begin() as conn:
             ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=f"apply ({len(todo)} to do)")
