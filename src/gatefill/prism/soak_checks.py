@@ -1,0 +1,1102 @@
+"""The PRISM soak checks: what the staging soak measures at each look, from the PRISM tables, the functions' event log
+and probes of the live results endpoint.
+
+Every check is a count over the window so far, read with one set-based query per table (each query's text is stored
+beside its counts), so a look costs a handful of index range scans whatever the table sizes. What each reads:
+
+1. ``version_stamps``: fc_scores written in the window whose version is not v1.2 or kind not ``functions``, and
+   profiles written in the window whose ``results_version`` is not v1.2.1 (NULL counts as wrong); must be 0, and the
+   evidence gives N checked with the rule-of-three bound (zero in N only shows "rate ≤ ≈3/N").
+2. ``engine_version_override``: ``scoring_config.results_version`` equals the engine version, and no
+   ``engine_version_override`` event was logged in the window.
+3. ``legacy_fc``: no ``fc_fallback_legacy`` event, and, from the data itself, no profile written in the window for a
+   session that had FC answers but no v1.2 ``functions`` fc_scores row at that instant.
+4. ``token_gating``: probes of the results endpoint for sampled completed sessions (no token → 401, wrong token →
+   403, another session's token → 403, valid token → 200); tokenless accesses that were served (from
+   ``results_token_access_logs``); on Postgres, what role ``anon`` can see of ``profiles`` and
+   ``assessment_sessions`` (must be nothing).
+5. ``conversion``: two funnels of sessions started in the window, completed → has a profile and started →
+   completed, against the same funnels over the baseline window before it, with the sequential non-inferiority test
+   of ``gatefill.stats`` (alpha spent over the looks; a decision, once reached, is kept).
+6. ``function_errors``: error events (failed writes, unscorable sessions, withheld profiles) and failed finalizations.
+7. ``latency``: p50/p95 of the probes' response times against a threshold.
+8. ``write_failures``: sessions finalized in the window (before a grace period ended) that still have no profile:
+   catches writes that failed or were swallowed, whatever the logs say.
+
+Secrets: the probes need share tokens of sampled sessions, read from the database; a token never leaves this module
+(evidence holds short session ids and outcomes only). The service-role key is sent only under a simulated clock, to
+tell a test server the simulated time (``X-Gatefill-Now``), and is never recorded. Probe requests carry their own
+User-Agent, so the data checks can leave the soak's own accesses out.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from gatefill import ledger, stats
+from gatefill.clock import Clock, RealClock, SimulatedClock, utc
+from gatefill.config import Environment
+from gatefill.db import Database, JSONValue, UTCTimestamp, parse_utc
+from gatefill.errors import UsageError
+from gatefill.job import Check
+from gatefill.prism import scoring
+from gatefill.prism.job import PrismJob
+from gatefill.prism.schema import require_schema
+from gatefill.prism.service import token_hash
+from gatefill.soak import Look, Measurement, ReportTable, SeriesBucket, SoakOptions, SoakResult, run_soak
+
+__all__ = [
+    "CHECK_NAMES",
+    "ERROR_EVENTS",
+    "PROBE_USER_AGENT",
+    "PrismSoakChecks",
+    "PrismSoakSettings",
+    "run_prism_soak",
+]
+
+CHECK_NAMES = (
+    "version_stamps",
+    "engine_version_override",
+    "legacy_fc",
+    "token_gating",
+    "conversion",
+    "function_errors",
+    "latency",
+    "write_failures",
+)
+PROBE_USER_AGENT = "gatefill-soak-probe/1"
+#: fn_logs events that mean a function call failed (see ``gatefill.prism.service.EVENTS``). ``no_responses`` is a
+#: client error (nothing to score), not a function error.
+ERROR_EVENTS = (
+    "fc_upsert_error",
+    "fc_scores_non_finite",
+    "profile_write_failed",
+    "scoring_failed",
+    "profile_withheld",
+    "finalize_failed",
+)
+# Every event any check counts; one grouped query reads them all.
+_COUNTED_EVENTS = (
+    *ERROR_EVENTS,
+    "engine_version_override",
+    "fc_fallback_legacy",
+    "fc_scores_loaded",
+    "finalize_complete",
+)
+# What the observability chart shows per bucket (the probes' own denied accesses are left out on purpose).
+_CHARTED_EVENTS = (*ERROR_EVENTS, "engine_version_override", "fc_fallback_legacy")
+_FUNNELS = ("completion", "profile")
+_MAX_LISTED = 20
+
+
+def _sql(
+    text: str,
+    *timestamps: str,
+    expanding: Sequence[str] = (),
+    booleans: Sequence[str] = (),
+    results: Mapping[str, Any] | None = None,
+) -> Any:
+    """A textual query whose timestamps bind through ``UTCTimestamp`` (ISO text on SQLite, timestamptz on Postgres)
+    and whose ``results`` columns are decoded by the given types (SQLite returns bare text otherwise)."""
+    params: list[sa.BindParameter[Any]] = [sa.bindparam(name, type_=UTCTimestamp()) for name in timestamps]
+    params += [sa.bindparam(name, expanding=True) for name in expanding]
+    params += [sa.bindparam(name, type_=sa.Boolean()) for name in booleans]
+    clause = sa.text(" ".join(text.split())).bindparams(*params)
+    return clause.columns(**results) if results else clause
+
+
+# Rows written in the window: fc_scores keep created_at on upserts; profiles count if created or updated in it.
+_FC_STAMPS = _sql(
+    """
+    SELECT count(*) AS checked,
+           count(CASE WHEN version IS NULL OR version <> :fc_version OR fc_kind IS NULL OR fc_kind <> :fc_kind
+                      THEN 1 END) AS wrong
+    FROM fc_scores WHERE created_at >= :start AND created_at < :end
+    """,
+    "start",
+    "end",
+)
+_PROFILE_WINDOW = (
+    "((p.updated_at >= :start AND p.updated_at < :end) OR (p.created_at >= :start AND p.created_at < :end))"
+)
+_PROFILE_STAMPS = _sql(
+    f"""
+    SELECT count(*) AS checked,
+           count(CASE WHEN p.results_version IS NULL OR p.results_version <> :engine_version THEN 1 END) AS wrong
+    FROM profiles p WHERE {_PROFILE_WINDOW}
+    """,
+    "start",
+    "end",
+)
+_WRONG_STAMPS_SAMPLE = _sql(
+    f"""
+    SELECT 'fc_scores' AS tbl, session_id, version AS stamp, fc_kind AS kind FROM fc_scores
+    WHERE created_at >= :start AND created_at < :end
+      AND (version IS NULL OR version <> :fc_version OR fc_kind IS NULL OR fc_kind <> :fc_kind)
+    UNION ALL
+    SELECT 'profiles', p.session_id, p.results_version, NULL FROM profiles p
+    WHERE {_PROFILE_WINDOW} AND (p.results_version IS NULL OR p.results_version <> :engine_version)
+    LIMIT {_MAX_LISTED}
+    """,
+    "start",
+    "end",
+)
+_EVENT_COUNTS = _sql(
+    "SELECT evt, count(*) AS n FROM fn_logs WHERE evt IN :events AND at >= :start AND at < :end GROUP BY evt",
+    "start",
+    "end",
+    expanding=("events",),
+)
+_ERROR_PAYLOADS = _sql(
+    "SELECT evt, payload FROM fn_logs WHERE evt IN :events AND at >= :start AND at < :end ORDER BY at LIMIT 100000",
+    "start",
+    "end",
+    expanding=("events",),
+    results={"evt": sa.Text(), "payload": JSONValue()},
+)
+_RESULTS_VERSION = _sql(
+    "SELECT value FROM scoring_config WHERE key = 'results_version'", results={"value": JSONValue()}
+)
+# A profile written in the window for a session that had FC answers at that instant but no v1.2 functions row.
+_LEGACY_FROM_DATA = f"""
+    FROM profiles p WHERE {_PROFILE_WINDOW}
+      AND EXISTS (SELECT 1 FROM fc_responses r WHERE r.session_id = p.session_id AND r.answered_at <= p.updated_at)
+      AND NOT EXISTS (SELECT 1 FROM fc_scores f WHERE f.session_id = p.session_id AND f.version = :fc_version
+                      AND f.fc_kind = :fc_kind AND f.created_at <= p.updated_at)
+"""
+_LEGACY_COUNT = _sql("SELECT count(*) " + _LEGACY_FROM_DATA, "start", "end")
+_LEGACY_SAMPLE = _sql(f"SELECT p.session_id {_LEGACY_FROM_DATA} LIMIT {_MAX_LISTED}", "start", "end")
+_TOKENLESS_SERVED = _sql(
+    """
+    SELECT count(*) AS accesses,
+           count(CASE WHEN success = :yes AND token_hash = :empty_hash THEN 1 END) AS tokenless_served
+    FROM results_token_access_logs
+    WHERE ts >= :start AND ts < :end AND (ua IS NULL OR ua <> :probe_ua)
+    """,
+    "start",
+    "end",
+    booleans=("yes",),
+)
+# Both funnels over sessions started in [start, end): started → completed counts only sessions started before
+# :judged (they had the completion grace to finish); completed → profile counts completions before :written.
+_FUNNEL_COUNTS = _sql(
+    """
+    SELECT count(*) AS started,
+      count(CASE WHEN s.started_at < :judged THEN 1 END) AS started_judged,
+      count(CASE WHEN s.started_at < :judged AND s.status = 'completed' AND s.completed_at < :end THEN 1 END)
+        AS completed_judged,
+      count(CASE WHEN s.status = 'completed' AND s.completed_at < :written THEN 1 END) AS completed_written,
+      count(CASE WHEN s.status = 'completed' AND s.completed_at < :written AND EXISTS (
+              SELECT 1 FROM profiles p WHERE p.session_id = s.id AND p.created_at < :end) THEN 1 END) AS with_profile
+    FROM assessment_sessions s WHERE s.started_at >= :start AND s.started_at < :end
+    """,
+    "start",
+    "end",
+    "judged",
+    "written",
+)
+_WRITE_FAILURES = _sql(
+    """
+    SELECT count(*) AS finalized,
+      count(CASE WHEN NOT EXISTS (SELECT 1 FROM profiles p WHERE p.session_id = s.id AND p.created_at < :end)
+            THEN 1 END) AS without_profile
+    FROM assessment_sessions s WHERE s.finalized_at >= :start AND s.finalized_at < :judged
+    """,
+    "start",
+    "end",
+    "judged",
+)
+_WRITE_FAILURES_SAMPLE = _sql(
+    f"""
+    SELECT s.id FROM assessment_sessions s WHERE s.finalized_at >= :start AND s.finalized_at < :judged
+      AND NOT EXISTS (SELECT 1 FROM profiles p WHERE p.session_id = s.id AND p.created_at < :end)
+    ORDER BY s.finalized_at LIMIT {_MAX_LISTED}
+    """,
+    "start",
+    "end",
+    "judged",
+)
+# Sessions to probe: completed before the cutoff, with a profile and a live token; the latest ones first. The
+# started_at range keeps it on the started_at index; the fallback looks before the window.
+_PROBE_SESSIONS = _sql(
+    """
+    SELECT s.id, s.share_token FROM assessment_sessions s
+    WHERE s.started_at >= :start AND s.started_at < :end AND s.status = 'completed' AND s.completed_at < :end
+      AND (s.share_token_expires_at IS NULL OR s.share_token_expires_at > :now)
+      AND EXISTS (SELECT 1 FROM profiles p WHERE p.session_id = s.id)
+    ORDER BY s.started_at DESC LIMIT :limit
+    """,
+    "start",
+    "end",
+    "now",
+)
+_SERIES_SESSIONS = _sql(
+    """
+    SELECT s.started_at, s.status, s.completed_at,
+           EXISTS (SELECT 1 FROM profiles p WHERE p.session_id = s.id AND p.created_at < :end) AS has_profile
+    FROM assessment_sessions s WHERE s.started_at >= :start AND s.started_at < :end
+    """,
+    "start",
+    "end",
+    results={
+        "started_at": UTCTimestamp(),
+        "status": sa.Text(),
+        "completed_at": UTCTimestamp(),
+        "has_profile": sa.Boolean(),
+    },
+)
+_SERIES_EVENTS = _sql(
+    "SELECT evt, at FROM fn_logs WHERE evt IN :events AND at >= :start AND at < :end",
+    "start",
+    "end",
+    expanding=("events",),
+    results={"evt": sa.Text(), "at": UTCTimestamp()},
+)
+_RLS_TABLES = ("profiles", "assessment_sessions")
+_PROBE_CASES = ("no_token", "wrong_token", "other_session_token", "valid_token")
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _query_text(*clauses: sa.TextClause) -> str:
+    return "; ".join(str(c) for c in clauses)
+
+
+@dataclass(frozen=True)
+class PrismSoakSettings:
+    """Settings of the PRISM checks; endpoint URLs default to the environment's ``results_url``/``functions_url``."""
+
+    results_url: str | None = None
+    functions_url: str | None = None
+    #: Sessions started within this of a cutoff are not judged on completion yet (answering takes a while).
+    completion_grace: float = 3600.0
+    #: Sessions finalized within this of a cutoff are not judged on their profile yet.
+    write_grace: float = 600.0
+    latency_p95_ms: float = 1000.0
+    min_latency_samples: int = 10
+    probe_sessions: int = 2
+    #: Probe requests per real minute at most: the results endpoint limits each client to 60 per minute, and a
+    #: simulated soak takes its looks back to back. A look whose probes do not fit is recorded as skipped.
+    probe_budget_per_minute: int = 30
+    probe_timeout: float = 10.0
+    fc_version: str = scoring.FC_VERSION
+    fc_kind: str = scoring.FC_KIND
+    engine_version: str = scoring.ENGINE_VERSION
+    #: Only used to tell a server the simulated time (X-Gatefill-Now); never recorded.
+    service_role_key: str | None = field(default=None, repr=False)
+    transport: httpx.BaseTransport | None = field(default=None, repr=False)
+
+    def validate(self) -> None:
+        if self.completion_grace < 0 or self.write_grace < 0:
+            raise UsageError("grace periods must not be negative")
+        if not self.latency_p95_ms > 0:
+            raise UsageError("the latency threshold must be positive")
+        if not 1 <= self.probe_sessions <= 2:
+            raise UsageError("probe 1 or 2 sessions per look (the endpoint is rate limited)")
+        if self.probe_budget_per_minute < 1:
+            raise UsageError("the probe budget must be at least 1 request per minute")
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """One request to the results endpoint and what came back (never the token)."""
+
+    session: str
+    case: str
+    expected: int
+    status: int | None
+    ms: float | None
+    outcome: str  # pass | fail | inconclusive
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "session": self.session,
+            "case": self.case,
+            "expected": self.expected,
+            "status": self.status,
+            "ms": None if self.ms is None else round(self.ms, 1),
+            "outcome": self.outcome,
+        }
+        if self.note:
+            data["note"] = self.note
+        return data
+
+
+class _Prober:
+    """Probes the results endpoint over HTTP within a per-minute budget (on real time: rate limits count requests)."""
+
+    def __init__(self, env: Environment, settings: PrismSoakSettings) -> None:
+        self.settings = settings
+        self.get_base = (settings.results_url or env.results_url or "").rstrip("/") or None
+        functions = (settings.functions_url or env.functions_url or "").rstrip("/") or None
+        self.post_url = f"{functions}/get-results-by-session" if functions and not self.get_base else None
+        self._http: httpx.Client | None = None
+        self._sent: deque[float] = deque()
+
+    @property
+    def endpoint(self) -> str | None:
+        if self.get_base:
+            return "GET /results/{session_id}?t=TOKEN"
+        if self.post_url:
+            return "POST /functions/v1/get-results-by-session"
+        return None
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def room_for(self, requests: int) -> bool:
+        now = time.monotonic()
+        while self._sent and self._sent[0] <= now - 60.0:
+            self._sent.popleft()
+        return len(self._sent) + requests <= self.settings.probe_budget_per_minute
+
+    def request(
+        self, session_id: str, token: str | None, simulated_now: datetime | None
+    ) -> tuple[int | None, float, str]:
+        """One probe: (status or None, milliseconds, error code or transport error)."""
+        if self._http is None:
+            self._http = httpx.Client(
+                timeout=self.settings.probe_timeout,
+                transport=self.settings.transport,
+                headers={"user-agent": PROBE_USER_AGENT},
+            )
+        headers: dict[str, str] = {}
+        if simulated_now is not None and self.settings.service_role_key:
+            headers["x-gatefill-now"] = simulated_now.isoformat()
+            headers["authorization"] = f"Bearer {self.settings.service_role_key}"
+        self._sent.append(time.monotonic())
+        started = time.perf_counter()
+        try:
+            if self.get_base:
+                params = {"t": token} if token is not None else None
+                response = self._http.get(f"{self.get_base}/results/{session_id}", params=params, headers=headers)
+            else:
+                assert self.post_url is not None
+                body: dict[str, Any] = {"session_id": session_id}
+                if token is not None:
+                    body["share_token"] = token
+                response = self._http.post(self.post_url, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            # The exception text can hold the URL with its query (the token): keep only the class name.
+            return None, (time.perf_counter() - started) * 1000.0, type(exc).__name__
+        elapsed = (time.perf_counter() - started) * 1000.0
+        code = ""
+        try:
+            body_json = response.json()
+            if isinstance(body_json, dict) and isinstance(body_json.get("code"), str):
+                code = body_json["code"]
+        except ValueError:
+            pass
+        return response.status_code, elapsed, code
+
+
+# Refusals of the simulated-time header: the probe did not test the token at all.
+_REFUSED_CODES = frozenset({"FAULT_INJECTION_DISABLED", "UNAUTHORIZED", "INVALID_NOW"})
+
+
+def _judge(expected: int, status: int | None, code: str) -> tuple[str, str]:
+    if status is None:
+        return "inconclusive", f"no answer ({code})"
+    if code in _REFUSED_CODES:
+        return "inconclusive", f"server refused the probe ({code})"
+    if status == 429:
+        return "inconclusive", "rate limited (429)"
+    if status >= 500:
+        return "inconclusive", f"server error {status}"
+    if status == expected:
+        return "pass", ""
+    if expected == 200 and status == 404:
+        return "inconclusive", "valid token but no profile (404)"
+    return "fail", f"expected {expected}, got {status}"
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (no interpolation: with few samples p95 is honestly the largest)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _bound(n: int) -> float:
+    return stats.rule_of_three_upper(n)
+
+
+def _zero_summary(what: str, n: int, unit: str) -> str:
+    return f"0 {what} in {n} {unit}; one-sided 95 % upper bound on the rate {_bound(n):.2%} (rule of three)"
+
+
+class PrismSoakChecks:
+    """The eight PRISM soak checks (see the module docstring) for one environment; use as a context manager."""
+
+    job = "prism"
+
+    def __init__(self, env: Environment, settings: PrismSoakSettings | None = None) -> None:
+        self.env = env
+        self.settings = settings or PrismSoakSettings()
+        self.settings.validate()
+        self._prober = _Prober(env, self.settings)
+
+    def __enter__(self) -> PrismSoakChecks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._prober.close()
+
+    @property
+    def check_names(self) -> tuple[str, ...]:
+        return CHECK_NAMES
+
+    def params(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "endpoint": self._prober.endpoint,
+            "completion_grace_s": s.completion_grace,
+            "write_grace_s": s.write_grace,
+            "latency_p95_ms": s.latency_p95_ms,
+            "min_latency_samples": s.min_latency_samples,
+            "probe_sessions": s.probe_sessions,
+            "probe_budget_per_minute": s.probe_budget_per_minute,
+            "versions": {"fc_version": s.fc_version, "fc_kind": s.fc_kind, "engine_version": s.engine_version},
+        }
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # One look
+
+    def measure(self, db: Database, look: Look) -> list[Check]:
+        s = self.settings
+        times = {"start": look.window_start, "end": look.end}
+        versions = {"fc_version": s.fc_version, "fc_kind": s.fc_kind, "engine_version": s.engine_version}
+        with db.connect() as conn:
+            events = {evt: int(n) for evt, n in conn.execute(_EVENT_COUNTS, {**times, "events": list(_COUNTED_EVENTS)})}
+            fc = conn.execute(_FC_STAMPS, {**times, **versions}).one()
+            prof = conn.execute(_PROFILE_STAMPS, {**times, **versions}).one()
+            checks = {
+                "version_stamps": self._version_stamps(conn, look, fc, prof, versions),
+                "engine_version_override": self._engine_version(conn, events),
+                "legacy_fc": self._legacy_fc(conn, look, events, int(prof.checked), versions),
+                "conversion": self._conversion(conn, look),
+                "function_errors": self._function_errors(conn, look, events),
+                "write_failures": self._write_failures(conn, look),
+            }
+            tokenless = conn.execute(
+                _TOKENLESS_SERVED,
+                {**times, "yes": True, "empty_hash": token_hash(None), "probe_ua": PROBE_USER_AGENT},
+            ).one()
+            sampled = self._sample(conn, look)
+        probes, skipped = self._probe(look, sampled)
+        rls = self._rls(db)
+        checks["token_gating"] = self._token_gating(look, probes, skipped, sampled, rls, tokenless)
+        checks["latency"] = self._latency(look, probes, skipped)
+        return [checks[name] for name in CHECK_NAMES]
+
+    def _version_stamps(self, conn: Connection, look: Look, fc: Any, prof: Any, versions: Mapping[str, str]) -> Check:
+        checked = int(fc.checked) + int(prof.checked)
+        wrong = int(fc.wrong) + int(prof.wrong)
+        evidence: dict[str, Any] = {
+            "fc_scores": {"checked": int(fc.checked), "wrong": int(fc.wrong)},
+            "profiles": {"checked": int(prof.checked), "wrong": int(prof.wrong)},
+            "expected": dict(versions),
+            "rule_of_three_upper": _bound(checked),
+        }
+        if wrong:
+            rows = conn.execute(_WRONG_STAMPS_SAMPLE, {"start": look.window_start, "end": look.end, **versions})
+            evidence["examples"] = [
+                {"table": r.tbl, "session_id": str(r.session_id), "stamp": r.stamp, "kind": r.kind} for r in rows
+            ]
+            verdict, summary = (
+                "FAIL",
+                (
+                    f"{wrong} of {checked} rows written in the window carry the wrong version "
+                    f"(fc_scores {int(fc.wrong)}, profiles {int(prof.wrong)})"
+                ),
+            )
+        elif checked == 0:
+            verdict, summary = (
+                "INCONCLUSIVE",
+                "no fc_scores or profile rows were written in the window: nothing to check",
+            )
+        else:
+            verdict = "PASS"
+            summary = _zero_summary("wrongly stamped rows", checked, "rows written in the window") + (
+                f" (fc_scores {int(fc.checked)}, profiles {int(prof.checked)})"
+            )
+        return Check("version_stamps", verdict, summary, evidence, _query_text(_FC_STAMPS, _PROFILE_STAMPS))
+
+    def _engine_version(self, conn: Connection, events: Mapping[str, int]) -> Check:
+        row = conn.execute(_RESULTS_VERSION).first()
+        stored = row[0] if row is not None else None
+        expected = self.settings.engine_version
+        overrides = events.get("engine_version_override", 0)
+        scored = events.get("fc_scores_loaded", 0) + events.get("fc_fallback_legacy", 0)
+        evidence = {
+            "scoring_config.results_version": stored,
+            "engine_version": expected,
+            "engine_version_override_events": overrides,
+            "profiles_scored": scored,
+            "rule_of_three_upper": _bound(scored),
+        }
+        problems = []
+        if stored != expected:
+            problems.append(f"scoring_config.results_version is {stored!r}, the engine writes {expected!r}")
+        if overrides:
+            problems.append(f"{overrides} engine_version_override events in the window")
+        if problems:
+            return Check("engine_version_override", "FAIL", "; ".join(problems), evidence, _query_text(_EVENT_COUNTS))
+        if scored == 0:
+            summary = (
+                f"scoring_config.results_version = {expected}; no profile was scored in the window, so the absence of "
+                "overrides shows nothing"
+            )
+            return Check("engine_version_override", "INCONCLUSIVE", summary, evidence, _query_text(_EVENT_COUNTS))
+        summary = f"scoring_config.results_version = {expected}; " + _zero_summary(
+            "engine_version_override events", scored, "profile scorings"
+        )
+        return Check("engine_version_override", "PASS", summary, evidence, _query_text(_RESULTS_VERSION, _EVENT_COUNTS))
+
+    def _legacy_fc(
+        self,
+        conn: Connection,
+        look: Look,
+        events: Mapping[str, int],
+        profiles_written: int,
+        versions: Mapping[str, str],
+    ) -> Check:
+        params = {"start": look.window_start, "end": look.end, **versions}
+        from_data = int(conn.execute(_LEGACY_COUNT, params).scalar_one())
+        logged = events.get("fc_fallback_legacy", 0)
+        scored = events.get("fc_scores_loaded", 0) + logged
+        evidence: dict[str, Any] = {
+            "fc_fallback_legacy_events": logged,
+            "profiles_without_fc_scores": from_data,
+            "profiles_written": profiles_written,
+            "profiles_scored": scored,
+            "rule_of_three_upper": _bound(max(profiles_written, scored)),
+        }
+        query = _query_text(_EVENT_COUNTS, _LEGACY_COUNT)
+        if logged or from_data:
+            if from_data:
+                evidence["examples"] = [str(r[0]) for r in conn.execute(_LEGACY_SAMPLE, params)]
+            summary = (
+                f"{logged} fc_fallback_legacy events; {from_data} profiles written in the window for sessions with FC "
+                f"answers but no {versions['fc_version']} {versions['fc_kind']} fc_scores row at the time"
+            )
+            return Check("legacy_fc", "FAIL", summary, evidence, query)
+        if profiles_written == 0 and scored == 0:
+            return Check("legacy_fc", "INCONCLUSIVE", "no profile was written in the window", evidence, query)
+        summary = (
+            f"0 fc_fallback_legacy events and 0 profiles without their fc_scores row among {profiles_written} written; "
+            f"rate ≤ {_bound(max(profiles_written, scored)):.2%} (rule of three)"
+        )
+        return Check("legacy_fc", "PASS", summary, evidence, query)
+
+    def _funnel_counts(
+        self, conn: Connection, start: datetime, end: datetime, *, judged: datetime, written: datetime
+    ) -> Any:
+        return conn.execute(
+            _FUNNEL_COUNTS,
+            {"start": start, "end": end, "judged": max(start, judged), "written": max(start, written)},
+        ).one()
+
+    def _conversion(self, conn: Connection, look: Look) -> Check:
+        s = self.settings
+        previous = look.previous.get("conversion", {})
+        baseline = previous.get("baseline")
+        if not baseline:
+            # Frozen at the first look: the baseline ends where the window starts, so later looks see the same rows.
+            start0, end0 = look.baseline_start, look.window_start
+            row = self._funnel_counts(
+                conn,
+                start0,
+                end0,
+                judged=end0 - timedelta(seconds=s.completion_grace),
+                written=end0 - timedelta(seconds=s.write_grace),
+            )
+            baseline = {
+                "from": start0.isoformat(),
+                "to": end0.isoformat(),
+                "completion": {"k": int(row.completed_judged), "n": int(row.started_judged)},
+                "profile": {"k": int(row.with_profile), "n": int(row.completed_written)},
+            }
+        row = self._funnel_counts(
+            conn,
+            look.window_start,
+            look.end,
+            judged=look.end - timedelta(seconds=s.completion_grace),
+            written=look.end - timedelta(seconds=s.write_grace),
+        )
+        counts = {
+            "completion": (int(row.completed_judged), int(row.started_judged)),
+            "profile": (int(row.with_profile), int(row.completed_written)),
+        }
+        funnels: dict[str, Any] = {}
+        for name in _FUNNELS:
+            k, n = counts[name]
+            known = look.baseline_rate if name == "completion" else None
+            base: float | stats.Sample = (
+                known if known is not None else stats.Sample(baseline[name]["k"], baseline[name]["n"])
+            )
+            funnels[name] = self._funnel(name, k, n, base, look, previous.get("funnels", {}).get(name, {}))
+        verdicts = [f["verdict"] for f in funnels.values()]
+        verdict = "FAIL" if "FAIL" in verdicts else ("PASS" if all(v == "PASS" for v in verdicts) else "INCONCLUSIVE")
+        evidence = {
+            "baseline": baseline,
+            "sessions_started": int(row.started),
+            "not_yet_judged": int(row.started) - int(row.started_judged),
+            "completion_grace_s": s.completion_grace,
+            "write_grace_s": s.write_grace,
+            "funnels": funnels,
+        }
+        summary = "; ".join(f"{name}: {funnels[name]['summary']}" for name in _FUNNELS)
+        return Check("conversion", verdict, summary, evidence, _query_text(_FUNNEL_COUNTS))
+
+    def _funnel(
+        self, name: str, k: int, n: int, base: float | stats.Sample, look: Look, previous: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        what = "started → completed" if name == "completion" else "completed → has a profile"
+        wilson = stats.wilson_interval(k, n)
+        decided = previous.get("decided")
+        current = stats.sequential_noninferiority(
+            k, n, baseline=base, margin=look.margin, plan=look.plan, look=look.number, min_n=look.min_n
+        )
+        if decided is None and current.verdict in ("PASS", "FAIL"):
+            decided = {
+                "verdict": current.verdict,
+                "look": look.number,
+                "k": k,
+                "n": n,
+                "reason": current.reason,
+            }
+        verdict = decided["verdict"] if decided else "INCONCLUSIVE"
+        rate = f"{k}/{n} = {k / n:.1%} (95 % Wilson {wilson.low:.1%}–{wilson.high:.1%})" if n else "0 sessions"
+        if decided:
+            summary = f"{what} {rate}; {decided['verdict']} since look {decided['look']}: {decided['reason']}"
+        else:
+            summary = f"{what} {rate}; {current.reason}"
+        baseline_json: dict[str, Any] = (
+            {"rate": base, "source": "given (--baseline-rate)"}
+            if isinstance(base, float)
+            else {"k": base.k, "n": base.n, "rate": None if base.n == 0 else base.rate, "source": "measured"}
+        )
+        return {
+            "funnel": what,
+            "k": k,
+            "n": n,
+            "rate": k / n if n else None,
+            "wilson95": [wilson.low, wilson.high],
+            "baseline": baseline_json,
+            "threshold": None if math.isnan(current.threshold) else current.threshold,
+            "look_alpha": current.alpha,
+            "p_value_noninferior": current.p_value_noninferior,
+            "p_value_inferior": current.p_value_inferior,
+            "difference_interval": [current.interval.low, current.interval.high],
+            "method": current.method,
+            "look_verdict": current.verdict,
+            "decided": decided,
+            "verdict": verdict,
+            "summary": summary,
+        }
+
+    def _function_errors(self, conn: Connection, look: Look, events: Mapping[str, int]) -> Check:
+        errors = {evt: events.get(evt, 0) for evt in ERROR_EVENTS if events.get(evt, 0)}
+        total = sum(errors.values())
+        failed_sessions: set[str] = set()
+        if total:
+            for _evt, payload in conn.execute(
+                _ERROR_PAYLOADS, {"start": look.window_start, "end": look.end, "events": list(ERROR_EVENTS)}
+            ):
+                if isinstance(payload, Mapping) and payload.get("fn") == "finalizeAssessment":
+                    failed_sessions.add(str(payload.get("session_id")))
+        completed = events.get("finalize_complete", 0)
+        calls = completed + len(failed_sessions)
+        evidence = {
+            "error_events": errors,
+            "failed_finalizations": len(failed_sessions),
+            "finalize_calls": calls,
+            "finalize_complete": completed,
+            "failed_sessions": sorted(failed_sessions)[:_MAX_LISTED],
+            "rule_of_three_upper": _bound(calls),
+        }
+        query = _query_text(_EVENT_COUNTS, _ERROR_PAYLOADS)
+        if total:
+            listed = ", ".join(f"{evt} {n}" for evt, n in sorted(errors.items()))
+            summary = f"{total} error events ({listed}); {len(failed_sessions)} of {calls} finalizations failed"
+            return Check("function_errors", "FAIL", summary, evidence, query)
+        if calls == 0:
+            return Check("function_errors", "INCONCLUSIVE", "no finalization ran in the window", evidence, query)
+        return Check("function_errors", "PASS", _zero_summary("error events", calls, "finalizations"), evidence, query)
+
+    def _write_failures(self, conn: Connection, look: Look) -> Check:
+        grace = self.settings.write_grace
+        judged = max(look.window_start, look.end - timedelta(seconds=grace))
+        params = {"start": look.window_start, "end": look.end, "judged": judged}
+        row = conn.execute(_WRITE_FAILURES, params).one()
+        finalized, missing = int(row.finalized), int(row.without_profile)
+        evidence: dict[str, Any] = {
+            "finalized_judged": finalized,
+            "without_profile": missing,
+            "grace_s": grace,
+            "judged_before": judged.isoformat(),
+            "rule_of_three_upper": _bound(finalized),
+        }
+        if missing:
+            evidence["sessions"] = [str(r[0]) for r in conn.execute(_WRITE_FAILURES_SAMPLE, params)]
+            summary = f"{missing} of {finalized} sessions finalized in the window have no profile after {grace:g} s"
+            return Check("write_failures", "FAIL", summary, evidence, _query_text(_WRITE_FAILURES))
+        if finalized == 0:
+            summary = f"no session was finalized in the window more than {grace:g} s before the cutoff"
+            return Check("write_failures", "INCONCLUSIVE", summary, evidence, _query_text(_WRITE_FAILURES))
+        summary = _zero_summary("finalized sessions without a profile", finalized, "finalized sessions")
+        return Check("write_failures", "PASS", summary, evidence, _query_text(_WRITE_FAILURES))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Probes
+
+    def _probe_now(self, look: Look) -> datetime:
+        # Under a simulated clock the server is told the look's cutoff as its time; otherwise it uses its own clock.
+        return look.end if look.simulated_time else look.taken_at
+
+    def _sample(self, conn: Connection, look: Look) -> list[tuple[str, str]]:
+        if self._prober.endpoint is None:
+            return []
+        params = {"end": look.end, "now": self._probe_now(look), "limit": self.settings.probe_sessions}
+        rows = list(conn.execute(_PROBE_SESSIONS, {**params, "start": look.window_start}))
+        if len(rows) < self.settings.probe_sessions:
+            # Before traffic has completed in the window, probe the latest sessions before it: the gate is the same.
+            earlier = conn.execute(_PROBE_SESSIONS, {**params, "start": look.window_start - timedelta(days=30)})
+            seen = {r.id for r in rows}
+            rows += [r for r in earlier if r.id not in seen][: self.settings.probe_sessions - len(rows)]
+        return [(str(r.id), str(r.share_token)) for r in rows]
+
+    def _probe(self, look: Look, sampled: Sequence[tuple[str, str]]) -> tuple[list[_Probe], str | None]:
+        if self._prober.endpoint is None:
+            return [], "no results endpoint configured (results_url or functions_url)"
+        if look.simulated_time and not self.settings.service_role_key:
+            return [], "simulated time: the server can only be told the time with the service-role key"
+        if not sampled:
+            return [], "no completed session with a profile and a live token before the cutoff"
+        plan: list[tuple[str, str, str | None, int]] = []
+        for i, (sid, token) in enumerate(sampled):
+            plan.append((sid, "no_token", None, 401))
+            # A fresh random token: it cannot be anyone's.
+            plan.append((sid, "wrong_token", str(uuid.uuid4()), 403))
+            if len(sampled) > 1:
+                plan.append((sid, "other_session_token", sampled[(i + 1) % len(sampled)][1], 403))
+            plan.append((sid, "valid_token", token, 200))
+        if not self._prober.room_for(len(plan)):
+            return [], (
+                f"probe budget of {self.settings.probe_budget_per_minute} requests per minute spent "
+                "(the endpoint rate-limits clients); this look was not probed"
+            )
+        simulated_now = look.end if look.simulated_time else None
+        probes = []
+        # Shuffled so a server that answers by request order cannot pass; seeded by the look for reproducibility.
+        random.Random(f"{look.run_id}:{look.number}").shuffle(plan)
+        for sid, case, presented, expected in plan:
+            status, ms, code = self._prober.request(sid, presented, simulated_now)
+            outcome, note = _judge(expected, status, code)
+            keep_ms = ms if status is not None and status != 429 else None
+            probes.append(_Probe(sid[:8], case, expected, status, keep_ms, outcome, note))
+        return probes, None
+
+    def _rls(self, db: Database) -> dict[str, Any]:
+        """What role anon sees of the tables holding results and tokens (Postgres only), in rolled-back transactions."""
+        if not db.caps.row_level_security:
+            return {"applicable": False, "note": "SQLite has no roles or row-level security"}
+        tables: dict[str, Any] = {}
+        for table in _RLS_TABLES:
+            with db.connect() as conn:
+                transaction = conn.begin()
+                try:
+                    try:
+                        conn.execute(sa.text("SET LOCAL ROLE anon"))
+                    except DBAPIError:
+                        tables[table] = {"visible": None, "how": "cannot assume role anon"}
+                        continue
+                    try:
+                        visible = conn.execute(
+                            sa.text(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1000) AS seen")
+                        ).scalar_one()
+                        tables[table] = {"visible": int(visible), "how": "rows visible to anon (up to 1000)"}
+                    except DBAPIError as exc:
+                        if getattr(exc.orig, "sqlstate", None) == _INSUFFICIENT_PRIVILEGE:
+                            tables[table] = {"visible": 0, "how": "anon has no SELECT privilege"}
+                        else:
+                            tables[table] = {"visible": None, "how": "query failed"}
+                finally:
+                    transaction.rollback()
+        return {"applicable": True, "tables": tables}
+
+    def _token_gating(
+        self,
+        look: Look,
+        probes: Sequence[_Probe],
+        skipped: str | None,
+        sampled: Sequence[tuple[str, str]],
+        rls: Mapping[str, Any],
+        tokenless: Any,
+    ) -> Check:
+        previous = look.previous.get("token_gating", {})
+        totals = Counter({k: int(v) for k, v in (previous.get("probes") or {}).items()})
+        cases = Counter({k: int(v) for k, v in (previous.get("cases_passed") or {}).items()})
+        failures = list(previous.get("failures") or [])
+        this = Counter(p.outcome for p in probes)
+        totals.update({"total": len(probes), "passed": this["pass"], "failed": this["fail"]})
+        totals.update({"inconclusive": this["inconclusive"], "looks_probed": 1 if probes else 0})
+        cases.update(p.case for p in probes if p.outcome == "pass")
+        failures += [dict(p.to_json(), look=look.number) for p in probes if p.outcome == "fail"]
+        served = int(tokenless.tokenless_served)
+        rls_tables = rls.get("tables", {}) if rls.get("applicable") else {}
+        rls_visible = {t: v["visible"] for t, v in rls_tables.items()}
+        # A leak seen at any look stays a FAIL: the probe is not cumulative by itself.
+        leaks = dict(previous.get("rls_leaks") or {})
+        leaks.update({t: {"look": look.number, "visible": v} for t, v in rls_visible.items() if v and t not in leaks})
+        evidence: dict[str, Any] = {
+            "endpoint": self._prober.endpoint,
+            "this_look": {
+                "sessions": [sid[:8] for sid, _ in sampled] if probes else [],
+                "probes": [p.to_json() for p in probes],
+                "skipped": skipped,
+            },
+            "probes": {k: totals.get(k, 0) for k in ("total", "passed", "failed", "inconclusive", "looks_probed")},
+            "cases_passed": {case: cases.get(case, 0) for case in _PROBE_CASES},
+            "failures": failures[:_MAX_LISTED],
+            "tokenless_served": served,
+            "results_accesses": int(tokenless.accesses),
+            "rls": rls,
+            "rls_leaks": leaks,
+        }
+        problems = []
+        if totals["failed"]:
+            problems.append(f"{totals['failed']} of {totals['total']} probes got the wrong status")
+        if served:
+            problems.append(f"{served} results requests without a token were served in the window")
+        if leaks:
+            problems.append(
+                "anon can see " + ", ".join(f"{v['visible']} rows of {t} (look {v['look']})" for t, v in leaks.items())
+            )
+        query = _query_text(_TOKENLESS_SERVED, _PROBE_SESSIONS)
+        if problems:
+            return Check("token_gating", "FAIL", "; ".join(problems), evidence, query)
+        lacking = []
+        untested = [case for case in _PROBE_CASES if not cases.get(case)]
+        if untested:
+            why = skipped or f"{totals['inconclusive']} probes inconclusive so far"
+            lacking.append(f"not every case has been shown yet (untested: {', '.join(untested)}; {why})")
+        if rls.get("applicable") and any(v is None for v in rls_visible.values()):
+            lacking.append("the RLS probe could not run as anon")
+        if lacking:
+            return Check("token_gating", "INCONCLUSIVE", "; ".join(lacking), evidence, query)
+        rls_text = (
+            "; anon sees 0 rows of " + " and ".join(rls_visible) if rls.get("applicable") else "; RLS n/a (SQLite)"
+        )
+        summary = (
+            f"{totals['passed']} probes over {totals['looks_probed']} looks answered as expected "
+            f"(401 without token, 403 wrong or foreign token, 200 valid), {totals['inconclusive']} inconclusive; "
+            f"0 tokenless accesses served of {int(tokenless.accesses)}" + rls_text
+        )
+        return Check("token_gating", "PASS", summary, evidence, query)
+
+    def _latency(self, look: Look, probes: Sequence[_Probe], skipped: str | None) -> Check:
+        s = self.settings
+        previous = look.previous.get("latency", {})
+        samples = [float(v) for v in previous.get("_samples_ms", [])]
+        this = [p.ms for p in probes if p.ms is not None]
+        samples += this
+        p50, p95 = _percentile(samples, 0.5), _percentile(samples, 0.95)
+        evidence: dict[str, Any] = {
+            "samples": len(samples),
+            "p50_ms": None if p50 is None else round(p50, 1),
+            "p95_ms": None if p95 is None else round(p95, 1),
+            "threshold_p95_ms": s.latency_p95_ms,
+            "min_samples": s.min_latency_samples,
+            "this_look": {
+                "samples": len(this),
+                "p50_ms": None if not this else round(_percentile(this, 0.5) or 0.0, 1),
+                "p95_ms": None if not this else round(_percentile(this, 0.95) or 0.0, 1),
+                "skipped": skipped,
+            },
+            "_samples_ms": [round(v, 1) for v in samples],
+        }
+        if self._prober.endpoint is None:
+            return Check("latency", "INCONCLUSIVE", "no results endpoint configured", evidence)
+        if len(samples) < s.min_latency_samples:
+            summary = f"{len(samples)} probe timings, fewer than the {s.min_latency_samples} needed for a p95"
+            return Check("latency", "INCONCLUSIVE", summary, evidence)
+        assert p50 is not None and p95 is not None
+        summary = f"results endpoint p50 {p50:.1f} ms, p95 {p95:.1f} ms over {len(samples)} probes"
+        if p95 > s.latency_p95_ms:
+            return Check("latency", "FAIL", summary + f" > threshold {s.latency_p95_ms:g} ms", evidence)
+        return Check("latency", "PASS", summary + f" ≤ threshold {s.latency_p95_ms:g} ms", evidence)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reports
+
+    def series(self, db: Database, start: datetime, end: datetime, bucket_seconds: float) -> list[SeriesBucket]:
+        if end <= start:
+            return []
+        count = max(1, math.ceil((end - start).total_seconds() / bucket_seconds - 1e-9))
+        edges = [start + timedelta(seconds=i * bucket_seconds) for i in range(count)] + [end]
+        started = [0] * count
+        completed = [0] * count
+        profiled = [0] * count
+        events: list[Counter[str]] = [Counter() for _ in range(count)]
+
+        def index(at: datetime) -> int:
+            return min(count - 1, int((at - start).total_seconds() // bucket_seconds))
+
+        with db.connect() as conn:
+            for row in conn.execute(_SERIES_SESSIONS, {"start": start, "end": end}):
+                i = index(row.started_at)
+                started[i] += 1
+                if row.status == "completed" and row.completed_at is not None and row.completed_at < end:
+                    completed[i] += 1
+                    if row.has_profile:
+                        profiled[i] += 1
+            for evt, at in conn.execute(_SERIES_EVENTS, {"start": start, "end": end, "events": list(_CHARTED_EVENTS)}):
+                events[index(at)][evt] += 1
+        return [
+            SeriesBucket(
+                start=edges[i],
+                end=edges[i + 1],
+                rates={"completion": (completed[i], started[i]), "profile": (profiled[i], completed[i])},
+                events=dict(events[i]),
+            )
+            for i in range(count)
+        ]
+
+    def report_tables(self, measurements: Sequence[Measurement]) -> list[ReportTable]:
+        probe_rows: list[list[str]] = []
+        conversion_rows: list[list[str]] = []
+        for m in measurements:
+            gating = m.check("token_gating")
+            latency = m.check("latency")
+            if gating is not None:
+                this = gating.evidence.get("this_look", {})
+                outcomes = Counter(p.get("outcome") for p in this.get("probes", []))
+                statuses = ", ".join(f"{p.get('case')} {p.get('status')}" for p in this.get("probes", [])[:8])
+                rls = gating.evidence.get("rls", {})
+                rls_cell = (
+                    ", ".join(f"{t} {v.get('visible')}" for t, v in rls.get("tables", {}).items())
+                    if rls.get("applicable")
+                    else "n/a"
+                )
+                lat = (latency.evidence.get("this_look", {}) if latency is not None else {}) or {}
+                probe_rows.append(
+                    [
+                        str(m.seq),
+                        str(sum(outcomes.values())),
+                        str(outcomes.get("pass", 0)),
+                        str(outcomes.get("fail", 0)),
+                        str(outcomes.get("inconclusive", 0)),
+                        _ms(lat.get("p50_ms")),
+                        _ms(lat.get("p95_ms")),
+                        rls_cell,
+                        this.get("skipped") or statuses or "-",
+                    ]
+                )
+            conversion = m.check("conversion")
+            if conversion is not None:
+                funnels = conversion.evidence.get("funnels", {})
+                cells = [str(m.seq), m.window_end.isoformat()]
+                for name in _FUNNELS:
+                    f = funnels.get(name, {})
+                    k, n = f.get("k", 0), f.get("n", 0)
+                    low, high = f.get("wilson95", [0.0, 1.0])
+                    cells.append(f"{k}/{n}" + (f" = {k / n:.1%} [{low:.1%}, {high:.1%}]" if n else ""))
+                    cells.append(f"{f.get('look_verdict', '-')} (α {f.get('look_alpha', 0.0):.2g})")
+                conversion_rows.append(cells)
+        return [
+            ReportTable(
+                "Conversion at each look (cumulative, sequential test)",
+                ["look", "cutoff", "completion", "test", "profile", "test"],
+                conversion_rows,
+                "Counts are cumulative from the window's start. Each look tests at its own share α of the error "
+                "budget (O'Brien-Fleming spending); the first PASS or FAIL of a funnel is kept as its decision.",
+            ),
+            ReportTable(
+                "Results-endpoint probes and RLS",
+                ["look", "probes", "pass", "fail", "inconclusive", "p50", "p95", "anon sees", "detail"],
+                probe_rows,
+                "Probes per sampled completed session: no token (401), a random token (403), another session's "
+                "token (403), its own token (200). Tokens are never written to any artifact.",
+            ),
+        ]
+
+
+def _ms(value: object) -> str:
+    return f"{value:.1f} ms" if isinstance(value, int | float) else "-"
+
+
+def _window_start_for_clock(db: Database, options: SoakOptions) -> datetime | None:
+    """Where a simulated clock must start so the soak walks its window: the stored, --after or --from start."""
+    ledger.init_ledger(db)
+    with db.connect() as conn:
+        if options.resume:
+            run = ledger.get_run(conn, options.resume)
+            return parse_utc(str(run.params["window_start"]))
+        if options.after:
+            return ledger.get_run(conn, options.after).finished_at
+    return utc(options.start) if options.start is not None else None
+
+
+def run_prism_soak(
+    env: Environment,
+    options: SoakOptions,
+    *,
+    artifacts_dir: Path,
+    clock: str = "real",
+    settings: PrismSoakSettings | None = None,
+    stop: threading.Event | None = None,
+    on_look: Callable[[Measurement], None] | None = None,
+) -> SoakResult:
+    """What ``gatefill soak`` runs: the PRISM checks on ``env`` with a real or simulated clock.
+
+    ``clock="simulated"`` (tests, demo) starts a ``SimulatedClock`` at the window's start and walks the looks back to
+    back without waiting; the probes then tell the server each look's time, which needs the service-role key and a
+    server started with fault injection allowed. It is refused on production environments.
+    """
+    if clock not in ("real", "simulated"):
+        raise UsageError("--clock must be 'real' or 'simulated'")
+    if clock == "simulated" and env.kind == "production":
+        raise UsageError(f"environment '{env.name}' is production: --clock simulated is refused there")
+    chosen = settings or PrismSoakSettings()
+    with Database(env, pool_size=2) as db:
+        require_schema(db)
+        chosen_clock: Clock = RealClock()
+        if clock == "simulated":
+            chosen_clock = SimulatedClock(_window_start_for_clock(db, options))
+            if chosen.service_role_key is None:
+                chosen = replace(chosen, service_role_key=env.service_role_key())
+        with PrismSoakChecks(env, chosen) as checks:
+            return run_soak(
+                db,
+                env,
+                options=options,
+                clock=chosen_clock,
+                artifacts_dir=artifacts_dir,
+                checks=checks,
+                versions=PrismJob().versions,
+                stop=stop,
+                on_look=on_look,
+            )

@@ -1,0 +1,890 @@
+"""Phase 2, the staging soak: watch a window of live traffic look by look, record every measurement in the ledger, and
+reach a verdict that holds up statistically.
+
+The window ``[start, start + duration)`` is cut into ``K = ceil(duration / interval)`` looks. Look ``j`` measures every
+check over ``[start, start + j·interval)`` and sees only rows whose timestamps are before that cutoff, so a look taken
+late (a resumed soak, ``--from`` in the past: Kayenta's retrospective mode) measures exactly what a look taken on time
+would have seen. Counts are recomputed from the window's start at every look instead of being summed across looks,
+which is why a restarted soak cannot double count: it simply continues with the first look the ledger does not hold.
+Checks that carry state between looks (the sequential conversion test, cumulative probe results) keep it in their
+stored evidence, so it survives restarts too.
+
+The soak is a ledger run with phase ``soak``: ``running`` while measuring; ``succeeded`` when the window was watched to
+its end (or ended early on a final FAIL with ``fail_fast``), whatever the verdict, which is recorded in the run's
+summary; ``paused`` on Ctrl-C or a lost database. A paused or crashed soak is continued by naming it
+(``--resume RUN``) or by starting the same soak again: an unfinished soak run of the environment with the same window
+and statistical plan is continued automatically, and one with the same window but another plan is refused, because
+two plans peeking at one window would spend the error budget twice.
+
+The verdict: FAIL if a gating check fails; otherwise INCONCLUSIVE if one lacks data or the window was not watched to
+its end; PASS only if every gating check passed at the last look. Checks named in ``observe`` are measured and
+reported but never gate (Argo's ``dryRun``, Kayenta's ``muted``). What the checks measure is the job's business
+(``SoakChecks``; PRISM's live in ``gatefill.prism.soak_checks``); this module only knows their names and verdicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from gatefill import ledger, stats
+from gatefill.clock import Clock, SimulatedClock, utc
+from gatefill.config import Environment
+from gatefill.db import Database, format_utc
+from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
+from gatefill.job import Check
+from gatefill.ledger import RunStatus
+from gatefill.reports import render, write_json, write_text
+
+__all__ = [
+    "SOAK_PHASE",
+    "Look",
+    "Measurement",
+    "ReportTable",
+    "SeriesBucket",
+    "SoakChecks",
+    "SoakOptions",
+    "SoakResult",
+    "exit_code_for",
+    "find_passing_soak",
+    "run_soak",
+    "soak_verdict",
+    "write_soak_artifacts",
+]
+
+SOAK_PHASE = "soak"
+#: Evidence keys starting with this are state carried from look to look (e.g. latency samples): stored in the
+#: ledger and in soak_measurements.json, left out of the Markdown reports.
+STATE_PREFIX = "_"
+_UNFINISHED = (RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.PLANNED)
+# The options that define a soak's window and statistical plan: a soak is continued only under the same ones.
+_PLAN_KEYS = (
+    "window_start",
+    "duration_s",
+    "interval_s",
+    "baseline_days",
+    "margin",
+    "baseline_rate",
+    "alpha",
+    "min_n",
+    "observe",
+    "after",
+)
+
+
+# ====================================================================================================================
+# What the phase machinery needs from a job's checks
+
+
+@dataclass(frozen=True)
+class Look:
+    """One measurement of the soak: its number, its cutoff, the statistical plan and the previous look's state."""
+
+    run_id: str
+    number: int
+    max_looks: int
+    window_start: datetime
+    end: datetime
+    window_end: datetime
+    taken_at: datetime
+    plan: stats.SequentialPlan
+    margin: float
+    baseline_days: float
+    baseline_rate: float | None
+    min_n: int
+    #: True under ``SimulatedClock``: the look's instants are simulated, so probes must tell the server the time.
+    simulated_time: bool
+    #: Each check's evidence at the previous look (empty at the first), state keys included.
+    previous: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        return self.number == self.max_looks
+
+    @property
+    def baseline_start(self) -> datetime:
+        return self.window_start - timedelta(days=self.baseline_days)
+
+
+@dataclass(frozen=True)
+class SeriesBucket:
+    """One time bucket of the observability timeline: rates as (successes, trials) and event counts."""
+
+    start: datetime
+    end: datetime
+    rates: Mapping[str, tuple[int, int]]
+    events: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """A table a check suite adds to staging_observability.md (e.g. the probe results per look)."""
+
+    title: str
+    headers: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    note: str = ""
+
+
+class SoakChecks(Protocol):
+    """A job's soak checks: what to measure at each look and what to chart; see the module docstring."""
+
+    job: str
+
+    @property
+    def check_names(self) -> tuple[str, ...]:
+        """Every check ``measure`` returns, in report order."""
+        ...
+
+    def params(self) -> dict[str, Any]:
+        """The suite's settings, recorded in the soak run (no secrets)."""
+        ...
+
+    def measure(self, db: Database, look: Look) -> list[Check]:
+        """Every check at one look, each seeing only rows with timestamps before ``look.end``."""
+        ...
+
+    def series(self, db: Database, start: datetime, end: datetime, bucket_seconds: float) -> list[SeriesBucket]:
+        """Rates and event counts per time bucket of ``[start, end)`` for the observability report and chart."""
+        ...
+
+    def report_tables(self, measurements: Sequence[Measurement]) -> list[ReportTable]:
+        """Extra tables for the observability report, built from the stored measurements."""
+        ...
+
+
+# ====================================================================================================================
+# Options and results
+
+
+@dataclass(frozen=True)
+class SoakOptions:
+    """How to soak: the window, the look schedule, the statistical plan, and which checks only observe."""
+
+    duration: float = 6 * 3600.0
+    interval: float = 300.0
+    start: datetime | None = None  # --from: a past or ongoing window, judged retrospectively
+    after: str | None = None  # --after RUN: the window starts when that apply run finished
+    resume: str | None = None  # --resume RUN: continue that soak run with its stored options
+    baseline_days: float = 30.0
+    margin: float = 0.05
+    baseline_rate: float | None = None  # a known baseline rate (exact test) instead of the measured baseline
+    alpha: float = 0.05
+    min_n: int = stats.DEFAULT_MIN_N
+    observe: tuple[str, ...] = ()
+    fail_fast: bool = False
+    #: Real clock only: wait this long after a cutoff before measuring, so transactions stamped just before the
+    #: cutoff have committed (a look is never repeated, so a row committed after it would be missed until the next).
+    settle_seconds: float = 5.0
+    #: Draw the PNG chart in staging_observability.md (needs matplotlib; about half a second per soak).
+    chart: bool = True
+
+    @property
+    def max_looks(self) -> int:
+        # The tolerance stops 6h/5m from becoming 73 looks through float rounding.
+        return max(1, math.ceil(self.duration / self.interval - 1e-9))
+
+    def validate(self) -> None:
+        """Raises ``UsageError`` on options no soak can run with."""
+        if not self.duration > 0 or not self.interval > 0:
+            raise UsageError("--duration and --interval must be positive")
+        if self.interval > self.duration:
+            raise UsageError("--interval must not be longer than --duration")
+        if self.max_looks > 10_000:
+            raise UsageError(f"{self.max_looks} looks is too many; use a longer --interval")
+        if self.after and self.start is not None:
+            raise UsageError("give --after RUN or --from TIME, not both")
+        if self.resume and (self.after or self.start is not None):
+            raise UsageError("--resume continues a soak with its own window; do not combine it with --after/--from")
+        if not self.baseline_days > 0:
+            raise UsageError("--baseline-days must be positive")
+        if not 0.0 <= self.margin < 1.0:
+            raise UsageError("--margin must be within 0..100 pp")
+        if self.baseline_rate is not None and not (
+            0.0 < self.baseline_rate <= 1.0 and self.margin <= self.baseline_rate
+        ):
+            raise UsageError("--baseline-rate must be within (0, 1] and at least the margin")
+        if not 0.0 < self.alpha < 0.5:
+            raise UsageError("alpha must be within (0, 0.5)")
+        if self.min_n < 1:
+            raise UsageError("the minimum sample size must be at least 1")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One stored look: its cutoff, when it was taken, its verdict and every check's result."""
+
+    seq: int
+    window_start: datetime
+    window_end: datetime
+    taken_at: datetime
+    verdict: str
+    checks: list[Check]
+
+    def check(self, name: str) -> Check | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+
+@dataclass
+class SoakResult:
+    """What a soak established, read back from the ledger: verdict, reason, looks, checks and artifact paths."""
+
+    run_id: str
+    environment: str
+    status: RunStatus
+    verdict: str
+    reason: str
+    window_start: datetime
+    window_end: datetime
+    looks_taken: int
+    max_looks: int
+    complete: bool
+    interrupted: bool
+    resumed_at_look: int | None
+    checks: list[Check]
+    measurements: list[Measurement]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.verdict)
+
+
+def exit_code_for(verdict: str) -> int:
+    """PASS 0, FAIL 1, INCONCLUSIVE 3 (the CLI's contract)."""
+    return {"PASS": 0, "FAIL": 1}.get(verdict, 3)
+
+
+def soak_verdict(checks: Sequence[Check], *, complete: bool, looks: int, max_looks: int) -> tuple[str, str]:
+    """The soak's verdict and one sentence saying why; FAIL is final, PASS needs the whole window and every check."""
+    gating = [c for c in checks if c.gating]
+    failed = [c.name for c in gating if c.verdict == "FAIL"]
+    if failed:
+        return "FAIL", "gating check(s) failed: " + ", ".join(failed)
+    if not gating:
+        return "INCONCLUSIVE", "no gating check: every check only observes"
+    if not complete:
+        return "INCONCLUSIVE", f"the window was not watched to its end (look {looks} of {max_looks})"
+    lacking = [c.name for c in gating if c.verdict != "PASS"]
+    if lacking:
+        return "INCONCLUSIVE", "no conclusion from: " + ", ".join(lacking)
+    return "PASS", "every gating check passed over the whole window"
+
+
+def _look_verdict(checks: Sequence[Check]) -> str:
+    gating = [c for c in checks if c.gating]
+    if any(c.verdict == "FAIL" for c in gating):
+        return "FAIL"
+    if gating and all(c.verdict == "PASS" for c in gating):
+        return "PASS"
+    return "INCONCLUSIVE"
+
+
+# ====================================================================================================================
+# Opening, continuing and locking the run
+
+
+def _plan_params(options: SoakOptions, window_start: datetime, checks: SoakChecks, clock: Clock) -> dict[str, Any]:
+    return {
+        "window_start": format_utc(window_start),
+        "duration_s": float(options.duration),
+        "interval_s": float(options.interval),
+        "max_looks": options.max_looks,
+        "baseline_days": float(options.baseline_days),
+        "margin": float(options.margin),
+        "baseline_rate": options.baseline_rate,
+        "alpha": float(options.alpha),
+        "min_n": int(options.min_n),
+        "observe": sorted(options.observe),
+        "fail_fast": options.fail_fast,
+        "after": options.after,
+        "clock": "simulated" if isinstance(clock, SimulatedClock) else "real",
+        "checks": checks.params(),
+    }
+
+
+def _options_from_params(params: Mapping[str, Any], base: SoakOptions) -> SoakOptions:
+    """The stored plan of a soak run, so a resumed soak keeps exactly the schedule and tests it started with."""
+    return replace(
+        base,
+        duration=float(params["duration_s"]),
+        interval=float(params["interval_s"]),
+        baseline_days=float(params["baseline_days"]),
+        margin=float(params["margin"]),
+        baseline_rate=params.get("baseline_rate"),
+        alpha=float(params["alpha"]),
+        min_n=int(params["min_n"]),
+        observe=tuple(params.get("observe", ())),
+        fail_fast=bool(params.get("fail_fast", False)),
+        after=params.get("after"),
+        chart=base.chart,
+        start=None,
+        resume=None,
+    )
+
+
+def _window_start(conn: sa.Connection, options: SoakOptions, clock: Clock) -> tuple[datetime, ledger.Run | None]:
+    if options.after:
+        parent = ledger.get_run(conn, options.after)
+        if parent.phase != "apply":
+            raise UsageError(f"--after needs an apply run; {parent.id} is a {parent.phase} run")
+        if parent.status not in (RunStatus.SUCCEEDED, RunStatus.COMPLETED_WITH_ERRORS) or parent.finished_at is None:
+            raise UsageError(f"apply run {parent.id} is {parent.status.value}; soak it once it has finished")
+        return parent.finished_at, parent
+    if options.start is not None:
+        return utc(options.start), None
+    # Whole milliseconds: the instant is stored as text on SQLite and must compare equal when read back.
+    now = clock.now()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000), None
+
+
+def _open_run(
+    db: Database,
+    env: Environment,
+    options: SoakOptions,
+    checks: SoakChecks,
+    versions: Mapping[str, str] | None,
+    clock: Clock,
+) -> tuple[ledger.Run, SoakOptions]:
+    """The soak run to measure: the one named by ``resume``, an unfinished one of the same soak, or a new one."""
+    with db.begin() as conn:
+        if options.resume:
+            run = ledger.get_run(conn, options.resume, where=env.name)
+            if run.phase != SOAK_PHASE:
+                raise UsageError(f"{run.id} is a {run.phase} run, not a soak")
+            if run.status not in _UNFINISHED:
+                raise UsageError(f"soak {run.id} is {run.status.value}; nothing to resume (see its artifacts)")
+            return run, _options_from_params(run.params, options)
+        start, parent = _window_start(conn, options, clock)
+        params = _plan_params(options, start, checks, clock)
+        for candidate in ledger.list_runs(conn, phase=SOAK_PHASE, limit=200):
+            if candidate.environment != env.name or candidate.status not in _UNFINISHED:
+                continue
+            if candidate.params.get("window_start") != params["window_start"]:
+                continue
+            if all(candidate.params.get(k) == params[k] for k in _PLAN_KEYS):
+                return candidate, _options_from_params(candidate.params, options)
+            raise UsageError(
+                f"unfinished soak {candidate.id} watches the same window with other options; "
+                f"continue it with --resume {candidate.id}, or soak another window"
+            )
+        now = clock.now()
+        chosen = dict(parent.versions) if parent is not None else dict(versions or {})
+        run = ledger.create_run(
+            conn,
+            run_id=ledger.new_run_id(SOAK_PHASE, now),
+            phase=SOAK_PHASE,
+            environment=env.name,
+            job=checks.job,
+            versions=chosen,
+            params=params,
+            now=now,
+            parent_run_id=parent.id if parent is not None else None,
+        )
+        return run, options
+
+
+@contextmanager
+def _soak_lock(db: Database, run_id: str, clock: Clock) -> Iterator[None]:
+    """One process measures a soak at a time (a lock row whose holder's liveness is checked; see ledger)."""
+    name = f"soak:{run_id}"
+    with db.begin() as conn:
+        ledger.acquire_lock(conn, name, now=clock.now())
+    try:
+        yield
+    finally:
+        # An unreachable database leaves a row naming a dead process, which the next soak takes over.
+        with contextlib.suppress(DatabaseUnreachable), db.begin() as conn:
+            ledger.release_lock(conn, name)
+
+
+@contextmanager
+def _stop_on_sigint(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C sets ``stop`` (the current look finishes and is stored) instead of killing a look half-way."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(_signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _wait_until(clock: Clock, when: datetime, stop: threading.Event) -> bool:
+    """Waits on ``clock`` until ``when`` in steps of at most a second; False if ``stop`` was set meanwhile."""
+    while True:
+        if stop.is_set():
+            return False
+        remaining = (when - clock.now()).total_seconds()
+        if remaining <= 0:
+            return True
+        # Short steps keep Ctrl-C responsive on the real clock; a simulated clock just jumps ahead.
+        clock.sleep(remaining if isinstance(clock, SimulatedClock) else min(remaining, 1.0))
+
+
+# ====================================================================================================================
+# Measurements in the ledger
+
+
+def _check_from_json(data: Mapping[str, Any]) -> Check:
+    return Check(
+        name=str(data["name"]),
+        verdict=str(data["verdict"]),
+        summary=str(data.get("summary", "")),
+        evidence=dict(data.get("evidence") or {}),
+        query=data.get("query"),
+        gating=bool(data.get("gating", True)),
+    )
+
+
+def load_measurements(conn: sa.Connection, run_id: str) -> list[Measurement]:
+    """Every stored look of a soak run, first to last."""
+    m = ledger.measurements
+    rows = conn.execute(sa.select(m).where(m.c.run_id == run_id).order_by(m.c.seq))
+    return [
+        Measurement(
+            seq=row.seq,
+            window_start=row.window_start,
+            window_end=row.window_end,
+            taken_at=row.taken_at,
+            verdict=row.verdict,
+            checks=[_check_from_json(c) for c in row.checks],
+        )
+        for row in rows
+    ]
+
+
+def _store(db: Database, run_id: str, measurement: Measurement) -> None:
+    with db.begin() as conn:
+        conn.execute(
+            ledger.measurements.insert().values(
+                run_id=run_id,
+                seq=measurement.seq,
+                window_start=measurement.window_start,
+                window_end=measurement.window_end,
+                taken_at=measurement.taken_at,
+                verdict=measurement.verdict,
+                checks=[c.to_json() for c in measurement.checks],
+            )
+        )
+
+
+# ====================================================================================================================
+# The soak
+
+
+LookCallback = Callable[[Measurement], None]
+
+
+def run_soak(
+    db: Database,
+    env: Environment,
+    *,
+    options: SoakOptions,
+    clock: Clock,
+    artifacts_dir: Path,
+    checks: SoakChecks,
+    versions: Mapping[str, str] | None = None,
+    stop: threading.Event | None = None,
+    on_look: LookCallback | None = None,
+) -> SoakResult:
+    """Runs (or continues) a soak of ``env`` and writes its artifacts; see the module docstring.
+
+    ``versions`` are recorded on a new run when there is no ``--after`` run to take them from (the job's versions),
+    so a production gate can look for a passing soak of the same versions. ``on_look`` sees each stored measurement.
+    """
+    options.validate()
+    unknown = sorted(set(options.observe) - set(checks.check_names))
+    if unknown:
+        raise UsageError(f"--observe: unknown check(s) {', '.join(unknown)} (known: {', '.join(checks.check_names)})")
+    ledger.init_ledger(db)
+    run, options = _open_run(db, env, options, checks, versions, clock)
+    stop = stop or threading.Event()
+    window_start = datetime.fromisoformat(str(run.params["window_start"]).replace("Z", "+00:00"))
+    max_looks = options.max_looks
+    plan = stats.SequentialPlan(max_looks=max_looks, alpha=options.alpha)
+    observe = set(options.observe)
+    simulated = isinstance(clock, SimulatedClock)
+    interrupted = False
+    with _soak_lock(db, run.id, clock), _stop_on_sigint(stop):
+        with db.connect() as conn:
+            done = load_measurements(conn, run.id)
+        resumed_at = done[-1].seq + 1 if done else None
+        previous = {c.name: c.evidence for c in done[-1].checks} if done else {}
+        reason = f"resumed at look {resumed_at} of {max_looks}" if resumed_at else f"soak started ({max_looks} looks)"
+        with db.begin() as conn:
+            ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=reason)
+        last_verdict = done[-1].verdict if done else None
+        first = (done[-1].seq + 1) if done else 1
+        # A stored FAIL under fail_fast is final: a restarted soak takes no further looks.
+        ended_early = options.fail_fast and last_verdict == "FAIL" and first <= max_looks
+        try:
+            for number in range(first, max_looks + 1):
+                if ended_early:
+                    break
+                end = window_start + timedelta(seconds=min(number * options.interval, options.duration))
+                settle = 0.0 if simulated else options.settle_seconds
+                if not _wait_until(clock, end + timedelta(seconds=settle), stop):
+                    interrupted = True
+                    break
+                look = Look(
+                    run_id=run.id,
+                    number=number,
+                    max_looks=max_looks,
+                    window_start=window_start,
+                    end=end,
+                    window_end=window_start + timedelta(seconds=options.duration),
+                    taken_at=clock.now(),
+                    plan=plan,
+                    margin=options.margin,
+                    baseline_days=options.baseline_days,
+                    baseline_rate=options.baseline_rate,
+                    min_n=options.min_n,
+                    simulated_time=simulated,
+                    previous=previous,
+                )
+                measured = [replace(c, gating=False) if c.name in observe else c for c in checks.measure(db, look)]
+                measurement = Measurement(number, window_start, end, look.taken_at, _look_verdict(measured), measured)
+                _store(db, run.id, measurement)
+                previous = {c.name: c.evidence for c in measured}
+                if on_look is not None:
+                    on_look(measurement)
+                if number < max_looks and options.fail_fast and measurement.verdict == "FAIL":
+                    ended_early = True
+                elif number < max_looks and stop.is_set():
+                    interrupted = True
+                    break
+        except GatefillError as exc:
+            # The measurements stored so far stand; the soak continues from the next look when started again.
+            with contextlib.suppress(GatefillError), db.begin() as conn:
+                ledger.transition(conn, run.id, RunStatus.PAUSED, now=clock.now(), reason=f"stopped: {exc}")
+            raise
+        with db.connect() as conn:
+            stored = load_measurements(conn, run.id)
+        looks = stored[-1].seq if stored else 0
+        complete = looks == max_looks
+        final_checks = stored[-1].checks if stored else []
+        verdict, why = soak_verdict(final_checks, complete=complete, looks=looks, max_looks=max_looks)
+        if ended_early:
+            why += f"; ended early at look {looks} of {max_looks} (--fail-fast: a FAIL is final)"
+        elif interrupted:
+            why += "; interrupted (Ctrl-C): continue with `gatefill soak --resume " + run.id + "`"
+        summary = {
+            "verdict": verdict,
+            "reason": why,
+            "looks": looks,
+            "max_looks": max_looks,
+            "complete": complete,
+            "interrupted": interrupted,
+            "ended_early": ended_early,
+            "checks": {c.name: c.verdict for c in final_checks},
+        }
+        status = RunStatus.PAUSED if interrupted else RunStatus.SUCCEEDED
+        with db.begin() as conn:
+            ledger.transition(conn, run.id, status, now=clock.now(), reason=why, summary=summary)
+    result = SoakResult(
+        run_id=run.id,
+        environment=env.name,
+        status=status,
+        verdict=verdict,
+        reason=why,
+        window_start=window_start,
+        window_end=window_start + timedelta(seconds=options.duration),
+        looks_taken=looks,
+        max_looks=max_looks,
+        complete=complete,
+        interrupted=interrupted,
+        resumed_at_look=resumed_at,
+        checks=final_checks,
+        measurements=stored,
+    )
+    result.paths = write_soak_artifacts(
+        db, env, run.id, checks=checks, clock=clock, artifacts_dir=artifacts_dir, chart=options.chart
+    )
+    return result
+
+
+def find_passing_soak(
+    conn: sa.Connection, versions: Mapping[str, str], *, environment: str | None = None
+) -> ledger.Run | None:
+    """The latest finished soak run with verdict PASS, the same job versions and a recorded ``soak`` approval, or None.
+
+    This is what a production gate asks for ("an approved, PASS staging soak of the same job versions").
+    """
+    for run in ledger.list_runs(conn, phase=SOAK_PHASE, limit=500):
+        if environment is not None and run.environment != environment:
+            continue
+        if run.status is not RunStatus.SUCCEEDED or (run.summary or {}).get("verdict") != "PASS":
+            continue
+        if dict(run.versions) != dict(versions):
+            continue
+        if ledger.approvals_for(conn, run.id, "soak"):
+            return run
+    return None
+
+
+# ====================================================================================================================
+# Artifacts
+
+
+def _display(check: Check) -> Check:
+    """The check as the Markdown reports show it: state keys (look-to-look bookkeeping) left out."""
+    shown = {k: v for k, v in check.evidence.items() if not k.startswith(STATE_PREFIX)}
+    return replace(check, evidence=shown)
+
+
+def _bucket_seconds(duration: float, interval: float) -> float:
+    # Hourly, as the seeds' report claimed to be; a window under two hours gets one bucket per look instead.
+    return 3600.0 if duration >= 7200.0 else interval
+
+
+def _rate_cell(k: int, n: int) -> str:
+    if n == 0:
+        return "n/a (0 of 0)"
+    ci = stats.wilson_interval(k, n)
+    return f"{k}/{n} = {k / n:.1%} [{ci.low:.1%}, {ci.high:.1%}]"
+
+
+def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str) -> str | None:
+    """Draws conversion (with 95 % Wilson intervals) and events per bucket; returns why not when it cannot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: charts are files
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "chart not drawn: matplotlib is not installed"
+    if not buckets:
+        return "chart not drawn: the window has no buckets yet"
+    centres = [b.start + (b.end - b.start) / 2 for b in buckets]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    try:
+        names = list(buckets[0].rates)
+        plotted = False
+        for name in names:
+            xs, ys, lows, highs = [], [], [], []
+            for centre, b in zip(centres, buckets, strict=True):
+                k, n = b.rates.get(name, (0, 0))
+                if n == 0:
+                    continue
+                ci = stats.wilson_interval(k, n)
+                xs.append(centre)
+                ys.append(k / n)
+                lows.append(k / n - ci.low)
+                highs.append(ci.high - k / n)
+            if xs:
+                top.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, label=name)
+                plotted = True
+        top.set_ylim(0.0, 1.05)
+        top.set_ylabel("rate (95% Wilson)")
+        top.set_title(title)
+        top.grid(alpha=0.3)
+        if plotted:
+            top.legend(loc="lower left", fontsize="small")
+        events = sorted({e for b in buckets for e in b.events})
+        width = (buckets[0].end - buckets[0].start) * 0.8
+        bottom_stack = [0] * len(buckets)
+        for name in events:
+            values = [b.events.get(name, 0) for b in buckets]
+            bottom.bar(centres, values, width=width, bottom=bottom_stack, label=name)
+            bottom_stack = [a + v for a, v in zip(bottom_stack, values, strict=True)]
+        bottom.set_ylabel("events")
+        bottom.grid(alpha=0.3)
+        if events:
+            bottom.legend(loc="upper left", fontsize="small")
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
+    return None
+
+
+def write_soak_artifacts(
+    db: Database,
+    env: Environment,
+    run_id: str,
+    *,
+    checks: SoakChecks,
+    clock: Clock,
+    artifacts_dir: Path,
+    chart: bool = True,
+) -> dict[str, Path]:
+    """Writes staging_observability.md (+ chart), staging_soak_gate.md and soak_measurements.json from the ledger."""
+    out = artifacts_dir / run_id
+    written_at = clock.now()
+    with db.connect() as conn:
+        run = ledger.get_run(conn, run_id)
+        measurements = load_measurements(conn, run_id)
+        approvals = ledger.approvals_for(conn, run_id)
+    params = run.params
+    summary = dict(run.summary or {})
+    window_start = datetime.fromisoformat(str(params["window_start"]).replace("Z", "+00:00"))
+    duration = float(params["duration_s"])
+    interval = float(params["interval_s"])
+    window_end = window_start + timedelta(seconds=duration)
+    max_looks = int(params["max_looks"])
+    looks = measurements[-1].seq if measurements else 0
+    complete = looks == max_looks
+    final_checks = measurements[-1].checks if measurements else []
+    verdict, why = soak_verdict(final_checks, complete=complete, looks=looks, max_looks=max_looks)
+    if summary.get("reason") and summary.get("verdict") == verdict:
+        why = str(summary["reason"])
+    observed_until = measurements[-1].window_end if measurements else window_start
+    buckets = checks.series(db, window_start, observed_until, _bucket_seconds(duration, interval))
+    paths: dict[str, Path] = {}
+    chart_name = "staging_observability_chart.png"
+    chart_note = (
+        _chart(out / chart_name, buckets, f"soak {run_id}: {env.name}") if chart else "chart not drawn (--no-chart)"
+    )
+    if chart_note is None:
+        paths["chart"] = out / chart_name
+    names = list(checks.check_names)
+    rate_names = sorted({n for b in buckets for n in b.rates})
+    event_names = sorted({e for b in buckets for e in b.events})
+    facts = {
+        "run": f"`{run_id}` ({run.status.value})",
+        "environment": f"`{env.name}` ({env.kind}) on `{env.display_url}`",
+        "window": f"{window_start.isoformat()} → {window_end.isoformat()} ({_hours(duration)})",
+        "looks": f"{looks} of {max_looks}, every {_hours(interval)}" + ("" if complete else " (window not finished)"),
+        "clock": str(params.get("clock", "real")),
+        "after apply run": f"`{run.parent_run_id}`" if run.parent_run_id else "none (window given directly)",
+        "versions": ", ".join(f"{k} {v}" for k, v in sorted(run.versions.items())) or "none recorded",
+        "statistical plan": (
+            f"non-inferiority margin {float(params['margin']) * 100:.1f} pp, one-sided alpha {params['alpha']} spent "
+            f"over {max_looks} looks (O'Brien-Fleming), at least {params['min_n']} sessions per sample; baseline "
+            + (
+                f"rate {float(params['baseline_rate']):.1%} (given)"
+                if params.get("baseline_rate") is not None
+                else f"measured over the {float(params['baseline_days']):g} days before the window"
+            )
+        ),
+        "observe only": ", ".join(params.get("observe") or []) or "none",
+        "written at": written_at.isoformat(),
+    }
+    paths["observability"] = write_text(
+        out / "staging_observability.md",
+        render(
+            "staging_observability.md.j2",
+            run_id=run_id,
+            verdict=verdict,
+            reason=why,
+            facts=facts,
+            names=names,
+            timeline=[
+                {
+                    "seq": m.seq,
+                    "cutoff": m.window_end.isoformat(),
+                    "taken_at": m.taken_at.isoformat(),
+                    "verdict": m.verdict,
+                    "checks": {c.name: c.verdict + ("" if c.gating else " (obs)") for c in m.checks},
+                }
+                for m in measurements
+            ],
+            rate_names=rate_names,
+            event_names=event_names,
+            buckets=[
+                {
+                    "start": b.start.isoformat(),
+                    "end": b.end.isoformat(),
+                    "rates": {n: _rate_cell(*b.rates.get(n, (0, 0))) for n in rate_names},
+                    "events": {e: b.events.get(e, 0) for e in event_names},
+                }
+                for b in buckets
+            ],
+            tables=checks.report_tables(measurements),
+            chart=chart_name if chart_note is None else None,
+            chart_note=chart_note,
+            interrupted=bool(summary.get("interrupted")),
+            complete=complete,
+        ),
+    )
+    paths["gate"] = write_text(
+        out / "staging_soak_gate.md",
+        render(
+            "gate.md.j2",
+            title=f"Staging soak gate {run_id}",
+            verdict=verdict,
+            facts={**facts, "why": why},
+            checks=[_display(c) for c in final_checks],
+            approvals=approvals,
+            next_step=_next_step(verdict, run_id, complete, bool(summary.get("interrupted"))),
+        ),
+    )
+    paths["measurements"] = write_json(
+        out / "soak_measurements.json",
+        {
+            "run_id": run_id,
+            "environment": env.name,
+            "status": run.status.value,
+            "verdict": verdict,
+            "reason": why,
+            "window_start": window_start.isoformat(),
+            "window_end": window_end.isoformat(),
+            "params": params,
+            "versions": dict(run.versions),
+            "parent_run_id": run.parent_run_id,
+            "looks": looks,
+            "max_looks": max_looks,
+            "complete": complete,
+            "measurements": [
+                {
+                    "seq": m.seq,
+                    "window_start": m.window_start.isoformat(),
+                    "cutoff": m.window_end.isoformat(),
+                    "taken_at": m.taken_at.isoformat(),
+                    "verdict": m.verdict,
+                    "checks": [c.to_json() for c in m.checks],
+                }
+                for m in measurements
+            ],
+            "written_at": written_at.isoformat(),
+        },
+    )
+    return paths
+
+
+def _next_step(verdict: str, run_id: str, complete: bool, interrupted: bool) -> str:
+    if interrupted:
+        return f"Next: continue the soak with `gatefill soak --resume {run_id}` (it resumes at the next look)."
+    if verdict == "PASS":
+        return (
+            f"Next: review `staging_observability.md`, then record the decision with "
+            f"`gatefill approve {run_id} --gate soak --by NAME --note WHY`."
+        )
+    if verdict == "FAIL":
+        return "Next: do not proceed; investigate the failed checks above (their queries and counts are listed)."
+    if not complete:
+        return f"Next: continue the soak with `gatefill soak --resume {run_id}`."
+    return (
+        "Next: there is not enough evidence to decide. Soak longer (a new window) or decide by hand and record it with "
+        f"`gatefill approve {run_id} --gate soak --by NAME --note WHY`; the reports keep saying INCONCLUSIVE."
+    )
+
+
+def _hours(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"

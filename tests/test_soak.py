@@ -1,0 +1,409 @@
+"""The staging soak end to end: simulated traffic (the ground truth) against a live functions server, soaked with a
+simulated clock on SQLite and Postgres; verdicts, counts, restarts, probes and artifacts.
+
+One functions server and one database per dialect serve the whole module; each test soaks a window of its own
+(``_window(n)``: windows 60 days apart, baselines of 7 days, tokens that live 30 days), so tests never see each
+other's sessions, events or probe targets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from gatefill import ledger
+from gatefill.clock import SimulatedClock
+from gatefill.config import Environment
+from gatefill.db import Database
+from gatefill.errors import UsageError
+from gatefill.ledger import RunStatus
+from gatefill.prism.functions_server import create_app, serve_in_thread
+from gatefill.prism.schema import assessment_sessions, fc_scores, profiles
+from gatefill.prism.simulator import SimulationReport, simulate
+from gatefill.prism.soak_checks import CHECK_NAMES, PrismSoakChecks, PrismSoakSettings, run_prism_soak
+from gatefill.soak import Measurement, SoakOptions, SoakResult, exit_code_for, find_passing_soak, run_soak
+from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
+
+SERVICE_KEY = "sk-test-soak-51d0f3f2c6a94e0c9a4be1f7"
+KEY_ENV = "GATEFILL_TEST_SOAK_SERVICE_ROLE_KEY"
+BASE = datetime(2024, 1, 1, tzinfo=UTC)
+HOUR = 3600.0
+# 3 hours in 12 looks of 15 minutes; traffic runs in the first hour, so every session is judged by the last look.
+# Charts only where a test looks at them: drawing one costs about half a second.
+OPTIONS = SoakOptions(duration=3 * HOUR, interval=900.0, baseline_days=7.0, chart=False)
+
+
+def _window(n: int) -> datetime:
+    return BASE + timedelta(days=60 * n)
+
+
+@dataclass
+class Soaked:
+    """A live server on a module database, and helpers to make traffic and soak it."""
+
+    dialect: str
+    env: Environment
+    db: Database
+    url: str
+    artifacts: Path
+
+    def traffic(self, start: datetime, sessions: int, **kwargs: Any) -> SimulationReport:
+        kwargs.setdefault("abandon_rate", 0.0)
+        kwargs.setdefault("duration", "1h")
+        return simulate(
+            self.db,
+            f"{self.url}/functions/v1",
+            sessions=sessions,
+            clock=SimulatedClock(start),
+            service_role_key=SERVICE_KEY,
+            **kwargs,
+        )
+
+    def baseline(self, start: datetime, *, started: int, completed: int, profiled: int) -> None:
+        """Sessions of the week before ``start`` (direct rows: only their funnel matters)."""
+        rows, prof = [], []
+        for i in range(started):
+            at = start - timedelta(days=6) + timedelta(minutes=20 * i)
+            sid = f"00000000-0000-4000-8000-{start.strftime('%y%m%d')}{i:06d}"
+            done = i < completed
+            rows.append(
+                {
+                    "id": sid,
+                    "started_at": at,
+                    "created_at": at,
+                    "updated_at": at,
+                    "status": "completed" if done else "in_progress",
+                    "completed_at": at + timedelta(minutes=15) if done else None,
+                    "finalized_at": at + timedelta(minutes=15) if done else None,
+                    "share_token": f"baseline-token-{sid}",
+                }
+            )
+            if i < profiled:
+                stamp = at + timedelta(minutes=15)
+                prof.append({"session_id": sid, "results_version": "v1.2.1", "created_at": stamp, "updated_at": stamp})
+        with self.db.begin() as conn:
+            conn.execute(assessment_sessions.insert(), rows)
+            if prof:
+                conn.execute(profiles.insert(), prof)
+
+    def soak(self, options: SoakOptions, **kwargs: Any) -> SoakResult:
+        settings = kwargs.pop("settings", PrismSoakSettings(service_role_key=SERVICE_KEY))
+        env = kwargs.pop("env", self.env)
+        with PrismSoakChecks(env, settings) as checks:
+            return run_soak(
+                self.db,
+                env,
+                options=options,
+                clock=SimulatedClock(options.start),
+                artifacts_dir=self.artifacts,
+                checks=checks,
+                versions={"fc_version": "v1.2", "fc_kind": "functions", "engine_version": "v1.2.1"},
+                **kwargs,
+            )
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def soaked(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Soaked]:
+    tmp = tmp_path_factory.mktemp("soak")
+    pg_name = None
+    if request.param == "sqlite":
+        path = tmp / "prism.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        base_env = sqlite_env(path)
+    else:
+        pg_name = create_pg_database(request.getfixturevalue("pg_template"))
+        base_env = pg_env(pg_name)
+    server_db = Database(replace(base_env, service_role_key_env=KEY_ENV), pool_size=3)
+    db = Database(base_env, pool_size=3)
+    try:
+        # A high rate limit: every test probes from 127.0.0.1 within seconds (429 handling has its own test).
+        app = create_app(
+            base_env, server_db, allow_fault_injection=True, service_role_key=SERVICE_KEY, rate_limit_per_minute=5000
+        )
+        with serve_in_thread(app) as url:
+            env = replace(base_env, results_url=url, service_role_key_env=KEY_ENV)
+            yield Soaked(request.param, env, db, url, tmp / "artifacts")
+    finally:
+        db.dispose()
+        server_db.dispose()
+        if pg_name:
+            drop_pg_database(pg_name)
+
+
+def _by_name(result: SoakResult) -> dict[str, Any]:
+    return {c.name: c for c in result.checks}
+
+
+def _stored(soaked: Soaked, run_id: str) -> list[int]:
+    with soaked.db.connect() as conn:
+        m = ledger.measurements
+        return [r[0] for r in conn.execute(sa.select(m.c.seq).where(m.c.run_id == run_id).order_by(m.c.seq))]
+
+
+# ====================================================================================================================
+
+
+def test_clean_traffic_with_enough_sessions_passes(soaked: Soaked) -> None:
+    start = _window(1)
+    soaked.baseline(start, started=200, completed=180, profiled=170)
+    report = soaked.traffic(start, 50, seed=11)
+    assert report.totals()["profiles_expected"] == 50
+    result = soaked.soak(replace(OPTIONS, start=start, chart=True))
+    checks = _by_name(result)
+    assert result.verdict == "PASS", {n: (c.verdict, c.summary) for n, c in checks.items()}
+    assert result.exit_code == 0 and result.status is RunStatus.SUCCEEDED and result.complete
+    assert [c.name for c in result.checks] == list(CHECK_NAMES)
+    assert _stored(soaked, result.run_id) == list(range(1, 13))
+    funnels = checks["conversion"].evidence["funnels"]
+    assert (funnels["completion"]["k"], funnels["completion"]["n"]) == (50, 50)
+    assert (funnels["profile"]["k"], funnels["profile"]["n"]) == (50, 50)
+    assert checks["conversion"].evidence["baseline"]["completion"] == {"k": 180, "n": 200}
+    stamps = checks["version_stamps"].evidence
+    assert stamps["fc_scores"] == {"checked": 50, "wrong": 0} and stamps["profiles"] == {"checked": 50, "wrong": 0}
+    assert checks["write_failures"].evidence["finalized_judged"] == 50
+    gating = checks["token_gating"].evidence
+    assert gating["probes"]["failed"] == 0 and all(gating["cases_passed"].values())
+    if soaked.dialect == "postgresql":
+        assert {t: v["visible"] for t, v in gating["rls"]["tables"].items()} == {
+            "profiles": 0,
+            "assessment_sessions": 0,
+        }
+
+    # The artifacts: present, saying PASS, and free of every share token and of the service-role key.
+    out = soaked.artifacts / result.run_id
+    names = {p.name for p in out.iterdir()}
+    assert {"staging_observability.md", "staging_soak_gate.md", "soak_measurements.json"} <= names
+    assert "staging_observability_chart.png" in names
+    gate = (out / "staging_soak_gate.md").read_text()
+    assert "## Verdict: **PASS**" in gate and f"gatefill approve {result.run_id} --gate soak" in gate
+    with soaked.db.connect() as conn:
+        tokens = [t for (t,) in conn.execute(sa.select(assessment_sessions.c.share_token))]
+    everything = "".join(p.read_text(errors="replace") for p in out.iterdir() if p.suffix in (".md", ".json"))
+    assert SERVICE_KEY not in everything
+    assert not [t for t in tokens if t in everything]
+    measurements = json.loads((out / "soak_measurements.json").read_text())
+    assert [m["seq"] for m in measurements["measurements"]] == list(range(1, 13))
+
+    # A production gate finds this soak once it is approved, and only for the same versions.
+    with soaked.db.begin() as conn:
+        run = ledger.get_run(conn, result.run_id)
+        assert run.phase == "soak" and (run.summary or {})["verdict"] == "PASS"
+        assert find_passing_soak(conn, run.versions) is None
+        ledger.record_approval(conn, run_id=run.id, gate="soak", approved_by="qa", now=result.window_end)
+        found = find_passing_soak(conn, run.versions)
+        assert found is not None and found.id == run.id
+        assert find_passing_soak(conn, {**run.versions, "engine_version": "v9"}) is None
+
+
+def test_the_seeds_twelve_sessions_against_89_2_percent_are_inconclusive(soaked: Soaked) -> None:
+    start = _window(2)
+    finished = soaked.traffic(start, 11, seed=5)
+    left = soaked.traffic(start + timedelta(minutes=5), 1, seed=6, inject={"abandon": 1.0})
+    assert finished.totals()["completed_sessions"] == 11 and left.totals()["completed_sessions"] == 0
+    result = soaked.soak(replace(OPTIONS, start=start, baseline_rate=0.892))
+    conversion = _by_name(result)["conversion"]
+    completion = conversion.evidence["funnels"]["completion"]
+    assert (completion["k"], completion["n"]) == (11, 12)
+    assert completion["verdict"] == "INCONCLUSIVE" and completion["baseline"]["rate"] == 0.892
+    assert "too little data" in completion["summary"] and "11 of 12" in completion["summary"]
+    assert conversion.verdict == "INCONCLUSIVE"
+    assert result.verdict == "INCONCLUSIVE" and result.exit_code == 3
+
+
+def test_injected_faults_fail_the_checks_with_the_injected_counts(soaked: Soaked) -> None:
+    start = _window(3)
+    faults = ("engine_version_override", "legacy_fc", "profile_write_fail", "token_bypass")
+    report = soaked.traffic(start, 20, seed=179, inject={name: 0.2 for name in faults})
+    injected = report.injected_counts
+    # Precondition on the seed: every fault occurs, and never two on one session, so each count is exactly one cause.
+    assert all(injected[name] > 0 for name in faults), injected
+    assert all(len(s.injected) <= 1 for s in report.sessions)
+    result = soaked.soak(replace(OPTIONS, start=start))
+    checks = _by_name(result)
+    assert result.verdict == "FAIL" and result.exit_code == 1
+    failed = {n for n, c in checks.items() if c.verdict == "FAIL"}
+    assert {"engine_version_override", "legacy_fc", "write_failures", "token_gating", "function_errors"} <= failed
+    for name in ("engine_version_override", "legacy_fc", "write_failures", "token_gating"):
+        assert name in result.reason
+    ev = checks["engine_version_override"].evidence
+    assert ev["engine_version_override_events"] == injected["engine_version_override"]
+    legacy = checks["legacy_fc"].evidence
+    assert legacy["fc_fallback_legacy_events"] == injected["legacy_fc"]
+    assert legacy["profiles_without_fc_scores"] == injected["legacy_fc"]
+    assert checks["write_failures"].evidence["without_profile"] == injected["profile_write_fail"]
+    assert checks["function_errors"].evidence["error_events"] == {
+        "profile_write_failed": injected["profile_write_fail"]
+    }
+    assert checks["function_errors"].evidence["failed_finalizations"] == injected["profile_write_fail"]
+    assert checks["token_gating"].evidence["tokenless_served"] == injected["token_bypass"]
+    assert report.totals()["results_served_without_token"] == injected["token_bypass"]
+    # The summaries name the counts too, so the gate report says what was found.
+    assert (
+        f"{injected['engine_version_override']} engine_version_override events"
+        in checks["engine_version_override"].summary
+    )
+    # Version stamps stay right: these faults do not write wrong versions (the original's proxy could not see them).
+    assert checks["version_stamps"].verdict == "PASS"
+
+
+def test_a_restarted_soak_continues_the_same_window_without_double_counting(soaked: Soaked) -> None:
+    start = _window(4)
+    soaked.baseline(start, started=60, completed=54, profiled=50)
+    soaked.traffic(start, 14, seed=8, abandon_rate=0.1)
+    options = replace(OPTIONS, start=start, interval=1800.0)  # 6 looks
+    stop = threading.Event()
+
+    def stop_after_two(m: Measurement) -> None:
+        if m.seq == 2:
+            stop.set()
+
+    first = soaked.soak(options, stop=stop, on_look=stop_after_two)
+    assert first.status is RunStatus.PAUSED and first.interrupted and first.looks_taken == 2
+    assert first.verdict == "INCONCLUSIVE" and "interrupted" in first.reason
+    observability = (soaked.artifacts / first.run_id / "staging_observability.md").read_text()
+    assert "interrupted (Ctrl-C)" in observability
+    assert f"--resume {first.run_id}" in (soaked.artifacts / first.run_id / "staging_soak_gate.md").read_text()
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_four(m: Measurement) -> None:
+        if m.seq == 4:
+            raise Crash
+
+    # Started again with the same options: the unfinished run is continued, then "crashes" (stays running).
+    with pytest.raises(Crash):
+        soaked.soak(options, on_look=crash_at_four)
+    with soaked.db.connect() as conn:
+        assert ledger.get_run(conn, first.run_id).status is RunStatus.RUNNING
+    # Options that differ for the same window are refused rather than spending the error budget twice.
+    with pytest.raises(UsageError, match="--resume"):
+        soaked.soak(replace(options, margin=0.10))
+    last = soaked.soak(replace(SoakOptions(), resume=first.run_id))
+    assert last.run_id == first.run_id and last.resumed_at_look == 5
+    assert last.status is RunStatus.SUCCEEDED and last.complete
+    assert _stored(soaked, first.run_id) == list(range(1, 7))
+
+    # An uninterrupted soak of the same window measures exactly the same counts.
+    reference = soaked.soak(options)
+    assert reference.run_id != first.run_id
+
+    def counts(result: SoakResult) -> dict[str, Any]:
+        c = _by_name(result)
+        funnels = c["conversion"].evidence["funnels"]
+        return {
+            "funnels": {k: (v["k"], v["n"], v["verdict"]) for k, v in funnels.items()},
+            "stamps": (c["version_stamps"].evidence["fc_scores"], c["version_stamps"].evidence["profiles"]),
+            "finalized": c["write_failures"].evidence["finalized_judged"],
+            "finalize_calls": c["function_errors"].evidence["finalize_calls"],
+        }
+
+    assert counts(last) == counts(reference)
+    assert counts(last)["finalize_calls"] == counts(last)["funnels"]["completion"][0] > 0
+
+
+def test_zero_traffic_is_inconclusive_not_pass(soaked: Soaked) -> None:
+    start = _window(5)
+    result = soaked.soak(replace(OPTIONS, start=start))
+    assert result.verdict == "INCONCLUSIVE" and result.exit_code == 3
+    assert {c.verdict for c in result.checks} == {"INCONCLUSIVE"}, {c.name: c.summary for c in result.checks}
+    # With no endpoint configured the probe checks say so instead of passing.
+    bare = replace(soaked.env, results_url=None, functions_url=None)
+    result = soaked.soak(replace(OPTIONS, start=start, duration=1800.0), env=bare)
+    checks = _by_name(result)
+    assert checks["token_gating"].verdict == "INCONCLUSIVE" and checks["latency"].verdict == "INCONCLUSIVE"
+    assert "no results endpoint configured" in checks["latency"].summary
+
+
+def test_wrong_version_stamps_fail_and_observe_only_never_gates(soaked: Soaked) -> None:
+    start = _window(6)
+    at = start + timedelta(minutes=10)
+    ids = [f"00000000-0000-4000-9000-{i:012d}" for i in range(3)]
+    with soaked.db.begin() as conn:
+        conn.execute(
+            assessment_sessions.insert(),
+            [
+                {"id": sid, "started_at": at, "created_at": at, "updated_at": at, "share_token": f"t-{sid}"}
+                for sid in ids
+            ],
+        )
+        conn.execute(
+            profiles.insert(),
+            [
+                {"session_id": ids[0], "results_version": None, "created_at": at, "updated_at": at},
+                {"session_id": ids[1], "results_version": "v1.2.1", "created_at": at, "updated_at": at},
+            ],
+        )
+        conn.execute(
+            fc_scores.insert(),
+            [
+                {
+                    "session_id": ids[2],
+                    "version": "v1.2",
+                    "fc_kind": "types",
+                    "scores_json": {},
+                    "blocks_answered": 1,
+                    "created_at": at,
+                }
+            ],
+        )
+    options = replace(OPTIONS, start=start, duration=1800.0)
+    result = soaked.soak(options)
+    stamps = _by_name(result)["version_stamps"]
+    assert stamps.verdict == "FAIL" and result.verdict == "FAIL"
+    assert stamps.evidence["profiles"] == {"checked": 2, "wrong": 1}
+    assert stamps.evidence["fc_scores"] == {"checked": 1, "wrong": 1}
+    assert {e["session_id"] for e in stamps.evidence["examples"]} == {ids[0], ids[2]}
+    observed = soaked.soak(replace(options, observe=("version_stamps",)))
+    check = _by_name(observed)["version_stamps"]
+    assert check.verdict == "FAIL" and not check.gating
+    assert observed.verdict == "INCONCLUSIVE"
+    assert (
+        "version_stamps | FAIL | observe" in (soaked.artifacts / observed.run_id / "staging_soak_gate.md").read_text()
+    )
+
+
+def test_rate_limited_probes_are_inconclusive_not_passed(soaked: Soaked) -> None:
+    if soaked.dialect != "sqlite":
+        pytest.skip("the probe logic does not depend on the dialect")
+    start = _window(7)
+    soaked.traffic(start, 2, seed=3)
+    tight = create_app(
+        soaked.env, soaked.db, allow_fault_injection=True, service_role_key=SERVICE_KEY, rate_limit_per_minute=3
+    )
+    with serve_in_thread(tight) as url:
+        result = soaked.soak(replace(OPTIONS, start=start, duration=HOUR), env=replace(soaked.env, results_url=url))
+    gating = _by_name(result)["token_gating"]
+    statuses = [p["status"] for p in gating.evidence["this_look"]["probes"]]
+    assert 429 in statuses or gating.evidence["probes"]["inconclusive"] > 0
+    assert gating.evidence["probes"]["failed"] == 0 and gating.evidence["probes"]["inconclusive"] >= 1
+    assert gating.verdict == "INCONCLUSIVE"
+
+
+def test_the_library_entry_of_the_cli_soaks_with_a_simulated_clock(
+    soaked: Soaked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, SERVICE_KEY)
+    start = _window(8)
+    result = run_prism_soak(
+        soaked.env, replace(OPTIONS, start=start), artifacts_dir=soaked.artifacts, clock="simulated"
+    )
+    assert result.verdict == "INCONCLUSIVE" and result.complete and result.looks_taken == 12
+    with soaked.db.connect() as conn:
+        run = ledger.get_run(conn, result.run_id)
+    assert run.phase == "soak" and run.params["clock"] == "simulated" and run.summary is not None
+    assert run.versions == {"fc_version": "v1.2", "fc_kind": "functions", "engine_version": "v1.2.1"}
+    assert run.summary["verdict"] == "INCONCLUSIVE"
+    production = replace(soaked.env, kind="production")
+    with pytest.raises(UsageError, match="production"):
+        run_prism_soak(production, replace(OPTIONS, start=start), artifacts_dir=soaked.artifacts, clock="simulated")
+    assert exit_code_for("PASS") == 0 and exit_code_for("FAIL") == 1 and exit_code_for("INCONCLUSIVE") == 3
