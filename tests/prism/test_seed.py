@@ -441,3 +441,12 @@ def test_failed_parallel_load_leaves_nothing(pg_target: Target, monkeypatch: pyt
     with pytest.raises(RuntimeError, match="disk on fire"):
         seed_scenario(pg_target.db, "synthetic", sessions=60, seed=9)
     assert _digest(pg_target.db) == before
+
+
+def test_arguments_validate_without_a_database() -> None:
+    from gatefill.prism.seed import validate_seed_arguments
+
+    assert validate_seed_arguments(STAGING) == datetime(2025, 9, 17, 8, tzinfo=UTC)
+    assert validate_seed_arguments(PRODUCTION) == datetime(2025, 9, 18, 0, 10, tzinfo=UTC)
+    with pytest.raises(UsageError, match="sessions must be"):
+        validate_seed_arguments("synthetic", sessions=-1)

@@ -66,7 +66,15 @@ from gatefill.prism.schema import (
 )
 from gatefill.prism.scoring import ENGINE_VERSION, FC_VERSION, ReferenceData, SessionInputs, score_session
 
-__all__ = ["SCENARIOS", "WINDOW_START", "SeedReport", "seed_scenario"]
+__all__ = [
+    "SCENARIOS",
+    "TEST_SESSION_A",
+    "TEST_SESSION_B",
+    "WINDOW_START",
+    "SeedReport",
+    "seed_scenario",
+    "validate_seed_arguments",
+]
 
 SCENARIOS = ("staging-2025-09-17", "production-2025-09-18", "synthetic")
 #: Start of the window every plan of 2025-09-17/18 used (``created_at >= '2025-08-01'``).
@@ -1595,6 +1603,21 @@ def _validate(
     return now
 
 
+def validate_seed_arguments(
+    scenario: str,
+    *,
+    sessions: int | None = None,
+    missing_fraction: float | None = None,
+    seed: int = 0,
+    now: datetime | None = None,
+) -> datetime:
+    """Checks the arguments of ``seed_scenario`` without touching a database; returns the effective ``now``.
+
+    Raises ``UsageError`` (exit 2, one line) exactly where ``seed_scenario`` would refuse them.
+    """
+    return _validate(scenario, sessions, missing_fraction, seed, now)
+
+
 def _existing(conn: Connection) -> dict[str, int]:
     """Which PRISM data tables already hold rows (1 = some), without counting big tables."""
     found = {}
@@ -1854,15 +1877,3 @@ def _seed_sqlite(
             if unchecked:
                 raw.execute("PRAGMA foreign_keys=ON")
     return dict(sink.written), replaced
-
-
-def validate_seed_arguments(
-    scenario: str,
-    *,
-    sessions: int | None = None,
-    missing_fraction: float | None = None,
-    seed: int = 0,
-    now: datetime | None = None,
-) -> None:
-    """Raises the ``UsageError`` ``seed_scenario`` would, without touching any database (the CLI calls it first)."""
-    _validate(scenario, sessions, missing_fraction, seed, now)
