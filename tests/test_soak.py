@@ -25,12 +25,22 @@ from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.errors import UsageError
+from gatefill.job import Check
 from gatefill.ledger import RunStatus
 from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.schema import assessment_sessions, fc_scores, profiles
 from gatefill.prism.simulator import SimulationReport, simulate
 from gatefill.prism.soak_checks import CHECK_NAMES, PrismSoakChecks, PrismSoakSettings, run_prism_soak
-from gatefill.soak import Measurement, SoakOptions, SoakResult, exit_code_for, find_passing_soak, run_soak
+from gatefill.soak import (
+    Measurement,
+    SoakOptions,
+    SoakResult,
+    exit_code_for,
+    find_passing_soak,
+    parse_margin,
+    run_soak,
+    soak_verdict,
+)
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
 
 SERVICE_KEY = "sk-test-soak-51d0f3f2c6a94e0c9a4be1f7"
@@ -373,8 +383,6 @@ def test_wrong_version_stamps_fail_and_observe_only_never_gates(soaked: Soaked) 
 
 
 def test_rate_limited_probes_are_inconclusive_not_passed(soaked: Soaked) -> None:
-    if soaked.dialect != "sqlite":
-        pytest.skip("the probe logic does not depend on the dialect")
     start = _window(7)
     soaked.traffic(start, 2, seed=3)
     tight = create_app(
@@ -407,3 +415,40 @@ def test_the_library_entry_of_the_cli_soaks_with_a_simulated_clock(
     with pytest.raises(UsageError, match="production"):
         run_prism_soak(production, replace(OPTIONS, start=start), artifacts_dir=soaked.artifacts, clock="simulated")
     assert exit_code_for("PASS") == 0 and exit_code_for("FAIL") == 1 and exit_code_for("INCONCLUSIVE") == 3
+
+
+# ====================================================================================================================
+# The rules, without a database
+
+
+def test_verdict_rules_fail_is_final_pass_needs_everything_and_the_whole_window() -> None:
+    def checks(*verdicts: str, gating: bool = True) -> list[Check]:
+        return [Check(f"c{i}", v, "", gating=gating) for i, v in enumerate(verdicts)]
+
+    assert soak_verdict(checks("PASS", "PASS"), complete=True, looks=12, max_looks=12)[0] == "PASS"
+    assert soak_verdict(checks("PASS", "PASS"), complete=False, looks=5, max_looks=12)[0] == "INCONCLUSIVE"
+    assert soak_verdict(checks("PASS", "FAIL"), complete=False, looks=5, max_looks=12)[0] == "FAIL"
+    assert soak_verdict(checks("PASS", "INCONCLUSIVE"), complete=True, looks=12, max_looks=12)[0] == "INCONCLUSIVE"
+    observed = [*checks("PASS"), *checks("FAIL", gating=False)]
+    assert soak_verdict(observed, complete=True, looks=12, max_looks=12)[0] == "PASS"
+    assert soak_verdict(checks("PASS", gating=False), complete=True, looks=1, max_looks=1)[0] == "INCONCLUSIVE"
+
+
+def test_options_margins_and_look_counts() -> None:
+    assert SoakOptions(duration=6 * HOUR, interval=300.0).max_looks == 72
+    assert SoakOptions(duration=HOUR, interval=25 * 60.0).max_looks == 3  # the last look is cut at the window's end
+    assert parse_margin("5pp") == parse_margin("5%") == parse_margin("0.05") == 0.05
+    for bad in ("x", "150pp", "-1"):
+        with pytest.raises(UsageError):
+            parse_margin(bad)
+    invalid = [
+        SoakOptions(interval=0.0),
+        SoakOptions(duration=60.0, interval=120.0),
+        SoakOptions(after="apply-1", start=BASE),
+        SoakOptions(resume="soak-1", start=BASE),
+        SoakOptions(baseline_rate=1.5),
+        SoakOptions(baseline_days=0.0),
+    ]
+    for options in invalid:
+        with pytest.raises(UsageError):
+            options.validate()

@@ -56,6 +56,7 @@ __all__ = [
     "SoakResult",
     "exit_code_for",
     "find_passing_soak",
+    "parse_margin",
     "run_soak",
     "soak_verdict",
     "write_soak_artifacts",
@@ -257,6 +258,18 @@ class SoakResult:
     @property
     def exit_code(self) -> int:
         return exit_code_for(self.verdict)
+
+
+def parse_margin(text: str) -> float:
+    """A margin as a fraction: ``5pp`` or ``5%`` (percentage points), or a fraction ``0.05``; else ``UsageError``."""
+    raw = text.strip().lower()
+    try:
+        value = float(raw.rstrip("p%").strip()) / 100.0 if raw.endswith(("pp", "%")) else float(raw)
+    except ValueError:
+        raise UsageError(f"--margin: {text!r} is not a margin (use e.g. 5pp or 0.05)") from None
+    if not 0.0 <= value < 1.0:
+        raise UsageError(f"--margin: {text!r} must be within 0..100 pp")
+    return value
 
 
 def exit_code_for(verdict: str) -> int:
@@ -695,6 +708,8 @@ def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str) -> str | Non
                 top.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, label=name)
                 plotted = True
         top.set_ylim(0.0, 1.05)
+        # The whole window, not just the buckets that had data: an empty stretch must look empty.
+        top.set_xlim(buckets[0].start, buckets[-1].end)
         top.set_ylabel("rate (95% Wilson)")
         top.set_title(title)
         top.grid(alpha=0.3)
@@ -711,6 +726,8 @@ def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str) -> str | Non
         bottom.grid(alpha=0.3)
         if events:
             bottom.legend(loc="upper left", fontsize="small")
+        else:
+            bottom.text(0.5, 0.5, "no error or forbidden events", ha="center", va="center", transform=bottom.transAxes)
         fig.autofmt_xdate()
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)

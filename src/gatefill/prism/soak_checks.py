@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import threading
 import time
 import uuid
@@ -67,6 +68,7 @@ __all__ = [
     "PrismSoakChecks",
     "PrismSoakSettings",
     "run_prism_soak",
+    "window_queries",
 ]
 
 CHECK_NAMES = (
@@ -272,8 +274,35 @@ _PROBE_CASES = ("no_token", "wrong_token", "other_session_token", "valid_token")
 _INSUFFICIENT_PRIVILEGE = "42501"
 
 
-def _query_text(*clauses: sa.TextClause) -> str:
-    return "; ".join(str(c) for c in clauses)
+def _query_text(*clauses: Any) -> str:
+    # Expanding parameters print as a compiler placeholder; show them as the named list they are.
+    return re.sub(r"\(__\[POSTCOMPILE_(\w+)\]\)", r"(:\1)", "; ".join(str(c) for c in clauses))
+
+
+def window_queries(
+    window_start: datetime, end: datetime, settings: PrismSoakSettings | None = None
+) -> list[tuple[str, Any, dict[str, Any]]]:
+    """Every query one look runs against the PRISM tables, with its parameters (for EXPLAIN in the benchmark)."""
+    s = settings or PrismSoakSettings()
+    times = {"start": window_start, "end": end}
+    fc = {"fc_version": s.fc_version, "fc_kind": s.fc_kind}
+    judged = max(window_start, end - timedelta(seconds=s.completion_grace))
+    written = max(window_start, end - timedelta(seconds=s.write_grace))
+    return [
+        ("event counts", _EVENT_COUNTS, {**times, "events": list(_COUNTED_EVENTS)}),
+        ("fc_scores stamps", _FC_STAMPS, {**times, **fc}),
+        ("profile stamps", _PROFILE_STAMPS, {**times, "engine_version": s.engine_version}),
+        ("legacy FC from data", _LEGACY_COUNT, {**times, **fc}),
+        ("funnels", _FUNNEL_COUNTS, {**times, "judged": judged, "written": written}),
+        ("write failures", _WRITE_FAILURES, {**times, "judged": written}),
+        (
+            "tokenless served",
+            _TOKENLESS_SERVED,
+            {**times, "yes": True, "empty_hash": token_hash(None), "probe_ua": PROBE_USER_AGENT},
+        ),
+        ("probe sample", _PROBE_SESSIONS, {**times, "now": end, "limit": s.probe_sessions}),
+        ("error payloads", _ERROR_PAYLOADS, {**times, "events": list(ERROR_EVENTS)}),
+    ]
 
 
 @dataclass(frozen=True)
@@ -690,9 +719,10 @@ class PrismSoakChecks:
         verdict = decided["verdict"] if decided else "INCONCLUSIVE"
         rate = f"{k}/{n} = {k / n:.1%} (95 % Wilson {wilson.low:.1%}–{wilson.high:.1%})" if n else "0 sessions"
         if decided:
-            summary = f"{what} {rate}; {decided['verdict']} since look {decided['look']}: {decided['reason']}"
+            reason = str(decided["reason"]).rstrip(".")
+            summary = f"{what} {rate}; {decided['verdict']} since look {decided['look']}: {reason}"
         else:
-            summary = f"{what} {rate}; {current.reason}"
+            summary = f"{what} {rate}; {current.reason.rstrip('.')}"
         baseline_json: dict[str, Any] = (
             {"rate": base, "source": "given (--baseline-rate)"}
             if isinstance(base, float)
