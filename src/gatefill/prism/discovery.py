@@ -139,23 +139,27 @@ def _needs_work_page(
     return query
 
 
-def _answer_counts(conn: Connection, ids: Sequence[str]) -> dict[str, int]:
+def _answer_counts_query(ids: Sequence[str]) -> sa.Select[Any]:
     r = assessment_responses
-    rows = conn.execute(
-        sa.select(r.c.session_id, sa.func.count()).where(r.c.session_id.in_(ids)).group_by(r.c.session_id)
-    )
-    return {sid: n for sid, n in rows}
+    return sa.select(r.c.session_id, sa.func.count()).where(r.c.session_id.in_(ids)).group_by(r.c.session_id)
 
 
-def _fc_counts(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+def _fc_counts_query(ids: Sequence[str]) -> sa.Select[Any]:
     f, o = fc_responses, fc_options
-    rows = conn.execute(
+    return (
         sa.select(f.c.session_id, sa.func.count(), sa.func.count(o.c.id))
         .select_from(f.outerjoin(o, o.c.id == f.c.option_id))
         .where(f.c.session_id.in_(ids))
         .group_by(f.c.session_id)
     )
-    return {sid: (n, resolved) for sid, n, resolved in rows}
+
+
+def _answer_counts(conn: Connection, ids: Sequence[str]) -> dict[str, int]:
+    return {sid: n for sid, n in conn.execute(_answer_counts_query(ids))}
+
+
+def _fc_counts(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+    return {sid: (n, resolved) for sid, n, resolved in conn.execute(_fc_counts_query(ids))}
 
 
 def discover(

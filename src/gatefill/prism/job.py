@@ -3,10 +3,17 @@
 A candidate's ``operations`` are derived from its discovery category by ``operations_for``, which both the plan (to
 count expected changes and calls) and apply (to decide what to write) use. ``process_batch`` runs inside the caller's
 transaction: it locks the batch's session rows (so a live finalize of the same session waits, or is waited for),
-re-reads what exists under that lock, loads every input with one query per table, scores each session through
-``scoring.score_session`` (the code path of the functions server too), and writes each session inside a savepoint, so
-one failing session is recorded and the rest of the batch still commits. Rows that appeared since the plan (live
-traffic) are left alone and reported ``already_present``; nothing is overwritten unless the plan says rescore.
+re-reads what exists under that lock, loads the inputs with one query per table (a chunk of sessions at a time),
+scores each session through ``scoring.score_session`` (the code path of the functions server too), and writes the
+whole batch with one multi-row statement per table inside one savepoint. Only if that fails (a live writer's row
+met at insert time, any database error) is the savepoint rolled back and the batch redone one savepoint per session,
+so the failing session is recorded with its error and the rest of the batch still commits. Rows that appeared since
+the plan (live traffic) are left alone and reported ``already_present``; nothing is overwritten unless the plan says
+rescore. Every row written is reported with its before-image (None: absent) and its after-image, which for inserted
+rows is the row as built here (every column set), for updated ones the row read back (a trigger sets updated_at).
+
+Static reference data (scoring key, FC options, prototypes, calibration models) is read once per job object;
+``scoring_config`` is re-read every batch, so a drifted results_version shows from the next batch on.
 """
 
 from __future__ import annotations
@@ -14,21 +21,27 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from gatefill.db import UTCTimestamp, parse_utc
+from gatefill.errors import DataError
 from gatefill.job import BatchOutcome, Candidate, Check, RowChange, SessionOutcome, WrittenTable
 from gatefill.prism import scoring
 from gatefill.prism.discovery import Finding, discover
 from gatefill.prism.schema import (
     PRISM_TABLES,
+    assessment_responses,
     assessment_sessions,
     fc_blocks,
     fc_options,
+    fc_responses,
     fc_scores,
     fn_logs,
     missing_columns,
@@ -73,6 +86,7 @@ class PrismJob:
     def __init__(self, *, fc_version: str = scoring.FC_VERSION, engine_version: str = scoring.ENGINE_VERSION) -> None:
         self.fc_version = fc_version
         self.engine_version = engine_version
+        self._reference: scoring.ReferenceData | None = None
 
     @property
     def versions(self) -> Mapping[str, str]:
@@ -159,139 +173,373 @@ class PrismJob:
     def process_batch(
         self, conn: Connection, candidates: Sequence[Candidate], *, now: datetime, run_id: str
     ) -> BatchOutcome:
-        ids = sorted(c.key for c in candidates)
+        ordered = sorted(candidates, key=lambda c: c.key)
+        ids = [c.key for c in ordered]
         outcome = BatchOutcome()
         if not ids:
             return outcome
+        started = time.perf_counter()
         # Lock order = id order, the same order the functions server's single-session locks fall into.
-        sessions = {
-            row.id: row
-            for row in conn.execute(
-                sa.select(assessment_sessions.c.id, assessment_sessions.c.user_id, assessment_sessions.c.status)
+        locked = set(
+            conn.execute(
+                sa.select(assessment_sessions.c.id)
                 .where(assessment_sessions.c.id.in_(ids))
                 .order_by(assessment_sessions.c.id)
                 .with_for_update()
-            )
-        }
-        present_fc = {
-            row.session_id: dict(row._mapping)
-            for row in conn.execute(
-                sa.select(fc_scores).where(
-                    fc_scores.c.session_id.in_(ids),
-                    fc_scores.c.version == self.fc_version,
-                    fc_scores.c.fc_kind == scoring.FC_KIND,
-                )
-            )
-        }
-        present_profiles = {
-            row.session_id: dict(row._mapping)
-            for row in conn.execute(sa.select(profiles).where(profiles.c.session_id.in_(ids)))
-        }
-        inputs = load_session_inputs(conn, ids)
-        ref = load_reference_data_from_db(conn)
-        for candidate in sorted(candidates, key=lambda c: c.key):
-            started = time.perf_counter()
-            if candidate.key not in sessions:
-                outcome.sessions.append(SessionOutcome(candidate.key, "failed", error="session no longer exists"))
+            ).scalars()
+        )
+        present_fc, existing_fc = self._present_fc(conn, ids)
+        present_profiles = self._present_profiles(conn, ordered)
+        ref = self._reference_data(conn)
+
+        results: dict[str, SessionOutcome] = {}
+        todo: list[tuple[Candidate, _Wants]] = []
+        for candidate in ordered:
+            if candidate.key not in locked:
+                results[candidate.key] = SessionOutcome(candidate.key, "failed", error="session no longer exists")
                 continue
-            result = self._process_one(
-                conn, candidate, inputs[candidate.key], ref, present_fc, present_profiles, now, run_id, outcome
-            )
-            result.seconds = time.perf_counter() - started
-            outcome.sessions.append(result)
+            wants = self._recheck(candidate, candidate.key in present_fc, present_profiles.get(candidate.key))
+            if wants.nothing:
+                results[candidate.key] = SessionOutcome(candidate.key, "already_present", wants.ops)
+            else:
+                todo.append((candidate, wants))
+        overhead = time.perf_counter() - started
+
+        pending: list[_Pending] = []
+        # Inputs are loaded a chunk at a time and dropped once scored: ~250 answers a session make them the largest
+        # thing a batch holds, so the chunk, not the batch, bounds the memory they take.
+        for lo in range(0, len(todo), _LOAD_CHUNK):
+            chunk = todo[lo : lo + _LOAD_CHUNK]
+            t0 = time.perf_counter()
+            inputs = _load_inputs(conn, [c.key for c, _ in chunk], existing_fc)
+            overhead += time.perf_counter() - t0
+            for candidate, wants in chunk:
+                t0 = time.perf_counter()
+                prepared = self._prepare(candidate, wants, inputs.pop(candidate.key), ref, now, run_id)
+                session = prepared if isinstance(prepared, SessionOutcome) else prepared.outcome
+                session.seconds = time.perf_counter() - t0
+                if isinstance(prepared, SessionOutcome):
+                    results[candidate.key] = prepared
+                else:
+                    pending.append(prepared)
+
+        t0 = time.perf_counter()
+        changes = self._write_batch(conn, pending, results)
+        # Shared work (locks, loads, the bulk writes) is spread evenly over the batch's sessions.
+        shared = (overhead + time.perf_counter() - t0) / len(ordered)
+        for p in pending:
+            results.setdefault(p.key, p.outcome)
+        for candidate in ordered:
+            session = results[candidate.key]
+            session.seconds += shared
+            outcome.sessions.append(session)
+            outcome.changes.extend(changes.get(candidate.key, ()))
         return outcome
 
-    def _process_one(
-        self,
-        conn: Connection,
-        candidate: Candidate,
-        inputs: scoring.SessionInputs,
-        ref: scoring.ReferenceData,
-        present_fc: Mapping[str, Mapping[str, Any]],
-        present_profiles: Mapping[str, Mapping[str, Any]],
-        now: datetime,
-        run_id: str,
-        outcome: BatchOutcome,
-    ) -> SessionOutcome:
-        sid = candidate.key
+    def _present_fc(self, conn: Connection, ids: Sequence[str]) -> tuple[set[str], dict[str, object]]:
+        """Sessions that have this job's fc_scores row, and the v1.2/functions scores that scoring reads as input."""
+        s = fc_scores
+        present: set[str] = set()
+        existing: dict[str, object] = {}
+        for sid, version, scores_json in conn.execute(
+            sa.select(s.c.session_id, s.c.version, s.c.scores_json).where(
+                s.c.session_id.in_(ids),
+                s.c.version.in_(sorted({self.fc_version, scoring.FC_VERSION})),
+                s.c.fc_kind == scoring.FC_KIND,
+            )
+        ):
+            if version == self.fc_version:
+                present.add(sid)
+            if version == scoring.FC_VERSION:
+                existing[sid] = scores_json
+        return present, existing
+
+    def _present_profiles(self, conn: Connection, ordered: Sequence[Candidate]) -> dict[str, Mapping[str, Any]]:
+        """Existing profiles: the few columns the re-check and scoring read, whole rows where an update needs a
+        before-image (decoding every JSON column of every existing profile would cost more than scoring it)."""
+        p = profiles
+        ids = [c.key for c in ordered]
+        found: dict[str, Mapping[str, Any]] = {
+            row.session_id: dict(row._mapping)
+            for row in conn.execute(
+                sa.select(p.c.id, p.c.session_id, p.c.results_version, p.c.submitted_at).where(p.c.session_id.in_(ids))
+            )
+        }
+        rescore = [c.key for c in ordered if _PROFILE_UPDATE in c.operations and c.key in found]
+        if rescore:
+            for row in conn.execute(sa.select(p).where(p.c.session_id.in_(rescore))):
+                found[row.session_id] = dict(row._mapping)
+        return found
+
+    def _reference_data(self, conn: Connection) -> scoring.ReferenceData:
+        """Reference data, the static tables cached for the life of this job object; ``scoring_config`` is re-read
+        every batch (one tiny query), so a drifted results_version shows in the very next batch."""
+        config = {key: value for key, value in conn.execute(sa.select(scoring_config.c.key, scoring_config.c.value))}
+        cached = self._reference
+        if cached is None or dict(cached.scoring_config) != config:
+            cached = self._reference = load_reference_data_from_db(conn)
+        return cached
+
+    def _recheck(self, candidate: Candidate, fc_present: bool, existing: Mapping[str, Any] | None) -> _Wants:
+        """What the candidate still needs under the lock; rows that appeared since the plan are left alone."""
         ops: list[dict[str, Any]] = []
         wants_fc = _FC_INSERT in candidate.operations
         wants_profile = _PROFILE_INSERT in candidate.operations or _PROFILE_UPDATE in candidate.operations
-        existing_profile = present_profiles.get(sid)
-        fc_present = sid in present_fc
         if wants_fc and fc_present:
             ops.append({"op": _FC_INSERT, "result": "already_present"})
             wants_fc = False
-        if _PROFILE_INSERT in candidate.operations and existing_profile is not None:
+        if _PROFILE_INSERT in candidate.operations and existing is not None:
             ops.append({"op": _PROFILE_INSERT, "result": "already_present"})
             wants_profile = False
         if _PROFILE_UPDATE in candidate.operations and (
-            existing_profile is None or existing_profile.get("results_version") == self.engine_version
+            existing is None or existing.get("results_version") == self.engine_version
         ):
             ops.append({"op": _PROFILE_UPDATE, "result": "already_present"})
             wants_profile = False
-        if not wants_fc and not wants_profile:
-            return SessionOutcome(sid, "already_present", ops)
+        return _Wants(wants_fc, wants_profile, existing, ops)
 
-        scored = scoring.score_session(inputs, ref, now, existing_profile)
-        problem = _blocking_problem(scored, wants_fc, wants_profile)
+    def _prepare(
+        self,
+        candidate: Candidate,
+        wants: _Wants,
+        inputs: scoring.SessionInputs,
+        ref: scoring.ReferenceData,
+        now: datetime,
+        run_id: str,
+    ) -> _Pending | SessionOutcome:
+        """Scores one session and builds every row it will write (or says why it cannot be written)."""
+        sid = candidate.key
+        ops = list(wants.ops)
+        existing = wants.existing_profile
+        try:
+            scored = scoring.score_session(inputs, ref, now, existing)
+        except DataError as exc:
+            return SessionOutcome(sid, "failed", ops, error=f"scoring failed: {_one_line(exc)}")
+        problem = _blocking_problem(scored, wants.fc, wants.profile)
         if problem:
             return SessionOutcome(sid, "failed", ops, error=problem)
+        pending = _Pending(sid, SessionOutcome(sid, "written", ops))
+        if wants.fc and scored.fc_scores_row is not None:
+            row = {**scored.fc_scores_row, "created_at": now}
+            pending.fc_row = {c: row[c] for c in _FC_COLUMNS}
+            ops.append({"op": _FC_INSERT, "result": "written", "blocks_answered": row["blocks_answered"]})
+        if wants.profile and scored.profile_row is not None:
+            unknown = sorted(set(scored.profile_row) - set(_PROFILE_COLUMNS))
+            if unknown:
+                return SessionOutcome(sid, "failed", ops, error=f"profiles has no column(s) {', '.join(unknown)}")
+            if existing is None:
+                # Every column is given (absent ones as NULL), so the row stored is exactly the row built here.
+                generated = {"id": str(uuid.uuid4()), "share_token": str(uuid.uuid4()), "user_id": None}
+                values = {**scored.profile_row, **generated}
+                pending.profile_insert = {c: values.get(c) for c in _PROFILE_COLUMNS}
+                ops.append({"op": _PROFILE_INSERT, "result": "written"})
+            else:
+                pending.profile_update = (existing, dict(scored.profile_row))
+                ops.append({"op": _PROFILE_UPDATE, "result": "written"})
+        for evt, payload in [*scored.events, ("gatefill_backfill", {})]:
+            # Events say who wrote them, so the soak can tell backfill rows from live traffic.
+            body: dict[str, Any] = {**payload, "session_id": sid, "source": "gatefill", "run_id": run_id}
+            pending.events.append({"evt": evt, "payload": body, "at": now})
+        return pending
 
-        changes: list[RowChange] = []
+    def _write_batch(
+        self, conn: Connection, pending: Sequence[_Pending], results: dict[str, SessionOutcome]
+    ) -> dict[str, list[RowChange]]:
+        """Writes every pending session in one savepoint; if that fails, redoes them one savepoint per session so
+        the culprit is recorded (a live race as ``already_present``, any other failure as ``failed``) and the rest
+        are written. Returns the changes per session; outcomes of isolated sessions go into ``results``."""
+        if not pending:
+            return {}
         try:
             with conn.begin_nested():
-                if wants_fc and scored.fc_scores_row is not None:
-                    row = {**scored.fc_scores_row, "created_at": now}
-                    conn.execute(fc_scores.insert().values(**row))
-                    key = {"session_id": sid, "version": row["version"], "fc_kind": row["fc_kind"]}
-                    changes.append(RowChange("fc_scores", key, None, _plain(row), sid))
-                    ops.append({"op": _FC_INSERT, "result": "written", "blocks_answered": row["blocks_answered"]})
-                if wants_profile and scored.profile_row is not None:
-                    changes.append(self._write_profile(conn, sid, scored.profile_row, existing_profile, now))
-                    ops.append(
-                        {"op": _PROFILE_INSERT if existing_profile is None else _PROFILE_UPDATE, "result": "written"}
-                    )
-                events: list[tuple[str, Mapping[str, object]]] = [*scored.events, ("gatefill_backfill", {})]
-                for evt, payload in events:
-                    # Events say who wrote them, so the soak can tell backfill rows from live traffic.
-                    body: dict[str, Any] = {**payload, "session_id": sid, "source": "gatefill", "run_id": run_id}
-                    new_id = conn.execute(
-                        fn_logs.insert().values(evt=evt, payload=body, at=now).returning(fn_logs.c.id)
-                    ).scalar_one()
-                    changes.append(
-                        RowChange(
-                            "fn_logs",
-                            {"id": new_id},
-                            None,
-                            {"id": new_id, "evt": evt, "payload": body, "at": now.isoformat()},
-                            sid,
-                        )
-                    )
-        except IntegrityError as exc:
-            # A live writer inserted the same row between our re-check and our insert: theirs stands.
-            return SessionOutcome(
-                sid, "already_present", ops, error=f"raced by a live writer: {str(exc.orig).splitlines()[0]}"
-            )
-        outcome.changes.extend(changes)
-        return SessionOutcome(sid, "written", ops)
+                return self._write(conn, pending)
+        except sa.exc.StatementError as exc:
+            _raise_if_disconnected(exc)
+            if len(pending) == 1:
+                results[pending[0].key] = _write_failure(pending[0], exc)
+                return {}
+        changes: dict[str, list[RowChange]] = {}
+        for p in pending:
+            try:
+                with conn.begin_nested():
+                    changes.update(self._write(conn, [p]))
+            except sa.exc.StatementError as exc:
+                _raise_if_disconnected(exc)
+                results[p.key] = _write_failure(p, exc)
+        return changes
 
-    def _write_profile(
-        self,
-        conn: Connection,
-        sid: str,
-        profile_row: Mapping[str, Any],
-        existing: Mapping[str, Any] | None,
-        now: datetime,
-    ) -> RowChange:
-        if existing is None:
-            row = {**profile_row, "id": str(uuid.uuid4()), "share_token": str(uuid.uuid4()), "user_id": None}
-            conn.execute(profiles.insert().values(**row))
-            after = conn.execute(sa.select(profiles).where(profiles.c.id == row["id"])).one()
-            return RowChange("profiles", {"id": row["id"]}, None, _plain(dict(after._mapping)), sid)
-        conn.execute(profiles.update().where(profiles.c.id == existing["id"]).values(**profile_row))
-        after = conn.execute(sa.select(profiles).where(profiles.c.id == existing["id"])).one()
-        return RowChange("profiles", {"id": existing["id"]}, _plain(existing), _plain(dict(after._mapping)), sid)
+    def _write(self, conn: Connection, pending: Sequence[_Pending]) -> dict[str, list[RowChange]]:
+        """The rows of ``pending`` written with one multi-row statement per table; the changes they made."""
+        fc_rows = [p.fc_row for p in pending if p.fc_row is not None]
+        if fc_rows:
+            conn.execute(fc_scores.insert(), fc_rows)
+        profile_rows = [p.profile_insert for p in pending if p.profile_insert is not None]
+        if profile_rows:
+            conn.execute(profiles.insert(), profile_rows)
+        updated: dict[str, Mapping[str, Any]] = {}
+        for p in pending:
+            if p.profile_update is not None:
+                existing, values = p.profile_update
+                conn.execute(profiles.update().where(profiles.c.id == existing["id"]).values(**values))
+                updated[str(existing["id"])] = existing
+        after_update: dict[str, dict[str, Any]] = {}
+        if updated:
+            # An UPDATE fires the updated_at trigger: the stored row is read back rather than assumed.
+            for stored in conn.execute(sa.select(profiles).where(profiles.c.id.in_(sorted(updated)))):
+                after_update[str(stored.id)] = _plain(dict(stored._mapping))
+        events = [e for p in pending for e in p.events]
+        ids: Sequence[int] = ()
+        if events:
+            ids = (
+                conn.execute(fn_logs.insert().returning(fn_logs.c.id, sort_by_parameter_order=True), events)
+                .scalars()
+                .all()
+            )
+        changes: dict[str, list[RowChange]] = {}
+        next_id = iter(ids)
+        for p in pending:
+            out = changes[p.key] = []
+            if p.fc_row is not None:
+                fc = p.fc_row
+                key = {"session_id": p.key, "version": fc["version"], "fc_kind": fc["fc_kind"]}
+                out.append(RowChange("fc_scores", key, None, _plain(fc), p.key))
+            if p.profile_insert is not None:
+                inserted = p.profile_insert
+                out.append(RowChange("profiles", {"id": inserted["id"]}, None, _profile_image(inserted), p.key))
+            if p.profile_update is not None:
+                existing, _ = p.profile_update
+                pid = str(existing["id"])
+                out.append(RowChange("profiles", {"id": pid}, _plain(existing), after_update[pid], p.key))
+            for event in p.events:
+                new_id = next(next_id)
+                after = {"id": new_id, "evt": event["evt"], "payload": event["payload"], "at": event["at"].isoformat()}
+                out.append(RowChange("fn_logs", {"id": new_id}, None, after, p.key))
+        return changes
+
+
+@dataclass
+class _Wants:
+    """What one candidate still needs after the locked re-check, and the operations already found present."""
+
+    fc: bool
+    profile: bool
+    existing_profile: Mapping[str, Any] | None
+    ops: list[dict[str, Any]]
+
+    @property
+    def nothing(self) -> bool:
+        return not self.fc and not self.profile
+
+
+@dataclass
+class _Pending:
+    """One scored session whose rows are built and about to be written, with the outcome it has if they are."""
+
+    key: str
+    outcome: SessionOutcome
+    fc_row: dict[str, Any] | None = None
+    profile_insert: dict[str, Any] | None = None
+    profile_update: tuple[Mapping[str, Any], dict[str, Any]] | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: Sessions whose inputs are loaded by one query (and held at once).
+_LOAD_CHUNK = 250
+_FC_COLUMNS: tuple[str, ...] = tuple(c.name for c in fc_scores.columns)
+_PROFILE_COLUMNS: tuple[str, ...] = tuple(c.name for c in profiles.columns)
+_PROFILE_TIMESTAMPS = frozenset(c.name for c in profiles.columns if isinstance(c.type, UTCTimestamp))
+_PROFILE_FLOATS = frozenset(c.name for c in profiles.columns if isinstance(c.type, sa.Float))
+
+
+def _profile_image(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The after-image of a profile this job inserted, in the form a read-back gives: timestamps as ISO text of
+    the UTC instant, float columns as floats (the engine may hand over an int), JSON values as written."""
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        if value is None:
+            out[name] = None
+        elif name in _PROFILE_TIMESTAMPS:
+            instant = parse_utc(value) if isinstance(value, str) else value
+            out[name] = instant.astimezone(UTC).isoformat() if isinstance(instant, datetime) else instant
+        elif name in _PROFILE_FLOATS and isinstance(value, int) and not isinstance(value, bool):
+            out[name] = float(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _raise_if_disconnected(exc: sa.exc.StatementError) -> None:
+    """A lost connection is not a session's failure: it aborts the batch, which apply retries as a whole."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        raise exc
+
+
+def _is_unique_violation(exc: sa.exc.StatementError) -> bool:
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else None
+    # SQLSTATE 23505 (Postgres) or SQLite's extended result code; other constraint failures are not races.
+    return getattr(orig, "sqlstate", None) == "23505" or getattr(orig, "sqlite_errorname", None) in (
+        "SQLITE_CONSTRAINT_UNIQUE",
+        "SQLITE_CONSTRAINT_PRIMARYKEY",
+    )
+
+
+def _write_failure(p: _Pending, exc: sa.exc.StatementError) -> SessionOutcome:
+    """The outcome of a session whose own writes failed (they were rolled back to its savepoint)."""
+    ops = [op if op.get("result") != "written" else {**op, "result": "not_written"} for op in p.outcome.operations]
+    reason = _one_line(exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc)
+    seconds = p.outcome.seconds
+    if isinstance(exc, IntegrityError) and _is_unique_violation(exc):
+        # A live writer inserted the same row between our re-check and our insert: theirs stands.
+        return SessionOutcome(p.key, "already_present", ops, f"raced by a live writer: {reason}", seconds)
+    return SessionOutcome(p.key, "failed", ops, f"write failed: {reason}", seconds)
+
+
+def _load_inputs(
+    conn: Connection, ids: Sequence[str], existing_fc: Mapping[str, object]
+) -> dict[str, scoring.SessionInputs]:
+    """The scoring inputs of ``ids``, equal to ``service.load_session_inputs`` (the functions' own reader).
+
+    On Postgres the answers come aggregated per session (two arrays in question order) and ids as text: a batch's
+    ~250 answer rows per session would otherwise cost more to decode, row by row into UUID objects, than scoring
+    them. A session whose answers repeat a question (possible only without ``uniq_session_question``) is re-read
+    by ``load_session_inputs`` itself, which picks the latest answer as upstream did. SQLite, local and cheap per
+    row, uses that reader for everything.
+    """
+    if conn.dialect.name != "postgresql":
+        return load_session_inputs(conn, ids)
+    r, f = assessment_responses, fc_responses
+    sid_text = sa.cast(r.c.session_id, sa.Text)
+    answers: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
+    repeated: list[str] = []
+    for sid, qids, values in conn.execute(
+        sa.select(
+            sid_text,
+            sa.func.array_agg(pg.aggregate_order_by(r.c.question_id, r.c.question_id), type_=pg.ARRAY(sa.Integer)),
+            sa.func.array_agg(pg.aggregate_order_by(r.c.answer_value, r.c.question_id), type_=pg.ARRAY(sa.Text)),
+        )
+        .where(r.c.session_id.in_(ids))
+        .group_by(r.c.session_id)
+    ):
+        if len(set(qids)) != len(qids):
+            repeated.append(sid)
+            continue
+        answers[sid] = [{"question_id": q, "answer_value": v} for q, v in zip(qids, values, strict=True)]
+    fc_rows: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
+    for sid, block_id, option_id in conn.execute(
+        sa.select(sa.cast(f.c.session_id, sa.Text), sa.cast(f.c.block_id, sa.Text), sa.cast(f.c.option_id, sa.Text))
+        .where(f.c.session_id.in_(ids))
+        .order_by(f.c.session_id, f.c.answered_at, f.c.block_id)
+    ):
+        fc_rows[sid].append({"block_id": block_id, "option_id": option_id})
+    out = {sid: scoring.SessionInputs(sid, answers[sid], fc_rows[sid], existing_fc.get(sid)) for sid in ids}
+    if repeated:
+        out.update(load_session_inputs(conn, repeated))
+    return out
 
 
 def _blocking_problem(scored: scoring.SessionScore, wants_fc: bool, wants_profile: bool) -> str | None:
