@@ -105,7 +105,7 @@ class Soaked:
             if prof:
                 conn.execute(profiles.insert(), prof)
 
-    def soak(self, options: SoakOptions, **kwargs: Any) -> SoakResult:
+    def soak(self, options: SoakOptions, *, clock_start: datetime | None = None, **kwargs: Any) -> SoakResult:
         settings = kwargs.pop("settings", PrismSoakSettings(service_role_key=SERVICE_KEY))
         env = kwargs.pop("env", self.env)
         with PrismSoakChecks(env, settings) as checks:
@@ -113,7 +113,7 @@ class Soaked:
                 self.db,
                 env,
                 options=options,
-                clock=SimulatedClock(options.start),
+                clock=SimulatedClock(clock_start or options.start),
                 artifacts_dir=self.artifacts,
                 checks=checks,
                 versions={"fc_version": "v1.2", "fc_kind": "functions", "engine_version": "v1.2.1"},
@@ -140,7 +140,7 @@ def soaked(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             base_env, server_db, allow_fault_injection=True, service_role_key=SERVICE_KEY, rate_limit_per_minute=5000
         )
         with serve_in_thread(app) as url:
-            env = replace(base_env, results_url=url, service_role_key_env=KEY_ENV)
+            env = replace(base_env, results_url=url, functions_url=f"{url}/functions/v1", service_role_key_env=KEY_ENV)
             yield Soaked(request.param, env, db, url, tmp / "artifacts")
     finally:
         db.dispose()
@@ -162,12 +162,15 @@ def _stored(soaked: Soaked, run_id: str) -> list[int]:
 # ====================================================================================================================
 
 
-def test_clean_traffic_with_enough_sessions_passes(soaked: Soaked) -> None:
+def test_clean_traffic_with_enough_sessions_passes(soaked: Soaked, caplog: pytest.LogCaptureFixture) -> None:
     start = _window(1)
     soaked.baseline(start, started=200, completed=180, profiled=170)
     report = soaked.traffic(start, 50, seed=11)
     assert report.totals()["profiles_expected"] == 50
-    result = soaked.soak(replace(OPTIONS, start=start, chart=True))
+    # Only the results link configured: the probes GET /results/{id}?t=TOKEN, and httpx logs those URLs at INFO.
+    caplog.set_level("INFO", logger="httpx")
+    link_only = replace(soaked.env, functions_url=None)
+    result = soaked.soak(replace(OPTIONS, start=start, chart=True), env=link_only)
     checks = _by_name(result)
     assert result.verdict == "PASS", {n: (c.verdict, c.summary) for n, c in checks.items()}
     assert result.exit_code == 0 and result.status is RunStatus.SUCCEEDED and result.complete
@@ -182,6 +185,7 @@ def test_clean_traffic_with_enough_sessions_passes(soaked: Soaked) -> None:
     assert checks["write_failures"].evidence["finalized_judged"] == 50
     gating = checks["token_gating"].evidence
     assert gating["probes"]["failed"] == 0 and all(gating["cases_passed"].values())
+    assert gating["endpoint"] == "GET /results/{session_id}?t=TOKEN"
     if soaked.dialect == "postgresql":
         assert {t: v["visible"] for t, v in gating["rls"]["tables"].items()} == {
             "profiles": 0,
@@ -200,6 +204,8 @@ def test_clean_traffic_with_enough_sessions_passes(soaked: Soaked) -> None:
     everything = "".join(p.read_text(errors="replace") for p in out.iterdir() if p.suffix in (".md", ".json"))
     assert SERVICE_KEY not in everything
     assert not [t for t in tokens if t in everything]
+    assert "/results/" in caplog.text and "t=***" in caplog.text
+    assert not [t for t in tokens if t in caplog.text] and SERVICE_KEY not in caplog.text
     measurements = json.loads((out / "soak_measurements.json").read_text())
     assert [m["seq"] for m in measurements["measurements"]] == list(range(1, 13))
 
@@ -334,6 +340,35 @@ def test_zero_traffic_is_inconclusive_not_pass(soaked: Soaked) -> None:
     assert "no results endpoint configured" in checks["latency"].summary
 
 
+def test_after_an_apply_run_the_window_starts_when_it_finished_and_inherits_its_versions(soaked: Soaked) -> None:
+    finished = _window(9) + timedelta(minutes=7, seconds=30)
+    versions = {"fc_version": "v1.2", "fc_kind": "functions", "engine_version": "v1.2.1", "plan": "p-1"}
+    ledger.init_ledger(soaked.db)
+    with soaked.db.begin() as conn:
+        for run_id, done in (("apply-done", True), ("apply-half", False)):
+            ledger.create_run(
+                conn,
+                run_id=f"{run_id}-{soaked.dialect}",
+                phase="apply",
+                environment=soaked.env.name,
+                job="prism",
+                versions=versions,
+                params={},
+                now=finished - timedelta(hours=1),
+            )
+            ledger.transition(conn, f"{run_id}-{soaked.dialect}", RunStatus.RUNNING, now=finished - timedelta(hours=1))
+            if done:
+                ledger.transition(conn, f"{run_id}-{soaked.dialect}", RunStatus.SUCCEEDED, now=finished)
+    options = replace(OPTIONS, duration=1800.0, after=f"apply-done-{soaked.dialect}")
+    result = soaked.soak(options, clock_start=finished)
+    assert result.window_start == finished
+    with soaked.db.connect() as conn:
+        run = ledger.get_run(conn, result.run_id)
+    assert run.parent_run_id == f"apply-done-{soaked.dialect}" and run.versions == versions
+    with pytest.raises(UsageError, match="running"):
+        soaked.soak(replace(options, after=f"apply-half-{soaked.dialect}"))
+
+
 def test_wrong_version_stamps_fail_and_observe_only_never_gates(soaked: Soaked) -> None:
     start = _window(6)
     at = start + timedelta(minutes=10)
@@ -389,8 +424,10 @@ def test_rate_limited_probes_are_inconclusive_not_passed(soaked: Soaked) -> None
         soaked.env, soaked.db, allow_fault_injection=True, service_role_key=SERVICE_KEY, rate_limit_per_minute=3
     )
     with serve_in_thread(tight) as url:
-        result = soaked.soak(replace(OPTIONS, start=start, duration=HOUR), env=replace(soaked.env, results_url=url))
+        tight_env = replace(soaked.env, results_url=url, functions_url=f"{url}/functions/v1")
+        result = soaked.soak(replace(OPTIONS, start=start, duration=HOUR), env=tight_env)
     gating = _by_name(result)["token_gating"]
+    assert gating.evidence["endpoint"] == "POST /functions/v1/get-results-by-session"
     statuses = [p["status"] for p in gating.evidence["this_look"]["probes"]]
     assert 429 in statuses or gating.evidence["probes"]["inconclusive"] > 0
     assert gating.evidence["probes"]["failed"] == 0 and gating.evidence["probes"]["inconclusive"] >= 1

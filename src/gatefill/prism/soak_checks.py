@@ -31,6 +31,7 @@ User-Agent, so the data checks can leave the soak's own accesses out.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -366,23 +367,43 @@ class _Probe:
         return data
 
 
+class _RedactTokens(logging.Filter):
+    """Masks ``t=`` query values in httpx's request log lines: a results link carries its share token there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_TOKEN_IN_URL.sub(r"\1***", str(a)) if "t=" in str(a) else a for a in record.args)
+        return True
+
+
+_TOKEN_IN_URL = re.compile(r"([?&]t=)[^&\s\"]*")
+_REDACT = _RedactTokens()
+
+
 class _Prober:
-    """Probes the results endpoint over HTTP within a per-minute budget (on real time: rate limits count requests)."""
+    """Probes the results endpoint over HTTP within a per-minute budget (on real time: rate limits count requests).
+
+    With a functions URL the probe POSTs to get-results-by-session, so the token travels in the body and never in a
+    URL that proxies and access logs keep; otherwise it GETs the results link ``/results/{id}?t=TOKEN``.
+    """
 
     def __init__(self, env: Environment, settings: PrismSoakSettings) -> None:
         self.settings = settings
-        self.get_base = (settings.results_url or env.results_url or "").rstrip("/") or None
         functions = (settings.functions_url or env.functions_url or "").rstrip("/") or None
-        self.post_url = f"{functions}/get-results-by-session" if functions and not self.get_base else None
+        results = (settings.results_url or env.results_url or "").rstrip("/") or None
+        self.post_url = f"{functions}/get-results-by-session" if functions else None
+        self.get_base = results if not functions else None
         self._http: httpx.Client | None = None
         self._sent: deque[float] = deque()
+        if self.get_base and _REDACT not in logging.getLogger("httpx").filters:
+            logging.getLogger("httpx").addFilter(_REDACT)
 
     @property
     def endpoint(self) -> str | None:
-        if self.get_base:
-            return "GET /results/{session_id}?t=TOKEN"
         if self.post_url:
             return "POST /functions/v1/get-results-by-session"
+        if self.get_base:
+            return "GET /results/{session_id}?t=TOKEN"
         return None
 
     def close(self) -> None:
@@ -413,15 +434,15 @@ class _Prober:
         self._sent.append(time.monotonic())
         started = time.perf_counter()
         try:
-            if self.get_base:
-                params = {"t": token} if token is not None else None
-                response = self._http.get(f"{self.get_base}/results/{session_id}", params=params, headers=headers)
-            else:
-                assert self.post_url is not None
+            if self.post_url:
                 body: dict[str, Any] = {"session_id": session_id}
                 if token is not None:
                     body["share_token"] = token
                 response = self._http.post(self.post_url, json=body, headers=headers)
+            else:
+                assert self.get_base is not None
+                params = {"t": token} if token is not None else None
+                response = self._http.get(f"{self.get_base}/results/{session_id}", params=params, headers=headers)
         except httpx.HTTPError as exc:
             # The exception text can hold the URL with its query (the token): keep only the class name.
             return None, (time.perf_counter() - started) * 1000.0, type(exc).__name__
