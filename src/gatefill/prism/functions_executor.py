@@ -509,6 +509,7 @@ class FunctionsExecutor:
         *,
         resumed: bool,
     ) -> tuple[list[SessionOutcome], dict[str, Any]]:
+        """Steps 2 and 3 for a batch whose intents are recorded (new, or left over from an interrupted attempt)."""
         calls: dict[str, list[CallResult]] = {}
         seconds: dict[str, float] = {}
         with db.connect() as conn:
