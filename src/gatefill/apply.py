@@ -29,7 +29,7 @@ from gatefill import ledger
 from gatefill.clock import Clock
 from gatefill.config import Environment, Settings
 from gatefill.db import Database, format_utc
-from gatefill.errors import DatabaseUnreachable, GateBlocked, GatefillError
+from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
 from gatefill.interrupt import stop_on_sigint
 from gatefill.job import Candidate, Check, Job, SessionOutcome
@@ -377,8 +377,8 @@ def apply_plan(
     or ``override`` must name who lets it through and why.
     """
     verify_plan(plan_body, env)
-    if options.executor != "local":
-        raise GateBlocked("executor", [f"executor '{options.executor}' is not available in this build (use local)"])
+    if options.executor not in ("local", "functions"):
+        raise UsageError(f"unknown executor '{options.executor}' (use local or functions)")
     now = clock.now()
     run = ensure_run_for_plan(db, plan_body, now=now)
     if run.status in (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED):
@@ -407,7 +407,19 @@ def apply_plan(
     logs_dir = artifacts_dir / run.id / "backfill_logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     result = ApplyResult(run.id, run.status, len(order))
-    with _RunLock(db, run.id, now), stop_on_sigint(stop):
+    with contextlib.ExitStack() as resources:
+        commit = _commit_batch
+        functions = None
+        if options.executor == "functions":
+            # Imported here: the HTTP executor is PRISM's (it speaks to the PRISM functions); apply stays job-neutral.
+            from gatefill.prism.functions_executor import FunctionsExecutor
+
+            functions = resources.enter_context(FunctionsExecutor.from_env(env))
+            commit = functions.commit_batch
+        resources.enter_context(_RunLock(db, run.id, now))
+        resources.enter_context(stop_on_sigint(stop))
+        if functions is not None:
+            _recover_functions_batches(functions, db, job, run, clock)
         todo, next_batch, retrying = _remaining(db, run, order)
         with db.begin() as conn:
             ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=f"apply ({len(todo)} to do)")
@@ -423,7 +435,7 @@ def apply_plan(
                 before_batch(next_batch)
             result.throttle_wait_seconds += bucket.acquire(len(batch_keys))
             batch = [candidates[k] for k in batch_keys]
-            sessions, log = _commit_with_retry(db, job, run.id, next_batch, batch, clock, retrying, options)
+            sessions, log = _commit_with_retry(commit, db, job, run.id, next_batch, batch, clock, retrying, options)
             (logs_dir / f"batch_{next_batch}.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
             for s in sessions:
                 result.counts[s.result] += 1
@@ -458,7 +470,13 @@ def apply_plan(
     return result
 
 
+CommitBatch = Callable[
+    [Database, Job, str, int, Sequence[Candidate], Clock, bool], tuple[list[SessionOutcome], dict[str, Any]]
+]
+
+
 def _commit_with_retry(
+    commit: CommitBatch,
     db: Database,
     job: Job,
     run_id: str,
@@ -472,7 +490,7 @@ def _commit_with_retry(
     attempt = 0
     while True:
         try:
-            return _commit_batch(db, job, run_id, batch_no, batch, clock, retrying)
+            return commit(db, job, run_id, batch_no, batch, clock, retrying)
         except DatabaseUnreachable as exc:
             attempt += 1
             if attempt >= options.retry_attempts:
@@ -484,6 +502,24 @@ def _commit_with_retry(
                 ) from exc
             delay = options.retry_base_seconds * (2 ** (attempt - 1)) * (0.5 + random.random())
             time.sleep(delay)  # a real wait even under a simulated clock: the database needs real time to return
+        except ExecutorUnavailable as exc:
+            # The executor already retried its HTTP calls; its intents stay, so a resume finishes this batch.
+            with contextlib.suppress(DatabaseUnreachable):
+                _pause(db, run_id, clock, f"functions server unreachable: {exc.reason}")
+            raise RunPaused(run_id, f"functions server unreachable in batch {batch_no} ({exc.reason})") from exc
+
+
+def _recover_functions_batches(functions: Any, db: Database, job: Job, run: ledger.Run, clock: Clock) -> None:
+    """Finishes batches a crash left between their HTTP calls and their commit, before working out what is left."""
+    try:
+        functions.recover(db, job, run.id, clock=clock)
+    except ExecutorUnavailable as exc:
+        if run.status is RunStatus.RUNNING:
+            with contextlib.suppress(DatabaseUnreachable):
+                _pause(db, run.id, clock, f"functions server unreachable: {exc.reason}")
+        raise RunPaused(
+            run.id, f"functions server unreachable while finishing an interrupted batch ({exc.reason})"
+        ) from exc
 
 
 def _pause(db: Database, run_id: str, clock: Clock, reason: str) -> None:

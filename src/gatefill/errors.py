@@ -17,6 +17,8 @@ The tree::
     ├── RollbackConflicts              (rollback) exit 1: rows changed since the run wrote them (use --force)
     ├── RollbackVerificationFailed     (rollback) exit 1: verification failed, nothing committed
     ├── FunctionFailure                (prism.service) an HTTP function's error, with its status and code
+    ├── ExecutorUnavailable            exit 1: an executor's service did not answer after every retry
+    │   └── FunctionsUnavailable       (prism.functions_executor) the PRISM functions server did not answer
     ├── RunLocked                      (ledger) exit 4: the run is active elsewhere
     └── GateBlocked                    exit 4: a gate refuses to let a phase proceed
 
@@ -34,6 +36,7 @@ __all__ = [
     "DataError",
     "DatabaseError",
     "DatabaseUnreachable",
+    "ExecutorUnavailable",
     "GateBlocked",
     "GatefillError",
     "InputLineError",
@@ -95,6 +98,12 @@ class SchemaMissing(DatabaseError):
             f"{target} lacks {len(self.missing)} required table(s)/column(s): {shown} "
             "(run `gatefill db init --env NAME` to create them, or `gatefill db check` to list them)"
         )
+
+
+class ExecutorUnavailable(GatefillError):
+    """The service an executor writes through (e.g. the functions server) did not answer after every retry."""
+
+    reason: str = ""
 
 
 class DataError(GatefillError):

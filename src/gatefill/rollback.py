@@ -397,6 +397,17 @@ def _current_rows(
     return found
 
 
+def _unfinished_batches(conn: Connection, run_id: str) -> list[int]:
+    """Batches the functions executor started (intents recorded) but whose ledger rows have not committed."""
+    if not sa.inspect(conn).has_table("gatefill_fn_intents"):
+        return []
+    rows = conn.execute(
+        sa.text("SELECT DISTINCT batch_no FROM gatefill_fn_intents WHERE run_id = :run ORDER BY batch_no"),
+        {"run": run_id},
+    )
+    return [int(n) for (n,) in rows]
+
+
 def _plan(
     conn: Connection, run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], *, lock: bool
 ) -> RollbackPlan:
@@ -409,6 +420,13 @@ def _plan(
     status_text = conn.execute(query.with_for_update() if lock else query).scalar_one_or_none()
     if status_text is None:
         raise ledger.RunNotFound(run_id, where)
+    unfinished = _unfinished_batches(conn, run_id)
+    if unfinished:
+        # Their calls may have written rows the ledger does not list yet: undoing only the listed ones is not exact.
+        raise DataError(
+            f"run {run_id} has functions batch(es) {unfinished} whose written rows are not in the ledger yet; "
+            f"finish them with `gatefill apply {run_id}` before rolling back"
+        )
     changes = _load_changes(conn, run_id, defs)
     current = _current_rows(conn, defs, changes, lock=lock)
     conflicts: list[Conflict] = []

@@ -56,7 +56,7 @@ from gatefill import ledger
 from gatefill.clock import Clock
 from gatefill.config import Environment
 from gatefill.db import Database, JSONValue, UTCTimestamp, format_utc, parse_utc
-from gatefill.errors import ConfigError, DataError, GatefillError
+from gatefill.errors import ConfigError, DataError, ExecutorUnavailable
 from gatefill.job import Candidate, Job, RowChange, SessionOutcome
 from gatefill.prism import scoring
 from gatefill.prism.schema import assessment_sessions, fc_scores, fn_logs, profiles
@@ -150,7 +150,7 @@ def _ensure_intents_table(db: Database) -> None:
 # ---------------------------------------------------------------------------------------------------- errors, results
 
 
-class FunctionsUnavailable(GatefillError):
+class FunctionsUnavailable(ExecutorUnavailable):
     """The functions server gave no answer (connection errors or timeouts) to one call after every retry.
 
     The batch stops where it is; its intents are kept, so the next apply (``recover``) finishes it.

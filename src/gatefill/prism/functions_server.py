@@ -72,6 +72,9 @@ _VERSION_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _CORS_HEADERS = ["authorization", "x-client-info", "apikey", "content-type"]
 _FAULT_HEADER = "x-gatefill-fault"
 _NOW_HEADER = "x-gatefill-now"
+_REQUEST_ID_HEADER = "x-request-id"
+# What a caller may choose as its request id: short, printable, no separators that could forge a log line.
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 
 _log = logging.getLogger("gatefill.functions")
 
@@ -252,10 +255,22 @@ class _App:
         return CallContext(
             now=now,
             faults=faults,
-            request_id=uuid.uuid4().hex,
+            request_id=self.request_id(request),
             ip=self.client(request),
             ua=request.headers.get("user-agent"),
         )
+
+    def request_id(self, request: Request) -> str:
+        """The caller's ``X-Request-Id`` if a service-role caller sent a well-formed one, else a fresh id.
+
+        The functions executor finds its calls' fn_logs rows by this id (to record them for rollback), so only a
+        holder of the service-role key may choose it: an anonymous caller could otherwise stamp its own events, and
+        with them its rows, with someone else's id.
+        """
+        presented = request.headers.get(_REQUEST_ID_HEADER, "").strip()
+        if presented and _REQUEST_ID_RE.fullmatch(presented) and self.authorised(request):
+            return presented
+        return uuid.uuid4().hex
 
     async def slow(self, ctx: CallContext) -> None:
         if ctx.faults.slow_ms > 0:
