@@ -15,9 +15,9 @@ It creates a uniquely named database on the server of ``--server`` / ``GATEFILL_
 
 Then it times, ``--runs`` times each: ``PrismJob.discover`` alone (every finding, classified) and ``build_plan`` as
 ``gatefill plan`` runs it (prechecks, discovery, batching, the hashed plan, its files, the ledger run). Last, it prints
-``EXPLAIN (ANALYZE, BUFFERS)`` of the statements discovery runs (a first and a middle keyset page, the answer counts
-and the FC counts of one page) and lists every scan node on the large tables, which must be index scans. The
-database is dropped at the end unless ``--keep``.
+``EXPLAIN (ANALYZE, BUFFERS)`` of the statements discovery runs (the end of a keyset page; the first and a middle
+page, each with its per-session answer and FC counts) and lists every scan node on the large tables, which must be
+index scans. The database is dropped at the end unless ``--keep`` (``--reuse NAME`` times a kept one again).
 """
 
 from __future__ import annotations
@@ -138,6 +138,30 @@ def _scan_nodes(lines: Sequence[str]) -> list[str]:
     return found
 
 
+def _build(db: Database, url: str, args: argparse.Namespace) -> None:
+    """Schema, reference data, the candidates (seed_scenario) and the complete sessions (SQL), then VACUUM ANALYZE."""
+    init_schema(db)
+    load_reference_data(db)
+    t0 = time.perf_counter()
+    if args.full:
+        report = seed_scenario(
+            db, "synthetic", sessions=args.sessions, missing_fraction=args.candidates / args.sessions
+        )
+    else:
+        report = seed_scenario(db, "synthetic", sessions=args.candidates, missing_fraction=1.0)
+    print(f"seed_scenario: {report.counts['assessment_sessions']:,} sessions in {time.perf_counter() - t0:.1f} s")
+    if not args.full and args.sessions > args.candidates:
+        t0 = time.perf_counter()
+        _pad(url, args.sessions - args.candidates)
+        print(
+            f"complete sessions written in SQL: {args.sessions - args.candidates:,} in {time.perf_counter() - t0:.1f} s"
+        )
+    t0 = time.perf_counter()
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+    print(f"VACUUM ANALYZE in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sessions", type=int, default=1_000_000, help="sessions in all (default 1,000,000)")
@@ -145,38 +169,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="seed every session with seed_scenario (~70 GB for 1M)")
     parser.add_argument("--keep", action="store_true", help="keep the database (its name is printed)")
+    parser.add_argument("--reuse", metavar="DATABASE", help="time an existing database built by --keep (not dropped)")
     parser.add_argument("--server", default=os.environ.get("GATEFILL_TEST_DATABASE_URL", DEFAULT_SERVER))
     args = parser.parse_args(argv)
     if not 0 < args.candidates <= args.sessions:
         parser.error("--candidates must be within 1..--sessions")
     command = shlex.join([sys.executable, *sys.argv])
     print("command:", command)
-    name = f"gf_bench_disc_{uuid.uuid4().hex[:10]}"
-    _admin(args.server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    name = args.reuse or f"gf_bench_disc_{uuid.uuid4().hex[:10]}"
+    if args.reuse:
+        args.keep = True
+    else:
+        _admin(args.server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = _with_database(args.server, name)
     env = Environment(name="bench", kind="staging", database_url=url.replace("postgresql://", "postgresql+psycopg://"))
     try:
         with Database(env, pool_size=2) as db:
-            init_schema(db)
-            load_reference_data(db)
-            t0 = time.perf_counter()
-            if args.full:
-                report = seed_scenario(
-                    db, "synthetic", sessions=args.sessions, missing_fraction=args.candidates / args.sessions
-                )
-            else:
-                report = seed_scenario(db, "synthetic", sessions=args.candidates, missing_fraction=1.0)
-            seeded = time.perf_counter() - t0
-            print(f"seed_scenario: {report.counts['assessment_sessions']:,} sessions in {seeded:.1f} s")
-            if not args.full and args.sessions > args.candidates:
-                t0 = time.perf_counter()
-                _pad(url, args.sessions - args.candidates)
-                print(
-                    f"complete sessions written in SQL: {args.sessions - args.candidates:,} in "
-                    f"{time.perf_counter() - t0:.1f} s"
-                )
+            if not args.reuse:
+                _build(db, url, args)
             with psycopg.connect(_libpq(url), autocommit=True) as conn:
-                conn.execute("VACUUM ANALYZE")
                 sizes = conn.execute(
                     "SELECT relname, n_live_tup, pg_size_pretty(pg_total_relation_size(relid)) "
                     "FROM pg_stat_user_tables WHERE relname = ANY(%s) ORDER BY relname",
@@ -229,21 +240,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _explain_discovery(db: Database) -> list[str]:
     """Prints the plans of the statements ``discover`` runs; returns the scan nodes on the large tables."""
     scans: list[str] = []
-    versions = {"fc_version": "v1.2", "engine_version": "v1.2.1"}
+    fc_version, engine_version = "v1.2", "v1.2.1"
     with db.connect() as conn:
         total = conn.execute(sa.text("SELECT count(*) FROM assessment_sessions")).scalar_one()
         middle = conn.execute(
             sa.text("SELECT id::text FROM assessment_sessions ORDER BY id OFFSET :n LIMIT 1"), {"n": total // 2}
         ).scalar_one()
-        first = discovery._needs_work_page(WINDOW_START, None, versions["fc_version"], versions["engine_version"], 2000)
-        scans += _scan_nodes(_explain(conn, "keyset page 1", first))
-        page = discovery._needs_work_page(
-            WINDOW_START, middle, versions["fc_version"], versions["engine_version"], 2000
+        scans += _scan_nodes(
+            _explain(conn, "end of the keyset page in the middle", discovery._page_end(middle, 20_000))
         )
-        scans += _scan_nodes(_explain(conn, "keyset page in the middle", page))
-        ids = [row.id for row in conn.execute(page)]
-        scans += _scan_nodes(_explain(conn, "answer counts of that page", discovery._answer_counts_query(ids)))
-        scans += _scan_nodes(_explain(conn, "FC counts of that page", discovery._fc_counts_query(ids)))
+        upto = conn.execute(discovery._page_end(middle, 20_000)).scalar_one()
+        first_end = conn.execute(discovery._page_end(None, 20_000)).scalar_one()
+        first = discovery._needs_work_page(WINDOW_START, None, first_end, fc_version, engine_version)
+        scans += _scan_nodes(_explain(conn, "keyset page 1 (20,000 sessions)", first))
+        page = discovery._needs_work_page(WINDOW_START, middle, upto, fc_version, engine_version)
+        scans += _scan_nodes(_explain(conn, "keyset page in the middle (20,000 sessions)", page))
     return scans
 
 

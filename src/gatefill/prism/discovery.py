@@ -1,9 +1,11 @@
 """Finds the PRISM sessions whose derived rows are missing or stale and classifies each one, in set-based SQL.
 
 Two stages per page, so that Python never holds more than one page of sessions:
-1. keyset-paginated by session id, the sessions created since ``since`` that lack a v1.2 ``functions`` fc_scores row,
-   lack a profile, or have a profile stamped with another results_version (anti-joins answered from indexes);
-2. for that page only, one grouped query each for answer counts and forced-choice answers (resolved or not).
+1. keyset-paginated by session id (each page a range of ``span`` ids, its end read from the primary-key index), the
+   sessions created since ``since`` that lack a v1.2 ``functions`` fc_scores row, lack a profile, or have a profile
+   stamped with another results_version (outer joins answered by index range scans);
+2. for those sessions only, ``page_size`` at a time, one grouped query each for answer counts and forced-choice
+   answers (resolved or not).
 
 Categories (a session is counted once, in the first that applies):
 - blocked, never a candidate: ``not_completed``, ``insufficient_answers`` (< 148 answer rows, the platform's own
@@ -15,7 +17,7 @@ Categories (a session is counted once, in the first that applies):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -107,59 +109,68 @@ def classify(
     return "stale_profile"
 
 
+def _page_end(after: str | None, span: int) -> sa.Select[Any]:
+    """The id of the ``span``-th session after ``after`` (none: fewer remain), read from the primary-key index."""
+    s = assessment_sessions
+    query = sa.select(s.c.id).order_by(s.c.id).offset(span - 1).limit(1)
+    return query.where(s.c.id > after) if after is not None else query
+
+
 def _needs_work_page(
-    since: datetime, after: str | None, fc_version: str, engine_version: str, limit: int
+    since: datetime, after: str | None, upto: str | None, fc_version: str, engine_version: str
 ) -> sa.Select[Any]:
-    s, p = assessment_sessions, profiles
-    has_fc = (
-        sa.select(sa.literal(1))
-        .where(fc_scores.c.session_id == s.c.id, fc_scores.c.version == fc_version, fc_scores.c.fc_kind == "functions")
-        .exists()
+    """The sessions with ids in ``(after, upto]`` that lack a row or have a stale profile, in id order.
+
+    A page is a range of ids, not "the next N that need work": with a LIMIT, the planner has to guess how many
+    sessions pass the filter and, guessing few, hash-joined every remaining session on every page. A range of known
+    size gets index range scans on all three tables whatever the share of sessions needing work. fc_scores (primary
+    key session_id, version, fc_kind) and profiles (unique session_id) hold at most one row per session, so both are
+    outer-joined rather than probed with EXISTS (which Postgres evaluated twice per session); the range is repeated
+    on them because the planner does not carry it across an outer join.
+    """
+    s, p, f = assessment_sessions, profiles, fc_scores
+    fc_on = sa.and_(f.c.session_id == s.c.id, f.c.version == fc_version, f.c.fc_kind == "functions")
+    profile_on = p.c.session_id == s.c.id
+    where = [s.c.created_at >= since]
+    if after is not None:
+        fc_on = sa.and_(fc_on, f.c.session_id > after)
+        profile_on = sa.and_(profile_on, p.c.session_id > after)
+        where.append(s.c.id > after)
+    if upto is not None:
+        fc_on = sa.and_(fc_on, f.c.session_id <= upto)
+        profile_on = sa.and_(profile_on, p.c.session_id <= upto)
+        where.append(s.c.id <= upto)
+    r, fr, o = assessment_responses, fc_responses, fc_options
+    # Counted in the select list, so only for the sessions that pass the filter (a scalar subquery per output row,
+    # each an index scan of that one session's rows).
+    answers = sa.select(sa.func.count()).where(r.c.session_id == s.c.id).scalar_subquery()
+    fc_answers = sa.select(sa.func.count()).where(fr.c.session_id == s.c.id).scalar_subquery()
+    fc_resolved = (
+        sa.select(sa.func.count())
+        .select_from(fr.join(o, o.c.id == fr.c.option_id))
+        .where(fr.c.session_id == s.c.id)
+        .scalar_subquery()
     )
-    query = (
+    return (
         sa.select(
             s.c.id,
             s.c.status,
             s.c.created_at,
             s.c.completed_at,
-            has_fc.label("has_fc"),
+            f.c.session_id.is_not(None).label("has_fc"),
             p.c.id.label("profile_id"),
             p.c.results_version,
+            answers.label("answers"),
+            fc_answers.label("fc_answers"),
+            fc_resolved.label("fc_resolved"),
         )
-        .select_from(s.outerjoin(p, p.c.session_id == s.c.id))
+        .select_from(s.outerjoin(f, fc_on).outerjoin(p, profile_on))
         .where(
-            s.c.created_at >= since,
-            sa.or_(~has_fc, p.c.id.is_(None), p.c.results_version.is_distinct_from(engine_version)),
+            *where,
+            sa.or_(f.c.session_id.is_(None), p.c.id.is_(None), p.c.results_version.is_distinct_from(engine_version)),
         )
         .order_by(s.c.id)
-        .limit(limit)
     )
-    if after is not None:
-        query = query.where(s.c.id > after)
-    return query
-
-
-def _answer_counts_query(ids: Sequence[str]) -> sa.Select[Any]:
-    r = assessment_responses
-    return sa.select(r.c.session_id, sa.func.count()).where(r.c.session_id.in_(ids)).group_by(r.c.session_id)
-
-
-def _fc_counts_query(ids: Sequence[str]) -> sa.Select[Any]:
-    f, o = fc_responses, fc_options
-    return (
-        sa.select(f.c.session_id, sa.func.count(), sa.func.count(o.c.id))
-        .select_from(f.outerjoin(o, o.c.id == f.c.option_id))
-        .where(f.c.session_id.in_(ids))
-        .group_by(f.c.session_id)
-    )
-
-
-def _answer_counts(conn: Connection, ids: Sequence[str]) -> dict[str, int]:
-    return {sid: n for sid, n in conn.execute(_answer_counts_query(ids))}
-
-
-def _fc_counts(conn: Connection, ids: Sequence[str]) -> dict[str, tuple[int, int]]:
-    return {sid: (n, resolved) for sid, n, resolved in conn.execute(_fc_counts_query(ids))}
 
 
 def discover(
@@ -168,43 +179,48 @@ def discover(
     since: datetime,
     fc_version: str,
     engine_version: str,
-    page_size: int = 2000,
+    span: int = 20_000,
 ) -> Iterator[Finding]:
-    """Yields every session created since ``since`` that needs work or is blocked, in session-id order."""
+    """Yields every session created since ``since`` that needs work or is blocked, in session-id order.
+
+    Each keyset page covers ``span`` sessions (a range of ids); Python holds one page's findings at a time.
+    """
     after: str | None = None
     while True:
-        page = conn.execute(_needs_work_page(since, after, fc_version, engine_version, page_size)).all()
-        if not page:
+        upto = conn.execute(_page_end(after, span)).scalar_one_or_none()
+        for row in conn.execute(_needs_work_page(since, after, upto, fc_version, engine_version)).all():
+            finding = _finding(row, engine_version)
+            if finding is not None:
+                yield finding
+        if upto is None:
             return
-        ids = [row.id for row in page]
-        answers = _answer_counts(conn, ids)
-        fc = _fc_counts(conn, ids)
-        for row in page:
-            n_fc, n_resolved = fc.get(row.id, (0, 0))
-            has_profile = row.profile_id is not None
-            category = classify(
-                status=row.status,
-                has_fc=bool(row.has_fc),
-                has_profile=has_profile,
-                profile_version=row.results_version,
-                engine_version=engine_version,
-                answers=answers.get(row.id, 0),
-                fc_answers=n_fc,
-                fc_resolved=n_resolved,
-            )
-            if category is None:
-                continue
-            yield Finding(
-                session_id=row.id,
-                category=category,
-                status=row.status,
-                created_at=row.created_at,
-                completed_at=row.completed_at,
-                has_fc=bool(row.has_fc),
-                has_profile=has_profile,
-                profile_version=row.results_version,
-                answers=answers.get(row.id, 0),
-                fc_answers=n_fc,
-                fc_resolved=n_resolved,
-            )
-        after = ids[-1]
+        after = upto
+
+
+def _finding(row: Any, engine_version: str) -> Finding | None:
+    has_profile = row.profile_id is not None
+    category = classify(
+        status=row.status,
+        has_fc=bool(row.has_fc),
+        has_profile=has_profile,
+        profile_version=row.results_version,
+        engine_version=engine_version,
+        answers=row.answers,
+        fc_answers=row.fc_answers,
+        fc_resolved=row.fc_resolved,
+    )
+    if category is None:
+        return None
+    return Finding(
+        session_id=row.id,
+        category=category,
+        status=row.status,
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+        has_fc=bool(row.has_fc),
+        has_profile=has_profile,
+        profile_version=row.results_version,
+        answers=row.answers,
+        fc_answers=row.fc_answers,
+        fc_resolved=row.fc_resolved,
+    )
