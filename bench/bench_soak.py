@@ -276,10 +276,8 @@ def _measure(env: Environment, args: argparse.Namespace) -> int:
     for name, scans, _ in plans:
         large_seq = [s for s in scans if "Seq Scan" in s and any(f" on {t}" in s for t in LARGE)]
         flagged += bool(large_seq) and name != BASELINE
-        print(
-            f"  {name}: {'; '.join(scans) or 'no scan nodes'}"
-            + ("   <-- SEQ SCAN of a large table" if large_seq else "")
-        )
+        mark = "   <-- SEQ SCAN of a large table" if large_seq and name != BASELINE else ""
+        print(f"  {name}: {'; '.join(scans) or 'no scan nodes'}{mark}")
     if args.plans:
         args.plans.write_text("\n\n".join(f"-- {n}\n{text}" for n, _, text in plans) + "\n", encoding="utf-8")
         print(f"plans written to {args.plans}")
