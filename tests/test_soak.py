@@ -408,6 +408,10 @@ def test_wrong_version_stamps_fail_and_observe_only_never_gates(soaked: Soaked) 
     assert stamps.evidence["profiles"] == {"checked": 2, "wrong": 1}
     assert stamps.evidence["fc_scores"] == {"checked": 1, "wrong": 1}
     assert {e["session_id"] for e in stamps.evidence["examples"]} == {ids[0], ids[2]}
+    # --fail-fast: the first look already sees the rows, and a FAIL is final, so the soak ends there.
+    fast = soaked.soak(replace(options, fail_fast=True))
+    assert fast.verdict == "FAIL" and fast.looks_taken == 1 and not fast.complete
+    assert fast.status is RunStatus.SUCCEEDED and "ended early at look 1 of 2" in fast.reason
     observed = soaked.soak(replace(options, observe=("version_stamps",)))
     check = _by_name(observed)["version_stamps"]
     assert check.verdict == "FAIL" and not check.gating
