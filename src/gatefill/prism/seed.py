@@ -42,6 +42,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -742,64 +743,67 @@ class _Sink:
     def _count(self, table: str, n: int) -> None:
         self.written[table] = self.written.get(table, 0) + n
 
-    def rows(self, table: str, columns: Sequence[str], rows: Iterable[tuple[_Wire, ...]], chunk: int = 20_000) -> None:
+    @contextmanager
+    def _timed(self, table: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
-            self._rows(table, columns, rows, chunk)
+            yield
         finally:
             self.timings[table] = self.timings.get(table, 0.0) + time.perf_counter() - started
 
-    def _rows(self, table: str, columns: Sequence[str], rows: Iterable[tuple[_Wire, ...]], chunk: int) -> None:
-        if self.copy:
-            self.lines(table, columns, ("\t".join(_copy_field(v) for v in row) + "\n" for row in rows))
-            return
-        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        cur = self.raw.cursor()
-        try:
-            buf: list[tuple[_Wire, ...]] = []
-            for row in rows:
-                buf.append(row)
-                if len(buf) >= chunk:
+    def rows(self, table: str, columns: Sequence[str], rows: Iterable[tuple[_Wire, ...]], chunk: int = 20_000) -> None:
+        """Writes wire tuples (COPY lines built here on Postgres)."""
+        with self._timed(table):
+            if self.copy:
+                lines = ("\t".join(_copy_field(v) for v in row) + "\n" for row in rows)
+                self._count(table, self._copy(table, columns, lines))
+                return
+            sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            cur = self.raw.cursor()
+            try:
+                buf: list[tuple[_Wire, ...]] = []
+                for row in rows:
+                    buf.append(row)
+                    if len(buf) >= chunk:
+                        cur.executemany(sql, buf)
+                        self._count(table, len(buf))
+                        buf = []
+                if buf:
                     cur.executemany(sql, buf)
                     self._count(table, len(buf))
-                    buf = []
-            if buf:
-                cur.executemany(sql, buf)
-                self._count(table, len(buf))
-        finally:
-            cur.close()
+            finally:
+                cur.close()
 
-    def lines(self, table: str, columns: Sequence[str], lines: Iterable[str], chunk_bytes: int = 4 << 20) -> None:
-        """COPY pre-formatted text lines (Postgres only), sent in chunks of a few megabytes."""
+    def lines(self, table: str, columns: Sequence[str], lines: Iterable[str]) -> None:
+        """COPY pre-formatted text lines (Postgres only)."""
+        with self._timed(table):
+            self._count(table, self._copy(table, columns, lines))
+
+    def chunks(self, table: str, columns: Sequence[str], texts: Iterable[str], rows: int | None) -> None:
+        """COPY texts of whole lines each (Postgres only); ``rows`` is how many lines they hold, if known here."""
+        with self._timed(table):
+            self._copy(table, columns, texts)
+            if rows is not None:
+                self._count(table, rows)
+
+    def _copy(self, table: str, columns: Sequence[str], texts: Iterable[str]) -> int:
+        """Sends ``texts`` in blocks of a few MB through one COPY; returns how many texts there were."""
         n = 0
 
         def counted() -> Iterator[str]:
             nonlocal n
-            for line in lines:
+            for text in texts:
                 n += 1
-                yield line
+                yield text
 
-        started = time.perf_counter()
-        self.chunks(table, columns, counted(), rows=None, chunk_bytes=chunk_bytes)
-        self._count(table, n)
-        self.timings[table] = self.timings.get(table, 0.0) + time.perf_counter() - started
-
-    def chunks(
-        self, table: str, columns: Sequence[str], texts: Iterable[str], rows: int | None, chunk_bytes: int = 4 << 20
-    ) -> None:
-        """COPY text that holds whole lines (Postgres only); ``rows`` is how many lines it holds, if known."""
-        started = time.perf_counter()
         cur = self.raw.cursor()
         try:
             with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                for block in _blocks(texts, chunk_bytes):
+                for block in _blocks(counted(), 4 << 20):
                     copy.write(block)
         finally:
             cur.close()
-            if rows is not None:  # ``lines`` times itself through ``rows``
-                self.timings[table] = self.timings.get(table, 0.0) + time.perf_counter() - started
-        if rows is not None:
-            self._count(table, rows)
+        return n
 
 
 def _blocks(texts: Iterable[str], size: int) -> Iterator[str]:
@@ -1462,10 +1466,9 @@ class _Synthetic:
 
     def _write_answers(self, sink: _Sink, queue: _SessionQueue) -> None:
         if sink.copy:
-            started, counted = time.perf_counter(), [0]
+            counted = [0]
             sink.chunks("assessment_responses", _RESPONSE_COLS, self.queued_texts(queue, counted), rows=None)
             sink._count("assessment_responses", counted[0])
-            sink.timings["assessment_responses"] = time.perf_counter() - started
             return
         days, hms, pool = self.days, _HMS, self.pool
 
