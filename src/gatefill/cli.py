@@ -420,6 +420,64 @@ def status_command(
         )
 
 
+@app.command("soak")
+def soak_command(
+    env: EnvOption,
+    after: Annotated[str | None, typer.Option("--after", help="Start the window when this apply run finished.")] = None,
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="Window start (ISO-8601): a past or ongoing window, judged in retrospect."),
+    ] = None,
+    duration: Annotated[str, typer.Option(help="Window length, e.g. 6h.")] = "6h",
+    interval: Annotated[str, typer.Option(help="Time between measurements, e.g. 5m.")] = "5m",
+    baseline_days: Annotated[float, typer.Option("--baseline-days", help="Baseline window before the soak.")] = 30.0,
+    margin: Annotated[str, typer.Option(help="Non-inferiority margin, e.g. 5pp.")] = "5pp",
+    baseline_rate: Annotated[
+        float | None,
+        typer.Option("--baseline-rate", help="A known baseline conversion rate instead of the measured one."),
+    ] = None,
+    clock: Annotated[str, typer.Option(help="real, or simulated (looks back to back, no waiting).")] = "real",
+    resume: Annotated[str | None, typer.Option("--resume", help="Continue this soak run (same window).")] = None,
+    observe: Annotated[
+        list[str] | None, typer.Option("--observe", help="Report this check but never gate on it (repeatable).")
+    ] = None,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="End at the first gating FAIL.")] = False,
+) -> None:
+    """Watch staging for a window: every interval measure every check; verdict PASS (0), FAIL (1), INCONCLUSIVE (3)."""
+    from gatefill.clock import parse_duration
+    from gatefill.prism.soak_checks import run_prism_soak
+    from gatefill.soak import SoakOptions, parse_margin
+
+    try:
+        duration_s, interval_s = parse_duration(duration), parse_duration(interval)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    settings = _settings()
+    options = SoakOptions(
+        duration=duration_s,
+        interval=interval_s,
+        start=_parse_when(from_),
+        after=after,
+        resume=resume,
+        baseline_days=baseline_days,
+        margin=parse_margin(margin),
+        baseline_rate=baseline_rate,
+        observe=tuple(observe or ()),
+        fail_fast=fail_fast,
+    )
+    options.validate()
+    result = run_prism_soak(settings.env(env), options, artifacts_dir=settings.artifacts_dir, clock=clock)
+    table = Table("check", "verdict", "evidence")
+    for c in result.checks:
+        table.add_row(c.name + ("" if c.gating else " (observe)"), c.verdict, c.summary)
+    out.print(table, markup=False)
+    for name, artifact in result.paths.items():
+        out.print(f"{name}: {artifact}")
+    out.print(f"soak {result.run_id}: {result.looks_taken}/{result.max_looks} looks; verdict [bold]{result.verdict}[/]")
+    out.print(result.reason, markup=False)
+    raise typer.Exit(result.exit_code)
+
+
 @app.command("health")
 def health_command(
     env: EnvOption,
