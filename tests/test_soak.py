@@ -22,9 +22,10 @@ import sqlalchemy as sa
 
 from gatefill import ledger
 from gatefill.clock import SimulatedClock
-from gatefill.config import Environment
+from gatefill.config import Environment, Settings
 from gatefill.db import Database
 from gatefill.errors import UsageError
+from gatefill.gate import find_passing_soak
 from gatefill.job import Check
 from gatefill.ledger import RunStatus
 from gatefill.prism.functions_server import create_app, serve_in_thread
@@ -36,7 +37,6 @@ from gatefill.soak import (
     SoakOptions,
     SoakResult,
     exit_code_for,
-    find_passing_soak,
     parse_margin,
     run_soak,
     soak_verdict,
@@ -209,15 +209,18 @@ def test_clean_traffic_with_enough_sessions_passes(soaked: Soaked, caplog: pytes
     measurements = json.loads((out / "soak_measurements.json").read_text())
     assert [m["seq"] for m in measurements["measurements"]] == list(range(1, 13))
 
-    # A production gate finds this soak once it is approved, and only for the same versions.
-    with soaked.db.begin() as conn:
+    # The production gate finds this soak once it is approved, and only for the same versions.
+    settings = Settings(None, soaked.artifacts, soaked.artifacts, {"staging": replace(soaked.env, name="staging")})
+    with soaked.db.connect() as conn:
         run = ledger.get_run(conn, result.run_id)
-        assert run.phase == "soak" and (run.summary or {})["verdict"] == "PASS"
-        assert find_passing_soak(conn, run.versions) is None
-        ledger.record_approval(conn, run_id=run.id, gate="soak", approved_by="qa", now=result.window_end)
-        found = find_passing_soak(conn, run.versions)
-        assert found is not None and found.id == run.id
-        assert find_passing_soak(conn, {**run.versions, "engine_version": "v9"}) is None
+    assert run.phase == "soak" and (run.summary or {})["verdict"] == "PASS" and run.finished_at is not None
+    later = run.finished_at + timedelta(hours=1)
+    assert find_passing_soak(settings, run.versions, later)[0] is None
+    with soaked.db.begin() as conn:
+        ledger.record_approval(conn, run_id=run.id, gate="soak", approved_by="qa", now=later)
+    found, _ = find_passing_soak(settings, run.versions, later)
+    assert found is not None and found.run_id == run.id
+    assert find_passing_soak(settings, {**run.versions, "engine_version": "v9"}, later)[0] is None
 
 
 def test_the_seeds_twelve_sessions_against_89_2_percent_are_inconclusive(soaked: Soaked) -> None:

@@ -55,7 +55,6 @@ __all__ = [
     "SoakOptions",
     "SoakResult",
     "exit_code_for",
-    "find_passing_soak",
     "parse_margin",
     "run_soak",
     "soak_verdict",
@@ -634,25 +633,6 @@ def run_soak(
         db, env, run.id, checks=checks, clock=clock, artifacts_dir=artifacts_dir, chart=options.chart
     )
     return result
-
-
-def find_passing_soak(
-    conn: sa.Connection, versions: Mapping[str, str], *, environment: str | None = None
-) -> ledger.Run | None:
-    """The latest finished soak run with verdict PASS, the same job versions and a recorded ``soak`` approval, or None.
-
-    This is what a production gate asks for ("an approved, PASS staging soak of the same job versions").
-    """
-    for run in ledger.list_runs(conn, phase=SOAK_PHASE, limit=500):
-        if environment is not None and run.environment != environment:
-            continue
-        if run.status is not RunStatus.SUCCEEDED or (run.summary or {}).get("verdict") != "PASS":
-            continue
-        if dict(run.versions) != dict(versions):
-            continue
-        if ledger.approvals_for(conn, run.id, "soak"):
-            return run
-    return None
 
 
 # ====================================================================================================================
