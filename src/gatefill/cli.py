@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -195,11 +195,14 @@ def seed_command(
 @app.command("demo")
 def demo_command(
     directory: Annotated[Path, typer.Option("--dir", help="Where to build the demo.")] = Path("gatefill-demo"),
+    fast: Annotated[bool, typer.Option("--fast", help="Apply unthrottled instead of 20 sessions/minute.")] = False,
 ) -> None:
-    """Build the SQLite demo: staging and production environments seeded with the two PRISM scenarios."""
-    from gatefill.demo import run_demo
+    """The whole pipeline on embedded SQLite staging/production: plan, apply, soak, health, final gate."""
+    from gatefill.demo import run_full_demo
 
-    run_demo(directory, out)
+    state = run_full_demo(directory, out, fast=fast)
+    final = state.steps.get("final_gate", {})
+    raise typer.Exit({"GO": 0, "NO-GO": 1}.get(str(final.get("verdict")), 3))
 
 
 SinceOption = Annotated[str, typer.Option("--since", help="Only sessions created at or after this date (ISO-8601).")]
@@ -410,6 +413,13 @@ def status_command(
         return
     p = run_progress(settings, run_id, env)
     out.print(f"run {p.run.id} ({p.run.phase}) on {p.environment.name}: [bold]{p.run.status.value}[/]")
+    if p.run.phase == "pipeline":
+        summary = p.run.summary or {}
+        for step, detail in summary.get("steps", {}).items():
+            brief = {k: v for k, v in detail.items() if k in ("run_id", "verdict", "status", "healthy", "candidates")}
+            out.print(f"  {step}: {brief}", markup=False)
+        out.print(f"  waiting for: {summary.get('waiting_for') or 'nothing'}", markup=False)
+        return
     out.print(
         f"  sessions with a result: {p.done} of {p.total}  " + ", ".join(f"{k} {v}" for k, v in p.results.items())
     )
@@ -508,6 +518,55 @@ def health_command(
         out.print(f"{name}: {artifact}")
     out.print(f"{environment.name}: [bold]{'HEALTHY' if result.healthy else 'NOT HEALTHY'}[/]")
     raise typer.Exit(result.exit_code)
+
+
+@app.command("pipeline")
+def pipeline_command(
+    staging: Annotated[str, typer.Option("--staging", help="The staging environment.")],
+    production: Annotated[str, typer.Option("--production", help="The production environment.")],
+    since: SinceOption = "2025-08-01",
+    priority: Annotated[list[str] | None, typer.Option("--priority", help="Sessions to process first.")] = None,
+    rate: Annotated[str, typer.Option(help="Apply throttle.")] = "20/min",
+    soak_duration: Annotated[str, typer.Option("--soak-duration", help="Soak window.")] = "6h",
+    soak_interval: Annotated[str, typer.Option("--soak-interval", help="Soak measurement interval.")] = "5m",
+) -> None:
+    """Advance the whole pipeline as far as its gates allow; each run continues where the last one stopped."""
+    from gatefill.clock import RealClock, parse_duration
+    from gatefill.pipeline import PipelineOptions, run_pipeline
+    from gatefill.prism.soak_checks import run_prism_soak
+    from gatefill.soak import SoakOptions
+
+    settings = _settings()
+    try:
+        duration_s, interval_s = parse_duration(soak_duration), parse_duration(soak_interval)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    def soak_step(db: Database, env: Any, apply_run: str, clock: Any, artifacts: Path) -> dict[str, Any]:
+        result = run_prism_soak(
+            env, SoakOptions(after=apply_run, duration=duration_s, interval=interval_s), artifacts_dir=artifacts
+        )
+        return {
+            "run_id": result.run_id,
+            "verdict": result.verdict,
+            "summary": result.reason,
+            "checks": {c.name: c.verdict for c in result.checks},
+            "artifacts": {k: str(v) for k, v in result.paths.items()},
+        }
+
+    options = PipelineOptions(
+        staging=staging, production=production, since=_since(since), priority=tuple(priority or ()), rate=rate
+    )
+    state = run_pipeline(settings, options, clock=RealClock(), soak_step=soak_step)
+    out.print(f"pipeline {state.run_id}", markup=False)
+    for line in state.log:
+        out.print(f"  {line}", markup=False)
+    if state.done:
+        final = state.steps.get("final_gate", {})
+        out.print(f"final gate: [bold]{final.get('verdict')}[/] {final.get('artifact')}")
+        raise typer.Exit({"GO": 0, "NO-GO": 1}.get(str(final.get("verdict")), 3))
+    out.print(f"waiting for: {state.waiting_for}", markup=False)
+    raise typer.Exit(4)
 
 
 @app.command("rollback")

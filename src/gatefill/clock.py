@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-__all__ = ["Clock", "RealClock", "SimulatedClock", "parse_duration", "utc"]
+__all__ = ["Clock", "OffsetClock", "RealClock", "SimulatedClock", "parse_duration", "utc"]
 
 
 class Clock(Protocol):
@@ -70,6 +70,27 @@ class SimulatedClock:
         if seconds > 0:
             with self._lock:
                 self._elapsed += seconds
+
+
+class OffsetClock:
+    """Real time shifted to start at a given instant: waits are real, timestamps carry the scenario's dates.
+
+    The demo replays 2025-09-17 this way, so its apply really runs at 20 sessions/minute while every row it writes
+    is stamped as on that day.
+    """
+
+    def __init__(self, start: datetime) -> None:
+        self._offset = utc(start) - datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self._offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
 
 
 def utc(value: datetime) -> datetime:

@@ -6,21 +6,32 @@ discovery queries the pipeline uses, not taken from what the seeder says it buil
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from gatefill.config import load_settings
+from gatefill import ledger
+from gatefill.clock import Clock, OffsetClock, SimulatedClock
+from gatefill.config import Environment, load_settings
 from gatefill.db import Database
+from gatefill.pipeline import PipelineOptions, PipelineState, run_pipeline
 from gatefill.prism.discovery import BLOCKED_CATEGORIES, CANDIDATE_CATEGORIES, discover
+from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.schema import init_schema, load_reference_data
 from gatefill.prism.scoring import ENGINE_VERSION, FC_VERSION
-from gatefill.prism.seed import seed_scenario
+from gatefill.prism.seed import TEST_SESSION_A, TEST_SESSION_B, seed_scenario
+from gatefill.prism.simulator import simulate
+from gatefill.prism.soak_checks import run_prism_soak
+from gatefill.soak import SoakOptions
 
-__all__ = ["DEMO_CONFIG", "DEMO_SINCE", "run_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_SINCE", "run_demo", "run_full_demo"]
 
 DEMO_SINCE = datetime(2025, 8, 1, tzinfo=UTC)
 DEMO_CONFIG = """\
@@ -66,3 +77,63 @@ def run_demo(directory: Path, console: Console) -> dict[str, Counter[str]]:
     console.print(table)
     console.print(f"config: {config}  (try: cd {directory} && gatefill db check --env staging)")
     return census
+
+
+#: When the demo's pipeline starts: the seeds' Phase 1 began at 2025-09-17T18:05:30Z.
+PIPELINE_START = datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)
+
+
+def run_full_demo(directory: Path, console: Console, *, fast: bool = False, soak_sessions: int = 1200) -> PipelineState:
+    """Builds the demo, then runs the whole pipeline on it with approvals recorded as ``demo``.
+
+    Apply runs at 20 sessions/minute in real time (``fast``: unthrottled); the soak watches six simulated hours of
+    simulated traffic against a functions server running in this process; the final gate closes the pipeline.
+    """
+    run_demo(directory, console)
+    settings = load_settings(directory / "gatefill.toml", environ={})
+    # A throwaway key for the in-process functions server: generated here, used by it and its callers, never shown.
+    os.environ.setdefault("SUPABASE_SERVICE_ROLE_KEY", secrets.token_urlsafe(32))
+    options = PipelineOptions(
+        staging="staging",
+        production="production",
+        since=DEMO_SINCE,
+        priority=(TEST_SESSION_A, TEST_SESSION_B),
+        rate="unlimited" if fast else "20/min",
+        auto_approve_as="demo",
+    )
+    clock = OffsetClock(PIPELINE_START)
+
+    def soak_step(db: Database, env: Environment, apply_run: str, step_clock: Clock, artifacts: Path) -> dict[str, Any]:
+        app = create_app(env, db, allow_fault_injection=True)
+        with serve_in_thread(app) as base_url:
+            live = replace(env, functions_url=f"{base_url}/functions/v1", results_url=base_url)
+            with db.connect() as conn:
+                finished = ledger.get_run(conn, apply_run).finished_at or step_clock.now()
+            console.print(f"simulating six hours of traffic from {finished.isoformat()} against {base_url} ...")
+            traffic = simulate(
+                db,
+                f"{base_url}/functions/v1",
+                sessions=soak_sessions,
+                duration="6h",
+                clock=SimulatedClock(finished),
+                seed=7,
+                service_role_key=live.service_role_key(),
+            )
+            console.print(traffic.render(), markup=False)
+            result = run_prism_soak(live, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
+        console.print(f"soak {result.run_id}: {result.verdict} ({result.reason})", markup=False)
+        return {
+            "run_id": result.run_id,
+            "verdict": result.verdict,
+            "summary": result.reason,
+            "checks": {c.name: c.verdict for c in result.checks},
+            "artifacts": {k: str(v) for k, v in result.paths.items()},
+        }
+
+    state = run_pipeline(settings, options, clock=clock, soak_step=soak_step)
+    for line in state.log:
+        console.print(f"  {line}", markup=False)
+    final = state.steps.get("final_gate", {})
+    console.print(f"final gate: [bold]{final.get('verdict', 'not reached')}[/] {final.get('artifact', '')}")
+    console.print("approvals in this demo were recorded automatically as 'demo' (see `gatefill gates`)")
+    return state
