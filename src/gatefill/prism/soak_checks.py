@@ -26,7 +26,8 @@ beside its counts), so a look costs a handful of index range scans whatever the 
 Secrets: the probes need share tokens of sampled sessions, read from the database; a token never leaves this module
 (evidence holds short session ids and outcomes only). The service-role key is sent only under a simulated clock, to
 tell a test server the simulated time (``X-Gatefill-Now``), and is never recorded. Probe requests carry their own
-User-Agent, so the data checks can leave the soak's own accesses out.
+User-Agent, which only keeps them out of the count of ordinary results accesses reported beside the check; no
+finding is ever filtered by it (a client chooses its User-Agent).
 """
 
 from __future__ import annotations
@@ -184,12 +185,14 @@ _LEGACY_FROM_DATA = f"""
 """
 _LEGACY_COUNT = _sql("SELECT count(*) " + _LEGACY_FROM_DATA, "start", "end")
 _LEGACY_SAMPLE = _sql(f"SELECT p.session_id {_LEGACY_FROM_DATA} LIMIT {_MAX_LISTED}", "start", "end")
+# Every tokenless access that was served counts, the soak's own probes included: the User-Agent is the client's to
+# choose, so leaving rows out by it would let any client hide from this check (a served tokenless probe fails twice).
 _TOKENLESS_SERVED = _sql(
     """
-    SELECT count(*) AS accesses,
+    SELECT count(CASE WHEN ua IS NULL OR ua <> :probe_ua THEN 1 END) AS accesses,
            count(CASE WHEN success = :yes AND token_hash = :empty_hash THEN 1 END) AS tokenless_served
     FROM results_token_access_logs
-    WHERE ts >= :start AND ts < :end AND (ua IS NULL OR ua <> :probe_ua)
+    WHERE ts >= :start AND ts < :end
     """,
     "start",
     "end",
