@@ -432,7 +432,7 @@ def status_command(
 
 @app.command("soak")
 def soak_command(
-    env: EnvOption,
+    env: Annotated[str | None, typer.Option("--env", help="Environment (default with --resume: the run's).")] = None,
     after: Annotated[str | None, typer.Option("--after", help="Start the window when this apply run finished.")] = None,
     from_: Annotated[
         str | None,
@@ -444,7 +444,7 @@ def soak_command(
     margin: Annotated[str, typer.Option(help="Non-inferiority margin, e.g. 5pp.")] = "5pp",
     baseline_rate: Annotated[
         float | None,
-        typer.Option("--baseline-rate", help="A known baseline conversion rate instead of the measured one."),
+        typer.Option("--baseline-rate", help="A known started→completed rate (e.g. 0.892) instead of measuring it."),
     ] = None,
     clock: Annotated[str, typer.Option(help="real, or simulated (looks back to back, no waiting).")] = "real",
     resume: Annotated[str | None, typer.Option("--resume", help="Continue this soak run (same window).")] = None,
@@ -452,17 +452,29 @@ def soak_command(
         list[str] | None, typer.Option("--observe", help="Report this check but never gate on it (repeatable).")
     ] = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="End at the first gating FAIL.")] = False,
+    latency_p95: Annotated[
+        str, typer.Option("--latency-p95", help="p95 threshold of the results endpoint, e.g. 1s or 800ms.")
+    ] = "1s",
+    no_chart: Annotated[bool, typer.Option("--no-chart", help="Do not draw the PNG chart.")] = False,
 ) -> None:
     """Watch staging for a window: every interval measure every check; verdict PASS (0), FAIL (1), INCONCLUSIVE (3)."""
     from gatefill.clock import parse_duration
-    from gatefill.prism.soak_checks import run_prism_soak
-    from gatefill.soak import SoakOptions, parse_margin
+    from gatefill.prism.soak_checks import PrismSoakSettings, run_prism_soak
+    from gatefill.runs import find_run
+    from gatefill.soak import Measurement, SoakOptions, parse_margin
 
     try:
         duration_s, interval_s = parse_duration(duration), parse_duration(interval)
+        p95_ms = parse_duration(latency_p95) * 1000.0
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     settings = _settings()
+    if env is not None:
+        environment = settings.env(env)
+    elif resume is not None:
+        environment, _ = find_run(settings, resume)
+    else:
+        raise UsageError("--env NAME is required (or --resume RUN, which knows its environment)")
     options = SoakOptions(
         duration=duration_s,
         interval=interval_s,
@@ -474,9 +486,23 @@ def soak_command(
         baseline_rate=baseline_rate,
         observe=tuple(observe or ()),
         fail_fast=fail_fast,
+        chart=not no_chart,
     )
     options.validate()
-    result = run_prism_soak(settings.env(env), options, artifacts_dir=settings.artifacts_dir, clock=clock)
+
+    def progress(m: Measurement) -> None:
+        # One line per look: a real 6-hour soak is otherwise silent for hours.
+        open_checks = ", ".join(f"{c.name} {c.verdict}" for c in m.checks if c.verdict != "PASS") or "all PASS"
+        out.print(f"look {m.seq} (cutoff {m.window_end.isoformat()}): {m.verdict}; {open_checks}", markup=False)
+
+    result = run_prism_soak(
+        environment,
+        options,
+        artifacts_dir=settings.artifacts_dir,
+        clock=clock,
+        settings=PrismSoakSettings(latency_p95_ms=p95_ms),
+        on_look=progress,
+    )
     table = Table("check", "verdict", "evidence")
     for c in result.checks:
         table.add_row(c.name + ("" if c.gating else " (observe)"), c.verdict, c.summary)

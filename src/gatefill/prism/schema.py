@@ -142,6 +142,8 @@ sa.Index(
 sa.Index("ix_assessment_sessions_status_created", assessment_sessions.c.status, assessment_sessions.c.created_at)
 sa.Index("ix_assessment_sessions_created", assessment_sessions.c.created_at)
 sa.Index("ix_assessment_sessions_started", assessment_sessions.c.started_at)
+# The soak's write_failures check looks for sessions finalized before a cutoff without a profile.
+sa.Index("ix_assessment_sessions_finalized", assessment_sessions.c.finalized_at)
 sa.Index("ix_assessment_sessions_user", assessment_sessions.c.user_id)
 
 assessment_responses = sa.Table(
