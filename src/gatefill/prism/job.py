@@ -3,12 +3,13 @@
 A candidate's ``operations`` are derived from its discovery category by ``operations_for``, which both the plan (to
 count expected changes and calls) and apply (to decide what to write) use. ``process_batch`` runs inside the caller's
 transaction: it locks the batch's session rows (so a live finalize of the same session waits, or is waited for),
-re-reads what exists under that lock, loads the inputs with one query per table (a chunk of sessions at a time),
-scores each session through ``scoring.score_session`` (the code path of the functions server too), and writes the
-whole batch with one multi-row statement per table inside one savepoint. Only if that fails (a live writer's row
-met at insert time, any database error) is the savepoint rolled back and the batch redone one savepoint per session,
-so the failing session is recorded with its error and the rest of the batch still commits. Rows that appeared since
-the plan (live traffic) are left alone and reported ``already_present``; nothing is overwritten unless the plan says
+re-reads what exists under that lock, then works through the sessions a chunk at a time: it loads a chunk's inputs
+with one query, scores each session through ``scoring.score_session`` (the code path of the functions server too)
+and writes the chunk with one multi-row statement per table inside one savepoint. Only if that fails (a live
+writer's row met at insert time, any database error) is the savepoint rolled back and the chunk redone one savepoint
+per session, so the failing session is recorded with its error and the rest of the batch still commits. The
+statements run on a helper thread, in order, while this thread scores the next chunk. Rows that appeared since the
+plan (live traffic) are left alone and reported ``already_present``; nothing is overwritten unless the plan says
 rescore. Every row written is reported with its before-image (None: absent) and its after-image, which for inserted
 rows is the row as built here (every column set), for updated ones the row read back (a trigger sets updated_at).
 
@@ -22,6 +23,7 @@ import gc
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -209,32 +211,46 @@ class PrismJob:
                 results[candidate.key] = SessionOutcome(candidate.key, "already_present", wants.ops)
             else:
                 todo.append((candidate, wants))
-        overhead = time.perf_counter() - started
 
-        pending: list[_Pending] = []
-        # Inputs are loaded a chunk at a time and dropped once scored: ~250 answers a session make them the largest
-        # thing a batch holds, so the chunk, not the batch, bounds the memory they take.
-        for lo in range(0, len(todo), _LOAD_CHUNK):
-            chunk = todo[lo : lo + _LOAD_CHUNK]
-            t0 = time.perf_counter()
-            inputs = _load_inputs(conn, [c.key for c, _ in chunk], existing_fc)
-            overhead += time.perf_counter() - t0
-            for candidate, wants in chunk:
-                t0 = time.perf_counter()
-                prepared = self._prepare(candidate, wants, inputs.pop(candidate.key), ref, now, run_id)
-                session = prepared if isinstance(prepared, SessionOutcome) else prepared.outcome
-                session.seconds = time.perf_counter() - t0
-                if isinstance(prepared, SessionOutcome):
-                    results[candidate.key] = prepared
-                else:
-                    pending.append(prepared)
-
-        t0 = time.perf_counter()
-        changes = self._write_batch(conn, pending, results)
+        changes: dict[str, list[RowChange]] = {}
+        scoring_seconds = 0.0
+        chunks = [todo[lo : lo + _LOAD_CHUNK] for lo in range(0, len(todo), _LOAD_CHUNK)]
+        # One thread runs this batch's statements in order (load chunk k+1, write chunk k, ...) while this one
+        # scores: the database works on one core while Python scores on the other. The connection is never used by
+        # both threads at once: this thread touches it again only after the last write has finished.
+        db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gatefill-batch-db")
+        try:
+            writes: list[Future[tuple[dict[str, list[RowChange]], dict[str, SessionOutcome]]]] = []
+            load = db_thread.submit(_load_inputs, conn, [c.key for c, _ in chunks[0]], existing_fc) if chunks else None
+            for k, chunk in enumerate(chunks):
+                assert load is not None
+                # Inputs are loaded a chunk at a time and dropped once scored: ~250 answers a session make them
+                # the largest thing a batch holds, so the chunk, not the batch, bounds the memory they take.
+                inputs = load.result()
+                if k + 1 < len(chunks):
+                    load = db_thread.submit(_load_inputs, conn, [c.key for c, _ in chunks[k + 1]], existing_fc)
+                pending: list[_Pending] = []
+                for candidate, wants in chunk:
+                    t0 = time.perf_counter()
+                    prepared = self._prepare(candidate, wants, inputs.pop(candidate.key), ref, now, run_id)
+                    session = prepared if isinstance(prepared, SessionOutcome) else prepared.outcome
+                    session.seconds = time.perf_counter() - t0
+                    scoring_seconds += session.seconds
+                    if isinstance(prepared, SessionOutcome):
+                        results[candidate.key] = prepared
+                    else:
+                        pending.append(prepared)
+                        results[candidate.key] = prepared.outcome
+                del inputs
+                writes.append(db_thread.submit(self._write_batch, conn, pending))
+            for write in writes:
+                written, failed = write.result()
+                changes.update(written)
+                results.update(failed)
+        finally:
+            db_thread.shutdown(wait=True, cancel_futures=True)
         # Shared work (locks, loads, the bulk writes) is spread evenly over the batch's sessions.
-        shared = (overhead + time.perf_counter() - t0) / len(ordered)
-        for p in pending:
-            results.setdefault(p.key, p.outcome)
+        shared = max(0.0, time.perf_counter() - started - scoring_seconds) / len(ordered)
         for candidate in ordered:
             session = results[candidate.key]
             session.seconds += shared
@@ -349,30 +365,30 @@ class PrismJob:
         return pending
 
     def _write_batch(
-        self, conn: Connection, pending: Sequence[_Pending], results: dict[str, SessionOutcome]
-    ) -> dict[str, list[RowChange]]:
-        """Writes every pending session in one savepoint; if that fails, redoes them one savepoint per session so
-        the culprit is recorded (a live race as ``already_present``, any other failure as ``failed``) and the rest
-        are written. Returns the changes per session; outcomes of isolated sessions go into ``results``."""
+        self, conn: Connection, pending: Sequence[_Pending]
+    ) -> tuple[dict[str, list[RowChange]], dict[str, SessionOutcome]]:
+        """Writes the pending sessions in one savepoint; if that fails, redoes them one savepoint per session so the
+        culprit is recorded (a live race as ``already_present``, any other failure as ``failed``) and the rest are
+        written. Returns the changes per session written and the outcomes of the sessions that were not."""
         if not pending:
-            return {}
+            return {}, {}
         try:
             with conn.begin_nested():
-                return self._write(conn, pending)
+                return self._write(conn, pending), {}
         except sa.exc.StatementError as exc:
             _raise_if_disconnected(exc)
             if len(pending) == 1:
-                results[pending[0].key] = _write_failure(pending[0], exc)
-                return {}
+                return {}, {pending[0].key: _write_failure(pending[0], exc)}
         changes: dict[str, list[RowChange]] = {}
+        failed: dict[str, SessionOutcome] = {}
         for p in pending:
             try:
                 with conn.begin_nested():
                     changes.update(self._write(conn, [p]))
             except sa.exc.StatementError as exc:
                 _raise_if_disconnected(exc)
-                results[p.key] = _write_failure(p, exc)
-        return changes
+                failed[p.key] = _write_failure(p, exc)
+        return changes, failed
 
     def _write(self, conn: Connection, pending: Sequence[_Pending]) -> dict[str, list[RowChange]]:
         """The rows of ``pending`` written with one multi-row statement per table; the changes they made."""
