@@ -276,22 +276,7 @@ def _commit_batch(
     with db.begin() as conn:
         outcome = job.process_batch(conn, batch, now=started, run_id=run_id)
         finished = clock.now()
-        ledger.record_changes(
-            conn,
-            [
-                {
-                    "run_id": run_id,
-                    "batch_no": batch_no,
-                    "table_name": ch.table,
-                    "row_key": ledger.row_key(ch.key),
-                    "session_id": ch.candidate,
-                    "before": dict(ch.before) if ch.before is not None else None,
-                    "after": dict(ch.after),
-                    "at": started,
-                }
-                for ch in outcome.changes
-            ],
-        )
+        ledger.record_row_changes(conn, run_id, batch_no, outcome.changes, at=started)
         by_key = {c.key: c for c in batch}
         rows = [_session_row(run_id, batch_no, s, by_key[s.key], finished) for s in outcome.sessions]
         if retrying:

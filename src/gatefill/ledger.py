@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 
 from gatefill.db import Database, JSONValue, UTCTimestamp
 from gatefill.errors import GatefillError, UsageError
+from gatefill.job import RowChange
 
 __all__ = [
     "LEDGER_METADATA",
@@ -503,6 +504,28 @@ def record_changes(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     """Inserts ledger change rows (run_id, batch_no, table_name, row_key, session_id, before, after, at)."""
     if rows:
         conn.execute(changes.insert(), list(rows))
+
+
+def record_row_changes(
+    conn: Connection, run_id: str, batch_no: int, row_changes: Iterable[RowChange], *, at: datetime
+) -> None:
+    """Records a batch's RowChanges (before-image or absent, after-image) as ledger change rows."""
+    record_changes(
+        conn,
+        [
+            {
+                "run_id": run_id,
+                "batch_no": batch_no,
+                "table_name": ch.table,
+                "row_key": row_key(ch.key),
+                "session_id": ch.candidate,
+                "before": dict(ch.before) if ch.before is not None else None,
+                "after": dict(ch.after),
+                "at": at,
+            }
+            for ch in row_changes
+        ],
+    )
 
 
 def changes_for(conn: Connection, run_id: str) -> Iterable[sa.Row[Any]]:

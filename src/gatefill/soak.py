@@ -41,6 +41,7 @@ from gatefill.clock import Clock, SimulatedClock, utc
 from gatefill.config import Environment
 from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
+from gatefill.interrupt import stop_on_sigint
 from gatefill.job import Check
 from gatefill.ledger import RunStatus
 from gatefill.reports import render, write_json, write_text
@@ -419,28 +420,6 @@ def _soak_lock(db: Database, run_id: str, clock: Clock) -> Iterator[None]:
             ledger.release_lock(conn, name)
 
 
-@contextmanager
-def _stop_on_sigint(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C sets ``stop`` (the current look finishes and is stored) instead of killing a look half-way."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(_signum: int, _frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _wait_until(clock: Clock, when: datetime, stop: threading.Event) -> bool:
     """Waits on ``clock`` until ``when`` in steps of at most a second; False if ``stop`` was set meanwhile."""
     while True:
@@ -537,7 +516,7 @@ def run_soak(
     observe = set(options.observe)
     simulated = isinstance(clock, SimulatedClock)
     interrupted = False
-    with _soak_lock(db, run.id, clock), _stop_on_sigint(stop):
+    with _soak_lock(db, run.id, clock), stop_on_sigint(stop):
         with db.connect() as conn:
             done = load_measurements(conn, run.id)
         resumed_at = done[-1].seq + 1 if done else None

@@ -599,22 +599,7 @@ class FunctionsExecutor:
                 changes.extend(session_changes)
             changes = _not_yet_recorded(conn, run_id, changes)
             finished = clock.now()
-            ledger.record_changes(
-                conn,
-                [
-                    {
-                        "run_id": run_id,
-                        "batch_no": batch_no,
-                        "table_name": ch.table,
-                        "row_key": ledger.row_key(ch.key),
-                        "session_id": ch.candidate,
-                        "before": dict(ch.before) if ch.before is not None else None,
-                        "after": dict(ch.after),
-                        "at": started,
-                    }
-                    for ch in changes
-                ],
-            )
+            ledger.record_row_changes(conn, run_id, batch_no, changes, at=started)
             by_key = {i.session_id: i for i in batch_intents}
             rows = [_session_row(run_id, batch_no, s, by_key[s.key], finished) for s in outcomes]
             if any(i.retrying for i in batch_intents):
