@@ -21,10 +21,11 @@ from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, write_apply_ar
 from gatefill.clock import SimulatedClock
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan
+from gatefill.prism import job as job_module
 from gatefill.prism.job import PrismJob, _load_inputs
 from gatefill.prism.schema import assessment_responses, fc_scores, fn_logs, profiles, scoring_config
 from gatefill.prism.seed import SeedReport, seed_scenario
-from gatefill.prism.service import load_session_inputs
+from gatefill.prism.service import load_reference_data_from_db, load_session_inputs
 from tests.conftest import Target
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
@@ -241,10 +242,20 @@ def test_a_live_race_leaves_the_live_row_and_commits_the_rest(pg_target: Target,
         assert conn.execute(sa.select(profiles.c.id).where(profiles.c.session_id == victim)).first() is None
 
 
-def test_scoring_config_drift_shows_in_the_next_batch(staging: tuple[Target, SeedReport], tmp_path: Path) -> None:
+def test_scoring_config_drift_shows_in_the_next_batch(
+    staging: tuple[Target, SeedReport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target, _ = staging
     body = make_plan(target, tmp_path, batch_size=5)
     drifted_from = 3
+    loads: list[int] = []
+    real_load = load_reference_data_from_db
+
+    def counting_load(conn: sa.Connection) -> Any:
+        loads.append(1)
+        return real_load(conn)
+
+    monkeypatch.setattr(job_module, "load_reference_data_from_db", counting_load)
 
     def drift(batch_no: int) -> None:
         if batch_no == drifted_from:
@@ -278,6 +289,8 @@ def test_scoring_config_drift_shows_in_the_next_batch(staging: tuple[Target, See
         }
     assert overridden == {sid for sid, n in batch_of.items() if n >= drifted_from}
     assert overridden and len(overridden) < 39
+    # The reference tables were read twice in all: for the first batch and after the drift, not once per batch.
+    assert len(loads) == 2 and max(batch_of.values()) > 4
 
 
 @pytest.mark.postgres

@@ -13,8 +13,8 @@ plan (live traffic) are left alone and reported ``already_present``; nothing is 
 rescore. Every row written is reported with its before-image (None: absent) and its after-image, which for inserted
 rows is the row as built here (every column set), for updated ones the row read back (a trigger sets updated_at).
 
-Static reference data (scoring key, FC options, prototypes, calibration models) is read once per job object;
-``scoring_config`` is re-read every batch, so a drifted results_version shows from the next batch on.
+Static reference data (scoring key, FC options, prototypes, calibration models) is read once per run; ``scoring_config``
+is re-read every batch, so a drifted results_version shows from the next batch on.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class PrismJob:
     def __init__(self, *, fc_version: str = scoring.FC_VERSION, engine_version: str = scoring.ENGINE_VERSION) -> None:
         self.fc_version = fc_version
         self.engine_version = engine_version
-        self._reference: scoring.ReferenceData | None = None
+        self._reference: tuple[str, scoring.ReferenceData] | None = None  # (run id, data)
 
     @property
     def versions(self) -> Mapping[str, str]:
@@ -198,7 +198,7 @@ class PrismJob:
         )
         present_fc, existing_fc = self._present_fc(conn, ids)
         present_profiles = self._present_profiles(conn, ordered)
-        ref = self._reference_data(conn)
+        ref = self._reference_data(conn, run_id)
 
         results: dict[str, SessionOutcome] = {}
         todo: list[tuple[Candidate, _Wants]] = []
@@ -293,14 +293,14 @@ class PrismJob:
                 found[row.session_id] = dict(row._mapping)
         return found
 
-    def _reference_data(self, conn: Connection) -> scoring.ReferenceData:
-        """Reference data, the static tables cached for the life of this job object; ``scoring_config`` is re-read
-        every batch (one tiny query), so a drifted results_version shows in the very next batch."""
+    def _reference_data(self, conn: Connection, run_id: str) -> scoring.ReferenceData:
+        """Reference data with the static tables read once per run (they change only by migration);
+        ``scoring_config`` is re-read every batch (one tiny query), so a drifted results_version shows at once."""
         config = {key: value for key, value in conn.execute(sa.select(scoring_config.c.key, scoring_config.c.value))}
         cached = self._reference
-        if cached is None or dict(cached.scoring_config) != config:
-            cached = self._reference = load_reference_data_from_db(conn)
-        return cached
+        if cached is None or cached[0] != run_id or dict(cached[1].scoring_config) != config:
+            cached = self._reference = (run_id, load_reference_data_from_db(conn))
+        return cached[1]
 
     def _recheck(self, candidate: Candidate, fc_present: bool, existing: Mapping[str, Any] | None) -> _Wants:
         """What the candidate still needs under the lock; rows that appeared since the plan are left alone."""
@@ -340,15 +340,16 @@ class PrismJob:
         problem = _blocking_problem(scored, wants.fc, wants.profile)
         if problem:
             return SessionOutcome(sid, "failed", ops, error=problem)
+        if wants.profile and scored.profile_row is not None:
+            unknown = sorted(set(scored.profile_row) - set(_PROFILE_COLUMNS))
+            if unknown:
+                return SessionOutcome(sid, "failed", ops, error=f"profiles has no column(s) {', '.join(unknown)}")
         pending = _Pending(sid, SessionOutcome(sid, "written", ops))
         if wants.fc and scored.fc_scores_row is not None:
             row = {**scored.fc_scores_row, "created_at": now}
             pending.fc_row = {c: row[c] for c in _FC_COLUMNS}
             ops.append({"op": _FC_INSERT, "result": "written", "blocks_answered": row["blocks_answered"]})
         if wants.profile and scored.profile_row is not None:
-            unknown = sorted(set(scored.profile_row) - set(_PROFILE_COLUMNS))
-            if unknown:
-                return SessionOutcome(sid, "failed", ops, error=f"profiles has no column(s) {', '.join(unknown)}")
             if existing is None:
                 # Every column is given (absent ones as NULL), so the row stored is exactly the row built here.
                 generated = {"id": str(uuid.uuid4()), "share_token": str(uuid.uuid4()), "user_id": None}
