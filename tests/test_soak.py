@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from gatefill import ledger
+from gatefill.cli import main
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment, Settings
 from gatefill.db import Database
@@ -33,10 +34,12 @@ from gatefill.prism.schema import assessment_sessions, fc_scores, profiles
 from gatefill.prism.simulator import SimulationReport, simulate
 from gatefill.prism.soak_checks import CHECK_NAMES, PrismSoakChecks, PrismSoakSettings, run_prism_soak
 from gatefill.soak import (
+    Baseline,
     Measurement,
     SoakOptions,
     SoakResult,
     exit_code_for,
+    load_baseline,
     parse_margin,
     run_soak,
     soak_verdict,
@@ -270,6 +273,10 @@ def test_injected_faults_fail_the_checks_with_the_injected_counts(soaked: Soaked
         f"{injected['engine_version_override']} engine_version_override events"
         in checks["engine_version_override"].summary
     )
+    assert f"{injected['legacy_fc']} fc_fallback_legacy events" in checks["legacy_fc"].summary
+    assert f"{injected['legacy_fc']} profiles written in the window" in checks["legacy_fc"].summary
+    assert checks["write_failures"].summary.startswith(f"{injected['profile_write_fail']} of ")
+    assert f"{injected['token_bypass']} results requests without a token were served" in checks["token_gating"].summary
     # Version stamps stay right: these faults do not write wrong versions (the original's proxy could not see them).
     assert checks["version_stamps"].verdict == "PASS"
 
@@ -328,6 +335,159 @@ def test_a_restarted_soak_continues_the_same_window_without_double_counting(soak
 
     assert counts(last) == counts(reference)
     assert counts(last)["finalize_calls"] == counts(last)["funnels"]["completion"][0] > 0
+
+
+def _stored_baselines(soaked: Soaked, run_id: str) -> int:
+    with soaked.db.connect() as conn:
+        b = ledger.soak_baselines
+        return int(conn.execute(sa.select(sa.func.count()).where(b.c.run_id == run_id)).scalar_one())
+
+
+def test_the_baseline_is_measured_once_before_the_first_look_and_a_resumed_soak_reuses_it(soaked: Soaked) -> None:
+    start = _window(10)
+    soaked.baseline(start, started=40, completed=36, profiled=30)
+    soaked.traffic(start, 4, seed=21)
+    options = replace(OPTIONS, start=start, duration=HOUR)  # 4 looks of 15 minutes
+    stop = threading.Event()
+    measured: list[Baseline] = []
+
+    def stop_after_one(m: Measurement) -> None:
+        if m.seq == 1:
+            stop.set()
+
+    first = soaked.soak(options, stop=stop, on_look=stop_after_one, on_baseline=measured.append)
+    assert first.status is RunStatus.PAUSED and first.looks_taken == 1
+    assert len(measured) == 1 and _stored_baselines(soaked, first.run_id) == 1
+    baseline = measured[0]
+    # Measured at the window's start (settle is 0 on a simulated clock), before the first look's cutoff.
+    assert baseline.start == start - timedelta(days=7) and baseline.end == start
+    assert baseline.measured_at == start < first.measurements[0].taken_at
+    assert baseline.seconds is not None and baseline.seconds > 0
+    assert baseline.evidence["completion"] == {"k": 36, "n": 40}
+    assert baseline.evidence["profile"] == {"k": 30, "n": 36}
+    assert first.baseline == baseline
+    with soaked.db.connect() as conn:
+        assert load_baseline(conn, first.run_id) == baseline
+
+    # Late rows stamped inside the baseline window: a re-measurement would see them, the stored baseline does not.
+    late = start - timedelta(days=3)
+    with soaked.db.begin() as conn:
+        conn.execute(
+            assessment_sessions.insert(),
+            [
+                {
+                    "id": f"00000000-0000-4000-a000-{i:012d}",
+                    "started_at": late,
+                    "created_at": late,
+                    "updated_at": late,
+                    "status": "in_progress",
+                    "share_token": f"late-{i}",
+                }
+                for i in range(5)
+            ],
+        )
+    resumed = soaked.soak(replace(SoakOptions(), resume=first.run_id), on_baseline=measured.append)
+    assert resumed.run_id == first.run_id and resumed.complete and resumed.resumed_at_look == 2
+    assert len(measured) == 1 and _stored_baselines(soaked, first.run_id) == 1
+    assert resumed.baseline == baseline
+    for m in resumed.measurements:
+        conversion = m.check("conversion")
+        assert conversion is not None
+        assert conversion.evidence["baseline"]["completion"] == {"k": 36, "n": 40}, m.seq
+        assert conversion.evidence["funnels"]["completion"]["baseline"]["n"] == 40
+    # A new soak of the same window measures its own baseline, and sees the late rows.
+    fresh = soaked.soak(options, on_baseline=measured.append)
+    assert fresh.run_id != first.run_id and len(measured) == 2
+    assert measured[1].evidence["completion"] == {"k": 36, "n": 45}
+
+    # Reported separately, with its own timing and evidence.
+    out = soaked.artifacts / first.run_id
+    data = json.loads((out / "soak_measurements.json").read_text())
+    assert data["baseline"]["evidence"]["completion"] == {"k": 36, "n": 40}
+    assert data["baseline"]["measured_at"] == start.isoformat()
+    assert data["baseline"]["seconds"] == round(baseline.seconds, 4)
+    assert data["baseline"]["from"] == (start - timedelta(days=7)).isoformat()
+    observability = (out / "staging_observability.md").read_text()
+    assert "## Baseline (measured once, before the first look)" in observability
+    assert f"took {baseline.seconds * 1000:.0f} ms" in observability
+    assert "started → completed 36/40 = 90.0%" in observability
+    gate = (out / "staging_soak_gate.md").read_text()
+    assert f"| baseline | {(start - timedelta(days=7)).isoformat()} → {start.isoformat()}, measured once" in gate
+
+
+def test_status_of_a_soak_run_shows_its_window_looks_checks_verdict_and_artifacts(
+    soaked: Soaked, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start = _window(11)
+    at = start + timedelta(minutes=5)
+    sid = "00000000-0000-4000-b000-000000000001"
+    with soaked.db.begin() as conn:
+        conn.execute(
+            assessment_sessions.insert(),
+            [{"id": sid, "started_at": at, "created_at": at, "updated_at": at, "share_token": f"t-{sid}"}],
+        )
+        conn.execute(
+            profiles.insert(), [{"session_id": sid, "results_version": "v0.9", "created_at": at, "updated_at": at}]
+        )
+    config = tmp_path / "gatefill.toml"
+    config.write_text(
+        f'artifacts_dir = "{soaked.artifacts}"\n[env.{soaked.env.name}]\ndatabase_url = "{soaked.env.database_url}"\n',
+        encoding="utf-8",
+    )
+
+    def status(run_id: str) -> str:
+        assert main(["--config", str(config), "status", run_id]) == 0
+        return capsys.readouterr().out
+
+    during: list[str] = []
+
+    def look_at_status(m: Measurement) -> None:
+        if m.seq == 1:
+            with soaked.db.connect() as conn:
+                (running,) = [r for r in ledger.list_runs(conn, phase="soak") if r.status is RunStatus.RUNNING]
+            during.append(status(running.id))
+
+    options = replace(OPTIONS, start=start, duration=1800.0, observe=("latency",))  # 2 looks
+    result = soaked.soak(options, on_look=look_at_status)
+    assert result.verdict == "FAIL"
+
+    # While the soak ran (after its first look): running, 1 of 2 looks, no artifacts yet.
+    (mid,) = during
+    assert f"run {result.run_id} (soak) on {soaked.env.name}: running" in mid
+    assert f"window: {start.isoformat()} → {(start + timedelta(minutes=30)).isoformat()} (30 min" in mid
+    assert "looks: 1 of 2 (last cutoff " + (start + timedelta(minutes=15)).isoformat() in mid
+    assert "artifacts: none yet" in mid
+    assert "verdict: FAIL (gating check(s) failed: version_stamps)" in mid
+
+    done = status(result.run_id)
+    assert f"run {result.run_id} (soak) on {soaked.env.name}: succeeded" in done
+    assert "looks: 2 of 2 (last cutoff " + (start + timedelta(minutes=30)).isoformat() in done
+    assert "checks at look 2:" in done
+    lines = {line.split()[0]: line for line in done.splitlines() if line.startswith("    ")}
+    assert set(lines) == set(CHECK_NAMES)
+    assert " FAIL: 1 of 1 rows written in the window carry the wrong version" in lines["version_stamps"]
+    assert " INCONCLUSIVE (observe): " in lines["latency"]
+    assert "(observe)" not in lines["version_stamps"] and "(observe)" not in lines["conversion"]
+    assert "verdict: FAIL (gating check(s) failed: version_stamps)" in done
+    assert f"baseline: {(start - timedelta(days=7)).isoformat()} → {start.isoformat()}, measured once at" in done
+    out = soaked.artifacts / result.run_id
+    assert f"artifacts: {out / 'staging_observability.md'}, {out / 'staging_soak_gate.md'}, " in done
+    assert "sessions with a result" not in done
+    # Another phase's run keeps the apply view.
+    ledger.init_ledger(soaked.db)
+    with soaked.db.begin() as conn:
+        ledger.create_run(
+            conn,
+            run_id=f"apply-status-{soaked.dialect}",
+            phase="apply",
+            environment=soaked.env.name,
+            job="prism",
+            versions={},
+            params={},
+            now=start,
+        )
+    applied = status(f"apply-status-{soaked.dialect}")
+    assert "sessions with a result: 0 of 0" in applied and "looks:" not in applied
 
 
 def test_zero_traffic_is_inconclusive_not_pass(soaked: Soaked) -> None:

@@ -420,10 +420,15 @@ def status_command(
             out.print(f"  {step}: {brief}", markup=False)
         out.print(f"  waiting for: {summary.get('waiting_for') or 'nothing'}", markup=False)
         return
-    out.print(
-        f"  sessions with a result: {p.done} of {p.total}  " + ", ".join(f"{k} {v}" for k, v in p.results.items())
-    )
-    out.print(f"  batches committed: {p.batches}; last at {p.last_batch_at.isoformat() if p.last_batch_at else '-'}")
+    if p.soak is not None:
+        out.print("\n".join(f"  {line}" for line in p.soak.describe()), markup=False)
+    else:
+        out.print(
+            f"  sessions with a result: {p.done} of {p.total}  " + ", ".join(f"{k} {v}" for k, v in p.results.items())
+        )
+        out.print(
+            f"  batches committed: {p.batches}; last at {p.last_batch_at.isoformat() if p.last_batch_at else '-'}"
+        )
     for a in p.approvals:
         out.print(
             f"  {a.kind}: gate {a.gate} by {a.approved_by} at {a.at.isoformat()}" + (f" ({a.note})" if a.note else "")
@@ -461,7 +466,7 @@ def soak_command(
     from gatefill.clock import parse_duration
     from gatefill.prism.soak_checks import PrismSoakSettings, run_prism_soak
     from gatefill.runs import find_run
-    from gatefill.soak import Measurement, SoakOptions, parse_margin
+    from gatefill.soak import Baseline, Measurement, SoakOptions, parse_margin
 
     try:
         duration_s, interval_s = parse_duration(duration), parse_duration(interval)
@@ -495,6 +500,12 @@ def soak_command(
         open_checks = ", ".join(f"{c.name} {c.verdict}" for c in m.checks if c.verdict != "PASS") or "all PASS"
         out.print(f"look {m.seq} (cutoff {m.window_end.isoformat()}): {m.verdict}; {open_checks}", markup=False)
 
+    def baseline_line(b: Baseline) -> None:
+        took = f"{b.seconds * 1000:.0f} ms" if b.seconds is not None else "?"
+        out.print(
+            f"baseline {b.start.isoformat()} → {b.end.isoformat()} (measured once, {took}): {b.summary}", markup=False
+        )
+
     result = run_prism_soak(
         environment,
         options,
@@ -502,6 +513,7 @@ def soak_command(
         clock=clock,
         settings=PrismSoakSettings(latency_p95_ms=p95_ms),
         on_look=progress,
+        on_baseline=baseline_line,
     )
     table = Table("check", "verdict", "evidence")
     for c in result.checks:

@@ -1,5 +1,5 @@
 """The run ledger: runs and their state machine, plans, batches, per-session results, row changes with before-images,
-approvals, soak measurements and run locks, stored in ``gatefill_*`` tables of the target database.
+approvals, soak measurements and baselines, and run locks, stored in ``gatefill_*`` tables of the target database.
 
 The ledger lives next to the data on purpose: a batch's data writes and its ledger rows commit in one transaction, so
 after a crash the ledger says exactly which batches happened (principle 2), and rollback can restore exactly the rows
@@ -231,6 +231,21 @@ measurements = sa.Table(
     sa.Column("taken_at", UTCTimestamp(), nullable=False),
     sa.Column("verdict", sa.Text(), nullable=False),
     sa.Column("checks", JSONValue(), nullable=False),
+)
+
+# A soak's frozen baseline: measured once, before its first look, and reused by every later look and by a resumed
+# soak (the primary key makes a second measurement of the same run impossible).
+soak_baselines = sa.Table(
+    "gatefill_soak_baselines",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("baseline_start", UTCTimestamp(), nullable=False),
+    sa.Column("baseline_end", UTCTimestamp(), nullable=False),
+    sa.Column("measured_at", UTCTimestamp(), nullable=False),
+    sa.Column("seconds", sa.Float(), nullable=False),
+    sa.Column("summary", sa.Text(), nullable=False),
+    sa.Column("evidence", JSONValue(), nullable=False),
+    sa.Column("query", sa.Text()),
 )
 
 locks = sa.Table(

@@ -18,6 +18,7 @@ from gatefill.clock import Clock, RealClock
 from gatefill.config import Environment, Settings
 from gatefill.db import Database
 from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
+from gatefill.soak import SOAK_PHASE, SoakState, soak_state
 
 __all__ = ["GATES", "RunProgress", "approve", "find_run", "run_progress"]
 
@@ -79,6 +80,8 @@ class RunProgress:
     batches: int
     last_batch_at: datetime | None
     approvals: list[ledger.Approval]
+    #: A soak run's window, looks, latest verdicts and artifacts; None for other phases.
+    soak: SoakState | None = None
 
     @property
     def done(self) -> int:
@@ -86,7 +89,7 @@ class RunProgress:
 
 
 def run_progress(settings: Settings, run_id: str, env_name: str | None = None) -> RunProgress:
-    """Progress of one run: sessions with a result, committed batches, approvals."""
+    """Progress of one run: sessions with a result, committed batches, approvals; a soak's state for a soak run."""
     env, run = find_run(settings, run_id, env_name)
     total = 0
     if run.plan is not None:
@@ -99,7 +102,8 @@ def run_progress(settings: Settings, run_id: str, env_name: str | None = None) -
             )
         ).one()
         approvals = ledger.approvals_for(conn, run.id)
-    return RunProgress(env, run, total, results, int(batch_row[0]), batch_row[1], approvals)
+        soak = soak_state(conn, run, settings.artifacts_dir) if run.phase == SOAK_PHASE else None
+    return RunProgress(env, run, total, results, int(batch_row[0]), batch_row[1], approvals, soak)
 
 
 def recent_runs(settings: Settings, env_name: str | None = None, limit: int = 20) -> list[tuple[str, ledger.Run]]:

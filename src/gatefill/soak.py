@@ -9,6 +9,11 @@ which is why a restarted soak cannot double count: it simply continues with the 
 Checks that carry state between looks (the sequential conversion test, cumulative probe results) keep it in their
 stored evidence, so it survives restarts too.
 
+The baseline (the comparison window of ``--baseline-days`` before the window) is frozen: it ends where the window
+starts, so it is measured once, as soon as the window has started and before the first look, and stored in the ledger
+with its own timing. Every look, and a resumed or restarted soak, reuses the stored one: it is never measured twice,
+and a look costs only the window's queries (a 30-day baseline over a large table is the one expensive count).
+
 The soak is a ledger run with phase ``soak``: ``running`` while measuring; ``succeeded`` when the window was watched to
 its end (or ended early on a final FAIL with ``fail_fast``), whatever the verdict, which is recorded in the run's
 summary; ``paused`` on Ctrl-C or a lost database. A paused or crashed soak is continued by naming it
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -48,6 +54,7 @@ from gatefill.reports import render, write_json, write_text
 
 __all__ = [
     "SOAK_PHASE",
+    "Baseline",
     "Look",
     "Measurement",
     "ReportTable",
@@ -55,9 +62,13 @@ __all__ = [
     "SoakChecks",
     "SoakOptions",
     "SoakResult",
+    "SoakState",
     "exit_code_for",
+    "load_baseline",
+    "load_measurements",
     "parse_margin",
     "run_soak",
+    "soak_state",
     "soak_verdict",
     "write_soak_artifacts",
 ]
@@ -87,6 +98,34 @@ _PLAN_KEYS = (
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """The frozen comparison window before the soak: what the job counted there, and when and how fast it was counted.
+
+    A job's ``measure_baseline`` fills ``start``, ``end``, ``summary``, ``evidence`` and ``query``; the soak adds
+    ``measured_at`` (on the soak's clock) and ``seconds`` (wall time of the measurement) before storing it.
+    """
+
+    start: datetime
+    end: datetime
+    summary: str
+    evidence: Mapping[str, Any]
+    query: str | None = None
+    measured_at: datetime | None = None
+    seconds: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "from": self.start.isoformat(),
+            "to": self.end.isoformat(),
+            "measured_at": None if self.measured_at is None else self.measured_at.isoformat(),
+            "seconds": None if self.seconds is None else round(self.seconds, 4),
+            "summary": self.summary,
+            "evidence": dict(self.evidence),
+            "query": self.query,
+        }
+
+
+@dataclass(frozen=True)
 class Look:
     """One measurement of the soak: its number, its cutoff, the statistical plan and the previous look's state."""
 
@@ -104,16 +143,14 @@ class Look:
     min_n: int
     #: True under ``SimulatedClock``: the look's instants are simulated, so probes must tell the server the time.
     simulated_time: bool
+    #: The soak's stored baseline, measured once before the first look.
+    baseline: Baseline
     #: Each check's evidence at the previous look (empty at the first), state keys included.
     previous: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def final(self) -> bool:
         return self.number == self.max_looks
-
-    @property
-    def baseline_start(self) -> datetime:
-        return self.window_start - timedelta(days=self.baseline_days)
 
 
 @dataclass(frozen=True)
@@ -148,6 +185,13 @@ class SoakChecks(Protocol):
 
     def params(self) -> dict[str, Any]:
         """The suite's settings, recorded in the soak run (no secrets)."""
+        ...
+
+    def measure_baseline(self, db: Database, start: datetime, end: datetime) -> Baseline:
+        """What the checks compare the window against, counted over ``[start, end)`` (``end`` is the window's start).
+
+        Called once per soak; the result is stored and handed to every look as ``Look.baseline``.
+        """
         ...
 
     def measure(self, db: Database, look: Look) -> list[Check]:
@@ -253,6 +297,7 @@ class SoakResult:
     resumed_at_look: int | None
     checks: list[Check]
     measurements: list[Measurement]
+    baseline: Baseline | None = None
     paths: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -464,6 +509,40 @@ def load_measurements(conn: sa.Connection, run_id: str) -> list[Measurement]:
     ]
 
 
+def load_baseline(conn: sa.Connection, run_id: str) -> Baseline | None:
+    """The soak run's stored baseline, or None before it has been measured."""
+    b = ledger.soak_baselines
+    row = conn.execute(sa.select(b).where(b.c.run_id == run_id)).first()
+    if row is None:
+        return None
+    return Baseline(
+        start=row.baseline_start,
+        end=row.baseline_end,
+        summary=row.summary,
+        evidence=dict(row.evidence or {}),
+        query=row.query,
+        measured_at=row.measured_at,
+        seconds=float(row.seconds),
+    )
+
+
+def _store_baseline(db: Database, run_id: str, baseline: Baseline) -> None:
+    assert baseline.measured_at is not None and baseline.seconds is not None
+    with db.begin() as conn:
+        conn.execute(
+            ledger.soak_baselines.insert().values(
+                run_id=run_id,
+                baseline_start=baseline.start,
+                baseline_end=baseline.end,
+                measured_at=baseline.measured_at,
+                seconds=baseline.seconds,
+                summary=baseline.summary,
+                evidence=dict(baseline.evidence),
+                query=baseline.query,
+            )
+        )
+
+
 def _store(db: Database, run_id: str, measurement: Measurement) -> None:
     with db.begin() as conn:
         conn.execute(
@@ -484,6 +563,20 @@ def _store(db: Database, run_id: str, measurement: Measurement) -> None:
 
 
 LookCallback = Callable[[Measurement], None]
+BaselineCallback = Callable[[Baseline], None]
+
+
+def _take_baseline(
+    db: Database, run_id: str, checks: SoakChecks, window_start: datetime, baseline_days: float, clock: Clock
+) -> Baseline:
+    """Measures the baseline window before ``window_start``, timed, and stores it with the run."""
+    start = window_start - timedelta(days=baseline_days)
+    started = time.perf_counter()
+    measured = checks.measure_baseline(db, start, window_start)
+    seconds = time.perf_counter() - started
+    baseline = replace(measured, start=start, end=window_start, measured_at=clock.now(), seconds=seconds)
+    _store_baseline(db, run_id, baseline)
+    return baseline
 
 
 def run_soak(
@@ -497,11 +590,13 @@ def run_soak(
     versions: Mapping[str, str] | None = None,
     stop: threading.Event | None = None,
     on_look: LookCallback | None = None,
+    on_baseline: BaselineCallback | None = None,
 ) -> SoakResult:
     """Runs (or continues) a soak of ``env`` and writes its artifacts; see the module docstring.
 
     ``versions`` are recorded on a new run when there is no ``--after`` run to take them from (the job's versions),
-    so a production gate can look for a passing soak of the same versions. ``on_look`` sees each stored measurement.
+    so a production gate can look for a passing soak of the same versions. ``on_look`` sees each stored measurement,
+    ``on_baseline`` the baseline when this call measured it (not when it was stored by an earlier one).
     """
     options.validate()
     unknown = sorted(set(options.observe) - set(checks.check_names))
@@ -528,12 +623,24 @@ def run_soak(
         first = (done[-1].seq + 1) if done else 1
         # A stored FAIL under fail_fast is final: a restarted soak takes no further looks.
         ended_early = options.fail_fast and last_verdict == "FAIL" and first <= max_looks
+        settle = 0.0 if simulated else options.settle_seconds
+        with db.connect() as conn:
+            baseline = load_baseline(conn, run.id)
         try:
+            if baseline is None and not ended_early and first <= max_looks:
+                # The baseline ends where the window starts: once the window has started (and rows stamped just
+                # before it have committed) it cannot change, so it is counted now, once, and never again.
+                if _wait_until(clock, window_start + timedelta(seconds=settle), stop):
+                    baseline = _take_baseline(db, run.id, checks, window_start, options.baseline_days, clock)
+                    if on_baseline is not None:
+                        on_baseline(baseline)
+                else:
+                    interrupted = True
             for number in range(first, max_looks + 1):
-                if ended_early:
+                if ended_early or interrupted:
                     break
+                assert baseline is not None  # measured above, or stored by the soak that took the earlier looks
                 end = window_start + timedelta(seconds=min(number * options.interval, options.duration))
-                settle = 0.0 if simulated else options.settle_seconds
                 if not _wait_until(clock, end + timedelta(seconds=settle), stop):
                     interrupted = True
                     break
@@ -551,6 +658,7 @@ def run_soak(
                     baseline_rate=options.baseline_rate,
                     min_n=options.min_n,
                     simulated_time=simulated,
+                    baseline=baseline,
                     previous=previous,
                 )
                 measured = [replace(c, gating=False) if c.name in observe else c for c in checks.measure(db, look)]
@@ -571,6 +679,7 @@ def run_soak(
             raise
         with db.connect() as conn:
             stored = load_measurements(conn, run.id)
+            baseline = load_baseline(conn, run.id)
         looks = stored[-1].seq if stored else 0
         complete = looks == max_looks
         final_checks = stored[-1].checks if stored else []
@@ -607,11 +716,104 @@ def run_soak(
         resumed_at_look=resumed_at,
         checks=final_checks,
         measurements=stored,
+        baseline=baseline,
     )
     result.paths = write_soak_artifacts(
         db, env, run.id, checks=checks, clock=clock, artifacts_dir=artifacts_dir, chart=options.chart
     )
     return result
+
+
+# ====================================================================================================================
+# Where a soak stands (gatefill status)
+
+#: The files ``write_soak_artifacts`` writes into ``artifacts/<run-id>/``.
+ARTIFACT_NAMES = ("staging_observability.md", "staging_soak_gate.md", "soak_measurements.json")
+
+
+@dataclass(frozen=True)
+class SoakState:
+    """Where a soak stands, read from its ledger: window, looks taken, the latest verdict of every check, the verdict
+    so far, the stored baseline and where its artifacts are (``gatefill status RUN``)."""
+
+    run_id: str
+    status: RunStatus
+    window_start: datetime
+    window_end: datetime
+    interval: float
+    looks_taken: int
+    max_looks: int
+    last_cutoff: datetime | None
+    checks: list[Check]
+    verdict: str
+    reason: str
+    baseline: Baseline | None
+    artifacts_dir: Path
+    artifacts: list[Path]
+
+    @property
+    def complete(self) -> bool:
+        return self.looks_taken == self.max_looks
+
+    def describe(self) -> list[str]:
+        """The state as plain lines for a terminal."""
+        lines = [
+            f"window: {self.window_start.isoformat()} → {self.window_end.isoformat()} "
+            f"({_hours((self.window_end - self.window_start).total_seconds())}, a look every {_hours(self.interval)})",
+            f"looks: {self.looks_taken} of {self.max_looks}"
+            + (f" (last cutoff {self.last_cutoff.isoformat()})" if self.last_cutoff else " (none taken yet)"),
+            f"baseline: {_baseline_fact(self.baseline)}",
+        ]
+        if self.checks:
+            lines.append(f"checks at look {self.looks_taken}:")
+            width = max(len(c.name) for c in self.checks)
+            for c in self.checks:
+                mark = "" if c.gating else " (observe)"
+                lines.append(f"  {c.name:<{width}}  {c.verdict}{mark}: {c.summary}")
+        lines.append(f"verdict: {self.verdict} ({self.reason})")
+        if self.artifacts:
+            lines.append(f"artifacts: {', '.join(str(p) for p in self.artifacts)}")
+        else:
+            lines.append(
+                f"artifacts: none yet in {self.artifacts_dir} (written when the soak ends, stops early or is paused)"
+            )
+        return lines
+
+
+def soak_state(conn: sa.Connection, run: ledger.Run, artifacts_dir: Path) -> SoakState:
+    """The state of a soak run (finished or not) from the ledger, judged by the same rule as its reports."""
+    if run.phase != SOAK_PHASE:
+        raise UsageError(f"{run.id} is a {run.phase} run, not a soak")
+    params = run.params
+    measurements = load_measurements(conn, run.id)
+    window_start = datetime.fromisoformat(str(params["window_start"]).replace("Z", "+00:00"))
+    max_looks = int(params["max_looks"])
+    looks = measurements[-1].seq if measurements else 0
+    final_checks = measurements[-1].checks if measurements else []
+    verdict, why = soak_verdict(final_checks, complete=looks == max_looks, looks=looks, max_looks=max_looks)
+    summary = run.summary or {}
+    if summary.get("reason") and summary.get("verdict") == verdict:
+        why = str(summary["reason"])
+    out = artifacts_dir / run.id
+    return SoakState(
+        run_id=run.id,
+        status=run.status,
+        window_start=window_start,
+        window_end=window_start + timedelta(seconds=float(params["duration_s"])),
+        interval=float(params["interval_s"]),
+        looks_taken=looks,
+        max_looks=max_looks,
+        last_cutoff=measurements[-1].window_end if measurements else None,
+        checks=final_checks,
+        verdict=verdict,
+        reason=why,
+        # A ledger created before baselines were stored has no such table until its next soak initialises it.
+        baseline=load_baseline(conn, run.id)
+        if ledger.soak_baselines.name in sa.inspect(conn).get_table_names()
+        else None,
+        artifacts_dir=out,
+        artifacts=[out / name for name in ARTIFACT_NAMES if (out / name).is_file()],
+    )
 
 
 # ====================================================================================================================
@@ -712,6 +914,7 @@ def write_soak_artifacts(
     with db.connect() as conn:
         run = ledger.get_run(conn, run_id)
         measurements = load_measurements(conn, run_id)
+        baseline = load_baseline(conn, run_id)
         approvals = ledger.approvals_for(conn, run_id)
     params = run.params
     summary = dict(run.summary or {})
@@ -755,6 +958,7 @@ def write_soak_artifacts(
                 else f"measured over the {float(params['baseline_days']):g} days before the window"
             )
         ),
+        "baseline": _baseline_fact(baseline),
         "observe only": ", ".join(params.get("observe") or []) or "none",
         "written at": written_at.isoformat(),
     }
@@ -793,6 +997,7 @@ def write_soak_artifacts(
             chart_note=chart_note,
             interrupted=bool(summary.get("interrupted")),
             complete=complete,
+            baseline=baseline.to_json() if baseline is not None else None,
         ),
     )
     paths["gate"] = write_text(
@@ -823,6 +1028,7 @@ def write_soak_artifacts(
             "looks": looks,
             "max_looks": max_looks,
             "complete": complete,
+            "baseline": baseline.to_json() if baseline is not None else None,
             "measurements": [
                 {
                     "seq": m.seq,
@@ -838,6 +1044,14 @@ def write_soak_artifacts(
         },
     )
     return paths
+
+
+def _baseline_fact(baseline: Baseline | None) -> str:
+    if baseline is None:
+        return "not measured yet (it is measured once, when the window has started)"
+    took = "" if baseline.seconds is None else f", took {baseline.seconds * 1000:.0f} ms"
+    at = "" if baseline.measured_at is None else f"measured once at {baseline.measured_at.isoformat()}{took}: "
+    return f"{baseline.start.isoformat()} → {baseline.end.isoformat()}, {at}{baseline.summary}"
 
 
 def _next_step(verdict: str, run_id: str, complete: bool, interrupted: bool) -> str:

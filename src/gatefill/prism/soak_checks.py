@@ -2,7 +2,9 @@
 and probes of the live results endpoint.
 
 Every check is a count over the window so far, read with one set-based query per table (each query's text is stored
-beside its counts), so a look costs a handful of index range scans whatever the table sizes. What each reads:
+beside its counts), so a look costs a handful of index range scans whatever the table sizes. The baseline funnels
+(30 days of sessions: the one count that reads most of a large table) are not part of a look: the soak measures them
+once, before the first look. What each reads:
 
 1. ``version_stamps``: fc_scores written in the window whose version is not v1.2 or kind not ``functions``, and
    profiles written in the window whose ``results_version`` is not v1.2.1 (NULL counts as wrong); must be 0, and the
@@ -16,8 +18,9 @@ beside its counts), so a look costs a handful of index range scans whatever the 
    ``results_token_access_logs``); on Postgres, what role ``anon`` can see of ``profiles`` and
    ``assessment_sessions`` (must be nothing).
 5. ``conversion``: two funnels of sessions started in the window, completed → has a profile and started →
-   completed, against the same funnels over the baseline window before it, with the sequential non-inferiority test
-   of ``gatefill.stats`` (alpha spent over the looks; a decision, once reached, is kept).
+   completed, against the same funnels over the baseline window before it (counted once per soak by
+   ``measure_baseline`` and stored with the run), with the sequential non-inferiority test of ``gatefill.stats``
+   (alpha spent over the looks; a decision, once reached, is kept).
 6. ``function_errors``: error events (failed writes, unscorable sessions, withheld profiles) and failed finalizations.
 7. ``latency``: p50/p95 of the probes' response times against a threshold.
 8. ``write_failures``: sessions finalized in the window (before a grace period ended) that still have no profile:
@@ -61,7 +64,7 @@ from gatefill.prism import scoring
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import require_schema
 from gatefill.prism.service import token_hash
-from gatefill.soak import Look, Measurement, ReportTable, SeriesBucket, SoakOptions, SoakResult, run_soak
+from gatefill.soak import Baseline, Look, Measurement, ReportTable, SeriesBucket, SoakOptions, SoakResult, run_soak
 
 __all__ = [
     "CHECK_NAMES",
@@ -675,26 +678,51 @@ class PrismSoakChecks:
             {"start": start, "end": end, "judged": max(start, judged), "written": max(start, written)},
         ).one()
 
+    def measure_baseline(self, db: Database, start: datetime, end: datetime) -> Baseline:
+        """Both funnels over the sessions started in ``[start, end)``, judged as a look at ``end`` would judge them.
+
+        This is the one query of the soak that counts most of a large table (30 days of sessions); the soak runs it
+        once and stores the counts, so no look pays for it.
+        """
+        s = self.settings
+        with db.connect() as conn:
+            row = self._funnel_counts(
+                conn,
+                start,
+                end,
+                judged=end - timedelta(seconds=s.completion_grace),
+                written=end - timedelta(seconds=s.write_grace),
+            )
+        completion = {"k": int(row.completed_judged), "n": int(row.started_judged)}
+        profile = {"k": int(row.with_profile), "n": int(row.completed_written)}
+        evidence = {
+            "sessions_started": int(row.started),
+            "completion": completion,
+            "profile": profile,
+            "completion_grace_s": s.completion_grace,
+            "write_grace_s": s.write_grace,
+        }
+
+        def rate(f: Mapping[str, int]) -> str:
+            return f"{f['k']}/{f['n']}" + (f" = {f['k'] / f['n']:.1%}" if f["n"] else "")
+
+        summary = (
+            f"{int(row.started)} sessions started; started → completed {rate(completion)}, "
+            f"completed → has a profile {rate(profile)}"
+        )
+        return Baseline(start, end, summary, evidence, _query_text(_FUNNEL_COUNTS))
+
     def _conversion(self, conn: Connection, look: Look) -> Check:
         s = self.settings
         previous = look.previous.get("conversion", {})
-        baseline = previous.get("baseline")
-        if not baseline:
-            # Frozen at the first look: the baseline ends where the window starts, so later looks see the same rows.
-            start0, end0 = look.baseline_start, look.window_start
-            row = self._funnel_counts(
-                conn,
-                start0,
-                end0,
-                judged=end0 - timedelta(seconds=s.completion_grace),
-                written=end0 - timedelta(seconds=s.write_grace),
-            )
-            baseline = {
-                "from": start0.isoformat(),
-                "to": end0.isoformat(),
-                "completion": {"k": int(row.completed_judged), "n": int(row.started_judged)},
-                "profile": {"k": int(row.with_profile), "n": int(row.completed_written)},
-            }
+        # The soak measured the baseline once, before the first look; every look compares against those counts.
+        stored = look.baseline.evidence
+        baseline: dict[str, Any] = {
+            "from": look.baseline.start.isoformat(),
+            "to": look.baseline.end.isoformat(),
+            "completion": dict(stored["completion"]),
+            "profile": dict(stored["profile"]),
+        }
         row = self._funnel_counts(
             conn,
             look.window_start,
@@ -1127,6 +1155,7 @@ def run_prism_soak(
     settings: PrismSoakSettings | None = None,
     stop: threading.Event | None = None,
     on_look: Callable[[Measurement], None] | None = None,
+    on_baseline: Callable[[Baseline], None] | None = None,
 ) -> SoakResult:
     """What ``gatefill soak`` runs: the PRISM checks on ``env`` with a real or simulated clock.
 
@@ -1157,4 +1186,5 @@ def run_prism_soak(
                 versions=PrismJob().versions,
                 stop=stop,
                 on_look=on_look,
+                on_baseline=on_baseline,
             )
