@@ -237,6 +237,15 @@ class Database:
         except SQLAlchemyError as exc:
             raise DatabaseError(f"{self.display_url}: {self.scrub(_first_line(str(exc)))}") from exc
 
+    def driver_error(self, exc: Exception, *, disconnected: bool = False) -> DatabaseError:
+        """The gatefill error for a driver exception raised below SQLAlchemy (a raw psycopg pipeline), masked like
+        ``translate_errors``: ``DatabaseUnreachable`` when the connection is gone, else ``DatabaseError``."""
+        reason = self.scrub(_first_line(str(exc)))
+        text = str(exc).lower()
+        if disconnected or (type(exc).__name__ == "OperationalError" and any(m in text for m in _CONNECT_MARKERS)):
+            return DatabaseUnreachable(self.display_url, reason)
+        return DatabaseError(f"{self.display_url}: {reason}")
+
     @contextmanager
     def connect(self) -> Iterator[Connection]:
         """A connection for reads (and explicit transactions), inside the error boundary."""
@@ -267,10 +276,18 @@ class Database:
         self.dispose()
 
 
+_CONNECT_MARKERS = (
+    "connection refused",
+    "could not connect",
+    "connection failed",
+    "unable to open database",
+    "timeout",
+)
+
+
 def _is_connect_error(exc: DBAPIError) -> bool:
     text = str(exc.orig).lower()
-    markers = ("connection refused", "could not connect", "connection failed", "unable to open database", "timeout")
-    return isinstance(exc, sa.exc.OperationalError) and any(m in text for m in markers)
+    return isinstance(exc, sa.exc.OperationalError) and any(m in text for m in _CONNECT_MARKERS)
 
 
 def _sqlite_on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, TypeAlias
 
 import sqlalchemy as sa
@@ -43,7 +44,7 @@ from sqlalchemy.engine import Connection
 from gatefill.clock import Clock
 from gatefill.db import Database
 from gatefill.errors import DatabaseError, DatabaseUnreachable, DataError, GatefillError
-from gatefill.prism import scoring
+from gatefill.prism import scoring, service_pg
 from gatefill.prism.jsmath import to_fixed
 from gatefill.prism.schema import (
     assessment_responses,
@@ -359,7 +360,10 @@ class _ReferenceCache:
         self._loaded_at = 0.0
         self._built: dict[str, scoring.ReferenceData] = {}
 
-    def get(self, conn: Connection, *, drift: bool) -> scoring.ReferenceData:
+    def get(
+        self, conn: Connection, *, drift: bool, config: Mapping[str, object] | None = None
+    ) -> scoring.ReferenceData:
+        """The reference data of one call; ``config``: scoring_config as the call already read it (else read here)."""
         # Wall time, not the injected clock: this is a performance cache, and a simulated clock may never move.
         now = time.monotonic()
         with self._lock:
@@ -368,7 +372,7 @@ class _ReferenceCache:
             static = _load_static_reference(conn)
             with self._lock:
                 self._static, self._loaded_at, self._built = static, now, {}
-        config = _load_scoring_config(conn)
+        config = dict(config) if config is not None else _load_scoring_config(conn)
         if drift:
             config["results_version"] = DRIFTED_RESULTS_VERSION
         fingerprint = json.dumps(config, sort_keys=True, default=str)
@@ -459,6 +463,7 @@ class _Work:
     fc_reply: dict[str, object] | None = None
     score: scoring.SessionScore | None = None
     writing: str | None = None  # "fc"/"profile" while that write runs: its failure aborts the transaction
+    events_kept: int = 0  # how many events had been logged when the write named by ``writing`` ran
     share_token: str | None = None
     failure: FunctionFailure | None = None
 
@@ -468,6 +473,78 @@ class _Work:
         if self.score is None or self.score.profile_row is None:
             raise DataError("no profile row was scored")
         return self.score.profile_row
+
+
+@dataclass(frozen=True)
+class _Reads:
+    """What a scoring call read under the session's row lock."""
+
+    locked: tuple[str | None, datetime | None] | None  # the session's share_token and its expiry; None: no session
+    ref: scoring.ReferenceData
+    inputs: scoring.SessionInputs
+    profile_exists: bool
+    submitted_at: datetime | None
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One planned write: ``kind`` fc/profile/session, or ``fail`` (an error raised where that write would run).
+
+    ``label`` is what ``_Work.writing`` names while it runs (its failure has an event of its own) and ``events_at``
+    how many events had been logged by then.
+    """
+
+    kind: str
+    values: dict[str, object] | DatabaseError
+    label: str | None = None
+    events_at: int = 0
+
+
+_s = assessment_sessions
+_SESSION_UPDATE = (
+    sa.update(_s)
+    .where(_s.c.id == sa.bindparam("b_id", type_=_s.c.id.type))
+    .values(
+        status=sa.bindparam("b_status", type_=_s.c.status.type),
+        completed_at=sa.bindparam("b_completed_at", type_=_s.c.completed_at.type),
+        finalized_at=sa.bindparam("b_finalized_at", type_=_s.c.finalized_at.type),
+        completed_questions=sa.bindparam("b_completed_questions", type_=_s.c.completed_questions.type),
+        share_token=sa.bindparam("b_share_token", type_=_s.c.share_token.type),
+        share_token_expires_at=sa.bindparam("b_share_token_expires_at", type_=_s.c.share_token_expires_at.type),
+        updated_at=sa.bindparam("b_updated_at", type_=_s.c.updated_at.type),
+    )
+)
+_LOG_KEYS = ("evt", "payload", "at")
+
+
+def _session_update(
+    session_id: str, ctx: CallContext, responses_count: int, token: str, expires: datetime | None
+) -> dict[str, object]:
+    """§2.3's completion: status, completed_at, finalized_at, the answered count and the share token (kept if set)."""
+    return {
+        "b_id": session_id,
+        "b_status": "completed",
+        "b_completed_at": ctx.now,
+        "b_finalized_at": ctx.now,
+        "b_completed_questions": responses_count,
+        "b_share_token": token,
+        "b_share_token_expires_at": expires or ctx.now + SHARE_TOKEN_TTL,
+        "b_updated_at": ctx.now,
+    }
+
+
+def _write_statement(conn: Connection, kind: str) -> Any:
+    """The construct of a planned write of ``kind`` (both paths run these, so their rows are the same)."""
+    if kind == "fc":
+        return _upsert(conn, fc_scores, ("session_id", "version", "fc_kind"), frozenset({"created_at"}))
+    if kind == "profile":
+        return _upsert(conn, profiles, ("session_id",), frozenset({"id", "share_token", "user_id"}))
+    return _SESSION_UPDATE
+
+
+def _log_insert() -> Any:
+    # inline(): no RETURNING of the new ids, which nobody reads.
+    return fn_logs.insert().inline()
 
 
 class PrismService:
@@ -482,7 +559,12 @@ class PrismService:
     # helpers
 
     def _log(self, conn: Connection, fn: str, ctx: CallContext, events: Iterable[Event]) -> None:
-        rows = []
+        rows = self._log_rows(fn, ctx, events)
+        if rows:
+            conn.execute(fn_logs.insert(), rows)
+
+    def _log_rows(self, fn: str, ctx: CallContext, events: Iterable[Event]) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = []
         for name, payload in events:
             body: dict[str, object] = {"fn": fn, **payload}
             if ctx.request_id:
@@ -490,8 +572,7 @@ class PrismService:
             if ctx.faults:
                 body["injected"] = sorted(ctx.faults.names)
             rows.append({"evt": name, "payload": _jsonable(body), "at": ctx.now})
-        if rows:
-            conn.execute(fn_logs.insert(), rows)
+        return rows
 
     def _write_fc(self, conn: Connection, work: _Work, row: Mapping[str, object], ctx: CallContext) -> None:
         work.writing = "fc"
@@ -591,7 +672,9 @@ class PrismService:
         work = _Work()
         try:
             with self.db.begin() as conn:
-                self._score_in(conn, work, session_id, ctx, fn, tally_fc, finalize, responses_count)
+                reads = self._read(conn, session_id, ctx, tally_fc)
+                writes = self._plan(reads, work, session_id, ctx, tally_fc, finalize, responses_count)
+                self._execute(conn, work, writes, fn, ctx)
         except DatabaseUnreachable:
             raise
         except DatabaseError as exc:
@@ -599,7 +682,9 @@ class PrismService:
                 raise
             # The failed write rolled the call back (its other writes too: no savepoint, which would cost two round
             # trips on every call). Record the failure and, for finalize, the completion in a new transaction: the
-            # respondent did finish, and the missing rows are what a backfill then finds.
+            # respondent did finish, and the missing rows are what a backfill then finds. The events are those
+            # logged up to the failed write.
+            del work.events[work.events_kept :]
             failure = FunctionFailure(500, "FC_UPSERT_ERROR", "fc_scores write failed")
             event = "fc_upsert_error"
             if work.writing == "profile":
@@ -608,56 +693,85 @@ class PrismService:
             work.events.append((event, {"session_id": session_id, "error": _reason(exc)}))
             with self.db.begin() as conn:
                 if finalize:
-                    self._complete_session(conn, session_id, ctx, responses_count, None, None)
+                    self._complete_session(conn, session_id, ctx, responses_count)
                 self._log(conn, fn, ctx, work.events)
             raise failure from exc
         if work.failure is not None:
             raise work.failure
         return work
 
-    def _score_in(
+    def _read(self, conn: Connection, session_id: str, ctx: CallContext, tally_fc: bool) -> _Reads:
+        """Locks the session row (serialising concurrent scoring of one session; a no-op on SQLite, whose writers
+        queue anyway), then reads the reference data, the session's inputs and its existing profile."""
+        drift = "engine_version_override" in ctx.faults
+        if self.db.caps.dialect == "postgresql":
+            try:
+                pg = service_pg.read_call(conn, session_id, with_fc_responses=tally_fc)
+            except service_pg.PipelineStepFailed as exc:
+                if exc.disconnected:
+                    conn.invalidate()
+                raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
+            inputs = pg.inputs
+            if inputs is None:
+                inputs = load_session_inputs(conn, [session_id], with_fc_responses=tally_fc)[session_id]
+            ref = self._reference.get(conn, drift=drift, config=pg.config)
+            return _Reads(pg.locked, ref, inputs, pg.profile_exists, pg.submitted_at)
+        s = assessment_sessions
+        locked = conn.execute(
+            sa.select(s.c.share_token, s.c.share_token_expires_at).where(s.c.id == session_id).with_for_update()
+        ).first()
+        ref = self._reference.get(conn, drift=drift)
+        inputs = load_session_inputs(conn, [session_id], with_fc_responses=tally_fc)[session_id]
+        existing = conn.execute(sa.select(profiles.c.submitted_at).where(profiles.c.session_id == session_id)).first()
+        return _Reads(
+            None if locked is None else (locked.share_token, locked.share_token_expires_at),
+            ref,
+            inputs,
+            existing is not None,
+            existing.submitted_at if existing is not None else None,
+        )
+
+    def _plan(
         self,
-        conn: Connection,
+        reads: _Reads,
         work: _Work,
         session_id: str,
         ctx: CallContext,
-        fn: str,
         tally_fc: bool,
         finalize: bool,
         responses_count: int | None,
-    ) -> None:
-        s = assessment_sessions
-        # The row lock serialises concurrent scoring of one session (a no-op on SQLite, whose writers queue anyway).
-        locked = conn.execute(
-            sa.select(s.c.id, s.c.share_token, s.c.share_token_expires_at).where(s.c.id == session_id).with_for_update()
-        ).first()
-        ref = self._reference.get(conn, drift="engine_version_override" in ctx.faults)
-        inputs = load_session_inputs(conn, [session_id], with_fc_responses=tally_fc)[session_id]
+    ) -> list[_Write]:
+        """Scores the call (no I/O): fills ``work`` (events, replies, failure) and returns the writes, in order."""
+        writes: list[_Write] = []
+        inputs = reads.inputs
         fc_value = inputs.existing_fc_scores
         if tally_fc:
             events, work.fc_reply, fc_row = _fc_step(
-                session_id, inputs.fc_responses, ref, scoring.FC_VERSION, scoring.FC_KIND
+                session_id, inputs.fc_responses, reads.ref, scoring.FC_VERSION, scoring.FC_KIND
             )
             work.events.extend(events)
             if fc_row is not None:
-                self._write_fc(conn, work, fc_row, ctx)
+                # created_at is only inserted, never updated: re-runs keep it, as upstream's upsert did.
+                writes.append(_Write("fc", {**fc_row, "created_at": ctx.now}, "fc", len(work.events)))
+                work.events.append(
+                    (
+                        "fc_scoring_complete",
+                        {"session_id": fc_row["session_id"], "blocks_answered": fc_row["blocks_answered"]},
+                    )
+                )
                 fc_value = fc_row["scores_json"]
-        existing = conn.execute(
-            sa.select(profiles.c.id, profiles.c.submitted_at).where(profiles.c.session_id == session_id)
-        ).first()
         answered = len({a["question_id"] for a in inputs.answers})
         try:
             score = scoring.score_session(
                 scoring.SessionInputs(session_id, inputs.answers, (), fc_value),
-                ref,
+                reads.ref,
                 ctx.now,
-                {"submitted_at": existing.submitted_at} if existing is not None else None,
+                {"submitted_at": reads.submitted_at} if reads.profile_exists else None,
             )
         except DataError as exc:
             work.events.append(("scoring_failed", {"session_id": session_id, "error": _reason(exc)}))
             work.failure = FunctionFailure(422, "SCORING_FAILED", "the session's answers cannot be scored")
-            self._log(conn, fn, ctx, work.events)
-            return
+            return writes
         work.score = score
         work.events.extend(event for event in score.events if event[0] not in _TALLY_EVENTS)
         row = score.profile_row
@@ -672,54 +786,105 @@ class PrismService:
                 )
             if finalize:
                 work.events.append(("finalize_failed", {"session_id": session_id, "findings": score.findings}))
-            self._log(conn, fn, ctx, work.events)
-            return
-        work.writing = "profile"
+            return writes
         unknown = sorted(set(row) - _PROFILE_COLUMNS)
         if unknown:
-            raise DatabaseError(f"profiles has no column(s) {', '.join(unknown)}")
+            error = DatabaseError(f"profiles has no column(s) {', '.join(unknown)}")
+            writes.append(_Write("fail", error, "profile", len(work.events)))
+            return writes
         if "profile_write_fail" in ctx.faults:
             # The injected fault fails the write where a real failure would, so it takes the real failure's path.
-            raise DatabaseError("profile write failed (injected fault profile_write_fail)")
-        conn.execute(_upsert(conn, profiles, ("session_id",), frozenset({"id", "share_token", "user_id"})), row)
-        work.writing = None
+            error = DatabaseError("profile write failed (injected fault profile_write_fail)")
+            writes.append(_Write("fail", error, "profile", len(work.events)))
+            return writes
+        writes.append(_Write("profile", row, "profile", len(work.events)))
         if finalize:
-            work.share_token = self._complete_session(conn, session_id, ctx, responses_count, locked, answered)
+            if reads.locked is not None:
+                token, expires = reads.locked
+                work.share_token = token or str(uuid.uuid4())
+                writes.append(
+                    _Write(
+                        "session",
+                        _session_update(
+                            session_id,
+                            ctx,
+                            responses_count if responses_count is not None else answered,
+                            work.share_token,
+                            expires,
+                        ),
+                    )
+                )
             work.events.append(
                 (
                     "finalize_complete",
                     {
                         "session_id": session_id,
-                        "profile_created": existing is None,
+                        "profile_created": not reads.profile_exists,
                         "type_code": row.get("type_code"),
                         "fc_source": "fc_scores" if fc_value is not None else "legacy",
                         "delay_ms": ctx.faults.slow_ms,
                     },
                 )
             )
-        self._log(conn, fn, ctx, work.events)
+        return writes
+
+    def _execute(self, conn: Connection, work: _Work, writes: list[_Write], fn: str, ctx: CallContext) -> None:
+        """Runs the planned writes, then the events (unless a write failed); ``work.writing`` names a failed write."""
+        logs = self._log_rows(fn, ctx, work.events)
+        if self.db.caps.dialect == "postgresql":
+            self._execute_pg(conn, work, writes, logs)
+            return
+        for write in writes:
+            work.writing, work.events_kept = write.label, write.events_at
+            if isinstance(write.values, DatabaseError):
+                raise write.values
+            conn.execute(_write_statement(conn, write.kind), write.values)
+        work.writing = None
+        if logs:
+            conn.execute(fn_logs.insert(), logs)
+
+    def _execute_pg(self, conn: Connection, work: _Work, writes: list[_Write], logs: list[dict[str, object]]) -> None:
+        steps: list[tuple[service_pg.CompiledWrite, Sequence[Mapping[str, object]]]] = []
+        labels: list[_Write | None] = []
+        failure: _Write | None = None
+        for write in writes:
+            if isinstance(write.values, DatabaseError):
+                failure = write
+                break
+            keys = tuple(write.values) if write.kind in ("fc", "profile") else ()
+            statement = service_pg.compiled(
+                conn, (write.kind, keys), partial(_write_statement, conn, write.kind), keys or None
+            )
+            steps.append((statement, [write.values]))
+            labels.append(write)
+        if failure is None and logs:
+            steps.append((service_pg.compiled(conn, ("logs",), _log_insert, _LOG_KEYS), logs))
+            labels.append(None)
+        if steps:
+            try:
+                service_pg.run_pipelined(conn, steps)
+            except service_pg.PipelineStepFailed as exc:
+                failed = labels[exc.index]
+                if failed is not None:
+                    work.writing, work.events_kept = failed.label, failed.events_at
+                if exc.disconnected:
+                    conn.invalidate()
+                raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
+        if failure is not None:
+            work.writing, work.events_kept = failure.label, failure.events_at
+            assert isinstance(failure.values, DatabaseError)
+            raise failure.values
 
     def _complete_session(
-        self,
-        conn: Connection,
-        session_id: str,
-        ctx: CallContext,
-        responses_count: int | None,
-        locked: Any,
-        answered: int | None,
+        self, conn: Connection, session_id: str, ctx: CallContext, responses_count: int | None
     ) -> str | None:
-        """§2.3's session update; returns the share token (the existing one, else a new random UUID)."""
+        """§2.3's session update after a failed write; returns the share token (the existing one, else a new one)."""
         s = assessment_sessions
+        locked = conn.execute(
+            sa.select(s.c.share_token, s.c.share_token_expires_at).where(s.c.id == session_id).with_for_update()
+        ).first()
         if locked is None:
-            locked = conn.execute(
-                sa.select(s.c.id, s.c.share_token, s.c.share_token_expires_at)
-                .where(s.c.id == session_id)
-                .with_for_update()
-            ).first()
-            if locked is None:
-                return None
-        if responses_count is None:
-            responses_count = answered
+            return None
         if responses_count is None:
             r = assessment_responses
             responses_count = int(
@@ -727,21 +892,12 @@ class PrismService:
                     sa.select(sa.func.count(sa.distinct(r.c.question_id))).where(r.c.session_id == session_id)
                 ).scalar_one()
             )
-        token = locked.share_token or str(uuid.uuid4())
+        token = str(locked.share_token or uuid.uuid4())
         conn.execute(
-            sa.update(s)
-            .where(s.c.id == session_id)
-            .values(
-                status="completed",
-                completed_at=ctx.now,
-                finalized_at=ctx.now,
-                completed_questions=responses_count,
-                share_token=token,
-                share_token_expires_at=locked.share_token_expires_at or ctx.now + SHARE_TOKEN_TTL,
-                updated_at=ctx.now,
-            )
+            _write_statement(conn, "session"),
+            _session_update(session_id, ctx, responses_count, token, locked.share_token_expires_at),
         )
-        return str(token)
+        return token
 
     # ---------------------------------------------------------------------------------------------------------------
     # get-results-by-session
