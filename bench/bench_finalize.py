@@ -1,15 +1,22 @@
 """Benchmark: finalizeAssessment over HTTP on Postgres with 1, 5 and 20 concurrent clients (goal: p95 <= 50 ms at 20).
 
-    .venv/bin/python bench/bench_finalize.py --requests 150 --repeat 3
+    .venv/bin/python bench/bench_finalize.py --requests 150 --repeat 3 [--workers N] [--client raw|httpx]
 
 It creates a scratch database on the Postgres server of ``GATEFILL_TEST_DATABASE_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``), initialises the PRISM schema and reference data, writes one fresh
 session per call (248 answers and 6 FC choices, as the simulator's respondents write them), and starts the functions
-server (``serve_functions``: uvicorn, one process) in a child process, so that the load generator does not share its
-interpreter. Clients are closed-loop asyncio tasks over keep-alive connections: each sends the next finalize as soon as
-the previous one answered, so the latency includes queueing at the server. Every call must answer 200 (a profile is
-written per session), otherwise the run fails. Each level runs ``--repeat`` times; the table shows the median of the
-repeats for every column.
+server (``serve_functions``, ``--workers`` processes) in a child process. The load generator runs in another child
+process, so neither shares an interpreter with the server or with this one. Its clients are closed-loop asyncio tasks,
+one keep-alive connection each: each sends the next finalize as soon as the previous one answered, so the latency
+includes queueing at the server. ``--client raw`` (the default) speaks HTTP/1.1 over asyncio streams (a request is
+one write, a response is read to its Content-Length) so the generator costs little CPU on a small machine;
+``--client httpx`` uses httpx. Every call must answer 200 (a profile is written per session), otherwise the run fails.
+Each level runs ``--repeat`` times; the table shows the median of the repeats for every column.
+
+Beside the latencies it shows where the CPU went, in CPU milliseconds per request: the server's processes, the
+Postgres backends of the scratch database, the load generator, and everything else the machine ran meanwhile
+(``other``: other benchmarks, tests, Postgres's own background processes), from /proc. The load average is printed
+at the start and the end: on a shared machine, read latencies with it.
 
 ``--baseline`` also measures the original pipeline's path, one HTTP call per function per session
 (``score_fc_session`` then ``score_prism``, one client, sequential): the rate the apply phase must beat by 20x.
@@ -74,13 +81,13 @@ def _free_port() -> int:
         return port
 
 
-def _serve(database_url: str, port: int, key: str) -> None:
+def _serve(database_url: str, port: int, key: str, workers: int) -> None:
     """The child process: the functions server as ``gatefill serve functions`` runs it."""
     from gatefill.prism.functions_server import serve_functions
 
     os.environ[KEY_ENV] = key
     env = Environment("bench", "staging", database_url, service_role_key_env=KEY_ENV)
-    serve_functions(env, host="127.0.0.1", port=port, log_level="warning")
+    serve_functions(env, host="127.0.0.1", port=port, log_level="warning", workers=workers)
 
 
 def write_sessions(db: Database, n: int, seed: int) -> list[str]:
@@ -140,8 +147,8 @@ def _transport() -> httpx.AsyncHTTPTransport:
     return httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
 
-async def _closed_loop(url: str, ids: Sequence[str], clients: int) -> tuple[list[float], float]:
-    """Finalizes every session with ``clients`` concurrent closed-loop clients; (latencies in ms, wall seconds)."""
+async def _closed_loop_httpx(url: str, ids: Sequence[str], clients: int) -> tuple[list[float], float]:
+    """Finalizes every session with ``clients`` concurrent closed-loop httpx clients; (latencies in ms, wall s)."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for sid in ids:
         queue.put_nowait(sid)
@@ -168,6 +175,124 @@ async def _closed_loop(url: str, ids: Sequence[str], clients: int) -> tuple[list
     if failures:
         raise SystemExit(f"{len(failures)} finalize call(s) failed, e.g. {failures[0]}")
     return latencies, wall
+
+
+async def _closed_loop_raw(url: str, ids: Sequence[str], clients: int) -> tuple[list[float], float]:
+    """The same closed loop over plain HTTP/1.1 keep-alive connections (one per client) on asyncio streams."""
+    parsed = httpx.URL(url)
+    host, port, path = parsed.host, parsed.port or 80, parsed.path.rstrip("/") + "/finalizeAssessment"
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for sid in ids:
+        queue.put_nowait(sid)
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                try:
+                    sid = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                body = json.dumps({"session_id": sid}).encode()
+                request = (
+                    f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+                started = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                payload = await reader.readexactly(length)
+                latencies.append((time.perf_counter() - started) * 1000.0)
+                if status != 200:
+                    failures.append(f"{status} {payload[:200]!r}")
+        finally:
+            writer.close()
+
+    wall = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - wall
+    if failures:
+        raise SystemExit(f"{len(failures)} finalize call(s) failed, e.g. {failures[0]}")
+    return latencies, wall
+
+
+def _load_generator(conn: Any, url: str, kind: str) -> None:
+    """The load generator's process: runs each (ids, clients) it is sent; answers (latencies, wall, its CPU s)."""
+    loop = _closed_loop_raw if kind == "raw" else _closed_loop_httpx
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        ids, clients = job
+        cpu = time.process_time()
+        latencies, wall = asyncio.run(loop(url, ids, clients))
+        conn.send((latencies, wall, time.process_time() - cpu))
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of one process, 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children") if Path(f"/proc/{p}").exists() else []:
+            todo.extend(int(c) for c in task.read_text().split())
+    return out
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / _TICKS
+
+
+def _backends(name: str) -> list[int]:
+    with psycopg.connect(_server_url(), autocommit=True, connect_timeout=5) as conn:
+        return [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))]
+
+
+class _CpuMeter:
+    """CPU seconds of the server's processes, the database's backends and the whole machine over one run."""
+
+    def __init__(self, server_pid: int, database: str) -> None:
+        self.server_pid = server_pid
+        self.database = database
+
+    def snapshot(self) -> tuple[dict[int, float], dict[int, float], float]:
+        server = {p: _proc_cpu(p) for p in _tree(self.server_pid)}
+        backends = {p: _proc_cpu(p) for p in _backends(self.database)}
+        return server, backends, _machine_busy()
+
+    @staticmethod
+    def delta(
+        before: tuple[dict[int, float], dict[int, float], float],
+        after: tuple[dict[int, float], dict[int, float], float],
+    ) -> tuple[float, float, float]:
+        server = sum(v - before[0].get(p, 0.0) for p, v in after[0].items())
+        backends = sum(v - before[1].get(p, 0.0) for p, v in after[1].items())
+        return server, backends, after[2] - before[2]
 
 
 async def _baseline(url: str, ids: Sequence[str], key: str) -> float:
@@ -202,12 +327,18 @@ def _wait_ready(url: str, process: multiprocessing.process.BaseProcess) -> None:
     raise SystemExit("the functions server did not start")
 
 
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--clients", default="1,5,20", help="concurrency levels, comma-separated (default 1,5,20)")
     parser.add_argument("--requests", type=int, default=150, help="finalize calls per level and repeat (default 150)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per level; the table shows medians (default 3)")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed calls before measuring (default 20)")
+    parser.add_argument("--warmup", type=int, default=60, help="untimed calls before measuring (default 60)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (gatefill serve functions --workers)")
+    parser.add_argument("--client", choices=("raw", "httpx"), default="raw", help="load generator's HTTP client")
     parser.add_argument("--baseline", action="store_true", help="also time score_fc_session + score_prism per session")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results as JSON here too")
@@ -217,8 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"gf_bench_{uuid.uuid4().hex[:10]}"
     _admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     key = f"bench-{uuid.uuid4().hex}"
+    spawn = multiprocessing.get_context("spawn")
     process: multiprocessing.process.BaseProcess | None = None
+    generator: multiprocessing.process.BaseProcess | None = None
     results: dict[str, Any] = {"command": shlex.join([sys.executable, *sys.argv]), "levels": []}
+    results["loadavg_start"] = _loadavg()
+    print(f"load average at start: {results['loadavg_start']}")
     try:
         env = Environment("bench", "staging", _database_url(name))
         with Database(env) as db:
@@ -230,9 +365,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {needed} sessions (248 answers, 6 FC choices each) in {time.perf_counter() - t0:.1f} s")
         port = _free_port()
         url = f"http://127.0.0.1:{port}/functions/v1"
-        process = multiprocessing.get_context("spawn").Process(target=_serve, args=(env.database_url, port, key))
+        process = spawn.Process(target=_serve, args=(env.database_url, port, key, args.workers))
         process.start()
         _wait_ready(url, process)
+        ours, theirs = spawn.Pipe()
+        generator = spawn.Process(target=_load_generator, args=(theirs, url, args.client))
+        generator.start()
+        assert process.pid is not None
+        meter = _CpuMeter(process.pid, name)
         cursor = 0
 
         def take(n: int) -> list[str]:
@@ -240,26 +380,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             cursor += n
             return ids[cursor - n : cursor]
 
-        asyncio.run(_closed_loop(url, take(args.warmup), 5))
-        print(f"{'clients':>7} {'calls':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+        def run(n: int, clients: int) -> tuple[list[float], float, float]:
+            ours.send((take(n), clients))
+            latencies, wall, client_cpu = ours.recv()
+            return latencies, wall, client_cpu
+
+        # Warm every connection of the largest level (pool, prepared statements, caches) before measuring.
+        run(args.warmup, max(levels))
+        print(
+            f"{'clients':>7} {'calls':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+            f"   CPU ms/req: {'server':>6} {'pg':>5} {'client':>6} {'other':>5}"
+        )
         for clients in levels:
             runs = []
             for _ in range(args.repeat):
-                latencies, wall = asyncio.run(_closed_loop(url, take(args.requests), clients))
+                before = meter.snapshot()
+                latencies, wall, client_cpu = run(args.requests, clients)
+                server_cpu, pg_cpu, busy = _CpuMeter.delta(before, meter.snapshot())
+                n = len(latencies)
                 runs.append(
                     {
-                        "throughput": len(latencies) / wall,
+                        "throughput": n / wall,
                         "p50": statistics.median(latencies),
                         "p95": _pct(latencies, 0.95),
                         "p99": _pct(latencies, 0.99),
                         "max": max(latencies),
+                        "cpu_server_ms": server_cpu / n * 1000,
+                        "cpu_pg_ms": pg_cpu / n * 1000,
+                        "cpu_client_ms": client_cpu / n * 1000,
+                        "cpu_other_ms": max(0.0, busy - server_cpu - pg_cpu - client_cpu) / n * 1000,
                     }
                 )
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             results["levels"].append({"clients": clients, "calls": args.requests, "runs": runs, "median": med})
             print(
                 f"{clients:>7} {args.requests:>6} {med['throughput']:>8.1f} {med['p50']:>8.1f} {med['p95']:>8.1f} "
-                f"{med['p99']:>8.1f} {med['max']:>8.1f}"
+                f"{med['p99']:>8.1f} {med['max']:>8.1f}   {'':>11} {med['cpu_server_ms']:>6.2f} "
+                f"{med['cpu_pg_ms']:>5.2f} {med['cpu_client_ms']:>6.2f} {med['cpu_other_ms']:>5.2f}"
             )
         if args.baseline:
             rate = asyncio.run(_baseline(url, take(100), key))
@@ -271,10 +428,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             verdict = "met" if p95 <= GOAL_P95_MS else "NOT met"
             print(f"goal p95 <= {GOAL_P95_MS:g} ms at {GOAL_CLIENTS} clients: {verdict} (median p95 {p95:.1f} ms)")
             results["goal_met"] = p95 <= GOAL_P95_MS
-        print(f"cpus: {os.cpu_count()}; command: {results['command']}")
+        results["loadavg_end"] = _loadavg()
+        print(
+            f"load average at end: {results['loadavg_end']}; cpus: {os.cpu_count()}; workers: {args.workers}; "
+            f"client: {args.client}; command: {results['command']}"
+        )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     finally:
+        if generator is not None:
+            generator.terminate()
+            generator.join(10)
         if process is not None:
             process.terminate()
             process.join(10)

@@ -646,6 +646,9 @@ def serve_functions_command(
             help="Honour X-Gatefill-Fault and X-Gatefill-Now headers from service-role callers (never on production).",
         ),
     ] = False,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Server processes sharing the port and one rate limiter (one per core).")
+    ] = 1,
 ) -> None:
     """Serve the PRISM edge functions (/functions/v1/...) and /results/{id}?t=TOKEN over HTTP."""
     from gatefill.prism.functions_server import serve_functions
@@ -656,6 +659,7 @@ def serve_functions_command(
         port=port,
         allow_fault_injection=allow_fault_injection,
         on_ready=lambda url: out.print(f"serving PRISM functions at {url}"),
+        workers=workers,
     )
 
 

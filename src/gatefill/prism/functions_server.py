@@ -23,15 +23,20 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import re
+import signal
 import socket
 import threading
 import time
+import types
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from multiprocessing.managers import BaseManager
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -98,6 +103,10 @@ class _Reject(FunctionFailure):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(status, code, message)
         self.headers = headers
+
+
+class _Limiter(Protocol):
+    def check(self, client: str) -> float | None: ...
 
 
 class RateLimiter:
@@ -209,13 +218,15 @@ class _App:
         allow_fault_injection: bool,
         rate_limit_per_minute: int,
         max_body_bytes: int,
+        limiter: _Limiter | None = None,
     ) -> None:
         self.env = env
         self.service = service
         self.clock = clock
         self._key = service_role_key
         self.allow_fault_injection = allow_fault_injection
-        self.limiter = RateLimiter(clock, limit=rate_limit_per_minute, window=60.0)
+        # Several worker processes share one limiter (``limiter``, a proxy to it), so a client's limit is the server's.
+        self.limiter: _Limiter = limiter or RateLimiter(clock, limit=rate_limit_per_minute, window=60.0)
         self.max_body_bytes = max_body_bytes
 
     def client(self, request: Request) -> str:
@@ -342,8 +353,12 @@ def create_app(
     service_role_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     reference_ttl: float = 10.0,
+    limiter: _Limiter | None = None,
 ) -> FastAPI:
-    """The functions app for ``env`` on ``db``; raises ``ConfigError`` if the service-role key variable is unset."""
+    """The functions app for ``env`` on ``db``; raises ``ConfigError`` if the service-role key variable is unset.
+
+    ``limiter`` replaces the app's own results rate limiter (worker processes share one this way).
+    """
     key = service_role_key or env.service_role_key()
     if not key:
         raise ConfigError(
@@ -359,6 +374,7 @@ def create_app(
         allow_fault_injection=allow_fault_injection,
         rate_limit_per_minute=rate_limit_per_minute,
         max_body_bytes=max_body_bytes,
+        limiter=limiter,
     )
     app = FastAPI(title="gatefill PRISM functions", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gatefill = handler
@@ -427,21 +443,40 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _access_log_middleware() -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
-    async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        # Path only: query strings carry share tokens.
-        _log.info(
-            "%s %s %d %.1fms",
-            request.method,
-            request.url.path,
-            response.status_code,
-            (time.perf_counter() - started) * 1000,
-        )
-        return response
+class _AccessLog:
+    """Logs method, path (never the query: it carries share tokens), status and duration of each request.
 
-    return middleware
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` runs every response through a task group and a
+    memory stream, which cost more CPU than a finalize's own HTTP handling.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if _log.isEnabledFor(logging.INFO):
+                _log.info(
+                    "%s %s %d %.1fms",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                )
 
 
 def _uvicorn_config(app: FastAPI, log_level: str) -> uvicorn.Config:
@@ -452,16 +487,20 @@ def _uvicorn_config(app: FastAPI, log_level: str) -> uvicorn.Config:
 def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 54321, log_level: str = "info") -> None:
     """Runs ``app`` under uvicorn until interrupted; access lines carry method, path and status, never queries."""
     sock = _bind(host, port)
+    try:
+        _serve_on(app, sock, log_level)
+    finally:
+        sock.close()
+
+
+def _serve_on(app: FastAPI, sock: socket.socket, log_level: str) -> None:
     if not _log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         _log.addHandler(handler)
         _log.setLevel(log_level.upper())
-    app.middleware("http")(_access_log_middleware())
-    try:
-        uvicorn.Server(_uvicorn_config(app, log_level)).run(sockets=[sock])
-    finally:
-        sock.close()
+    app.add_middleware(_AccessLog)
+    uvicorn.Server(_uvicorn_config(app, log_level)).run(sockets=[sock])
 
 
 @contextmanager
@@ -494,16 +533,99 @@ def serve_functions(
     allow_fault_injection: bool = False,
     log_level: str = "info",
     on_ready: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> None:
     """What ``gatefill serve functions`` runs: opens the database, builds the app and serves until interrupted.
 
     Fault injection is refused for production environments: there it would let a key holder corrupt live rows.
+    ``workers`` > 1 serves from that many processes on one listening socket (one interpreter per core: the scoring
+    is CPU-bound Python), sharing one results rate limiter held by a manager process, so the per-client limit stays
+    the server's limit; this process only supervises them and stops them all when one exits or it is stopped.
     """
     if allow_fault_injection and env.kind == "production":
         raise UsageError(f"environment '{env.name}' is production: --allow-fault-injection is refused there")
-    with Database(env, pool_size=20) as db:
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
+    with Database(env, pool_size=_POOL_SIZE) as db:
         require_schema(db)
-        app = create_app(env, db, allow_fault_injection=allow_fault_injection)
+        if workers == 1:
+            app = create_app(env, db, allow_fault_injection=allow_fault_injection)
+            if on_ready is not None:
+                on_ready(f"http://{host}:{port}/functions/v1")
+            serve(app, host=host, port=port, log_level=log_level)
+            return
+        # Fail here, once, rather than in every worker.
+        create_app(env, db, allow_fault_injection=allow_fault_injection)
+    _supervise(env, host, port, allow_fault_injection, log_level, on_ready, workers)
+
+
+#: Connections per server process: enough for every request the threadpool runs at once at 20 clients.
+_POOL_SIZE = 20
+
+
+class _LimiterManager(BaseManager):
+    """Holds the one RateLimiter every worker process asks (through a proxy) in a process of its own."""
+
+
+_LimiterManager.register("RateLimiter", RateLimiter)
+
+
+def _supervise(
+    env: Environment,
+    host: str,
+    port: int,
+    allow_fault_injection: bool,
+    log_level: str,
+    on_ready: Callable[[str], None] | None,
+    workers: int,
+) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    sock = _bind(host, port)
+    manager = _LimiterManager(ctx=spawn)
+    processes: list[multiprocessing.process.BaseProcess] = []
+    previous = None
+
+    def _stop(_signum: int, _frame: types.FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _stop)
+        manager.start()
+        limiter = manager.RateLimiter(RealClock(), 60, 60.0)  # type: ignore[attr-defined]
+        for _ in range(workers):
+            worker = spawn.Process(
+                target=_serve_worker,
+                args=(env, sock, allow_fault_injection, log_level, limiter),
+                name="gatefill-functions-worker",
+            )
+            worker.start()
+            processes.append(worker)
         if on_ready is not None:
             on_ready(f"http://{host}:{port}/functions/v1")
-        serve(app, host=host, port=port, log_level=log_level)
+        multiprocessing.connection.wait([p.sentinel for p in processes])
+        exited = [p for p in processes if p.exitcode is not None]
+        raise GatefillError(f"functions worker process exited (code {exited[0].exitcode}); server stopped")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+        manager.shutdown()
+        sock.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_worker(
+    env: Environment, sock: socket.socket, allow_fault_injection: bool, log_level: str, limiter: _Limiter
+) -> None:
+    """One worker process: its own database pool and app, serving on the shared socket."""
+    with Database(env, pool_size=_POOL_SIZE) as db:
+        app = create_app(env, db, allow_fault_injection=allow_fault_injection, limiter=limiter)
+        _serve_on(app, sock, log_level)

@@ -351,13 +351,18 @@ def _load_scoring_config(conn: Connection) -> dict[str, object]:
 
 
 class _ReferenceCache:
-    """Reference data per call: scoring_config read every time (drift must show at once), the rest kept ``ttl`` s."""
+    """Reference data per call: scoring_config read every time (drift must show at once), the rest kept ``ttl`` s.
+
+    When the static part expires, one call reloads it while the others go on with the copy they have: under load
+    every in-flight call would otherwise reload the same tables at once.
+    """
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._static: _StaticReference | None = None
         self._loaded_at = 0.0
+        self._reloading = False
         self._built: dict[str, scoring.ReferenceData] = {}
 
     def get(
@@ -367,11 +372,19 @@ class _ReferenceCache:
         # Wall time, not the injected clock: this is a performance cache, and a simulated clock may never move.
         now = time.monotonic()
         with self._lock:
-            static = self._static if self._static is not None and now - self._loaded_at < self.ttl else None
-        if static is None:
-            static = _load_static_reference(conn)
-            with self._lock:
-                self._static, self._loaded_at, self._built = static, now, {}
+            static = self._static
+            reload = static is None or (now - self._loaded_at >= self.ttl and not self._reloading)
+            if reload:
+                self._reloading = True
+        if reload:
+            try:
+                static = _load_static_reference(conn)
+                with self._lock:
+                    self._static, self._loaded_at, self._built = static, now, {}
+            finally:
+                with self._lock:
+                    self._reloading = False
+        assert static is not None
         config = dict(config) if config is not None else _load_scoring_config(conn)
         if drift:
             config["results_version"] = DRIFTED_RESULTS_VERSION

@@ -1,0 +1,136 @@
+"""``serve_functions(workers=N)``: several server processes on one port behave as one server (Postgres): finalize
+works from any of them, the results rate limit is one limit for a client whichever worker answers, and stopping the
+supervisor stops every worker."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from gatefill.clock import RealClock
+from gatefill.config import Environment
+from gatefill.db import Database
+from gatefill.prism.schema import profiles
+from gatefill.prism.simulator import new_respondent, write_answers, write_session
+from tests.conftest import create_pg_database, drop_pg_database, pg_env
+from tests.prism.conftest import KEY_ENV, SERVICE_KEY
+
+pytestmark = pytest.mark.postgres
+
+
+def _serve(env: Environment, port: int) -> None:
+    from gatefill.prism.functions_server import serve_functions
+
+    os.environ[KEY_ENV] = SERVICE_KEY
+    serve_functions(env, port=port, log_level="warning", workers=2)
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        out.update(int(c) for c in task.read_text().split())
+    return out
+
+
+@pytest.fixture(scope="module")
+def workers_url(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[str, multiprocessing.process.BaseProcess, Environment]]:
+    name = create_pg_database(request.getfixturevalue("pg_template"))
+    base = pg_env(name)
+    env = Environment(base.name, base.kind, base.database_url, service_role_key_env=KEY_ENV)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(env, port))
+    process.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.post(f"{url}/functions/v1/finalizeAssessment", json={}, timeout=2).status_code == 400:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.is_alive() and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)
+        yield url, process, env
+    finally:
+        process.terminate()
+        process.join(30)
+        drop_pg_database(name)
+
+
+def test_workers_share_one_results_rate_limit(
+    workers_url: tuple[str, multiprocessing.process.BaseProcess, Environment],
+) -> None:
+    url, process, _ = workers_url
+    assert process.pid is not None
+    # Two workers plus the limiter's manager process.
+    assert len(_children(process.pid)) >= 3
+    # A fresh connection per request, so the requests land on both workers.
+    statuses = []
+    for _ in range(65):
+        with httpx.Client(timeout=10) as http:
+            resp = http.post(
+                f"{url}/functions/v1/get-results-by-session",
+                json={"session_id": "00000000-0000-4000-8000-000000000001", "share_token": "x" * 36},
+                headers={"x-forwarded-for": "10.201.0.9"},
+            )
+            statuses.append(resp.status_code)
+    assert statuses[:60] == [403] * 60 and statuses[60:] == [429] * 5
+
+
+def test_finalize_through_workers(workers_url: tuple[str, multiprocessing.process.BaseProcess, Environment]) -> None:
+    url, _, env = workers_url
+    rng = random.Random(11)
+    with Database(env) as db:
+        respondents = [new_respondent(rng, answer_ms=60_000) for _ in range(6)]
+        for r in respondents:
+            started = RealClock().now()
+            write_session(db, r, started)
+            write_answers(db, r, started, r.answer_ms)
+        for r in respondents:
+            with httpx.Client(timeout=30) as http:
+                resp = http.post(f"{url}/functions/v1/finalizeAssessment", json={"session_id": r.session_id})
+            assert resp.status_code == 200 and resp.json()["share_token"] == r.share_token
+        ids = [r.session_id for r in respondents]
+        with db.connect() as conn:
+            count = conn.execute(sa.select(sa.func.count()).where(profiles.c.session_id.in_(ids))).scalar_one()
+    assert count == len(ids)
+
+
+def test_stopping_the_supervisor_stops_every_worker(request: pytest.FixtureRequest) -> None:
+    name = create_pg_database(request.getfixturevalue("pg_template"))
+    base = pg_env(name)
+    env = Environment(base.name, base.kind, base.database_url, service_role_key_env=KEY_ENV)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(env, port))
+    process.start()
+    try:
+        assert process.pid is not None
+        deadline = time.monotonic() + 60
+        while len(_children(process.pid)) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        workers = _children(process.pid)
+        process.terminate()
+        process.join(30)
+        assert process.exitcode is not None
+        assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        if process.is_alive():
+            process.kill()
+        drop_pg_database(name)
