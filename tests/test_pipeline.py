@@ -1,40 +1,181 @@
-"""The whole pipeline on SQLite, as the demo runs it: it reaches a measured final gate, and a re-run is a no-op."""
+"""The whole pipeline on SQLite and Postgres: it reaches a measured final gate, a re-run is a no-op, an unhealthy
+production gets its mini plan applied and re-checked, and a production apply without a passing soak is refused until
+an override, which the final gate then shows."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+import sqlalchemy as sa
 from rich.console import Console
 
-from gatefill.clock import RealClock
-from gatefill.config import load_settings
-from gatefill.demo import DEMO_SINCE, run_full_demo
+from gatefill import ledger
+from gatefill.cli import main
+from gatefill.clock import Clock, OffsetClock, RealClock
+from gatefill.config import Environment, Settings
+from gatefill.db import Database
+from gatefill.demo import DEMO_SINCE, PIPELINE_START, run_demo_pipeline, seed_demo
 from gatefill.pipeline import PipelineOptions, run_pipeline
+from gatefill.plan import load_plan_file
+from gatefill.prism.schema import profiles
+from gatefill.prism.soak_checks import run_prism_soak
+from gatefill.soak import SoakOptions
+from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
+
+#: Enough simulated respondents for the soak to conclude, few enough to keep the test short.
+SOAK_SESSIONS = 300
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+    """Settings with a fresh ``staging`` and ``production`` database of one dialect, dropped afterwards."""
+    created: list[str] = []
+    if request.param == "sqlite":
+        staging = sqlite_env(tmp_path / "staging.db", "staging")
+        production = sqlite_env(tmp_path / "production.db", "production", kind="production")
+    else:
+        template = request.getfixturevalue("pg_template")
+        created = [create_pg_database(template), create_pg_database(template)]
+        staging = pg_env(created[0], "staging")
+        production = pg_env(created[1], "production", kind="production")
+    try:
+        yield Settings(
+            path=None,
+            root=tmp_path,
+            artifacts_dir=tmp_path / "artifacts",
+            environments={"staging": staging, "production": production},
+        )
+    finally:
+        for name in created:
+            drop_pg_database(name)
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[Console]:
+    """Where the pipeline's console output goes (a file in the test's directory)."""
+    with (tmp_path / "console.txt").open("w") as sink:
+        yield Console(file=sink, width=140)
+
+
+def ledger_rows(settings: Settings) -> dict[str, tuple[int, int, int]]:
+    """Runs, approvals and changes in each environment's ledger: what a no-op must leave as it found it."""
+    found = {}
+    for name, env in settings.environments.items():
+        with Database(env) as db, db.connect() as conn:
+            # A healthy production is only read: it has no ledger tables at all.
+            found[name] = tuple(
+                int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one())
+                if sa.inspect(conn).has_table(t.name)
+                else -1
+                for t in (ledger.runs, ledger.approvals, ledger.changes)
+            )
+    return found
 
 
 def never_soak(*_args: object) -> dict[str, object]:
-    raise AssertionError("a finished pipeline must not soak again")
+    raise AssertionError("this pipeline must not soak (again)")
 
 
-def test_full_pipeline_reaches_the_final_gate_and_rerunning_changes_nothing(tmp_path: Path) -> None:
-    with (tmp_path / "out.txt").open("w") as sink:
-        state = run_full_demo(tmp_path / "demo", Console(file=sink, width=120), fast=True, soak_sessions=400)
-    assert state.done
+def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, console: Console) -> None:
+    census = seed_demo(pair, console, create=True)
+    assert census["staging"]["profile+fc"] + census["staging"]["fc_only"] == 39
+    state = run_demo_pipeline(pair, console, fast=True, soak_sessions=SOAK_SESSIONS, approver="tess")
+    assert state.done and state.waiting_for is None
     steps = state.steps
+    assert steps["plan"]["candidates"] == 39
     assert steps["apply"]["verdict"] == "PASS" and steps["apply"]["results"] == {"written": 39}
-    assert steps["soak"]["verdict"] in ("PASS", "INCONCLUSIVE")
-    assert steps["health"]["healthy"] is True
+    assert steps["soak"]["verdict"] == "PASS", steps["soak"]["summary"]
+    assert steps["health"]["healthy"] is True and steps["health"]["mini_plan"] is None
+    assert "production_apply" not in steps
+    assert steps["final_gate"]["verdict"] == "GO"
     final = Path(steps["final_gate"]["artifact"]).read_text()
-    expected = "GO" if steps["soak"]["verdict"] == "PASS" else "INCONCLUSIVE"
-    assert f"## Verdict: **{expected}**" in final
-    assert "| `" + steps["apply"]["run_id"] + "` | plan | approval | demo |" in final
+    assert "## Verdict: **GO**" in final
+    assert "Sessions backfilled: 39 on staging, 0 on production." in final
+    # Every session once: the ledger's per-session results are exactly the plan's runnable candidates.
+    with Database(pair.env("staging")) as db, db.connect() as conn:
+        plan = ledger.get_run(conn, steps["apply"]["run_id"]).plan or {}
+        results = ledger.session_results_for(conn, steps["apply"]["run_id"])
+    runnable = [c["key"] for c in plan["candidates"] if c["operations"]]
+    assert len(runnable) == len(set(runnable)) == 39 and set(results) == set(runnable)
+    for gate in ("plan", "review", "soak", "production"):
+        assert re.search(rf"\| {gate} \| approval \| tess \|", final), gate
+    assert "Gate overrides in effect" not in final
 
-    settings = load_settings(tmp_path / "demo" / "gatefill.toml", environ={})
+    before = ledger_rows(pair)
+    assert before["production"] == (-1, -1, -1)
     rerun = run_pipeline(
-        settings,
+        pair,
         PipelineOptions(staging="staging", production="production", since=DEMO_SINCE),
         clock=RealClock(),
         soak_step=never_soak,
     )
     assert rerun.done and rerun.run_id == state.run_id
     assert rerun.log == ["the pipeline already reached its final gate: nothing to do"]
+    assert ledger_rows(pair) == before
+    assert Path(steps["final_gate"]["artifact"]).read_text() == final
+
+
+def empty_soak(db: Database, env: Environment, apply_run: str, clock: Clock, artifacts: Path) -> dict[str, object]:
+    """A real soak over six simulated hours in which nobody used staging: nothing to measure, so INCONCLUSIVE."""
+    result = run_prism_soak(env, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
+    return {
+        "run_id": result.run_id,
+        "verdict": result.verdict,
+        "summary": result.reason,
+        "checks": {c.name: c.verdict for c in result.checks},
+        "artifacts": {k: str(v) for k, v in result.paths.items()},
+    }
+
+
+def test_unhealthy_production_without_a_passing_soak_is_refused_until_an_override_the_final_gate_shows(
+    pair: Settings, tmp_path: Path, console: Console, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_demo(pair, console, create=True)
+    with Database(pair.env("production")) as db, db.begin() as conn:
+        victims = [r[0] for r in conn.execute(sa.select(profiles.c.session_id).order_by(profiles.c.session_id))][:3]
+        conn.execute(profiles.delete().where(profiles.c.session_id.in_(victims)))
+    options = PipelineOptions(
+        staging="staging", production="production", since=DEMO_SINCE, rate="unlimited", auto_approve_as="tess"
+    )
+    state = run_pipeline(pair, options, clock=OffsetClock(PIPELINE_START), soak_step=empty_soak)
+    assert not state.done and state.blocked is not None and state.blocked.exit_code == 4
+    assert state.steps["soak"]["verdict"] == "INCONCLUSIVE"
+    assert state.steps["health"]["healthy"] is False
+    mini = state.steps["health"]["mini_plan"]
+    assert "an approved, PASS staging soak" in str(state.waiting_for)
+    assert "has verdict INCONCLUSIVE" in str(state.blocked)
+    assert "--override-gate" in str(state.waiting_for)
+    with Database(pair.env("production")) as db, db.connect() as conn:
+        assert ledger.session_results_for(conn, load_plan_file(Path(mini))["run_id"]) == {}  # nothing applied
+
+    config = tmp_path / "gatefill.toml"
+    config.write_text(
+        f'artifacts_dir = "{pair.artifacts_dir}"\n'
+        + "".join(
+            f'[env.{n}]\ndatabase_url = "{e.database_url}"\nkind = "{e.kind}"\n' for n, e in pair.environments.items()
+        ),
+        encoding="utf-8",
+    )
+    capsys.readouterr()
+    assert main(["--config", str(config), "apply", mini, "--env", "production"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: gate 'production' blocks this step:") and "\n" not in err
+    assert "an approved, PASS staging soak of the same versions within the last 7 days" in err
+    assert "--override-gate" in err
+    argv = ["--config", str(config), "apply", mini, "--env", "production", "--rate", "unlimited"]
+    argv += ["--override-gate", "--by", "ola"]
+    assert main([*argv, "--reason", "incident 7: profiles missing for paying users"]) == 0
+
+    done = run_pipeline(pair, options, clock=OffsetClock(PIPELINE_START), soak_step=never_soak)
+    assert done.done and done.blocked is None
+    prod = done.steps["production_apply"]
+    assert prod["results"] == {"written": 3} and prod["healthy_after"] is True and prod["verdict"] == "PASS"
+    final = Path(done.steps["final_gate"]["artifact"]).read_text()
+    assert "## Verdict: **INCONCLUSIVE**" in final  # an override never makes a GO
+    assert "Gate overrides in effect" in final
+    assert re.search(r"soak gate of `[^`]+` overridden by \*\*ola\*\*.*incident 7", final)
+    assert re.search(r"\| soak \| override \| ola \| .*incident 7", final)
+    assert "Sessions backfilled: 39 on staging, 3 on production." in final

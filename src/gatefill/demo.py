@@ -19,7 +19,7 @@ from rich.table import Table
 
 from gatefill import ledger
 from gatefill.clock import Clock, OffsetClock, SimulatedClock
-from gatefill.config import Environment, load_settings
+from gatefill.config import Environment, Settings, load_settings
 from gatefill.db import Database
 from gatefill.pipeline import PipelineOptions, PipelineState, run_pipeline
 from gatefill.prism.discovery import BLOCKED_CATEGORIES, CANDIDATE_CATEGORIES, discover
@@ -31,7 +31,7 @@ from gatefill.prism.simulator import simulate
 from gatefill.prism.soak_checks import run_prism_soak
 from gatefill.soak import SoakOptions
 
-__all__ = ["DEMO_CONFIG", "DEMO_SINCE", "run_demo", "run_full_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_SINCE", "run_demo", "run_demo_pipeline", "run_full_demo", "seed_demo"]
 
 DEMO_SINCE = datetime(2025, 8, 1, tzinfo=UTC)
 DEMO_CONFIG = """\
@@ -54,10 +54,17 @@ def run_demo(directory: Path, console: Console) -> dict[str, Counter[str]]:
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "gatefill.toml"
     config.write_text(DEMO_CONFIG, encoding="utf-8")
-    settings = load_settings(config, environ={})
+    census = seed_demo(load_settings(config, environ={}), console, create=True)
+    console.print(f"config: {config}  (try: cd {directory} && gatefill db check --env staging)")
+    return census
+
+
+def seed_demo(settings: Settings, console: Console, *, create: bool = False) -> dict[str, Counter[str]]:
+    """Seeds the ``staging`` and ``production`` environments of ``settings`` with the two scenarios (any dialect)
+    and prints what discovery finds missing where; returns the counts per environment and category."""
     census: dict[str, Counter[str]] = {}
     for env_name, scenario in _SCENARIOS:
-        with Database(settings.env(env_name), create=True) as db:
+        with Database(settings.env(env_name), create=create) as db:
             init_schema(db)
             load_reference_data(db)
             report = seed_scenario(db, scenario, replace=True)
@@ -75,7 +82,6 @@ def run_demo(directory: Path, console: Console) -> dict[str, Counter[str]]:
     for category in BLOCKED_CATEGORIES:
         table.add_row(f"blocked: {category}", *(str(census[e][category]) for e, _ in _SCENARIOS))
     console.print(table)
-    console.print(f"config: {config}  (try: cd {directory} && gatefill db check --env staging)")
     return census
 
 
@@ -91,6 +97,14 @@ def run_full_demo(directory: Path, console: Console, *, fast: bool = False, soak
     """
     run_demo(directory, console)
     settings = load_settings(directory / "gatefill.toml", environ={})
+    return run_demo_pipeline(settings, console, fast=fast, soak_sessions=soak_sessions)
+
+
+def run_demo_pipeline(
+    settings: Settings, console: Console, *, fast: bool = False, soak_sessions: int = 1200, approver: str = "demo"
+) -> PipelineState:
+    """Runs the whole pipeline on seeded ``staging`` and ``production`` environments (SQLite or Postgres), every gate
+    approved as ``approver``, the soak over six simulated hours of traffic through an in-process functions server."""
     # A throwaway key for the in-process functions server: generated here, used by it and its callers, never shown.
     os.environ.setdefault("SUPABASE_SERVICE_ROLE_KEY", secrets.token_urlsafe(32))
     options = PipelineOptions(
@@ -99,7 +113,7 @@ def run_full_demo(directory: Path, console: Console, *, fast: bool = False, soak
         since=DEMO_SINCE,
         priority=(TEST_SESSION_A, TEST_SESSION_B),
         rate="unlimited" if fast else "20/min",
-        auto_approve_as="demo",
+        auto_approve_as=approver,
     )
     clock = OffsetClock(PIPELINE_START)
 
@@ -135,5 +149,5 @@ def run_full_demo(directory: Path, console: Console, *, fast: bool = False, soak
         console.print(f"  {line}", markup=False)
     final = state.steps.get("final_gate", {})
     console.print(f"final gate: [bold]{final.get('verdict', 'not reached')}[/] {final.get('artifact', '')}")
-    console.print("approvals in this demo were recorded automatically as 'demo' (see `gatefill gates`)")
+    console.print(f"approvals in this demo were recorded automatically as '{approver}' (see `gatefill gates`)")
     return state

@@ -10,6 +10,7 @@ A pipeline that reached its final gate is done, and running it again changes not
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, apply_plan, ensure_run_for_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, ensure_run_for_plan, write_apply_artifacts
 from gatefill.clock import Clock
 from gatefill.config import Settings
 from gatefill.db import Database, format_utc
-from gatefill.errors import UsageError
+from gatefill.errors import GateBlocked, UsageError
 from gatefill.health import check_health
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan, load_plan_file
@@ -68,6 +69,8 @@ class PipelineState:
     waiting_for: str | None = None
     done: bool = False
     log: list[str] = field(default_factory=list)
+    #: The gate refusal the pipeline stopped at, if a gate (not a missing approval) stopped it.
+    blocked: GateBlocked | None = None
 
 
 SoakStep = Callable[[Database, Any, str, Clock, Path], Mapping[str, Any]]
@@ -256,32 +259,53 @@ def run_pipeline(
             ):
                 _save(staging, state, clock.now())
                 return state
-            result = apply_plan(
-                production,
-                production_env,
-                job,
-                body,
-                options=ApplyOptions(),
-                clock=apply_clock or clock,
-                artifacts_dir=artifacts,
-                settings=settings,
-            )
+            with production.connect() as conn:
+                mini_run = ledger.get_run(conn, str(body["run_id"]))
+            applied: ApplyResult | None = None
+            if mini_run.status != RunStatus.SUCCEEDED:
+                try:
+                    applied = apply_plan(
+                        production,
+                        production_env,
+                        job,
+                        body,
+                        options=ApplyOptions(),
+                        clock=apply_clock or clock,
+                        artifacts_dir=artifacts,
+                        settings=settings,
+                    )
+                except GateBlocked as exc:
+                    if exc.gate != "production":
+                        raise
+                    # The production gate (no approved, passing soak) is lifted only by a person: an override on the
+                    # apply itself, after which this pipeline picks the finished run up and carries on.
+                    state.waiting_for = (
+                        f"{exc}; or `gatefill apply {mini} --env {production_env.name} --override-gate "
+                        f"--by NAME --reason TEXT`"
+                    )
+                    state.blocked = exc
+                    _save(staging, state, clock.now())
+                    return state
+            # else: applied outside the pipeline (e.g. with --override-gate): its ledger is the record.
             report = write_apply_artifacts(
-                production, production_env, job, result.run_id, clock=clock, artifacts_dir=artifacts, result=result
+                production, production_env, job, mini_run.id, clock=clock, artifacts_dir=artifacts, result=applied
             )
+            with production.connect() as conn:
+                finished = ledger.get_run(conn, mini_run.id)
+                results = Counter(ledger.session_results_for(conn, mini_run.id).values())
             after = check_health(
                 production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts
             )
             steps["production_apply"] = {
-                "run_id": result.run_id,
-                "status": result.status.value,
+                "run_id": mini_run.id,
+                "status": finished.status.value,
                 "verdict": report.verdict,
-                "results": dict(result.counts),
+                "results": dict(results),
                 "healthy_after": after.healthy,
                 "health_after": after.run_id,
                 "artifacts": {k: str(v) for k, v in report.paths.items()},
             }
-            state.log.append(f"production apply {result.run_id}: {result.status.value}, gate {report.verdict}")
+            state.log.append(f"production apply {mini_run.id}: {finished.status.value}, gate {report.verdict}")
 
         from gatefill.final_gate import write_final_gate
 
