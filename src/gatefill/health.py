@@ -8,7 +8,8 @@ Nothing is written to the database: the checks are SELECTs, and the mini plan is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class HealthResult:
     checks: list[Check]
     plan: dict[str, Any] | None
     paths: dict[str, Path]
+    #: Wall time in seconds of each check, and of ``discovery`` (the mini plan's discovery and composition).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -54,6 +57,7 @@ def check_health(
     """Runs the health checks and, when sessions need backfill, composes the mini plan (read-only on the database)."""
     job = job or PrismJob()
     run_id = ledger.new_run_id("health", now)
+    seconds: dict[str, float] = {}
     with db.connect() as conn:
         checks = health_checks(
             conn,
@@ -62,9 +66,12 @@ def check_health(
             fc_version=job.fc_version,
             engine_version=job.engine_version,
             row_level_security=db.caps.row_level_security,
+            timings=seconds,
         )
+        started = time.perf_counter()
         params = PlanParams(since=since, rate=rate, batch_size=batch_size, profiles="missing")
         plan = compose_plan(conn, env, job, params, now=now, run_id=ledger.new_run_id("apply", now), source="health")
+        seconds["discovery"] = time.perf_counter() - started
     needs_backfill = plan["totals"]["candidates"] > 0
     healthy = not needs_backfill and all(c.verdict == "PASS" or not c.gating for c in checks)
     out = artifacts_dir / run_id
@@ -82,6 +89,7 @@ def check_health(
             "measured_at": format_utc(now),
             "healthy": healthy,
             "checks": [c.to_json() for c in checks],
+            "seconds": {name: round(t, 4) for name, t in seconds.items()},
             "mini_plan": plan["run_id"] if needs_backfill else None,
         },
     )
@@ -98,4 +106,4 @@ def check_health(
             plan=plan if needs_backfill else None,
         ),
     )
-    return HealthResult(run_id, healthy, checks, plan if needs_backfill else None, paths)
+    return HealthResult(run_id, healthy, checks, plan if needs_backfill else None, paths, seconds)

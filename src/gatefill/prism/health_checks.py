@@ -7,6 +7,7 @@ sessions) is INCONCLUSIVE, never PASS.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -28,8 +29,14 @@ _FC_BLOCKS = 6
 
 
 def _ids(conn: Connection, sql: str, params: dict[str, Any]) -> tuple[int, list[str]]:
-    rows = [str(r[0]) for r in conn.execute(sa.text(sql), params)]
-    return len(rows), sorted(rows)[:LISTED]
+    """How many ids ``sql`` selects, and the first LISTED of them in id order: one pass, counted in the database.
+
+    The window count is taken before LIMIT, so the count is exact however many rows match; only LISTED rows travel.
+    """
+    rows = conn.execute(
+        sa.text(f"SELECT q.id, count(*) OVER () FROM ({sql}) q ORDER BY q.id LIMIT {LISTED}"), params
+    ).all()
+    return (int(rows[0][1]) if rows else 0), [str(r[0]) for r in rows]
 
 
 def _verdict(bad: int, looked_at: int) -> str:
@@ -46,8 +53,14 @@ def health_checks(
     fc_version: str = scoring.FC_VERSION,
     engine_version: str = scoring.ENGINE_VERSION,
     row_level_security: bool,
+    timings: dict[str, float] | None = None,
 ) -> list[Check]:
-    """Runs every PRISM health check (read-only) and returns them in report order."""
+    """Runs every PRISM health check (read-only) and returns them in report order.
+
+    ``timings``, when given, receives each check's wall time in seconds (the shared completed-session count is
+    charged to the first check).
+    """
+    mark = time.perf_counter()
     p: dict[str, Any] = {"since": since, "now": now, "fcv": fc_version, "kind": scoring.FC_KIND, "ev": engine_version}
     if conn.dialect.name == "sqlite":
         # SQLite stores instants as fixed-width ISO text: compare text with text.
@@ -58,12 +71,19 @@ def health_checks(
     completed = int(conn.execute(sa.text(completed_sql), p).scalar_one())
     checks: list[Check] = []
 
+    def add(check: Check) -> None:
+        nonlocal mark
+        checks.append(check)
+        if timings is not None:
+            timings[check.name] = time.perf_counter() - mark
+        mark = time.perf_counter()
+
     sql = (
         "SELECT s.id FROM assessment_sessions s WHERE s.status = 'completed' AND s.created_at >= :since "
         "AND NOT EXISTS (SELECT 1 FROM profiles p WHERE p.session_id = s.id)"
     )
     n, ids = _ids(conn, sql, p)
-    checks.append(
+    add(
         Check(
             "missing_profiles",
             _verdict(n, completed),
@@ -78,7 +98,7 @@ def health_checks(
         "AND f.fc_kind = :kind)"
     )
     n, ids = _ids(conn, sql, p)
-    checks.append(
+    add(
         Check(
             "missing_fc_scores",
             _verdict(n, completed),
@@ -87,13 +107,13 @@ def health_checks(
             sql,
         )
     )
-    checks.append(_versions(conn, p, completed))
+    add(_versions(conn, p, completed))
     sql = (
         "SELECT id FROM assessment_sessions WHERE status = 'completed' AND created_at >= :since "
         "AND (completed_at IS NULL OR finalized_at IS NULL)"
     )
     n, ids = _ids(conn, sql, p)
-    checks.append(
+    add(
         Check(
             "completion_timestamps",
             _verdict(n, completed),
@@ -102,12 +122,12 @@ def health_checks(
             sql,
         )
     )
-    checks.append(_sufficiency(conn, p, completed))
-    checks.append(_orphans(conn))
-    checks.append(_tokens(conn, p, completed))
+    add(_sufficiency(conn, p, completed))
+    add(_orphans(conn))
+    add(_tokens(conn, p, completed))
     # Through the Core table so the JSON value is decoded the same way on both dialects.
     value = conn.execute(sa.select(scoring_config.c.value).where(scoring_config.c.key == "results_version")).scalar()
-    checks.append(
+    add(
         Check(
             "results_version",
             "PASS" if value == engine_version else "FAIL",
@@ -117,9 +137,9 @@ def health_checks(
         )
     )
     if row_level_security:
-        checks.append(_rls(conn))
+        add(_rls(conn))
     else:
-        checks.append(
+        add(
             Check(
                 "row_level_security",
                 "PASS",
@@ -162,36 +182,42 @@ def _versions(conn: Connection, p: dict[str, Any], completed: int) -> Check:
     )
 
 
+#: Answers and FC answers per completed session in the window: one index probe per session on each table (both
+#: are indexed on session_id first), so the cost grows with the sessions looked at, not with the whole answers table.
+_PER_SESSION = (
+    "SELECT s.id, (SELECT count(*) FROM assessment_responses r WHERE r.session_id = s.id) AS answers, "
+    "(SELECT count(*) FROM fc_responses f WHERE f.session_id = s.id) AS fc FROM assessment_sessions s "
+    "WHERE s.status = 'completed' AND s.created_at >= :since"
+)
+
+
 def _sufficiency(conn: Connection, p: dict[str, Any], completed: int) -> Check:
-    sql = (
-        "SELECT s.id, (SELECT count(*) FROM assessment_responses r WHERE r.session_id = s.id) AS answers, "
-        "(SELECT count(*) FROM fc_responses f WHERE f.session_id = s.id) AS fc FROM assessment_sessions s "
-        "WHERE s.status = 'completed' AND s.created_at >= :since"
+    # Counted in the database in one pass; the ids of short sessions are fetched (capped) only when there are some.
+    totals_sql = (
+        f"SELECT coalesce(sum(CASE WHEN answers < {MIN_ANSWERS} THEN 1 ELSE 0 END), 0), "
+        f"coalesce(sum(CASE WHEN answers >= {MIN_ANSWERS} AND answers < {_FULL_ANSWERS} THEN 1 ELSE 0 END), 0), "
+        f"coalesce(sum(CASE WHEN fc < {_FC_BLOCKS} THEN 1 ELSE 0 END), 0) FROM ({_PER_SESSION}) c"
     )
-    short: list[str] = []
-    partial = 0
-    fc_short: list[str] = []
-    for sid, answers, fc in conn.execute(sa.text(sql), p):
-        if answers < MIN_ANSWERS:
-            short.append(str(sid))
-        elif answers < _FULL_ANSWERS:
-            partial += 1
-        if fc < _FC_BLOCKS:
-            fc_short.append(str(sid))
+    short, partial, fc_short = (int(v) for v in conn.execute(sa.text(totals_sql), p).one())
+    short_ids = fc_short_ids = []
+    if short:
+        short_ids = _ids(conn, f"SELECT id FROM ({_PER_SESSION}) c WHERE answers < {MIN_ANSWERS}", p)[1]
+    if fc_short:
+        fc_short_ids = _ids(conn, f"SELECT id FROM ({_PER_SESSION}) c WHERE fc < {_FC_BLOCKS}", p)[1]
     return Check(
         "answer_sufficiency",
-        _verdict(len(short), completed),
-        f"{len(short)} completed sessions with < {MIN_ANSWERS} answers, {partial} with {MIN_ANSWERS}-"
-        f"{_FULL_ANSWERS - 1}, {len(fc_short)} with fewer than {_FC_BLOCKS} FC answers",
+        _verdict(short, completed),
+        f"{short} completed sessions with < {MIN_ANSWERS} answers, {partial} with {MIN_ANSWERS}-"
+        f"{_FULL_ANSWERS - 1}, {fc_short} with fewer than {_FC_BLOCKS} FC answers",
         {
             "completed": completed,
-            "below_148": len(short),
-            "below_148_sessions": sorted(short)[:LISTED],
+            "below_148": short,
+            "below_148_sessions": short_ids,
             "partial_148_to_247": partial,
-            "fc_below_6": len(fc_short),
-            "fc_below_6_sessions": sorted(fc_short)[:LISTED],
+            "fc_below_6": fc_short,
+            "fc_below_6_sessions": fc_short_ids,
         },
-        sql,
+        totals_sql,
     )
 
 
