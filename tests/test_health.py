@@ -85,7 +85,12 @@ def test_staging_traps_are_reported_not_hidden(target: Target, tmp_path: Path) -
         target.db, target.env, since=SINCE, now=datetime(2025, 9, 17, 8, tzinfo=UTC), artifacts_dir=tmp_path
     )
     by_name = {c.name: c for c in result.checks}
-    assert by_name["answer_sufficiency"].evidence["below_148_sessions"] == sorted(truth.insufficient_answers)
+    sufficiency = by_name["answer_sufficiency"].evidence
+    assert sufficiency["below_148_sessions"] == sorted(truth.insufficient_answers)
+    assert sufficiency["below_148"] == len(truth.insufficient_answers)
+    # Fewer than six FC answers: at least the sessions seeded without any, and the one with a single unresolvable one.
+    assert set(truth.no_fc_responses) | set(truth.unresolvable_fc_options) <= set(sufficiency["fc_below_6_sessions"])
+    assert sufficiency["fc_below_6"] == len(sufficiency["fc_below_6_sessions"])
     assert by_name["version_distribution"].evidence["legacy_profiles"] >= len(truth.stale_profile)
     assert result.plan is not None and result.plan["totals"]["candidates"] == 39
     if target.dialect == "postgresql":
