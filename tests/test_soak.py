@@ -316,6 +316,8 @@ def test_a_restarted_soak_continues_the_same_window_without_double_counting(soak
         soaked.soak(replace(options, margin=0.10))
     last = soaked.soak(replace(SoakOptions(), resume=first.run_id))
     assert last.run_id == first.run_id and last.resumed_at_look == 5
+    assert first.window_start == last.window_start == start and last.window_end == start + timedelta(hours=3)
+    assert [m.window_end for m in last.measurements] == [start + timedelta(minutes=30 * j) for j in range(1, 7)]
     assert last.status is RunStatus.SUCCEEDED and last.complete
     assert _stored(soaked, first.run_id) == list(range(1, 7))
 

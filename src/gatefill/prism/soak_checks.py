@@ -280,6 +280,8 @@ _SERIES_EVENTS = _sql(
     expanding=("events",),
     results={"evt": sa.Text(), "at": UTCTimestamp()},
 )
+# Early looks, before a session in the window has completed, probe the latest completed sessions before it.
+_PROBE_FALLBACK = timedelta(days=30)
 _RLS_TABLES = ("profiles", "assessment_sessions")
 _PROBE_CASES = ("no_token", "wrong_token", "other_session_token", "valid_token")
 _INSUFFICIENT_PRIVILEGE = "42501"
@@ -312,6 +314,11 @@ def window_queries(
             {**times, "yes": True, "empty_hash": token_hash(None), "probe_ua": PROBE_USER_AGENT},
         ),
         ("probe sample", _PROBE_SESSIONS, {**times, "now": end, "limit": s.probe_sessions}),
+        (
+            "probe sample before the window",
+            _PROBE_SESSIONS,
+            {**times, "start": window_start - _PROBE_FALLBACK, "now": end, "limit": s.probe_sessions},
+        ),
         ("error payloads", _ERROR_PAYLOADS, {**times, "events": list(ERROR_EVENTS)}),
     ]
 
@@ -403,10 +410,19 @@ class _Prober:
         results = (settings.results_url or env.results_url or "").rstrip("/") or None
         self.post_url = f"{functions}/get-results-by-session" if functions else None
         self.get_base = results if not functions else None
-        self._http: httpx.Client | None = None
         self._sent: deque[float] = deque()
         if self.get_base and _REDACT not in logging.getLogger("httpx").filters:
             logging.getLogger("httpx").addFilter(_REDACT)
+        # Built now, when the soak starts, not at the first look's first probe: building a client loads the CA
+        # bundle (0.1-0.4 s on a busy machine), a setup cost that would otherwise be charged to the first look.
+        self._http: httpx.Client | None = self._client() if self.endpoint else None
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(
+            timeout=self.settings.probe_timeout,
+            transport=self.settings.transport,
+            headers={"user-agent": PROBE_USER_AGENT},
+        )
 
     @property
     def endpoint(self) -> str | None:
@@ -432,11 +448,7 @@ class _Prober:
     ) -> tuple[int | None, float, str]:
         """One probe: (status or None, milliseconds, error code or transport error)."""
         if self._http is None:
-            self._http = httpx.Client(
-                timeout=self.settings.probe_timeout,
-                transport=self.settings.transport,
-                headers={"user-agent": PROBE_USER_AGENT},
-            )
+            self._http = self._client()
         headers: dict[str, str] = {}
         if simulated_now is not None and self.settings.service_role_key:
             headers["x-gatefill-now"] = simulated_now.isoformat()
@@ -869,7 +881,7 @@ class PrismSoakChecks:
         rows = list(conn.execute(_PROBE_SESSIONS, {**params, "start": look.window_start}))
         if len(rows) < self.settings.probe_sessions:
             # Before traffic has completed in the window, probe the latest sessions before it: the gate is the same.
-            earlier = conn.execute(_PROBE_SESSIONS, {**params, "start": look.window_start - timedelta(days=30)})
+            earlier = conn.execute(_PROBE_SESSIONS, {**params, "start": look.window_start - _PROBE_FALLBACK})
             seen = {r.id for r in rows}
             rows += [r for r in earlier if r.id not in seen][: self.settings.probe_sessions - len(rows)]
         return [(str(r.id), str(r.share_token)) for r in rows]
