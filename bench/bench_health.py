@@ -106,7 +106,7 @@ def _explain(url: str, checks: Sequence[tuple[str, str]]) -> list[str]:
     with psycopg.connect(_libpq(url), autocommit=True) as conn:
         for name, query in checks:
             for statement in query.split("; "):
-                if not statement.startswith("SELECT") or " | " in statement:
+                if not statement.startswith(("SELECT", "WITH")) or " | " in statement:
                     continue  # a description of several statements, not one to run
                 text = re.sub(r":(\w+)", r"%(\1)s", statement)
                 lines = [r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + text, params)]  # type: ignore[arg-type]
