@@ -19,7 +19,11 @@ It creates a uniquely named database on the server of ``--server`` / ``GATEFILL_
 Then it runs ``check_health`` (the checks, discovery and mini-plan composition, the report files) ``--runs`` times over
 the same database and prints the per-check timings, the total and their medians, then ``EXPLAIN (ANALYZE, BUFFERS)``
 of every check query and lists every scan node on the large tables. The database is dropped at the end unless
-``--keep`` (``--reuse NAME`` times a kept one again).
+``--keep`` (``--reuse NAME`` times a kept one again). ``--heal`` first marks the sessions needing backfill abandoned,
+so that health finds nothing to backfill and skips discovery, as on a production that needs no mini plan.
+
+The window here is the whole table, so the checks read whole tables (parallel sequential scans and hash joins, each
+table once per check); on a narrower window the filters on ``assessment_sessions`` use its (status, created_at) index.
 """
 
 from __future__ import annotations
@@ -123,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--answered", type=int, default=100_000, help="of which have all their answers (100,000)")
     parser.add_argument("--missing", type=float, default=0.01, help="share of answered sessions needing backfill")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--heal",
+        action="store_true",
+        help="first mark the sessions needing backfill abandoned (changes the database): health then skips discovery",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the database (its name is printed)")
     parser.add_argument("--reuse", metavar="DATABASE", help="time an existing database built by --keep (not dropped)")
     parser.add_argument("--server", default=os.environ.get("GATEFILL_TEST_DATABASE_URL", DEFAULT_SERVER))
@@ -148,6 +157,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Database(env, pool_size=2) as db:
             if not args.reuse:
                 _build(db, url, args)
+            if args.heal:
+                with psycopg.connect(_libpq(url), autocommit=True) as conn:
+                    healed = conn.execute(
+                        "UPDATE assessment_sessions s SET status = 'abandoned' WHERE status = 'completed' AND "
+                        "(NOT EXISTS (SELECT 1 FROM profiles p WHERE p.session_id = s.id) OR NOT EXISTS (SELECT 1 "
+                        "FROM fc_scores f WHERE f.session_id = s.id AND f.version = 'v1.2' "
+                        "AND f.fc_kind = 'functions'))"
+                    ).rowcount
+                    conn.execute("VACUUM ANALYZE assessment_sessions")
+                print(f"--heal: {healed:,} sessions needing backfill marked abandoned")
             with psycopg.connect(_libpq(url), autocommit=True) as conn:
                 sizes = conn.execute(
                     "SELECT relname, n_live_tup, pg_size_pretty(pg_total_relation_size(relid)) "

@@ -33,6 +33,8 @@ def test_healthy_production_passes_and_writes_nothing(target: Target, tmp_path: 
     result = check_health(target.db, target.env, since=SINCE, now=AT, artifacts_dir=tmp_path)
     assert result.healthy and result.exit_code == 0, [(c.name, c.summary) for c in result.checks if c.verdict != "PASS"]
     assert result.plan is None and "mini_plan" not in result.paths
+    assert "discovery" not in result.seconds  # nothing missing: no second scan for candidates
+    assert "discovery was not needed" in result.paths["report"].read_text()
     by_name = {c.name: c for c in result.checks}
     assert by_name["missing_profiles"].evidence["completed"] == 157
     assert by_name["version_distribution"].evidence["fc_scores"] == {"v1.2/functions": 157}
@@ -56,6 +58,7 @@ def test_unhealthy_production_lists_the_exact_sessions_and_its_mini_plan_fixes_t
     by_name = {c.name: c for c in result.checks}
     assert by_name["missing_profiles"].evidence["sessions"] == victims[:2]
     assert by_name["missing_fc_scores"].evidence["sessions"] == victims[1:]
+    assert "discovery" in result.seconds
     plan_path = result.paths["mini_plan"]
     body = load_plan_file(plan_path)
     assert body["source"] == "health"

@@ -25,6 +25,8 @@ from gatefill.reports import render, write_json, write_text
 
 __all__ = ["HealthResult", "check_health"]
 
+_CANDIDATE_CHECKS = ("missing_profiles", "missing_fc_scores")
+
 
 @dataclass(frozen=True)
 class HealthResult:
@@ -68,15 +70,22 @@ def check_health(
             row_level_security=db.caps.row_level_security,
             timings=seconds,
         )
-        started = time.perf_counter()
-        params = PlanParams(since=since, rate=rate, batch_size=batch_size, profiles="missing")
-        plan = compose_plan(conn, env, job, params, now=now, run_id=ledger.new_run_id("apply", now), source="health")
-        seconds["discovery"] = time.perf_counter() - started
-    needs_backfill = plan["totals"]["candidates"] > 0
+        # A candidate is a completed session of the window without a profile or without the current FC row: exactly
+        # what missing_profiles and missing_fc_scores count. When both found none, discovery cannot find any either,
+        # and a healthy production is not scanned a second time.
+        missing = sum(int(c.evidence.get("missing", 0)) for c in checks if c.name in _CANDIDATE_CHECKS)
+        plan: dict[str, Any] | None = None
+        if missing:
+            started = time.perf_counter()
+            params = PlanParams(since=since, rate=rate, batch_size=batch_size, profiles="missing")
+            run = ledger.new_run_id("apply", now)
+            plan = compose_plan(conn, env, job, params, now=now, run_id=run, source="health")
+            seconds["discovery"] = time.perf_counter() - started
+    needs_backfill = plan is not None and plan["totals"]["candidates"] > 0
     healthy = not needs_backfill and all(c.verdict == "PASS" or not c.gating for c in checks)
     out = artifacts_dir / run_id
     paths: dict[str, Path] = {}
-    if needs_backfill:
+    if plan and needs_backfill:
         written = write_plan_files(plan, out, "prod_mini_backfill_plan")
         paths["mini_plan"] = written.json_path or out / "prod_mini_backfill_plan.json"
     paths["checks_json"] = write_json(
@@ -90,7 +99,7 @@ def check_health(
             "healthy": healthy,
             "checks": [c.to_json() for c in checks],
             "seconds": {name: round(t, 4) for name, t in seconds.items()},
-            "mini_plan": plan["run_id"] if needs_backfill else None,
+            "mini_plan": plan["run_id"] if plan and needs_backfill else None,
         },
     )
     paths["report"] = write_text(
@@ -104,6 +113,7 @@ def check_health(
             healthy=healthy,
             checks=checks,
             plan=plan if needs_backfill else None,
+            discovered="discovery" in seconds,
         ),
     )
     return HealthResult(run_id, healthy, checks, plan if needs_backfill else None, paths, seconds)
