@@ -6,7 +6,8 @@ window (90 % completed; 97 % of those with a profile, all in the last two days; 
 each, two fn_logs events and one results access each), bulk-inserted with ``generate_series``; ANALYZE. Answers
 (``assessment_responses``) are not generated: no soak query reads them. Then a functions server starts in a thread
 and the traffic simulator writes sessions into the window from another thread, with a simulated clock starting at
-the window's start.
+the window's start; the looks begin once that clock has passed the last look's cutoff (so every look has live
+traffic in its window), and the simulator keeps writing while they run.
 
 Timed, while that traffic runs: the baseline, measured once as the soak does before its first look (both funnels
 over the 30 days before the window), then ``--looks`` looks at cutoffs 5 minutes apart, each measuring all eight
@@ -64,6 +65,7 @@ from gatefill.stats import SequentialPlan
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 WINDOW_START = datetime(2025, 10, 1, tzinfo=UTC)
 WINDOW = timedelta(hours=6)
+TRAFFIC_WAIT_S = 180.0
 LARGE = ("assessment_sessions", "profiles", "fc_scores", "fc_responses", "fn_logs", "results_token_access_logs")
 KEY = "sk-bench-soak-" + uuid.uuid4().hex
 # Counting three quarters of the sessions table is a sequential scan by design; it runs once per soak, before the
@@ -318,9 +320,9 @@ def _one_run(
     """Live traffic into a window, the baseline once, then the timed looks; EXPLAIN at the last cutoff."""
     reports: list[SimulationReport] = []
     stop_traffic = threading.Event()
+    clock = SimulatedClock(window_start)
 
     def traffic() -> None:
-        clock = SimulatedClock(window_start)
         while not stop_traffic.is_set():
             reports.append(
                 simulate(
@@ -336,7 +338,14 @@ def _one_run(
 
     thread = threading.Thread(target=traffic, name="traffic", daemon=True)
     thread.start()
-    time.sleep(3.0)  # let live traffic reach the window before the first look
+    # Every look should see live traffic in its window: wait until the simulated respondents have passed the last
+    # cutoff (how fast they get there depends on the machine's load), then keep them writing while the looks run.
+    last_cutoff = window_start + timedelta(minutes=5 * args.looks)
+    waited = time.perf_counter()
+    while clock.now() < last_cutoff and time.perf_counter() - waited < TRAFFIC_WAIT_S:
+        time.sleep(0.5)
+    reached = "reached" if clock.now() >= last_cutoff else "NOT reached (timed out)"
+    print(f"  traffic {reached} the last cutoff after {time.perf_counter() - waited:.1f} s; load {_load_average()}")
     plan = SequentialPlan(max_looks=72)
     settings = PrismSoakSettings(service_role_key=KEY, probe_budget_per_minute=10_000)
     timings: list[float] = []
