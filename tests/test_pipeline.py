@@ -145,11 +145,12 @@ def test_unhealthy_production_without_a_passing_soak_is_refused_until_an_overrid
     assert state.steps["soak"]["verdict"] == "INCONCLUSIVE"
     assert state.steps["health"]["healthy"] is False
     mini = state.steps["health"]["mini_plan"]
+    mini_run = str(load_plan_file(Path(mini))["run_id"])
     assert "an approved, PASS staging soak" in str(state.waiting_for)
     assert "has verdict INCONCLUSIVE" in str(state.blocked)
     assert "--override-gate" in str(state.waiting_for)
     with Database(pair.env("production")) as db, db.connect() as conn:
-        assert ledger.session_results_for(conn, load_plan_file(Path(mini))["run_id"]) == {}  # nothing applied
+        assert ledger.session_results_for(conn, mini_run) == {}  # nothing applied
 
     config = tmp_path / "gatefill.toml"
     config.write_text(
@@ -165,6 +166,10 @@ def test_unhealthy_production_without_a_passing_soak_is_refused_until_an_overrid
     assert err.startswith("error: gate 'production' blocks this step:") and "\n" not in err
     assert "an approved, PASS staging soak of the same versions within the last 7 days" in err
     assert "--override-gate" in err
+    with Database(pair.env("production")) as db, db.connect() as conn:
+        # The refused apply wrote nothing: no session result, no gate record.
+        assert ledger.session_results_for(conn, mini_run) == {}
+        assert ledger.approvals_for(conn, mini_run, "soak") == []
     argv = ["--config", str(config), "apply", mini, "--env", "production", "--rate", "unlimited"]
     argv += ["--override-gate", "--by", "ola"]
     assert main([*argv, "--reason", "incident 7: profiles missing for paying users"]) == 0
