@@ -195,7 +195,13 @@ def seed_command(
 @app.command("demo")
 def demo_command(
     directory: Annotated[Path, typer.Option("--dir", help="Where to build the demo.")] = Path("gatefill-demo"),
-    fast: Annotated[bool, typer.Option("--fast", help="Apply unthrottled instead of 20 sessions/minute.")] = False,
+    fast: Annotated[
+        bool,
+        typer.Option(
+            "--fast",
+            help="Apply unthrottled instead of 20 sessions/minute, and soak 600 simulated respondents instead of 1200.",
+        ),
+    ] = False,
 ) -> None:
     """The whole pipeline on embedded SQLite staging/production: plan, apply, soak, health, final gate."""
     from gatefill.demo import run_full_demo
