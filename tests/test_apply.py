@@ -3,6 +3,7 @@ gate refusals, and a live writer finalizing candidates while apply runs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from datetime import UTC, datetime
@@ -14,9 +15,10 @@ import sqlalchemy as sa
 from gatefill import ledger
 from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
 from gatefill.clock import SimulatedClock
+from gatefill.db import canonical_json
 from gatefill.errors import GateBlocked, UsageError
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan
+from gatefill.plan import PlanParams, build_plan, plan_hash
 from gatefill.prism import scoring
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import fc_scores, fn_logs, profiles
@@ -151,6 +153,21 @@ def test_apply_writes_exactly_what_the_scoring_library_computes(
             clock=clock,
             artifacts_dir=tmp_path / "artifacts",
         )
+
+
+def test_the_plan_hash_is_the_sha256_of_the_canonical_plan_text(
+    staging: tuple[Target, SeedReport], tmp_path: Path
+) -> None:
+    # plan_hash feeds the digest piece by piece; it must equal hashing the canonical text in one go.
+    target, _ = staging
+    body = make_plan(target, tmp_path)
+    content = {k: v for k, v in body.items() if k != "hash"}
+    assert plan_hash(body) == body["hash"] == hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()
+    reread = json.loads(json.dumps(body))
+    reread["categories"] = {"é": [1.0, (2, 3.5)], **reread["categories"]}  # non-ASCII, integral floats, tuples
+    reread["candidates"] = [*reread["candidates"], {"x": 90.0}]
+    content = {k: v for k, v in reread.items() if k != "hash"}
+    assert plan_hash(reread) == hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest() != body["hash"]
 
 
 def test_gate_refusals_write_nothing(staging: tuple[Target, SeedReport], tmp_path: Path) -> None:

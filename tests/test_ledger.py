@@ -85,3 +85,26 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(target: Target) ->
         ledger.acquire_lock(conn, "run:apply-1", now=NOW, holder=dead_holder)
     with target.db.begin() as conn:
         ledger.acquire_lock(conn, "run:apply-1", now=NOW)  # the holder's process is gone: taken over
+
+
+def test_a_run_read_without_its_plan_leaves_the_plan_in_the_database(target: Target) -> None:
+    ledger.init_ledger(target.db)
+    plan = {"candidates": [{"key": "s1", "operations": ["fc_scores:insert"]}], "hash": "h"}
+    with target.db.begin() as conn:
+        created = ledger.create_run(
+            conn,
+            run_id="apply-2",
+            phase="apply",
+            environment="staging",
+            job="prism",
+            versions={"fc": "v1.2"},
+            params={},
+            plan=plan,
+            plan_hash="h",
+            now=NOW,
+        )
+    assert created.plan is None  # create_run hands back the light form
+    with target.db.connect() as conn:
+        assert ledger.get_run(conn, "apply-2").plan == plan
+        light = ledger.get_run(conn, "apply-2", with_plan=False)
+    assert light.plan is None and light.plan_hash == "h" and light.status is RunStatus.PLANNED

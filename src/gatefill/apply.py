@@ -92,7 +92,7 @@ def ensure_run_for_plan(db: Database, plan_body: Mapping[str, Any], *, now: date
     ledger.init_ledger(db)
     with db.begin() as conn:
         try:
-            run = ledger.get_run(conn, str(plan_body["run_id"]))
+            run = ledger.get_run(conn, str(plan_body["run_id"]), with_plan=False)
         except ledger.RunNotFound:
             return ledger.create_run(
                 conn,

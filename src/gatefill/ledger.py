@@ -292,7 +292,7 @@ class Run:
     versions: Mapping[str, str]
     params: Mapping[str, Any]
     plan_hash: str | None
-    plan: Mapping[str, Any] | None
+    plan: Mapping[str, Any] | None  # None as well when read with ``get_run(..., with_plan=False)``
     parent_run_id: str | None
     summary: Mapping[str, Any] | None
     error: str | None
@@ -325,7 +325,7 @@ def _run_from_row(row: sa.Row[Any]) -> Run:
         versions=row.versions,
         params=row.params,
         plan_hash=row.plan_hash,
-        plan=row.plan,
+        plan=getattr(row, "plan", None),
         parent_run_id=row.parent_run_id,
         summary=row.summary,
         error=row.error,
@@ -351,7 +351,7 @@ def create_run(
     plan_hash: str | None = None,
     parent_run_id: str | None = None,
 ) -> Run:
-    """Records a new run (its first status event included) and returns it."""
+    """Records a new run (its first status event included) and returns it, without its plan (``Run.plan`` None)."""
     conn.execute(
         runs.insert().values(
             id=run_id,
@@ -369,12 +369,16 @@ def create_run(
         )
     )
     conn.execute(run_events.insert().values(run_id=run_id, at=now, from_status=None, to_status=status.value))
-    return get_run(conn, run_id, where=environment)
+    return get_run(conn, run_id, where=environment, with_plan=False)
 
 
-def get_run(conn: Connection, run_id: str, *, where: str = "this environment") -> Run:
-    """The run with that id; ``RunNotFound`` (exit 2) otherwise."""
-    row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
+def get_run(conn: Connection, run_id: str, *, where: str = "this environment", with_plan: bool = True) -> Run:
+    """The run with that id; ``RunNotFound`` (exit 2) otherwise.
+
+    ``with_plan=False`` leaves the stored plan in the database (``Run.plan`` is None): a plan lists every candidate,
+    so a copy of it held through a large apply would grow the process with the plan's size."""
+    columns = runs.c if with_plan else [c for c in runs.c if c.name != "plan"]
+    row = conn.execute(sa.select(*columns).where(runs.c.id == run_id)).first()
     if row is None:
         raise RunNotFound(run_id, where)
     return _run_from_row(row)
@@ -422,7 +426,7 @@ def transition(
             run_id=run_id, at=now, from_status=current.value, to_status=wanted.value, reason=reason
         )
     )
-    return get_run(conn, run_id)
+    return get_run(conn, run_id, with_plan=False)
 
 
 def runs_update_summary(conn: Connection, run_id: str, summary: Mapping[str, Any], *, now: datetime) -> None:
@@ -444,7 +448,7 @@ def record_approval(
     """Records who approved (or overrode) which gate of a run; the run must exist."""
     if not approved_by.strip():
         raise UsageError("an approval needs a name (--by NAME)")
-    get_run(conn, run_id)
+    get_run(conn, run_id, with_plan=False)
     conn.execute(
         approvals.insert().values(
             run_id=run_id, gate=gate, kind=kind, approved_by=approved_by, note=note, plan_hash=plan_hash, at=now

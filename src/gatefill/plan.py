@@ -98,9 +98,24 @@ class Plan:
 
 
 def plan_hash(body: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of the plan without its ``hash`` field."""
-    content = {k: v for k, v in body.items() if k != "hash"}
-    return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()
+    """sha256 of the canonical JSON of the plan without its ``hash`` field.
+
+    The digest is fed piece by piece (top-level keys in sorted order, list items one at a time), which yields exactly
+    ``sha256(canonical_json(content))`` without ever building that text: for 100k candidates it would be a 50 MB
+    string plus a normalised copy of the whole plan, held at once."""
+    digest = hashlib.sha256(b"{")
+    for i, key in enumerate(sorted(k for k in body if k != "hash")):
+        digest.update(("," if i else "").encode() + canonical_json(key).encode("utf-8") + b":")
+        value = body[key]
+        if isinstance(value, list | tuple):
+            digest.update(b"[")
+            for j, item in enumerate(value):
+                digest.update((b"," if j else b"") + canonical_json(item).encode("utf-8"))
+            digest.update(b"]")
+        else:
+            digest.update(canonical_json(value).encode("utf-8"))
+    digest.update(b"}")
+    return digest.hexdigest()
 
 
 def verify_plan(body: Mapping[str, Any], env: Environment) -> None:
