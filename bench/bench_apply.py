@@ -49,6 +49,9 @@ from typing import Any
 
 import httpx
 import psycopg
+from pgserver import admin as _admin
+from pgserver import sa_url as _sa_url
+from pgserver import with_database as _with_database
 from psycopg import sql
 
 from gatefill.config import Environment
@@ -71,25 +74,6 @@ _JSON_PROFILE_COLUMNS = frozenset(c.name for c in profiles.columns if type(c.typ
 
 
 # ------------------------------------------------------------------------------------------------------ databases
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, rest = _libpq(url).rpartition("/")
-    query = "?" + rest.split("?", 1)[1] if "?" in rest else ""
-    return f"{base}/{name}{query}"
-
-
-def _sa_url(url: str) -> str:
-    return _libpq(url).replace("postgresql://", "postgresql+psycopg://", 1)
-
-
-def _admin(server: str, statement: sql.Composed | str) -> None:
-    with psycopg.connect(_libpq(server), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(statement)
 
 
 @contextmanager

@@ -52,26 +52,14 @@ from gatefill.prism.seed import WINDOW_START, seed_scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_discovery import _pad  # the same complete sessions, written in SQL
+from pgserver import admin as _admin
+from pgserver import libpq as _libpq
+from pgserver import with_database as _with_database
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 GOAL_SECONDS = 30.0
 NOW = datetime(2025, 9, 17, 18, 0, tzinfo=UTC)
 LARGE_TABLES = ("assessment_sessions", "assessment_responses", "fc_responses", "fc_scores", "profiles")
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, rest = _libpq(url).rpartition("/")
-    query = "?" + rest.split("?", 1)[1] if "?" in rest else ""
-    return f"{base}/{name}{query}"
-
-
-def _admin(server: str, statement: sql.Composed) -> None:
-    with psycopg.connect(_libpq(server), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(statement)
 
 
 def _build(db: Database, url: str, args: argparse.Namespace) -> None:

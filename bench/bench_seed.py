@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 
 import psycopg
+from pgserver import libpq as _libpq
+from pgserver import with_database as _with_database
 from psycopg import sql
 
 from gatefill.config import Environment
@@ -29,16 +31,6 @@ from gatefill.prism.schema import init_schema, load_reference_data
 from gatefill.prism.seed import seed_scenario
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, rest = _libpq(url).rpartition("/")
-    query = "?" + rest.split("?", 1)[1] if "?" in rest else ""
-    return f"{base}/{name}{query}"
 
 
 def _backend_cpu(url: str) -> float | None:

@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from pgserver import libpq as _libpq
+from pgserver import with_database as _with_database
 from psycopg import sql
 
 from gatefill.clock import SimulatedClock
@@ -127,16 +129,6 @@ _LOAD = [
         """,
     ),
 ]
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, rest = _libpq(url).rpartition("/")
-    query = "?" + rest.split("?", 1)[1] if "?" in rest else ""
-    return f"{base}/{name}{query}"
 
 
 def _load(url: str, sessions: int, finalized_index: bool) -> dict[str, float]:
