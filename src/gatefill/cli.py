@@ -590,13 +590,7 @@ def pipeline_command(
         result = run_prism_soak(
             env, SoakOptions(after=apply_run, duration=duration_s, interval=interval_s), artifacts_dir=artifacts
         )
-        return {
-            "run_id": result.run_id,
-            "verdict": result.verdict,
-            "summary": result.reason,
-            "checks": {c.name: c.verdict for c in result.checks},
-            "artifacts": {k: str(v) for k, v in result.paths.items()},
-        }
+        return result.step_record()
 
     options = PipelineOptions(
         staging=staging, production=production, since=_since(since), priority=tuple(priority or ()), rate=rate

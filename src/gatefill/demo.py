@@ -152,13 +152,7 @@ def run_demo_pipeline(
             console.print(traffic.render(), markup=False)
             result = run_prism_soak(live, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
         console.print(f"soak {result.run_id}: {result.verdict} ({result.reason})", markup=False)
-        return {
-            "run_id": result.run_id,
-            "verdict": result.verdict,
-            "summary": result.reason,
-            "checks": {c.name: c.verdict for c in result.checks},
-            "artifacts": {k: str(v) for k, v in result.paths.items()},
-        }
+        return result.step_record()
 
     state = run_pipeline(settings, options, clock=clock, soak_step=soak_step)
     for line in state.log:

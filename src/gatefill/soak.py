@@ -304,6 +304,16 @@ class SoakResult:
     def exit_code(self) -> int:
         return exit_code_for(self.verdict)
 
+    def step_record(self) -> dict[str, Any]:
+        """The pipeline's record of this soak step (what its state keeps and the final gate reads)."""
+        return {
+            "run_id": self.run_id,
+            "verdict": self.verdict,
+            "summary": self.reason,
+            "checks": {c.name: c.verdict for c in self.checks},
+            "artifacts": {k: str(v) for k, v in self.paths.items()},
+        }
+
 
 def parse_margin(text: str) -> float:
     """A margin as a fraction: ``5pp`` or ``5%`` (percentage points), or a fraction ``0.05``; else ``UsageError``."""
