@@ -274,9 +274,16 @@ def _commit_batch(
     """Processes one batch and writes its ledger rows in the same transaction."""
     started = clock.now()
     with db.begin() as conn:
-        outcome = job.process_batch(conn, batch, now=started, run_id=run_id)
+        # The job hands its changes to the ledger as it writes them (same transaction), so they are not held back
+        # and written after the batch's last chunk.
+        outcome = job.process_batch(
+            conn,
+            batch,
+            now=started,
+            run_id=run_id,
+            record=lambda written: ledger.record_row_changes(conn, run_id, batch_no, written, at=started),
+        )
         finished = clock.now()
-        ledger.record_row_changes(conn, run_id, batch_no, outcome.changes, at=started)
         by_key = {c.key: c for c in batch}
         rows = [_session_row(run_id, batch_no, s, by_key[s.key], finished) for s in outcome.sessions]
         if retrying:

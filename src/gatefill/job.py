@@ -8,7 +8,7 @@ tables appear only in ``gatefill.prism``; phase modules know jobs only through t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-__all__ = ["BatchOutcome", "Candidate", "Check", "Job", "RowChange", "SessionOutcome", "WrittenTable"]
+__all__ = ["BatchOutcome", "Candidate", "ChangeSink", "Check", "Job", "RowChange", "SessionOutcome", "WrittenTable"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,10 @@ class RowChange:
     candidate: str
 
 
+#: Where a job reports the changes it has written (apply: the ledger, in the batch's transaction).
+ChangeSink = Callable[[Sequence[RowChange]], None]
+
+
 @dataclass
 class SessionOutcome:
     """What happened to one candidate in a batch: ``written``, ``already_present`` or ``failed`` (with the error)."""
@@ -124,7 +128,17 @@ class Job(Protocol):
         ...
 
     def process_batch(
-        self, conn: Connection, candidates: Sequence[Candidate], *, now: datetime, run_id: str
+        self,
+        conn: Connection,
+        candidates: Sequence[Candidate],
+        *,
+        now: datetime,
+        run_id: str,
+        record: ChangeSink | None = None,
     ) -> BatchOutcome:
-        """Writes one batch in the caller's transaction, re-checking each candidate under lock first."""
+        """Writes one batch in the caller's transaction, re-checking each candidate under lock first.
+
+        With ``record``, the job hands it every change as soon as the change is written, on the same connection and
+        in the same transaction, so the ledger rows go in while the job works on; the outcome still lists them all.
+        """
         ...

@@ -24,7 +24,7 @@ from gatefill.apply import ApplyOptions, apply_plan
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
 from gatefill.db import Database
-from gatefill.job import BatchOutcome, Candidate
+from gatefill.job import BatchOutcome, Candidate, ChangeSink
 from gatefill.prism.job import PrismJob
 
 
@@ -42,14 +42,20 @@ class KillingJob(PrismJob):
         self.seen = 0
 
     def process_batch(
-        self, conn: Connection, candidates: Sequence[Candidate], *, now: datetime, run_id: str
+        self,
+        conn: Connection,
+        candidates: Sequence[Candidate],
+        *,
+        now: datetime,
+        run_id: str,
+        record: ChangeSink | None = None,
     ) -> BatchOutcome:
         self.seen += 1
         if self.seen == self.batch:
-            outcome = super().process_batch(conn, list(candidates)[: self.after], now=now, run_id=run_id)
+            outcome = super().process_batch(conn, list(candidates)[: self.after], now=now, run_id=run_id, record=record)
             assert outcome.changes, "the kill point must come after real writes"
             die()
-        return super().process_batch(conn, candidates, now=now, run_id=run_id)
+        return super().process_batch(conn, candidates, now=now, run_id=run_id, record=record)
 
 
 def main(argv: list[str]) -> None:
