@@ -11,7 +11,8 @@ one keep-alive connection each: each sends the next finalize as soon as the prev
 includes queueing at the server. ``--client raw`` (the default) speaks HTTP/1.1 over asyncio streams (a request is
 one write, a response is read to its Content-Length) so the generator costs little CPU on a small machine;
 ``--client httpx`` uses httpx. Every call must answer 200 (a profile is written per session), otherwise the run fails.
-Each level runs ``--repeat`` times; the table shows the median of the repeats for every column.
+Each level runs ``--repeat`` times; the table shows the median of the repeats for every column, and for each repeat
+how the clients' connections were spread over the server's processes (an uneven split shows in p95).
 
 Beside the latencies it shows where the CPU went, in CPU milliseconds per request: the server's processes, the
 Postgres backends of the scratch database, the load generator, and everything else the machine ran meanwhile
@@ -268,6 +269,43 @@ def _machine_busy() -> float:
     return (sum(fields[:8]) - idle) / _TICKS
 
 
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process ``pid`` holds open."""
+    out = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                out.add(target[8:-1])
+    except (FileNotFoundError, PermissionError):
+        pass
+    return out
+
+
+def connection_split(server_pid: int, port: int) -> list[int]:
+    """How many established client connections to ``port`` each server process holds, largest first.
+
+    Closed-loop clients on an uneven split see unequal queues (a worker with 12 of 20 connections answers them
+    1.5 times slower than one with 8), which shows in p95; this makes the split visible beside the latencies.
+    """
+    established: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address is HEX_IP:HEX_PORT; state 01 is ESTABLISHED; field 9 is the inode.
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                established.add(fields[9])
+    counts = [len(_socket_inodes(pid) & established) for pid in _tree(server_pid)]
+    return sorted((c for c in counts if c), reverse=True)
+
+
 def _backends(name: str) -> list[int]:
     with psycopg.connect(_server_url(), autocommit=True, connect_timeout=5) as conn:
         return [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))]
@@ -372,7 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         generator = spawn.Process(target=_load_generator, args=(theirs, url, args.client))
         generator.start()
         assert process.pid is not None
-        meter = _CpuMeter(process.pid, name)
+        server_pid = process.pid
+        meter = _CpuMeter(server_pid, name)
         cursor = 0
 
         def take(n: int) -> list[str]:
@@ -380,22 +419,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             cursor += n
             return ids[cursor - n : cursor]
 
-        def run(n: int, clients: int) -> tuple[list[float], float, float]:
+        def run(n: int, clients: int) -> tuple[list[float], float, float, list[int]]:
             ours.send((take(n), clients))
+            # While the clients run, look once at how their connections are spread over the server's processes.
+            split: list[int] = []
+            while not ours.poll(0.05):
+                if sum(split) < clients:
+                    split = connection_split(server_pid, port)
             latencies, wall, client_cpu = ours.recv()
-            return latencies, wall, client_cpu
+            return latencies, wall, client_cpu, split
 
         # Warm every connection of the largest level (pool, prepared statements, caches) before measuring.
         run(args.warmup, max(levels))
         print(
             f"{'clients':>7} {'calls':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}"
-            f"   CPU ms/req: {'server':>6} {'pg':>5} {'client':>6} {'other':>5}"
+            f"   CPU ms/req: {'server':>6} {'pg':>5} {'client':>6} {'other':>5}   connections per server process"
         )
         for clients in levels:
             runs = []
             for _ in range(args.repeat):
                 before = meter.snapshot()
-                latencies, wall, client_cpu = run(args.requests, clients)
+                latencies, wall, client_cpu, split = run(args.requests, clients)
                 server_cpu, pg_cpu, busy = _CpuMeter.delta(before, meter.snapshot())
                 n = len(latencies)
                 runs.append(
@@ -409,14 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "cpu_pg_ms": pg_cpu / n * 1000,
                         "cpu_client_ms": client_cpu / n * 1000,
                         "cpu_other_ms": max(0.0, busy - server_cpu - pg_cpu - client_cpu) / n * 1000,
+                        "split": split,
                     }
                 )
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "split"}
             results["levels"].append({"clients": clients, "calls": args.requests, "runs": runs, "median": med})
             print(
                 f"{clients:>7} {args.requests:>6} {med['throughput']:>8.1f} {med['p50']:>8.1f} {med['p95']:>8.1f} "
                 f"{med['p99']:>8.1f} {med['max']:>8.1f}   {'':>11} {med['cpu_server_ms']:>6.2f} "
-                f"{med['cpu_pg_ms']:>5.2f} {med['cpu_client_ms']:>6.2f} {med['cpu_other_ms']:>5.2f}"
+                f"{med['cpu_pg_ms']:>5.2f} {med['cpu_client_ms']:>6.2f} {med['cpu_other_ms']:>5.2f}   "
+                + " ".join("/".join(str(c) for c in r["split"]) or "-" for r in runs)
             )
         if args.baseline:
             rate = asyncio.run(_baseline(url, take(100), key))
