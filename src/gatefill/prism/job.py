@@ -35,7 +35,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from gatefill.db import UTCTimestamp, parse_utc
+from gatefill.db import UTCTimestamp, insert_rows, parse_utc
 from gatefill.errors import DataError
 from gatefill.job import BatchOutcome, Candidate, ChangeSink, Check, RowChange, SessionOutcome, WrittenTable
 from gatefill.prism import scoring
@@ -91,6 +91,7 @@ class PrismJob:
         self.engine_version = engine_version
         self._reference: tuple[str, scoring.ReferenceData] | None = None  # (run id, data)
         self._uuids = _RandomUUIDs()
+        self._fn_logs_sequence: dict[str, str | None] = {}  # database URL (no password) -> sequence name
 
     @property
     def versions(self) -> Mapping[str, str]:
@@ -416,12 +417,8 @@ class PrismJob:
 
     def _write(self, conn: Connection, pending: Sequence[_Pending]) -> dict[str, list[RowChange]]:
         """The rows of ``pending`` written with one multi-row statement per table; the changes they made."""
-        fc_rows = [p.fc_row for p in pending if p.fc_row is not None]
-        if fc_rows:
-            conn.execute(fc_scores.insert(), fc_rows)
-        profile_rows = [p.profile_insert for p in pending if p.profile_insert is not None]
-        if profile_rows:
-            conn.execute(profiles.insert(), profile_rows)
+        insert_rows(conn, fc_scores, [p.fc_row for p in pending if p.fc_row is not None])
+        insert_rows(conn, profiles, [p.profile_insert for p in pending if p.profile_insert is not None])
         updated: dict[str, Mapping[str, Any]] = {}
         for p in pending:
             if p.profile_update is not None:
@@ -433,14 +430,7 @@ class PrismJob:
             # An UPDATE fires the updated_at trigger: the stored row is read back rather than assumed.
             for stored in conn.execute(sa.select(profiles).where(profiles.c.id.in_(sorted(updated)))):
                 after_update[str(stored.id)] = _plain(dict(stored._mapping))
-        events = [e for p in pending for e in p.events]
-        ids: Sequence[int] = ()
-        if events:
-            ids = (
-                conn.execute(fn_logs.insert().returning(fn_logs.c.id, sort_by_parameter_order=True), events)
-                .scalars()
-                .all()
-            )
+        ids = self._insert_events(conn, [e for p in pending for e in p.events])
         changes: dict[str, list[RowChange]] = {}
         next_id = iter(ids)
         for p in pending:
@@ -461,6 +451,43 @@ class PrismJob:
                 after = {"id": new_id, "evt": event["evt"], "payload": event["payload"], "at": event["at"].isoformat()}
                 out.append(RowChange("fn_logs", {"id": new_id}, None, after, p.key))
         return changes
+
+    def _insert_events(self, conn: Connection, events: Sequence[Mapping[str, Any]]) -> Sequence[int]:
+        """Inserts the fn_logs rows of ``events``; their ids, in order.
+
+        On Postgres the ids are drawn from the id column's own sequence first and the rows go in with one COPY
+        (``insert_rows``); an id column without a sequence, or one that refuses given values (GENERATED ALWAYS),
+        gets a multi-row INSERT ... RETURNING instead.
+        """
+        if not events:
+            return ()
+        sequence = self._event_id_sequence(conn) if conn.dialect.name == "postgresql" else None
+        if sequence is None:
+            returning = fn_logs.insert().returning(fn_logs.c.id, sort_by_parameter_order=True)
+            return conn.execute(returning, list(events)).scalars().all()
+        ids = (
+            conn.execute(
+                sa.text("SELECT nextval(CAST(:sequence AS regclass)) FROM generate_series(1, :n)"),
+                {"sequence": sequence, "n": len(events)},
+            )
+            .scalars()
+            .all()
+        )
+        insert_rows(conn, fn_logs, [{"id": new_id, **event} for new_id, event in zip(ids, events, strict=True)])
+        return ids
+
+    def _event_id_sequence(self, conn: Connection) -> str | None:
+        """The sequence behind ``fn_logs.id`` if rows may be given their id (looked up once per database)."""
+        database = conn.engine.url.render_as_string(hide_password=True)
+        if database not in self._fn_logs_sequence:
+            row = conn.execute(
+                sa.text(
+                    "SELECT pg_get_serial_sequence('fn_logs', 'id'), a.attidentity FROM pg_attribute a "
+                    "WHERE a.attrelid = CAST('fn_logs' AS regclass) AND a.attname = 'id'"
+                )
+            ).one()
+            self._fn_logs_sequence[database] = row[0] if row[1] != "a" else None
+        return self._fn_logs_sequence[database]
 
 
 @dataclass
