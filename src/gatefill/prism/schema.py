@@ -29,7 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.compiler import compiles
 
 from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText
@@ -508,9 +508,10 @@ GRANT EXECUTE ON FUNCTION public.get_results_by_session(uuid, text) TO anon, aut
 """
 
 
-def insert_for(conn: Connection, table: sa.Table) -> Any:
+def insert_for(conn: Connection | Dialect, table: sa.Table) -> Any:
     """The dialect's INSERT construct for ``table`` (both offer ``on_conflict_do_nothing``/``..._do_update``)."""
-    if conn.dialect.name == "postgresql":
+    dialect = conn if isinstance(conn, Dialect) else conn.dialect
+    if dialect.name == "postgresql":
         return pg_dialect.insert(table)
     return sqlite_dialect.insert(table)
 

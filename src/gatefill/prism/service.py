@@ -32,14 +32,15 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeAlias
 
+import psycopg
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 
 from gatefill.clock import Clock
 from gatefill.db import Database
@@ -366,9 +367,10 @@ class _ReferenceCache:
         self._built: dict[str, scoring.ReferenceData] = {}
 
     def get(
-        self, conn: Connection, *, drift: bool, config: Mapping[str, object] | None = None
+        self, load_static: Callable[[], _StaticReference], config: Mapping[str, object], *, drift: bool
     ) -> scoring.ReferenceData:
-        """The reference data of one call; ``config``: scoring_config as the call already read it (else read here)."""
+        """The reference data of one call: ``config`` is scoring_config as the call read it, ``load_static`` reads
+        the static tables when the cached copy has expired."""
         # Wall time, not the injected clock: this is a performance cache, and a simulated clock may never move.
         now = time.monotonic()
         with self._lock:
@@ -378,14 +380,14 @@ class _ReferenceCache:
                 self._reloading = True
         if reload:
             try:
-                static = _load_static_reference(conn)
+                static = load_static()
                 with self._lock:
                     self._static, self._loaded_at, self._built = static, now, {}
             finally:
                 with self._lock:
                     self._reloading = False
         assert static is not None
-        config = dict(config) if config is not None else _load_scoring_config(conn)
+        config = dict(config)
         if drift:
             config["results_version"] = DRIFTED_RESULTS_VERSION
         fingerprint = json.dumps(config, sort_keys=True, default=str)
@@ -421,15 +423,15 @@ _TALLY_EVENTS = frozenset({"fc_no_responses", "fc_option_not_found"})
 _UPSERTS: dict[tuple[str, str], Any] = {}
 
 
-def _upsert(conn: Connection, table: sa.Table, conflict: tuple[str, ...], keep: frozenset[str]) -> Any:
+def _upsert(dialect: Dialect, table: sa.Table, conflict: tuple[str, ...], keep: frozenset[str]) -> Any:
     """``INSERT ... ON CONFLICT (conflict) DO UPDATE`` of every column but ``keep``, built once per dialect.
 
     Reusing one construct lets SQLAlchemy's compiled cache hit (building ``excluded`` costs more than the query).
     """
-    key = (conn.dialect.name, table.name)
+    key = (dialect.name, table.name)
     stmt = _UPSERTS.get(key)
     if stmt is None:
-        base = insert_for(conn, table)
+        base = insert_for(dialect, table)
         update = {c.name: base.excluded[c.name] for c in table.columns if c.name not in keep and c.name not in conflict}
         stmt = _UPSERTS[key] = base.on_conflict_do_update(index_elements=list(conflict), set_=update)
     return stmt
@@ -527,7 +529,6 @@ _SESSION_UPDATE = (
         updated_at=sa.bindparam("b_updated_at", type_=_s.c.updated_at.type),
     )
 )
-_LOG_KEYS = ("evt", "payload", "at")
 
 
 def _session_update(
@@ -546,18 +547,39 @@ def _session_update(
     }
 
 
-def _write_statement(conn: Connection, kind: str) -> Any:
+def _write_statement(dialect: Dialect, kind: str) -> Any:
     """The construct of a planned write of ``kind`` (both paths run these, so their rows are the same)."""
     if kind == "fc":
-        return _upsert(conn, fc_scores, ("session_id", "version", "fc_kind"), frozenset({"created_at"}))
+        return _upsert(dialect, fc_scores, ("session_id", "version", "fc_kind"), frozenset({"created_at"}))
     if kind == "profile":
-        return _upsert(conn, profiles, ("session_id",), frozenset({"id", "share_token", "user_id"}))
+        return _upsert(dialect, profiles, ("session_id",), frozenset({"id", "share_token", "user_id"}))
     return _SESSION_UPDATE
 
 
-def _log_insert() -> Any:
-    # inline(): no RETURNING of the new ids, which nobody reads.
-    return fn_logs.insert().inline()
+def _log_insert(count: int) -> Any:
+    """One INSERT of ``count`` fn_logs rows (bind names ``evt_0``, ``payload_0``, ``at_0``, ...), typed by the
+    columns so their bind processors apply: one statement per call instead of one per event."""
+    c = fn_logs.c
+    return fn_logs.insert().values(
+        [
+            {
+                "evt": sa.bindparam(f"evt_{i}", type_=c.evt.type),
+                "payload": sa.bindparam(f"payload_{i}", type_=c.payload.type),
+                "at": sa.bindparam(f"at_{i}", type_=c.at.type),
+            }
+            for i in range(count)
+        ]
+    )
+
+
+def _log_params(rows: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """The parameters of ``_log_insert(len(rows))`` for these fn_logs rows."""
+    params: dict[str, object] = {}
+    for i, row in enumerate(rows):
+        params[f"evt_{i}"] = row["evt"]
+        params[f"payload_{i}"] = row["payload"]
+        params[f"at_{i}"] = row["at"]
+    return params
 
 
 class PrismService:
@@ -567,6 +589,17 @@ class PrismService:
         self.db = db
         self.clock = clock
         self._reference = _ReferenceCache(reference_ttl)
+        # Postgres: scoring calls run on parked psycopg connections (service_pg), not through the pool each time.
+        self._parked = service_pg.ParkedConnections(db.engine) if db.caps.dialect == "postgresql" else None
+
+    def close(self) -> None:
+        """Returns the connections this service keeps to the pool (before the database is disposed)."""
+        if self._parked is not None:
+            self._parked.dispose()
+
+    def _load_static(self) -> _StaticReference:
+        with self.db.connect() as conn:
+            return _load_static_reference(conn)
 
     # ---------------------------------------------------------------------------------------------------------------
     # helpers
@@ -591,7 +624,7 @@ class PrismService:
         work.writing = "fc"
         # created_at is only inserted, never updated: re-runs keep it, as upstream's upsert did.
         conn.execute(
-            _upsert(conn, fc_scores, ("session_id", "version", "fc_kind"), frozenset({"created_at"})),
+            _upsert(conn.dialect, fc_scores, ("session_id", "version", "fc_kind"), frozenset({"created_at"})),
             {
                 **row,
                 "created_at": ctx.now,
@@ -613,7 +646,9 @@ class PrismService:
         work = _Work()
         try:
             with self.db.begin() as conn:
-                ref = self._reference.get(conn, drift=False)
+                ref = self._reference.get(
+                    partial(_load_static_reference, conn), _load_scoring_config(conn), drift=False
+                )
                 responses = [
                     {"block_id": row.block_id, "option_id": row.option_id}
                     for row in conn.execute(
@@ -684,10 +719,14 @@ class PrismService:
         """Runs one scoring call in one transaction; a write failure is recorded (events, completion) and raised."""
         work = _Work()
         try:
-            with self.db.begin() as conn:
-                reads = self._read(conn, session_id, ctx, tally_fc)
-                writes = self._plan(reads, work, session_id, ctx, tally_fc, finalize, responses_count)
-                self._execute(conn, work, writes, fn, ctx)
+            if self._parked is None or not self._score_pg(
+                work, session_id, ctx, fn, tally_fc, finalize, responses_count
+            ):
+                work = _Work()
+                with self.db.begin() as conn:
+                    reads = self._read(conn, session_id, ctx, tally_fc)
+                    writes = self._plan(reads, work, session_id, ctx, tally_fc, finalize, responses_count)
+                    self._execute(conn, work, writes, fn, ctx)
         except DatabaseUnreachable:
             raise
         except DatabaseError as exc:
@@ -713,27 +752,49 @@ class PrismService:
             raise work.failure
         return work
 
+    def _score_pg(
+        self,
+        work: _Work,
+        session_id: str,
+        ctx: CallContext,
+        fn: str,
+        tally_fc: bool,
+        finalize: bool,
+        responses_count: int | None,
+    ) -> bool:
+        """The Postgres path of ``_score``: reads in one round trip, writes and COMMIT in another, on a parked
+        connection. False (nothing written) when the session has repeated answers, which the portable reader
+        resolves."""
+        assert self._parked is not None
+        drift = "engine_version_override" in ctx.faults
+        fresh = False
+        while True:
+            with self.db.translate_errors(), self._parked.transaction(fresh=fresh) as (raw, reused):
+                try:
+                    pg = service_pg.read_call(raw, session_id, with_fc_responses=tally_fc)
+                except service_pg.PipelineStepFailed as exc:
+                    if exc.disconnected and reused:
+                        # A parked connection the server dropped while it waited: nothing ran, try a fresh one.
+                        fresh = True
+                        continue
+                    raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
+                if pg.inputs is None:
+                    return False
+                ref = self._reference.get(self._load_static, pg.config, drift=drift)
+                reads = _Reads(pg.locked, ref, pg.inputs, pg.profile_exists, pg.submitted_at)
+                writes = self._plan(reads, work, session_id, ctx, tally_fc, finalize, responses_count)
+                self._execute_pg(raw, work, writes, self._log_rows(fn, ctx, work.events))
+                return True
+
     def _read(self, conn: Connection, session_id: str, ctx: CallContext, tally_fc: bool) -> _Reads:
         """Locks the session row (serialising concurrent scoring of one session; a no-op on SQLite, whose writers
         queue anyway), then reads the reference data, the session's inputs and its existing profile."""
         drift = "engine_version_override" in ctx.faults
-        if self.db.caps.dialect == "postgresql":
-            try:
-                pg = service_pg.read_call(conn, session_id, with_fc_responses=tally_fc)
-            except service_pg.PipelineStepFailed as exc:
-                if exc.disconnected:
-                    conn.invalidate()
-                raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
-            inputs = pg.inputs
-            if inputs is None:
-                inputs = load_session_inputs(conn, [session_id], with_fc_responses=tally_fc)[session_id]
-            ref = self._reference.get(conn, drift=drift, config=pg.config)
-            return _Reads(pg.locked, ref, inputs, pg.profile_exists, pg.submitted_at)
         s = assessment_sessions
         locked = conn.execute(
             sa.select(s.c.share_token, s.c.share_token_expires_at).where(s.c.id == session_id).with_for_update()
         ).first()
-        ref = self._reference.get(conn, drift=drift)
+        ref = self._reference.get(partial(_load_static_reference, conn), _load_scoring_config(conn), drift=drift)
         inputs = load_session_inputs(conn, [session_id], with_fc_responses=tally_fc)[session_id]
         existing = conn.execute(sa.select(profiles.c.submitted_at).where(profiles.c.session_id == session_id)).first()
         return _Reads(
@@ -844,19 +905,21 @@ class PrismService:
     def _execute(self, conn: Connection, work: _Work, writes: list[_Write], fn: str, ctx: CallContext) -> None:
         """Runs the planned writes, then the events (unless a write failed); ``work.writing`` names a failed write."""
         logs = self._log_rows(fn, ctx, work.events)
-        if self.db.caps.dialect == "postgresql":
-            self._execute_pg(conn, work, writes, logs)
-            return
         for write in writes:
             work.writing, work.events_kept = write.label, write.events_at
             if isinstance(write.values, DatabaseError):
                 raise write.values
-            conn.execute(_write_statement(conn, write.kind), write.values)
+            conn.execute(_write_statement(conn.dialect, write.kind), write.values)
         work.writing = None
         if logs:
             conn.execute(fn_logs.insert(), logs)
 
-    def _execute_pg(self, conn: Connection, work: _Work, writes: list[_Write], logs: list[dict[str, object]]) -> None:
+    def _execute_pg(
+        self, raw: psycopg.Connection[Any], work: _Work, writes: list[_Write], logs: list[dict[str, object]]
+    ) -> None:
+        """The planned writes, the events (one INSERT) and COMMIT in one round trip; a planned failure (``fail``)
+        sends nothing, so the transaction is rolled back."""
+        dialect = self.db.engine.dialect
         steps: list[tuple[service_pg.CompiledWrite, Sequence[Mapping[str, object]]]] = []
         labels: list[_Write | None] = []
         failure: _Write | None = None
@@ -866,23 +929,21 @@ class PrismService:
                 break
             keys = tuple(write.values) if write.kind in ("fc", "profile") else ()
             statement = service_pg.compiled(
-                conn, (write.kind, keys), partial(_write_statement, conn, write.kind), keys or None
+                dialect, (write.kind, keys), partial(_write_statement, dialect, write.kind), keys or None
             )
             steps.append((statement, [write.values]))
             labels.append(write)
         if failure is None and logs:
-            steps.append((service_pg.compiled(conn, ("logs",), _log_insert, _LOG_KEYS), logs))
-            labels.append(None)
-        if steps:
-            try:
-                service_pg.run_pipelined(conn, steps)
-            except service_pg.PipelineStepFailed as exc:
-                failed = labels[exc.index]
-                if failed is not None:
-                    work.writing, work.events_kept = failed.label, failed.events_at
-                if exc.disconnected:
-                    conn.invalidate()
-                raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
+            statement = service_pg.compiled(dialect, ("logs", len(logs)), partial(_log_insert, len(logs)), None)
+            steps.append((statement, [_log_params(logs)]))
+        try:
+            # The writes before a planned failure still run (a real failure among them is the one reported).
+            service_pg.run_pipelined(raw, steps, commit=failure is None)
+        except service_pg.PipelineStepFailed as exc:
+            failed = labels[exc.index] if exc.index < len(labels) else None
+            if failed is not None:
+                work.writing, work.events_kept = failed.label, failed.events_at
+            raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
         if failure is not None:
             work.writing, work.events_kept = failure.label, failure.events_at
             assert isinstance(failure.values, DatabaseError)
@@ -907,7 +968,7 @@ class PrismService:
             )
         token = str(locked.share_token or uuid.uuid4())
         conn.execute(
-            _write_statement(conn, "session"),
+            _write_statement(conn.dialect, "session"),
             _session_update(session_id, ctx, responses_count, token, locked.share_token_expires_at),
         )
         return token

@@ -8,22 +8,40 @@ the same session committed), and the writes go together too. The write statement
 the portable path executes, compiled once per process for the connection's dialect, and their values pass through
 SQLAlchemy's own bind processors for those columns, so the rows written equal the portable path's byte for byte.
 psycopg prepares a statement on a connection after its fifth use, so the steady state sends no SQL text.
+
+The connections are the engine's pool connections, but a call does not check one out of the pool each time: the
+pool's checkout pings the server (``pool_pre_ping``, one more statement and round trip per call) and SQLAlchemy's
+connection and transaction objects cost more Python than the call's own reads. ``ParkedConnections`` keeps the
+connections it has used checked out and reuses them; the COMMIT travels in the writes' round trip. A parked
+connection that the server has dropped fails on the first statement of a call, which only reads; the caller then
+retries once on a fresh connection, which is what the ping was for.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy.engine import Connection
+from psycopg.pq import TransactionStatus
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.pool import PoolProxiedConnection
 
 from gatefill.prism import scoring
 
-__all__ = ["CompiledWrite", "PgReads", "PipelineStepFailed", "compiled", "read_call", "run_pipelined"]
+__all__ = [
+    "CompiledWrite",
+    "ParkedConnections",
+    "PgReads",
+    "PipelineStepFailed",
+    "compiled",
+    "read_call",
+    "run_pipelined",
+]
 
 _LOCK_SQL = "SELECT share_token, share_token_expires_at FROM assessment_sessions WHERE id = %(id)s::uuid FOR UPDATE"
 
@@ -92,14 +110,13 @@ _COMPILED_LOCK = threading.Lock()
 
 
 def compiled(
-    conn: Connection, key: tuple[object, ...], build: Callable[[], Any], column_keys: Sequence[str] | None
+    dialect: Dialect, key: tuple[object, ...], build: Callable[[], Any], column_keys: Sequence[str] | None
 ) -> CompiledWrite:
-    """The construct ``build()`` compiled for ``conn``'s dialect (for an INSERT, of ``column_keys``), cached by key."""
-    full_key = (conn.dialect.name, *key)
+    """The construct ``build()`` compiled for ``dialect`` (for an INSERT, of ``column_keys``), cached by key."""
+    full_key = (dialect.name, *key)
     found = _COMPILED.get(full_key)
     if found is not None:
         return found
-    dialect = conn.dialect
     done = build().compile(dialect=dialect, column_keys=list(column_keys) if column_keys is not None else None)
     processors: dict[str, Callable[[Any], Any]] = {}
     for name, bind in done.binds.items():
@@ -112,6 +129,54 @@ def compiled(
     return result
 
 
+class ParkedConnections:
+    """The engine's pool connections the fast path keeps checked out between calls, one call at a time each."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._idle: list[PoolProxiedConnection] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self, *, fresh: bool = False) -> Iterator[tuple[psycopg.Connection[Any], bool]]:
+        """A psycopg connection for one transaction and whether it was parked (reused) rather than checked out.
+
+        The body commits (``run_pipelined(commit=True)``); whatever it leaves open is rolled back. A connection that
+        broke is invalidated (the pool drops it); a healthy one is parked for the next call. ``fresh`` skips the
+        parked ones (the retry after a parked connection turned out dead).
+        """
+        pooled: PoolProxiedConnection | None = None
+        if not fresh:
+            with self._lock:
+                pooled = self._idle.pop() if self._idle else None
+        reused = pooled is not None
+        if pooled is None:
+            pooled = self.engine.raw_connection()
+        raw = pooled.driver_connection
+        if not isinstance(raw, psycopg.Connection):
+            pooled.close()
+            raise TypeError("the pipelined path needs a psycopg connection")
+        try:
+            yield raw, reused
+        finally:
+            if not (raw.broken or raw.closed) and raw.pgconn.transaction_status != TransactionStatus.IDLE:
+                with suppress(psycopg.Error):
+                    raw.rollback()
+            if raw.broken or raw.closed or raw.pgconn.transaction_status != TransactionStatus.IDLE:
+                pooled.invalidate()
+                pooled.close()
+            else:
+                with self._lock:
+                    self._idle.append(pooled)
+
+    def dispose(self) -> None:
+        """Returns every parked connection to the pool."""
+        with self._lock:
+            parked, self._idle = self._idle, []
+        for pooled in parked:
+            pooled.close()
+
+
 def _utc(value: datetime | None) -> datetime | None:
     # As UTCTimestamp reads it: aware UTC whatever the connection's TimeZone.
     if value is None:
@@ -119,16 +184,8 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _driver(conn: Connection) -> psycopg.Connection[Any]:
-    raw = conn.connection.driver_connection
-    if not isinstance(raw, psycopg.Connection):
-        raise TypeError("the pipelined path needs a psycopg connection")
-    return raw
-
-
-def read_call(conn: Connection, session_id: str, *, with_fc_responses: bool) -> PgReads:
-    """Locks the session row and reads every input of a scoring call: one round trip."""
-    raw = _driver(conn)
+def read_call(raw: psycopg.Connection[Any], session_id: str, *, with_fc_responses: bool) -> PgReads:
+    """Locks the session row and reads every input of a scoring call: one round trip (BEGIN goes with it)."""
     params = {
         "id": session_id,
         "version": scoring.FC_VERSION,
@@ -162,12 +219,18 @@ def read_call(conn: Connection, session_id: str, *, with_fc_responses: bool) -> 
     return PgReads(locked, dict(config or {}), session_inputs, bool(found), _utc(submitted_at))
 
 
-def run_pipelined(conn: Connection, steps: Sequence[tuple[CompiledWrite, Sequence[Mapping[str, object]]]]) -> None:
-    """Runs each step (a statement with one or more parameter sets) in order, in one round trip.
+def run_pipelined(
+    raw: psycopg.Connection[Any],
+    steps: Sequence[tuple[CompiledWrite, Sequence[Mapping[str, object]]]],
+    *,
+    commit: bool = False,
+) -> None:
+    """Runs each step (a statement with one or more parameter sets) in order, then COMMIT if ``commit``, in one round
+    trip.
 
-    Raises ``PipelineStepFailed`` naming the first step that failed; the server skipped the steps after it.
+    Raises ``PipelineStepFailed`` naming the first step that failed (``len(steps)``: the COMMIT); the server skipped
+    the steps after it.
     """
-    raw = _driver(conn)
     cursors = []
     try:
         with raw.pipeline():
@@ -178,9 +241,11 @@ def run_pipelined(conn: Connection, steps: Sequence[tuple[CompiledWrite, Sequenc
                     cursor.execute(statement.sql, statement.params(rows[0]))
                 else:
                     cursor.executemany(statement.sql, [statement.params(r) for r in rows])
+            if commit:
+                raw.commit()
     except psycopg.Error as exc:
         # Results are handed to the cursors in order: the first one without a result is the one that failed.
-        failed = next((i for i, c in enumerate(cursors) if c.pgresult is None), len(cursors) - 1)
+        failed = next((i for i, c in enumerate(cursors) if c.pgresult is None), len(cursors))
         raise PipelineStepFailed(failed, exc, raw.broken or raw.closed) from exc
     finally:
         for cursor in cursors:
