@@ -408,6 +408,12 @@ class _ReferenceCache:
 
 
 def _jsonable(value: object) -> object:
+    kind = type(value)
+    # Most values are plain scalars: answer them before the isinstance checks (this runs ~100 times per call).
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
     if isinstance(value, Mapping):
