@@ -21,6 +21,7 @@ Security decisions, each because a deployment must not be trickable:
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -562,7 +563,14 @@ def _serve_on(app: FastAPI, sock: socket.socket, log_level: str) -> None:
 
 
 def _prepare(app: FastAPI, log_level: str) -> None:
-    """The log handler and the access log of a served app."""
+    """The log handler and the access log of a served app, and the garbage collector of the process serving it."""
+    # Everything built so far (modules, the app, SQLAlchemy's caches) lives as long as the process: freeze it out of
+    # the collector's scans, and collect the young generation less often. A call allocates thousands of containers,
+    # so with the default threshold of 700 a full collection walked the whole heap every few hundred calls, a pause
+    # the calls queued behind it all saw in their latency.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, 20, 20)
     if not _log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -627,6 +635,9 @@ def serve_functions(
         create_app(env, db, allow_fault_injection=allow_fault_injection)
     _supervise(env, host, port, allow_fault_injection, log_level, on_ready, workers)
 
+
+#: Allocations (net) between young-generation collections in a serving process (Python's default: 700).
+_GC_THRESHOLD = 20_000
 
 #: Pending connections the supervisor's listening socket queues (uvicorn's default).
 _BACKLOG = 2048
