@@ -23,7 +23,9 @@ too), runs ``VACUUM ANALYZE``, and then measures, in this order and in the same 
 
 A ``CHECKPOINT`` precedes (a) and (b), so neither pays for the other's dirty pages. After (b) the bench checks that
 every candidate was written and that the database holds exactly the rows the ledger lists. Every database is dropped
-at the end. The summary prints the medians per size, the ratios b/a and b/c, the goals and the exact command.
+at the end. The summary prints the medians per size, the ratios b/a and b/c, the goals and the exact command, and the
+machine's CPU cost per session of (a), (b) and (c) from /proc/stat (all cores, Postgres backends included; on a quiet
+machine that is the phase's whole cost), with the apply rate that cost allows on this machine's cores.
 """
 
 from __future__ import annotations
@@ -137,8 +139,18 @@ def _functions_server(url: str, key: str, mode: str) -> Iterator[str]:
         process.join(10)
 
 
-def measure_http(url: str, warmup: Sequence[str], sample: Sequence[str], mode: str) -> float:
-    """Sessions per second through score_fc_session + score_prism over HTTP, one call at a time."""
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores; /proc/stat: everything but idle and
+    iowait), so a phase's total CPU cost, this process, its children and every Postgres backend, is a difference."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_http(url: str, warmup: Sequence[str], sample: Sequence[str], mode: str) -> tuple[float, float]:
+    """Sessions per second through score_fc_session + score_prism over HTTP, one call at a time, and the machine's
+    CPU milliseconds per session meanwhile."""
     key = f"bench-{uuid.uuid4().hex}"
     with _functions_server(url, key, mode) as base:
         # httpx sends headers and body in two writes: without TCP_NODELAY, Nagle's algorithm would hold the body
@@ -155,10 +167,11 @@ def measure_http(url: str, warmup: Sequence[str], sample: Sequence[str], mode: s
 
             for sid in warmup:
                 one(sid)
-            started = time.perf_counter()
+            started, busy = time.perf_counter(), machine_busy_seconds()
             for sid in sample:
                 one(sid)
-            return len(sample) / (time.perf_counter() - started)
+            elapsed, busy = time.perf_counter() - started, machine_busy_seconds() - busy
+            return len(sample) / elapsed, busy / len(sample) * 1000.0
 
 
 # ------------------------------------------------------------------------------------------------------ (a) floor
@@ -332,7 +345,7 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         want = min(len(pool), args.http_sample + args.http_warmup)
         step = max(1, len(pool) // max(1, want))
         chosen = pool[::step][:want]
-        http = measure_http(url, chosen[: args.http_warmup], chosen[args.http_warmup :], args.http_server)
+        http, http_cpu = measure_http(url, chosen[: args.http_warmup], chosen[args.http_warmup :], args.http_server)
 
         now = datetime.now(UTC)
         with Database(env, pool_size=2) as db:
@@ -348,8 +361,12 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             plan_s = time.perf_counter() - t0
         assert plan.json_path is not None
         candidates = int(plan.body["totals"]["candidates"])
+        busy = machine_busy_seconds()
         floor, floor_n = measure_floor(url, plan.body, now)
+        floor_cpu = (machine_busy_seconds() - busy) / floor_n * 1000.0
+        busy = machine_busy_seconds()
         applied = measure_apply(url, plan.json_path, Path(tmp), args.batch_size)
+        apply_cpu = (machine_busy_seconds() - busy) / applied["sessions"] * 1000.0
         _verify(url, plan.run_id, candidates)
         apply_rate = applied["sessions"] / applied["seconds"]
         out = {
@@ -360,6 +377,9 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             "floor_per_s": floor,
             "apply_per_s": apply_rate,
             "apply_cpu_ms_per_session": applied["cpu_seconds"] / applied["sessions"] * 1000.0,
+            "machine_cpu_ms_floor": floor_cpu,
+            "machine_cpu_ms_apply": apply_cpu,
+            "machine_cpu_ms_http": http_cpu,
             "http_per_s": http,
             "apply_maxrss_mb": applied["maxrss_mb"],
             "apply_vmhwm_mb": applied["vmhwm_mb"] or 0.0,
@@ -372,7 +392,8 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             f"  N={n:,}: seed {seed_s:.0f} s, plan {plan_s:.1f} s; floor {floor:.0f}/s, apply {apply_rate:.0f}/s "
             f"({out['apply_cpu_ms_per_session']:.2f} ms CPU/session, peak RSS {applied['maxrss_mb']:.0f} MB, "
             f"VmHWM {out['apply_vmhwm_mb']:.0f} MB), "
-            f"HTTP {http:.1f}/s; b/a {out['vs_floor']:.2f}, b/c {out['vs_http']:.0f}",
+            f"HTTP {http:.1f}/s; b/a {out['vs_floor']:.2f}, b/c {out['vs_http']:.0f}; machine CPU ms/session: "
+            f"floor {floor_cpu:.2f}, apply {apply_cpu:.2f}, HTTP {http_cpu:.2f}; load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
         return out
@@ -410,6 +431,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{n:>9,} {m['floor_per_s']:>8.0f} {m['apply_per_s']:>8.0f} {m['http_per_s']:>7.1f} {m['vs_floor']:>5.2f} "
             f"{m['vs_http']:>6.0f} {m['apply_maxrss_mb']:>7.0f} {m['apply_cpu_ms_per_session']:>7.2f}"
+        )
+    print("machine CPU ms per session (all cores: this bench, its children, the Postgres backends, anything else):")
+    cores = os.cpu_count() or 1
+    for n, m in summary.items():
+        print(
+            f"{n:>9,} floor {m['machine_cpu_ms_floor']:.2f}, apply {m['machine_cpu_ms_apply']:.2f}, "
+            f"HTTP {m['machine_cpu_ms_http']:.2f}; at that cost {cores} cores allow at most "
+            f"{cores * 1000.0 / m['machine_cpu_ms_apply']:.0f} applied sessions/s "
+            f"= {cores * 1000.0 / m['machine_cpu_ms_apply'] / m['http_per_s']:.0f}x the HTTP path"
         )
     rss = [m["apply_maxrss_mb"] for m in summary.values()]
     goals = {
