@@ -5,9 +5,10 @@ count expected changes and calls) and apply (to decide what to write) use. ``pro
 transaction: it locks the batch's session rows (so a live finalize of the same session waits, or is waited for),
 re-reads what exists under that lock, then works through the sessions a chunk at a time: it loads a chunk's inputs
 with one query, scores each session through ``scoring.score_session`` (the code path of the functions server too)
-and writes the chunk with one multi-row statement per table inside one savepoint. Only if that fails (a live
-writer's row met at insert time, any database error) is the savepoint rolled back and the chunk redone one savepoint
-per session, so the failing session is recorded with its error and the rest of the batch still commits. The
+and writes the chunk with one bulk statement per table (``db.insert_rows``: COPY on Postgres) inside one savepoint.
+Only if that fails (a live writer's row met at insert time, any database error) is the savepoint rolled back and the
+chunk redone one savepoint per session, so the failing session is recorded with its error and the rest of the batch
+still commits. The chunk's changes then go to the caller's ledger sink (``record``), in the same transaction. The
 statements run on a helper thread, in order, while this thread scores the next chunk. Rows that appeared since the
 plan (live traffic) are left alone and reported ``already_present``; nothing is overwritten unless the plan says
 rescore. Every row written is reported with its before-image (None: absent) and its after-image, which for inserted
@@ -416,7 +417,7 @@ class PrismJob:
         return changes, failed
 
     def _write(self, conn: Connection, pending: Sequence[_Pending]) -> dict[str, list[RowChange]]:
-        """The rows of ``pending`` written with one multi-row statement per table; the changes they made."""
+        """The rows of ``pending`` written with one bulk statement per table; the changes they made."""
         insert_rows(conn, fc_scores, [p.fc_row for p in pending if p.fc_row is not None])
         insert_rows(conn, profiles, [p.profile_insert for p in pending if p.profile_insert is not None])
         updated: dict[str, Mapping[str, Any]] = {}
