@@ -38,7 +38,6 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeAlias
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 
@@ -775,9 +774,9 @@ class PrismService:
         drift = "engine_version_override" in ctx.faults
         fresh = False
         while True:
-            with self.db.translate_errors(), self._parked.transaction(fresh=fresh) as (raw, reused):
+            with self.db.translate_errors(), self._parked.transaction(fresh=fresh) as (conn, reused):
                 try:
-                    pg = service_pg.read_call(raw, session_id, with_fc_responses=tally_fc)
+                    pg = service_pg.read_call(conn, session_id, with_fc_responses=tally_fc)
                 except service_pg.PipelineStepFailed as exc:
                     if exc.disconnected and reused:
                         # A parked connection the server dropped while it waited: nothing ran, try a fresh one.
@@ -789,7 +788,7 @@ class PrismService:
                 ref = self._reference.get(self._load_static, pg.config, drift=drift)
                 reads = _Reads(pg.locked, ref, pg.inputs, pg.profile_exists, pg.submitted_at)
                 writes = self._plan(reads, work, session_id, ctx, tally_fc, finalize, responses_count)
-                self._execute_pg(raw, work, writes, self._log_rows(fn, ctx, work.events))
+                self._execute_pg(conn, work, writes, self._log_rows(fn, ctx, work.events))
                 return True
 
     def _read(self, conn: Connection, session_id: str, ctx: CallContext, tally_fc: bool) -> _Reads:
@@ -921,7 +920,7 @@ class PrismService:
             conn.execute(fn_logs.insert(), logs)
 
     def _execute_pg(
-        self, raw: psycopg.Connection[Any], work: _Work, writes: list[_Write], logs: list[dict[str, object]]
+        self, conn: service_pg.PgConnection, work: _Work, writes: list[_Write], logs: list[dict[str, object]]
     ) -> None:
         """The planned writes, the events (one INSERT) and COMMIT in one round trip; a planned failure (``fail``)
         sends nothing, so the transaction is rolled back."""
@@ -944,7 +943,7 @@ class PrismService:
             steps.append((statement, [_log_params(logs)]))
         try:
             # The writes before a planned failure still run (a real failure among them is the one reported).
-            service_pg.run_pipelined(raw, steps, commit=failure is None)
+            service_pg.run_pipelined(conn, steps, commit=failure is None)
         except service_pg.PipelineStepFailed as exc:
             failed = labels[exc.index] if exc.index < len(labels) else None
             if failed is not None:

@@ -36,6 +36,7 @@ from gatefill.prism import scoring
 __all__ = [
     "CompiledWrite",
     "ParkedConnections",
+    "PgConnection",
     "PgReads",
     "PipelineStepFailed",
     "compiled",
@@ -130,51 +131,77 @@ def compiled(
     return result
 
 
+class PgConnection:
+    """A parked psycopg connection and the cursors it keeps, one per statement text.
+
+    A psycopg cursor that runs the same query object again keeps its adaptation state (which dumper serves each
+    parameter type); a new cursor per statement looked all of them up again, on every call.
+    """
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+        self._cursors: dict[str, psycopg.Cursor[Any]] = {}
+
+    def cursor(self, statement: str) -> psycopg.Cursor[Any]:
+        """This connection's cursor for ``statement`` (one statement at a time each: calls do not share it)."""
+        found = self._cursors.get(statement)
+        if found is None:
+            found = self._cursors[statement] = self.raw.cursor()
+        return found
+
+    @property
+    def broken(self) -> bool:
+        return self.raw.broken or self.raw.closed
+
+
 class ParkedConnections:
     """The engine's pool connections the fast path keeps checked out between calls, one call at a time each."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._idle: list[PoolProxiedConnection] = []
+        self._idle: list[tuple[PoolProxiedConnection, PgConnection]] = []
         self._lock = threading.Lock()
 
     @contextmanager
-    def transaction(self, *, fresh: bool = False) -> Iterator[tuple[psycopg.Connection[Any], bool]]:
-        """A psycopg connection for one transaction and whether it was parked (reused) rather than checked out.
+    def transaction(self, *, fresh: bool = False) -> Iterator[tuple[PgConnection, bool]]:
+        """A connection for one transaction and whether it was parked (reused) rather than checked out.
 
         The body commits (``run_pipelined(commit=True)``); whatever it leaves open is rolled back. A connection that
         broke is invalidated (the pool drops it); a healthy one is parked for the next call. ``fresh`` skips the
         parked ones (the retry after a parked connection turned out dead).
         """
-        pooled: PoolProxiedConnection | None = None
+        parked: tuple[PoolProxiedConnection, PgConnection] | None = None
         if not fresh:
             with self._lock:
-                pooled = self._idle.pop() if self._idle else None
-        reused = pooled is not None
-        if pooled is None:
+                parked = self._idle.pop() if self._idle else None
+        reused = parked is not None
+        if parked is None:
             pooled = self.engine.raw_connection()
-        raw = pooled.driver_connection
-        if not isinstance(raw, psycopg.Connection):
-            pooled.close()
-            raise TypeError("the pipelined path needs a psycopg connection")
+            raw = pooled.driver_connection
+            if not isinstance(raw, psycopg.Connection):
+                pooled.close()
+                raise TypeError("the pipelined path needs a psycopg connection")
+            parked = (pooled, PgConnection(raw))
+        pooled, conn = parked
+        raw = conn.raw
         try:
-            yield raw, reused
+            yield conn, reused
         finally:
-            if not (raw.broken or raw.closed) and raw.pgconn.transaction_status != TransactionStatus.IDLE:
+            if not conn.broken and raw.pgconn.transaction_status != TransactionStatus.IDLE:
                 with suppress(psycopg.Error):
                     raw.rollback()
-            if raw.broken or raw.closed or raw.pgconn.transaction_status != TransactionStatus.IDLE:
+            if conn.broken or raw.pgconn.transaction_status != TransactionStatus.IDLE:
                 pooled.invalidate()
                 pooled.close()
             else:
                 with self._lock:
-                    self._idle.append(pooled)
+                    self._idle.append(parked)
 
     def dispose(self) -> None:
         """Returns every parked connection to the pool."""
         with self._lock:
             parked, self._idle = self._idle, []
-        for pooled in parked:
+        for pooled, _ in parked:
             pooled.close()
 
 
@@ -185,16 +212,17 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def read_call(raw: psycopg.Connection[Any], session_id: str, *, with_fc_responses: bool) -> PgReads:
+def read_call(conn: PgConnection, session_id: str, *, with_fc_responses: bool) -> PgReads:
     """Locks the session row and reads every input of a scoring call: one round trip (BEGIN goes with it)."""
+    raw = conn.raw
     params = {
         "id": session_id,
         "version": scoring.FC_VERSION,
         "kind": scoring.FC_KIND,
         "with_fc": with_fc_responses,
     }
-    lock = raw.cursor()
-    inputs = raw.cursor()
+    lock = conn.cursor(_LOCK_SQL)
+    inputs = conn.cursor(_INPUTS_SQL)
     try:
         with raw.pipeline():
             lock.execute(_LOCK_SQL, {"id": session_id})
@@ -203,8 +231,6 @@ def read_call(raw: psycopg.Connection[Any], session_id: str, *, with_fc_response
         raise PipelineStepFailed(0 if lock.pgresult is None else 1, exc, raw.broken or raw.closed) from exc
     locked_row = lock.fetchone()
     row = inputs.fetchone()
-    lock.close()
-    inputs.close()
     assert row is not None
     config, qids, values, blocks, options, fc_existing, found, submitted_at = row
     locked = None if locked_row is None else (locked_row[0], _utc(locked_row[1]))
@@ -223,7 +249,7 @@ def read_call(raw: psycopg.Connection[Any], session_id: str, *, with_fc_response
 
 
 def run_pipelined(
-    raw: psycopg.Connection[Any],
+    conn: PgConnection,
     steps: Sequence[tuple[CompiledWrite, Sequence[Mapping[str, object]]]],
     *,
     commit: bool = False,
@@ -234,11 +260,12 @@ def run_pipelined(
     Raises ``PipelineStepFailed`` naming the first step that failed (``len(steps)``: the COMMIT); the server skipped
     the steps after it.
     """
+    raw = conn.raw
     cursors = []
     try:
         with raw.pipeline():
             for statement, rows in steps:
-                cursor = raw.cursor()
+                cursor = conn.cursor(statement.sql)
                 cursors.append(cursor)
                 if len(rows) == 1:
                     cursor.execute(statement.sql, statement.params(rows[0]))
@@ -250,6 +277,3 @@ def run_pipelined(
         # Results are handed to the cursors in order: the first one without a result is the one that failed.
         failed = next((i for i, c in enumerate(cursors) if c.pgresult is None), len(cursors))
         raise PipelineStepFailed(failed, exc, raw.broken or raw.closed) from exc
-    finally:
-        for cursor in cursors:
-            cursor.close()
