@@ -27,7 +27,6 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
 import re
 import selectors
 import signal
@@ -38,13 +37,12 @@ import types
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from multiprocessing.managers import BaseManager
 from typing import Any, Protocol
 
-import anyio
-import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -89,11 +87,12 @@ _REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 
 _log = logging.getLogger("gatefill.functions")
-#: Function calls one process runs at once; the others wait their turn in arrival order. Each call holds the GIL
-#: for most of its time (the rest is two round trips), so more threads only interleave calls: with anyio's default of
-#: 40, twenty clients' calls shared the interpreter by 5 ms slices and p95 was 2.2 times p50; four keep the CPU busy
-#: while one call waits for Postgres, and calls finish in the order they came.
-_CALLS_AT_ONCE = int(os.environ.get("GF_THREADS", "4"))
+#: Function calls one process runs at once, on threads of its own; the others wait their turn in arrival order. A
+#: call holds the GIL for most of its time (the rest is two round trips), so more threads only interleave calls: with
+#: Starlette's threadpool (anyio, 40 threads) twenty clients' calls shared the interpreter by 5 ms slices and p95 was
+#: 2.2 times p50; four keep the CPU busy while one call waits for Postgres, and calls finish in the order they came.
+#: A plain executor also costs less per call than anyio's worker threads with their limiter and cancel scopes.
+_CALLS_AT_ONCE = 4
 
 
 class _JSONResponse(Response):
@@ -240,13 +239,13 @@ class _App:
         # Several worker processes share one limiter (``limiter``, a proxy to it), so a client's limit is the server's.
         self.limiter: _Limiter = limiter or RateLimiter(clock, limit=rate_limit_per_minute, window=60.0)
         self.max_body_bytes = max_body_bytes
-        self._call_limiter: anyio.CapacityLimiter | None = None
+        self.calls = ThreadPoolExecutor(max_workers=_CALLS_AT_ONCE, thread_name_prefix="gatefill-call")
 
-    def call_limiter(self) -> anyio.CapacityLimiter:
-        """The limiter of concurrent calls, made on the event loop that serves the app (one per app)."""
-        if self._call_limiter is None:
-            self._call_limiter = anyio.CapacityLimiter(_CALLS_AT_ONCE)
-        return self._call_limiter
+    def release(self) -> None:
+        """Stops the call threads and returns the service's connections (both come back if the app serves again)."""
+        self.calls.shutdown(wait=True)
+        self.calls = ThreadPoolExecutor(max_workers=_CALLS_AT_ONCE, thread_name_prefix="gatefill-call")
+        self.service.close()
 
     def client(self, request: Request) -> str:
         return request.client.host if request.client else "unknown"
@@ -317,7 +316,7 @@ class _App:
             ctx = self.context(request)
             run = self.prepare(name, await body_reader(), ctx, request)
             await self.slow(ctx)
-            status, body = await anyio.to_thread.run_sync(run, limiter=self.call_limiter())
+            status, body = await asyncio.get_running_loop().run_in_executor(self.calls, run)
             return _JSONResponse(body, status_code=status)
         except _Reject as exc:
             return _error(exc.status, exc.code, exc.message, exc.headers)
@@ -554,7 +553,7 @@ def _release(app: FastAPI) -> None:
     """Gives the database connections the app's service keeps back to the pool, once it serves no more."""
     handler = getattr(app.state, "gatefill", None)
     if isinstance(handler, _App):
-        handler.service.close()
+        handler.release()
 
 
 def _serve_on(app: FastAPI, sock: socket.socket, log_level: str) -> None:
@@ -642,7 +641,8 @@ _GC_THRESHOLD = 20_000
 #: Pending connections the supervisor's listening socket queues (uvicorn's default).
 _BACKLOG = 2048
 
-#: Connections per server process: enough for every request the threadpool runs at once at 20 clients.
+#: Connections per server process: the parked ones of the calls running at once (``_CALLS_AT_ONCE``), the reference
+#: reloads and failure records beside them, and room to spare.
 _POOL_SIZE = 20
 
 
