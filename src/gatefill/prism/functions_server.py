@@ -5,6 +5,10 @@ bodies are JSON and CORS is ``*`` with upstream's allowed headers. Every functio
 ``gatefill.prism.service`` (one code path with the rest of gatefill); this module only parses, authenticates, limits
 and renders. Every error body is ``{error, code}``.
 
+For speed (finalizeAssessment at 20 clients on two cores), the function calls bypass FastAPI's routing layers
+(``_FunctionCalls``, same contract), run on a few threads per process in arrival order (``_CALLS_AT_ONCE``), and with
+``--workers`` N the supervisor accepts every connection and hands it to the worker holding the fewest (``_supervise``).
+
 Security decisions, each because a deployment must not be trickable:
 - ``score_fc_session`` and ``score_prism`` need ``Authorization: Bearer <service-role key>``, compared in constant
   time; the key is read from the variable named in the config and never appears in a response, a log line or an
