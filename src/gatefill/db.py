@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -70,10 +70,28 @@ def canonical_json(value: object) -> str:
     return json.dumps(_js_numbers(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+_PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
+
+
 def _js_numbers(value: object) -> object:
-    # JSON.stringify prints 90.0 as 90; jsonb keeps "90.0" as written, so normalise before sending.
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
-        return int(value)
+    """``value`` with every integral float (below 1e21) made an int, containers copied as dicts and lists.
+
+    JSON.stringify prints 90.0 as 90; jsonb keeps "90.0" as written, so values are normalised before sending. This
+    runs over every JSON document gatefill writes (plans, ledger images, rows), so the exact built-in types are
+    dispatched on first and plain scalars inside containers are not even passed down; subclasses (enums, ordered
+    dicts) take the general ``isinstance`` rules, which give the same results.
+    """
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return value
+    if kind is dict:
+        plain = _PLAIN_SCALARS
+        return {k: v if type(v) in plain else _js_numbers(v) for k, v in cast("dict[Any, Any]", value).items()}
+    if kind is list or kind is tuple:
+        plain = _PLAIN_SCALARS
+        return [v if type(v) in plain else _js_numbers(v) for v in cast("list[Any]", value)]
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 1e21 else value
     if isinstance(value, dict):
         return {k: _js_numbers(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
