@@ -12,7 +12,6 @@ the run with a message saying how to resume. A second apply of a run that is act
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import threading
 import time
@@ -347,17 +346,6 @@ def _commit_batch(
     return outcome.sessions, log
 
 
-def _batch_log_text(log: Mapping[str, Any]) -> str:
-    """The batch log as indented JSON with one compact line per session.
-
-    ``json.dumps(indent=...)`` runs the pure-Python encoder, which cost more than the batch's SQL on large batches;
-    a line per session keeps the file readable and diffable while the C encoder does the work."""
-    head = json.dumps({k: v for k, v in log.items() if k != "sessions"}, indent=2)
-    sessions = ",\n".join("    " + json.dumps(s, separators=(", ", ": ")) for s in log.get("sessions", ()))
-    body = f"[\n{sessions}\n  ]" if sessions else "[]"
-    return f'{head[:-2]},\n  "sessions": {body}\n}}\n'
-
-
 def _rows_by_table(changes: Sequence[Any]) -> dict[str, int]:
     return dict(Counter(ch.table for ch in changes))
 
@@ -442,7 +430,7 @@ def apply_plan(
             result.throttle_wait_seconds += bucket.acquire(len(batch_keys))
             batch = [candidates[k] for k in batch_keys]
             sessions, log = _commit_with_retry(commit, db, job, run.id, next_batch, batch, clock, retrying, options)
-            (logs_dir / f"batch_{next_batch}.json").write_text(_batch_log_text(log), encoding="utf-8")
+            write_json(logs_dir / f"batch_{next_batch}.json", log)
             for s in sessions:
                 result.counts[s.result] += 1
                 if s.result == "failed":
