@@ -8,6 +8,7 @@ normalised, sha256.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gatefill import ledger
+from gatefill import ledger, rollback
 from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText
 from gatefill.errors import DataError
 from gatefill.job import WrittenTable
@@ -36,6 +37,7 @@ from gatefill.prism.job import PrismJob
 from gatefill.prism.seed import seed_scenario
 from gatefill.rollback import (
     RollbackConflicts,
+    RollbackResult,
     RollbackVerificationFailed,
     _literal,
     _sqlite_real,
@@ -395,15 +397,21 @@ def test_rollback_restores_pre_apply_content_and_leaves_live_rows_untouched(case
     assert_restored(case)
 
 
-def test_plan_is_read_only_lists_no_conflicts_and_undoes_newest_change_first(case: Case) -> None:
+def test_plan_is_read_only_lists_no_conflicts_and_counts_the_changes(case: Case) -> None:
     before = digests(case.db)
     with case.db.connect() as conn:
         plan = plan_rollback(conn, RUN, TABLES)
         changes = load_changes(conn, RUN, TABLES)
     assert plan.conflicts == () and plan.status is RunStatus.SUCCEEDED and plan.allowed
-    assert [s.row_key for s in plan.steps] == [c.row_key for c in reversed(changes)]
-    assert sum(s.action == "restore" for s in plan.steps) == 10
-    assert all(isinstance(s.key["id"], int) for s in plan.steps if s.table == "fn_logs")  # typed back from row_key
+    assert plan.changes == len(changes) and [c.seq for c in changes] == sorted(c.seq for c in changes)
+    n_logs = len(case.info.inserted["fn_logs"])
+    assert {t.table: (t.inserted_by_run, t.updated_by_run) for t in plan.tables} == {
+        "fc_scores": (39, 0),
+        "profiles": (13, 10),
+        "fn_logs": (n_logs, 0),
+    }
+    assert sum(not c.inserted and c.before is not None for c in changes) == 10
+    assert all(isinstance(c.key["id"], int) for c in changes if c.table == "fn_logs")  # typed back from row_key
     assert digests(case.db) == before
     with pytest.raises(RunNotFound), case.db.connect() as conn:
         plan_rollback(conn, "apply-nope", TABLES)
@@ -558,6 +566,108 @@ def test_failed_verification_commits_nothing_live_or_scripted(case: Case, tmp_pa
     done = run_script(case, script)
     assert done.returncode != 0 and "'verify: equals its before-image: profiles " in failed_statement(done, script)
     assert digests(case.db) == everything and status_of(case.db) is RunStatus.SUCCEEDED
+
+
+def _same_result(result: RollbackResult) -> tuple[RollbackResult, str]:
+    """A result without its report path, and the report it wrote: what paging must not change."""
+    assert result.report_path is not None
+    return dataclasses.replace(result, report_path=None), result.report_path.read_text()
+
+
+def test_page_boundaries_change_nothing(case: Case, tmp_path: Path) -> None:
+    """Pages of 1, 2 and 7 changes give the one-page result, report and script, byte for byte, live and scripted."""
+    _make_conflicts(case)
+    everything = digests(case.db)
+    one_page = 100_000
+
+    def dry(page_size: int) -> tuple[RollbackResult, str]:
+        return _same_result(
+            rollback_run(
+                case.db, RUN, TABLES, now=ROLLBACK_AT, artifacts_dir=case.artifacts, dry_run=True, page_size=page_size
+            )
+        )
+
+    def script(page_size: int, guard: bool = True) -> bytes:
+        path = tmp_path / f"rollback_{page_size}_{guard}.sql"
+        write_rollback_sql(case.db, RUN, TABLES, path, now=ROLLBACK_AT, guard=guard, page_size=page_size)
+        return path.read_bytes()
+
+    expected = dry(one_page)
+    assert len(expected[0].conflicts) == 3 and expected[0].verdict == "PASS"
+    with case.db.connect() as conn:
+        in_memory = rollback_sql(
+            conn,
+            load_changes(conn, RUN, TABLES),
+            TABLES,
+            run_id=RUN,
+            environment=case.db.env.name,
+            database=case.db.display_url,
+            generated_at=ROLLBACK_AT,
+        ).encode()
+        for page_size in (1, 2, 7):
+            assert plan_rollback(conn, RUN, TABLES, page_size=page_size) == plan_rollback(
+                conn, RUN, TABLES, page_size=one_page
+            )
+    assert script(one_page) == in_memory
+    for page_size in (1, 2, 7):
+        assert dry(page_size) == expected, page_size
+        assert script(page_size) == in_memory, page_size
+        assert script(page_size, guard=False) == script(one_page, guard=False), page_size
+    assert not list(tmp_path.glob("*.partial"))
+
+    # Verification problems (a trigger alters every restored row) are listed in the same order whatever the pages.
+    with case.db.begin() as conn:
+        for statement in _TAMPER[case.target.dialect]:
+            conn.exec_driver_sql(statement)
+    tampered = dry(one_page)
+    assert tampered[0].verdict == "FAIL" and len(tampered[0].notes) == 10
+    for page_size in (1, 2, 7):
+        assert dry(page_size) == tampered, page_size
+    with case.db.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER gf_tamper" + (" ON profiles" if case.target.dialect == "postgresql" else ""))
+    assert digests(case.db) == everything
+
+    result = rollback_run(case.db, RUN, TABLES, now=ROLLBACK_AT, artifacts_dir=case.artifacts, force=True, page_size=3)
+    assert result.committed and result.verdict == "PASS" and len(result.conflicts) == 3
+    assert_restored(case)
+
+
+def test_rollback_holds_at_most_two_pages_of_changes(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pass reads the ledger a page at a time: LedgerChange objects alive at once never exceed two pages (the
+    page being read and the one just used), however many changes the run has."""
+    alive = {"now": 0, "peak": 0, "made": 0}
+
+    class Counted(rollback.LedgerChange):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            alive["now"] += 1
+            alive["made"] += 1
+            alive["peak"] = max(alive["peak"], alive["now"])
+
+        def __del__(self) -> None:
+            alive["now"] -= 1
+
+    monkeypatch.setattr(rollback, "LedgerChange", Counted)
+    page_size = 5
+    with case.db.connect() as conn:
+        n_changes = plan_rollback(conn, RUN, TABLES, page_size=page_size).changes
+    assert n_changes > 20 * page_size
+    for run in (
+        lambda: rollback_run(
+            case.db, RUN, TABLES, now=ROLLBACK_AT, artifacts_dir=case.artifacts, dry_run=True, page_size=page_size
+        ),
+        lambda: write_rollback_sql(
+            case.db, RUN, TABLES, tmp_path / "rollback.sql", now=ROLLBACK_AT, page_size=page_size
+        ),
+        lambda: rollback_run(case.db, RUN, TABLES, now=ROLLBACK_AT, artifacts_dir=case.artifacts, page_size=page_size),
+    ):
+        alive.update(now=0, peak=0, made=0)
+        run()
+        assert alive["made"] >= 2 * n_changes  # every pass read every change...
+        assert alive["peak"] <= 2 * page_size, alive  # ...but never more than two pages of them at once
+    assert_restored(case)
 
 
 def test_rollback_command_glue(case: Case) -> None:

@@ -13,6 +13,11 @@ by DELETE + INSERT rather than UPDATE matters because the ``updated_at`` trigger
 Verification reads every key back inside the same transaction before it commits, and the run moves to
 ``rolled_back`` in that transaction too. A dry run does all of it and then rolls the transaction back.
 
+Memory stays bounded whatever the run's size: every pass (conflict check, deletes, restores, verification, the
+script's sections) reads the ledger through one keyset-paginated reader, ``PAGE_SIZE`` changes at a time, together
+with the current rows of that page's keys; what outlives a page is counters, the conflicts and the first
+``LISTED_PROBLEMS`` verification problems.
+
 ``rollback_sql`` emits the same procedure as a script for ``psql`` or the ``sqlite3`` shell, with value literals
 that reproduce the stored values exactly (floats bit for bit), a guard that refuses when rows changed since the run
 wrote them, and verification inside the transaction that aborts it if a check fails.
@@ -23,15 +28,20 @@ argument): on SQLite the database itself cannot say which TEXT column holds JSON
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import io
 import json
 import math
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -49,7 +59,6 @@ __all__ = [
     "RollbackConflicts",
     "RollbackPlan",
     "RollbackResult",
-    "RollbackStep",
     "RollbackVerificationFailed",
     "TableCounts",
     "load_changes",
@@ -65,6 +74,10 @@ __all__ = [
 REPORT_NAME = "rollback_report.md"
 #: How many conflicts the one-line refusal names (the report lists them all).
 LISTED_IN_ERROR = 5
+#: How many verification problems the report lists (the rest are counted).
+LISTED_PROBLEMS = 50
+#: Ledger changes per page: no pass over a run's changes holds more than two pages of them at a time.
+PAGE_SIZE = 2000
 #: Keys per statement when reading, deleting or verifying rows in bulk.
 _CHUNK = 500
 
@@ -105,7 +118,12 @@ class RollbackVerificationFailed(GatefillError):
 
 @dataclass(frozen=True)
 class LedgerChange:
-    """One row change a run recorded, as rollback reads it back from the ledger (key values typed by column)."""
+    """One row change a run recorded, as rollback reads it back from the ledger (key values typed by column).
+
+    ``inserted``: the row was absent before the run (no before-image), so undoing the change is a delete. A pass over
+    the ledger reads only the images it uses (see ``_LedgerPages``): an image it did not read is None, and so is the
+    before-image of an inserted row.
+    """
 
     seq: int
     batch_no: int
@@ -113,8 +131,9 @@ class LedgerChange:
     row_key: str
     key: Mapping[str, Any]
     session_id: str | None
+    inserted: bool
     before: Mapping[str, Any] | None
-    after: Mapping[str, Any]
+    after: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -132,33 +151,6 @@ class Conflict:
         return f"{self.table} {self.row_key} changed since the run wrote it: {', '.join(self.columns)}"
 
 
-@dataclass(frozen=True)
-class RollbackStep:
-    """Undo one change: ``delete`` a row the run inserted, or ``restore`` (delete, then insert) its before-image."""
-
-    table: str
-    row_key: str
-    key: Mapping[str, Any]
-    action: str  # "delete" | "restore"
-    before: Mapping[str, Any] | None
-
-
-@dataclass(frozen=True)
-class RollbackPlan:
-    """What undoing a run takes: its changes, the steps (newest change first) and the rows that changed since."""
-
-    run_id: str
-    status: RunStatus
-    changes: tuple[LedgerChange, ...]
-    steps: tuple[RollbackStep, ...]
-    conflicts: tuple[Conflict, ...]
-
-    @property
-    def allowed(self) -> bool:
-        """Whether the run's status may move to ``rolled_back`` at all."""
-        return RunStatus.ROLLED_BACK in ledger.TRANSITIONS[self.status]
-
-
 @dataclass
 class TableCounts:
     """Per table: what the ledger says the run did and what rollback measured doing about it."""
@@ -173,6 +165,26 @@ class TableCounts:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    """What undoing a run takes: its changes counted per table, and the rows that changed since the run wrote them.
+
+    The plan holds no changes: execution and verification read the ledger again page by page, so undoing a run of
+    any size takes bounded memory (the conflicts aside, which are listed in full).
+    """
+
+    run_id: str
+    status: RunStatus
+    changes: int
+    tables: tuple[TableCounts, ...]  # every declared table; only inserted_by_run and updated_by_run are filled in
+    conflicts: tuple[Conflict, ...]
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the run's status may move to ``rolled_back`` at all."""
+        return RunStatus.ROLLED_BACK in ledger.TRANSITIONS[self.status]
 
 
 @dataclass(frozen=True)
@@ -325,40 +337,144 @@ def _differing(table: sa.Table, image: Mapping[str, Any], row: Mapping[str, Any]
     ]
 
 
-# ---------------------------------------------------------------------------------------------------- planning
+# ---------------------------------------------------------------------------------------------------- ledger pages
+
+
+class _Pages(Protocol):
+    """A run's changes in pages, oldest or newest change first, with the images a pass asks for (an image not asked
+    for is None); ``updated_only`` leaves out the changes that inserted their row."""
+
+    def __call__(
+        self, *, newest_first: bool = False, before: bool = True, after: bool = True, updated_only: bool = False
+    ) -> Iterator[Sequence[LedgerChange]]: ...
+
+
+def _change(
+    run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], row: sa.Row[Any], *, before: bool, after: bool
+) -> LedgerChange:
+    """A ledger row as a typed change, checked against the job's table definitions."""
+    if row.table_name not in defs:
+        raise DataError(f"run {run_id} changed table {row.table_name!r}, which the job does not declare")
+    table, written = defs[row.table_name]
+    raw = json.loads(row.row_key)
+    if set(raw) != set(written.primary_key):
+        raise DataError(f"run {run_id}: key {row.row_key} does not match {row.table_name}{written.primary_key}")
+    key = {c: _coerce_key(table.c[c], raw[c]) for c in written.primary_key}
+    inserted = bool(row.inserted)
+    return LedgerChange(
+        row.id,
+        row.batch_no,
+        row.table_name,
+        row.row_key,
+        key,
+        row.session_id,
+        inserted,
+        _image(run_id, table, row, "before") if before and not inserted else None,
+        _image(run_id, table, row, "after") if after else None,
+    )
+
+
+def _image(run_id: str, table: sa.Table, row: sa.Row[Any], which: str) -> dict[str, Any]:
+    """A change's before- or after-image, which must name only columns of its table."""
+    value = getattr(row, which)
+    if not isinstance(value, dict):
+        raise DataError(f"run {run_id}: {row.table_name} {row.row_key} has a {which}-image that is not an object")
+    unknown = value.keys() - _column_names(table)
+    if unknown:
+        raise DataError(f"run {run_id}: {row.table_name} {row.row_key} has unknown column(s) {sorted(unknown)}")
+    return value  # decoded for this row alone: nothing else holds it
+
+
+@functools.cache
+def _column_names(table: sa.Table) -> frozenset[str]:
+    # Checked for every image read: built once per table rather than once per row.
+    return frozenset(table.c.keys())
+
+
+@dataclass(frozen=True)
+class _LedgerPages:
+    """The one reader of a run's changes: pages of ``page_size`` changes from the ledger, keyset-paginated on id.
+
+    Planning, execution, verification and the SQL script each make their passes through it, so none of them holds
+    more than a page of changes (the previous page may still be alive while the next one is read). ``first`` and
+    ``upto`` are the run's oldest and newest change ids when reading began: every pass stays between them, so all
+    passes see the same changes even on a connection that sees other transactions' commits between statements.
+    """
+
+    conn: Connection
+    run_id: str
+    defs: Mapping[str, tuple[sa.Table, WrittenTable]]
+    page_size: int
+    first: int | None
+    upto: int | None
+
+    @classmethod
+    def open(
+        cls, conn: Connection, run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], page_size: int
+    ) -> _LedgerPages:
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {page_size}")
+        c = ledger.changes.c
+        first, upto = conn.execute(sa.select(sa.func.min(c.id), sa.func.max(c.id)).where(c.run_id == run_id)).one()
+        return cls(conn, run_id, defs, page_size, first, upto)
+
+    def __call__(
+        self, *, newest_first: bool = False, before: bool = True, after: bool = True, updated_only: bool = False
+    ) -> Iterator[list[LedgerChange]]:
+        if self.first is None or self.upto is None:
+            return
+        c = ledger.changes.c
+        # The images are most of a change's bytes and of its decoding time: a pass reads only those it uses, and
+        # learns whether the row was inserted from "before IS NULL" (NULL is how the ledger records "absent").
+        columns: list[sa.ColumnElement[Any]] = [c.id, c.batch_no, c.table_name, c.row_key, c.session_id]
+        columns.append(c.before.is_(None).label("inserted"))
+        columns += [c.before] if before else []
+        columns += [c.after] if after else []
+        # Each page must be a range scan of the primary key from the last id read. "run_id || ''" keeps the index on
+        # (run_id, table_name, row_key) out of it: SQLite's planner (it has no statistics) and Postgres' (with stale
+        # ones) would otherwise read all the run's changes through that index and sort them, for every page.
+        query = sa.select(*columns).where(c.run_id.concat("") == self.run_id, c.id.between(self.first, self.upto))
+        if updated_only:
+            query = query.where(c.before.is_not(None))
+        query = query.order_by(c.id.desc() if newest_first else c.id).limit(self.page_size)
+        last: int | None = None
+        while True:
+            page = query if last is None else query.where(c.id < last if newest_first else c.id > last)
+            # Fetched whole before it is used: a pass may write between pages (SQLite would see an open cursor).
+            rows = self.conn.execute(page).all()
+            if not rows:
+                return
+            last = rows[-1].id
+            changes = [_change(self.run_id, self.defs, row, before=before, after=after) for row in rows]
+            del rows
+            yield changes
+            if len(changes) < self.page_size:
+                return
+
+
+def _sequence_pages(changes: Sequence[LedgerChange], page_size: int) -> _Pages:
+    """Pages over changes already in memory (``rollback_sql``'s argument), in the ledger reader's shape."""
+
+    def read(
+        *, newest_first: bool = False, before: bool = True, after: bool = True, updated_only: bool = False
+    ) -> Iterator[Sequence[LedgerChange]]:
+        order: Sequence[int] = range(len(changes) - 1, -1, -1) if newest_first else range(len(changes))
+        if updated_only:
+            order = [i for i in order if not changes[i].inserted]
+        for start in range(0, len(order), page_size):
+            yield [changes[i] for i in order[start : start + page_size]]
+
+    return read
 
 
 def load_changes(
     conn: Connection, run_id: str, tables: Sequence[WrittenTable], *, metadata: sa.MetaData | None = None
 ) -> list[LedgerChange]:
-    """Every change the run recorded, oldest first, with typed keys; a table the job does not declare is an error."""
+    """Every change the run recorded, oldest first, with typed keys and both images; a table the job does not declare
+    is an error. All of them in memory at once: for inspecting small runs (rollback itself reads page by page)."""
     defs = _definitions(tables, metadata)
-    return _load_changes(conn, run_id, defs)
-
-
-def _load_changes(
-    conn: Connection, run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
-) -> list[LedgerChange]:
-    out: list[LedgerChange] = []
-    for row in ledger.changes_for(conn, run_id):
-        if row.table_name not in defs:
-            raise DataError(f"run {run_id} changed table {row.table_name!r}, which the job does not declare")
-        table, written = defs[row.table_name]
-        raw = json.loads(row.row_key)
-        if set(raw) != set(written.primary_key):
-            raise DataError(f"run {run_id}: key {row.row_key} does not match {row.table_name}{written.primary_key}")
-        key = {c: _coerce_key(table.c[c], raw[c]) for c in written.primary_key}
-        before = dict(row.before) if row.before is not None else None
-        for image in (before, row.after):
-            unknown = sorted(set(image or {}) - set(table.c.keys()))
-            if unknown:
-                raise DataError(f"run {run_id}: {row.table_name} {row.row_key} has unknown column(s) {unknown}")
-        out.append(
-            LedgerChange(
-                row.id, row.batch_no, row.table_name, row.row_key, key, row.session_id, before, dict(row.after)
-            )
-        )
-    return out
+    pages = _LedgerPages.open(conn, run_id, defs, PAGE_SIZE)
+    return [change for page in pages() for change in page]
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -379,7 +495,7 @@ def _current_rows(
     *,
     lock: bool,
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """(table, row_key) → the row as stored now, for every key the run wrote that still exists."""
+    """(table, row_key) → the row as stored now, for every key of ``changes`` (one page) that still exists."""
     by_table: dict[str, list[LedgerChange]] = {}
     for change in changes:
         by_table.setdefault(change.table, []).append(change)
@@ -397,6 +513,14 @@ def _current_rows(
     return found
 
 
+def _canonical_key(defs: Mapping[str, tuple[sa.Table, WrittenTable]], change: LedgerChange) -> str:
+    # The ledger's row_key text may have been written from differently typed values; rebuild it from typed ones.
+    return ledger.row_key({c: change.key[c] for c in defs[change.table][1].primary_key})
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
 def _unfinished_batches(conn: Connection, run_id: str) -> list[int]:
     """Batches the functions executor started (intents recorded) but whose ledger rows have not committed."""
     if not sa.inspect(conn).has_table("gatefill_fn_intents"):
@@ -409,8 +533,9 @@ def _unfinished_batches(conn: Connection, run_id: str) -> list[int]:
 
 
 def _plan(
-    conn: Connection, run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], *, lock: bool
-) -> RollbackPlan:
+    conn: Connection, run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], *, lock: bool, page_size: int
+) -> tuple[RollbackPlan, _LedgerPages]:
+    """The plan, and the reader the rollback's later passes use (it stops at the changes the plan counted)."""
     where = conn.engine.url.render_as_string(hide_password=True)
     if not sa.inspect(conn).has_table(ledger.runs.name):
         raise ledger.RunNotFound(run_id, f"{where} (it has no run ledger)")
@@ -427,83 +552,87 @@ def _plan(
             f"run {run_id} has functions batch(es) {unfinished} whose written rows are not in the ledger yet; "
             f"finish them with `gatefill apply {run_id}` before rolling back"
         )
-    changes = _load_changes(conn, run_id, defs)
-    current = _current_rows(conn, defs, changes, lock=lock)
+    pages = _LedgerPages.open(conn, run_id, defs, page_size)
+    counts = {name: TableCounts(name) for name in defs}
     conflicts: list[Conflict] = []
-    for change in changes:
-        row = current.get((change.table, _canonical_key(defs, change)))
-        if row is None:
-            conflicts.append(Conflict(change.table, change.row_key, "deleted"))
-            continue
-        differing = _differing(defs[change.table][0], change.after, row)
-        if differing:
-            conflicts.append(Conflict(change.table, change.row_key, "changed", tuple(differing)))
-    steps = tuple(
-        RollbackStep(c.table, c.row_key, c.key, "delete" if c.before is None else "restore", c.before)
-        for c in reversed(changes)
-    )
-    return RollbackPlan(run_id, RunStatus(status_text), tuple(changes), steps, tuple(conflicts))
-
-
-def _canonical_key(defs: Mapping[str, tuple[sa.Table, WrittenTable]], change: LedgerChange) -> str:
-    # The ledger's row_key text may have been written from differently typed values; rebuild it from typed ones.
-    return ledger.row_key({c: change.key[c] for c in defs[change.table][1].primary_key})
+    n = 0
+    # Before-images are read too, though only after-images are compared: a malformed ledger row then stops the
+    # rollback here, before any write.
+    for page in pages():
+        current = _current_rows(conn, defs, page, lock=lock)
+        for change in page:
+            n += 1
+            if change.inserted:
+                counts[change.table].inserted_by_run += 1
+            else:
+                counts[change.table].updated_by_run += 1
+            row = current.get((change.table, _canonical_key(defs, change)))
+            if row is None:
+                conflicts.append(Conflict(change.table, change.row_key, "deleted"))
+                continue
+            differing = _differing(defs[change.table][0], change.after or {}, row)
+            if differing:
+                conflicts.append(Conflict(change.table, change.row_key, "changed", tuple(differing)))
+    plan = RollbackPlan(run_id, RunStatus(status_text), n, tuple(counts.values()), tuple(conflicts))
+    return plan, pages
 
 
 def plan_rollback(
-    conn: Connection, run_id: str, tables: Sequence[WrittenTable], *, metadata: sa.MetaData | None = None
+    conn: Connection,
+    run_id: str,
+    tables: Sequence[WrittenTable],
+    *,
+    metadata: sa.MetaData | None = None,
+    page_size: int = PAGE_SIZE,
 ) -> RollbackPlan:
-    """Read-only: the run's changes, the undo steps (newest change first) and the rows that changed since."""
-    return _plan(conn, run_id, _definitions(tables, metadata), lock=False)
+    """Read-only: the run's changes counted per table, its status, and the rows that changed since it wrote them."""
+    return _plan(conn, run_id, _definitions(tables, metadata), lock=False, page_size=page_size)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- execution
 
 
-def _group_runs(steps: Sequence[RollbackStep]) -> Iterator[list[RollbackStep]]:
-    """Consecutive steps of the same table and action, so bulk statements keep the steps' order between tables."""
-    group: list[RollbackStep] = []
-    for step in steps:
-        if group and (group[-1].table, group[-1].action) != (step.table, step.action):
+def _group_runs(changes: Sequence[LedgerChange]) -> Iterator[list[LedgerChange]]:
+    """Consecutive changes of the same table and kind, so bulk statements keep the changes' order between tables."""
+    group: list[LedgerChange] = []
+    for change in changes:
+        if group and (group[-1].table, group[-1].inserted) != (change.table, change.inserted):
             yield group
             group = []
-        group.append(step)
+        group.append(change)
     if group:
         yield group
 
 
-def _execute_steps(
-    conn: Connection, plan: RollbackPlan, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
+def _execute(
+    conn: Connection, plan: RollbackPlan, pages: _Pages, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
 ) -> dict[str, TableCounts]:
-    counts = {name: TableCounts(name) for name in defs}
-    for change in plan.changes:
-        if change.before is None:
-            counts[change.table].inserted_by_run += 1
-        else:
-            counts[change.table].updated_by_run += 1
-    # Deletes first (newest change first: children before parents), then inserts (oldest first: parents first), so
-    # no before-image meets a unique or foreign key still held by a row the run wrote.
-    for group in _group_runs(plan.steps):
-        table, written = defs[group[0].table]
-        for part in _chunks(group):
-            removed = conn.execute(
-                table.delete().where(_key_clause(table, written.primary_key, [s.key for s in part]))
-            ).rowcount
-            tc = counts[table.name]
-            if group[0].action == "delete":
-                tc.deleted += removed
-                tc.already_absent += len(part) - removed
-            else:
-                tc.replaced += removed
-    restores = [s for s in reversed(plan.steps) if s.action == "restore"]
-    for group in _group_runs(restores):
-        table, _ = defs[group[0].table]
-        for part in _chunks(group):
-            rows = [dict(s.before or {}) for s in part]
-            # One executemany per identical column set; images of one table normally all have every column.
-            for same in _by_columns(rows).values():
-                conn.execute(table.insert(), same)
-                counts[table.name].restored += len(same)
+    counts = {t.table: dataclasses.replace(t) for t in plan.tables}
+    # Deletes first, newest change first (children before parents), then inserts, oldest first (parents first), so
+    # no before-image meets a unique or foreign key still held by a row the run wrote. Newest page first, each page
+    # newest change first, keeps that order across pages.
+    for page in pages(newest_first=True, before=False, after=False):
+        for group in _group_runs(page):
+            table, written = defs[group[0].table]
+            for part in _chunks(group):
+                removed = conn.execute(
+                    table.delete().where(_key_clause(table, written.primary_key, [c.key for c in part]))
+                ).rowcount
+                tc = counts[table.name]
+                if group[0].inserted:
+                    tc.deleted += removed
+                    tc.already_absent += len(part) - removed
+                else:
+                    tc.replaced += removed
+    for page in pages(after=False, updated_only=True):
+        for group in _group_runs(page):
+            table, _ = defs[group[0].table]
+            for part in _chunks(group):
+                rows = [dict(c.before or {}) for c in part]
+                # One executemany per identical column set; images of one table normally all have every column.
+                for same in _by_columns(rows).values():
+                    conn.execute(table.insert(), same)
+                    counts[table.name].restored += len(same)
     return counts
 
 
@@ -514,59 +643,87 @@ def _by_columns(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[di
     return out
 
 
+@dataclass
+class _Tally:
+    """What verification measured for one table; problems are kept only as far as the report can list them."""
+
+    inserted: int = 0
+    absent: int = 0
+    updated: int = 0
+    equal: int = 0
+    inserted_problems: list[str] = field(default_factory=list)
+    updated_problems: list[str] = field(default_factory=list)
+    problems: int = 0
+
+    def problem(self, into: list[str], text: str) -> None:
+        self.problems += 1
+        if len(into) < LISTED_PROBLEMS:
+            into.append(text)
+
+
 def _verify(
-    conn: Connection, plan: RollbackPlan, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
-) -> tuple[list[Check], list[str]]:
-    """Reads every key back: inserted keys must be absent, updated keys equal to their before-image."""
-    current = _current_rows(conn, defs, plan.changes, lock=False)
-    checks: list[Check] = []
-    problems: list[str] = []
-    for name, (table, written) in defs.items():
-        inserted = [c for c in plan.changes if c.table == name and c.before is None]
-        updated = [c for c in plan.changes if c.table == name and c.before is not None]
-        if not inserted and not updated:
-            continue
-        pk = ", ".join(written.primary_key)
-        absent = 0
-        for change in inserted:
-            if (name, _canonical_key(defs, change)) in current:
-                problems.append(f"{name} {change.row_key} still present")
-            else:
-                absent += 1
-        equal = 0
-        for change in updated:
+    conn: Connection, pages: _Pages, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
+) -> tuple[list[Check], tuple[str, ...]]:
+    """Reads every key back: inserted keys must be absent, updated keys equal to their before-image.
+
+    Returns the checks and the notes: the first ``LISTED_PROBLEMS`` problems, table by table (inserted keys first),
+    and how many more there were.
+    """
+    tallies = {name: _Tally() for name in defs}
+    for page in pages(after=False):
+        current = _current_rows(conn, defs, page, lock=False)
+        for change in page:
+            name, tally = change.table, tallies[change.table]
             row = current.get((name, _canonical_key(defs, change)))
-            if row is None:
-                problems.append(f"{name} {change.row_key} missing after restore")
+            if change.inserted:
+                tally.inserted += 1
+                if row is None:
+                    tally.absent += 1
+                else:
+                    tally.problem(tally.inserted_problems, f"{name} {change.row_key} still present")
                 continue
-            differing = _differing(table, change.before or {}, row)
+            tally.updated += 1
+            if row is None:
+                tally.problem(tally.updated_problems, f"{name} {change.row_key} missing after restore")
+                continue
+            differing = _differing(defs[name][0], change.before or {}, row)
             if differing:
-                problems.append(f"{name} {change.row_key} differs from its before-image: {', '.join(differing)}")
+                tally.problem(
+                    tally.updated_problems,
+                    f"{name} {change.row_key} differs from its before-image: {', '.join(differing)}",
+                )
             else:
-                equal += 1
-        if inserted:
-            ok = absent == len(inserted)
+                tally.equal += 1
+    checks: list[Check] = []
+    listed: list[str] = []
+    for name, (_, written) in defs.items():
+        tally = tallies[name]
+        listed += tally.inserted_problems + tally.updated_problems
+        pk = ", ".join(written.primary_key)
+        if tally.inserted:
             checks.append(
                 Check(
                     f"{name}: rows the run inserted are absent",
-                    "PASS" if ok else "FAIL",
-                    f"{name}: {absent} of {len(inserted)} rows the run inserted are absent",
-                    {"expected": len(inserted), "measured": absent},
-                    f"SELECT * FROM {name} WHERE ({pk}) IN (<{len(inserted)} inserted keys>)",
+                    "PASS" if tally.absent == tally.inserted else "FAIL",
+                    f"{name}: {tally.absent} of {tally.inserted} rows the run inserted are absent",
+                    {"expected": tally.inserted, "measured": tally.absent},
+                    f"SELECT * FROM {name} WHERE ({pk}) IN (<{tally.inserted} inserted keys>)",
                 )
             )
-        if updated:
-            ok = equal == len(updated)
+        if tally.updated:
             checks.append(
                 Check(
                     f"{name}: before-images restored exactly",
-                    "PASS" if ok else "FAIL",
-                    f"{name}: {equal} of {len(updated)} rows equal their before-image in every column",
-                    {"expected": len(updated), "measured": equal},
-                    f"SELECT * FROM {name} WHERE ({pk}) IN (<{len(updated)} updated keys>), compared column by column",
+                    "PASS" if tally.equal == tally.updated else "FAIL",
+                    f"{name}: {tally.equal} of {tally.updated} rows equal their before-image in every column",
+                    {"expected": tally.updated, "measured": tally.equal},
+                    f"SELECT * FROM {name} WHERE ({pk}) IN (<{tally.updated} updated keys>), compared column by column",
                 )
             )
-    return checks, problems
+    # Each table keeps its first LISTED_PROBLEMS of each kind, which is all the first LISTED_PROBLEMS overall can use.
+    total = sum(t.problems for t in tallies.values())
+    more = (f"... {total - LISTED_PROBLEMS} more",) if total > LISTED_PROBLEMS else ()
+    return checks, tuple(listed[:LISTED_PROBLEMS]) + more
 
 
 def rollback_run(
@@ -579,6 +736,7 @@ def rollback_run(
     dry_run: bool = False,
     force: bool = False,
     metadata: sa.MetaData | None = None,
+    page_size: int = PAGE_SIZE,
 ) -> RollbackResult:
     """Undoes a run by primary key in one transaction, verifies it before commit and writes ``rollback_report.md``.
 
@@ -586,23 +744,24 @@ def rollback_run(
     report says what would happen). Without ``force``, conflicts refuse the rollback (``RollbackConflicts``, after the
     report is written); with it, the before-images are restored over them. A run whose status cannot move to
     ``rolled_back`` (e.g. already rolled back, or still running) raises ``IllegalTransition`` before any write.
+    The ledger is read ``page_size`` changes at a time, in four passes: conflicts, deletes, restores, verification.
     """
     defs = _definitions(tables, metadata)
     refused = committed = False
-    counts: dict[str, TableCounts] = {}
     checks: list[Check] = []
-    problems: list[str] = []
+    notes: tuple[str, ...] = ()
     with db.translate_errors(), db.engine.connect() as conn:
         trans = conn.begin()
         try:
-            plan = _plan(conn, run_id, defs, lock=True)
+            plan, pages = _plan(conn, run_id, defs, lock=True, page_size=page_size)
+            counts = {t.table: t for t in plan.tables}
             if not dry_run and not plan.allowed:
                 raise ledger.IllegalTransition(run_id, plan.status, RunStatus.ROLLED_BACK)
             if plan.conflicts and not force and not dry_run:
                 refused = True
             else:
-                counts = _execute_steps(conn, plan, defs)
-                checks, problems = _verify(conn, plan, defs)
+                counts = _execute(conn, plan, pages, defs)
+                checks, notes = _verify(conn, pages, defs)
                 ok = all(c.verdict == "PASS" for c in checks)
                 if not dry_run and ok:
                     n_deleted = sum(t.deleted for t in counts.values())
@@ -620,14 +779,6 @@ def rollback_run(
             if trans.is_active:
                 trans.rollback()
             raise
-    if not counts:
-        counts = {name: TableCounts(name) for name in defs}
-        for change in plan.changes:
-            if change.before is None:
-                counts[change.table].inserted_by_run += 1
-            else:
-                counts[change.table].updated_by_run += 1
-    notes = tuple(problems[:50]) + ((f"... {len(problems) - 50} more",) if len(problems) > 50 else ())
     result = RollbackResult(
         run_id=run_id,
         environment=db.env.name,
@@ -639,7 +790,7 @@ def rollback_run(
         status_before=plan.status,
         status_after=RunStatus.ROLLED_BACK if committed else plan.status,
         status_allows_rollback=plan.allowed,
-        changes=len(plan.changes),
+        changes=plan.changes,
         tables=tuple(counts.values()),
         conflicts=plan.conflicts,
         verification=tuple(checks),
@@ -876,47 +1027,156 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def rollback_sql(
-    conn_or_dialect: Connection | str,
-    changes: Sequence[LedgerChange],
-    tables: Sequence[WrittenTable],
+def _script_pg(dialect: str) -> bool:
+    """Whether the script is for psql (else the sqlite3 shell)."""
+    if dialect not in ("postgresql", "sqlite"):
+        raise DataError(f"no rollback script for dialect {dialect!r}")
+    return dialect == "postgresql"
+
+
+class _Spools:
+    """Temporary files for the script's sections that are written in another order than they appear in the script.
+
+    A section comes into being when first written to; ``copy`` appends it to the script (nothing if never written).
+    """
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self._files: dict[str, IO[str]] = {}
+
+    def __getitem__(self, section: str) -> IO[str]:
+        if section not in self._files:
+            # newline="": a literal may hold a bare \r, which universal-newline reading would turn into \n. The
+            # exit stack closes (and so deletes) the file.
+            spool = tempfile.TemporaryFile("w+", encoding="utf-8", newline="")  # noqa: SIM115
+            self._files[section] = self._stack.enter_context(spool)
+        return self._files[section]
+
+    def copy(self, section: str, out: IO[str]) -> None:
+        spool = self._files.get(section)
+        if spool is not None:
+            spool.seek(0)
+            shutil.copyfileobj(spool, out)
+
+
+def _write_script(
+    out: IO[str],
+    pages: _Pages,
+    defs: Mapping[str, tuple[sa.Table, WrittenTable]],
     *,
+    pg: bool,
     run_id: str,
     environment: str,
     database: str,
     generated_at: datetime,
-    metadata: sa.MetaData | None = None,
-    guard: bool = True,
-) -> str:
-    """The rollback as a script for ``psql -v ON_ERROR_STOP=1 -f FILE`` or ``sqlite3 DB < FILE``.
+    guard: bool,
+) -> None:
+    """Writes the rollback script (see ``rollback_sql``) to ``out`` in two passes over the run's changes.
 
-    One transaction: (0) the run's status must still allow ``rolled_back`` (so the script cannot run twice);
-    (1) unless ``guard`` is false, every row the run wrote must still equal its after-image; (2) DELETE every key
-    the run wrote, newest change first; (3) INSERT every before-image, oldest change first; (4) verify that inserted
-    keys are absent and restored rows equal their before-images; (5) mark the run ``rolled_back`` in the ledger;
-    COMMIT; then SELECTs printing counts that should be 0. A failed check is a CHECK violation that stops the
-    script (``ON_ERROR_STOP`` / ``.bail on``, both set by the script itself) with the transaction uncommitted.
-    ``database`` must be a display URL (no password). Nothing is selected by timestamp.
+    Pass one (newest change first, no images) counts the changes for the header and spools the DELETEs; pass two
+    (oldest first) writes the guard straight to ``out`` and spools the INSERTs, the verification of each table and
+    the after-commit counts, which are then copied in script order. Only a page of changes and one 500-key chunk
+    per table and kind are in memory at a time.
     """
-    dialect = conn_or_dialect if isinstance(conn_or_dialect, str) else conn_or_dialect.dialect.name
-    if dialect not in ("postgresql", "sqlite"):
-        raise DataError(f"no rollback script for dialect {dialect!r}")
-    pg = dialect == "postgresql"
-    defs = _definitions(tables, metadata)
-    for change in changes:
-        if change.table not in defs:
-            raise DataError(f"run {run_id} changed table {change.table!r}, which the job does not declare")
-    per_table: dict[str, list[int]] = {}
-    for change in changes:
-        n = per_table.setdefault(change.table, [0, 0])
-        n[0 if change.before is None else 1] += 1
-    summary = "; ".join(f"{t}: {n[0]} inserted, {n[1]} updated" for t, n in per_table.items()) or "none"
+    with contextlib.ExitStack() as stack:
+        spools = _Spools(stack)
+        per_table: dict[str, list[int]] = {}  # table → [inserted, updated]
+        oldest: dict[str, int] = {}  # table → position of its oldest change, counted from the newest one
+        n = 0
+        for page in pages(newest_first=True, before=False, after=False):
+            for change in page:
+                if change.table not in defs:
+                    raise DataError(f"run {run_id} changed table {change.table!r}, which the job does not declare")
+                n += 1
+                oldest[change.table] = n
+                per_table.setdefault(change.table, [0, 0])[0 if change.inserted else 1] += 1
+                table, written = defs[change.table]
+                where = _key_where(table, written.primary_key, change.key, pg)
+                spools["delete"].write(f"DELETE FROM {_ident(table.name)} WHERE {where};\n")
+        # The header names the tables in the order of their first change.
+        order = sorted(per_table, key=lambda name: -oldest[name])
+        summary = "; ".join(f"{t}: {per_table[t][0]} inserted, {per_table[t][1]} updated" for t in order) or "none"
+        for line in _script_head(pg, run_id, environment, database, generated_at, guard, n, summary):
+            out.write(line + "\n")
+        if guard and n:
+            out.write("\n-- 1. Guard: each row the run wrote still equals what it wrote.\n")
+        check = "INSERT INTO gatefill_rollback_check (what, ok) SELECT"
+        pending: dict[tuple[str, bool], list[Mapping[str, Any]]] = {}  # (table, inserted) → keys of the next chunk
+
+        def flush(name: str, inserted: bool) -> None:
+            """Verification of one chunk of keys: in the transaction (inserted ones), and the counts after commit."""
+            keys = pending.pop((name, inserted), [])
+            if not keys:
+                return
+            table, written = defs[name]
+            where = _keys_in(table, written.primary_key, keys, pg)
+            if inserted:
+                what = _quote(f"verify: no {name} row the run inserted is still present")
+                spools[f"verify inserted {name}"].write(
+                    f"{check} {what}, count(*) = 0 FROM {_ident(name)} WHERE {where};\n"
+                )
+                label = _quote(f"{name}: rows the run inserted, still present")
+                spools[f"final inserted {name}"].write(
+                    f"SELECT {label} AS check_name, count(*) AS should_be_0 FROM {_ident(name)} WHERE {where};\n"
+                )
+            else:
+                label = _quote(f"{name}: restored rows missing")
+                spools[f"final updated {name}"].write(
+                    f"SELECT {label} AS check_name, {len(keys)} - count(*) AS should_be_0 "
+                    f"FROM {_ident(name)} WHERE {where};\n"
+                )
+
+        for page in pages(after=guard):
+            for change in page:
+                name = change.table
+                table, written = defs[name]
+                pk = written.primary_key
+                if guard:
+                    what = _quote(f"unchanged since the run wrote it: {name} {change.row_key}")
+                    out.write(f"{check} {what}, {_row_matches(table, pk, change.key, change.after or {}, pg)};\n")
+                chunk = pending.setdefault((name, change.inserted), [])
+                chunk.append(change.key)
+                if not change.inserted:
+                    before = change.before or {}
+                    cols = _columns(table, before)
+                    values = ", ".join(_literal(_kind(table.c[c]), before[c], pg) for c in cols)
+                    spools["insert"].write(
+                        f"INSERT INTO {_ident(name)} ({', '.join(_ident(c) for c in cols)}) VALUES ({values});\n"
+                    )
+                    what = _quote(f"verify: equals its before-image: {name} {change.row_key}")
+                    spools[f"verify updated {name}"].write(
+                        f"{check} {what}, {_row_matches(table, pk, change.key, before, pg)};\n"
+                    )
+                if len(chunk) == _CHUNK:
+                    flush(name, change.inserted)
+        for name in defs:
+            flush(name, True)
+            flush(name, False)
+        out.write("\n-- 2. Delete every row the run wrote, newest change first.\n")
+        spools.copy("delete", out)
+        out.write("\n-- 3. Insert the before-images back, oldest change first (every column, timestamps included).\n")
+        spools.copy("insert", out)
+        out.write("\n-- 4. Verify inside the transaction (a failed check aborts it: nothing is committed).\n")
+        for name in defs:
+            spools.copy(f"verify inserted {name}", out)
+            spools.copy(f"verify updated {name}", out)
+        for line in _script_tail(pg, run_id):
+            out.write(line + "\n")
+        for name in defs:
+            spools.copy(f"final inserted {name}", out)
+            spools.copy(f"final updated {name}", out)
+
+
+def _script_head(
+    pg: bool, run_id: str, environment: str, database: str, generated_at: datetime, guard: bool, n: int, summary: str
+) -> list[str]:
+    """The script's lines up to the ledger check (step 0): header comments, session settings, BEGIN."""
     shell = "psql -v ON_ERROR_STOP=1 -f THIS_FILE" if pg else "sqlite3 DATABASE_FILE < THIS_FILE"
     out = [
         f"-- gatefill rollback of run {_one_line(run_id)}",
         f"-- environment: {_one_line(environment)} ({_one_line(database)})",
         f"-- generated at: {format_utc(generated_at)}",
-        f"-- ledger changes: {len(changes)} ({summary})",
+        f"-- ledger changes: {n} ({summary})",
         "-- Undoes exactly the rows the run wrote, by primary key (never by timestamp): deletes the rows it inserted",
         "-- and restores the before-images of the rows it updated, in one transaction that aborts on any error,",
         "-- then marks the run rolled_back in the ledger (a second execution is refused).",
@@ -948,62 +1208,23 @@ def rollback_sql(
             "CREATE TEMP TABLE gatefill_rollback_check (what TEXT NOT NULL, ok INTEGER NOT NULL"
             ' CONSTRAINT "rollback check failed, see the statement at the line named" CHECK (ok));',
         ]
-    check = "INSERT INTO gatefill_rollback_check (what, ok) SELECT"
-    run = _quote(run_id)
     allowed_from = ", ".join(
         _quote(s.value) for s, targets in ledger.TRANSITIONS.items() if RunStatus.ROLLED_BACK in targets
     )
     out += [
         "",
         "-- 0. The run must still be in a status that may become rolled_back (so the script cannot run twice).",
-        f"{check} {_quote(f'run may become rolled_back: {run_id}')}, EXISTS (SELECT 1 FROM {ledger.runs.name} "
-        f"WHERE id = {run} AND status IN ({allowed_from}));",
+        f"INSERT INTO gatefill_rollback_check (what, ok) SELECT {_quote(f'run may become rolled_back: {run_id}')}, "
+        f"EXISTS (SELECT 1 FROM {ledger.runs.name} WHERE id = {_quote(run_id)} AND status IN ({allowed_from}));",
     ]
-    if guard and changes:
-        out += ["", "-- 1. Guard: each row the run wrote still equals what it wrote."]
-        for change in changes:
-            table, written = defs[change.table]
-            what = _quote(f"unchanged since the run wrote it: {change.table} {change.row_key}")
-            out.append(f"{check} {what}, {_row_matches(table, written.primary_key, change.key, change.after, pg)};")
-    out += ["", "-- 2. Delete every row the run wrote, newest change first."]
-    for change in reversed(changes):
-        table, written = defs[change.table]
-        out.append(f"DELETE FROM {_ident(table.name)} WHERE {_key_where(table, written.primary_key, change.key, pg)};")
-    out += ["", "-- 3. Insert the before-images back, oldest change first (every column, timestamps included)."]
-    for change in changes:
-        if change.before is None:
-            continue
-        table, _ = defs[change.table]
-        cols = _columns(table, change.before)
-        values = ", ".join(_literal(_kind(table.c[c]), change.before[c], pg) for c in cols)
-        out.append(f"INSERT INTO {_ident(table.name)} ({', '.join(_ident(c) for c in cols)}) VALUES ({values});")
-    out += ["", "-- 4. Verify inside the transaction (a failed check aborts it: nothing is committed)."]
-    finals: list[str] = []
-    for name, (table, written) in defs.items():
-        inserted = [c.key for c in changes if c.table == name and c.before is None]
-        for part in _chunks(inserted):
-            where = _keys_in(table, written.primary_key, part, pg)
-            label = f"{name}: rows the run inserted, still present"
-            what = _quote(f"verify: no {name} row the run inserted is still present")
-            out.append(f"{check} {what}, count(*) = 0 FROM {_ident(name)} WHERE {where};")
-            finals.append(
-                f"SELECT {_quote(label)} AS check_name, count(*) AS should_be_0 FROM {_ident(name)} WHERE {where};"
-            )
-        for change in changes:
-            if change.table != name or change.before is None:
-                continue
-            what = _quote(f"verify: equals its before-image: {name} {change.row_key}")
-            out.append(f"{check} {what}, {_row_matches(table, written.primary_key, change.key, change.before, pg)};")
-        updated = [c.key for c in changes if c.table == name and c.before is not None]
-        for part in _chunks(updated):
-            where = _keys_in(table, written.primary_key, part, pg)
-            label = f"{name}: restored rows missing"
-            finals.append(
-                f"SELECT {_quote(label)} AS check_name, {len(part)} - count(*) AS should_be_0 "
-                f"FROM {_ident(name)} WHERE {where};"
-            )
+    return out
+
+
+def _script_tail(pg: bool, run_id: str) -> list[str]:
+    """Step 5 (mark the run rolled_back), COMMIT, and the heading of the after-commit counts."""
+    run = _quote(run_id)
     now_sql = "now()" if pg else "strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')"
-    out += [
+    return [
         "",
         "-- 5. Record the rollback in the run ledger, as `gatefill rollback` does.",
         f"INSERT INTO {ledger.run_events.name} (run_id, at, from_status, to_status, reason) "
@@ -1013,9 +1234,50 @@ def rollback_sql(
         "COMMIT;",
         "",
         "-- 6. After commit: counts that should all be 0.",
-        *finals,
     ]
-    return "\n".join(out) + "\n"
+
+
+def rollback_sql(
+    conn_or_dialect: Connection | str,
+    changes: Sequence[LedgerChange],
+    tables: Sequence[WrittenTable],
+    *,
+    run_id: str,
+    environment: str,
+    database: str,
+    generated_at: datetime,
+    metadata: sa.MetaData | None = None,
+    guard: bool = True,
+) -> str:
+    """The rollback as a script for ``psql -v ON_ERROR_STOP=1 -f FILE`` or ``sqlite3 DB < FILE``.
+
+    One transaction: (0) the run's status must still allow ``rolled_back`` (so the script cannot run twice);
+    (1) unless ``guard`` is false, every row the run wrote must still equal its after-image; (2) DELETE every key
+    the run wrote, newest change first; (3) INSERT every before-image, oldest change first; (4) verify that inserted
+    keys are absent and restored rows equal their before-images; (5) mark the run ``rolled_back`` in the ledger;
+    COMMIT; then SELECTs printing counts that should be 0. A failed check is a CHECK violation that stops the
+    script (``ON_ERROR_STOP`` / ``.bail on``, both set by the script itself) with the transaction uncommitted.
+    ``database`` must be a display URL (no password). Nothing is selected by timestamp.
+
+    ``changes`` (as ``load_changes`` returns them) are all in memory; ``write_rollback_sql`` writes the same script
+    from the ledger page by page.
+    """
+    dialect = conn_or_dialect if isinstance(conn_or_dialect, str) else conn_or_dialect.dialect.name
+    pg = _script_pg(dialect)
+    defs = _definitions(tables, metadata)
+    text = io.StringIO()
+    _write_script(
+        text,
+        _sequence_pages(changes, PAGE_SIZE),
+        defs,
+        pg=pg,
+        run_id=run_id,
+        environment=environment,
+        database=database,
+        generated_at=generated_at,
+        guard=guard,
+    )
+    return text.getvalue()
 
 
 def write_rollback_sql(
@@ -1027,25 +1289,37 @@ def write_rollback_sql(
     now: datetime | None = None,
     metadata: sa.MetaData | None = None,
     guard: bool = True,
+    page_size: int = PAGE_SIZE,
 ) -> Path:
-    """Writes the run's rollback script (e.g. ``backfill_logs/rollback_<YYYY-MM-DD>.sql``) and returns its path."""
+    """Writes the run's rollback script (e.g. ``backfill_logs/rollback_<YYYY-MM-DD>.sql``) and returns its path.
+
+    The script is ``rollback_sql``'s, written as the ledger is read, ``page_size`` changes at a time; it appears at
+    ``path`` only once complete.
+    """
     defs = _definitions(tables, metadata)
     with db.connect() as conn:
         ledger.get_run(conn, run_id, where=db.display_url)
-        changes = _load_changes(conn, run_id, defs)
-        text = rollback_sql(
-            conn,
-            changes,
-            tables,
-            run_id=run_id,
-            environment=db.env.name,
-            database=db.display_url,
-            generated_at=now or datetime.now(UTC),
-            metadata=metadata,
-            guard=guard,
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+        pg = _script_pg(conn.dialect.name)
+        pages = _LedgerPages.open(conn, run_id, defs, page_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        try:
+            with partial.open("w", encoding="utf-8") as out:
+                _write_script(
+                    out,
+                    pages,
+                    defs,
+                    pg=pg,
+                    run_id=run_id,
+                    environment=db.env.name,
+                    database=db.display_url,
+                    generated_at=now or datetime.now(UTC),
+                    guard=guard,
+                )
+            partial.replace(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     return path
 
 
