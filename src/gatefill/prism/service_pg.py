@@ -1,24 +1,36 @@
-"""The Postgres round trips of ``PrismService``'s scoring calls: the reads in one pipelined round trip, the writes too.
+"""The Postgres round trips of ``PrismService``'s scoring calls: the reads in one round trip, the writes in another.
 
 A finalize through SQLAlchemy took ten statements, each a round trip plus the library's per-statement work, and
 decoded ~250 answer rows one by one: about 9 ms of Python per call, twelve times the scoring itself. Here the row
-lock and one query for every input go to the server together (psycopg pipeline mode; the server still runs them in
-order, and the second statement's snapshot is taken after the lock is granted, so it sees what a concurrent call for
-the same session committed), and the writes go together too. The write statements are the SQLAlchemy constructs
-the portable path executes, compiled once per process for the connection's dialect, and their values pass through
-SQLAlchemy's own bind processors for those columns, so the rows written equal the portable path's byte for byte.
-psycopg prepares a statement on a connection after its fifth use, so the steady state sends no SQL text.
+lock and one query for every input go to the server together in one pipeline (the server still runs them in order,
+and the second statement's snapshot is taken after the lock is granted, so it sees what a concurrent call for the
+same session committed), and the writes and the COMMIT go together too. The write statements are the SQLAlchemy
+constructs the portable path executes, compiled once per process for the connection's dialect, and their values
+pass through SQLAlchemy's own bind processors for those columns and psycopg's own dumpers, so the rows written equal
+the portable path's byte for byte.
+
+The pipeline is driven through libpq (``psycopg.pq``) rather than psycopg's cursors: a cursor in pipeline mode
+flushes the socket after every statement, and libpq's send runs while holding the GIL. On two cores with Postgres on
+the same machine each send that wakes the server can leave the sending thread descheduled with the GIL in hand: with
+twenty clients, 40 % of a worker's GIL time was spent inside ``send``. ``PgConnection.run`` queues a whole batch
+(BEGIN or COMMIT included) and sends it with one flush, then waits for the results with the GIL released. Each
+statement is prepared on the connection the first time it is sent with a given set of parameter types (in the same
+batch), so the steady state sends no SQL text; a connection configured with ``prepare_threshold=None`` (a transaction
+pooler that cannot keep prepared statements) gets unnamed statements instead.
 
 The connections are the engine's pool connections, but a call does not check one out of the pool each time: the
 pool's checkout pings the server (``pool_pre_ping``, one more statement and round trip per call) and SQLAlchemy's
 connection and transaction objects cost more Python than the call's own reads. ``ParkedConnections`` keeps the
-connections it has used checked out and reuses them; the COMMIT travels in the writes' round trip. A parked
-connection that the server has dropped fails on the first statement of a call, which only reads; the caller then
-retries once on a fresh connection, which is what the ping was for.
+connections it has used checked out and reuses them. A parked connection that the server has dropped fails on the
+first batch of a call, which only reads; the caller then retries once on a fresh connection, which is what the ping
+was for.
 """
 
 from __future__ import annotations
 
+import itertools
+import re
+import select
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -27,7 +39,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from psycopg.pq import TransactionStatus
+from psycopg import pq
+from psycopg.adapt import PyFormat, Transformer
+from psycopg.pq import ExecStatus, TransactionStatus
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.pool import PoolProxiedConnection
 
@@ -38,20 +52,58 @@ __all__ = [
     "ParkedConnections",
     "PgConnection",
     "PgReads",
+    "PgStatement",
     "PipelineStepFailed",
     "compiled",
     "read_call",
     "run_pipelined",
 ]
 
-_LOCK_SQL = "SELECT share_token, share_token_expires_at FROM assessment_sessions WHERE id = %(id)s::uuid FOR UPDATE"
+_PLACEHOLDER = re.compile(r"%\((?P<name>[^)]+)\)s|%%")
+
+
+@dataclass(frozen=True)
+class PgStatement:
+    """A statement in the server's own placeholder style (``$1``, ``$2``, ...) and the parameter names behind each."""
+
+    sql: bytes
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_pyformat(cls, sql: str) -> PgStatement:
+        """``sql`` with ``%(name)s`` placeholders (``%%`` a literal ``%``), as psycopg and SQLAlchemy write them."""
+        names: list[str] = []
+        numbers: dict[str, int] = {}
+
+        def number(match: re.Match[str]) -> str:
+            name = match.group("name")
+            if name is None:
+                return "%"
+            if name not in numbers:
+                names.append(name)
+                numbers[name] = len(names)
+            return f"${numbers[name]}"
+
+        return cls(_PLACEHOLDER.sub(number, sql).encode("utf-8"), tuple(names))
+
+    def values(self, params: Mapping[str, object]) -> list[object]:
+        return [params[name] for name in self.names]
+
+
+_BEGIN = PgStatement(b"BEGIN", ())
+_COMMIT = PgStatement(b"COMMIT", ())
+_ROLLBACK = PgStatement(b"ROLLBACK", ())
+_LOCK = PgStatement.from_pyformat(
+    "SELECT share_token, share_token_expires_at FROM assessment_sessions WHERE id = %(id)s::uuid FOR UPDATE"
+)
 
 # One row: scoring_config as an object, the answers and the FC answers in (answered_at, block_id) order as two arrays
 # each, the stored v1.2/functions FC value and the existing profile's submitted_at. Every part is one index lookup on
 # the session id. The answers come in no particular order (both arrays in the same one) and are put in question order
 # here, as ``load_session_inputs`` reads them: two ordered aggregates sorted the 248 rows twice on the server, which
 # cost Postgres more than sorting them once costs Python.
-_INPUTS_SQL = """
+_INPUTS = PgStatement.from_pyformat(
+    """
 SELECT cfg.config, a.qids, a.vals, f.blocks, f.options,
        (SELECT s.scores_json FROM fc_scores s
         WHERE s.session_id = %(id)s::uuid AND s.version = %(version)s AND s.fc_kind = %(kind)s) AS fc_existing,
@@ -67,6 +119,7 @@ CROSS JOIN (
 LEFT JOIN LATERAL (SELECT true AS found, pr.submitted_at FROM profiles pr WHERE pr.session_id = %(id)s::uuid) p
     ON true
 """
+)
 
 
 class PipelineStepFailed(Exception):
@@ -96,14 +149,16 @@ class PgReads:
 class CompiledWrite:
     """A SQLAlchemy write construct compiled for one dialect, with the bind processors of its parameters."""
 
-    sql: str
+    statement: PgStatement
     processors: Mapping[str, Callable[[Any], Any]]
 
-    def params(self, values: Mapping[str, object]) -> dict[str, object]:
-        out = dict(values)
-        for name, process in self.processors.items():
-            if name in out:
-                out[name] = process(out[name])
+    def values(self, params: Mapping[str, object]) -> list[object]:
+        """The statement's positional values for ``params``, each through its column's bind processor."""
+        out = self.statement.values(params)
+        for i, name in enumerate(self.statement.names):
+            process = self.processors.get(name)
+            if process is not None:
+                out[i] = process(out[i])
         return out
 
 
@@ -125,33 +180,182 @@ def compiled(
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if process is not None:
             processors[name] = process
-    result = CompiledWrite(str(done), processors)
+    result = CompiledWrite(PgStatement.from_pyformat(str(done)), processors)
     with _COMPILED_LOCK:
         _COMPILED[full_key] = result
     return result
 
 
-class PgConnection:
-    """A parked psycopg connection and the cursors it keeps, one per statement text.
+# Names of the statements this process prepares: never reused, so a connection that comes back from the pool with
+# statements an earlier PgConnection prepared on it cannot collide with them.
+_STATEMENT_NAMES = itertools.count()
+_AUTO_FORMATS: dict[int, list[PyFormat]] = {}
+# A prepared statement's cache key: its text and the parameter types it was prepared with.
+_PreparedKey = tuple[bytes, tuple[int, ...]]
 
-    A psycopg cursor that runs the same query object again keeps its adaptation state (which dumper serves each
-    parameter type); a new cursor per statement looked all of them up again, on every call.
+
+class PgConnection:
+    """A parked psycopg connection whose batches go through libpq's pipeline: one flush out, results read to the sync.
+
+    One batch at a time (calls do not share a connection). Outside ``run`` the connection is an ordinary psycopg
+    connection in the state the batch left (a transaction open after BEGIN, idle after COMMIT), so psycopg's own
+    ``rollback`` still cleans up after a failed call.
     """
 
     def __init__(self, raw: psycopg.Connection[Any]) -> None:
         self.raw = raw
-        self._cursors: dict[str, psycopg.Cursor[Any]] = {}
-
-    def cursor(self, statement: str) -> psycopg.Cursor[Any]:
-        """This connection's cursor for ``statement`` (one statement at a time each: calls do not share it)."""
-        found = self._cursors.get(statement)
-        if found is None:
-            found = self._cursors[statement] = self.raw.cursor()
-        return found
+        self.pgconn = raw.pgconn
+        # Dumps parameters and loads rows exactly as this connection's cursors would (its adapters, its encoding).
+        self.adapt = Transformer(raw)
+        self.prepare = raw.prepare_threshold is not None
+        self._prepared: dict[_PreparedKey, bytes] = {}
+        self._poll = select.poll()
+        self._poll.register(self.pgconn.socket, select.POLLIN)
 
     @property
     def broken(self) -> bool:
         return self.raw.broken or self.raw.closed
+
+    @property
+    def disconnected(self) -> bool:
+        return self.pgconn.status == pq.ConnStatus.BAD
+
+    def run(self, batch: Sequence[tuple[PgStatement, Sequence[object]]]) -> list[pq.abc.PGresult]:
+        """Sends every statement of ``batch`` with its values in one pipeline and one flush; returns each one's result.
+
+        Raises ``PipelineStepFailed`` naming the first statement that failed (the server skipped the ones after it);
+        when the connection itself failed, the first statement without a result.
+        """
+        pgconn = self.pgconn
+        # For each command libpq will answer: its index in the batch and, for a PREPARE, its cache key.
+        expected: list[tuple[int, _PreparedKey | None]] = []
+        groups: list[list[pq.abc.PGresult]] = []
+        pgconn.enter_pipeline_mode()
+        try:
+            try:
+                for index, (statement, values) in enumerate(batch):
+                    self._send(index, statement, values, expected)
+                pgconn.pipeline_sync()
+                self._flush()
+                self._read_to_sync(groups)
+            except psycopg.Error as exc:
+                for _, key in expected[len(groups) :]:
+                    if key is not None:
+                        self._prepared.pop(key, None)
+                failed = expected[len(groups)][0] if len(groups) < len(expected) else len(batch)
+                raise PipelineStepFailed(failed, exc, self.disconnected) from exc
+        finally:
+            if pgconn.pipeline_status != pq.PipelineStatus.OFF:
+                try:
+                    pgconn.exit_pipeline_mode()
+                except psycopg.Error:
+                    # Results still pending (the connection failed mid-batch): it cannot be used again.
+                    self.raw.close()
+        results: list[pq.abc.PGresult] = []
+        for position, ((index, key), group) in enumerate(zip(expected, groups, strict=True)):
+            status = group[0].status if group else ExecStatus.FATAL_ERROR
+            if status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
+                # This command failed (the ones after it were skipped): the PREPAREs among them never happened.
+                for _, skipped in expected[position:]:
+                    if skipped is not None:
+                        self._prepared.pop(skipped, None)
+                error = self._error(group[0] if group else None)
+                if isinstance(error, psycopg.errors.InvalidSqlStatementName):
+                    # Someone deallocated our statements (DEALLOCATE ALL, DISCARD ALL): prepare afresh next time.
+                    self._prepared.clear()
+                raise PipelineStepFailed(index, error, self.disconnected)
+            if key is None:
+                results.append(group[0])
+        return results
+
+    def rollback(self) -> None:
+        """Rolls the open transaction back, keeping the prepared statements.
+
+        Not psycopg's ``rollback``: it also deallocates every prepared statement of the connection (it cannot tell
+        whether its own survived the transaction), ours included, which the next batch would then miss.
+        """
+        self.run([(_ROLLBACK, ())])
+
+    def _send(
+        self,
+        index: int,
+        statement: PgStatement,
+        values: Sequence[object],
+        expected: list[tuple[int, _PreparedKey | None]],
+    ) -> None:
+        pgconn = self.pgconn
+        if not values:
+            pgconn.send_query_params(statement.sql, None)
+            expected.append((index, None))
+            return
+        formats = _AUTO_FORMATS.get(len(values))
+        if formats is None:
+            formats = _AUTO_FORMATS.setdefault(len(values), [PyFormat.AUTO] * len(values))
+        params = self.adapt.dump_sequence(values, formats)
+        types = tuple(self.adapt.types or ())
+        if not self.prepare:
+            pgconn.send_query_params(statement.sql, params, types, self.adapt.formats)
+            expected.append((index, None))
+            return
+        key = (statement.sql, types)
+        name = self._prepared.get(key)
+        if name is None:
+            # Prepared in this batch, just before its first use; forgotten again if the PREPARE does not succeed.
+            name = self._prepared[key] = b"gf_%d" % next(_STATEMENT_NAMES)
+            pgconn.send_prepare(name, statement.sql, types)
+            expected.append((index, key))
+        pgconn.send_query_prepared(name, params, self.adapt.formats)
+        expected.append((index, None))
+
+    def _flush(self) -> None:
+        pgconn = self.pgconn
+        while pgconn.flush():
+            # The socket's buffer is full: wait until it drains, reading what the server sends meanwhile.
+            self._poll.modify(pgconn.socket, select.POLLIN | select.POLLOUT)
+            try:
+                ready = self._wait()
+            finally:
+                self._poll.modify(pgconn.socket, select.POLLIN)
+            if ready & select.POLLIN:
+                pgconn.consume_input()
+
+    def _wait(self) -> int:
+        """Waits, without the GIL, until the socket is ready (or failed); returns the events."""
+        while True:
+            events = self._poll.poll()
+            if events:
+                return int(events[0][1])
+
+    def _read_to_sync(self, groups: list[list[pq.abc.PGresult]]) -> None:
+        """Appends every command's results to ``groups``, in order, up to the batch's sync point."""
+        pgconn = self.pgconn
+        current: list[pq.abc.PGresult] = []
+        while True:
+            if pgconn.is_busy():
+                self._wait()
+                pgconn.consume_input()
+                continue
+            result = pgconn.get_result()
+            if result is None:
+                groups.append(current)
+                current = []
+            elif result.status == ExecStatus.PIPELINE_SYNC:
+                return
+            else:
+                current.append(result)
+
+    def _error(self, result: pq.abc.PGresult | None) -> psycopg.Error:
+        if result is None:
+            return psycopg.OperationalError("no result from the server")
+        return psycopg.errors.error_from_result(result, encoding=self.raw.info.encoding)
+
+    def row(self, result: pq.abc.PGresult) -> tuple[Any, ...] | None:
+        """The first row of a query's result, loaded as this connection's cursors load it (None: no rows)."""
+        if result.ntuples == 0:
+            return None
+        self.adapt.set_pgresult(result)
+        row: tuple[Any, ...] = self.adapt.load_row(0, tuple)
+        return row
 
 
 class ParkedConnections:
@@ -188,8 +392,8 @@ class ParkedConnections:
             yield conn, reused
         finally:
             if not conn.broken and raw.pgconn.transaction_status != TransactionStatus.IDLE:
-                with suppress(psycopg.Error):
-                    raw.rollback()
+                with suppress(PipelineStepFailed, psycopg.Error):
+                    conn.rollback()
             if conn.broken or raw.pgconn.transaction_status != TransactionStatus.IDLE:
                 pooled.invalidate()
                 pooled.close()
@@ -212,25 +416,38 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _begin(raw: psycopg.Connection[Any]) -> PgStatement:
+    """The BEGIN psycopg itself would send on this connection (its isolation level and access mode, if set)."""
+    words = ["BEGIN"]
+    if raw.isolation_level is not None:
+        words.append("ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " "))
+    if raw.read_only is not None:
+        words.append("READ ONLY" if raw.read_only else "READ WRITE")
+    if raw.deferrable is not None:
+        words.append("DEFERRABLE" if raw.deferrable else "NOT DEFERRABLE")
+    return _BEGIN if len(words) == 1 else PgStatement(" ".join(words).encode("ascii"), ())
+
+
 def read_call(conn: PgConnection, session_id: str, *, with_fc_responses: bool) -> PgReads:
-    """Locks the session row and reads every input of a scoring call: one round trip (BEGIN goes with it)."""
-    raw = conn.raw
+    """BEGIN, lock the session row and read every input of a scoring call: one round trip.
+
+    Raises ``PipelineStepFailed`` (index 0: BEGIN or the lock, 1: the inputs).
+    """
     params = {
         "id": session_id,
         "version": scoring.FC_VERSION,
         "kind": scoring.FC_KIND,
         "with_fc": with_fc_responses,
     }
-    lock = conn.cursor(_LOCK_SQL)
-    inputs = conn.cursor(_INPUTS_SQL)
     try:
-        with raw.pipeline():
-            lock.execute(_LOCK_SQL, {"id": session_id})
-            inputs.execute(_INPUTS_SQL, params)
-    except psycopg.Error as exc:
-        raise PipelineStepFailed(0 if lock.pgresult is None else 1, exc, raw.broken or raw.closed) from exc
-    locked_row = lock.fetchone()
-    row = inputs.fetchone()
+        _, lock, inputs = conn.run(
+            [(_begin(conn.raw), ()), (_LOCK, _LOCK.values(params)), (_INPUTS, _INPUTS.values(params))]
+        )
+    except PipelineStepFailed as exc:
+        exc.index = max(0, exc.index - 1)
+        raise
+    locked_row = conn.row(lock)
+    row = conn.row(inputs)
     assert row is not None
     config, qids, values, blocks, options, fc_existing, found, submitted_at = row
     locked = None if locked_row is None else (locked_row[0], _utc(locked_row[1]))
@@ -260,20 +477,17 @@ def run_pipelined(
     Raises ``PipelineStepFailed`` naming the first step that failed (``len(steps)``: the COMMIT); the server skipped
     the steps after it.
     """
-    raw = conn.raw
-    cursors = []
+    batch: list[tuple[PgStatement, Sequence[object]]] = []
+    step_of: list[int] = []
+    for index, (statement, rows) in enumerate(steps):
+        for row in rows:
+            batch.append((statement.statement, statement.values(row)))
+            step_of.append(index)
+    if commit:
+        batch.append((_COMMIT, ()))
+    step_of.append(len(steps))
     try:
-        with raw.pipeline():
-            for statement, rows in steps:
-                cursor = conn.cursor(statement.sql)
-                cursors.append(cursor)
-                if len(rows) == 1:
-                    cursor.execute(statement.sql, statement.params(rows[0]))
-                else:
-                    cursor.executemany(statement.sql, [statement.params(r) for r in rows])
-            if commit:
-                raw.commit()
-    except psycopg.Error as exc:
-        # Results are handed to the cursors in order: the first one without a result is the one that failed.
-        failed = next((i for i, c in enumerate(cursors) if c.pgresult is None), len(cursors))
-        raise PipelineStepFailed(failed, exc, raw.broken or raw.closed) from exc
+        conn.run(batch)
+    except PipelineStepFailed as exc:
+        exc.index = step_of[min(exc.index, len(step_of) - 1)]
+        raise

@@ -1,0 +1,246 @@
+"""The libpq-level pipeline behind the Postgres scoring path (``service_pg.PgConnection``), on a real server.
+
+A batch must store and read exactly what psycopg's cursors store and read, name the statement that failed, never
+believe a statement prepared when its PREPARE was skipped, leave a usable connection after a failure, and report a
+connection the server dropped as disconnected. Last, the service itself: a parked connection the server killed
+between calls is replaced without the caller seeing an error.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from gatefill.clock import RealClock
+from gatefill.prism.service import CallContext, Faults, PrismService
+from gatefill.prism.service_pg import ParkedConnections, PgConnection, PgStatement, PipelineStepFailed
+from gatefill.prism.simulator import new_respondent, write_answers, write_session
+from tests.conftest import Target, _conninfo, _with_database, server_url
+
+_TABLE = """
+CREATE TABLE kinds (
+    id integer PRIMARY KEY, t text, b bigint, n numeric, at timestamptz, doc jsonb, u uuid, flag boolean, missing text
+)
+"""
+_INSERT = PgStatement.from_pyformat(
+    "INSERT INTO kinds (id, t, b, n, at, doc, u, flag, missing) "
+    "VALUES (%(id)s, %(t)s, %(b)s, %(n)s, %(at)s, %(doc)s, %(u)s, %(flag)s, %(missing)s)"
+)
+_INSERT_SQL = (
+    "INSERT INTO kinds (id, t, b, n, at, doc, u, flag, missing) "
+    "VALUES (%(id)s, %(t)s, %(b)s, %(n)s, %(at)s, %(doc)s, %(u)s, %(flag)s, %(missing)s)"
+)
+_BEGIN = PgStatement(b"BEGIN", ())
+_COMMIT = PgStatement(b"COMMIT", ())
+
+
+def _values(i: int, row_id: int | None = None) -> dict[str, Any]:
+    return {
+        "id": i if row_id is None else row_id,
+        "t": f"text 'quoted' % {i} é",
+        "b": 2**40 + i,
+        "n": Decimal("12.345") * i,
+        "at": datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
+        "doc": Jsonb({"k": [i, 1.5, None, "x"]}),
+        "u": uuid.UUID(int=i),
+        "flag": i % 2 == 0,
+        "missing": None,
+    }
+
+
+@pytest.fixture
+def raw(empty_pg: str) -> Iterator[psycopg.Connection[Any]]:
+    conninfo = _conninfo(_with_database(server_url(), empty_pg))
+    with psycopg.connect(conninfo, autocommit=True) as setup:
+        setup.execute(_TABLE)
+    with psycopg.connect(conninfo) as conn:
+        yield conn
+
+
+def _ours(conn: psycopg.Connection[Any]) -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE 'gf\\_%' ORDER BY name")
+        names = [r[0] for r in cur.fetchall()]
+    conn.rollback()
+    return names
+
+
+def test_a_batch_stores_and_reads_what_psycopg_cursors_do(raw: psycopg.Connection[Any]) -> None:
+    pg = PgConnection(raw)
+    pg.run([(_BEGIN, ()), *[(_INSERT, _INSERT.values(_values(i))) for i in (1, 2)], (_COMMIT, ())])
+    with raw.cursor() as cur:
+        for i in (1, 2):
+            cur.execute(_INSERT_SQL, _values(i, row_id=100 + i))
+    raw.commit()
+    select = PgStatement.from_pyformat("SELECT t, b, n, at, doc, u, flag, missing FROM kinds WHERE id = %(id)s")
+    for ours, theirs in ((1, 101), (2, 102)):
+        (result,) = pg.run([(select, select.values({"id": ours}))])
+        with raw.cursor() as cur:
+            cur.execute("SELECT t, b, n, at, doc, u, flag, missing FROM kinds WHERE id = %s", (theirs,))
+            expected = cur.fetchone()
+        assert pg.row(result) == expected
+        assert expected is not None and expected[0] == f"text 'quoted' % {ours} é"
+    raw.rollback()
+    (empty,) = pg.run([(select, select.values({"id": 999}))])
+    assert pg.row(empty) is None
+    raw.rollback()
+
+
+def test_placeholders_are_numbered_once_per_name_and_double_percent_is_a_literal() -> None:
+    statement = PgStatement.from_pyformat("SELECT %(a)s, 'x%%y', %(b)s, %(a)s")
+    assert statement.sql == b"SELECT $1, 'x%y', $2, $1"
+    assert statement.names == ("a", "b")
+    assert statement.values({"b": 2, "a": 1, "c": 3}) == [1, 2]
+
+
+def test_a_failed_statement_is_named_and_later_ones_are_skipped(raw: psycopg.Connection[Any]) -> None:
+    pg = PgConnection(raw)
+    batch = [
+        (_BEGIN, ()),
+        (_INSERT, _INSERT.values(_values(1))),
+        (_INSERT, _INSERT.values(_values(1))),  # duplicate key
+        (_INSERT, _INSERT.values(_values(3))),
+        (_COMMIT, ()),
+    ]
+    with pytest.raises(PipelineStepFailed) as failed:
+        pg.run(batch)
+    assert failed.value.index == 2
+    assert isinstance(failed.value.cause, psycopg.errors.UniqueViolation)
+    assert not failed.value.disconnected
+    raw.rollback()
+    with raw.cursor() as cur:
+        cur.execute("SELECT count(*) FROM kinds")
+        assert cur.fetchone() == (0,)
+    raw.rollback()
+    # The connection is usable again, with the statement it prepared.
+    pg.run([(_BEGIN, ()), (_INSERT, _INSERT.values(_values(4))), (_COMMIT, ())])
+    with raw.cursor() as cur:
+        cur.execute("SELECT id FROM kinds")
+        assert cur.fetchall() == [(4,)]
+    raw.rollback()
+
+
+def test_a_prepare_skipped_after_a_failure_is_prepared_again_next_time(raw: psycopg.Connection[Any]) -> None:
+    pg = PgConnection(raw)
+    boom = PgStatement.from_pyformat("SELECT 1 / %(zero)s")
+    later = PgStatement.from_pyformat("SELECT %(x)s::text || 'later'")
+    with pytest.raises(PipelineStepFailed) as failed:
+        pg.run([(_BEGIN, ()), (boom, [0]), (later, ["a"])])
+    assert failed.value.index == 1
+    assert isinstance(failed.value.cause, psycopg.errors.DivisionByZero)
+    raw.rollback()
+    # If ``later`` were remembered as prepared, this would fail with "prepared statement does not exist".
+    (result,) = pg.run([(later, ["b"])])
+    assert pg.row(result) == ("blater",)
+    raw.rollback()
+
+
+def test_statements_are_prepared_once_per_parameter_types(raw: psycopg.Connection[Any]) -> None:
+    pg = PgConnection(raw)
+    statement = PgStatement.from_pyformat("SELECT %(x)s::text")
+    for i in range(10):
+        (result,) = pg.run([(statement, [f"v{i}"])])
+        assert pg.row(result) == (f"v{i}",)
+    raw.rollback()
+    assert len(_ours(raw)) == 1
+
+
+def test_rollback_keeps_the_prepared_statements(raw: psycopg.Connection[Any]) -> None:
+    # psycopg's own rollback() deallocates every prepared statement of the connection; ours must survive it.
+    pg = PgConnection(raw)
+    pg.run([(_BEGIN, ()), (_INSERT, _INSERT.values(_values(1)))])
+    pg.rollback()
+    (result,) = pg.run([(PgStatement(b"SELECT count(*) FROM kinds", ()), ())])
+    assert pg.row(result) == (0,)
+    pg.run([(_BEGIN, ()), (_INSERT, _INSERT.values(_values(2))), (_COMMIT, ())])
+    assert len(_ours(raw)) == 1
+
+
+def test_a_parked_connection_rolled_back_keeps_its_prepared_statements(pg_target: Target) -> None:
+    parked = ParkedConnections(pg_target.db.engine)
+    statement = PgStatement.from_pyformat("SELECT %(x)s::text")
+    try:
+        with parked.transaction() as (conn, _):
+            # A statement psycopg prepared itself: its rollback() would now send DEALLOCATE ALL.
+            conn.raw.execute("SELECT 1", prepare=True)
+            conn.raw.commit()
+            conn.run([(_BEGIN, ()), (statement, ["a"])])  # left open: rolled back when the transaction ends
+        with parked.transaction() as (again, reused):
+            assert reused and again is conn
+            (result,) = again.run([(statement, ["b"])])
+            assert again.row(result) == ("b",)
+            again.rollback()
+    finally:
+        parked.dispose()
+
+
+def test_statements_deallocated_behind_its_back_are_prepared_again(raw: psycopg.Connection[Any]) -> None:
+    pg = PgConnection(raw)
+    statement = PgStatement.from_pyformat("SELECT %(x)s::text")
+    pg.run([(statement, ["a"])])
+    pg.run([(PgStatement(b"DEALLOCATE ALL", ()), ())])
+    with pytest.raises(PipelineStepFailed) as failed:
+        pg.run([(statement, ["b"])])
+    assert isinstance(failed.value.cause, psycopg.errors.InvalidSqlStatementName)
+    (result,) = pg.run([(statement, ["c"])])
+    assert pg.row(result) == ("c",)
+
+
+def test_a_connection_without_prepared_statements_sends_unnamed_ones(empty_pg: str) -> None:
+    conninfo = _conninfo(_with_database(server_url(), empty_pg))
+    with psycopg.connect(conninfo, prepare_threshold=None) as raw:
+        pg = PgConnection(raw)
+        statement = PgStatement.from_pyformat("SELECT %(x)s::int + 1")
+        for i in range(3):
+            (result,) = pg.run([(statement, [i])])
+            assert pg.row(result) == (i + 1,)
+        raw.rollback()
+        assert _ours(raw) == []
+
+
+def test_a_connection_the_server_dropped_is_reported_disconnected(raw: psycopg.Connection[Any], empty_pg: str) -> None:
+    pg = PgConnection(raw)
+    pid = raw.info.backend_pid
+    with psycopg.connect(_conninfo(server_url()), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(PipelineStepFailed) as failed:
+        pg.run([(_BEGIN, ()), (PgStatement(b"SELECT 1", ()), ())])
+    assert failed.value.disconnected
+    assert pg.broken
+
+
+def test_the_service_replaces_a_parked_connection_the_server_dropped(pg_target: Target) -> None:
+    service = PrismService(pg_target.db, clock=RealClock())
+    rng = random.Random(3)
+    respondents = [new_respondent(rng, answer_ms=60_000) for _ in range(2)]
+    now = datetime.now(UTC)
+    for r in respondents:
+        write_session(pg_target.db, r, now)
+        write_answers(pg_target.db, r, now, r.answer_ms)
+
+    def finalize(session_id: str) -> dict[str, object]:
+        ctx = CallContext(now=datetime.now(UTC), faults=Faults(), request_id=uuid.uuid4().hex, ip="127.0.0.1", ua="t")
+        return service.finalize(session_id, ctx, results_base_url="http://127.0.0.1")
+
+    try:
+        assert finalize(respondents[0].session_id)["ok"] is True
+        name = pg_target.env.database_url.rsplit("/", 1)[1].split("?", 1)[0]
+        with psycopg.connect(_conninfo(server_url()), autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        reply = finalize(respondents[1].session_id)
+        assert reply["ok"] is True and reply["session_id"] == respondents[1].session_id
+    finally:
+        service.close()
