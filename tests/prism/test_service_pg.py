@@ -8,18 +8,24 @@ between calls is replaced without the caller seeing an error.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from psycopg.types.json import Jsonb
 
 from gatefill.clock import RealClock
+from gatefill.prism import scoring
+from gatefill.prism.schema import PROFILE_RESULT_COLUMNS, assessment_responses, profiles
 from gatefill.prism.service import CallContext, Faults, PrismService
 from gatefill.prism.service_pg import ParkedConnections, PgConnection, PgStatement, PipelineStepFailed
 from gatefill.prism.simulator import new_respondent, write_answers, write_session
@@ -227,20 +233,113 @@ def test_the_service_replaces_a_parked_connection_the_server_dropped(pg_target: 
         write_answers(pg_target.db, r, now, r.answer_ms)
 
     def finalize(session_id: str) -> dict[str, object]:
-        ctx = CallContext(now=datetime.now(UTC), faults=Faults(), request_id=uuid.uuid4().hex, ip="127.0.0.1", ua="t")
-        return service.finalize(session_id, ctx, results_base_url="http://127.0.0.1")
+        return service.finalize(session_id, _context(), results_base_url="http://127.0.0.1")
 
     try:
         assert finalize(respondents[0].session_id)["ok"] is True
-        name = pg_target.env.database_url.rsplit("/", 1)[1].split("?", 1)[0]
-        with psycopg.connect(_conninfo(server_url()), autocommit=True) as admin:
-            killed = admin.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            ).fetchone()
-        assert killed is not None and killed[0] >= 1
+        assert _kill_connections(pg_target) >= 1
         reply = finalize(respondents[1].session_id)
         assert reply["ok"] is True and reply["session_id"] == respondents[1].session_id
     finally:
         service.close()
+
+
+def _context() -> CallContext:
+    return CallContext(now=datetime.now(UTC), faults=Faults(), request_id=uuid.uuid4().hex, ip="127.0.0.1", ua="t")
+
+
+def _kill_connections(target: Target) -> int:
+    name = target.env.database_url.rsplit("/", 1)[1].split("?", 1)[0]
+    with psycopg.connect(_conninfo(server_url()), autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_on_the_event_loop_a_dropped_parked_connection_is_replaced_too(pg_target: Target) -> None:
+    service = PrismService(pg_target.db, clock=RealClock())
+    rng = random.Random(4)
+    respondents = [new_respondent(rng, answer_ms=60_000) for _ in range(2)]
+    now = datetime.now(UTC)
+    for r in respondents:
+        write_session(pg_target.db, r, now)
+        write_answers(pg_target.db, r, now, r.answer_ms)
+
+    async def finalize(session_id: str) -> dict[str, object]:
+        with ThreadPoolExecutor(1) as calls:
+            return await service.finalize_async(session_id, _context(), calls, results_base_url="http://127.0.0.1")
+
+    try:
+        assert asyncio.run(finalize(respondents[0].session_id))["ok"] is True
+        assert _kill_connections(pg_target) >= 1
+        reply = asyncio.run(finalize(respondents[1].session_id))
+        assert reply["ok"] is True and reply["session_id"] == respondents[1].session_id
+    finally:
+        service.close()
+
+
+def _profile_scores(target: Target, session_id: str) -> dict[str, object]:
+    with target.db.connect() as conn:
+        row = conn.execute(sa.select(profiles).where(profiles.c.session_id == session_id)).one()
+    return {k: row._mapping[k] for k in PROFILE_RESULT_COLUMNS}
+
+
+def test_repeated_answers_go_to_the_portable_reader_and_the_latest_answer_wins(pg_target: Target) -> None:
+    """The fast path reads answers unordered and gives up on a repeated question; both drivers then score through
+    the portable reader, which keeps the latest answer: the profile equals that of a session answered so once."""
+    db = pg_target.db
+    rng = random.Random(5)
+    base = new_respondent(rng, answer_ms=60_000)
+    # A strength item answered other than "1", re-answered "1" later: the later answer sorts first by value, so a
+    # reader that kept whichever row came last would keep the stale one.
+    key = scoring.ReferenceData.from_package().key_rows
+    strength = {k.question_id for k in key.values() if k.scale_type == "LIKERT_1_5" and (k.tag or "").endswith("_S")}
+    qid, text, qtype, section, _, offset = next(a for a in base.answers if a[0] in strength and a[4] != "1")
+    changed = "1"
+    direct = replace(
+        new_respondent(rng, answer_ms=60_000),
+        answers=tuple(a if a[0] != qid else (qid, text, qtype, section, changed, offset) for a in base.answers),
+        fc_choices=base.fc_choices,
+    )
+    repeated = [replace(base, session_id=str(uuid.uuid4()), share_token=str(uuid.uuid4())) for _ in range(2)]
+    started = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    with db.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE assessment_responses DROP CONSTRAINT uniq_session_question")
+    for r in (base, direct, *repeated):
+        write_session(db, r, started)
+        write_answers(db, r, started, r.answer_ms)
+    later = started + timedelta(hours=1)
+    with db.begin() as conn:
+        for r in repeated:
+            conn.execute(
+                assessment_responses.insert().values(
+                    session_id=r.session_id,
+                    question_id=qid,
+                    question_text=text,
+                    question_type=qtype,
+                    question_section=section,
+                    answer_value=changed,
+                    created_at=later,
+                    updated_at=later,
+                )
+            )
+    service = PrismService(db, clock=RealClock())
+
+    async def finalize_async(session_id: str) -> dict[str, object]:
+        with ThreadPoolExecutor(1) as calls:
+            return await service.finalize_async(session_id, _context(), calls, results_base_url="http://127.0.0.1")
+
+    try:
+        service.finalize(base.session_id, _context(), results_base_url="http://127.0.0.1")
+        service.finalize(direct.session_id, _context(), results_base_url="http://127.0.0.1")
+        service.finalize(repeated[0].session_id, _context(), results_base_url="http://127.0.0.1")
+        asyncio.run(finalize_async(repeated[1].session_id))
+    finally:
+        service.close()
+    expected = _profile_scores(pg_target, direct.session_id)
+    assert _profile_scores(pg_target, base.session_id) != expected  # the changed answer shows in the profile
+    assert _profile_scores(pg_target, repeated[0].session_id) == expected
+    assert _profile_scores(pg_target, repeated[1].session_id) == expected

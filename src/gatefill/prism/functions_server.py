@@ -6,8 +6,9 @@ bodies are JSON and CORS is ``*`` with upstream's allowed headers. Every functio
 and renders. Every error body is ``{error, code}``.
 
 For speed (finalizeAssessment at 20 clients on two cores), the function calls bypass FastAPI's routing layers
-(``_FunctionCalls``, same contract), run on a few threads per process in arrival order (``_CALLS_AT_ONCE``), and with
-``--workers`` N the supervisor accepts every connection and hands it to the worker holding the fewest (``_supervise``).
+(``_FunctionCalls``, same contract), a few at once per process in arrival order (``_CALLS_AT_ONCE``), the Postgres
+scoring calls waiting for the database on the event loop rather than on threads, and with ``--workers`` N the
+supervisor accepts every connection and hands it to the worker holding the fewest (``_supervise``).
 
 Security decisions, each because a deployment must not be trickable:
 - ``score_fc_session`` and ``score_prism`` need ``Authorization: Bearer <service-role key>``, compared in constant
@@ -91,11 +92,13 @@ _REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 
 _log = logging.getLogger("gatefill.functions")
-#: Function calls one process runs at once, on threads of its own; the others wait their turn in arrival order. A
-#: call holds the GIL for most of its time (the rest is two round trips), so more threads only interleave calls: with
-#: Starlette's threadpool (anyio, 40 threads) twenty clients' calls shared the interpreter by 5 ms slices and p95 was
-#: 2.2 times p50; four keep the CPU busy while one call waits for Postgres, and calls finish in the order they came.
-#: A plain executor also costs less per call than anyio's worker threads with their limiter and cancel scopes.
+#: Function calls one process runs at once; the others wait their turn in arrival order (``_App.slots``). On Postgres
+#: finalizeAssessment and score_prism run on the event loop itself: their two round trips wait there, and their
+#: Python (scoring, mostly) holds the loop, so a few at once keep the CPU busy while others wait for Postgres. The
+#: other functions, and every function on SQLite, run on as many threads of a plain executor. Threads were the
+#: first design for all of them: with Starlette's threadpool (anyio, 40 threads) twenty clients' calls shared the
+#: interpreter by 5 ms slices and p95 was 2.2 times p50; four FIFO threads brought that to ~1.6, and the event loop,
+#: with no GIL hand-offs between threads, to ~1.3 (bench/bench_finalize.py, 20 clients).
 _CALLS_AT_ONCE = 4
 
 
@@ -244,6 +247,7 @@ class _App:
         self.limiter: _Limiter = limiter or RateLimiter(clock, limit=rate_limit_per_minute, window=60.0)
         self.max_body_bytes = max_body_bytes
         self.calls = ThreadPoolExecutor(max_workers=_CALLS_AT_ONCE, thread_name_prefix="gatefill-call")
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     def release(self) -> None:
         """Stops the call threads and returns the service's connections (both come back if the app serves again)."""
@@ -320,7 +324,8 @@ class _App:
             ctx = self.context(request)
             run = self.prepare(name, await body_reader(), ctx, request)
             await self.slow(ctx)
-            status, body = await asyncio.get_running_loop().run_in_executor(self.calls, run)
+            async with self.slots():
+                status, body = await run()
             return _JSONResponse(body, status_code=status)
         except _Reject as exc:
             return _error(exc.status, exc.code, exc.message, exc.headers)
@@ -336,25 +341,48 @@ class _App:
             _log.error("%s: %s", name, exc)
             return _error(500, "INTERNAL_ERROR", "internal error")
 
+    def slots(self) -> asyncio.Semaphore:
+        """The event loop's limit on calls running at once (``_CALLS_AT_ONCE``); waiters go in arrival order."""
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(_CALLS_AT_ONCE))
+        return self._slots[1]
+
     def prepare(
         self, name: str, body: dict[str, Any], ctx: CallContext, request: Request
-    ) -> Callable[[], tuple[int, dict[str, object]]]:
-        """Validates the body on the event loop (no SQL sees unvalidated input) and returns the database work."""
+    ) -> Callable[[], Awaitable[tuple[int, dict[str, object]]]]:
+        """Validates the body on the event loop (no SQL sees unvalidated input) and returns the database work.
+
+        finalizeAssessment and score_prism wait for Postgres on the event loop (``PrismService.*_async``); the
+        other functions, and every function on SQLite, run on the call threads.
+        """
         session_id = _session_id(body.get("session_id"))
         service = self.service
+        calls = self.calls
         if name == "score_fc_session":
             version = _optional_text(body, "version", "v1.2")
             basis = _optional_text(body, "basis", "functions")
             if basis not in ("functions", "types"):
                 raise _Reject(400, "INVALID_PARAMETER", "basis must be 'functions' or 'types'")
-            return lambda: (200, service.score_fc_session(session_id, ctx, version=version, basis=basis))
+            return self.threaded(lambda: (200, service.score_fc_session(session_id, ctx, version=version, basis=basis)))
         if name == "score_prism":
-            return lambda: (200, service.score_prism(session_id, ctx))
+
+            async def score() -> tuple[int, dict[str, object]]:
+                return 200, await service.score_prism_async(session_id, ctx, calls)
+
+            return score
         if name == "finalizeAssessment":
             responses = body.get("responses")
             count = len(responses) if isinstance(responses, list) else None
             base = self.env.results_url or str(request.base_url)
-            return lambda: (200, service.finalize(session_id, ctx, responses_count=count, results_base_url=base))
+
+            async def finalize() -> tuple[int, dict[str, object]]:
+                reply = await service.finalize_async(
+                    session_id, ctx, calls, responses_count=count, results_base_url=base
+                )
+                return 200, reply
+
+            return finalize
         token = body.get("share_token")
         presented = token if isinstance(token, str) else None
 
@@ -362,7 +390,13 @@ class _App:
             outcome = service.get_results(session_id, presented, ctx)
             return outcome.status, outcome.body
 
-        return results
+        return self.threaded(results)
+
+    def threaded(
+        self, work: Callable[[], tuple[int, dict[str, object]]]
+    ) -> Callable[[], Awaitable[tuple[int, dict[str, object]]]]:
+        calls = self.calls
+        return lambda: asyncio.get_running_loop().run_in_executor(calls, work)
 
 
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:

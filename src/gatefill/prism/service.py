@@ -26,19 +26,22 @@ one profile per session, ``recomputed_at`` set by the later one, nothing lost or
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import sqlalchemy as sa
+from psycopg.pq.abc import PGresult
 from sqlalchemy.engine import Connection, Dialect
 
 from gatefill.clock import Clock
@@ -587,6 +590,33 @@ def _log_params(rows: Sequence[Mapping[str, object]]) -> dict[str, object]:
     return params
 
 
+class _StaleConnection(Exception):
+    """The parked connection a call started on was dropped by the server while idle: retry on a fresh one."""
+
+
+def _score_prism_reply(work: _Work) -> dict[str, object]:
+    row = work.row
+    conf = row["conf_calibrated"]
+    return {
+        "status": "success",
+        "profile": _jsonable(row),
+        "gap_to_second": row.get("top_gap"),
+        "confidence_numeric": to_fixed(float(conf) * 100, 1) if isinstance(conf, int | float) else None,
+    }
+
+
+def _finalize_reply(session_id: str, work: _Work, results_base_url: str) -> dict[str, object]:
+    token = work.share_token or ""
+    return {
+        "ok": True,
+        "status": "success",
+        "session_id": session_id,
+        "share_token": token,
+        "profile": _jsonable(work.row),
+        "results_url": f"{results_base_url.rstrip('/')}/results/{session_id}?t={token}",
+    }
+
+
 class PrismService:
     """The four PRISM functions over one database, with reference data cached briefly and time from each call."""
 
@@ -683,14 +713,7 @@ class PrismService:
     def score_prism(self, session_id: str, ctx: CallContext) -> dict[str, object]:
         """Scores the profile from stored answers and the stored v1.2 FC row (legacy FC without one) and upserts it."""
         work = self._score(session_id, ctx, fn="score_prism", tally_fc=False, finalize=False, responses_count=None)
-        row = work.row
-        conf = row["conf_calibrated"]
-        return {
-            "status": "success",
-            "profile": _jsonable(row),
-            "gap_to_second": row.get("top_gap"),
-            "confidence_numeric": to_fixed(float(conf) * 100, 1) if isinstance(conf, int | float) else None,
-        }
+        return _score_prism_reply(work)
 
     def finalize(
         self, session_id: str, ctx: CallContext, *, responses_count: int | None = None, results_base_url: str
@@ -708,24 +731,57 @@ class PrismService:
             finalize=True,
             responses_count=responses_count,
         )
-        token = work.share_token or ""
-        return {
-            "ok": True,
-            "status": "success",
-            "session_id": session_id,
-            "share_token": token,
-            "profile": _jsonable(work.row),
-            "results_url": f"{results_base_url.rstrip('/')}/results/{session_id}?t={token}",
-        }
+        return _finalize_reply(session_id, work, results_base_url)
+
+    async def score_prism_async(self, session_id: str, ctx: CallContext, executor: Executor) -> dict[str, object]:
+        """``score_prism`` with its round trips waited for on the running event loop (see ``_score_async``)."""
+        work = await self._score_async(
+            session_id, ctx, fn="score_prism", tally_fc=False, finalize=False, responses_count=None, executor=executor
+        )
+        return _score_prism_reply(work)
+
+    async def finalize_async(
+        self,
+        session_id: str,
+        ctx: CallContext,
+        executor: Executor,
+        *,
+        responses_count: int | None = None,
+        results_base_url: str,
+    ) -> dict[str, object]:
+        """``finalize`` with its round trips waited for on the running event loop (see ``_score_async``)."""
+        work = await self._score_async(
+            session_id,
+            ctx,
+            fn="finalizeAssessment",
+            tally_fc="legacy_fc" not in ctx.faults,
+            finalize=True,
+            responses_count=responses_count,
+            executor=executor,
+        )
+        return _finalize_reply(session_id, work, results_base_url)
 
     def _score(
-        self, session_id: str, ctx: CallContext, *, fn: str, tally_fc: bool, finalize: bool, responses_count: int | None
+        self,
+        session_id: str,
+        ctx: CallContext,
+        *,
+        fn: str,
+        tally_fc: bool,
+        finalize: bool,
+        responses_count: int | None,
+        portable: bool = False,
     ) -> _Work:
-        """Runs one scoring call in one transaction; a write failure is recorded (events, completion) and raised."""
+        """Runs one scoring call in one transaction; a write failure is recorded (events, completion) and raised.
+
+        ``portable`` skips the Postgres path (it found repeated answers, which the portable reader resolves).
+        """
         work = _Work()
         try:
-            if self._parked is None or not self._score_pg(
-                work, session_id, ctx, fn, tally_fc, finalize, responses_count
+            if (
+                portable
+                or self._parked is None
+                or not self._score_pg(work, session_id, ctx, fn, tally_fc, finalize, responses_count)
             ):
                 work = _Work()
                 with self.db.begin() as conn:
@@ -737,25 +793,40 @@ class PrismService:
         except DatabaseError as exc:
             if work.writing is None:
                 raise
-            # The failed write rolled the call back (its other writes too: no savepoint, which would cost two round
-            # trips on every call). Record the failure and, for finalize, the completion in a new transaction: the
-            # respondent did finish, and the missing rows are what a backfill then finds. The events are those
-            # logged up to the failed write.
-            del work.events[work.events_kept :]
-            failure = FunctionFailure(500, "FC_UPSERT_ERROR", "fc_scores write failed")
-            event = "fc_upsert_error"
-            if work.writing == "profile":
-                failure = FunctionFailure(500, "PROFILE_WRITE_FAILED", "profile write failed")
-                event = "profile_write_failed"
-            work.events.append((event, {"session_id": session_id, "error": _reason(exc)}))
-            with self.db.begin() as conn:
-                if finalize:
-                    self._complete_session(conn, session_id, ctx, responses_count)
-                self._log(conn, fn, ctx, work.events)
-            raise failure from exc
+            self._record_write_failure(work, exc, session_id, ctx, fn, finalize, responses_count)
         if work.failure is not None:
             raise work.failure
         return work
+
+    def _record_write_failure(
+        self,
+        work: _Work,
+        exc: DatabaseError,
+        session_id: str,
+        ctx: CallContext,
+        fn: str,
+        finalize: bool,
+        responses_count: int | None,
+    ) -> NoReturn:
+        """After the write ``work.writing`` failed: its event and, for finalize, the completion, then the failure.
+
+        The failed write rolled the call back (its other writes too: no savepoint, which would cost two round trips
+        on every call). The failure and, for finalize, the completion are recorded in a new transaction: the
+        respondent did finish, and the missing rows are what a backfill then finds. The events are those logged up
+        to the failed write.
+        """
+        del work.events[work.events_kept :]
+        failure = FunctionFailure(500, "FC_UPSERT_ERROR", "fc_scores write failed")
+        event = "fc_upsert_error"
+        if work.writing == "profile":
+            failure = FunctionFailure(500, "PROFILE_WRITE_FAILED", "profile write failed")
+            event = "profile_write_failed"
+        work.events.append((event, {"session_id": session_id, "error": _reason(exc)}))
+        with self.db.begin() as conn:
+            if finalize:
+                self._complete_session(conn, session_id, ctx, responses_count)
+            self._log(conn, fn, ctx, work.events)
+        raise failure from exc
 
     def _score_pg(
         self,
@@ -771,25 +842,138 @@ class PrismService:
         connection. False (nothing written) when the session has repeated answers, which the portable reader
         resolves."""
         assert self._parked is not None
-        drift = "engine_version_override" in ctx.faults
         fresh = False
         while True:
             with self.db.translate_errors(), self._parked.transaction(fresh=fresh) as (conn, reused):
+                flow = self._pg_flow(conn, reused, work, session_id, ctx, fn, tally_fc, finalize, responses_count)
+                batch = next(flow)
                 try:
-                    pg = service_pg.read_call(conn, session_id, with_fc_responses=tally_fc)
-                except service_pg.PipelineStepFailed as exc:
-                    if exc.disconnected and reused:
-                        # A parked connection the server dropped while it waited: nothing ran, try a fresh one.
+                    while True:
+                        try:
+                            results = conn.run(batch)
+                        except service_pg.PipelineStepFailed as exc:
+                            batch = flow.throw(exc)
+                        else:
+                            batch = flow.send(results)
+                except StopIteration as done:
+                    return bool(done.value)
+                except _StaleConnection:
+                    fresh = True
+
+    async def _score_async(
+        self,
+        session_id: str,
+        ctx: CallContext,
+        *,
+        fn: str,
+        tally_fc: bool,
+        finalize: bool,
+        responses_count: int | None,
+        executor: Executor,
+    ) -> _Work:
+        """``_score`` with the Postgres path's two round trips waited for on the running event loop, not a thread.
+
+        What is rare or blocking runs on ``executor``, as the synchronous call would: the whole call on SQLite,
+        a session with repeated answers (the portable reader resolves them), and recording a failed write.
+        """
+        loop = asyncio.get_running_loop()
+        call = partial(
+            self._score, session_id, ctx, fn=fn, tally_fc=tally_fc, finalize=finalize, responses_count=responses_count
+        )
+        if self._parked is None:
+            return await loop.run_in_executor(executor, call)
+        work = _Work()
+        try:
+            done = await self._score_pg_async(work, session_id, ctx, fn, tally_fc, finalize, responses_count)
+        except DatabaseUnreachable:
+            raise
+        except DatabaseError as exc:
+            if work.writing is None:
+                raise
+            record = partial(self._record_write_failure, work, exc, session_id, ctx, fn, finalize, responses_count)
+            await loop.run_in_executor(executor, record)
+            raise  # not reached: recording the failure raises it
+        if not done:
+            return await loop.run_in_executor(executor, partial(call, portable=True))
+        if work.failure is not None:
+            raise work.failure
+        return work
+
+    async def _score_pg_async(
+        self,
+        work: _Work,
+        session_id: str,
+        ctx: CallContext,
+        fn: str,
+        tally_fc: bool,
+        finalize: bool,
+        responses_count: int | None,
+    ) -> bool:
+        """``_score_pg`` with ``PgConnection.run_async``: the same flow, the same statements."""
+        assert self._parked is not None
+        fresh = False
+        while True:
+            with self.db.translate_errors():
+                async with self._parked.transaction_async(fresh=fresh) as (conn, reused):
+                    flow = self._pg_flow(conn, reused, work, session_id, ctx, fn, tally_fc, finalize, responses_count)
+                    batch = next(flow)
+                    try:
+                        while True:
+                            try:
+                                results = await conn.run_async(batch)
+                            except service_pg.PipelineStepFailed as exc:
+                                batch = flow.throw(exc)
+                            else:
+                                batch = flow.send(results)
+                    except StopIteration as done:
+                        return bool(done.value)
+                    except _StaleConnection:
                         fresh = True
-                        continue
-                    raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
-                if pg.inputs is None:
-                    return False
-                ref = self._reference.get(self._load_static, pg.config, drift=drift)
-                reads = _Reads(pg.locked, ref, pg.inputs, pg.profile_exists, pg.submitted_at)
-                writes = self._plan(reads, work, session_id, ctx, tally_fc, finalize, responses_count)
-                self._execute_pg(conn, work, writes, self._log_rows(fn, ctx, work.events))
-                return True
+
+    def _pg_flow(
+        self,
+        conn: service_pg.PgConnection,
+        reused: bool,
+        work: _Work,
+        session_id: str,
+        ctx: CallContext,
+        fn: str,
+        tally_fc: bool,
+        finalize: bool,
+        responses_count: int | None,
+    ) -> Generator[service_pg.Batch, list[PGresult], bool]:
+        """One Postgres scoring call as the batches it sends: yields the reads, then the writes with COMMIT; the
+        driver (``_score_pg`` on a thread, ``_score_pg_async`` on the event loop) sends each batch's results back,
+        or throws its ``PipelineStepFailed`` in. Returns False (nothing written) for repeated answers."""
+        try:
+            results = yield service_pg.read_batch(conn, session_id, with_fc_responses=tally_fc)
+        except service_pg.PipelineStepFailed as exc:
+            if exc.disconnected and reused:
+                # A parked connection the server dropped while it waited: nothing ran, try a fresh one.
+                raise _StaleConnection from exc
+            raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
+        pg = service_pg.read_results(conn, session_id, results)
+        if pg.inputs is None:
+            return False
+        ref = self._reference.get(self._load_static, pg.config, drift="engine_version_override" in ctx.faults)
+        reads = _Reads(pg.locked, ref, pg.inputs, pg.profile_exists, pg.submitted_at)
+        writes = self._plan(reads, work, session_id, ctx, tally_fc, finalize, responses_count)
+        steps, labels, failure = self._write_steps(writes, self._log_rows(fn, ctx, work.events))
+        batch, step_of = service_pg.write_batch(steps, commit=failure is None)
+        try:
+            # The writes before a planned failure still run (a real failure among them is the one reported).
+            yield batch
+        except service_pg.PipelineStepFailed as exc:
+            index = step_of[min(exc.index, len(step_of) - 1)]
+            failed = labels[index] if index < len(labels) else None
+            if failed is not None:
+                work.writing, work.events_kept = failed.label, failed.events_at
+            raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
+        if failure is not None:
+            work.writing, work.events_kept = failure.label, failure.events_at
+            assert isinstance(failure.values, DatabaseError)
+            raise failure.values
+        return True
 
     def _read(self, conn: Connection, session_id: str, ctx: CallContext, tally_fc: bool) -> _Reads:
         """Locks the session row (serialising concurrent scoring of one session; a no-op on SQLite, whose writers
@@ -919,40 +1103,28 @@ class PrismService:
         if logs:
             conn.execute(fn_logs.insert(), logs)
 
-    def _execute_pg(
-        self, conn: service_pg.PgConnection, work: _Work, writes: list[_Write], logs: list[dict[str, object]]
-    ) -> None:
-        """The planned writes, the events (one INSERT) and COMMIT in one round trip; a planned failure (``fail``)
-        sends nothing, so the transaction is rolled back."""
+    def _write_steps(
+        self, writes: list[_Write], logs: list[dict[str, object]]
+    ) -> tuple[list[tuple[service_pg.CompiledWrite, Sequence[Mapping[str, object]]]], list[_Write], _Write | None]:
+        """The planned writes and the events (one INSERT) as compiled statements, with the write behind each step;
+        a planned failure (``fail``) ends them (nothing after it is sent, so the transaction is rolled back) and is
+        returned third."""
         dialect = self.db.engine.dialect
         steps: list[tuple[service_pg.CompiledWrite, Sequence[Mapping[str, object]]]] = []
-        labels: list[_Write | None] = []
-        failure: _Write | None = None
+        labels: list[_Write] = []
         for write in writes:
             if isinstance(write.values, DatabaseError):
-                failure = write
-                break
+                return steps, labels, write
             keys = tuple(write.values) if write.kind in ("fc", "profile") else ()
             statement = service_pg.compiled(
                 dialect, (write.kind, keys), partial(_write_statement, dialect, write.kind), keys or None
             )
             steps.append((statement, [write.values]))
             labels.append(write)
-        if failure is None and logs:
+        if logs:
             statement = service_pg.compiled(dialect, ("logs", len(logs)), partial(_log_insert, len(logs)), None)
             steps.append((statement, [_log_params(logs)]))
-        try:
-            # The writes before a planned failure still run (a real failure among them is the one reported).
-            service_pg.run_pipelined(conn, steps, commit=failure is None)
-        except service_pg.PipelineStepFailed as exc:
-            failed = labels[exc.index] if exc.index < len(labels) else None
-            if failed is not None:
-                work.writing, work.events_kept = failed.label, failed.events_at
-            raise self.db.driver_error(exc.cause, disconnected=exc.disconnected) from exc.cause
-        if failure is not None:
-            work.writing, work.events_kept = failure.label, failure.events_at
-            assert isinstance(failure.values, DatabaseError)
-            raise failure.values
+        return steps, labels, None
 
     def _complete_session(
         self, conn: Connection, session_id: str, ctx: CallContext, responses_count: int | None

@@ -16,7 +16,9 @@ twenty clients, 40 % of a worker's GIL time was spent inside ``send``. ``PgConne
 (BEGIN or COMMIT included) and sends it with one flush, then waits for the results with the GIL released. Each
 statement is prepared on the connection the first time it is sent with a given set of parameter types (in the same
 batch), so the steady state sends no SQL text; a connection configured with ``prepare_threshold=None`` (a transaction
-pooler that cannot keep prepared statements) gets unnamed statements instead.
+pooler that cannot keep prepared statements) gets unnamed statements instead. ``run_async`` sends the same batch and
+waits for its results on the running event loop (``loop.add_reader``) instead of blocking a thread: the functions
+server's finalize calls run that way, with no thread hand-off at all.
 
 The connections are the engine's pool connections, but a call does not check one out of the pool each time: the
 pool's checkout pings the server (``pool_pre_ping``, one more statement and round trip per call) and SQLAlchemy's
@@ -28,12 +30,13 @@ was for.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import select
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -48,6 +51,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from gatefill.prism import scoring
 
 __all__ = [
+    "Batch",
     "CompiledWrite",
     "ParkedConnections",
     "PgConnection",
@@ -55,8 +59,11 @@ __all__ = [
     "PgStatement",
     "PipelineStepFailed",
     "compiled",
+    "read_batch",
     "read_call",
+    "read_results",
     "run_pipelined",
+    "write_batch",
 ]
 
 _PLACEHOLDER = re.compile(r"%\((?P<name>[^)]+)\)s|%%")
@@ -192,6 +199,10 @@ _STATEMENT_NAMES = itertools.count()
 _AUTO_FORMATS: dict[int, list[PyFormat]] = {}
 # A prepared statement's cache key: its text and the parameter types it was prepared with.
 _PreparedKey = tuple[bytes, tuple[int, ...]]
+# For each command libpq will answer: its index in the batch and, for a PREPARE, its cache key.
+_Expected = tuple[int, _PreparedKey | None]
+#: Statements to send together, each with its positional values (empty: none).
+Batch = Sequence[tuple[PgStatement, Sequence[object]]]
 
 
 class PgConnection:
@@ -220,37 +231,66 @@ class PgConnection:
     def disconnected(self) -> bool:
         return self.pgconn.status == pq.ConnStatus.BAD
 
-    def run(self, batch: Sequence[tuple[PgStatement, Sequence[object]]]) -> list[pq.abc.PGresult]:
+    def run(self, batch: Batch) -> list[pq.abc.PGresult]:
         """Sends every statement of ``batch`` with its values in one pipeline and one flush; returns each one's result.
 
         Raises ``PipelineStepFailed`` naming the first statement that failed (the server skipped the ones after it);
         when the connection itself failed, the first statement without a result.
         """
-        pgconn = self.pgconn
-        # For each command libpq will answer: its index in the batch and, for a PREPARE, its cache key.
-        expected: list[tuple[int, _PreparedKey | None]] = []
+        expected: list[_Expected] = []
         groups: list[list[pq.abc.PGresult]] = []
-        pgconn.enter_pipeline_mode()
         try:
             try:
-                for index, (statement, values) in enumerate(batch):
-                    self._send(index, statement, values, expected)
-                pgconn.pipeline_sync()
+                self._start(batch, expected)
                 self._flush()
                 self._read_to_sync(groups)
             except psycopg.Error as exc:
-                for _, key in expected[len(groups) :]:
-                    if key is not None:
-                        self._prepared.pop(key, None)
-                failed = expected[len(groups)][0] if len(groups) < len(expected) else len(batch)
-                raise PipelineStepFailed(failed, exc, self.disconnected) from exc
+                raise self._lost(batch, expected, groups, exc) from exc
         finally:
-            if pgconn.pipeline_status != pq.PipelineStatus.OFF:
-                try:
-                    pgconn.exit_pipeline_mode()
-                except psycopg.Error:
-                    # Results still pending (the connection failed mid-batch): it cannot be used again.
-                    self.raw.close()
+            self._end()
+        return self._results(expected, groups)
+
+    async def run_async(self, batch: Batch) -> list[pq.abc.PGresult]:
+        """``run`` on the running event loop: the same batch and results, waiting for the socket without a thread."""
+        expected: list[_Expected] = []
+        groups: list[list[pq.abc.PGresult]] = []
+        try:
+            try:
+                self._start(batch, expected)
+                await self._flush_async()
+                await self._read_to_sync_async(groups)
+            except psycopg.Error as exc:
+                raise self._lost(batch, expected, groups, exc) from exc
+        finally:
+            self._end()
+        return self._results(expected, groups)
+
+    def _start(self, batch: Batch, expected: list[_Expected]) -> None:
+        self.pgconn.enter_pipeline_mode()
+        for index, (statement, values) in enumerate(batch):
+            self._send(index, statement, values, expected)
+        self.pgconn.pipeline_sync()
+
+    def _lost(
+        self, batch: Batch, expected: list[_Expected], groups: list[list[pq.abc.PGresult]], exc: psycopg.Error
+    ) -> PipelineStepFailed:
+        """The failure of a batch whose connection failed: named by its first command without a result."""
+        for _, key in expected[len(groups) :]:
+            if key is not None:
+                self._prepared.pop(key, None)
+        failed = expected[len(groups)][0] if len(groups) < len(expected) else len(batch)
+        return PipelineStepFailed(failed, exc, self.disconnected)
+
+    def _end(self) -> None:
+        pgconn = self.pgconn
+        if pgconn.pipeline_status != pq.PipelineStatus.OFF:
+            try:
+                pgconn.exit_pipeline_mode()
+            except psycopg.Error:
+                # Results still pending (the connection failed mid-batch): it cannot be used again.
+                self.raw.close()
+
+    def _results(self, expected: list[_Expected], groups: list[list[pq.abc.PGresult]]) -> list[pq.abc.PGresult]:
         results: list[pq.abc.PGresult] = []
         for position, ((index, key), group) in enumerate(zip(expected, groups, strict=True)):
             status = group[0].status if group else ExecStatus.FATAL_ERROR
@@ -276,12 +316,15 @@ class PgConnection:
         """
         self.run([(_ROLLBACK, ())])
 
+    async def rollback_async(self) -> None:
+        await self.run_async([(_ROLLBACK, ())])
+
     def _send(
         self,
         index: int,
         statement: PgStatement,
         values: Sequence[object],
-        expected: list[tuple[int, _PreparedKey | None]],
+        expected: list[_Expected],
     ) -> None:
         pgconn = self.pgconn
         if not values:
@@ -344,6 +387,49 @@ class PgConnection:
             else:
                 current.append(result)
 
+    async def _flush_async(self) -> None:
+        pgconn = self.pgconn
+        while pgconn.flush():
+            await self._ready(writable=True)
+            pgconn.consume_input()
+
+    async def _read_to_sync_async(self, groups: list[list[pq.abc.PGresult]]) -> None:
+        pgconn = self.pgconn
+        current: list[pq.abc.PGresult] = []
+        while True:
+            if pgconn.is_busy():
+                await self._ready(writable=False)
+                pgconn.consume_input()
+                continue
+            result = pgconn.get_result()
+            if result is None:
+                groups.append(current)
+                current = []
+            elif result.status == ExecStatus.PIPELINE_SYNC:
+                return
+            else:
+                current.append(result)
+
+    async def _ready(self, *, writable: bool) -> None:
+        """Waits on the event loop until the socket can be read (or written, or either for ``writable``)."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        fd = self.pgconn.socket
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        if writable:
+            loop.add_writer(fd, wake)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+            if writable:
+                loop.remove_writer(fd)
+
     def _error(self, result: pq.abc.PGresult | None) -> psycopg.Error:
         if result is None:
             return psycopg.OperationalError("no result from the server")
@@ -358,48 +444,81 @@ class PgConnection:
         return row
 
 
+#: A pool connection checked out for the fast path, and its pipeline.
+Parked = tuple[PoolProxiedConnection, PgConnection]
+
+
+def _open(conn: PgConnection) -> bool:
+    """Whether a transaction was left open on a connection that still works."""
+    return not conn.broken and conn.pgconn.transaction_status != TransactionStatus.IDLE
+
+
 class ParkedConnections:
     """The engine's pool connections the fast path keeps checked out between calls, one call at a time each."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._idle: list[tuple[PoolProxiedConnection, PgConnection]] = []
+        self._idle: list[Parked] = []
         self._lock = threading.Lock()
 
-    @contextmanager
-    def transaction(self, *, fresh: bool = False) -> Iterator[tuple[PgConnection, bool]]:
+    def take(self, *, fresh: bool = False) -> tuple[Parked, bool]:
         """A connection for one transaction and whether it was parked (reused) rather than checked out.
 
-        The body commits (``run_pipelined(commit=True)``); whatever it leaves open is rolled back. A connection that
-        broke is invalidated (the pool drops it); a healthy one is parked for the next call. ``fresh`` skips the
-        parked ones (the retry after a parked connection turned out dead).
+        ``fresh`` skips the parked ones (the retry after a parked connection turned out dead). A checkout from the
+        pool blocks (it may connect); only the first calls of a process, or a retry, do it.
         """
-        parked: tuple[PoolProxiedConnection, PgConnection] | None = None
+        parked: Parked | None = None
         if not fresh:
             with self._lock:
                 parked = self._idle.pop() if self._idle else None
-        reused = parked is not None
-        if parked is None:
-            pooled = self.engine.raw_connection()
-            raw = pooled.driver_connection
-            if not isinstance(raw, psycopg.Connection):
-                pooled.close()
-                raise TypeError("the pipelined path needs a psycopg connection")
-            parked = (pooled, PgConnection(raw))
+        if parked is not None:
+            return parked, True
+        pooled = self.engine.raw_connection()
+        raw = pooled.driver_connection
+        if not isinstance(raw, psycopg.Connection):
+            pooled.close()
+            raise TypeError("the pipelined path needs a psycopg connection")
+        return (pooled, PgConnection(raw)), False
+
+    def give_back(self, parked: Parked) -> None:
+        """Parks a healthy idle connection for the next call; invalidates one that broke or is still in a
+        transaction (the pool drops it)."""
         pooled, conn = parked
-        raw = conn.raw
+        if conn.broken or conn.pgconn.transaction_status != TransactionStatus.IDLE:
+            pooled.invalidate()
+            pooled.close()
+        else:
+            with self._lock:
+                self._idle.append(parked)
+
+    @contextmanager
+    def transaction(self, *, fresh: bool = False) -> Iterator[tuple[PgConnection, bool]]:
+        """``take`` for the body; afterwards whatever it left open is rolled back and the connection given back.
+
+        The body commits (``run_pipelined(commit=True)``).
+        """
+        parked, reused = self.take(fresh=fresh)
+        conn = parked[1]
         try:
             yield conn, reused
         finally:
-            if not conn.broken and raw.pgconn.transaction_status != TransactionStatus.IDLE:
+            if _open(conn):
                 with suppress(PipelineStepFailed, psycopg.Error):
                     conn.rollback()
-            if conn.broken or raw.pgconn.transaction_status != TransactionStatus.IDLE:
-                pooled.invalidate()
-                pooled.close()
-            else:
-                with self._lock:
-                    self._idle.append(parked)
+            self.give_back(parked)
+
+    @asynccontextmanager
+    async def transaction_async(self, *, fresh: bool = False) -> AsyncIterator[tuple[PgConnection, bool]]:
+        """``transaction`` for a body on the event loop (``PgConnection.run_async``)."""
+        parked, reused = self.take(fresh=fresh)
+        conn = parked[1]
+        try:
+            yield conn, reused
+        finally:
+            if _open(conn):
+                with suppress(PipelineStepFailed, psycopg.Error):
+                    await conn.rollback_async()
+            self.give_back(parked)
 
     def dispose(self) -> None:
         """Returns every parked connection to the pool."""
@@ -428,10 +547,10 @@ def _begin(raw: psycopg.Connection[Any]) -> PgStatement:
     return _BEGIN if len(words) == 1 else PgStatement(" ".join(words).encode("ascii"), ())
 
 
-def read_call(conn: PgConnection, session_id: str, *, with_fc_responses: bool) -> PgReads:
-    """BEGIN, lock the session row and read every input of a scoring call: one round trip.
+def read_batch(conn: PgConnection, session_id: str, *, with_fc_responses: bool) -> Batch:
+    """BEGIN, the session row's lock and the query for every input of a scoring call (``read_results`` reads them).
 
-    Raises ``PipelineStepFailed`` (index 0: BEGIN or the lock, 1: the inputs).
+    A failure names the lock (index 0 or 1: BEGIN went with it) or the inputs (2).
     """
     params = {
         "id": session_id,
@@ -439,13 +558,12 @@ def read_call(conn: PgConnection, session_id: str, *, with_fc_responses: bool) -
         "kind": scoring.FC_KIND,
         "with_fc": with_fc_responses,
     }
-    try:
-        _, lock, inputs = conn.run(
-            [(_begin(conn.raw), ()), (_LOCK, _LOCK.values(params)), (_INPUTS, _INPUTS.values(params))]
-        )
-    except PipelineStepFailed as exc:
-        exc.index = max(0, exc.index - 1)
-        raise
+    return [(_begin(conn.raw), ()), (_LOCK, _LOCK.values(params)), (_INPUTS, _INPUTS.values(params))]
+
+
+def read_results(conn: PgConnection, session_id: str, results: Sequence[pq.abc.PGresult]) -> PgReads:
+    """What ``read_batch``'s statements returned."""
+    _, lock, inputs = results
     locked_row = conn.row(lock)
     row = conn.row(inputs)
     assert row is not None
@@ -465,6 +583,36 @@ def read_call(conn: PgConnection, session_id: str, *, with_fc_responses: bool) -
     return PgReads(locked, dict(config or {}), session_inputs, bool(found), _utc(submitted_at))
 
 
+def read_call(conn: PgConnection, session_id: str, *, with_fc_responses: bool) -> PgReads:
+    """BEGIN, lock the session row and read every input of a scoring call: one round trip.
+
+    Raises ``PipelineStepFailed`` (index 0: BEGIN or the lock, 1: the inputs).
+    """
+    try:
+        results = conn.run(read_batch(conn, session_id, with_fc_responses=with_fc_responses))
+    except PipelineStepFailed as exc:
+        exc.index = max(0, exc.index - 1)
+        raise
+    return read_results(conn, session_id, results)
+
+
+def write_batch(
+    steps: Sequence[tuple[CompiledWrite, Sequence[Mapping[str, object]]]], *, commit: bool
+) -> tuple[Batch, list[int]]:
+    """Each step's statement once per parameter set, in order, then COMMIT if ``commit``; and for each entry of the
+    batch (one more: the COMMIT) the index of its step (``len(steps)`` for the COMMIT)."""
+    batch: list[tuple[PgStatement, Sequence[object]]] = []
+    step_of: list[int] = []
+    for index, (statement, rows) in enumerate(steps):
+        for row in rows:
+            batch.append((statement.statement, statement.values(row)))
+            step_of.append(index)
+    if commit:
+        batch.append((_COMMIT, ()))
+    step_of.append(len(steps))
+    return batch, step_of
+
+
 def run_pipelined(
     conn: PgConnection,
     steps: Sequence[tuple[CompiledWrite, Sequence[Mapping[str, object]]]],
@@ -477,15 +625,7 @@ def run_pipelined(
     Raises ``PipelineStepFailed`` naming the first step that failed (``len(steps)``: the COMMIT); the server skipped
     the steps after it.
     """
-    batch: list[tuple[PgStatement, Sequence[object]]] = []
-    step_of: list[int] = []
-    for index, (statement, rows) in enumerate(steps):
-        for row in rows:
-            batch.append((statement.statement, statement.values(row)))
-            step_of.append(index)
-    if commit:
-        batch.append((_COMMIT, ()))
-    step_of.append(len(steps))
+    batch, step_of = write_batch(steps, commit=commit)
     try:
         conn.run(batch)
     except PipelineStepFailed as exc:
