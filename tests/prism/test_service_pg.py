@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 from gatefill.clock import RealClock
 from gatefill.prism import scoring
 from gatefill.prism.schema import PROFILE_RESULT_COLUMNS, assessment_responses, profiles
-from gatefill.prism.service import CallContext, Faults, PrismService
+from gatefill.prism.service import CallContext, Faults, PrismService, _ReferenceCache
 from gatefill.prism.service_pg import ParkedConnections, PgConnection, PgStatement, PipelineStepFailed
 from gatefill.prism.simulator import new_respondent, write_answers, write_session
 from tests.conftest import Target, _conninfo, _with_database, server_url
@@ -343,3 +343,31 @@ def test_repeated_answers_go_to_the_portable_reader_and_the_latest_answer_wins(p
     assert _profile_scores(pg_target, base.session_id) != expected  # the changed answer shows in the profile
     assert _profile_scores(pg_target, repeated[0].session_id) == expected
     assert _profile_scores(pg_target, repeated[1].session_id) == expected
+
+
+def test_on_the_event_loop_expired_reference_data_is_reloaded_in_the_background(pg_target: Target) -> None:
+    """A call on the event loop must not wait for the static reference tables' reload: it uses the expired copy
+    and hands the reload to the executor; only the first load happens in a call."""
+    service = PrismService(pg_target.db, clock=RealClock())
+    loads: list[int] = []
+
+    def load() -> Any:
+        loads.append(1)
+        return service._load_static()
+
+    cache = _ReferenceCache(ttl=0.0)  # always expired
+    config = dict(scoring.ReferenceData.from_package().config)
+    jobs: list[Any] = []
+    try:
+        first = cache.get(load, config, drift=False, background=jobs.append)
+        assert loads == [1] and jobs == []  # nothing to fall back on: loaded in the call
+        again = cache.get(load, config, drift=False, background=jobs.append)
+        assert loads == [1] and len(jobs) == 1 and again is first  # the expired copy, reload handed off
+        cache.get(load, config, drift=False, background=jobs.append)
+        assert len(jobs) == 1  # one reload at a time
+        jobs[0]()
+        assert loads == [1, 1]
+        assert cache.get(load, config, drift=False) is not first  # without a background: reloaded in the call
+        assert loads == [1, 1, 1]
+    finally:
+        service.close()

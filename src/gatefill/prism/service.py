@@ -369,10 +369,19 @@ class _ReferenceCache:
         self._built: dict[str, scoring.ReferenceData] = {}
 
     def get(
-        self, load_static: Callable[[], _StaticReference], config: Mapping[str, object], *, drift: bool
+        self,
+        load_static: Callable[[], _StaticReference],
+        config: Mapping[str, object],
+        *,
+        drift: bool,
+        background: Callable[[Callable[[], object]], object] | None = None,
     ) -> scoring.ReferenceData:
         """The reference data of one call: ``config`` is scoring_config as the call read it, ``load_static`` reads
-        the static tables when the cached copy has expired."""
+        the static tables when the cached copy has expired.
+
+        With ``background`` (a call on the event loop, which must not block on a query) an expired copy is still
+        used and the reload handed to ``background``; only the very first load happens in the call.
+        """
         # Wall time, not the injected clock: this is a performance cache, and a simulated clock may never move.
         now = time.monotonic()
         with self._lock:
@@ -381,13 +390,10 @@ class _ReferenceCache:
             if reload:
                 self._reloading = True
         if reload:
-            try:
-                static = load_static()
-                with self._lock:
-                    self._static, self._loaded_at, self._built = static, now, {}
-            finally:
-                with self._lock:
-                    self._reloading = False
+            if static is not None and background is not None:
+                background(partial(self._reload, load_static, now))
+            else:
+                static = self._reload(load_static, now)
         assert static is not None
         config = dict(config)
         if drift:
@@ -403,6 +409,16 @@ class _ReferenceCache:
                         self._built.clear()
                     self._built[fingerprint] = ref
         return ref
+
+    def _reload(self, load_static: Callable[[], _StaticReference], now: float) -> _StaticReference:
+        try:
+            static = load_static()
+            with self._lock:
+                self._static, self._loaded_at, self._built = static, now, {}
+            return static
+        finally:
+            with self._lock:
+                self._reloading = False
 
 
 # ====================================================================================================================
@@ -845,7 +861,9 @@ class PrismService:
         fresh = False
         while True:
             with self.db.translate_errors(), self._parked.transaction(fresh=fresh) as (conn, reused):
-                flow = self._pg_flow(conn, reused, work, session_id, ctx, fn, tally_fc, finalize, responses_count)
+                flow = self._pg_flow(
+                    conn, reused, work, session_id, ctx, fn, tally_fc, finalize, responses_count, background=None
+                )
                 batch = next(flow)
                 try:
                     while True:
@@ -884,7 +902,10 @@ class PrismService:
             return await loop.run_in_executor(executor, call)
         work = _Work()
         try:
-            done = await self._score_pg_async(work, session_id, ctx, fn, tally_fc, finalize, responses_count)
+            background = partial(loop.run_in_executor, executor)
+            done = await self._score_pg_async(
+                work, session_id, ctx, fn, tally_fc, finalize, responses_count, background
+            )
         except DatabaseUnreachable:
             raise
         except DatabaseError as exc:
@@ -908,6 +929,7 @@ class PrismService:
         tally_fc: bool,
         finalize: bool,
         responses_count: int | None,
+        background: Callable[[Callable[[], object]], object],
     ) -> bool:
         """``_score_pg`` with ``PgConnection.run_async``: the same flow, the same statements."""
         assert self._parked is not None
@@ -915,7 +937,9 @@ class PrismService:
         while True:
             with self.db.translate_errors():
                 async with self._parked.transaction_async(fresh=fresh) as (conn, reused):
-                    flow = self._pg_flow(conn, reused, work, session_id, ctx, fn, tally_fc, finalize, responses_count)
+                    flow = self._pg_flow(
+                        conn, reused, work, session_id, ctx, fn, tally_fc, finalize, responses_count, background
+                    )
                     batch = next(flow)
                     try:
                         while True:
@@ -941,6 +965,7 @@ class PrismService:
         tally_fc: bool,
         finalize: bool,
         responses_count: int | None,
+        background: Callable[[Callable[[], object]], object] | None,
     ) -> Generator[service_pg.Batch, list[PGresult], bool]:
         """One Postgres scoring call as the batches it sends: yields the reads, then the writes with COMMIT; the
         driver (``_score_pg`` on a thread, ``_score_pg_async`` on the event loop) sends each batch's results back,
@@ -955,7 +980,8 @@ class PrismService:
         pg = service_pg.read_results(conn, session_id, results)
         if pg.inputs is None:
             return False
-        ref = self._reference.get(self._load_static, pg.config, drift="engine_version_override" in ctx.faults)
+        drift = "engine_version_override" in ctx.faults
+        ref = self._reference.get(self._load_static, pg.config, drift=drift, background=background)
         reads = _Reads(pg.locked, ref, pg.inputs, pg.profile_exists, pg.submitted_at)
         writes = self._plan(reads, work, session_id, ctx, tally_fc, finalize, responses_count)
         steps, labels, failure = self._write_steps(writes, self._log_rows(fn, ctx, work.events))
