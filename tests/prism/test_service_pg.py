@@ -371,3 +371,47 @@ def test_on_the_event_loop_expired_reference_data_is_reloaded_in_the_background(
         assert loads == [1, 1, 1]
     finally:
         service.close()
+
+
+def test_a_call_cancelled_while_it_waits_on_the_event_loop_leaves_no_connection_behind(pg_target: Target) -> None:
+    """Cancelled mid-batch (the session row is locked by someone else, so the read waits): the connection, with a
+    batch half answered, is dropped rather than parked, the row lock is not kept, and the next call works."""
+    service = PrismService(pg_target.db, clock=RealClock())
+    rng = random.Random(6)
+    first, second = (new_respondent(rng, answer_ms=60_000) for _ in range(2))
+    now = datetime.now(UTC)
+    for r in (first, second):
+        write_session(pg_target.db, r, now)
+        write_answers(pg_target.db, r, now, r.answer_ms)
+    conninfo = _conninfo(pg_target.env.database_url)
+
+    async def cancelled_then_next() -> dict[str, object]:
+        with ThreadPoolExecutor(1) as calls, psycopg.connect(conninfo) as holder:
+            holder.execute("SELECT 1 FROM assessment_sessions WHERE id = %s FOR UPDATE", (first.session_id,))
+            call = asyncio.create_task(
+                service.finalize_async(first.session_id, _context(), calls, results_base_url="http://127.0.0.1")
+            )
+            await asyncio.sleep(0.3)
+            assert not call.done()  # waiting for the lock
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            holder.rollback()
+            return await service.finalize_async(
+                second.session_id, _context(), calls, results_base_url="http://127.0.0.1"
+            )
+
+    try:
+        assert asyncio.run(cancelled_then_next())["ok"] is True
+        # The cancelled call wrote nothing and holds nothing: its session can be finalized at once.
+        reply = service.finalize(first.session_id, _context(), results_base_url="http://127.0.0.1")
+        assert reply["ok"] is True
+        name = pg_target.env.database_url.rsplit("/", 1)[1].split("?", 1)[0]
+        with psycopg.connect(_conninfo(server_url()), autocommit=True) as admin:
+            stuck = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state LIKE 'idle in transaction%%'",
+                (name,),
+            ).fetchone()
+        assert stuck == (0,)
+    finally:
+        service.close()
