@@ -98,7 +98,7 @@ _log = logging.getLogger("gatefill.functions")
 #: other functions, and every function on SQLite, run on as many threads of a plain executor. Threads were the
 #: first design for all of them: with Starlette's threadpool (anyio, 40 threads) twenty clients' calls shared the
 #: interpreter by 5 ms slices and p95 was 2.2 times p50; four FIFO threads brought that to ~1.6, and the event loop,
-#: with no GIL hand-offs between threads, to ~1.3 (bench/bench_finalize.py, 20 clients).
+#: with no GIL hand-offs between threads, to ~1.3-1.4 (bench/bench_finalize.py, 20 clients).
 _CALLS_AT_ONCE = 4
 
 
@@ -395,6 +395,7 @@ class _App:
     def threaded(
         self, work: Callable[[], tuple[int, dict[str, object]]]
     ) -> Callable[[], Awaitable[tuple[int, dict[str, object]]]]:
+        """``work`` as a call to run on one of the call threads."""
         calls = self.calls
         return lambda: asyncio.get_running_loop().run_in_executor(calls, work)
 
