@@ -239,31 +239,56 @@ class PgConnection:
         """
         expected: list[_Expected] = []
         groups: list[list[pq.abc.PGresult]] = []
-        try:
-            try:
-                self._start(batch, expected)
-                self._flush()
-                self._read_to_sync(groups)
-            except psycopg.Error as exc:
-                raise self._lost(batch, expected, groups, exc) from exc
-        finally:
-            self._end()
+        with self._batch(batch, expected, groups):
+            for writable in self._exchange(groups):
+                self._wait(writable)
         return self._results(expected, groups)
 
     async def run_async(self, batch: Batch) -> list[pq.abc.PGresult]:
         """``run`` on the running event loop: the same batch and results, waiting for the socket without a thread."""
         expected: list[_Expected] = []
         groups: list[list[pq.abc.PGresult]] = []
+        with self._batch(batch, expected, groups):
+            for writable in self._exchange(groups):
+                await self._ready(writable=writable)
+        return self._results(expected, groups)
+
+    @contextmanager
+    def _batch(self, batch: Batch, expected: list[_Expected], groups: list[list[pq.abc.PGresult]]) -> Iterator[None]:
+        """Queues ``batch`` in pipeline mode for the body to exchange; a driver error becomes ``PipelineStepFailed``
+        and pipeline mode is left whatever happened."""
         try:
             try:
                 self._start(batch, expected)
-                await self._flush_async()
-                await self._read_to_sync_async(groups)
+                yield
             except psycopg.Error as exc:
                 raise self._lost(batch, expected, groups, exc) from exc
         finally:
             self._end()
-        return self._results(expected, groups)
+
+    def _exchange(self, groups: list[list[pq.abc.PGresult]]) -> Iterator[bool]:
+        """Flushes the queued batch, then appends every command's results to ``groups``, in order, up to the sync
+        point. Yields whenever the socket is not ready: True to wait until it can be written (or read), False until
+        it can be read; the driver waits, on a thread or on the event loop."""
+        pgconn = self.pgconn
+        while pgconn.flush():
+            # The socket's buffer is full: wait until it drains, reading what the server sends meanwhile.
+            yield True
+            pgconn.consume_input()
+        current: list[pq.abc.PGresult] = []
+        while True:
+            if pgconn.is_busy():
+                yield False
+                pgconn.consume_input()
+                continue
+            result = pgconn.get_result()
+            if result is None:
+                groups.append(current)
+                current = []
+            elif result.status == ExecStatus.PIPELINE_SYNC:
+                return
+            else:
+                current.append(result)
 
     def _start(self, batch: Batch, expected: list[_Expected]) -> None:
         self.pgconn.enter_pipeline_mode()
@@ -350,65 +375,17 @@ class PgConnection:
         pgconn.send_query_prepared(name, params, self.adapt.formats)
         expected.append((index, None))
 
-    def _flush(self) -> None:
-        pgconn = self.pgconn
-        while pgconn.flush():
-            # The socket's buffer is full: wait until it drains, reading what the server sends meanwhile.
-            self._poll.modify(pgconn.socket, select.POLLIN | select.POLLOUT)
-            try:
-                ready = self._wait()
-            finally:
-                self._poll.modify(pgconn.socket, select.POLLIN)
-            if ready & select.POLLIN:
-                pgconn.consume_input()
-
-    def _wait(self) -> int:
-        """Waits, without the GIL, until the socket is ready (or failed); returns the events."""
-        while True:
-            events = self._poll.poll()
-            if events:
-                return int(events[0][1])
-
-    def _read_to_sync(self, groups: list[list[pq.abc.PGresult]]) -> None:
-        """Appends every command's results to ``groups``, in order, up to the batch's sync point."""
-        pgconn = self.pgconn
-        current: list[pq.abc.PGresult] = []
-        while True:
-            if pgconn.is_busy():
-                self._wait()
-                pgconn.consume_input()
-                continue
-            result = pgconn.get_result()
-            if result is None:
-                groups.append(current)
-                current = []
-            elif result.status == ExecStatus.PIPELINE_SYNC:
-                return
-            else:
-                current.append(result)
-
-    async def _flush_async(self) -> None:
-        pgconn = self.pgconn
-        while pgconn.flush():
-            await self._ready(writable=True)
-            pgconn.consume_input()
-
-    async def _read_to_sync_async(self, groups: list[list[pq.abc.PGresult]]) -> None:
-        pgconn = self.pgconn
-        current: list[pq.abc.PGresult] = []
-        while True:
-            if pgconn.is_busy():
-                await self._ready(writable=False)
-                pgconn.consume_input()
-                continue
-            result = pgconn.get_result()
-            if result is None:
-                groups.append(current)
-                current = []
-            elif result.status == ExecStatus.PIPELINE_SYNC:
-                return
-            else:
-                current.append(result)
+    def _wait(self, writable: bool) -> None:
+        """Waits, without the GIL, until the socket can be read (or written, for ``writable``), or has failed."""
+        fd = self.pgconn.socket
+        if writable:
+            self._poll.modify(fd, select.POLLIN | select.POLLOUT)
+        try:
+            while not self._poll.poll():
+                pass
+        finally:
+            if writable:
+                self._poll.modify(fd, select.POLLIN)
 
     async def _ready(self, *, writable: bool) -> None:
         """Waits on the event loop until the socket can be read (or written, or either for ``writable``)."""
