@@ -28,7 +28,7 @@ from gatefill.prism import scoring
 from gatefill.prism.schema import PROFILE_RESULT_COLUMNS, assessment_responses, profiles
 from gatefill.prism.service import CallContext, Faults, PrismService, _ReferenceCache
 from gatefill.prism.service_pg import ParkedConnections, PgConnection, PgStatement, PipelineStepFailed
-from gatefill.prism.simulator import new_respondent, write_answers, write_session
+from gatefill.prism.simulator import Respondent, new_respondent, write_answers, write_session
 from tests.conftest import Target, _conninfo, _with_database, server_url
 
 _TABLE = """
@@ -223,14 +223,20 @@ def test_a_connection_the_server_dropped_is_reported_disconnected(raw: psycopg.C
     assert pg.broken
 
 
-def test_the_service_replaces_a_parked_connection_the_server_dropped(pg_target: Target) -> None:
-    service = PrismService(pg_target.db, clock=RealClock())
-    rng = random.Random(3)
-    respondents = [new_respondent(rng, answer_ms=60_000) for _ in range(2)]
+def _finished_sessions(target: Target, count: int, *, seed: int) -> list[Respondent]:
+    """``count`` sessions with every answer written, as the frontend leaves them before finalizeAssessment."""
+    rng = random.Random(seed)
+    respondents = [new_respondent(rng, answer_ms=60_000) for _ in range(count)]
     now = datetime.now(UTC)
     for r in respondents:
-        write_session(pg_target.db, r, now)
-        write_answers(pg_target.db, r, now, r.answer_ms)
+        write_session(target.db, r, now)
+        write_answers(target.db, r, now, r.answer_ms)
+    return respondents
+
+
+def test_the_service_replaces_a_parked_connection_the_server_dropped(pg_target: Target) -> None:
+    service = PrismService(pg_target.db, clock=RealClock())
+    respondents = _finished_sessions(pg_target, 2, seed=3)
 
     def finalize(session_id: str) -> dict[str, object]:
         return service.finalize(session_id, _context(), results_base_url="http://127.0.0.1")
@@ -261,12 +267,7 @@ def _kill_connections(target: Target) -> int:
 
 def test_on_the_event_loop_a_dropped_parked_connection_is_replaced_too(pg_target: Target) -> None:
     service = PrismService(pg_target.db, clock=RealClock())
-    rng = random.Random(4)
-    respondents = [new_respondent(rng, answer_ms=60_000) for _ in range(2)]
-    now = datetime.now(UTC)
-    for r in respondents:
-        write_session(pg_target.db, r, now)
-        write_answers(pg_target.db, r, now, r.answer_ms)
+    respondents = _finished_sessions(pg_target, 2, seed=4)
 
     async def finalize(session_id: str) -> dict[str, object]:
         with ThreadPoolExecutor(1) as calls:
@@ -377,12 +378,7 @@ def test_a_call_cancelled_while_it_waits_on_the_event_loop_leaves_no_connection_
     """Cancelled mid-batch (the session row is locked by someone else, so the read waits): the connection, with a
     batch half answered, is dropped rather than parked, the row lock is not kept, and the next call works."""
     service = PrismService(pg_target.db, clock=RealClock())
-    rng = random.Random(6)
-    first, second = (new_respondent(rng, answer_ms=60_000) for _ in range(2))
-    now = datetime.now(UTC)
-    for r in (first, second):
-        write_session(pg_target.db, r, now)
-        write_answers(pg_target.db, r, now, r.answer_ms)
+    first, second = _finished_sessions(pg_target, 2, seed=6)
     conninfo = _conninfo(pg_target.env.database_url)
 
     async def cancelled_then_next() -> dict[str, object]:
