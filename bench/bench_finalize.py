@@ -3,16 +3,18 @@
     .venv/bin/python bench/bench_finalize.py --requests 150 --repeat 3 [--workers N] [--client raw|httpx]
 
 It creates a scratch database on the Postgres server of ``GATEFILL_TEST_DATABASE_URL`` (default
-``postgresql://postgres@127.0.0.1:5432/postgres``), initialises the PRISM schema and reference data, writes one fresh
-session per call (248 answers and 6 FC choices, as the simulator's respondents write them), and starts the functions
-server (``serve_functions``, ``--workers`` processes) in a child process. The load generator runs in another child
-process, so neither shares an interpreter with the server or with this one. Its clients are closed-loop asyncio tasks,
-one keep-alive connection each: each sends the next finalize as soon as the previous one answered, so the latency
-includes queueing at the server. ``--client raw`` (the default) speaks HTTP/1.1 over asyncio streams (a request is
-one write, a response is read to its Content-Length) so the generator costs little CPU on a small machine;
-``--client httpx`` uses httpx. Every call must answer 200 (a profile is written per session), otherwise the run fails.
-Each level runs ``--repeat`` times; the table shows the median of the repeats for every column, and for each repeat
-how the clients' connections were spread over the server's processes (an uneven split shows in p95).
+``postgresql://postgres@127.0.0.1:5432/postgres``; ``postgresql://postgres@/postgres?host=/var/run/postgresql`` reaches
+the same server over its unix socket, which spares the loopback TCP stack's CPU on both ends), initialises the PRISM
+schema and reference data, writes one fresh session per call (248 answers and 6 FC choices, as the simulator's
+respondents write them), and starts the functions server (``serve_functions``, ``--workers`` processes) in a child
+process. The load generator runs in another child process, so neither shares an interpreter with the server or with this
+one. Its clients are closed-loop asyncio tasks, one keep-alive connection each: each sends the next finalize as soon as
+the previous one answered, so the latency includes queueing at the server. ``--client raw`` (the default) speaks
+HTTP/1.1 over asyncio streams (a request is one write, a response is read to its Content-Length) so the generator costs
+little CPU on a small machine; ``--client httpx`` uses httpx. Every call must answer 200 (a profile is written per
+session), otherwise the run fails. Each level runs ``--repeat`` times; the table shows the median of the repeats for
+every column, and for each repeat how the clients' connections were spread over the server's processes (an uneven split
+shows in p95).
 
 Beside the latencies it shows where the CPU went, in CPU milliseconds per request: the server's processes, the
 Postgres backends of the scratch database, the load generator, and everything else the machine ran meanwhile
@@ -66,8 +68,10 @@ def _server_url() -> str:
 
 
 def _database_url(name: str) -> str:
-    base = _server_url().split("?", 1)[0].rsplit("/", 1)[0]
-    return f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+    # The query (e.g. ?host=/var/run/postgresql for the server's unix socket) is kept: only the database changes.
+    url, _, query = _server_url().partition("?")
+    base = url.rsplit("/", 1)[0]
+    return f"{base}/{name}{'?' + query if query else ''}".replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 def _admin(statement: sql.Composable) -> None:
