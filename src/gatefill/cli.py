@@ -649,6 +649,14 @@ def serve_functions_command(
     workers: Annotated[
         int, typer.Option(min=1, help="Server processes sharing the port and one rate limiter (one per core).")
     ] = 1,
+    call_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds a call may take (its wait for a turn included) before it answers 504 CALL_TIMEOUT; "
+            "on Postgres the server's statements are bounded a second later.",
+        ),
+    ] = 25.0,
 ) -> None:
     """Serve the PRISM edge functions (/functions/v1/...) and /results/{id}?t=TOKEN over HTTP."""
     from gatefill.prism.functions_server import serve_functions
@@ -660,6 +668,7 @@ def serve_functions_command(
         allow_fault_injection=allow_fault_injection,
         on_ready=lambda url: out.print(f"serving PRISM functions at {url}"),
         workers=workers,
+        call_timeout=call_timeout,
     )
 
 

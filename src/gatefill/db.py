@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -212,7 +213,10 @@ def _first_line(text: str) -> str:
 class Database:
     """The engine of one environment plus the error boundary around every use of it."""
 
-    def __init__(self, env: Environment, *, create: bool = False, pool_size: int = 5) -> None:
+    def __init__(
+        self, env: Environment, *, create: bool = False, pool_size: int = 5, statement_timeout: float | None = None
+    ) -> None:
+        """``statement_timeout`` (seconds, Postgres only) bounds every statement on the engine's connections."""
         self.env = env
         self.display_url = env.display_url
         url = env.url
@@ -238,6 +242,9 @@ class Database:
                 pool_size=pool_size,
                 connect_args={"connect_timeout": 5, "application_name": "gatefill"},
             )
+            if statement_timeout is not None:
+                milliseconds = max(1, round(statement_timeout * 1000))
+                sa.event.listen(self.engine, "connect", partial(_pg_bound_statements, milliseconds))
 
     def scrub(self, text: str) -> str:
         """The text with the database password (if any) masked."""
@@ -304,7 +311,13 @@ _CONNECT_MARKERS = (
 )
 
 
+#: SQLSTATE of a statement the server cancelled (statement_timeout, pg_cancel_backend): the connection is fine.
+_QUERY_CANCELED = "57014"
+
+
 def _is_connect_error(exc: DBAPIError) -> bool:
+    if getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED:
+        return False
     text = str(exc.orig).lower()
     return isinstance(exc, sa.exc.OperationalError) and any(m in text for m in _CONNECT_MARKERS)
 
@@ -316,6 +329,14 @@ def _sqlite_on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _pg_bound_statements(milliseconds: int, dbapi_conn: Any, _record: object) -> None:
+    """A session setting on each new connection, so a statement stuck behind a lock (or a runaway plan) ends on the
+    server even when nobody is left to cancel it: a call given up on, a thread still waiting for its answer."""
+    with dbapi_conn.cursor() as cur:
+        cur.execute(f"SET statement_timeout = {int(milliseconds)}")
+    dbapi_conn.commit()
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

@@ -68,6 +68,7 @@ from gatefill.prism.service import (
 )
 
 __all__ = [
+    "DEFAULT_CALL_TIMEOUT",
     "FUNCTION_NAMES",
     "MAX_BODY_BYTES",
     "RateLimiter",
@@ -100,6 +101,14 @@ _log = logging.getLogger("gatefill.functions")
 #: interpreter by 5 ms slices and p95 was 2.2 times p50; four FIFO threads brought that to ~1.6, and the event loop,
 #: with no GIL hand-offs between threads, to ~1.3-1.4 (bench/bench_finalize.py, 20 clients).
 _CALLS_AT_ONCE = 4
+
+#: Seconds a function call may take, its wait for a slot included, before the caller gets 504 ``CALL_TIMEOUT``
+#: (``gatefill serve functions --call-timeout``). Below the 30 s the simulator and the functions executor wait for an
+#: answer, so they see the server's verdict rather than a transport timeout of their own.
+DEFAULT_CALL_TIMEOUT = 25.0
+#: How much longer than the call's deadline a Postgres statement of the server may run: the call answers first, and
+#: the statement still ends on the server when no cancellation reaches it (a thread waiting for its answer).
+_STATEMENT_GRACE = 1.0
 
 
 class _JSONResponse(Response):
@@ -236,6 +245,7 @@ class _App:
         allow_fault_injection: bool,
         rate_limit_per_minute: int,
         max_body_bytes: int,
+        call_timeout: float,
         limiter: _Limiter | None = None,
     ) -> None:
         self.env = env
@@ -246,6 +256,7 @@ class _App:
         # Several worker processes share one limiter (``limiter``, a proxy to it), so a client's limit is the server's.
         self.limiter: _Limiter = limiter or RateLimiter(clock, limit=rate_limit_per_minute, window=60.0)
         self.max_body_bytes = max_body_bytes
+        self.call_timeout = call_timeout
         self.calls = ThreadPoolExecutor(max_workers=_CALLS_AT_ONCE, thread_name_prefix="gatefill-call")
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
@@ -324,8 +335,7 @@ class _App:
             ctx = self.context(request)
             run = self.prepare(name, await body_reader(), ctx, request)
             await self.slow(ctx)
-            async with self.slots():
-                status, body = await run()
+            status, body = await self.bounded(name, run)
             return _JSONResponse(body, status_code=status)
         except _Reject as exc:
             return _error(exc.status, exc.code, exc.message, exc.headers)
@@ -340,6 +350,25 @@ class _App:
         except GatefillError as exc:
             _log.error("%s: %s", name, exc)
             return _error(500, "INTERNAL_ERROR", "internal error")
+
+    async def bounded(
+        self, name: str, run: Callable[[], Awaitable[tuple[int, dict[str, object]]]]
+    ) -> tuple[int, dict[str, object]]:
+        """``run`` in its turn (``slots``), answered 504 ``CALL_TIMEOUT`` when waiting and running outlast the deadline.
+
+        On the event loop the expiry cancels the call where it waits: its connection, a batch half answered, is
+        closed rather than parked, and nothing it sent is committed unless its COMMIT already went out. A call on a
+        thread cannot be stopped; it finishes (or its statement hits the server's statement_timeout) unseen.
+        """
+        deadline = asyncio.timeout(self.call_timeout)
+        try:
+            async with deadline, self.slots():
+                return await run()
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # a timeout of the call's own, not the deadline
+            _log.warning("%s: no answer within %g s; answered 504", name, self.call_timeout)
+            raise _Reject(504, "CALL_TIMEOUT", f"the call did not finish within {self.call_timeout:g} s") from None
 
     def slots(self) -> asyncio.Semaphore:
         """The event loop's limit on calls running at once (``_CALLS_AT_ONCE``); waiters go in arrival order."""
@@ -449,11 +478,16 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     reference_ttl: float = 10.0,
     limiter: _Limiter | None = None,
+    call_timeout: float = DEFAULT_CALL_TIMEOUT,
 ) -> FastAPI:
     """The functions app for ``env`` on ``db``; raises ``ConfigError`` if the service-role key variable is unset.
 
-    ``limiter`` replaces the app's own results rate limiter (worker processes share one this way).
+    ``limiter`` replaces the app's own results rate limiter (worker processes share one this way). A call that has
+    not answered ``call_timeout`` seconds after its body was read answers 504 ``CALL_TIMEOUT``; give ``db`` a
+    slightly longer ``statement_timeout`` (``server_database``) so its statements end too.
     """
+    if not call_timeout > 0:
+        raise UsageError("the call timeout must be a positive number of seconds")
     key = service_role_key or env.service_role_key()
     if not key:
         raise ConfigError(
@@ -469,6 +503,7 @@ def create_app(
         allow_fault_injection=allow_fault_injection,
         rate_limit_per_minute=rate_limit_per_minute,
         max_body_bytes=max_body_bytes,
+        call_timeout=call_timeout,
         limiter=limiter,
     )
     app = FastAPI(title="gatefill PRISM functions", docs_url=None, redoc_url=None, openapi_url=None)
@@ -649,6 +684,7 @@ def serve_functions(
     log_level: str = "info",
     on_ready: Callable[[str], None] | None = None,
     workers: int = 1,
+    call_timeout: float = DEFAULT_CALL_TIMEOUT,
 ) -> None:
     """What ``gatefill serve functions`` runs: opens the database, builds the app and serves until interrupted.
 
@@ -661,17 +697,24 @@ def serve_functions(
         raise UsageError(f"environment '{env.name}' is production: --allow-fault-injection is refused there")
     if workers < 1:
         raise UsageError("--workers must be at least 1")
-    with Database(env, pool_size=_POOL_SIZE) as db:
+    if not call_timeout > 0:
+        raise UsageError("--call-timeout must be a positive number of seconds")
+    with server_database(env, call_timeout) as db:
         require_schema(db)
         if workers == 1:
-            app = create_app(env, db, allow_fault_injection=allow_fault_injection)
+            app = create_app(env, db, allow_fault_injection=allow_fault_injection, call_timeout=call_timeout)
             if on_ready is not None:
                 on_ready(f"http://{host}:{port}/functions/v1")
             serve(app, host=host, port=port, log_level=log_level)
             return
         # Fail here, once, rather than in every worker.
-        create_app(env, db, allow_fault_injection=allow_fault_injection)
-    _supervise(env, host, port, allow_fault_injection, log_level, on_ready, workers)
+        create_app(env, db, allow_fault_injection=allow_fault_injection, call_timeout=call_timeout)
+    _supervise(env, host, port, allow_fault_injection, log_level, on_ready, workers, call_timeout)
+
+
+def server_database(env: Environment, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> Database:
+    """The database of a serving process: its pool, and on Postgres a statement_timeout a little past the call's."""
+    return Database(env, pool_size=_POOL_SIZE, statement_timeout=call_timeout + _STATEMENT_GRACE)
 
 
 #: Allocations (net) between young-generation collections in a serving process (Python's default: 700).
@@ -700,6 +743,7 @@ def _supervise(
     log_level: str,
     on_ready: Callable[[str], None] | None,
     workers: int,
+    call_timeout: float,
 ) -> None:
     """Starts the workers, then accepts every connection and hands it to the worker holding the fewest.
 
@@ -733,7 +777,7 @@ def _supervise(
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             worker = spawn.Process(
                 target=_serve_worker,
-                args=(env, theirs, allow_fault_injection, log_level, limiter, closed, index),
+                args=(env, theirs, allow_fault_injection, log_level, limiter, closed, index, call_timeout),
                 name="gatefill-functions-worker",
             )
             worker.start()
@@ -800,10 +844,13 @@ def _serve_worker(
     limiter: _Limiter,
     closed: Any,
     index: int,
+    call_timeout: float,
 ) -> None:
     """One worker process: its own database pool and app, serving the connections the supervisor hands it."""
-    with Database(env, pool_size=_POOL_SIZE) as db:
-        app = create_app(env, db, allow_fault_injection=allow_fault_injection, limiter=limiter)
+    with server_database(env, call_timeout) as db:
+        app = create_app(
+            env, db, allow_fault_injection=allow_fault_injection, limiter=limiter, call_timeout=call_timeout
+        )
         _serve_handed(app, channel, log_level, closed, index)
 
 
