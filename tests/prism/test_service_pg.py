@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from psycopg.types.json import Jsonb
 
 from gatefill.clock import RealClock
+from gatefill.errors import DatabaseError
 from gatefill.prism import scoring
 from gatefill.prism.schema import PROFILE_RESULT_COLUMNS, assessment_responses, profiles
 from gatefill.prism.service import CallContext, Faults, PrismService, _ReferenceCache
@@ -409,5 +410,37 @@ def test_a_call_cancelled_while_it_waits_on_the_event_loop_leaves_no_connection_
                 (name,),
             ).fetchone()
         assert stuck == (0,)
+    finally:
+        service.close()
+
+
+def test_a_failed_background_reload_is_logged_and_the_cached_copy_stays_in_use(
+    pg_target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload handed to the executor has no caller to raise to: its failure must be logged (never an
+    unretrieved future), the calls go on with the copy they have, and the next expiry tries again."""
+    service = PrismService(pg_target.db, clock=RealClock())
+    failing = [False]
+
+    def load() -> Any:
+        if failing[0]:
+            raise DatabaseError("test: the reference tables cannot be read")
+        return service._load_static()
+
+    cache = _ReferenceCache(ttl=0.0)  # always expired
+    config = dict(scoring.ReferenceData.from_package().config)
+    jobs: list[Any] = []
+    try:
+        first = cache.get(load, config, drift=False, background=jobs.append)
+        failing[0] = True
+        assert cache.get(load, config, drift=False, background=jobs.append) is first
+        with caplog.at_level("WARNING", logger="gatefill.prism.service"):
+            assert jobs[0]() is None  # raises nothing
+        assert "reloading the reference tables failed (test: the reference tables cannot be read)" in caplog.text
+        assert cache.get(load, config, drift=False, background=jobs.append) is first  # still the old copy
+        assert len(jobs) == 2  # and a new attempt was handed off
+        failing[0] = False
+        jobs[1]()
+        assert cache.get(load, config, drift=False, background=jobs.append) is not first
     finally:
         service.close()

@@ -30,6 +30,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -79,6 +80,8 @@ __all__ = [
     "load_session_inputs",
     "token_hash",
 ]
+
+_log = logging.getLogger("gatefill.prism.service")
 
 #: Every ``fn_logs`` event these functions write, with what it means. Each payload carries ``fn`` (the function),
 #: ``session_id`` and ``request_id``, plus ``injected`` (the fault names) when the call carried faults.
@@ -391,7 +394,7 @@ class _ReferenceCache:
                 self._reloading = True
         if reload:
             if static is not None and background is not None:
-                background(partial(self._reload, load_static, now))
+                background(partial(self._reload_quietly, load_static, now))
             else:
                 static = self._reload(load_static, now)
         assert static is not None
@@ -409,6 +412,16 @@ class _ReferenceCache:
                         self._built.clear()
                     self._built[fingerprint] = ref
         return ref
+
+    def _reload_quietly(self, load_static: Callable[[], _StaticReference], now: float) -> None:
+        """A reload nobody waits for: its failure is logged here (the calls go on with the copy they have, and the
+        next one tries again), not left in a future nobody reads."""
+        try:
+            self._reload(load_static, now)
+        except GatefillError as exc:
+            _log.warning("reloading the reference tables failed (%s); the cached copy stays in use", exc)
+        except Exception:
+            _log.exception("reloading the reference tables failed; the cached copy stays in use")
 
     def _reload(self, load_static: Callable[[], _StaticReference], now: float) -> _StaticReference:
         try:
@@ -649,7 +662,8 @@ class PrismService:
             self._parked.dispose()
 
     def _load_static(self) -> _StaticReference:
-        with self.db.connect() as conn:
+        # Translated here too: a background reload's failure is logged, and only gatefill's messages are scrubbed.
+        with self.db.translate_errors(), self.db.connect() as conn:
             return _load_static_reference(conn)
 
     # ---------------------------------------------------------------------------------------------------------------
