@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -444,3 +445,77 @@ def test_a_failed_background_reload_is_logged_and_the_cached_copy_stays_in_use(
         assert cache.get(load, config, drift=False, background=jobs.append) is not first
     finally:
         service.close()
+
+
+def _slow_connects(engine: sa.engine.Engine, seconds: float) -> Callable[[], None]:
+    """Makes every new connection of ``engine`` take ``seconds`` longer (as a far or restarting server would);
+    returns the undo. The pool is emptied so the next checkout must connect."""
+
+    def slow(*_args: object) -> None:
+        time.sleep(seconds)
+
+    sa.event.listen(engine, "do_connect", slow)
+    engine.dispose()
+    return lambda: sa.event.remove(engine, "do_connect", slow)
+
+
+def test_a_checkout_for_a_call_on_the_event_loop_does_not_stall_the_loop(pg_target: Target) -> None:
+    """With no parked connection, the call's checkout connects on a thread: the loop's other work goes on."""
+    parked = ParkedConnections(pg_target.db.engine)
+    undo = _slow_connects(pg_target.db.engine, 0.5)
+
+    async def call_beside_a_ticker() -> tuple[int, tuple[Any, ...] | None]:
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticking = asyncio.create_task(ticker())
+        async with parked.transaction_async() as (conn, reused):
+            assert not reused
+            (result,) = await conn.run_async([(PgStatement(b"SELECT 1", ()), ())])
+            row = conn.row(result)
+        done.set()
+        await ticking
+        return ticks, row
+
+    try:
+        ticks, row = asyncio.run(call_beside_a_ticker())
+        assert row == (1,)
+        assert ticks >= 20  # the loop ran on through the half-second connect
+    finally:
+        undo()
+        parked.dispose()
+
+
+def test_a_call_cancelled_during_its_checkout_leaves_the_connection_parked(pg_target: Target) -> None:
+    parked = ParkedConnections(pg_target.db.engine)
+    undo = _slow_connects(pg_target.db.engine, 0.5)
+
+    async def cancel_during_checkout() -> None:
+        async def call() -> None:
+            async with parked.transaction_async():
+                raise AssertionError("not reached: cancelled while checking out")
+
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 10
+        while not parked._idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    try:
+        asyncio.run(cancel_during_checkout())
+        assert len(parked._idle) == 1  # the thread's connection was parked, not lost
+        pool = pg_target.db.engine.pool
+        assert isinstance(pool, sa.pool.QueuePool) and pool.checkedout() == 1  # ... and it is the only one out
+    finally:
+        undo()
+        parked.dispose()
+    assert pg_target.db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]

@@ -444,18 +444,22 @@ class ParkedConnections:
         ``fresh`` skips the parked ones (the retry after a parked connection turned out dead). A checkout from the
         pool blocks (it may connect); only the first calls of a process, or a retry, do it.
         """
-        parked: Parked | None = None
-        if not fresh:
-            with self._lock:
-                parked = self._idle.pop() if self._idle else None
+        parked = None if fresh else self._parked()
         if parked is not None:
             return parked, True
+        return self._checkout(), False
+
+    def _parked(self) -> Parked | None:
+        with self._lock:
+            return self._idle.pop() if self._idle else None
+
+    def _checkout(self) -> Parked:
         pooled = self.engine.raw_connection()
         raw = pooled.driver_connection
         if not isinstance(raw, psycopg.Connection):
             pooled.close()
             raise TypeError("the pipelined path needs a psycopg connection")
-        return (pooled, PgConnection(raw)), False
+        return pooled, PgConnection(raw)
 
     def give_back(self, parked: Parked) -> None:
         """Parks a healthy idle connection for the next call; invalidates one that broke or is still in a
@@ -486,8 +490,21 @@ class ParkedConnections:
 
     @asynccontextmanager
     async def transaction_async(self, *, fresh: bool = False) -> AsyncIterator[tuple[PgConnection, bool]]:
-        """``transaction`` for a body on the event loop (``PgConnection.run_async``)."""
-        parked, reused = self.take(fresh=fresh)
+        """``transaction`` for a body on the event loop (``PgConnection.run_async``).
+
+        Without a parked connection the checkout runs on a thread: it may connect (up to the connect timeout when
+        the server is down or restarting), and on the loop that would stall every other call of the process.
+        """
+        parked = None if fresh else self._parked()
+        reused = parked is not None
+        if parked is None:
+            checkout = asyncio.get_running_loop().run_in_executor(None, self._checkout)
+            try:
+                # Shielded: a call cancelled meanwhile must not lose the connection its thread is checking out.
+                parked = await asyncio.shield(checkout)
+            except asyncio.CancelledError:
+                checkout.add_done_callback(self._park_orphan)
+                raise
         conn = parked[1]
         try:
             yield conn, reused
@@ -496,6 +513,11 @@ class ParkedConnections:
                 with suppress(PipelineStepFailed, psycopg.Error):
                     await conn.rollback_async()
             self.give_back(parked)
+
+    def _park_orphan(self, checkout: asyncio.Future[Parked]) -> None:
+        """Parks the connection of a checkout whose call was cancelled before it finished (a failure: nothing)."""
+        if not checkout.cancelled() and checkout.exception() is None:
+            self.give_back(checkout.result())
 
     def dispose(self) -> None:
         """Returns every parked connection to the pool."""
