@@ -74,7 +74,7 @@ def _database_url(name: str) -> str:
     return f"{base}/{name}{'?' + query if query else ''}".replace("postgresql://", "postgresql+psycopg://", 1)
 
 
-def _admin(statement: sql.Composable) -> None:
+def _admin(statement: sql.Composed | sql.SQL) -> None:
     with psycopg.connect(_server_url(), autocommit=True, connect_timeout=5) as conn:
         conn.execute(statement)
 
@@ -463,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"   CPU ms/req: {'server':>6} {'pg':>5} {'client':>6} {'other':>5}   connections per server process"
         )
         for clients in levels:
-            runs = []
+            runs: list[dict[str, Any]] = []
             for _ in range(args.repeat):
                 before = meter.snapshot()
                 latencies, wall, client_cpu, split = run(args.requests, clients)

@@ -101,7 +101,7 @@ def _explain(url: str, checks: Sequence[tuple[str, str]]) -> list[str]:
                 if not statement.startswith(("SELECT", "WITH")) or " | " in statement:
                     continue  # a description of several statements, not one to run
                 text = re.sub(r":(\w+)", r"%(\1)s", statement)
-                lines = [r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + text, params)]  # type: ignore[arg-type]
+                lines = [r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + text, params)]
                 print(f"\n--- {name}: {statement}")
                 for line in lines:
                     print("  " + line)

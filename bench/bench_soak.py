@@ -138,7 +138,7 @@ def _load(url: str, sessions: int, finalized_index: bool) -> dict[str, float]:
             conn.execute("DROP INDEX IF EXISTS ix_assessment_sessions_finalized")
         for table, statement in _LOAD:
             started = time.perf_counter()
-            conn.execute(statement, {"t0": WINDOW_START, "n": sessions})  # type: ignore[arg-type]
+            conn.execute(statement, {"t0": WINDOW_START, "n": sessions})
             seconds[table] = time.perf_counter() - started
         started = time.perf_counter()
         conn.execute("ANALYZE")

@@ -24,7 +24,7 @@ def with_database(url: str, name: str) -> str:
     return f"{base}/{name}{query}"
 
 
-def admin(server: str, statement: sql.Composable | str) -> None:
+def admin(server: str, statement: sql.Composed | sql.SQL | str) -> None:
     """Runs one statement outside a transaction (CREATE/DROP DATABASE need that)."""
     with psycopg.connect(libpq(server), autocommit=True, connect_timeout=5) as conn:
         conn.execute(statement)
