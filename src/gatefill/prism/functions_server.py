@@ -483,8 +483,9 @@ def create_app(
     """The functions app for ``env`` on ``db``; raises ``ConfigError`` if the service-role key variable is unset.
 
     ``limiter`` replaces the app's own results rate limiter (worker processes share one this way). A call that has
-    not answered ``call_timeout`` seconds after its body was read answers 504 ``CALL_TIMEOUT``; give ``db`` a
-    slightly longer ``statement_timeout`` (``server_database``) so its statements end too.
+    not answered ``call_timeout`` seconds after its turn was asked for (its body read, any injected slowness over)
+    answers 504 ``CALL_TIMEOUT``; give ``db`` a slightly longer ``statement_timeout`` (``server_database``) so its
+    statements end too.
     """
     if not call_timeout > 0:
         raise UsageError("the call timeout must be a positive number of seconds")
