@@ -31,6 +31,7 @@ from gatefill.job import Check
 from gatefill.ledger import RunStatus
 from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.schema import assessment_sessions, fc_scores, profiles
+from gatefill.prism.service import CallContext, PrismService
 from gatefill.prism.simulator import SimulationReport, simulate
 from gatefill.prism.soak_checks import CHECK_NAMES, PrismSoakChecks, PrismSoakSettings, run_prism_soak
 from gatefill.soak import (
@@ -658,3 +659,20 @@ def test_options_margins_and_look_counts() -> None:
     for options in invalid:
         with pytest.raises(UsageError):
             options.validate()
+
+
+def test_a_call_the_server_answered_504_counts_as_a_failed_function_call(soaked: Soaked) -> None:
+    """A finalize that outlived the server's deadline leaves no error row of its own, only the server's
+    ``call_timeout`` event: the function_errors check must count it, with its session, as a failed finalization."""
+    start = _window(12)
+    report = soaked.traffic(start, 6, seed=12)
+    assert report.totals()["completed_sessions"] == 6
+    service = PrismService(soaked.db, clock=SimulatedClock(start))
+    stuck = "00000000-0000-4000-8000-000000000504"
+    at = start + timedelta(minutes=30)
+    service.record_timeout("finalizeAssessment", stuck, CallContext(now=at, request_id="t504"), 25.0)
+    checks = _by_name(soaked.soak(replace(OPTIONS, start=start)))
+    errors = checks["function_errors"]
+    assert errors.verdict == "FAIL"
+    assert errors.evidence["error_events"] == {"call_timeout": 1}
+    assert errors.evidence["failed_finalizations"] == 1 and errors.evidence["failed_sessions"] == [stuck]

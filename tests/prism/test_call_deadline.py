@@ -25,7 +25,7 @@ from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.errors import DatabaseError, DatabaseUnreachable
 from gatefill.prism.functions_server import create_app, serve_in_thread, server_database
-from gatefill.prism.schema import assessment_sessions, profiles
+from gatefill.prism.schema import assessment_sessions, fn_logs, profiles
 from tests.conftest import Target, _conninfo, server_url
 from tests.prism.conftest import KEY_ENV, SERVICE_KEY
 from tests.prism.test_service_pg import _finished_sessions
@@ -78,6 +78,19 @@ def _profiles(target: Target, session_id: str) -> int:
         return int(conn.execute(sa.select(sa.func.count()).where(profiles.c.session_id == session_id)).scalar_one())
 
 
+def _timeout_events(target: Target) -> list[dict[str, Any]]:
+    """The payloads of the call_timeout events, once the server's call thread has written them (up to 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with target.db.connect() as conn:
+            payloads = [
+                row[0] for row in conn.execute(sa.select(fn_logs.c.payload).where(fn_logs.c.evt == "call_timeout"))
+            ]
+        if payloads or time.monotonic() > deadline:
+            return payloads
+        time.sleep(0.05)
+
+
 def _admin_rows(query: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(_conninfo(server_url()), autocommit=True) as admin:
         return admin.execute(query, params).fetchall()
@@ -101,6 +114,10 @@ def test_a_finalize_stuck_behind_a_lock_answers_504_at_its_deadline_and_the_sess
         response, _ = _post(http, "finalizeAssessment", respondent.session_id)
         assert response.status_code == 200, response.text
         assert response.json()["ok"] is True
+        # The soak counts the timeout with the failed calls: the server wrote its event once it could.
+        (event,) = _timeout_events(target)
+        assert event["fn"] == "finalizeAssessment" and event["session_id"] == respondent.session_id
+        assert event["timeout_s"] == DEADLINE
     assert _profiles(target, respondent.session_id) == 1
     with target.db.connect() as conn:
         status = conn.execute(
@@ -136,6 +153,8 @@ def test_a_statement_of_a_call_on_a_thread_ends_on_the_postgres_server_while_the
             response, took = _post(http, "score_fc_session", respondent.session_id)
             assert response.status_code == 504 and response.json()["code"] == "CALL_TIMEOUT"
             assert took < DEADLINE + 4
+            # Written while the other client still holds its lock: the event does not wait for the stuck call.
+            assert [e["fn"] for e in _timeout_events(pg_target)] == ["score_fc_session"]
             # The upsert is still waiting right after the answer, and gives up within its grace.
             deadline = time.monotonic() + 10
             while _lock_waiters(name) and time.monotonic() < deadline:

@@ -333,9 +333,10 @@ class _App:
             if name in _PROTECTED and not self.authorised(request):
                 raise _Reject(401, "UNAUTHORIZED", "missing or invalid service-role key")
             ctx = self.context(request)
-            run = self.prepare(name, await body_reader(), ctx, request)
+            payload = await body_reader()
+            run = self.prepare(name, payload, ctx, request)
             await self.slow(ctx)
-            status, body = await self.bounded(name, run)
+            status, body = await self.bounded(name, run, ctx, _session_id(payload.get("session_id")))
             return _JSONResponse(body, status_code=status)
         except _Reject as exc:
             return _error(exc.status, exc.code, exc.message, exc.headers)
@@ -352,13 +353,18 @@ class _App:
             return _error(500, "INTERNAL_ERROR", "internal error")
 
     async def bounded(
-        self, name: str, run: Callable[[], Awaitable[tuple[int, dict[str, object]]]]
+        self,
+        name: str,
+        run: Callable[[], Awaitable[tuple[int, dict[str, object]]]],
+        ctx: CallContext,
+        session_id: str,
     ) -> tuple[int, dict[str, object]]:
         """``run`` in its turn (``slots``), answered 504 ``CALL_TIMEOUT`` when waiting and running outlast the deadline.
 
         On the event loop the expiry cancels the call where it waits: its connection, a batch half answered, is
         closed rather than parked, and nothing it sent is committed unless its COMMIT already went out. A call on a
-        thread cannot be stopped; it finishes (or its statement hits the server's statement_timeout) unseen.
+        thread cannot be stopped; it finishes (or its statement hits the server's statement_timeout) unseen. Either
+        way a ``call_timeout`` event is written afterwards, on a call thread, without holding up the answer.
         """
         deadline = asyncio.timeout(self.call_timeout)
         try:
@@ -368,7 +374,18 @@ class _App:
             if not deadline.expired():
                 raise  # a timeout of the call's own, not the deadline
             _log.warning("%s: no answer within %g s; answered 504", name, self.call_timeout)
+            record = partial(self.record_timeout, name, session_id, ctx)
+            asyncio.get_running_loop().run_in_executor(self.calls, record)
             raise _Reject(504, "CALL_TIMEOUT", f"the call did not finish within {self.call_timeout:g} s") from None
+
+    def record_timeout(self, name: str, session_id: str, ctx: CallContext) -> None:
+        """Writes the ``call_timeout`` event; a failure (the database may be what is stuck) is only logged."""
+        try:
+            self.service.record_timeout(name, session_id, ctx, self.call_timeout)
+        except GatefillError as exc:
+            _log.warning("%s: the call_timeout event was not written: %s", name, exc)
+        except Exception:
+            _log.exception("%s: the call_timeout event was not written", name)
 
     def slots(self) -> asyncio.Semaphore:
         """The event loop's limit on calls running at once (``_CALLS_AT_ONCE``); waiters go in arrival order."""

@@ -110,6 +110,7 @@ EVENTS: dict[str, str] = {
     "finalize_complete": "finalize wrote the profile and completed the session "
     "{profile_created, type_code, fc_source, delay_ms}",
     "finalize_failed": "finalize could not score the session {findings}",
+    "call_timeout": "the call had not answered within the server's deadline {timeout_s}: 504 (it may still finish)",
     # get-results-by-session
     "tokenless_access": "a results request without a token {served} (upstream name, §2.4)",
     "results_access_denied": "results refused {reason, status}: no_token, unknown_session, token_mismatch, "
@@ -684,6 +685,11 @@ class PrismService:
                 body["injected"] = sorted(ctx.faults.names)
             rows.append({"evt": name, "payload": _jsonable(body), "at": ctx.now})
         return rows
+
+    def record_timeout(self, fn: str, session_id: str, ctx: CallContext, seconds: float) -> None:
+        """The ``call_timeout`` event of a call the server answered 504, so the soak counts it with the failures."""
+        with self.db.translate_errors(), self.db.begin() as conn:
+            self._log(conn, fn, ctx, [("call_timeout", {"session_id": session_id, "timeout_s": seconds})])
 
     def _write_fc(self, conn: Connection, work: _Work, row: Mapping[str, object], ctx: CallContext) -> None:
         work.writing = "fc"

@@ -96,6 +96,7 @@ ERROR_EVENTS = (
     "scoring_failed",
     "profile_withheld",
     "finalize_failed",
+    "call_timeout",
 )
 # Every event any check counts; one grouped query reads them all.
 _COUNTED_EVENTS = (
