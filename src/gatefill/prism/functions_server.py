@@ -334,9 +334,10 @@ class _App:
                 raise _Reject(401, "UNAUTHORIZED", "missing or invalid service-role key")
             ctx = self.context(request)
             payload = await body_reader()
-            run = self.prepare(name, payload, ctx, request)
+            session_id = _session_id(payload.get("session_id"))
+            run = self.prepare(name, session_id, payload, ctx, request)
             await self.slow(ctx)
-            status, body = await self.bounded(name, run, ctx, _session_id(payload.get("session_id")))
+            status, body = await self.bounded(name, run, ctx, session_id)
             return _JSONResponse(body, status_code=status)
         except _Reject as exc:
             return _error(exc.status, exc.code, exc.message, exc.headers)
@@ -395,14 +396,14 @@ class _App:
         return self._slots[1]
 
     def prepare(
-        self, name: str, body: dict[str, Any], ctx: CallContext, request: Request
+        self, name: str, session_id: str, body: dict[str, Any], ctx: CallContext, request: Request
     ) -> Callable[[], Awaitable[tuple[int, dict[str, object]]]]:
-        """Validates the body on the event loop (no SQL sees unvalidated input) and returns the database work.
+        """Validates the rest of the body (``session_id`` is, already) on the event loop, so no SQL sees
+        unvalidated input, and returns the database work.
 
         finalizeAssessment and score_prism wait for Postgres on the event loop (``PrismService.*_async``); the
         other functions, and every function on SQLite, run on the call threads.
         """
-        session_id = _session_id(body.get("session_id"))
         service = self.service
         calls = self.calls
         if name == "score_fc_session":
