@@ -8,6 +8,7 @@ run stops with one line saying how to point it at a server: the Postgres half is
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import uuid
@@ -22,6 +23,7 @@ from psycopg import sql
 from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.prism.schema import init_schema, load_reference_data
+from tests.pgbouncer import PgBouncer, pgbouncer_binary, start_pgbouncer
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 RUN_ID = uuid.uuid4().hex[:8]
@@ -58,6 +60,21 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"Postgres unreachable ({reason}); start it or set GATEFILL_TEST_DATABASE_URL=postgresql://USER@HOST:PORT/DB",
             returncode=2,
         )
+    try:
+        pgbouncer_binary()
+    except RuntimeError as exc:
+        # The pooled half of the suite is never skipped: without PgBouncer the run stops here.
+        pytest.exit(str(exc), returncode=2)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``target`` runs on SQLite and Postgres; tests marked ``pooled`` also through PgBouncer in transaction mode."""
+    if "target" in metafunc.fixturenames and not any(
+        m.name == "parametrize" and "target" in m.args[0] for m in metafunc.definition.iter_markers()
+    ):
+        pooled = metafunc.definition.get_closest_marker("pooled") is not None
+        params = ["sqlite", "postgresql", *(["pooled"] if pooled else [])]
+        metafunc.parametrize("target", params, indirect=True)
 
 
 def create_pg_database(template: str | None = None) -> str:
@@ -81,6 +98,39 @@ def drop_pg_database(name: str) -> None:
 def pg_env(name: str, env_name: str = "test", kind: str = "staging") -> Environment:
     url = _with_database(server_url(), name).replace("postgresql://", "postgresql+psycopg://", 1)
     return Environment(name=env_name, kind="production" if kind == "production" else "staging", database_url=url)
+
+
+_POOLER: list[PgBouncer] = []
+
+
+def pgbouncer() -> PgBouncer:
+    """This test process's PgBouncer (transaction mode, round robin; see tests/pgbouncer.py), started on first use.
+
+    ``GATEFILL_TEST_POOLER_URL`` points the pooled tests at another transaction pooler instead (its database part is
+    replaced per test)."""
+    if not _POOLER:
+        _POOLER.append(start_pgbouncer(_conninfo(server_url())))
+        atexit.register(_POOLER[0].stop)
+    return _POOLER[0]
+
+
+def pooled_url(name: str) -> str:
+    """The libpq URL of database ``name`` through the transaction pooler."""
+    other = os.environ.get("GATEFILL_TEST_POOLER_URL")
+    if other:
+        return _with_database(other, name)
+    return pgbouncer().url(_conninfo(server_url()), name)
+
+
+def pooled_env(name: str, env_name: str = "test", kind: str = "staging") -> Environment:
+    """Database ``name`` reached through the transaction pooler, with ``pooler = "transaction"``."""
+    url = pooled_url(name).replace("postgresql://", "postgresql+psycopg://", 1)
+    return Environment(
+        name=env_name,
+        kind="production" if kind == "production" else "staging",
+        database_url=url,
+        pooler="transaction",
+    )
 
 
 def sqlite_env(path: Path, env_name: str = "test", kind: str = "staging") -> Environment:
@@ -152,10 +202,24 @@ def sqlite_target(sqlite_template: Path, tmp_path: Path) -> Iterator[Target]:
         db.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture
+def pooled_target(pg_template: str) -> Iterator[Target]:
+    """A fresh Postgres database reached through PgBouncer in transaction mode."""
+    name = create_pg_database(pg_template)
+    env = pooled_env(name)
+    db = Database(env)
+    try:
+        yield Target("pooled", env, db)
+    finally:
+        db.dispose()
+        drop_pg_database(name)
+
+
+@pytest.fixture
 def target(request: pytest.FixtureRequest) -> Target:
-    """The same test on a fresh SQLite file and on a fresh Postgres database."""
-    fixture = "sqlite_target" if request.param == "sqlite" else "pg_target"
+    """The same test on a fresh SQLite file and on a fresh Postgres database (and, marked ``pooled``, through
+    PgBouncer in transaction mode): ``pytest_generate_tests`` gives the parameter."""
+    fixture = {"sqlite": "sqlite_target", "postgresql": "pg_target", "pooled": "pooled_target"}[request.param]
     result: Target = request.getfixturevalue(fixture)
     return result
 

@@ -26,6 +26,9 @@ from gatefill.prism.seed import TEST_SESSION_A, TEST_SESSION_B, SeedReport, seed
 from gatefill.prism.service import CallContext, PrismService, load_reference_data_from_db, load_session_inputs
 from tests.conftest import Target
 
+# Phase 1 and health also run through PgBouncer in transaction mode (the `pooled` target).
+pytestmark = pytest.mark.pooled
+
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
 START = datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)
 

@@ -3,11 +3,14 @@ run's and the ledger holds no duplicates. Also: a database that goes away mid-ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -23,6 +26,7 @@ from gatefill.apply import ApplyOptions, RunPaused, apply_plan
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
 from gatefill.db import Database
+from gatefill.lease import lease_name
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism.job import PrismJob
@@ -193,8 +197,13 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
                 timeout=120,
             )
             assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+            run_id = str(body["run_id"])
             with db.connect() as conn:
-                assert ledger.get_run(conn, str(body["run_id"])).status is RunStatus.RUNNING
+                assert ledger.get_run(conn, run_id).status is RunStatus.RUNNING
+                stale = ledger.get_lease(conn, lease_name(run_id))
+            # The killed apply left its lease (nothing released it); the resume takes it over once it has expired.
+            assert stale is not None and stale.holder.pid != os.getpid() and stale.holder.command == "apply"
+            wait_for_expiry(db, run_id)
             result = apply_plan(
                 db,
                 env,
@@ -205,14 +214,32 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
                 artifacts_dir=tmp_path / "art",
             )
             assert result.status is RunStatus.SUCCEEDED
-            assert digest(db, str(body["run_id"])) == reference
+            assert digest(db, run_id) == reference
+            with db.connect() as conn:
+                reasons = [r for (r,) in conn.execute(sa.select(ledger.run_events.c.reason))]
+                assert ledger.get_lease(conn, lease_name(run_id)) is None
+            assert any(f"{stale.holder.host}:{stale.holder.pid}" in (r or "") and "took over" in r for r in reasons), (
+                reasons
+            )
     finally:
         seeded.drop(env)
 
 
+def wait_for_expiry(db: Database, run_id: str, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        with db.connect() as conn:
+            lease = ledger.get_lease(conn, lease_name(run_id))
+        if lease is None or lease.expired:
+            return
+        assert time.monotonic() < deadline, f"lease never expired: {lease.describe()}"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("seeded", ["postgresql"], indirect=True)
 def test_database_down_mid_run_pauses_and_resumes(seeded: Seeded, reference: dict[str, Any], tmp_path: Path) -> None:
-    env = seeded.clone("down")
+    # The paused apply cannot release its lease while the database is away: the resume waits for it to expire.
+    env = dataclasses.replace(seeded.clone("down"), lease_ttl=1.0)
     name = env.url.database or ""
     try:
         with Database(env) as db:
@@ -247,6 +274,7 @@ def test_database_down_mid_run_pauses_and_resumes(seeded: Seeded, reference: dic
             db.engine.dispose()
             with db.connect() as conn:
                 assert len(ledger.committed_batches(conn, str(body["run_id"]))) == 3
+            wait_for_expiry(db, str(body["run_id"]))
             result = apply_plan(
                 db, env, PrismJob(), body, options=options, clock=SimulatedClock(START), artifacts_dir=tmp_path / "art"
             )

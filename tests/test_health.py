@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from gatefill.apply import ApplyOptions, apply_plan
@@ -17,6 +18,9 @@ from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import fc_scores, profiles
 from gatefill.prism.seed import seed_scenario
 from tests.conftest import Target
+
+# Phase 1 and health also run through PgBouncer in transaction mode (the `pooled` target).
+pytestmark = pytest.mark.pooled
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
 AT = datetime(2025, 9, 18, 0, 10, tzinfo=UTC)

@@ -1,15 +1,13 @@
-"""The run ledger on SQLite and Postgres: state machine, approvals, locks."""
+"""The run ledger on SQLite and Postgres: state machine, approvals (leases: tests/test_lease.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from gatefill import ledger
-from gatefill.ledger import IllegalTransition, RunLocked, RunNotFound, RunStatus
+from gatefill.ledger import IllegalTransition, RunNotFound, RunStatus
 from tests.conftest import Target
 
 NOW = datetime(2025, 9, 17, 8, 0, tzinfo=UTC)
@@ -68,23 +66,6 @@ def test_approvals_recorded_with_who_when_and_plan_hash(target: Target) -> None:
     ]
     with pytest.raises(RunNotFound), target.db.begin() as conn:
         ledger.record_approval(conn, run_id="nope", gate="plan", approved_by="ana", now=NOW)
-
-
-def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(target: Target) -> None:
-    make_run(target)
-    with target.db.begin() as conn:
-        ledger.acquire_lock(conn, "run:apply-1", now=NOW)
-        ledger.acquire_lock(conn, "run:apply-1", now=NOW)  # re-entrant for the holder
-    with pytest.raises(RunLocked, match="active elsewhere"), target.db.begin() as conn:
-        ledger.acquire_lock(conn, "run:apply-1", now=NOW, holder="otherhost:1")
-    with target.db.begin() as conn:
-        ledger.release_lock(conn, "run:apply-1")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_holder = f"{ledger.lock_holder().rsplit(':', 1)[0]}:{dead.stdout.strip()}"
-    with target.db.begin() as conn:
-        ledger.acquire_lock(conn, "run:apply-1", now=NOW, holder=dead_holder)
-    with target.db.begin() as conn:
-        ledger.acquire_lock(conn, "run:apply-1", now=NOW)  # the holder's process is gone: taken over
 
 
 def test_a_run_read_without_its_plan_leaves_the_plan_in_the_database(target: Target) -> None:

@@ -5,8 +5,8 @@ What makes it crash-safe: the only record of progress is the ledger, written in 
 data. A resume asks the ledger which sessions already have a result and continues with the rest, in plan order, so
 work is neither repeated nor skipped, whatever batch size either attempt used. Ctrl-C sets a flag that is honoured
 between batches (the current batch finishes); a lost database connection is retried with backoff and then pauses
-the run with a message saying how to resume. A second apply of a run that is active elsewhere is refused by a lock
-(Postgres advisory lock held on a dedicated connection; SQLite lock row whose holder is checked for liveness).
+the run with a message saying how to resume. A second apply (or rollback) of a run that is active elsewhere is refused
+by the run's lease (``gatefill.lease``), which every batch's transaction fences with.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
 from gatefill.interrupt import stop_on_sigint
-from gatefill.job import Candidate, Check, Job, SessionOutcome
+from gatefill.job import Candidate, Check, Fence, Job, SessionOutcome
+from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 from gatefill.plan import verify_plan
 from gatefill.reports import render, write_json, write_text
@@ -136,61 +137,6 @@ def _with_group(c: Candidate, group: str) -> Candidate:
     return Candidate(c.key, c.category, c.created_at, c.operations, {**c.detail, "group": group})
 
 
-class _RunLock:
-    """Holds the per-run lock for the duration of an apply."""
-
-    def __init__(self, db: Database, run_id: str, now: datetime) -> None:
-        self.db = db
-        self.name = f"apply:{run_id}"
-        self.now = now
-        self._conn: sa.Connection | None = None
-
-    def __enter__(self) -> _RunLock:
-        if self.db.caps.advisory_locks:
-            # A session-level advisory lock dies with its connection, so a killed apply can never leave it behind.
-            with self.db.translate_errors():
-                self._conn = self.db.engine.connect()
-                got = self._conn.execute(
-                    sa.text("SELECT pg_try_advisory_lock(hashtext(:n))"), {"n": self.name}
-                ).scalar_one()
-                self._conn.commit()
-            if not got:
-                self._conn.close()
-                self._conn = None
-                holder = self._advisory_holder()
-                raise ledger.RunLocked(self.name, holder)
-        else:
-            with self.db.begin() as conn:
-                ledger.acquire_lock(conn, self.name, now=self.now)
-        return self
-
-    def _advisory_holder(self) -> str:
-        with self.db.connect() as conn:
-            row = conn.execute(
-                sa.text(
-                    "SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l JOIN pg_stat_activity a "
-                    "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.objid = (hashtext(:n)::bigint & 4294967295)"
-                ),
-                {"n": self.name},
-            ).first()
-        return f"backend pid {row.pid} ({row.application_name})" if row else "another session"
-
-    def __exit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            # If the server dropped this connection (outage), the session-level lock died with it: nothing to free.
-            with contextlib.suppress(sa.exc.DBAPIError):
-                self._conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:n))"), {"n": self.name})
-                self._conn.commit()
-            with contextlib.suppress(sa.exc.DBAPIError):
-                self._conn.close()
-        elif not self.db.caps.advisory_locks:
-            try:
-                with self.db.begin() as conn:
-                    ledger.release_lock(conn, self.name)
-            except DatabaseUnreachable:
-                pass  # the row names a dead process once we exit; the next apply takes it over
-
-
 def _plan_approved(db: Database, run: ledger.Run, plan_hash: str, options: ApplyOptions) -> bool:
     """Whether this plan (by hash) is approved; refuses (exit 4) when it is not and --approve-as was not given."""
     with db.connect() as conn:
@@ -269,10 +215,12 @@ def _commit_batch(
     batch: Sequence[Candidate],
     clock: Clock,
     retrying: bool,
+    fence: Fence,
 ) -> tuple[list[SessionOutcome], dict[str, Any]]:
-    """Processes one batch and writes its ledger rows in the same transaction."""
+    """Processes one batch and writes its ledger rows in the same transaction, which the run's lease fences."""
     started = clock.now()
     with db.begin() as conn:
+        fence(conn)
         # The job hands its changes to the ledger as it writes them (same transaction), so they are not held back
         # and written after the batch's last chunk.
         outcome = job.process_batch(
@@ -410,13 +358,14 @@ def apply_plan(
 
             functions = resources.enter_context(FunctionsExecutor.from_env(env))
             commit = functions.commit_batch
-        resources.enter_context(_RunLock(db, run.id, now))
+        lease = resources.enter_context(RunLease(db, run.id, "apply"))
         resources.enter_context(stop_on_sigint(stop))
         if functions is not None:
-            _recover_functions_batches(functions, db, job, run, clock)
+            _recover_functions_batches(functions, db, job, run, clock, lease)
         todo, next_batch, retrying = _remaining(db, run, order)
         with db.begin() as conn:
-            ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=f"apply ({len(todo)} to do)")
+            lease.fence(conn)
+            ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=_start_reason(len(todo), lease))
         to_run = _batches_to_run(plan_body["batches"], todo, options.batch_size)
         bucket = TokenBucket(rate, clock, capacity=max((len(b) for b in to_run), default=1))
         start = clock.monotonic()
@@ -428,8 +377,11 @@ def apply_plan(
             if before_batch is not None:
                 before_batch(next_batch)
             result.throttle_wait_seconds += bucket.acquire(len(batch_keys))
+            lease.check()
             batch = [candidates[k] for k in batch_keys]
-            sessions, log = _commit_with_retry(commit, db, job, run.id, next_batch, batch, clock, retrying, options)
+            sessions, log = _commit_with_retry(
+                commit, db, job, run.id, next_batch, batch, clock, retrying, options, lease.fence
+            )
             write_json(logs_dir / f"batch_{next_batch}.json", log)
             for s in sessions:
                 result.counts[s.result] += 1
@@ -446,6 +398,7 @@ def apply_plan(
         failed_total = sum(1 for r in all_results.values() if r == "failed")
         final = RunStatus.COMPLETED_WITH_ERRORS if failed_total else RunStatus.SUCCEEDED
         with db.begin() as conn:
+            lease.fence(conn)
             ledger.transition(
                 conn,
                 run.id,
@@ -465,8 +418,14 @@ def apply_plan(
 
 
 CommitBatch = Callable[
-    [Database, Job, str, int, Sequence[Candidate], Clock, bool], tuple[list[SessionOutcome], dict[str, Any]]
+    [Database, Job, str, int, Sequence[Candidate], Clock, bool, Fence], tuple[list[SessionOutcome], dict[str, Any]]
 ]
+
+
+def _start_reason(todo: int, lease: RunLease) -> str:
+    if lease.replaced is None:
+        return f"apply ({todo} to do)"
+    return f"apply ({todo} to do); took over the expired lease of {lease.replaced.describe()}"
 
 
 def _commit_with_retry(
@@ -479,12 +438,13 @@ def _commit_with_retry(
     clock: Clock,
     retrying: bool,
     options: ApplyOptions,
+    fence: Fence,
 ) -> tuple[list[SessionOutcome], dict[str, Any]]:
     """A lost connection rolls the batch back in the database; retry it with exponential backoff and jitter."""
     attempt = 0
     while True:
         try:
-            return commit(db, job, run_id, batch_no, batch, clock, retrying)
+            return commit(db, job, run_id, batch_no, batch, clock, retrying, fence)
         except DatabaseUnreachable as exc:
             attempt += 1
             if attempt >= options.retry_attempts:
@@ -503,10 +463,12 @@ def _commit_with_retry(
             raise RunPaused(run_id, f"functions server unreachable in batch {batch_no} ({exc.reason})") from exc
 
 
-def _recover_functions_batches(functions: Any, db: Database, job: Job, run: ledger.Run, clock: Clock) -> None:
+def _recover_functions_batches(
+    functions: Any, db: Database, job: Job, run: ledger.Run, clock: Clock, lease: RunLease
+) -> None:
     """Finishes batches a crash left between their HTTP calls and their commit, before working out what is left."""
     try:
-        functions.recover(db, job, run.id, clock=clock)
+        functions.recover(db, job, run.id, clock=clock, fence=lease.fence)
     except ExecutorUnavailable as exc:
         if run.status is RunStatus.RUNNING:
             with contextlib.suppress(DatabaseUnreachable):

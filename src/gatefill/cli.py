@@ -106,18 +106,24 @@ def db_init_command(env: EnvOption) -> None:
 @db_app.command("check")
 def db_check_command(env: EnvOption) -> None:
     """Verify (read-only) that the tables and columns the pipeline needs exist; list what is missing."""
+    from gatefill.db import detect_pooler
     from gatefill.prism.schema import check_schema
 
     with _database(env) as db:
+        pooling = detect_pooler(db)
+        if pooling.mismatch:
+            out.print(f"[bold red]{pooling.describe()}[/]", markup=True)
         report = check_schema(db)
         if report.missing:
             out.print(f"[bold red]MISSING[/] on {db.display_url}: {len(report.missing)} table(s)/column(s)")
             for item in report.missing:
                 out.print(f"  - {item}")
             raise typer.Exit(1)
+        if pooling.mismatch:
+            raise typer.Exit(1)
         out.print(f"[bold green]OK[/] {db.display_url}: every required table and column is present")
         table = Table("check", "finding")
-        for name, finding in {**report.reference, **report.security}.items():
+        for name, finding in {"connection": pooling.describe(), **report.reference, **report.security}.items():
             table.add_row(name, finding)
         out.print(table)
 

@@ -20,9 +20,10 @@ from typing import Literal
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from gatefill.clock import parse_duration
 from gatefill.errors import ConfigError
 
-__all__ = ["EXAMPLE_CONFIG", "Environment", "Settings", "load_settings"]
+__all__ = ["DEFAULT_LEASE_TTL", "EXAMPLE_CONFIG", "POOLERS", "Environment", "Pooler", "Settings", "load_settings"]
 
 EnvironmentKind = Literal["staging", "production"]
 
@@ -33,9 +34,19 @@ _ENV_KEYS = {
     "functions_url",
     "results_url",
     "service_role_key_env",
+    "pooler",
+    "lease_ttl",
 }
 _TOP_KEYS = {"env", "artifacts_dir"}
 _DEFAULT_KEY_ENV = "SUPABASE_SERVICE_ROLE_KEY"
+
+Pooler = Literal["none", "session", "transaction"]
+POOLERS: tuple[Pooler, ...] = ("none", "session", "transaction")
+#: How long a run's lease (see ``ledger``) outlives its holder's last heartbeat: the wait before a killed holder's
+#: run can be taken over. Long enough to ride out a slow transaction or a short network blip.
+DEFAULT_LEASE_TTL = 60.0
+#: The shortest lease allowed: the holder renews it every third of its length, in a transaction of its own.
+MIN_LEASE_TTL = 1.0
 
 EXAMPLE_CONFIG = """\
 # gatefill.toml: the environments gatefill may touch.
@@ -50,6 +61,12 @@ artifacts_dir = "artifacts"
 # SQLite paths are relative to this file; Postgres: postgresql://user@host:5432/dbname
 database_url = "sqlite:///staging.db"
 kind = "staging"                      # "staging" or "production": production applies need passed gates
+# pooler = "none"      # what sits between gatefill and Postgres: "none" (a direct connection), "session" (a
+#                      # session-mode pooler, e.g. Supavisor on port 5432) or "transaction" (a transaction-mode
+#                      # pooler: Supavisor on port 6543, PgBouncer pool_mode=transaction). With "transaction" gatefill
+#                      # uses no prepared statements and no session state; `gatefill db check` tells which you have.
+# lease_ttl = "60s"    # a run's lease outlives its holder's last heartbeat by this much (a killed apply's run
+#                      # can be taken over after it)
 # functions_url = "http://127.0.0.1:54321/functions/v1"   # the PRISM edge functions (gatefill serve functions)
 # results_url = "http://127.0.0.1:54321"                  # where /results/<session_id>?t=TOKEN is served
 # service_role_key_env = "SUPABASE_SERVICE_ROLE_KEY"      # name of the variable holding the service-role key
@@ -75,6 +92,10 @@ class Environment:
     functions_url: str | None = None
     results_url: str | None = None
     service_role_key_env: str = _DEFAULT_KEY_ENV
+    #: What sits between gatefill and the database; "transaction" rules out session state (see ``db``).
+    pooler: Pooler = "none"
+    #: Seconds a run's lease outlives its holder's last heartbeat.
+    lease_ttl: float = DEFAULT_LEASE_TTL
 
     @property
     def url(self) -> URL:
@@ -194,6 +215,10 @@ def _build_environment(name: str, table: Mapping[str, object], root: Path, envir
     kind = values.get("kind", "staging")
     if kind not in ("staging", "production"):
         raise ConfigError(f"environment '{name}': kind must be 'staging' or 'production', not '{kind}'")
+    pooler = _pooler(name, values.get("pooler", "none"))
+    if pooler != "none" and values["database_url"].startswith("sqlite"):
+        raise ConfigError(f"environment '{name}': pooler '{pooler}' needs a postgresql:// database_url")
+    lease_ttl = _lease_ttl(name, values.get("lease_ttl"))
     database_url = _resolve_database_url(
         values["database_url"],
         name,
@@ -209,7 +234,28 @@ def _build_environment(name: str, table: Mapping[str, object], root: Path, envir
         functions_url=values.get("functions_url"),
         results_url=values.get("results_url"),
         service_role_key_env=values.get("service_role_key_env", _DEFAULT_KEY_ENV),
+        pooler=pooler,
+        lease_ttl=lease_ttl,
     )
+
+
+def _pooler(env_name: str, text: str) -> Pooler:
+    for pooler in POOLERS:
+        if text == pooler:
+            return pooler
+    raise ConfigError(f"environment '{env_name}': pooler must be 'none', 'session' or 'transaction', not '{text}'")
+
+
+def _lease_ttl(env_name: str, text: str | None) -> float:
+    if text is None:
+        return DEFAULT_LEASE_TTL
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise ConfigError(f"environment '{env_name}': lease_ttl is not a duration: {text!r} (e.g. 60s)") from None
+    if seconds < MIN_LEASE_TTL:
+        raise ConfigError(f"environment '{env_name}': lease_ttl must be at least {MIN_LEASE_TTL:g}s, not {text!r}")
+    return seconds
 
 
 def _names_from_environ(environ: Mapping[str, str]) -> dict[str, str]:

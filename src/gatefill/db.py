@@ -16,7 +16,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -34,10 +34,13 @@ __all__ = [
     "Capabilities",
     "Database",
     "JSONValue",
+    "PoolerFinding",
     "TextArray",
     "UTCTimestamp",
     "UUIDText",
     "canonical_json",
+    "database_now",
+    "detect_pooler",
     "format_utc",
     "insert_rows",
     "parse_utc",
@@ -190,7 +193,8 @@ class UTCTimestamp(sa.types.TypeDecorator[datetime]):
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What the connected dialect can do; phase code branches on these flags, never on the dialect's name."""
+    """What the connected dialect (and the pooler in front of it) can do; phase code branches on these flags, never
+    on the dialect's name."""
 
     dialect: str
     row_level_security: bool
@@ -200,9 +204,13 @@ class Capabilities:
     copy_from: bool
     #: SQL expression for "now" as stored in a UTCTimestamp column.
     now_sql: str
+    #: A connection keeps its session (settings, prepared statements) from one transaction to the next; False
+    #: behind a transaction-mode pooler, which hands each transaction whichever server connection is free.
+    session_state: bool = True
 
 
 POSTGRES_CAPS = Capabilities("postgresql", True, True, True, True, True, "now()")
+POOLED_POSTGRES_CAPS = replace(POSTGRES_CAPS, session_state=False)
 SQLITE_CAPS = Capabilities("sqlite", False, False, False, False, False, "strftime('%Y-%m-%dT%H:%M:%f000Z','now')")
 
 
@@ -219,6 +227,8 @@ class Database:
         """``statement_timeout`` (seconds, Postgres only) bounds every statement on the engine's connections."""
         self.env = env
         self.display_url = env.display_url
+        #: Statements a raw (pipelined) transaction sends after its BEGIN when the session cannot hold them.
+        self.transaction_settings: tuple[str, ...] = ()
         url = env.url
         self._secret = url.password if isinstance(url.password, str) and url.password else None
         if env.is_sqlite:
@@ -235,16 +245,24 @@ class Database:
             sa.event.listen(self.engine, "connect", _sqlite_on_connect)
             sa.event.listen(self.engine, "begin", _sqlite_on_begin)
         else:
-            self.caps = POSTGRES_CAPS
-            self.engine = sa.create_engine(
-                url,
-                pool_pre_ping=True,
-                pool_size=pool_size,
-                connect_args={"connect_timeout": 5, "application_name": "gatefill"},
-            )
+            self.caps = POSTGRES_CAPS if env.pooler != "transaction" else POOLED_POSTGRES_CAPS
+            connect_args: dict[str, Any] = {"connect_timeout": 5, "application_name": "gatefill"}
+            if not self.caps.session_state:
+                # psycopg prepares a statement (``_pg3_N``) on the fifth use; behind a transaction pooler the next
+                # transaction may run on a server connection that never saw it ("does not exist") or already has
+                # one of that name from another client ("already exists").
+                connect_args["prepare_threshold"] = None
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=pool_size, connect_args=connect_args)
             if statement_timeout is not None:
                 milliseconds = max(1, round(statement_timeout * 1000))
-                sa.event.listen(self.engine, "connect", partial(_pg_bound_statements, milliseconds))
+                if self.caps.session_state:
+                    sa.event.listen(self.engine, "connect", partial(_pg_bound_statements, milliseconds))
+                else:
+                    self.transaction_settings = (f"SET LOCAL statement_timeout = {int(milliseconds)}",)
+                    # A session SET would stay on the pooled server connection for the next client: each
+                    # transaction sets it for itself instead (one more statement, no more round trips for the
+                    # pipelined paths, which send it with their BEGIN).
+                    sa.event.listen(self.engine, "begin", partial(_pg_local_settings, self.transaction_settings))
 
     def scrub(self, text: str) -> str:
         """The text with the database password (if any) masked."""
@@ -339,9 +357,91 @@ def _pg_bound_statements(milliseconds: int, dbapi_conn: Any, _record: object) ->
     dbapi_conn.commit()
 
 
+def _pg_local_settings(statements: Sequence[str], conn: Connection) -> None:
+    """The same bound as ``_pg_bound_statements`` for one transaction: behind a transaction pooler the session is
+    not ours, so nothing may outlive the transaction."""
+    for statement in statements:
+        conn.exec_driver_sql(statement)
+
+
 def _sqlite_on_begin(conn: Connection) -> None:
     mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
     conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+@dataclass(frozen=True)
+class PoolerFinding:
+    """What ``detect_pooler`` saw between gatefill and the server, against the environment's ``pooler`` setting."""
+
+    configured: str
+    #: "transaction" (transactions move between server connections), "proxy" (the server listens on another port
+    #: than the URL names: a session pooler or a plain proxy), "direct", or "n/a" (SQLite).
+    detected: str
+    evidence: str
+
+    @property
+    def mismatch(self) -> bool:
+        """The setting promises a session that the connection does not keep: commands would break."""
+        return self.detected == "transaction" and self.configured != "transaction"
+
+    def describe(self) -> str:
+        if self.mismatch:
+            return (
+                f"MISMATCH: pooler = {self.configured!r} but {self.evidence}: a transaction-mode pooler; "
+                'set pooler = "transaction" for this environment'
+            )
+        if self.detected == "n/a":
+            return self.evidence
+        advice = {
+            "transaction": "pooler = 'transaction' fits",
+            "proxy": "fine for pooler = 'none' or 'session' (a session pooler keeps the session)",
+            "direct": "pooler = 'none' fits"
+            + (
+                "; 'transaction' works too but gives up prepared statements" if self.configured == "transaction" else ""
+            ),
+        }[self.detected]
+        return f"{self.evidence} ({advice}; configured: {self.configured!r})"
+
+
+def detect_pooler(db: Database, rounds: int = 3) -> PoolerFinding:
+    """Read-only: which server connection (backend pid) runs each of ``rounds`` short transactions on two connections
+    held open side by side. A direct connection, or a session pooler, keeps one backend per connection, never shared;
+    a transaction pooler moves transactions between backends, and hands one backend to both connections in turn."""
+    configured = db.env.pooler
+    if db.caps.dialect != "postgresql":
+        return PoolerFinding(configured, "n/a", "SQLite file: no server connection, no pooler")
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    port: int | None = None
+    with db.translate_errors(), db.engine.connect() as a, db.engine.connect() as b:
+        for _ in range(rounds):
+            for name, conn in (("a", a), ("b", b)):
+                with conn.begin():
+                    pid, port = conn.execute(sa.text("SELECT pg_backend_pid(), inet_server_port()")).one()
+                seen[name].append(int(pid))
+    shared = set(seen["a"]) & set(seen["b"])
+    moved = [name for name, pids in seen.items() if len(set(pids)) > 1]
+    if shared:
+        pids = ", ".join(str(p) for p in sorted(shared))
+        what = f"two connections open side by side both ran transactions on server backend {pids}"
+        return PoolerFinding(configured, "transaction", what)
+    if moved:
+        pids = ", ".join(str(p) for p in dict.fromkeys(seen[moved[0]]))
+        what = f"one connection's {rounds} transactions ran on server backends {pids}"
+        return PoolerFinding(configured, "transaction", what)
+    url_port = db.env.url.port or 5432
+    if port is not None and int(port) != url_port:
+        what = f"the server listens on port {port}, the URL names {url_port}, each connection kept its backend"
+        return PoolerFinding(configured, "proxy", what)
+    return PoolerFinding(configured, "direct", f"each connection kept its own backend over {rounds} transactions")
+
+
+def database_now(conn: Connection) -> datetime:
+    """The database server's clock now (aware UTC): the one clock every process sharing the database agrees on,
+    which is what lease expiry is judged by."""
+    if conn.dialect.name == "postgresql":
+        value: datetime = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
+        return value.astimezone(UTC)
+    return parse_utc(conn.execute(sa.text("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')")).scalar_one())
 
 
 def insert_rows(conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:

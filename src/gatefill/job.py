@@ -16,7 +16,17 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-__all__ = ["BatchOutcome", "Candidate", "ChangeSink", "Check", "Job", "RowChange", "SessionOutcome", "WrittenTable"]
+__all__ = [
+    "BatchOutcome",
+    "Candidate",
+    "ChangeSink",
+    "Check",
+    "Fence",
+    "Job",
+    "RowChange",
+    "SessionOutcome",
+    "WrittenTable",
+]
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,10 @@ class RowChange:
 
 #: Where a job reports the changes it has written (apply: the ledger, in the batch's transaction).
 ChangeSink = Callable[[Sequence[RowChange]], None]
+
+#: Called first in every transaction that commits a batch: proves this process still holds the run's lease (raises
+#: ``ledger.LeaseLost`` otherwise) and keeps it held until the transaction ends.
+Fence = Callable[[Connection], None]
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The run ledger: runs and their state machine, plans, batches, per-session results, row changes with before-images,
-approvals, soak measurements and baselines, and run locks, stored in ``gatefill_*`` tables of the target database.
+approvals, soak measurements and baselines, and run leases, stored in ``gatefill_*`` tables of the target database.
 
 The ledger lives next to the data on purpose: a batch's data writes and its ledger rows commit in one transaction, so
 after a crash the ledger says exactly which batches happened (principle 2), and rollback can restore exactly the rows
@@ -15,14 +15,14 @@ import socket
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from gatefill.db import Database, JSONValue, UTCTimestamp, insert_rows
+from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, insert_rows
 from gatefill.errors import GatefillError, UsageError
 from gatefill.job import RowChange
 
@@ -31,18 +31,24 @@ __all__ = [
     "TRANSITIONS",
     "Approval",
     "IllegalTransition",
+    "Lease",
+    "LeaseHolder",
+    "LeaseLost",
     "Run",
     "RunLocked",
     "RunNotFound",
     "RunStatus",
-    "acquire_lock",
     "create_run",
+    "fence_lease",
+    "get_lease",
     "get_run",
     "init_ledger",
     "new_run_id",
     "record_approval",
-    "release_lock",
+    "release_lease",
+    "renew_lease",
     "row_key",
+    "take_lease",
     "transition",
 ]
 
@@ -121,14 +127,17 @@ class IllegalTransition(GatefillError):
 
 
 class RunLocked(GatefillError):
-    """Another process holds the run (or the environment); a second apply must not interleave with it."""
+    """Another process holds the run's lease; a second apply (rollback, soak) must not interleave with it."""
 
     exit_code = 4
 
     def __init__(self, name: str, holder: str) -> None:
         self.name = name
         self.holder = holder
-        super().__init__(f"{name} is active elsewhere ({holder}); wait for it or stop it first")
+        super().__init__(
+            f"{name} is active elsewhere ({holder}); wait for it or stop it first (if that process is gone, its "
+            "lease expires by itself and the next attempt takes over)"
+        )
 
 
 runs = sa.Table(
@@ -248,12 +257,20 @@ soak_baselines = sa.Table(
     sa.Column("query", sa.Text()),
 )
 
-locks = sa.Table(
-    "gatefill_locks",
+# A run's lease: which process works on the run now (apply, rollback or soak). Taken and renewed in short
+# transactions of their own, so it holds through a transaction-mode pooler (a session advisory lock does not), and it
+# expires by the database's clock when its holder stops renewing it (a kill -9, a lost host).
+leases = sa.Table(
+    "gatefill_leases",
     LEDGER_METADATA,
     sa.Column("name", sa.Text(), primary_key=True),
-    sa.Column("holder", sa.Text(), nullable=False),
+    sa.Column("holder_id", sa.Text(), nullable=False),
+    sa.Column("host", sa.Text(), nullable=False),
+    sa.Column("pid", sa.Integer(), nullable=False),
+    sa.Column("command", sa.Text(), nullable=False),
     sa.Column("acquired_at", UTCTimestamp(), nullable=False),
+    sa.Column("heartbeat_at", UTCTimestamp(), nullable=False),
+    sa.Column("expires_at", UTCTimestamp(), nullable=False),
 )
 
 LEDGER_TABLES: tuple[str, ...] = tuple(LEDGER_METADATA.tables)
@@ -465,44 +482,124 @@ def approvals_for(conn: Connection, run_id: str, gate: str | None = None) -> lis
     return [Approval(r.run_id, r.gate, r.kind, r.approved_by, r.note, r.plan_hash, r.at) for r in conn.execute(query)]
 
 
-def lock_holder() -> str:
-    """Who this process is, for lock rows and messages: host and pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+@dataclass(frozen=True)
+class LeaseHolder:
+    """A process that holds (or wants) a lease: a fresh id per acquisition, plus host, pid and command for people."""
+
+    id: str
+    host: str
+    pid: int
+    command: str
+
+    @classmethod
+    def this_process(cls, command: str) -> LeaseHolder:
+        return cls(uuid.uuid4().hex, socket.gethostname(), os.getpid(), command)
+
+    def describe(self) -> str:
+        return f"{self.command} by {self.host}:{self.pid} (holder {self.id[:8]})"
 
 
-def acquire_lock(conn: Connection, name: str, *, now: datetime, holder: str | None = None) -> None:
-    """Takes the named lock row in the caller's transaction; ``RunLocked`` if another live holder has it.
+@dataclass(frozen=True)
+class Lease:
+    """A lease row as read at ``read_at`` (the database's clock, which is the one expiry is judged by)."""
 
-    The row commits with the caller's transaction, so callers take it in a short transaction of its own and release
-    it with ``release_lock`` when done. A holder on this host whose process no longer exists is considered dead and
-    its lock is taken over (crash recovery); holders on other hosts are never presumed dead.
-    """
-    me = holder or lock_holder()
-    row = conn.execute(sa.select(locks).where(locks.c.name == name)).first()
-    if row is not None and row.holder != me and _holder_alive(row.holder):
-        raise RunLocked(name, row.holder)
-    if row is None:
-        conn.execute(locks.insert().values(name=name, holder=me, acquired_at=now))
-    else:
-        conn.execute(locks.update().where(locks.c.name == name).values(holder=me, acquired_at=now))
+    name: str
+    holder: LeaseHolder
+    acquired_at: datetime
+    heartbeat_at: datetime
+    expires_at: datetime
+    read_at: datetime
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at <= self.read_at
+
+    def describe(self) -> str:
+        """``apply by host:123 (holder 3f9a01bc), last heartbeat 4 s ago, expires in 56 s`` (or ``expired 3 s ago``)."""
+        beat = (self.read_at - self.heartbeat_at).total_seconds()
+        left = (self.expires_at - self.read_at).total_seconds()
+        state = f"expired {-left:.0f} s ago" if left <= 0 else f"expires in {left:.0f} s"
+        return f"{self.holder.describe()}, last heartbeat {beat:.0f} s ago, {state}"
 
 
-def release_lock(conn: Connection, name: str, *, holder: str | None = None) -> None:
-    """Drops the named lock if this process holds it."""
-    conn.execute(locks.delete().where(locks.c.name == name, locks.c.holder == (holder or lock_holder())))
+class LeaseLost(GatefillError):
+    """This process no longer holds the run's lease (it expired and another process took it): it must stop."""
+
+    exit_code = 4
+
+    def __init__(self, name: str, now_held_by: str) -> None:
+        self.name = name
+        self.now_held_by = now_held_by
+        super().__init__(f"lost the lease on {name} (now: {now_held_by}); stopped before writing anything more")
 
 
-def _holder_alive(holder: str) -> bool:
-    host, _, pid_text = holder.rpartition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True
+def _lease_from_row(row: sa.Row[Any], read_at: datetime) -> Lease:
+    holder = LeaseHolder(row.holder_id, row.host, row.pid, row.command)
+    return Lease(row.name, holder, row.acquired_at, row.heartbeat_at, row.expires_at, read_at)
+
+
+def get_lease(conn: Connection, name: str) -> Lease | None:
+    """The lease called ``name`` as it stands (expired or not), or None when nobody holds it."""
+    now = database_now(conn)
+    row = conn.execute(sa.select(leases).where(leases.c.name == name)).first()
+    return _lease_from_row(row, now) if row is not None else None
+
+
+def take_lease(conn: Connection, name: str, holder: LeaseHolder, ttl: float) -> tuple[Lease, Lease | None]:
+    """Takes the lease in the caller's (short) transaction: ``RunLocked`` (exit 4, naming the holder) while another
+    holder's lease is unexpired. Returns the lease and the expired one it replaced, if any."""
+    now = database_now(conn)
+    row = conn.execute(sa.select(leases).where(leases.c.name == name).with_for_update()).first()
+    expires = now + timedelta(seconds=ttl)
+    taken = Lease(name, holder, now, now, expires, now)
+    values = {
+        "holder_id": holder.id,
+        "host": holder.host,
+        "pid": holder.pid,
+        "command": holder.command,
+        "acquired_at": now,
+        "heartbeat_at": now,
+        "expires_at": expires,
+    }
+    if row is not None:
+        current = _lease_from_row(row, now)
+        if current.holder.id != holder.id and not current.expired:
+            raise RunLocked(name, current.describe())
+        conn.execute(leases.update().where(leases.c.name == name).values(**values))
+        return taken, current if current.holder.id != holder.id else None
     try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with conn.begin_nested():
+            conn.execute(leases.insert().values(name=name, **values))
+    except sa.exc.IntegrityError:
+        # Another process inserted it between our read and our insert (Postgres; SQLite's writers queue instead).
+        winner = get_lease(conn, name)
+        raise RunLocked(name, winner.describe() if winner else "another process") from None
+    return taken, None
+
+
+def renew_lease(conn: Connection, name: str, holder: LeaseHolder, ttl: float) -> bool:
+    """Extends this holder's lease by ``ttl`` from now; False if it is no longer this holder's."""
+    now = database_now(conn)
+    result = conn.execute(
+        leases.update()
+        .where(leases.c.name == name, leases.c.holder_id == holder.id)
+        .values(heartbeat_at=now, expires_at=now + timedelta(seconds=ttl))
+    )
+    return result.rowcount == 1
+
+
+def fence_lease(conn: Connection, name: str, holder: LeaseHolder, ttl: float) -> None:
+    """Inside a writing transaction: proves this holder still holds the lease (``LeaseLost`` otherwise) and keeps it
+    until the transaction ends, so nobody can take it over between the proof and the commit (the renewal's row lock,
+    or SQLite's write lock)."""
+    if not renew_lease(conn, name, holder, ttl):
+        current = get_lease(conn, name)
+        raise LeaseLost(name, current.describe() if current is not None else "nobody")
+
+
+def release_lease(conn: Connection, name: str, holder: LeaseHolder) -> None:
+    """Drops the lease if this holder still has it."""
+    conn.execute(leases.delete().where(leases.c.name == name, leases.c.holder_id == holder.id))
 
 
 def session_results_for(conn: Connection, run_id: str) -> dict[str, str]:

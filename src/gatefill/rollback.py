@@ -50,7 +50,8 @@ from gatefill import ledger
 from gatefill.config import Environment
 from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText, dumps_json, format_utc, parse_utc
 from gatefill.errors import DataError, GatefillError
-from gatefill.job import Check, WrittenTable
+from gatefill.job import Check, Fence, WrittenTable
+from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 
 __all__ = [
@@ -737,6 +738,7 @@ def rollback_run(
     force: bool = False,
     metadata: sa.MetaData | None = None,
     page_size: int = PAGE_SIZE,
+    fence: Fence | None = None,
 ) -> RollbackResult:
     """Undoes a run by primary key in one transaction, verifies it before commit and writes ``rollback_report.md``.
 
@@ -745,6 +747,7 @@ def rollback_run(
     report is written); with it, the before-images are restored over them. A run whose status cannot move to
     ``rolled_back`` (e.g. already rolled back, or still running) raises ``IllegalTransition`` before any write.
     The ledger is read ``page_size`` changes at a time, in four passes: conflicts, deletes, restores, verification.
+    ``fence`` (the run's lease, held by ``rollback_command``) is proven first in the transaction.
     """
     defs = _definitions(tables, metadata)
     refused = committed = False
@@ -753,6 +756,8 @@ def rollback_run(
     with db.translate_errors(), db.engine.connect() as conn:
         trans = conn.begin()
         try:
+            if fence is not None:
+                fence(conn)
             plan, pages = _plan(conn, run_id, defs, lock=True, page_size=page_size)
             counts = {t.table: t for t in plan.tables}
             if not dry_run and not plan.allowed:
@@ -1191,9 +1196,11 @@ def _script_head(
     if pg:
         out += [
             "\\set ON_ERROR_STOP on",
-            "SET client_encoding = 'UTF8';",
-            "SET standard_conforming_strings = on;",
+            # LOCAL, like the ON COMMIT DROP table: nothing outlives the transaction, so the script is as safe to run
+            # through a transaction-mode pooler (whose sessions other clients share) as on a direct connection.
             "BEGIN;",
+            "SET LOCAL client_encoding = 'UTF8';",
+            "SET LOCAL standard_conforming_strings = on;",
             "CREATE TEMP TABLE gatefill_rollback_check (what text NOT NULL, ok boolean NOT NULL CHECK (ok))"
             " ON COMMIT DROP;",
         ]
@@ -1341,15 +1348,19 @@ def rollback_command(
             if not sa.inspect(conn).has_table(ledger.runs.name):
                 raise ledger.RunNotFound(run_id, f"{db.display_url} (it has no run ledger)")
             run = ledger.get_run(conn, run_id, where=db.display_url)
-        return rollback_run(
-            db,
-            run_id,
-            _job_tables(run.job),
-            now=now or datetime.now(UTC),
-            artifacts_dir=artifacts_dir,
-            dry_run=dry_run,
-            force=force,
-        )
+        tables = _job_tables(run.job)
+        # The run's lease: a rollback never interleaves with an apply (or another rollback) of the same run.
+        with RunLease(db, run_id, "rollback") as lease:
+            return rollback_run(
+                db,
+                run_id,
+                tables,
+                now=now or datetime.now(UTC),
+                artifacts_dir=artifacts_dir,
+                dry_run=dry_run,
+                force=force,
+                fence=lease.fence,
+            )
 
 
 def _job_tables(job: str) -> Sequence[WrittenTable]:

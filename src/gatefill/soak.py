@@ -33,8 +33,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -46,9 +45,10 @@ from gatefill import ledger, stats
 from gatefill.clock import Clock, SimulatedClock, utc
 from gatefill.config import Environment
 from gatefill.db import Database, format_utc
-from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
+from gatefill.errors import GatefillError, UsageError
 from gatefill.interrupt import stop_on_sigint
-from gatefill.job import Check
+from gatefill.job import Check, Fence
+from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 from gatefill.reports import render, write_json, write_text
 
@@ -461,20 +461,6 @@ def _open_run(
         return run, options
 
 
-@contextmanager
-def _soak_lock(db: Database, run_id: str, clock: Clock) -> Iterator[None]:
-    """One process measures a soak at a time (a lock row whose holder's liveness is checked; see ledger)."""
-    name = f"soak:{run_id}"
-    with db.begin() as conn:
-        ledger.acquire_lock(conn, name, now=clock.now())
-    try:
-        yield
-    finally:
-        # An unreachable database leaves a row naming a dead process, which the next soak takes over.
-        with contextlib.suppress(DatabaseUnreachable), db.begin() as conn:
-            ledger.release_lock(conn, name)
-
-
 def _wait_until(clock: Clock, when: datetime, stop: threading.Event) -> bool:
     """Waits on ``clock`` until ``when`` in steps of at most a second; False if ``stop`` was set meanwhile."""
     while True:
@@ -553,8 +539,9 @@ def _store_baseline(db: Database, run_id: str, baseline: Baseline) -> None:
         )
 
 
-def _store(db: Database, run_id: str, measurement: Measurement) -> None:
+def _store(db: Database, run_id: str, measurement: Measurement, fence: Fence) -> None:
     with db.begin() as conn:
+        fence(conn)
         conn.execute(
             ledger.measurements.insert().values(
                 run_id=run_id,
@@ -621,7 +608,8 @@ def run_soak(
     observe = set(options.observe)
     simulated = isinstance(clock, SimulatedClock)
     interrupted = False
-    with _soak_lock(db, run.id, clock), stop_on_sigint(stop):
+    # One process measures a soak at a time: the run's lease (see gatefill.lease), which each stored look fences with.
+    with RunLease(db, run.id, "soak") as lease, stop_on_sigint(stop):
         with db.connect() as conn:
             done = load_measurements(conn, run.id)
         resumed_at = done[-1].seq + 1 if done else None
@@ -671,9 +659,10 @@ def run_soak(
                     baseline=baseline,
                     previous=previous,
                 )
+                lease.check()
                 measured = [replace(c, gating=False) if c.name in observe else c for c in checks.measure(db, look)]
                 measurement = Measurement(number, window_start, end, look.taken_at, _look_verdict(measured), measured)
-                _store(db, run.id, measurement)
+                _store(db, run.id, measurement, lease.fence)
                 previous = {c.name: c.evidence for c in measured}
                 if on_look is not None:
                     on_look(measurement)

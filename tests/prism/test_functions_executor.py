@@ -113,6 +113,11 @@ class Seeded:
                 drop_pg_database(name)
 
 
+def unleased(conn: sa.Connection) -> None:
+    """The fence for batches these tests drive directly, without apply's run lease (no other process competes for
+    the run here); the tests that go through ``apply_plan`` get the real lease's fence."""
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     s = Seeded(request.param, tmp_path_factory.mktemp(f"fx-{request.param}"))
@@ -357,7 +362,7 @@ def test_interrupted_between_calls_and_commit_then_recovered(
                 return real_call(function, body_, request_id)
 
             monkeypatch.setattr(fresh, "_call", counting)
-            recovered = fresh.recover(db, PrismJob(), run_id, clock=SimulatedClock(START))
+            recovered = fresh.recover(db, PrismJob(), run_id, clock=SimulatedClock(START), fence=unleased)
             assert [r.batch_no for r in recovered] == [2]
             assert calls == []
             assert recovered[0].log["recovered"] is True
@@ -415,7 +420,7 @@ def test_retries_backoff_final_4xx_and_a_failing_session_in_a_batch(seeded: Seed
         keys = [c["key"] for c in body["candidates"] if c["category"] == "profile+fc"][:4]
         with executor(url, sleeps, retries=2, backoff_base=0.5, backoff_max=3.0) as ex:
             sessions, log = ex.commit_batch(
-                db, PrismJob(), str(body["run_id"]), 1, candidates(body, keys), SimulatedClock(START), False
+                db, PrismJob(), str(body["run_id"]), 1, candidates(body, keys), SimulatedClock(START), False, unleased
             )
         results = {s.key: s for s in sessions}
         assert [results[k].result for k in keys] == ["written", "failed", "written", "failed"]
@@ -458,16 +463,18 @@ def test_unreachable_server_stops_the_batch_and_recovery_finishes_it(seeded: See
         run_id = str(body["run_id"])
         keys = [c["key"] for c in body["candidates"] if c["category"] == "profile+fc"][:2]
         with executor(dead, sleeps, retries=2) as ex, pytest.raises(FunctionsUnavailable) as stopped:
-            ex.commit_batch(db, PrismJob(), run_id, 1, candidates(body, keys), SimulatedClock(START), False)
+            ex.commit_batch(db, PrismJob(), run_id, 1, candidates(body, keys), SimulatedClock(START), False, unleased)
         assert "after 3 attempt(s)" in str(stopped.value) and SERVICE_KEY not in str(stopped.value)
         assert len(sleeps) == 2
         with db.connect() as conn:
             assert pending_batches(conn, run_id) == [1]
         # A different batch may not start while calls of another one are unaccounted for.
         with executor(dead) as ex, pytest.raises(DataError, match="recover them before batch 2"):
-            ex.commit_batch(db, PrismJob(), run_id, 2, candidates(body, keys[:1]), SimulatedClock(START), False)
+            ex.commit_batch(
+                db, PrismJob(), run_id, 2, candidates(body, keys[:1]), SimulatedClock(START), False, unleased
+            )
         with functions_server(env) as url, executor(url) as ex:
-            recovered = ex.recover(db, PrismJob(), run_id, clock=SimulatedClock(START))
+            recovered = ex.recover(db, PrismJob(), run_id, clock=SimulatedClock(START), fence=unleased)
         assert [(r.batch_no, [s.result for s in r.sessions]) for r in recovered] == [(1, ["written", "written"])]
         with db.connect() as conn:
             assert pending_batches(conn, run_id) == []
@@ -508,7 +515,9 @@ def test_live_writers_racing_the_calls_are_left_alone(
 
         monkeypatch.setattr(ex, "_call_session", call_session)
         monkeypatch.setattr(ex, "_call", call)
-        sessions, _ = ex.commit_batch(db, PrismJob(), run_id, 1, candidates(body, keys), SimulatedClock(START), False)
+        sessions, _ = ex.commit_batch(
+            db, PrismJob(), run_id, 1, candidates(body, keys), SimulatedClock(START), False, unleased
+        )
         results = {s.key: s for s in sessions}
         assert results[before_calls].result == "already_present"
         assert not [op for op in results[before_calls].operations if "call" in op]  # never called over

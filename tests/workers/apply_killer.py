@@ -27,6 +27,8 @@ from gatefill.db import Database
 from gatefill.job import BatchOutcome, Candidate, ChangeSink
 from gatefill.prism.job import PrismJob
 
+LEASE_TTL = 1.0
+
 
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
@@ -61,7 +63,8 @@ class KillingJob(PrismJob):
 def main(argv: list[str]) -> None:
     url, plan_path, artifacts, point = argv
     body = json.loads(Path(plan_path).read_text())
-    env = Environment(name=body["environment"]["name"], kind="staging", database_url=url)
+    # A short lease: the test waits for it to expire before it resumes the run (a takeover, as after a real crash).
+    env = Environment(name=body["environment"]["name"], kind="staging", database_url=url, lease_ttl=LEASE_TTL)
     kind, *nums = point.split(":")
     job: PrismJob = PrismJob()
     before_batch = None

@@ -57,7 +57,7 @@ from gatefill.clock import Clock
 from gatefill.config import Environment
 from gatefill.db import Database, JSONValue, UTCTimestamp, format_utc, parse_utc
 from gatefill.errors import ConfigError, DataError, ExecutorUnavailable
-from gatefill.job import Candidate, Job, RowChange, SessionOutcome
+from gatefill.job import Candidate, Fence, Job, RowChange, SessionOutcome
 from gatefill.prism import scoring
 from gatefill.prism.schema import assessment_sessions, fc_scores, fn_logs, profiles
 
@@ -391,8 +391,10 @@ class FunctionsExecutor:
         batch: Sequence[Candidate],
         clock: Clock,
         retrying: bool,
+        fence: Fence,
     ) -> tuple[list[SessionOutcome], dict[str, Any]]:
-        """Runs one batch (intent, calls, commit) and returns its session outcomes and batch log.
+        """Runs one batch (intent, calls, commit) and returns its session outcomes and batch log; the intents' and the
+        commit's transactions are fenced with the run's lease.
 
         If the same batch already has intents (apply retrying it after a lost connection), it is finished instead of
         started again. Intents of any other batch of the run must be recovered first (``DataError`` otherwise).
@@ -404,17 +406,17 @@ class FunctionsExecutor:
             leftover = _load_intents(conn, run_id)
         if leftover:
             if {i.batch_no for i in leftover} == {batch_no} and {i.session_id for i in leftover} == set(keys):
-                return self._finish(db, run_id, batch_no, leftover, clock, fc_version, resumed=True)
+                return self._finish(db, run_id, batch_no, leftover, clock, fc_version, fence, resumed=True)
             raise DataError(
                 f"run {run_id} has unfinished functions batch(es) "
                 f"{sorted({i.batch_no for i in leftover})}: recover them before batch {batch_no}"
             )
         if not batch:
             raise DataError(f"batch {batch_no} of run {run_id} is empty")
-        recorded = self._record_intents(db, run_id, batch_no, batch, clock.now(), retrying, fc_version)
-        return self._finish(db, run_id, batch_no, recorded, clock, fc_version, resumed=False)
+        recorded = self._record_intents(db, run_id, batch_no, batch, clock.now(), retrying, fc_version, fence)
+        return self._finish(db, run_id, batch_no, recorded, clock, fc_version, fence, resumed=False)
 
-    def recover(self, db: Database, job: Job, run_id: str, *, clock: Clock) -> list[RecoveredBatch]:
+    def recover(self, db: Database, job: Job, run_id: str, *, clock: Clock, fence: Fence) -> list[RecoveredBatch]:
         """Finishes every batch of ``run_id`` left with intents, oldest first: calls whose rows are missing are made
         again, everything is read back and attributed, and each batch commits with its ledger rows (as step 3).
 
@@ -430,7 +432,9 @@ class FunctionsExecutor:
             by_batch.setdefault(intent.batch_no, []).append(intent)
         out: list[RecoveredBatch] = []
         for batch_no in sorted(by_batch):
-            sessions, log = self._finish(db, run_id, batch_no, by_batch[batch_no], clock, fc_version, resumed=True)
+            sessions, log = self._finish(
+                db, run_id, batch_no, by_batch[batch_no], clock, fc_version, fence, resumed=True
+            )
             out.append(RecoveredBatch(batch_no, sessions, log))
         return out
 
@@ -451,10 +455,12 @@ class FunctionsExecutor:
         started: datetime,
         retrying: bool,
         fc_version: str,
+        fence: Fence,
     ) -> list[_Intent]:
         """Step 1: before-images, request ids and the fn_logs watermark of every session, committed before any call."""
         ids = [c.key for c in batch]
         with db.begin() as conn:
+            fence(conn)
             existing = set(
                 conn.execute(sa.select(assessment_sessions.c.id).where(assessment_sessions.c.id.in_(ids))).scalars()
             )
@@ -506,6 +512,7 @@ class FunctionsExecutor:
         batch_intents: Sequence[_Intent],
         clock: Clock,
         fc_version: str,
+        fence: Fence,
         *,
         resumed: bool,
     ) -> tuple[list[SessionOutcome], dict[str, Any]]:
@@ -518,7 +525,7 @@ class FunctionsExecutor:
             t0 = time.perf_counter()
             calls[intent.session_id] = self._call_session(db, intent, seen[intent.session_id], fc_version)
             seconds[intent.session_id] = time.perf_counter() - t0
-        return self._record(db, run_id, batch_no, batch_intents, calls, seconds, clock, fc_version, resumed)
+        return self._record(db, run_id, batch_no, batch_intents, calls, seconds, clock, fc_version, fence, resumed)
 
     def _call_session(self, db: Database, intent: _Intent, seen: _Seen, fc_version: str) -> list[CallResult]:
         """Step 2 for one session: the calls it still needs, each made only if its row is still missing right before."""
@@ -573,11 +580,13 @@ class FunctionsExecutor:
         seconds: Mapping[str, float],
         clock: Clock,
         fc_version: str,
+        fence: Fence,
         resumed: bool,
     ) -> tuple[list[SessionOutcome], dict[str, Any]]:
         """Step 3: reads every row back, attributes it, and commits changes, results and the batch row in one go."""
         started = batch_intents[0].batch_started_at
         with db.begin() as conn:
+            fence(conn)
             still = set(
                 conn.execute(
                     sa.select(intents.c.session_id)

@@ -655,7 +655,11 @@ class PrismService:
         self.clock = clock
         self._reference = _ReferenceCache(reference_ttl)
         # Postgres: scoring calls run on parked psycopg connections (service_pg), not through the pool each time.
-        self._parked = service_pg.ParkedConnections(db.engine) if db.caps.dialect == "postgresql" else None
+        self._parked = (
+            service_pg.ParkedConnections(db.engine, db.transaction_settings)
+            if db.caps.dialect == "postgresql"
+            else None
+        )
 
     def close(self) -> None:
         """Returns the connections this service keeps to the pool (before the database is disposed)."""

@@ -213,9 +213,11 @@ class PgConnection:
     ``rollback`` still cleans up after a failed call.
     """
 
-    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+    def __init__(self, raw: psycopg.Connection[Any], settings: Sequence[str] = ()) -> None:
         self.raw = raw
         self.pgconn = raw.pgconn
+        #: Sent after each BEGIN (``SET LOCAL ...``) when the session cannot keep them (a transaction pooler).
+        self.settings = tuple(PgStatement(text.encode("utf-8"), ()) for text in settings)
         # Dumps parameters and loads rows exactly as this connection's cursors would (its adapters, its encoding).
         self.adapt = Transformer(raw)
         self.prepare = raw.prepare_threshold is not None
@@ -433,8 +435,10 @@ def _open(conn: PgConnection) -> bool:
 class ParkedConnections:
     """The engine's pool connections the fast path keeps checked out between calls, one call at a time each."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, settings: Sequence[str] = ()) -> None:
+        """``settings``: statements each transaction sends after its BEGIN (``Database.transaction_settings``)."""
         self.engine = engine
+        self.settings = tuple(settings)
         self._idle: list[Parked] = []
         self._lock = threading.Lock()
 
@@ -459,7 +463,7 @@ class ParkedConnections:
         if not isinstance(raw, psycopg.Connection):
             pooled.close()
             raise TypeError("the pipelined path needs a psycopg connection")
-        return pooled, PgConnection(raw)
+        return pooled, PgConnection(raw, self.settings)
 
     def give_back(self, parked: Parked) -> None:
         """Parks a healthy idle connection for the next call; invalidates one that broke or is still in a
@@ -547,9 +551,10 @@ def _begin(raw: psycopg.Connection[Any]) -> PgStatement:
 
 
 def read_batch(conn: PgConnection, session_id: str, *, with_fc_responses: bool) -> Batch:
-    """BEGIN, the session row's lock and the query for every input of a scoring call (``read_results`` reads them).
+    """BEGIN (and the connection's per-transaction settings), the session row's lock and the query for every input
+    of a scoring call (``read_results`` reads the last two).
 
-    A failure names the lock (index 0 or 1: BEGIN went with it) or the inputs (2).
+    A failure names the inputs (the last statement) or, at any lower index, the lock (BEGIN went with it).
     """
     params = {
         "id": session_id,
@@ -557,12 +562,17 @@ def read_batch(conn: PgConnection, session_id: str, *, with_fc_responses: bool) 
         "kind": scoring.FC_KIND,
         "with_fc": with_fc_responses,
     }
-    return [(_begin(conn.raw), ()), (_LOCK, _LOCK.values(params)), (_INPUTS, _INPUTS.values(params))]
+    return [
+        (_begin(conn.raw), ()),
+        *((setting, ()) for setting in conn.settings),
+        (_LOCK, _LOCK.values(params)),
+        (_INPUTS, _INPUTS.values(params)),
+    ]
 
 
 def read_results(conn: PgConnection, session_id: str, results: Sequence[pq.abc.PGresult]) -> PgReads:
     """What ``read_batch``'s statements returned."""
-    _, lock, inputs = results
+    lock, inputs = results[-2], results[-1]
     locked_row = conn.row(lock)
     row = conn.row(inputs)
     assert row is not None
@@ -585,12 +595,13 @@ def read_results(conn: PgConnection, session_id: str, results: Sequence[pq.abc.P
 def read_call(conn: PgConnection, session_id: str, *, with_fc_responses: bool) -> PgReads:
     """BEGIN, lock the session row and read every input of a scoring call: one round trip.
 
-    Raises ``PipelineStepFailed`` (index 0: BEGIN or the lock, 1: the inputs).
+    Raises ``PipelineStepFailed`` (index 0: BEGIN, a setting or the lock, 1: the inputs).
     """
+    batch = read_batch(conn, session_id, with_fc_responses=with_fc_responses)
     try:
-        results = conn.run(read_batch(conn, session_id, with_fc_responses=with_fc_responses))
+        results = conn.run(batch)
     except PipelineStepFailed as exc:
-        exc.index = max(0, exc.index - 1)
+        exc.index = 1 if exc.index >= len(batch) - 1 else 0
         raise
     return read_results(conn, session_id, results)
 
