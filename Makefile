@@ -4,7 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck pytest bench clean
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint typecheck pytest bench clean pgbouncer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +24,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/gatefill demo
 
-test: $(VENV)/.installed-test lint typecheck pytest
+test: $(VENV)/.installed-test pgbouncer lint typecheck pytest
+
+# The pooled half of the suite runs through PgBouncer (Debian's package), which the tests start themselves.
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer || { \
+	  echo "installing pgbouncer (Debian package) for the pooled tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
@@ -31,7 +40,7 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed-test
+pytest: $(VENV)/.installed-test pgbouncer
 	$(BIN)/pytest -n 2 -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test

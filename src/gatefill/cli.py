@@ -414,6 +414,7 @@ def status_command(
     env: Annotated[str | None, typer.Option("--env", help="Environment (default: all).")] = None,
 ) -> None:
     """Show a run's progress and results, or the recent runs of each environment."""
+    from gatefill.lease import describe_lease
     from gatefill.runs import recent_runs, run_progress
 
     settings = _settings()
@@ -425,6 +426,8 @@ def status_command(
         return
     p = run_progress(settings, run_id, env)
     out.print(f"run {p.run.id} ({p.run.phase}) on {p.environment.name}: [bold]{p.run.status.value}[/]")
+    if p.lease is not None or p.run.status.value == "running":
+        out.print(f"  lease: {describe_lease(p.lease, p.run.status.value)}", markup=False)
     if p.run.phase == "pipeline":
         summary = p.run.summary or {}
         for step, detail in summary.get("steps", {}).items():

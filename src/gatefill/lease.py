@@ -16,6 +16,8 @@ still holds it, and nobody can take it over between that proof and the commit.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from types import TracebackType
@@ -26,12 +28,36 @@ from gatefill import ledger
 from gatefill.db import Database
 from gatefill.errors import DatabaseError
 
-__all__ = ["RunLease", "lease_name"]
+__all__ = ["RunLease", "describe_lease", "lease_name"]
 
 
 def lease_name(run_id: str) -> str:
     """The one lease of a run: apply, rollback and soak of the same run exclude each other."""
     return f"run:{run_id}"
+
+
+def describe_lease(lease: ledger.Lease | None, run_status: str) -> str:
+    """One line for ``gatefill status``: who holds the run's lease, or that a stale holder is waiting to expire."""
+    if lease is None:
+        if run_status == "running":
+            return "no process holds it: the run was interrupted; `gatefill apply RUN` resumes it"
+        return "free"
+    gone = lease.holder.host == socket.gethostname() and not _pid_alive(lease.holder.pid)
+    hint = f"; pid {lease.holder.pid} is not running on this host" if gone else ""
+    if not lease.expired:
+        then = "; once it expires the next command on this run takes it over" if gone else ""
+        return f"held: {lease.describe()}{hint}{then}"
+    return f"STALE: {lease.describe()}{hint}; the next command on this run takes it over"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunLease:

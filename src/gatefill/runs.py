@@ -18,6 +18,7 @@ from gatefill.clock import Clock, RealClock
 from gatefill.config import Environment, Settings
 from gatefill.db import Database
 from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
+from gatefill.lease import lease_name
 from gatefill.soak import SOAK_PHASE, SoakState, soak_state
 
 __all__ = ["GATES", "RunProgress", "approve", "find_run", "run_progress"]
@@ -82,6 +83,8 @@ class RunProgress:
     approvals: list[ledger.Approval]
     #: A soak run's window, looks, latest verdicts and artifacts; None for other phases.
     soak: SoakState | None = None
+    #: Who holds the run's lease (expired included: a holder that stopped renewing it); None when nobody does.
+    lease: ledger.Lease | None = None
 
     @property
     def done(self) -> int:
@@ -103,7 +106,10 @@ def run_progress(settings: Settings, run_id: str, env_name: str | None = None) -
         ).one()
         approvals = ledger.approvals_for(conn, run.id)
         soak = soak_state(conn, run, settings.artifacts_dir) if run.phase == SOAK_PHASE else None
-    return RunProgress(env, run, total, results, int(batch_row[0]), batch_row[1], approvals, soak)
+        # A ledger written before leases existed has no lease table (status reads, it never creates tables).
+        has_leases = sa.inspect(conn).has_table(ledger.leases.name)
+        lease = ledger.get_lease(conn, lease_name(run.id)) if has_leases else None
+    return RunProgress(env, run, total, results, int(batch_row[0]), batch_row[1], approvals, soak, lease)
 
 
 def recent_runs(settings: Settings, env_name: str | None = None, limit: int = 20) -> list[tuple[str, ledger.Run]]:
