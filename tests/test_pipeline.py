@@ -23,15 +23,16 @@ from gatefill.plan import load_plan_file
 from gatefill.prism.schema import profiles
 from gatefill.prism.soak_checks import run_prism_soak
 from gatefill.soak import SoakOptions
-from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
+from tests.conftest import create_pg_database, drop_pg_database, pg_env, pooled_env, sqlite_env
 
 #: Enough simulated respondents for the soak to conclude, few enough to keep the test short.
 SOAK_SESSIONS = 300
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "pooled"])
 def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
-    """Settings with a fresh ``staging`` and ``production`` database of one dialect, dropped afterwards."""
+    """Settings with a fresh ``staging`` and ``production`` database of one dialect (or both reached through
+    PgBouncer in transaction mode), dropped afterwards."""
     created: list[str] = []
     if request.param == "sqlite":
         staging = sqlite_env(tmp_path / "staging.db", "staging")
@@ -39,8 +40,9 @@ def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
     else:
         template = request.getfixturevalue("pg_template")
         created = [create_pg_database(template), create_pg_database(template)]
-        staging = pg_env(created[0], "staging")
-        production = pg_env(created[1], "production", kind="production")
+        make = pooled_env if request.param == "pooled" else pg_env
+        staging = make(created[0], "staging")
+        production = make(created[1], "production", kind="production")
     try:
         yield Settings(
             path=None,
