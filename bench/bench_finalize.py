@@ -21,6 +21,11 @@ Postgres backends of the scratch database, the load generator, and everything el
 (``other``: other benchmarks, tests, Postgres's own background processes), from /proc. The load average is printed
 at the start and the end: on a shared machine, read latencies with it.
 
+``--pgbouncer`` puts a PgBouncer in transaction mode (round robin, as the tests start it) between the server and
+Postgres, and ``--pooler-url postgresql://USER@HOST:PORT/DB`` names another transaction pooler in front of the same
+server (its database part is replaced); either way the functions server runs with ``pooler = "transaction"`` (no
+prepared statements, ``SET LOCAL`` per transaction), as a Supabase project reached through Supavisor's port 6543.
+
 ``--baseline`` also measures the original pipeline's path, one HTTP call per function per session
 (``score_fc_session`` then ``score_prism``, one client, sequential): the rate the apply phase must beat by 20x.
 The scratch database is dropped at the end.
@@ -49,11 +54,14 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from gatefill.config import Environment
+from gatefill.config import Environment, Pooler
 from gatefill.db import Database
 from gatefill.prism.schema import assessment_responses, assessment_sessions, fc_responses, init_schema
 from gatefill.prism.schema import load_reference_data as load_reference_rows
 from gatefill.prism.simulator import new_respondent
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.pgbouncer starts PgBouncer
+from tests.pgbouncer import start_pgbouncer
 
 GOAL_P95_MS = 50.0
 GOAL_CLIENTS = 20
@@ -86,12 +94,19 @@ def _free_port() -> int:
         return port
 
 
-def _serve(database_url: str, port: int, key: str, workers: int) -> None:
+def _pooled_url(pooler: str, name: str) -> str:
+    """Database ``name`` through the transaction pooler at ``pooler`` (its query kept, its database replaced)."""
+    url, _, query = pooler.replace("postgresql+psycopg://", "postgresql://").partition("?")
+    base = url.rsplit("/", 1)[0]
+    return f"{base}/{name}{'?' + query if query else ''}".replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def _serve(database_url: str, port: int, key: str, workers: int, pooler: Pooler) -> None:
     """The child process: the functions server as ``gatefill serve functions`` runs it."""
     from gatefill.prism.functions_server import serve_functions
 
     os.environ[KEY_ENV] = key
-    env = Environment("bench", "staging", database_url, service_role_key_env=KEY_ENV)
+    env = Environment("bench", "staging", database_url, service_role_key_env=KEY_ENV, pooler=pooler)
     serve_functions(env, host="127.0.0.1", port=port, log_level="warning", workers=workers)
 
 
@@ -406,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", action="store_true", help="also time score_fc_session + score_prism per session")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results as JSON here too")
+    parser.add_argument("--pgbouncer", action="store_true", help="serve through a PgBouncer in transaction mode")
+    parser.add_argument("--pooler-url", help="serve through this transaction pooler in front of the same server")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",") if x.strip()]
 
@@ -418,6 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"command": shlex.join([sys.executable, *sys.argv]), "levels": []}
     results["loadavg_start"] = _loadavg()
     print(f"load average at start: {results['loadavg_start']}")
+    bouncer = start_pgbouncer(_server_url()) if args.pgbouncer else None
+    pooler_url = bouncer.url(_server_url(), "postgres") if bouncer is not None else args.pooler_url
+    results["connection"] = "transaction pooler" if pooler_url else "direct"
+    print(f"functions server -> Postgres: {'through ' + pooler_url if pooler_url else 'direct'}")
     try:
         env = Environment("bench", "staging", _database_url(name))
         with Database(env) as db:
@@ -430,7 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settle(env.database_url)
         port = _free_port()
         url = f"http://127.0.0.1:{port}/functions/v1"
-        process = spawn.Process(target=_serve, args=(env.database_url, port, key, args.workers))
+        served_url = _pooled_url(pooler_url, name) if pooler_url else env.database_url
+        pooler: Pooler = "transaction" if pooler_url else "none"
+        process = spawn.Process(target=_serve, args=(served_url, port, key, args.workers, pooler))
         process.start()
         _wait_ready(url, process)
         ours, theirs = spawn.Pipe()
@@ -504,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["loadavg_end"] = _loadavg()
         print(
             f"load average at end: {results['loadavg_end']}; cpus: {os.cpu_count()}; workers: {args.workers}; "
-            f"client: {args.client}; command: {results['command']}"
+            f"client: {args.client}; connection: {results['connection']}; command: {results['command']}"
         )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
@@ -516,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             process.terminate()
             process.join(10)
         _admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if bouncer is not None:
+            bouncer.stop()
     return 0
 
 
