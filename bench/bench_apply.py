@@ -21,6 +21,10 @@ too), runs ``VACUUM ANALYZE``, and then measures, in this order and in the same 
     fresh child process that loads the plan file as ``gatefill apply PLAN.json`` does; its sessions/s is the
     apply's own measured rate and its peak RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` of that process.
 
+``--pgbouncer`` (or ``--pooler-url URL``, another transaction pooler in front of ``--server``) makes the plan and the
+apply (b) go through a PgBouncer in transaction mode with ``pooler = "transaction"`` (no prepared statements), as a
+Supabase project reached through port 6543; seeding, (a) and (c) stay direct, so (b) is the only figure that moves.
+
 A ``CHECKPOINT`` precedes (a) and (b), so neither pays for the other's dirty pages. After (b) the bench checks that
 every candidate was written and that the database holds exactly the rows the ledger lists. Every database is dropped
 at the end. The summary prints the medians per size, the ratios b/a and b/c, the goals and the exact command, and the
@@ -56,7 +60,7 @@ from pgserver import sa_url as _sa_url
 from pgserver import with_database as _with_database
 from psycopg import sql
 
-from gatefill.config import Environment
+from gatefill.config import Environment, Pooler
 from gatefill.db import Database, dumps_json
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism import scoring
@@ -64,6 +68,9 @@ from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import fc_scores, init_schema, load_reference_data, profiles
 from gatefill.prism.seed import WINDOW_START, seed_scenario
 from gatefill.prism.service import load_reference_data_from_db
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.pgbouncer starts PgBouncer
+from tests.pgbouncer import start_pgbouncer
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 GOAL_VS_FLOOR = 0.5
@@ -251,14 +258,14 @@ def _copy_value(column: str, value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------ (b) apply
 
 
-def _child_apply(url: str, plan_path: str, artifacts: str, batch_size: int) -> None:
+def _child_apply(url: str, plan_path: str, artifacts: str, batch_size: int, pooler: Pooler) -> None:
     """Child process: ``gatefill apply PLAN.json`` in library form; prints its measurements as one JSON line."""
     from gatefill.apply import ApplyOptions, apply_plan
     from gatefill.clock import RealClock
     from gatefill.plan import load_plan_file
 
     body = load_plan_file(Path(plan_path))
-    env = Environment(str(body["environment"]["name"]), "staging", _sa_url(url))
+    env = Environment(str(body["environment"]["name"]), "staging", _sa_url(url), pooler=pooler)
     cpu = time.process_time()
     with Database(env, pool_size=2) as db:
         result = apply_plan(
@@ -294,12 +301,12 @@ def _vm_hwm_mb() -> float | None:
     return None
 
 
-def measure_apply(url: str, plan_path: Path, artifacts: Path, batch_size: int) -> dict[str, Any]:
+def measure_apply(url: str, plan_path: Path, artifacts: Path, batch_size: int, pooler: Pooler) -> dict[str, Any]:
     _checkpoint(url)
     # Linux folds the parent's memory into a child's ru_maxrss when the child is spawned straight from this (large)
     # process (vfork + exec), so a small launcher process starts the measured one.
     launcher = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-    child = [sys.executable, __file__, "--child-apply", url, str(plan_path), str(artifacts), str(batch_size)]
+    child = [sys.executable, __file__, "--child-apply", url, str(plan_path), str(artifacts), str(batch_size), pooler]
     proc = subprocess.run([sys.executable, "-c", launcher, *child], capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -348,11 +355,15 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         http, http_cpu = measure_http(url, chosen[: args.http_warmup], chosen[args.http_warmup :], args.http_server)
 
         now = datetime.now(UTC)
-        with Database(env, pool_size=2) as db:
+        # Plan and apply run as a user's would: through the transaction pooler when there is one.
+        served_url = _with_database(args.pooler_url, url.rsplit("/", 1)[1].split("?")[0]) if args.pooler_url else url
+        pooler: Pooler = "transaction" if args.pooler_url else "none"
+        served = Environment("bench", "staging", _sa_url(served_url), pooler=pooler)
+        with Database(served, pool_size=2) as db:
             t0 = time.perf_counter()
             plan = build_plan(
                 db,
-                env,
+                served,
                 PrismJob(),
                 PlanParams(since=WINDOW_START, rate="unlimited", batch_size=args.batch_size),
                 now=now,
@@ -365,7 +376,7 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         floor, floor_n = measure_floor(url, plan.body, now)
         floor_cpu = (machine_busy_seconds() - busy) / floor_n * 1000.0
         busy = machine_busy_seconds()
-        applied = measure_apply(url, plan.json_path, Path(tmp), args.batch_size)
+        applied = measure_apply(served_url, plan.json_path, Path(tmp), args.batch_size, pooler)
         apply_cpu = (machine_busy_seconds() - busy) / applied["sessions"] * 1000.0
         _verify(url, plan.run_id, candidates)
         apply_rate = applied["sessions"] / applied["seconds"]
@@ -402,7 +413,7 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child-apply"]:
-        _child_apply(argv[1], argv[2], argv[3], int(argv[4]))
+        _child_apply(argv[1], argv[2], argv[3], int(argv[4]), "transaction" if argv[5] == "transaction" else "none")
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sessions", default="10000,100000", help="sizes, comma-separated (default 10000,100000)")
@@ -413,7 +424,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--http-server", choices=("thread", "process"), default="thread")
     parser.add_argument("--server", default=os.environ.get("GATEFILL_TEST_DATABASE_URL", DEFAULT_SERVER))
     parser.add_argument("--json", type=Path, help="also write every run and the medians here")
+    parser.add_argument("--pgbouncer", action="store_true", help="plan and apply through PgBouncer (transaction mode)")
+    parser.add_argument("--pooler-url", help="plan and apply through this transaction pooler in front of --server")
     args = parser.parse_args(argv)
+    bouncer = start_pgbouncer(args.server) if args.pgbouncer else None
+    if bouncer is not None:
+        args.pooler_url = bouncer.url(args.server.replace("postgresql+psycopg://", "postgresql://"), "postgres")
+    print(f"plan and apply: {'through ' + args.pooler_url if args.pooler_url else 'direct'}", flush=True)
+    try:
+        return _run_all(args)
+    finally:
+        if bouncer is not None:
+            bouncer.stop()
+
+
+def _run_all(args: argparse.Namespace) -> int:
     sizes = [int(x) for x in args.sessions.split(",") if x.strip()]
     command = shlex.join([sys.executable, *sys.argv])
     print("command:", command, flush=True)
