@@ -90,9 +90,9 @@ class RunLease:
             with self.db.begin() as conn:
                 ledger.release_lease(conn, self.name, self.holder)
         except DatabaseError:
-            if kind is None:
-                raise
-            # Leaving on an error already (e.g. the database went away): the lease expires by itself.
+            # The database went away: the lease expires by itself, and the command's own outcome (already
+            # committed, or the error it is leaving with) is what the user needs to see, not this.
+            pass
 
     def check(self) -> None:
         """Raises ``LeaseLost`` if the lease is no longer ours: call before starting a unit of work.
