@@ -32,6 +32,7 @@ _ENV_KEYS = {
     "kind",
     "functions_url",
     "results_url",
+    "metrics_url",
     "service_role_key_env",
 }
 _TOP_KEYS = {"env", "artifacts_dir"}
@@ -52,6 +53,7 @@ database_url = "sqlite:///staging.db"
 kind = "staging"                      # "staging" or "production": production applies need passed gates
 # functions_url = "http://127.0.0.1:54321/functions/v1"   # the PRISM edge functions (gatefill serve functions)
 # results_url = "http://127.0.0.1:54321"                  # where /results/<session_id>?t=TOKEN is served
+# metrics_url = "http://127.0.0.1:54321/metrics"          # the app's Prometheus metrics: the soak counts 5xx answers
 # service_role_key_env = "SUPABASE_SERVICE_ROLE_KEY"      # name of the variable holding the service-role key
 
 [env.production]
@@ -74,6 +76,8 @@ class Environment:
     database_url: str = field(repr=False)
     functions_url: str | None = None
     results_url: str | None = None
+    #: The functions server's Prometheus metrics (``GET /metrics``): the soak reads its 5xx answers and latencies.
+    metrics_url: str | None = None
     service_role_key_env: str = _DEFAULT_KEY_ENV
 
     @property
@@ -208,6 +212,7 @@ def _build_environment(name: str, table: Mapping[str, object], root: Path, envir
         database_url=database_url,
         functions_url=values.get("functions_url"),
         results_url=values.get("results_url"),
+        metrics_url=values.get("metrics_url"),
         service_role_key_env=values.get("service_role_key_env", _DEFAULT_KEY_ENV),
     )
 
