@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from gatefill.clock import RealClock
 from gatefill.config import Environment
@@ -130,6 +131,70 @@ def test_stopping_the_supervisor_stops_every_worker(request: pytest.FixtureReque
         process.join(30)
         assert process.exitcode is not None
         assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        if process.is_alive():
+            process.kill()
+        drop_pg_database(name)
+
+
+def _metrics_total(http: httpx.Client, url: str) -> dict[tuple[str, str], float]:
+    text = http.get(f"{url}/metrics").text
+    return {
+        (s.labels["function"], s.labels["status"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "gatefill_function_requests_total"
+    }
+
+
+def test_every_worker_answers_a_scrape_with_the_one_total_and_the_supervisor_removes_the_files(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Two workers, each serving calls on its own connection: a scrape answered by either shows the calls of both
+    (one total), and the directory of their metric files goes when the supervisor stops."""
+    name = create_pg_database(request.getfixturevalue("pg_template"))
+    base = pg_env(name)
+    env = Environment(base.name, base.kind, base.database_url, service_role_key_env=KEY_ENV)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    process = multiprocessing.get_context("spawn").Process(target=_serve, args=(env, port))
+    process.start()
+    try:
+        assert process.pid is not None
+        deadline = time.monotonic() + 60
+        while True:  # ready when it serves its metrics (a scrape is not a call: nothing is counted yet)
+            try:
+                if httpx.get(f"{url}/metrics", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.is_alive() and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)
+        workers = {
+            pid: dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+            for pid in _children(process.pid)
+        }
+        dirs = {v["PROMETHEUS_MULTIPROC_DIR"] for v in workers.values() if "PROMETHEUS_MULTIPROC_DIR" in v}
+        assert len(dirs) == 1, workers.keys()
+        directory = Path(dirs.pop())
+        # Two kept-alive connections: the supervisor hands the second to the worker not holding the first.
+        with httpx.Client(timeout=10) as first, httpx.Client(timeout=10) as second:
+            for _ in range(3):
+                assert first.post(f"{url}/functions/v1/finalizeAssessment", json={}).status_code == 400
+            for _ in range(4):
+                assert second.post(f"{url}/functions/v1/finalizeAssessment", json={}).status_code == 400
+            assert second.post(f"{url}/functions/v1/score_prism", json={}).status_code == 401
+            serving = {p.name.split("_")[1].removesuffix(".db") for p in directory.glob("counter_*.db")}
+            assert len(serving) == 2, serving
+            expected = {("finalizeAssessment", "400"): 7.0, ("score_prism", "401"): 1.0}
+            assert _metrics_total(first, url) == expected
+            assert _metrics_total(second, url) == expected
+        process.terminate()
+        process.join(30)
+        assert process.exitcode is not None
+        assert not directory.exists()
     finally:
         if process.is_alive():
             process.kill()
