@@ -557,8 +557,9 @@ class _FunctionCalls:
     This middleware sits outside all of that and answers exactly what the route would: the same handler, the same
     response, and the CORS headers of the app's own ``CORSMiddleware`` configuration (its ``send``), so bodies,
     statuses and headers are unchanged. Everything else (other paths and methods, preflights, unknown names, a
-    mounted root path) goes on to FastAPI. An unexpected exception still reaches FastAPI's outermost handler (500
-    ``INTERNAL_ERROR``), as it did from the route.
+    mounted root path) goes on to FastAPI. An unexpected exception in a call is answered 500 ``INTERNAL_ERROR`` by
+    ``_App.answer`` itself (so the metrics and the ``server_error`` event see it), as FastAPI's handler answers it
+    elsewhere.
     """
 
     def __init__(self, app: Any, *, handler: _App, cors: CORSMiddleware) -> None:
