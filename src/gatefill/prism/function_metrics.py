@@ -154,12 +154,21 @@ class FunctionMetrics:
         started_gauge = Gauge(STARTED, "When this server started (Unix time).", registry=own, multiprocess_mode="max")
         started_gauge.set(time.time() if started is None else started)
         self._times: dict[str, tuple[float, float]] = {}
+        self._counted: dict[tuple[str, int], Counter] = {}
+        self._timed: dict[str, Histogram] = {}
         self._lock = threading.Lock()
 
     def observe(self, function: str, status: int, seconds: float, at: datetime, *, database_error: bool) -> None:
         """Counts one answered call of ``function`` (one of the server's own names: labels stay a small set)."""
-        self._requests.labels(function, str(status)).inc()
-        self._duration.labels(function).observe(seconds)
+        counted = self._counted.get((function, status))
+        if counted is None:
+            # labels() takes a lock and builds its key on every call: the children are looked up once.
+            counted = self._counted[(function, status)] = self._requests.labels(function, str(status))
+        counted.inc()
+        timed = self._timed.get(function)
+        if timed is None:
+            timed = self._timed[function] = self._duration.labels(function)
+        timed.observe(seconds)
         if database_error:
             self._database_errors.labels(function).inc()
         instant = at.timestamp()
