@@ -582,9 +582,11 @@ class PrismSoakChecks:
         s = self.settings
         times = {"start": look.window_start, "end": look.end}
         versions = {"fc_version": s.fc_version, "fc_kind": s.fc_kind, "engine_version": s.engine_version}
+        # Scraped before the database work, so no connection waits on the metrics endpoint.
+        scrape = self._app.scrape() if self._app is not None else None
         with db.connect() as conn:
             events = {evt: int(n) for evt, n in conn.execute(_EVENT_COUNTS, {**times, "events": list(_COUNTED_EVENTS)})}
-            app = self._app.read(look, events) if self._app is not None else None
+            app = self._app.read(look, events, scrape) if self._app is not None else None
             fc = conn.execute(_FC_STAMPS, {**times, **versions}).one()
             prof = conn.execute(_PROFILE_STAMPS, {**times, **versions}).one()
             checks = {

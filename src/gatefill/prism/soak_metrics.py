@@ -215,13 +215,19 @@ class AppMetricsReader:
         self.url = url
         self.source = display_url(url)
         self._http = httpx.Client(timeout=timeout, transport=transport)
-        try:
-            self._opening: Scrape | None = self._scrape()
-        except _Unavailable:
-            self._opening = None  # the first look that reads the metrics takes its place
+        opening = self.scrape()
+        # When the endpoint cannot be read now, the first look that reads it takes this scrape's place.
+        self._opening = opening if isinstance(opening, Scrape) else None
 
     def close(self) -> None:
         self._http.close()
+
+    def scrape(self) -> Scrape | str:
+        """One reading of the endpoint, or why there is none (a sentence without the URL's credentials)."""
+        try:
+            return self._scrape()
+        except _Unavailable as exc:
+            return str(exc)
 
     def _scrape(self) -> Scrape:
         taken_at = datetime.now(UTC)
@@ -237,13 +243,14 @@ class AppMetricsReader:
         except (ValueError, KeyError, TypeError) as exc:
             raise _Unavailable(f"metrics endpoint {self.source} sent no usable metrics ({str(exc)[:160]})") from None
 
-    def read(self, look: Look, events: Mapping[str, int]) -> AppWindow:
-        """This look's counts for the window so far (``events``: the look's fn_logs counts, for the cross-check)."""
+    def read(self, look: Look, events: Mapping[str, int], scrape: Scrape | str | None = None) -> AppWindow:
+        """This look's counts for the window so far, from ``scrape`` (taken now when not given; a string is why
+        there is none); ``events`` are the look's fn_logs counts, for the cross-check."""
         state = dict(look.previous.get("function_errors", {}).get(STATE_KEY) or {})
-        try:
-            scrape = self._scrape()
-        except _Unavailable as exc:
-            return AppWindow(self.source, None, str(exc), tuple(state.get("restarts", [])), state)
+        if scrape is None:
+            scrape = self.scrape()
+        if isinstance(scrape, str):
+            return AppWindow(self.source, None, scrape, tuple(state.get("restarts", [])), state)
         # A simulated soak only ever uses totals: it keeps no series between looks.
         keep = not look.simulated_time
         state.setdefault("opening", (self._opening or scrape).to_json(values=keep))
