@@ -4,6 +4,7 @@ supervisor stops every worker."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import random
@@ -137,6 +138,11 @@ def test_stopping_the_supervisor_stops_every_worker(request: pytest.FixtureReque
         drop_pg_database(name)
 
 
+def _serving(directory: Path) -> set[str]:
+    """The processes that have counted a call: each writes its counters to ``counter_<pid>.db``."""
+    return {p.name.split("_")[1].removesuffix(".db") for p in directory.glob("counter_*.db")}
+
+
 def _metrics_total(http: httpx.Client, url: str) -> dict[tuple[str, str], float]:
     text = http.get(f"{url}/metrics").text
     return {
@@ -179,18 +185,23 @@ def test_every_worker_answers_a_scrape_with_the_one_total_and_the_supervisor_rem
         dirs = {v["PROMETHEUS_MULTIPROC_DIR"] for v in workers.values() if "PROMETHEUS_MULTIPROC_DIR" in v}
         assert len(dirs) == 1, workers.keys()
         directory = Path(dirs.pop())
-        # Two kept-alive connections: the supervisor hands the second to the worker not holding the first.
-        with httpx.Client(timeout=10) as first, httpx.Client(timeout=10) as second:
-            for _ in range(3):
-                assert first.post(f"{url}/functions/v1/finalizeAssessment", json={}).status_code == 400
-            for _ in range(4):
-                assert second.post(f"{url}/functions/v1/finalizeAssessment", json={}).status_code == 400
-            assert second.post(f"{url}/functions/v1/score_prism", json={}).status_code == 401
-            serving = {p.name.split("_")[1].removesuffix(".db") for p in directory.glob("counter_*.db")}
-            assert len(serving) == 2, serving
-            expected = {("finalizeAssessment", "400"): 7.0, ("score_prism", "401"): 1.0}
-            assert _metrics_total(first, url) == expected
-            assert _metrics_total(second, url) == expected
+        # Kept-alive connections, each making calls, until two workers have served some: the supervisor hands a new
+        # connection to the worker holding fewer (the readiness probes' closes may still be uncounted at first).
+        with contextlib.ExitStack() as stack:
+            clients: list[httpx.Client] = []
+            calls = 0
+            while len(_serving(directory)) < 2:
+                assert len(clients) < 8, f"every connection went to the same worker: {_serving(directory)}"
+                client = stack.enter_context(httpx.Client(timeout=10))
+                clients.append(client)
+                for _ in range(3):
+                    assert client.post(f"{url}/functions/v1/finalizeAssessment", json={}).status_code == 400
+                    calls += 1
+            assert clients[-1].post(f"{url}/functions/v1/score_prism", json={}).status_code == 401
+            expected = {("finalizeAssessment", "400"): float(calls), ("score_prism", "401"): 1.0}
+            # Whichever worker holds the connection answers its scrape: every answer is the one total.
+            for client in clients:
+                assert _metrics_total(client, url) == expected
         process.terminate()
         process.join(30)
         assert process.exitcode is not None
