@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+NPM    ?= npm
+JS     := tests/js
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -20,6 +22,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed
+
+# The real @supabase/supabase-js client the tests call the functions server with, exactly as locked. npm ci writes
+# node_modules/.package-lock.json, the stamp: a changed lock file re-runs it. Without node or npm the run stops here.
+$(JS)/node_modules/.package-lock.json: $(JS)/package.json $(JS)/package-lock.json
+	@command -v node >/dev/null 2>&1 || { echo "error: node is not installed (the supabase-js tests need Node >= 20 and npm)" >&2; exit 1; }
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' || { echo "error: node $$(node --version) is too old (the supabase-js tests need Node >= 20)" >&2; exit 1; }
+	@command -v $(NPM) >/dev/null 2>&1 || { echo "error: npm is not installed (the supabase-js tests install their client with npm ci)" >&2; exit 1; }
+	cd $(JS) && $(NPM) ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 demo: $(VENV)/.installed
 	$(BIN)/gatefill demo
@@ -40,11 +51,11 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed-test pgbouncer
+pytest: $(VENV)/.installed-test pgbouncer $(JS)/node_modules/.package-lock.json
 	$(BIN)/pytest -n 2 -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_scoring.py
 
 clean:
-	rm -rf $(VENV) gatefill-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) gatefill-demo .pytest_cache .mypy_cache .ruff_cache $(JS)/node_modules

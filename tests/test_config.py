@@ -97,3 +97,16 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml", environ={})
     with pytest.raises(ConfigError, match="GATEFILL_CONFIG"):
         load_settings(environ={"GATEFILL_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_metrics_url_is_read_from_the_file_and_overridable(tmp_path: Path) -> None:
+    """The soak finds the functions server's metrics through ``metrics_url``; like every value it can be overridden."""
+    path = write(
+        tmp_path,
+        '[env.staging]\ndatabase_url = "sqlite:///s.db"\nmetrics_url = "http://127.0.0.1:54321/metrics"\n',
+    )
+    assert load_settings(path, environ={}).env("staging").metrics_url == "http://127.0.0.1:54321/metrics"
+    override = {"GATEFILL_ENV_STAGING_METRICS_URL": "http://10.0.0.5:9100/metrics"}
+    assert load_settings(path, environ=override).env("staging").metrics_url == "http://10.0.0.5:9100/metrics"
+    assert load_settings(write(tmp_path, EXAMPLE_CONFIG), environ={}).env("staging").metrics_url is None
+    assert "# metrics_url = " in EXAMPLE_CONFIG

@@ -4,6 +4,7 @@ an override, which the final gate then shows."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,13 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
     assert steps["plan"]["candidates"] == 39
     assert steps["apply"]["verdict"] == "PASS" and steps["apply"]["results"] == {"written": 39}
     assert steps["soak"]["verdict"] == "PASS", steps["soak"]["summary"]
+    # The demo's soak read the functions server's own metrics, and could attribute their totals to its window.
+    last = json.loads(Path(steps["soak"]["artifacts"]["measurements"]).read_text())["measurements"][-1]
+    by_name = {c["name"]: c for c in last["checks"]}
+    app = by_name["function_errors"]["evidence"]["app_metrics"]
+    assert app["source"].endswith("/metrics") and "inside the window" in app["coverage"], app
+    assert app["answers_5xx"] == {} and app["calls"] > SOAK_SESSIONS
+    assert by_name["latency"]["summary"].startswith("app histogram: ")
     assert steps["health"]["healthy"] is True and steps["health"]["mini_plan"] is None
     assert "production_apply" not in steps
     assert steps["final_gate"]["verdict"] == "GO"

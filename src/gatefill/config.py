@@ -33,6 +33,7 @@ _ENV_KEYS = {
     "kind",
     "functions_url",
     "results_url",
+    "metrics_url",
     "service_role_key_env",
     "pooler",
     "lease_ttl",
@@ -69,6 +70,7 @@ kind = "staging"                      # "staging" or "production": production ap
 #                      # can be taken over after it)
 # functions_url = "http://127.0.0.1:54321/functions/v1"   # the PRISM edge functions (gatefill serve functions)
 # results_url = "http://127.0.0.1:54321"                  # where /results/<session_id>?t=TOKEN is served
+# metrics_url = "http://127.0.0.1:54321/metrics"          # the app's Prometheus metrics: the soak counts 5xx answers
 # service_role_key_env = "SUPABASE_SERVICE_ROLE_KEY"      # name of the variable holding the service-role key
 
 [env.production]
@@ -91,6 +93,8 @@ class Environment:
     database_url: str = field(repr=False)
     functions_url: str | None = None
     results_url: str | None = None
+    #: The functions server's Prometheus metrics (``GET /metrics``): the soak reads its 5xx answers and latencies.
+    metrics_url: str | None = None
     service_role_key_env: str = _DEFAULT_KEY_ENV
     #: What sits between gatefill and the database; "transaction" rules out session state (see ``db``).
     pooler: Pooler = "none"
@@ -233,6 +237,7 @@ def _build_environment(name: str, table: Mapping[str, object], root: Path, envir
         database_url=database_url,
         functions_url=values.get("functions_url"),
         results_url=values.get("results_url"),
+        metrics_url=values.get("metrics_url"),
         service_role_key_env=values.get("service_role_key_env", _DEFAULT_KEY_ENV),
         pooler=pooler,
         lease_ttl=lease_ttl,

@@ -280,6 +280,9 @@ class Database:
             raise DatabaseError(f"{self.display_url}: {reason}") from exc
         except SQLAlchemyError as exc:
             raise DatabaseError(f"{self.display_url}: {self.scrub(_first_line(str(exc)))}") from exc
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            # Raised below SQLAlchemy's wrapping: a raw pool checkout (engine.raw_connection) that cannot connect.
+            raise self.driver_error(exc) from exc
 
     def driver_error(self, exc: Exception, *, disconnected: bool = False) -> DatabaseError:
         """The gatefill error for a driver exception raised below SQLAlchemy (a raw psycopg pipeline), masked like

@@ -94,6 +94,10 @@ PIPELINE_START = datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)
 #: conversion test against the seeded baseline (80 of 90 completed) to conclude, at half the simulation time.
 SOAK_RESPONDENTS = 1200
 SOAK_RESPONDENTS_FAST = 600
+#: Respondents arrive over the soak's first 5½ hours; answering takes at most 25 minutes, so every call of the traffic
+#: falls inside the six-hour window, and the server's cumulative metrics are exactly that window's calls (which is
+#: what lets a soak of a past window use them: ``gatefill.prism.soak_metrics``).
+SOAK_ARRIVALS = "5h30m"
 
 
 def run_full_demo(
@@ -119,7 +123,8 @@ def run_demo_pipeline(
     approver: str = "demo",
 ) -> PipelineState:
     """Runs the whole pipeline on seeded ``staging`` and ``production`` environments (SQLite or Postgres), every gate
-    approved as ``approver``, the soak over six simulated hours of traffic through an in-process functions server."""
+    approved as ``approver``, the soak over six simulated hours of traffic through an in-process functions server,
+    whose own metrics (5xx answers, latency histogram) the soak reads too."""
     respondents = soak_sessions or (SOAK_RESPONDENTS_FAST if fast else SOAK_RESPONDENTS)
     # A throwaway key for the in-process functions server: generated here, used by it and its callers, never shown.
     os.environ.setdefault("SUPABASE_SERVICE_ROLE_KEY", secrets.token_urlsafe(32))
@@ -136,15 +141,20 @@ def run_demo_pipeline(
     def soak_step(db: Database, env: Environment, apply_run: str, step_clock: Clock, artifacts: Path) -> dict[str, Any]:
         app = create_app(env, db, allow_fault_injection=True)
         with serve_in_thread(app) as base_url:
-            live = replace(env, functions_url=f"{base_url}/functions/v1", results_url=base_url)
+            live = replace(
+                env, functions_url=f"{base_url}/functions/v1", results_url=base_url, metrics_url=f"{base_url}/metrics"
+            )
             with db.connect() as conn:
                 finished = ledger.get_run(conn, apply_run).finished_at or step_clock.now()
-            console.print(f"simulating six hours of traffic from {finished.isoformat()} against {base_url} ...")
+            console.print(
+                f"simulating six hours of traffic (arrivals over {SOAK_ARRIVALS}) from {finished.isoformat()} "
+                f"against {base_url} ..."
+            )
             traffic = simulate(
                 db,
                 f"{base_url}/functions/v1",
                 sessions=respondents,
-                duration="6h",
+                duration=SOAK_ARRIVALS,
                 clock=SimulatedClock(finished),
                 seed=7,
                 service_role_key=live.service_role_key(),

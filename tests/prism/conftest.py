@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -123,3 +124,40 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         server_db.dispose()
         if pg_name:
             drop_pg_database(pg_name)
+
+
+@contextmanager
+def refused_writes(
+    live: Live,
+    table: str,
+    session_id: str,
+    *,
+    sqlite_key: str = "NEW.session_id",
+    pg_key: str = "NEW.session_id::text",
+) -> Iterator[None]:
+    """A trigger that refuses writes of ``session_id``'s rows to ``table`` (the error a broken table would raise)."""
+    name = f"gf_refuse_{uuid.uuid4().hex[:10]}"
+    if live.dialect == "sqlite":
+        create = [
+            f"CREATE TRIGGER {name} BEFORE INSERT ON {table} WHEN {sqlite_key} = '{session_id}' "
+            "BEGIN SELECT RAISE(ABORT, 'test: write refused'); END"
+        ]
+        drop = [f"DROP TRIGGER {name}"]
+    else:
+        create = [
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF {pg_key} = TG_ARGV[0] THEN RAISE EXCEPTION 'test: write refused'; END IF; "
+            "RETURN NEW; END $$",
+            f"CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW "
+            f"EXECUTE FUNCTION {name}('{session_id}')",
+        ]
+        drop = [f"DROP TRIGGER {name} ON {table}", f"DROP FUNCTION {name}()"]
+    with live.db.begin() as conn:
+        for statement in create:
+            conn.exec_driver_sql(statement)
+    try:
+        yield
+    finally:
+        with live.db.begin() as conn:
+            for statement in drop:
+                conn.exec_driver_sql(statement)

@@ -5,53 +5,13 @@ proves that a failure inside the batch is attributed to the statement that faile
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 
 from gatefill.prism.schema import assessment_sessions, fc_scores, fn_logs, profiles
 from gatefill.prism.service import EVENTS
-from tests.prism.conftest import Live
-
-
-@contextmanager
-def _refused(
-    live: Live,
-    table: str,
-    session_id: str,
-    *,
-    sqlite_key: str = "NEW.session_id",
-    pg_key: str = "NEW.session_id::text",
-) -> Iterator[None]:
-    """A trigger that refuses writes of ``session_id``'s rows to ``table`` (the error a broken table would raise)."""
-    name = f"gf_refuse_{uuid.uuid4().hex[:10]}"
-    if live.dialect == "sqlite":
-        create = [
-            f"CREATE TRIGGER {name} BEFORE INSERT ON {table} WHEN {sqlite_key} = '{session_id}' "
-            "BEGIN SELECT RAISE(ABORT, 'test: write refused'); END"
-        ]
-        drop = [f"DROP TRIGGER {name}"]
-    else:
-        create = [
-            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF {pg_key} = TG_ARGV[0] THEN RAISE EXCEPTION 'test: write refused'; END IF; "
-            "RETURN NEW; END $$",
-            f"CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW "
-            f"EXECUTE FUNCTION {name}('{session_id}')",
-        ]
-        drop = [f"DROP TRIGGER {name} ON {table}", f"DROP FUNCTION {name}()"]
-    with live.db.begin() as conn:
-        for statement in create:
-            conn.exec_driver_sql(statement)
-    try:
-        yield
-    finally:
-        with live.db.begin() as conn:
-            for statement in drop:
-                conn.exec_driver_sql(statement)
+from tests.prism.conftest import Live, refused_writes
 
 
 def _names(live: Live, session_id: str) -> list[str]:
@@ -74,7 +34,7 @@ def _status(live: Live, session_id: str) -> tuple[str, bool]:
 
 def test_a_refused_profile_write_is_a_500_with_its_event_and_nothing_written(live: Live) -> None:
     r = live.respondent()
-    with _refused(live, "profiles", r.session_id):
+    with refused_writes(live, "profiles", r.session_id):
         resp = live.post("finalizeAssessment", {"session_id": r.session_id}, ip="10.77.0.1")
     assert resp.status_code == 500
     assert resp.json() == {"error": "profile write failed", "code": "PROFILE_WRITE_FAILED"}
@@ -92,7 +52,7 @@ def test_a_refused_profile_write_is_a_500_with_its_event_and_nothing_written(liv
 
 def test_a_refused_fc_write_is_a_500_fc_upsert_error_before_any_profile_event(live: Live) -> None:
     r = live.respondent()
-    with _refused(live, "fc_scores", r.session_id):
+    with refused_writes(live, "fc_scores", r.session_id):
         resp = live.post("finalizeAssessment", {"session_id": r.session_id}, ip="10.77.0.2")
     assert resp.status_code == 500
     assert resp.json() == {"error": "fc_scores write failed", "code": "FC_UPSERT_ERROR"}
@@ -110,7 +70,7 @@ def test_a_refused_event_write_is_a_500_without_rows(live: Live) -> None:
     """A failure after the scoring writes (the events insert) is a plain database error: nothing of the call stays."""
     r = live.respondent()
     json_key = {"sqlite_key": "json_extract(NEW.payload, '$.session_id')", "pg_key": "NEW.payload->>'session_id'"}
-    with _refused(live, "fn_logs", r.session_id, **json_key):
+    with refused_writes(live, "fn_logs", r.session_id, **json_key):
         resp = live.post("finalizeAssessment", {"session_id": r.session_id}, ip="10.77.0.3")
     assert resp.status_code == 500 and resp.json()["code"] == "DATABASE_ERROR"
     assert _rows(live, profiles, r.session_id) == [] and _rows(live, fc_scores, r.session_id) == []

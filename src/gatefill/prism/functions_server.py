@@ -3,7 +3,9 @@
 Paths are those Supabase serves (``POST /functions/v1/<name>``) plus the results link ``GET /results/{id}?t=TOKEN``;
 bodies are JSON and CORS is ``*`` with upstream's allowed headers. Every function runs through
 ``gatefill.prism.service`` (one code path with the rest of gatefill); this module only parses, authenticates, limits
-and renders. Every error body is ``{error, code}``.
+and renders. Every error body is ``{error, code}``. ``GET /metrics`` serves the server's Prometheus metrics
+(``gatefill.prism.function_metrics``: every call counted, one total across workers), and a 5xx answer no event
+records gets a ``server_error`` event, written after the answer when the database still takes it.
 
 For speed (finalizeAssessment at 20 clients on two cores), the function calls bypass FastAPI's routing layers
 (``_FunctionCalls``, same contract), a few at once per process in arrival order (``_CALLS_AT_ONCE``), the Postgres
@@ -26,6 +28,7 @@ Security decisions, each because a deployment must not be trickable:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hmac
 import json
@@ -34,8 +37,10 @@ import multiprocessing
 import multiprocessing.connection
 import re
 import selectors
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import types
@@ -44,6 +49,8 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from multiprocessing.managers import BaseManager
 from typing import Any, Protocol
@@ -59,6 +66,7 @@ from gatefill.clock import Clock, RealClock
 from gatefill.config import Environment
 from gatefill.db import Database, dumps_json, parse_utc
 from gatefill.errors import ConfigError, DatabaseError, DatabaseUnreachable, GatefillError, UsageError
+from gatefill.prism.function_metrics import CONTENT_TYPE, FunctionMetrics, multiprocess_environment
 from gatefill.prism.schema import require_schema
 from gatefill.prism.service import (
     CallContext,
@@ -122,6 +130,33 @@ class _JSONResponse(Response):
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> _JSONResponse:
     return _JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
+
+
+#: 5xx codes whose failure the service records itself (fc_upsert_error, profile_write_failed, call_timeout events).
+_RECORDED_FAILURES = frozenset({"FC_UPSERT_ERROR", "PROFILE_WRITE_FAILED", "CALL_TIMEOUT"})
+#: Function failures that are a database write refused.
+_WRITE_FAILURES = frozenset({"FC_UPSERT_ERROR", "PROFILE_WRITE_FAILED"})
+#: Answers that carry a share token or a profile: never kept by a cache, as the platform answered them.
+_NOT_CACHED = frozenset({"finalizeAssessment", "get-results-by-session"})
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+@dataclass
+class _Attempt:
+    """What one call got to before it answered (for its metrics and its error event); local to ``_App.call``."""
+
+    ctx: CallContext | None = None
+    session_id: str | None = None
+    code: str | None = None
+    database_error: bool = False
+
+    def failed(
+        self, status: int, code: str, message: str, name: str, headers: dict[str, str] | None = None
+    ) -> _JSONResponse:
+        self.code = code
+        if name in _NOT_CACHED:
+            headers = {**(headers or {}), **_NO_STORE}
+        return _error(status, code, message, headers)
 
 
 class _Reject(FunctionFailure):
@@ -246,9 +281,11 @@ class _App:
         rate_limit_per_minute: int,
         max_body_bytes: int,
         call_timeout: float,
+        metrics: FunctionMetrics,
         limiter: _Limiter | None = None,
     ) -> None:
         self.env = env
+        self.metrics = metrics
         self.service = service
         self.clock = clock
         self._key = service_role_key
@@ -326,32 +363,89 @@ class _App:
             await run_in_threadpool(self.clock.sleep, ctx.faults.slow_ms / 1000.0)
 
     async def call(self, name: str, request: Request, body_reader: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
-        """Runs one function: rate limit, auth, body, validation, service call; errors become ``{error, code}``."""
+        """Runs one function (``answer``), counts it in the metrics and, for a 5xx no event records, has its
+        ``server_error`` event written on a call thread after the answer."""
+        started = time.perf_counter()
+        attempt = _Attempt()
+        response = await self.answer(name, request, body_reader, attempt)
+        status = response.status_code
+        at = attempt.ctx.now if attempt.ctx is not None else self.instant(request)
+        self.metrics.observe(name, status, time.perf_counter() - started, at, database_error=attempt.database_error)
+        if status >= 500 and attempt.code not in _RECORDED_FAILURES:
+            ctx = attempt.ctx or CallContext(now=at, request_id=self.request_id(request), ip=self.client(request))
+            if attempt.code == "DATABASE_UNAVAILABLE":
+                # Nothing can be written to a database that cannot be reached; trying would only queue connects.
+                self.metrics.unrecorded(name)
+            else:
+                record = partial(self.record_server_error, name, attempt.session_id, ctx, status, attempt.code)
+                asyncio.get_running_loop().run_in_executor(self.calls, record)
+        return response
+
+    async def answer(
+        self,
+        name: str,
+        request: Request,
+        body_reader: Callable[[], Awaitable[dict[str, Any]]],
+        attempt: _Attempt,
+    ) -> Response:
+        """Rate limit, auth, body, validation, service call; errors become ``{error, code}`` (noted in ``attempt``)."""
         try:
             if name in _RATE_LIMITED:
                 self.check_rate(request)
             if name in _PROTECTED and not self.authorised(request):
                 raise _Reject(401, "UNAUTHORIZED", "missing or invalid service-role key")
-            ctx = self.context(request)
+            ctx = attempt.ctx = self.context(request)
             payload = await body_reader()
-            session_id = _session_id(payload.get("session_id"))
+            session_id = attempt.session_id = _session_id(payload.get("session_id"))
+            if "server_error" in ctx.faults:
+                raise GatefillError("injected fault server_error")
             run = self.prepare(name, session_id, payload, ctx, request)
             await self.slow(ctx)
             status, body = await self.bounded(name, run, ctx, session_id)
-            return _JSONResponse(body, status_code=status)
+            return _JSONResponse(body, status_code=status, headers=_NO_STORE if name in _NOT_CACHED else None)
         except _Reject as exc:
-            return _error(exc.status, exc.code, exc.message, exc.headers)
+            return attempt.failed(exc.status, exc.code, exc.message, name, exc.headers)
         except FunctionFailure as exc:
-            return _error(exc.status, exc.code, exc.message)
+            attempt.database_error = exc.code in _WRITE_FAILURES
+            return attempt.failed(exc.status, exc.code, exc.message, name)
         except DatabaseUnreachable:
             _log.error("%s: database unreachable", name)
-            return _error(503, "DATABASE_UNAVAILABLE", "database unavailable")
+            attempt.database_error = True
+            return attempt.failed(503, "DATABASE_UNAVAILABLE", "database unavailable", name)
         except DatabaseError as exc:
             _log.error("%s: %s", name, exc)
-            return _error(500, "DATABASE_ERROR", "database error")
+            attempt.database_error = True
+            return attempt.failed(500, "DATABASE_ERROR", "database error", name)
         except GatefillError as exc:
             _log.error("%s: %s", name, exc)
-            return _error(500, "INTERNAL_ERROR", "internal error")
+            return attempt.failed(500, "INTERNAL_ERROR", "internal error", name)
+        except Exception as exc:
+            # Never echo the exception: it could carry row data; the log has its type and the traceback.
+            _log.exception("%s: unhandled %s", name, type(exc).__name__)
+            return attempt.failed(500, "INTERNAL_ERROR", "internal error", name)
+
+    def instant(self, request: Request) -> datetime:
+        """A call's instant when it was refused before its context was built: the ``X-Gatefill-Now`` instant a
+        fault-injection server would have accepted, else the server's clock (only the metrics use it)."""
+        header = request.headers.get(_NOW_HEADER)
+        if header is not None and self.allow_fault_injection and self.authorised(request):
+            with contextlib.suppress(ValueError):
+                return parse_utc(header.strip())
+        return self.clock.now()
+
+    def record_server_error(
+        self, name: str, session_id: str | None, ctx: CallContext, status: int, code: str | None
+    ) -> None:
+        """Writes the ``server_error`` event of a 5xx answer; when the database refuses it (it may be why the call
+        failed) the answer stands, the log says so and the metrics count it as unrecorded."""
+        try:
+            self.service.record_server_error(name, session_id, ctx, status, code or "")
+        except GatefillError as exc:
+            self.metrics.unrecorded(name)
+            _log.warning("%s: the server_error event was not written: %s", name, exc)
+        except Exception:
+            self.metrics.unrecorded(name)
+            _log.exception("%s: the server_error event was not written", name)
 
     async def bounded(
         self,
@@ -380,12 +474,15 @@ class _App:
             raise _Reject(504, "CALL_TIMEOUT", f"the call did not finish within {self.call_timeout:g} s") from None
 
     def record_timeout(self, name: str, session_id: str, ctx: CallContext) -> None:
-        """Writes the ``call_timeout`` event; a failure (the database may be what is stuck) is only logged."""
+        """Writes the ``call_timeout`` event; a failure (the database may be what is stuck) is only logged and counted
+        in the metrics as unrecorded."""
         try:
             self.service.record_timeout(name, session_id, ctx, self.call_timeout)
         except GatefillError as exc:
+            self.metrics.unrecorded(name)
             _log.warning("%s: the call_timeout event was not written: %s", name, exc)
         except Exception:
+            self.metrics.unrecorded(name)
             _log.exception("%s: the call_timeout event was not written", name)
 
     def slots(self) -> asyncio.Semaphore:
@@ -462,8 +559,9 @@ class _FunctionCalls:
     This middleware sits outside all of that and answers exactly what the route would: the same handler, the same
     response, and the CORS headers of the app's own ``CORSMiddleware`` configuration (its ``send``), so bodies,
     statuses and headers are unchanged. Everything else (other paths and methods, preflights, unknown names, a
-    mounted root path) goes on to FastAPI. An unexpected exception still reaches FastAPI's outermost handler (500
-    ``INTERNAL_ERROR``), as it did from the route.
+    mounted root path) goes on to FastAPI. An unexpected exception in a call is answered 500 ``INTERNAL_ERROR`` by
+    ``_App.answer`` itself (so the metrics and the ``server_error`` event see it), as FastAPI's handler answers it
+    elsewhere.
     """
 
     def __init__(self, app: Any, *, handler: _App, cors: CORSMiddleware) -> None:
@@ -497,10 +595,12 @@ def create_app(
     reference_ttl: float = 10.0,
     limiter: _Limiter | None = None,
     call_timeout: float = DEFAULT_CALL_TIMEOUT,
+    metrics: FunctionMetrics | None = None,
 ) -> FastAPI:
     """The functions app for ``env`` on ``db``; raises ``ConfigError`` if the service-role key variable is unset.
 
-    ``limiter`` replaces the app's own results rate limiter (worker processes share one this way). A call that has
+    ``limiter`` replaces the app's own results rate limiter (worker processes share one this way), ``metrics`` the
+    app's own in-process metrics (worker processes write shared ones, see ``FunctionMetrics``). A call that has
     not answered ``call_timeout`` seconds after its turn was asked for (its body read, any injected slowness over)
     answers 504 ``CALL_TIMEOUT``; give ``db`` a slightly longer ``statement_timeout`` (``server_database``) so its
     statements end too.
@@ -523,6 +623,7 @@ def create_app(
         rate_limit_per_minute=rate_limit_per_minute,
         max_body_bytes=max_body_bytes,
         call_timeout=call_timeout,
+        metrics=metrics or FunctionMetrics(),
         limiter=limiter,
     )
     app = FastAPI(title="gatefill PRISM functions", docs_url=None, redoc_url=None, openapi_url=None)
@@ -554,6 +655,12 @@ def create_app(
         if name not in FUNCTION_NAMES:
             return _error(404, "FUNCTION_NOT_FOUND", "function not found")
         return await handler.call(name, request, partial(_json_body, request, handler.max_body_bytes))
+
+    @app.get("/metrics")
+    async def _metrics() -> Response:
+        # Names, statuses and timings only: nothing in it identifies a respondent, so it is served without a key.
+        body = await run_in_threadpool(handler.metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE)
 
     @app.get("/results/{session_id}")
     async def _results_link(session_id: str, request: Request) -> Response:
@@ -747,6 +854,14 @@ _BACKLOG = 2048
 _POOL_SIZE = 20
 
 
+@dataclass(frozen=True)
+class _WorkerMetrics:
+    """Where the workers of one supervisor write their metrics, and when it started (the server's start time)."""
+
+    directory: str
+    started: float
+
+
 class _LimiterManager(BaseManager):
     """Holds the one RateLimiter every worker process asks (through a proxy) in a process of its own."""
 
@@ -782,6 +897,9 @@ def _supervise(
     handed = [0] * workers
     closed = spawn.Array("q", workers, lock=False)
     previous = None
+    # Every worker writes its metrics into files here, and a scrape of any worker merges them all (one total).
+    metrics_dir = tempfile.mkdtemp(prefix="gatefill-metrics-")
+    started = time.time()
 
     def _stop(_signum: int, _frame: types.FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -791,15 +909,17 @@ def _supervise(
             previous = signal.signal(signal.SIGTERM, _stop)
         manager.start()
         limiter = manager.RateLimiter(RealClock(), 60, 60.0)  # type: ignore[attr-defined]
+        metrics = _WorkerMetrics(metrics_dir, started)
         for index in range(workers):
             # SEQPACKET: one message per connection, with its descriptor, and end-of-file when this process exits.
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             worker = spawn.Process(
                 target=_serve_worker,
-                args=(env, theirs, allow_fault_injection, log_level, limiter, closed, index, call_timeout),
+                args=(env, theirs, allow_fault_injection, log_level, limiter, closed, index, call_timeout, metrics),
                 name="gatefill-functions-worker",
             )
-            worker.start()
+            with multiprocess_environment(metrics_dir):
+                worker.start()
             theirs.close()
             channels.append(ours)
             processes.append(worker)
@@ -831,6 +951,7 @@ def _supervise(
                 process.kill()
         manager.shutdown()
         sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -864,11 +985,17 @@ def _serve_worker(
     closed: Any,
     index: int,
     call_timeout: float,
+    metrics: _WorkerMetrics,
 ) -> None:
     """One worker process: its own database pool and app, serving the connections the supervisor hands it."""
     with server_database(env, call_timeout) as db:
         app = create_app(
-            env, db, allow_fault_injection=allow_fault_injection, limiter=limiter, call_timeout=call_timeout
+            env,
+            db,
+            allow_fault_injection=allow_fault_injection,
+            limiter=limiter,
+            call_timeout=call_timeout,
+            metrics=FunctionMetrics(multiprocess_dir=metrics.directory, started=metrics.started),
         )
         _serve_handed(app, channel, log_level, closed, index)
 

@@ -111,6 +111,7 @@ EVENTS: dict[str, str] = {
     "{profile_created, type_code, fc_source, delay_ms}",
     "finalize_failed": "finalize could not score the session {findings}",
     "call_timeout": "the call had not answered within the server's deadline {timeout_s}: 504 (it may still finish)",
+    "server_error": "the call answered 5xx for a reason no other event records {status, code}",
     # get-results-by-session
     "tokenless_access": "a results request without a token {served} (upstream name, §2.4)",
     "results_access_denied": "results refused {reason, status}: no_token, unknown_session, token_mismatch, "
@@ -118,7 +119,7 @@ EVENTS: dict[str, str] = {
 }
 
 #: Server-side faults a request may ask for when the server allows fault injection.
-FAULT_NAMES = ("engine_version_override", "legacy_fc", "profile_write_fail", "token_bypass", "slow")
+FAULT_NAMES = ("engine_version_override", "legacy_fc", "profile_write_fail", "token_bypass", "slow", "server_error")
 #: The scoring_config.results_version an ``engine_version_override`` fault pretends is stored (the pre-v1.2.1 value).
 DRIFTED_RESULTS_VERSION = "v1.2.0"
 SHARE_TOKEN_TTL = timedelta(days=30)
@@ -694,6 +695,11 @@ class PrismService:
         """The ``call_timeout`` event of a call the server answered 504, so the soak counts it with the failures."""
         with self.db.translate_errors(), self.db.begin() as conn:
             self._log(conn, fn, ctx, [("call_timeout", {"session_id": session_id, "timeout_s": seconds})])
+
+    def record_server_error(self, fn: str, session_id: str | None, ctx: CallContext, status: int, code: str) -> None:
+        """The ``server_error`` event of a call the server answered 5xx for a reason no other event records."""
+        with self.db.translate_errors(), self.db.begin() as conn:
+            self._log(conn, fn, ctx, [("server_error", {"session_id": session_id, "status": status, "code": code})])
 
     def _write_fc(self, conn: Connection, work: _Work, row: Mapping[str, object], ctx: CallContext) -> None:
         work.writing = "fc"

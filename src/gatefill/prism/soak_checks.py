@@ -21,8 +21,11 @@ once, before the first look. What each reads:
    completed, against the same funnels over the baseline window before it (counted once per soak by
    ``measure_baseline`` and stored with the run), with the sequential non-inferiority test of ``gatefill.stats``
    (alpha spent over the looks; a decision, once reached, is kept).
-6. ``function_errors``: error events (failed writes, unscorable sessions, withheld profiles) and failed finalizations.
-7. ``latency``: p50/p95 of the probes' response times against a threshold.
+6. ``function_errors``: error events (failed writes, unscorable sessions, withheld profiles, 5xx answers the server
+   recorded) and failed finalizations; with ``metrics_url``, also the 5xx answers counted by the app's own metrics,
+   which see failures the database never recorded (``gatefill.prism.soak_metrics`` reads them).
+7. ``latency``: each function's p95 from the app's latency histogram when ``metrics_url`` is set, and p50/p95 of the
+   probes' response times, against a threshold.
 8. ``write_failures``: sessions finalized in the window (before a grace period ended) that still have no profile:
    catches writes that failed or were swallowed, whatever the logs say.
 
@@ -60,7 +63,7 @@ from gatefill.config import Environment
 from gatefill.db import Database, JSONValue, UTCTimestamp, parse_utc
 from gatefill.errors import UsageError
 from gatefill.job import Check
-from gatefill.prism import scoring
+from gatefill.prism import scoring, soak_metrics
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import require_schema
 from gatefill.prism.service import token_hash
@@ -97,6 +100,7 @@ ERROR_EVENTS = (
     "profile_withheld",
     "finalize_failed",
     "call_timeout",
+    "server_error",
 )
 # Every event any check counts; one grouped query reads them all.
 _COUNTED_EVENTS = (
@@ -110,6 +114,10 @@ _COUNTED_EVENTS = (
 _CHARTED_EVENTS = (*ERROR_EVENTS, "engine_version_override", "fc_fallback_legacy")
 _FUNNELS = ("completion", "profile")
 _MAX_LISTED = 20
+_APP_METRICS_NOT_CONFIGURED = {
+    "configured": False,
+    "note": "metrics_url is not configured: the app's own metrics (5xx answers, latency histogram) were not read",
+}
 
 
 def _sql(
@@ -330,6 +338,8 @@ class PrismSoakSettings:
 
     results_url: str | None = None
     functions_url: str | None = None
+    #: The functions server's Prometheus metrics (default: the environment's ``metrics_url``); see ``soak_metrics``.
+    metrics_url: str | None = None
     #: Sessions started within this of a cutoff are not judged on completion yet (answering takes a while).
     completion_grace: float = 3600.0
     #: Sessions finalized within this of a cutoff are not judged on their profile yet.
@@ -526,6 +536,15 @@ class PrismSoakChecks:
         self.settings = settings or PrismSoakSettings()
         self.settings.validate()
         self._prober = _Prober(env, self.settings)
+        metrics_url = self.settings.metrics_url or env.metrics_url
+        # Built now, at the soak's start: its first scrape is the baseline a live soak counts from.
+        self._app = (
+            soak_metrics.AppMetricsReader(
+                metrics_url, timeout=self.settings.probe_timeout, transport=self.settings.transport
+            )
+            if metrics_url
+            else None
+        )
 
     def __enter__(self) -> PrismSoakChecks:
         return self
@@ -535,6 +554,8 @@ class PrismSoakChecks:
 
     def close(self) -> None:
         self._prober.close()
+        if self._app is not None:
+            self._app.close()
 
     @property
     def check_names(self) -> tuple[str, ...]:
@@ -544,6 +565,7 @@ class PrismSoakChecks:
         s = self.settings
         return {
             "endpoint": self._prober.endpoint,
+            "metrics": self._app.source if self._app is not None else None,
             "completion_grace_s": s.completion_grace,
             "write_grace_s": s.write_grace,
             "latency_p95_ms": s.latency_p95_ms,
@@ -560,8 +582,11 @@ class PrismSoakChecks:
         s = self.settings
         times = {"start": look.window_start, "end": look.end}
         versions = {"fc_version": s.fc_version, "fc_kind": s.fc_kind, "engine_version": s.engine_version}
+        # Scraped before the database work, so no connection waits on the metrics endpoint.
+        scrape = self._app.scrape() if self._app is not None else None
         with db.connect() as conn:
             events = {evt: int(n) for evt, n in conn.execute(_EVENT_COUNTS, {**times, "events": list(_COUNTED_EVENTS)})}
+            app = self._app.read(look, events, scrape) if self._app is not None else None
             fc = conn.execute(_FC_STAMPS, {**times, **versions}).one()
             prof = conn.execute(_PROFILE_STAMPS, {**times, **versions}).one()
             checks = {
@@ -569,7 +594,7 @@ class PrismSoakChecks:
                 "engine_version_override": self._engine_version(conn, events),
                 "legacy_fc": self._legacy_fc(conn, look, events, int(prof.checked), versions),
                 "conversion": self._conversion(conn, look),
-                "function_errors": self._function_errors(conn, look, events),
+                "function_errors": self._function_errors(conn, look, events, app),
                 "write_failures": self._write_failures(conn, look),
             }
             tokenless = conn.execute(
@@ -580,7 +605,7 @@ class PrismSoakChecks:
         probes, skipped = self._probe(look, sampled)
         rls = self._rls(db)
         checks["token_gating"] = self._token_gating(look, probes, skipped, sampled, rls, tokenless)
-        checks["latency"] = self._latency(look, probes, skipped)
+        checks["latency"] = self._latency(look, probes, skipped, app)
         return [checks[name] for name in CHECK_NAMES]
 
     def _version_stamps(self, conn: Connection, look: Look, fc: Any, prof: Any, versions: Mapping[str, str]) -> Check:
@@ -816,7 +841,11 @@ class PrismSoakChecks:
             "summary": summary,
         }
 
-    def _function_errors(self, conn: Connection, look: Look, events: Mapping[str, int]) -> Check:
+    def _function_errors(
+        self, conn: Connection, look: Look, events: Mapping[str, int], app: soak_metrics.AppWindow | None
+    ) -> Check:
+        """Error events and failed finalizations from the database, and 5xx answers from the app's own metrics
+        (which see the failures the database never recorded)."""
         errors = {evt: events.get(evt, 0) for evt in ERROR_EVENTS if events.get(evt, 0)}
         total = sum(errors.values())
         failed_sessions: set[str] = set()
@@ -828,22 +857,33 @@ class PrismSoakChecks:
                     failed_sessions.add(str(payload.get("session_id")))
         completed = events.get("finalize_complete", 0)
         calls = completed + len(failed_sessions)
-        evidence = {
+        from_app = soak_metrics.server_errors(app) if app is not None else None
+        evidence: dict[str, Any] = {
             "error_events": errors,
             "failed_finalizations": len(failed_sessions),
             "finalize_calls": calls,
             "finalize_complete": completed,
             "failed_sessions": sorted(failed_sessions)[:_MAX_LISTED],
             "rule_of_three_upper": _bound(calls),
+            "app_metrics": dict(from_app.evidence) if from_app is not None else _APP_METRICS_NOT_CONFIGURED,
         }
+        if app is not None:
+            evidence[soak_metrics.STATE_KEY] = dict(app.state)
         query = _query_text(_EVENT_COUNTS, _ERROR_PAYLOADS)
+        problems = []
         if total:
             listed = ", ".join(f"{evt} {n}" for evt, n in sorted(errors.items()))
-            summary = f"{total} error events ({listed}); {len(failed_sessions)} of {calls} finalizations failed"
-            return Check("function_errors", "FAIL", summary, evidence, query)
+            problems.append(f"{total} error events ({listed}); {len(failed_sessions)} of {calls} finalizations failed")
+        if from_app is not None and from_app.verdict == "FAIL":
+            problems.append(from_app.summary)
+        if problems:
+            return Check("function_errors", "FAIL", "; ".join(problems), evidence, query)
         if calls == 0:
             return Check("function_errors", "INCONCLUSIVE", "no finalization ran in the window", evidence, query)
-        return Check("function_errors", "PASS", _zero_summary("error events", calls, "finalizations"), evidence, query)
+        summary = _zero_summary("error events", calls, "finalizations")
+        if from_app is None:
+            return Check("function_errors", "PASS", summary, evidence, query)
+        return Check("function_errors", from_app.verdict, f"{summary}; {from_app.summary}", evidence, query)
 
     def _write_failures(self, conn: Connection, look: Look) -> Check:
         grace = self.settings.write_grace
@@ -1016,7 +1056,11 @@ class PrismSoakChecks:
         )
         return Check("token_gating", "PASS", summary, evidence, query)
 
-    def _latency(self, look: Look, probes: Sequence[_Probe], skipped: str | None) -> Check:
+    def _latency(
+        self, look: Look, probes: Sequence[_Probe], skipped: str | None, app: soak_metrics.AppWindow | None
+    ) -> Check:
+        """The app's latency histogram when it is configured (the probes' timings beside it; a FAIL of either
+        fails), else the probes' timings alone."""
         s = self.settings
         previous = look.previous.get("latency", {})
         samples = [float(v) for v in previous.get("_samples_ms", [])]
@@ -1037,16 +1081,30 @@ class PrismSoakChecks:
             },
             "_samples_ms": [round(v, 1) for v in samples],
         }
+        verdict, summary = self._probe_latency(samples, p50, p95)
+        if app is None:
+            evidence["app_metrics"] = _APP_METRICS_NOT_CONFIGURED
+            return Check("latency", verdict, summary, evidence)
+        judged = soak_metrics.latency(app, s.latency_p95_ms / 1000.0, s.min_latency_samples)
+        evidence["app_metrics"] = dict(judged.evidence)
+        combined = "FAIL" if "FAIL" in (judged.verdict, verdict) else judged.verdict
+        return Check("latency", combined, f"app histogram: {judged.summary}; probes: {summary}", evidence)
+
+    def _probe_latency(self, samples: Sequence[float], p50: float | None, p95: float | None) -> tuple[str, str]:
+        """The verdict of the results-endpoint probes' timings against the threshold."""
+        s = self.settings
         if self._prober.endpoint is None:
-            return Check("latency", "INCONCLUSIVE", "no results endpoint configured", evidence)
+            return "INCONCLUSIVE", "no results endpoint configured"
         if len(samples) < s.min_latency_samples:
-            summary = f"{len(samples)} probe timings, fewer than the {s.min_latency_samples} needed for a p95"
-            return Check("latency", "INCONCLUSIVE", summary, evidence)
+            return (
+                "INCONCLUSIVE",
+                f"{len(samples)} probe timings, fewer than the {s.min_latency_samples} needed for a p95",
+            )
         assert p50 is not None and p95 is not None
         summary = f"results endpoint p50 {p50:.1f} ms, p95 {p95:.1f} ms over {len(samples)} probes"
         if p95 > s.latency_p95_ms:
-            return Check("latency", "FAIL", summary + f" > threshold {s.latency_p95_ms:g} ms", evidence)
-        return Check("latency", "PASS", summary + f" ≤ threshold {s.latency_p95_ms:g} ms", evidence)
+            return "FAIL", summary + f" > threshold {s.latency_p95_ms:g} ms"
+        return "PASS", summary + f" ≤ threshold {s.latency_p95_ms:g} ms"
 
     # ----------------------------------------------------------------------------------------------------------------
     # Reports
