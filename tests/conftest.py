@@ -67,14 +67,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(str(exc), returncode=2)
 
 
+#: Fixtures that give the same test on SQLite and Postgres (and, for tests marked ``pooled``, through PgBouncer in
+#: transaction mode), with their scope: ``target`` (a fresh database per test) and ``live`` (a functions server per
+#: module, tests/prism/conftest.py).
+_DIALECT_FIXTURES = {"target": "function", "live": "module"}
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """``target`` runs on SQLite and Postgres; tests marked ``pooled`` also through PgBouncer in transaction mode."""
-    if "target" in metafunc.fixturenames and not any(
-        m.name == "parametrize" and "target" in m.args[0] for m in metafunc.definition.iter_markers()
-    ):
-        pooled = metafunc.definition.get_closest_marker("pooled") is not None
-        params = ["sqlite", "postgresql", *(["pooled"] if pooled else [])]
-        metafunc.parametrize("target", params, indirect=True)
+    for name, scope in _DIALECT_FIXTURES.items():
+        if name in metafunc.fixturenames and not any(
+            m.name == "parametrize" and name in m.args[0] for m in metafunc.definition.iter_markers()
+        ):
+            pooled = metafunc.definition.get_closest_marker("pooled") is not None
+            params = ["sqlite", "postgresql", *(["pooled"] if pooled else [])]
+            metafunc.parametrize(name, params, indirect=True, scope=scope)  # type: ignore[arg-type]
 
 
 def create_pg_database(template: str | None = None) -> str:

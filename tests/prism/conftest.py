@@ -28,7 +28,7 @@ from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.simulator import Respondent, new_respondent, write_answers, write_session
-from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
+from tests.conftest import create_pg_database, drop_pg_database, pg_env, pooled_env, sqlite_env
 
 #: The service-role key of every test server; tests grep responses, logs and rows for it.
 # Fixed, not random: the key appears in test ids, which must be identical on every xdist worker.
@@ -101,13 +101,14 @@ def _module_database(kind: str, request: pytest.FixtureRequest, tmp: Path) -> tu
         env = sqlite_env(path)
         return Environment(env.name, env.kind, env.database_url, service_role_key_env=KEY_ENV), None
     name = create_pg_database(request.getfixturevalue("pg_template"))
-    env = pg_env(name)
-    return Environment(env.name, env.kind, env.database_url, service_role_key_env=KEY_ENV), name
+    env = pooled_env(name) if kind == "pooled" else pg_env(name)
+    return Environment(env.name, env.kind, env.database_url, service_role_key_env=KEY_ENV, pooler=env.pooler), name
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module")
 def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    """A fault-injection-enabled functions server on a fresh module database (SQLite and Postgres)."""
+    """A fault-injection-enabled functions server on a fresh module database (SQLite and Postgres, and through
+    PgBouncer for modules marked ``pooled``; tests/conftest.py gives the parameter)."""
     env, pg_name = _module_database(request.param, request, tmp_path_factory.mktemp("live"))
     # Small pool: parallel workers and other suites share one Postgres (max_connections 100); calls queue instead.
     server_db = Database(env, pool_size=8)

@@ -37,6 +37,9 @@ from gatefill.prism.simulator import new_respondent, write_answers, write_sessio
 from tests.conftest import Target, pg_env
 from tests.prism.conftest import KEY_ENV, SERVICE_KEY, Live, run_server
 
+# The functions server also runs through PgBouncer in transaction mode here (the `pooled` parameter of `live`).
+pytestmark = pytest.mark.pooled
+
 
 def _ip() -> str:
     """A client address of this test's own, so the module server's rate limiter never mixes tests."""

@@ -28,6 +28,9 @@ from gatefill.prism.schema import (
 from gatefill.prism.simulator import INJECTABLE, parse_inject, run_simulation, simulate
 from tests.prism.conftest import SERVICE_KEY, Live, run_server
 
+# The functions server also runs through PgBouncer in transaction mode here (the `pooled` parameter of `live`).
+pytestmark = pytest.mark.pooled
+
 START = datetime(2025, 9, 17, 18, 7, 45, tzinfo=UTC)
 EMPTY_TOKEN_HASH = hashlib.sha256(b"").hexdigest()
 
