@@ -57,7 +57,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "pooled"])
 def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str, Environment]]:
     """``gatefill serve functions`` in its own process, configured by environment variables only (and the node
     binary that will call it, checked first)."""
@@ -67,6 +67,7 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
     variables = {
         **os.environ,
         "GATEFILL_ENV_JS_DATABASE_URL": env.database_url,
+        "GATEFILL_ENV_JS_POOLER": env.pooler,
         "GATEFILL_ENV_JS_SERVICE_ROLE_KEY_ENV": "GATEFILL_TEST_JS_KEY",
         "GATEFILL_TEST_JS_KEY": SERVICE_KEY,
     }
@@ -142,3 +143,50 @@ def test_the_real_supabase_client_calls_every_function_as_the_front_end_did(
             ).all()
     assert (session.status, session.completed_questions) == ("completed", len(responses))
     assert {r.session_id for r in written} == {finalizing.session_id, scoring.session_id}
+
+
+#: Respondents finalizing at once in the load test, each then opening its results: two calls each.
+LOAD_SESSIONS = 100
+LOAD_CLIENTS = 20
+
+
+def test_twenty_clients_at_once_get_only_200s_and_every_profile_is_written(
+    served: tuple[str, str, Environment],
+) -> None:
+    """tests/js/load.mjs: 20 concurrent supabase-js clients finalize 100 sessions and open their results (200 calls);
+    through the transaction pooler this is where prepared statements and session settings broke (issue 13). The
+    bench (bench/bench_supabase_js.py) runs the same script with 2,000 calls and more."""
+    node, url, env = served
+    rng = random.Random(20)
+    with Database(env) as db:
+        bodies = []
+        for _ in range(LOAD_SESSIONS):
+            r = _respondent(db, rng)
+            bodies.append(
+                {
+                    "session_id": r.session_id,
+                    "responses": [{"question_id": q, "answer_value": v} for q, _t, _k, _s, v, _o in r.answers],
+                }
+            )
+        settings = {"url": url, "anonKey": ANON_KEY, "clients": LOAD_CLIENTS, "sessions": bodies}
+        with (JS / f".load-{os.getpid()}.json").open("w", encoding="utf-8") as arg:
+            json.dump(settings, arg)
+        try:
+            run = subprocess.run(
+                [node, str(JS / "load.mjs"), "@" + arg.name], capture_output=True, text=True, timeout=300, cwd=JS
+            )
+        finally:
+            Path(arg.name).unlink()
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        assert out["errors"] == [] and out["skipped_results"] == 0, out["errors"]
+        assert out["calls"] == 2 * LOAD_SESSIONS
+        assert {name: f["statuses"] for name, f in out["functions"].items()} == {
+            "finalizeAssessment": {"200": LOAD_SESSIONS},
+            "get-results-by-session": {"200": LOAD_SESSIONS},
+        }
+        with db.connect() as conn:
+            written = conn.execute(
+                sa.select(sa.func.count()).where(profiles.c.session_id.in_([b["session_id"] for b in bodies]))
+            ).scalar_one()
+    assert written == LOAD_SESSIONS
