@@ -31,7 +31,7 @@ from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
 from gatefill.interrupt import stop_on_sigint
-from gatefill.job import Candidate, Check, Job, SessionOutcome
+from gatefill.job import NOT_APPLICABLE, Candidate, Check, Job, SessionOutcome, overall_verdict
 from gatefill.ledger import RunStatus
 from gatefill.plan import verify_plan
 from gatefill.reports import render, write_json, write_text
@@ -652,11 +652,7 @@ def write_apply_artifacts(
         ),
     )
     checks = _gate_checks(run, planned, results, failures, max_failures, tables, job_checks, dry)
-    verdict = (
-        "FAIL"
-        if any(c.verdict == "FAIL" and c.gating for c in checks)
-        else ("INCONCLUSIVE" if any(c.verdict == "INCONCLUSIVE" and c.gating for c in checks) else "PASS")
-    )
+    verdict = overall_verdict(c.verdict for c in checks if c.gating)
     paths["gate"] = write_text(
         out / "backfill_gate.md",
         render(
@@ -722,6 +718,17 @@ def _gate_checks(
     ]
     checks.extend(job_checks)
     failed_verifications = [c.name for c in dry.verification if c.verdict != "PASS"]
+    if dry.changes == 0:
+        checks.append(
+            Check(
+                "rollback_dry_run",
+                NOT_APPLICABLE,
+                "the run recorded no changes: there is nothing to roll back, so nothing to verify",
+                {"changes": 0},
+                "SELECT count(*) FROM gatefill_changes WHERE run_id = :run",
+            )
+        )
+        return checks
     checks.append(
         Check(
             "rollback_dry_run",

@@ -457,6 +457,14 @@ def soak_command(
         float | None,
         typer.Option("--baseline-rate", help="A known started→completed rate (e.g. 0.892) instead of measuring it."),
     ] = None,
+    min_conversion: Annotated[
+        str | None,
+        typer.Option(
+            "--min-conversion",
+            help="Floor the completed → profile rate must be shown to reach (exact one-sided test), e.g. 80%; "
+            "default: seed 001's 85%.",
+        ),
+    ] = None,
     clock: Annotated[str, typer.Option(help="real, or simulated (looks back to back, no waiting).")] = "real",
     resume: Annotated[str | None, typer.Option("--resume", help="Continue this soak run (same window).")] = None,
     observe: Annotated[
@@ -467,12 +475,27 @@ def soak_command(
         str, typer.Option("--latency-p95", help="p95 threshold of the results endpoint, e.g. 1s or 800ms.")
     ] = "1s",
     no_chart: Annotated[bool, typer.Option("--no-chart", help="Do not draw the PNG chart.")] = False,
+    allow_production: Annotated[
+        bool,
+        typer.Option(
+            "--allow-production",
+            help="Soak an environment of kind production (the soak writes its ledger tables into that database).",
+        ),
+    ] = False,
 ) -> None:
-    """Watch staging for a window: every interval measure every check; verdict PASS (0), FAIL (1), INCONCLUSIVE (3)."""
+    """Watch an environment for a window (staging; production only with --allow-production): every interval measure
+    every check; verdict PASS (0), FAIL (1), INCONCLUSIVE (3)."""
     from gatefill.clock import parse_duration
     from gatefill.prism.soak_checks import PrismSoakSettings, run_prism_soak
     from gatefill.runs import find_run
-    from gatefill.soak import Baseline, Measurement, SoakOptions, parse_margin
+    from gatefill.soak import (
+        DEFAULT_MIN_CONVERSION,
+        Baseline,
+        Measurement,
+        SoakOptions,
+        parse_margin,
+        parse_min_conversion,
+    )
 
     try:
         duration_s, interval_s = parse_duration(duration), parse_duration(interval)
@@ -495,11 +518,14 @@ def soak_command(
         baseline_days=baseline_days,
         margin=parse_margin(margin),
         baseline_rate=baseline_rate,
+        min_conversion=DEFAULT_MIN_CONVERSION if min_conversion is None else parse_min_conversion(min_conversion),
         observe=tuple(observe or ()),
         fail_fast=fail_fast,
         chart=not no_chart,
+        allow_production=allow_production,
     )
     options.validate()
+    options.check_environment(environment)
 
     def progress(m: Measurement) -> None:
         # One line per look: a real 6-hour soak is otherwise silent for hours.

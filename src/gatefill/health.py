@@ -17,7 +17,7 @@ from typing import Any
 from gatefill import ledger
 from gatefill.config import Environment
 from gatefill.db import Database, format_utc
-from gatefill.job import Check
+from gatefill.job import Check, overall_verdict
 from gatefill.plan import PlanParams, compose_plan, write_plan_files
 from gatefill.prism.health_checks import health_checks
 from gatefill.prism.job import PrismJob
@@ -82,7 +82,7 @@ def check_health(
             plan = compose_plan(conn, env, job, params, now=now, run_id=run, source="health")
             seconds["discovery"] = time.perf_counter() - started
     needs_backfill = plan is not None and plan["totals"]["candidates"] > 0
-    healthy = not needs_backfill and all(c.verdict == "PASS" or not c.gating for c in checks)
+    healthy = not needs_backfill and overall_verdict(c.verdict for c in checks if c.gating) == "PASS"
     out = artifacts_dir / run_id
     paths: dict[str, Path] = {}
     if plan and needs_backfill:

@@ -48,11 +48,12 @@ from gatefill.config import Environment
 from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
 from gatefill.interrupt import stop_on_sigint
-from gatefill.job import Check
+from gatefill.job import NOT_APPLICABLE, Check, overall_verdict
 from gatefill.ledger import RunStatus
 from gatefill.reports import render, write_json, write_text
 
 __all__ = [
+    "DEFAULT_MIN_CONVERSION",
     "SOAK_PHASE",
     "Baseline",
     "Look",
@@ -67,6 +68,7 @@ __all__ = [
     "load_baseline",
     "load_measurements",
     "parse_margin",
+    "parse_min_conversion",
     "run_soak",
     "soak_state",
     "soak_verdict",
@@ -86,11 +88,14 @@ _PLAN_KEYS = (
     "baseline_days",
     "margin",
     "baseline_rate",
+    "min_conversion",
     "alpha",
     "min_n",
     "observe",
     "after",
 )
+#: Seed 001's success criterion: "Conversion rate maintains baseline (≥ 85%)", completed sessions → profiles.
+DEFAULT_MIN_CONVERSION = 0.85
 
 
 # ====================================================================================================================
@@ -141,6 +146,8 @@ class Look:
     baseline_days: float
     baseline_rate: float | None
     min_n: int
+    #: The absolute floor the job's conversion rate must be shown to reach (None: a soak planned without one).
+    min_conversion: float | None
     #: True under ``SimulatedClock``: the look's instants are simulated, so probes must tell the server the time.
     simulated_time: bool
     #: The soak's stored baseline, measured once before the first look.
@@ -223,6 +230,8 @@ class SoakOptions:
     baseline_days: float = 30.0
     margin: float = 0.05
     baseline_rate: float | None = None  # a known baseline rate (exact test) instead of the measured baseline
+    #: --min-conversion: the conversion rate must be shown (exact one-sided test) to be at least this.
+    min_conversion: float | None = DEFAULT_MIN_CONVERSION
     alpha: float = 0.05
     min_n: int = stats.DEFAULT_MIN_N
     observe: tuple[str, ...] = ()
@@ -232,6 +241,9 @@ class SoakOptions:
     settle_seconds: float = 5.0
     #: Draw the PNG chart in staging_observability.md (needs matplotlib; about half a second per soak).
     chart: bool = True
+    #: A soak writes its ledger (gatefill_* tables, measurements) into the database it watches: on an environment
+    #: of kind ``production`` only when asked for explicitly.
+    allow_production: bool = False
 
     @property
     def max_looks(self) -> int:
@@ -258,10 +270,21 @@ class SoakOptions:
             0.0 < self.baseline_rate <= 1.0 and self.margin <= self.baseline_rate
         ):
             raise UsageError("--baseline-rate must be within (0, 1] and at least the margin")
+        if self.min_conversion is not None and not 0.0 < self.min_conversion < 1.0:
+            raise UsageError("--min-conversion must be within (0, 100) %")
         if not 0.0 < self.alpha < 0.5:
             raise UsageError("alpha must be within (0, 0.5)")
         if self.min_n < 1:
             raise UsageError("the minimum sample size must be at least 1")
+
+    def check_environment(self, env: Environment) -> None:
+        """Raises ``UsageError`` on an environment of kind production unless ``allow_production``: a soak creates
+        and writes the ledger tables in the database it watches, which nobody should do to production unasked."""
+        if env.kind == "production" and not self.allow_production:
+            raise UsageError(
+                f"environment '{env.name}' is production: a soak writes its ledger (gatefill_* tables) into the "
+                "database it watches; soak staging, or pass --allow-production to soak production on purpose"
+            )
 
 
 @dataclass(frozen=True)
@@ -327,34 +350,45 @@ def parse_margin(text: str) -> float:
     return value
 
 
+def parse_min_conversion(text: str) -> float:
+    """A conversion floor as a fraction: ``85%`` or ``0.85``; else ``UsageError``."""
+    raw = text.strip().lower()
+    try:
+        value = float(raw.rstrip("%").strip()) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise UsageError(f"--min-conversion: {text!r} is not a rate (use e.g. 85% or 0.85)") from None
+    if not 0.0 < value < 1.0:
+        raise UsageError(f"--min-conversion: {text!r} must be within (0, 100) %")
+    return value
+
+
 def exit_code_for(verdict: str) -> int:
     """PASS 0, FAIL 1, INCONCLUSIVE 3 (the CLI's contract)."""
     return {"PASS": 0, "FAIL": 1}.get(verdict, 3)
 
 
 def soak_verdict(checks: Sequence[Check], *, complete: bool, looks: int, max_looks: int) -> tuple[str, str]:
-    """The soak's verdict and one sentence saying why; FAIL is final, PASS needs the whole window and every check."""
-    gating = [c for c in checks if c.gating]
+    """The soak's verdict and one sentence saying why; FAIL is final, PASS needs the whole window and every check
+    that applies (N/A checks count neither way)."""
+    gating = [c for c in checks if c.gating and c.verdict != NOT_APPLICABLE]
     failed = [c.name for c in gating if c.verdict == "FAIL"]
     if failed:
         return "FAIL", "gating check(s) failed: " + ", ".join(failed)
     if not gating:
-        return "INCONCLUSIVE", "no gating check: every check only observes"
+        return "INCONCLUSIVE", "no gating check that applies: every check only observes or is N/A"
     if not complete:
         return "INCONCLUSIVE", f"the window was not watched to its end (look {looks} of {max_looks})"
     lacking = [c.name for c in gating if c.verdict != "PASS"]
     if lacking:
         return "INCONCLUSIVE", "no conclusion from: " + ", ".join(lacking)
-    return "PASS", "every gating check passed over the whole window"
+    not_applicable = [c.name for c in checks if c.gating and c.verdict == NOT_APPLICABLE]
+    return "PASS", "every gating check passed over the whole window" + (
+        f" ({', '.join(not_applicable)} N/A here)" if not_applicable else ""
+    )
 
 
 def _look_verdict(checks: Sequence[Check]) -> str:
-    gating = [c for c in checks if c.gating]
-    if any(c.verdict == "FAIL" for c in gating):
-        return "FAIL"
-    if gating and all(c.verdict == "PASS" for c in gating):
-        return "PASS"
-    return "INCONCLUSIVE"
+    return overall_verdict(c.verdict for c in checks if c.gating)
 
 
 # ====================================================================================================================
@@ -370,6 +404,7 @@ def _plan_params(options: SoakOptions, window_start: datetime, checks: SoakCheck
         "baseline_days": float(options.baseline_days),
         "margin": float(options.margin),
         "baseline_rate": options.baseline_rate,
+        "min_conversion": options.min_conversion,
         "alpha": float(options.alpha),
         "min_n": int(options.min_n),
         "observe": sorted(options.observe),
@@ -389,6 +424,8 @@ def _options_from_params(params: Mapping[str, Any], base: SoakOptions) -> SoakOp
         baseline_days=float(params["baseline_days"]),
         margin=float(params["margin"]),
         baseline_rate=params.get("baseline_rate"),
+        # A soak stored before the floor existed was planned without one; it is not added to it afterwards.
+        min_conversion=params.get("min_conversion"),
         alpha=float(params["alpha"]),
         min_n=int(params["min_n"]),
         observe=tuple(params.get("observe", ())),
@@ -609,6 +646,7 @@ def run_soak(
     ``on_baseline`` the baseline when this call measured it (not when it was stored by an earlier one).
     """
     options.validate()
+    options.check_environment(env)
     unknown = sorted(set(options.observe) - set(checks.check_names))
     if unknown:
         raise UsageError(f"--observe: unknown check(s) {', '.join(unknown)} (known: {', '.join(checks.check_names)})")
@@ -667,6 +705,7 @@ def run_soak(
                     baseline_days=options.baseline_days,
                     baseline_rate=options.baseline_rate,
                     min_n=options.min_n,
+                    min_conversion=options.min_conversion,
                     simulated_time=simulated,
                     baseline=baseline,
                     previous=previous,
@@ -966,6 +1005,12 @@ def write_soak_artifacts(
                 f"rate {float(params['baseline_rate']):.1%} (given)"
                 if params.get("baseline_rate") is not None
                 else f"measured over the {float(params['baseline_days']):g} days before the window"
+            )
+            + (
+                f"; conversion floor {float(params['min_conversion']):.1%} (exact one-sided binomial test, alpha "
+                "spent the same way)"
+                if params.get("min_conversion") is not None
+                else "; no conversion floor in this soak's plan"
             )
         ),
         "baseline": _baseline_fact(baseline),

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from gatefill.job import Check
+from gatefill.job import NOT_APPLICABLE, Check
 from gatefill.prism import scoring
 from gatefill.prism.discovery import MIN_ANSWERS
 from gatefill.prism.schema import PRISM_TABLES, scoring_config
@@ -146,10 +146,9 @@ def health_checks(
         add(
             Check(
                 "row_level_security",
-                "PASS",
-                "SQLite has no roles or RLS: nothing is exposed to API roles",
+                NOT_APPLICABLE,
+                f"{conn.dialect.name} has no roles or row-level security: there is nothing to check",
                 {"dialect": conn.dialect.name},
-                gating=False,
             )
         )
     return checks

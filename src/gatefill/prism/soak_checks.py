@@ -21,9 +21,12 @@ once, before the first look. What each reads:
    completed, against the same funnels over the baseline window before it (counted once per soak by
    ``measure_baseline`` and stored with the run), with the sequential non-inferiority test of ``gatefill.stats``
    (alpha spent over the looks; a decision, once reached, is kept).
-6. ``function_errors``: error events (failed writes, unscorable sessions, withheld profiles) and failed finalizations.
-7. ``latency``: p50/p95 of the probes' response times against a threshold.
-8. ``write_failures``: sessions finalized in the window (before a grace period ended) that still have no profile:
+6. ``conversion_floor``: the completed → has a profile rate is at least ``--min-conversion`` (seed 001: "Conversion
+   rate maintains baseline (≥ 85%)", completed sessions → profiles), by the exact one-sided binomial test at the
+   same per-look levels; N/A for a soak planned without a floor.
+7. ``function_errors``: error events (failed writes, unscorable sessions, withheld profiles) and failed finalizations.
+8. ``latency``: p50/p95 of the probes' response times against a threshold.
+9. ``write_failures``: sessions finalized in the window (before a grace period ended) that still have no profile:
    catches writes that failed or were swallowed, whatever the logs say.
 
 Secrets: the probes need share tokens of sampled sessions, read from the database; a token never leaves this module
@@ -59,7 +62,7 @@ from gatefill.clock import Clock, RealClock, SimulatedClock, utc
 from gatefill.config import Environment
 from gatefill.db import Database, JSONValue, UTCTimestamp, parse_utc
 from gatefill.errors import UsageError
-from gatefill.job import Check
+from gatefill.job import NOT_APPLICABLE, Check
 from gatefill.prism import scoring
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import require_schema
@@ -82,6 +85,7 @@ CHECK_NAMES = (
     "legacy_fc",
     "token_gating",
     "conversion",
+    "conversion_floor",
     "function_errors",
     "latency",
     "write_failures",
@@ -568,7 +572,7 @@ class PrismSoakChecks:
                 "version_stamps": self._version_stamps(conn, look, fc, prof, versions),
                 "engine_version_override": self._engine_version(conn, events),
                 "legacy_fc": self._legacy_fc(conn, look, events, int(prof.checked), versions),
-                "conversion": self._conversion(conn, look),
+                **self._conversion(conn, look),
                 "function_errors": self._function_errors(conn, look, events),
                 "write_failures": self._write_failures(conn, look),
             }
@@ -725,7 +729,8 @@ class PrismSoakChecks:
         )
         return Baseline(start, end, summary, evidence, _query_text(_FUNNEL_COUNTS))
 
-    def _conversion(self, conn: Connection, look: Look) -> Check:
+    def _conversion(self, conn: Connection, look: Look) -> dict[str, Check]:
+        """The non-inferiority check of both funnels and the floor check of the profile funnel, from one count."""
         s = self.settings
         previous = look.previous.get("conversion", {})
         # The soak measured the baseline once, before the first look; every look compares against those counts.
@@ -766,7 +771,39 @@ class PrismSoakChecks:
             "funnels": funnels,
         }
         summary = "; ".join(f"{name}: {funnels[name]['summary']}" for name in _FUNNELS)
-        return Check("conversion", verdict, summary, evidence, _query_text(_FUNNEL_COUNTS))
+        return {
+            "conversion": Check("conversion", verdict, summary, evidence, _query_text(_FUNNEL_COUNTS)),
+            "conversion_floor": self._floor(look, *counts["profile"]),
+        }
+
+    def _floor(self, look: Look, k: int, n: int) -> Check:
+        """Completed → has a profile at least ``look.min_conversion``: sequential exact test, first decision kept."""
+        query = _query_text(_FUNNEL_COUNTS)
+        evidence: dict[str, Any] = {"funnel": "completed → has a profile", "k": k, "n": n, "floor": look.min_conversion}
+        if look.min_conversion is None:
+            why = "this soak was planned without a conversion floor (it started before --min-conversion existed)"
+            return Check("conversion_floor", NOT_APPLICABLE, why, evidence, query)
+        current = stats.sequential_at_least(
+            k, n, floor=look.min_conversion, plan=look.plan, look=look.number, min_n=look.min_n
+        )
+        decided = look.previous.get("conversion_floor", {}).get("decided")
+        if decided is None and current.verdict in ("PASS", "FAIL"):
+            decided = {"verdict": current.verdict, "look": look.number, "k": k, "n": n, "reason": current.reason}
+        wilson = stats.wilson_interval(k, n)
+        evidence.update(
+            rate=k / n if n else None,
+            wilson95=[wilson.low, wilson.high],
+            look_alpha=current.alpha,
+            p_value_at_most_floor=current.p_value_noninferior,
+            p_value_at_least_floor=current.p_value_inferior,
+            method=current.method,
+            look_verdict=current.verdict,
+            decided=decided,
+        )
+        if decided:
+            summary = f"{decided['verdict']} since look {decided['look']}: {str(decided['reason']).rstrip('.')}"
+            return Check("conversion_floor", str(decided["verdict"]), summary, evidence, query)
+        return Check("conversion_floor", "INCONCLUSIVE", current.reason.rstrip("."), evidence, query)
 
     def _funnel(
         self, name: str, k: int, n: int, base: float | stats.Sample, look: Look, previous: Mapping[str, Any]
@@ -1124,14 +1161,18 @@ class PrismSoakChecks:
                     low, high = f.get("wilson95", [0.0, 1.0])
                     cells.append(f"{k}/{n}" + (f" = {k / n:.1%} [{low:.1%}, {high:.1%}]" if n else ""))
                     cells.append(f"{f.get('look_verdict', '-')} (α {f.get('look_alpha', 0.0):.2g})")
+                floor = m.check("conversion_floor")
+                cells.append(_floor_cell(floor))
                 conversion_rows.append(cells)
         return [
             ReportTable(
                 "Conversion at each look (cumulative, sequential test)",
-                ["look", "cutoff", "completion", "test", "profile", "test"],
+                ["look", "cutoff", "completion", "test", "profile", "test", "profile ≥ floor"],
                 conversion_rows,
                 "Counts are cumulative from the window's start. Each look tests at its own share α of the error "
-                "budget (O'Brien-Fleming spending); the first PASS or FAIL of a funnel is kept as its decision.",
+                "budget (O'Brien-Fleming spending); the first PASS or FAIL of a funnel is kept as its decision. "
+                "The floor test (--min-conversion) is the exact one-sided binomial test of the profile funnel at the "
+                "same levels.",
             ),
             ReportTable(
                 "Results-endpoint probes and RLS",
@@ -1141,6 +1182,15 @@ class PrismSoakChecks:
                 "token (403), its own token (200). Tokens are never written to any artifact.",
             ),
         ]
+
+
+def _floor_cell(check: Check | None) -> str:
+    if check is None:
+        return "-"
+    if check.verdict == NOT_APPLICABLE:
+        return "N/A (no floor)"
+    floor = check.evidence.get("floor")
+    return f"{check.evidence.get('look_verdict', '-')} vs {floor:.0%} (α {check.evidence.get('look_alpha', 0.0):.2g})"
 
 
 def _ms(value: object) -> str:
@@ -1178,6 +1228,7 @@ def run_prism_soak(
     """
     if clock not in ("real", "simulated"):
         raise UsageError("--clock must be 'real' or 'simulated'")
+    options.check_environment(env)  # before anything touches the database
     if clock == "simulated" and env.kind == "production":
         raise UsageError(f"environment '{env.name}' is production: --clock simulated is refused there")
     chosen = settings or PrismSoakSettings()
