@@ -56,6 +56,8 @@ __all__ = [
     "DEFAULT_MIN_CONVERSION",
     "SOAK_PHASE",
     "Baseline",
+    "ChartGuides",
+    "ChartLine",
     "Look",
     "Measurement",
     "ReportTable",
@@ -168,6 +170,28 @@ class SeriesBucket:
     end: datetime
     rates: Mapping[str, tuple[int, int]]
     events: Mapping[str, int]
+    #: Per rate, trials left out of ``rates`` because they had not had time to finish by the end of the series.
+    pending: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChartLine:
+    """A horizontal reference drawn over a rate on the chart: its baseline, a threshold or a floor."""
+
+    series: str
+    value: float
+    label: str
+    style: str  # baseline | threshold | floor
+
+
+@dataclass(frozen=True)
+class ChartGuides:
+    """What the chart draws besides the rates: reference lines, and per rate the instant after which trials had
+    not had time to finish (the shaded tail), with a sentence saying so."""
+
+    lines: Sequence[ChartLine] = ()
+    pending_after: Mapping[str, datetime] = field(default_factory=dict)
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -211,6 +235,10 @@ class SoakChecks(Protocol):
 
     def report_tables(self, measurements: Sequence[Measurement]) -> list[ReportTable]:
         """Extra tables for the observability report, built from the stored measurements."""
+        ...
+
+    def chart_guides(self, measurements: Sequence[Measurement], end: datetime) -> ChartGuides:
+        """Reference lines (baselines, thresholds, floors) and the unfinished tail for the chart of ``[.., end)``."""
         ...
 
 
@@ -880,15 +908,20 @@ def _bucket_seconds(duration: float, interval: float) -> float:
     return 3600.0 if duration >= 7200.0 else interval
 
 
-def _rate_cell(k: int, n: int) -> str:
+def _rate_cell(k: int, n: int, pending: int = 0) -> str:
+    later = f" (+{pending} pending)" if pending else ""
     if n == 0:
-        return "n/a (0 of 0)"
+        return f"n/a (0 of 0){later}"
     ci = stats.wilson_interval(k, n)
-    return f"{k}/{n} = {k / n:.1%} [{ci.low:.1%}, {ci.high:.1%}]"
+    return f"{k}/{n} = {k / n:.1%} [{ci.low:.1%}, {ci.high:.1%}]{later}"
 
 
-def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str) -> str | None:
-    """Draws conversion (with 95 % Wilson intervals) and events per bucket; returns why not when it cannot."""
+_LINE_STYLES = {"baseline": "-", "threshold": "--", "floor": ":"}
+
+
+def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str, guides: ChartGuides) -> str | None:
+    """Draws the rates (95 % Wilson intervals, reference lines, pending tail shaded) and, when there are any, the
+    events per bucket; a panel with nothing to show is replaced by a sentence. Returns why not when it cannot."""
     try:
         import matplotlib
 
@@ -898,53 +931,74 @@ def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str) -> str | Non
         return "chart not drawn: matplotlib is not installed"
     if not buckets:
         return "chart not drawn: the window has no buckets yet"
-    centres = [b.start + (b.end - b.start) / 2 for b in buckets]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    has_rates = any(n for b in buckets for _, n in b.rates.values())
+    events = sorted({e for b in buckets for e in b.events})
+    if not has_rates and not events:
+        return "chart not drawn: no session was judged and no error or forbidden event was logged in the window"
+    panels = [name for name, shown in (("rates", has_rates), ("events", bool(events))) if shown]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.4 * len(panels) + 0.6), sharex=True, squeeze=False)
     try:
-        names = list(buckets[0].rates)
-        plotted = False
-        for name in names:
-            xs, ys, lows, highs = [], [], [], []
-            for centre, b in zip(centres, buckets, strict=True):
-                k, n = b.rates.get(name, (0, 0))
-                if n == 0:
-                    continue
-                ci = stats.wilson_interval(k, n)
-                xs.append(centre)
-                ys.append(k / n)
-                lows.append(k / n - ci.low)
-                highs.append(ci.high - k / n)
-            if xs:
-                top.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, label=name)
-                plotted = True
-        top.set_ylim(0.0, 1.05)
-        # The whole window, not just the buckets that had data: an empty stretch must look empty.
-        top.set_xlim(buckets[0].start, buckets[-1].end)
-        top.set_ylabel("rate (95% Wilson)")
+        ax = dict(zip(panels, axes[:, 0], strict=True))
+        if "rates" in ax:
+            _draw_rates(ax["rates"], buckets, guides)
+        if "events" in ax:
+            _draw_events(ax["events"], buckets, events)
+        top = axes[0, 0]
         top.set_title(title)
-        top.grid(alpha=0.3)
-        if plotted:
-            top.legend(loc="lower left", fontsize="small")
-        events = sorted({e for b in buckets for e in b.events})
-        width = (buckets[0].end - buckets[0].start) * 0.8
-        bottom_stack = [0] * len(buckets)
-        for name in events:
-            values = [b.events.get(name, 0) for b in buckets]
-            bottom.bar(centres, values, width=width, bottom=bottom_stack, label=name)
-            bottom_stack = [a + v for a, v in zip(bottom_stack, values, strict=True)]
-        bottom.set_ylabel("events")
-        bottom.grid(alpha=0.3)
-        if events:
-            bottom.legend(loc="upper left", fontsize="small")
-        else:
-            bottom.text(0.5, 0.5, "no error or forbidden events", ha="center", va="center", transform=bottom.transAxes)
+        top.set_xlim(buckets[0].start, buckets[-1].end)  # the whole window: an empty stretch must look empty
+        missing = [] if has_rates else ["No session was judged in the window, so there are no rates to draw."]
+        missing += [] if events else ["No error or forbidden event was logged in the window."]
         fig.autofmt_xdate()
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.05 * len(missing), 1, 1))
+        for i, sentence in enumerate(missing):
+            fig.text(0.5, 0.02 + 0.04 * i, sentence, ha="center", va="bottom", fontsize="medium")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=90)
     finally:
         plt.close(fig)
     return None
+
+
+def _draw_rates(ax: Any, buckets: Sequence[SeriesBucket], guides: ChartGuides) -> None:
+    centres = [b.start + (b.end - b.start) / 2 for b in buckets]
+    end = buckets[-1].end
+    for i, name in enumerate(buckets[0].rates):
+        colour = f"C{i}"
+        xs, ys, lows, highs = [], [], [], []
+        for centre, b in zip(centres, buckets, strict=True):
+            k, n = b.rates.get(name, (0, 0))
+            if n:
+                ci = stats.wilson_interval(k, n)
+                xs.append(centre)
+                ys.append(k / n)
+                lows.append(k / n - ci.low)
+                highs.append(ci.high - k / n)
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, color=colour, label=name)
+        for line in guides.lines:
+            if line.series == name:
+                style = _LINE_STYLES.get(line.style, "-.")
+                ax.axhline(line.value, color=colour, linestyle=style, linewidth=1, alpha=0.7, label=line.label)
+        after = guides.pending_after.get(name)
+        if after is not None and after < end:
+            ax.axvspan(after, end, color=colour, alpha=0.12, label=f"{name}: pending (not judged yet)")
+    ax.set_ylim(0.0, 1.05)
+    ax.set_ylabel("rate (95% Wilson)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="x-small", ncol=2)
+
+
+def _draw_events(ax: Any, buckets: Sequence[SeriesBucket], names: Sequence[str]) -> None:
+    centres = [b.start + (b.end - b.start) / 2 for b in buckets]
+    width = (buckets[0].end - buckets[0].start) * 0.8
+    stacked = [0] * len(buckets)
+    for name in names:
+        values = [b.events.get(name, 0) for b in buckets]
+        ax.bar(centres, values, width=width, bottom=stacked, label=name)
+        stacked = [a + v for a, v in zip(stacked, values, strict=True)]
+    ax.set_ylabel("events")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
 
 
 def write_soak_artifacts(
@@ -980,10 +1034,13 @@ def write_soak_artifacts(
         why = str(summary["reason"])
     observed_until = measurements[-1].window_end if measurements else window_start
     buckets = checks.series(db, window_start, observed_until, _bucket_seconds(duration, interval))
+    guides = checks.chart_guides(measurements, observed_until)
     paths: dict[str, Path] = {}
     chart_name = "staging_observability_chart.png"
     chart_note = (
-        _chart(out / chart_name, buckets, f"soak {run_id}: {env.name}") if chart else "chart not drawn (--no-chart)"
+        _chart(out / chart_name, buckets, f"soak {run_id}: {env.name}", guides)
+        if chart
+        else "chart not drawn (--no-chart)"
     )
     if chart_note is None:
         paths["chart"] = out / chart_name
@@ -1042,7 +1099,7 @@ def write_soak_artifacts(
                 {
                     "start": b.start.isoformat(),
                     "end": b.end.isoformat(),
-                    "rates": {n: _rate_cell(*b.rates.get(n, (0, 0))) for n in rate_names},
+                    "rates": {n: _rate_cell(*b.rates.get(n, (0, 0)), b.pending.get(n, 0)) for n in rate_names},
                     "events": {e: b.events.get(e, 0) for e in event_names},
                 }
                 for b in buckets
@@ -1050,6 +1107,7 @@ def write_soak_artifacts(
             tables=checks.report_tables(measurements),
             chart=chart_name if chart_note is None else None,
             chart_note=chart_note,
+            pending_note=guides.note,
             interrupted=bool(summary.get("interrupted")),
             complete=complete,
             baseline=baseline.to_json() if baseline is not None else None,

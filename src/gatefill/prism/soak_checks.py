@@ -67,7 +67,18 @@ from gatefill.prism import scoring
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import require_schema
 from gatefill.prism.service import token_hash
-from gatefill.soak import Baseline, Look, Measurement, ReportTable, SeriesBucket, SoakOptions, SoakResult, run_soak
+from gatefill.soak import (
+    Baseline,
+    ChartGuides,
+    ChartLine,
+    Look,
+    Measurement,
+    ReportTable,
+    SeriesBucket,
+    SoakOptions,
+    SoakResult,
+    run_soak,
+)
 
 __all__ = [
     "CHECK_NAMES",
@@ -340,10 +351,16 @@ class PrismSoakSettings:
     write_grace: float = 600.0
     latency_p95_ms: float = 1000.0
     min_latency_samples: int = 10
-    probe_sessions: int = 2
+    #: Sessions probed per probed look (each with all four cases; another sampled session lends its token).
+    probe_sessions: int = 1
     #: Probe requests per real minute at most: the results endpoint limits each client to 60 per minute, and a
     #: simulated soak takes its looks back to back. A look whose probes do not fit is recorded as skipped.
     probe_budget_per_minute: int = 30
+    #: Probes must cover the whole window: it is cut into spans of this length (hourly), and a span counts as
+    #: covered once a look in it was probed with every case answered (for latency: once it has a timing).
+    probe_span_seconds: float = 3600.0
+    #: The share of the window's spans (so far) that must be covered for token_gating and latency to conclude.
+    min_probe_coverage: float = 1.0
     probe_timeout: float = 10.0
     fc_version: str = scoring.FC_VERSION
     fc_kind: str = scoring.FC_KIND
@@ -361,6 +378,8 @@ class PrismSoakSettings:
             raise UsageError("probe 1 or 2 sessions per look (the endpoint is rate limited)")
         if self.probe_budget_per_minute < 1:
             raise UsageError("the probe budget must be at least 1 request per minute")
+        if not self.probe_span_seconds > 0 or not 0.0 < self.min_probe_coverage <= 1.0:
+            raise UsageError("probe coverage needs a positive span and a minimum share within (0, 100] %")
 
 
 @dataclass(frozen=True)
@@ -443,10 +462,26 @@ class _Prober:
             self._http = None
 
     def room_for(self, requests: int) -> bool:
+        return self._wait_for(requests) == 0.0
+
+    def _wait_for(self, requests: int) -> float:
+        """Seconds until ``requests`` more fit in the budget (0: now; inf: never, more than the whole budget)."""
+        if requests > self.settings.probe_budget_per_minute:
+            return math.inf
         now = time.monotonic()
         while self._sent and self._sent[0] <= now - 60.0:
             self._sent.popleft()
-        return len(self._sent) + requests <= self.settings.probe_budget_per_minute
+        excess = len(self._sent) + requests - self.settings.probe_budget_per_minute
+        return 0.0 if excess <= 0 else self._sent[excess - 1] + 60.0 - now
+
+    def wait_for_room(self, requests: int) -> bool:
+        """Waits (real time, at most a minute) until ``requests`` fit in the budget; False if they never will."""
+        wait = self._wait_for(requests)
+        if math.isinf(wait):
+            return False
+        if wait > 0:
+            time.sleep(wait)
+        return True
 
     def request(
         self, session_id: str, token: str | None, simulated_now: datetime | None
@@ -504,6 +539,43 @@ def _judge(expected: int, status: int | None, code: str) -> tuple[str, str]:
     return "fail", f"expected {expected}, got {status}"
 
 
+def _span_index(look: Look, span_seconds: float) -> int:
+    """Which span of the window the look's cutoff closes (0-based): the one holding the instant just before it."""
+    elapsed = (look.end - look.window_start).total_seconds()
+    return max(0, math.ceil(elapsed / span_seconds - 1e-9) - 1)
+
+
+def _span_count(look: Look, span_seconds: float) -> int:
+    return max(1, math.ceil((look.window_end - look.window_start).total_seconds() / span_seconds - 1e-9))
+
+
+def _span_name(span_seconds: float) -> str:
+    return "hour" if span_seconds == 3600.0 else f"{span_seconds:g}-second span"
+
+
+def _coverage(look: Look, span_seconds: float, minimum: float, covered: set[int]) -> dict[str, Any]:
+    """How much of the window so far a probe check's evidence covers, against the configured minimum share."""
+    so_far = _span_index(look, span_seconds) + 1
+    needed = math.ceil(minimum * so_far - 1e-9)
+    return {
+        "span_s": span_seconds,
+        "spans_so_far": so_far,
+        "spans_in_window": _span_count(look, span_seconds),
+        "covered": sorted(covered),
+        "minimum_share": minimum,
+        "needed": needed,
+        "enough": len(covered & set(range(so_far))) >= needed,
+    }
+
+
+def _coverage_text(coverage: Mapping[str, Any]) -> str:
+    unit = _span_name(float(coverage["span_s"]))
+    return (
+        f"{len(coverage['covered'])} of {coverage['spans_so_far']} {unit}s of the window so far covered "
+        f"(at least {coverage['needed']} needed)"
+    )
+
+
 def _percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (no interpolation: with few samples p95 is honestly the largest)."""
     if not values:
@@ -554,6 +626,8 @@ class PrismSoakChecks:
             "min_latency_samples": s.min_latency_samples,
             "probe_sessions": s.probe_sessions,
             "probe_budget_per_minute": s.probe_budget_per_minute,
+            "probe_span_s": s.probe_span_seconds,
+            "min_probe_coverage": s.min_probe_coverage,
             "versions": {"fc_version": s.fc_version, "fc_kind": s.fc_kind, "engine_version": s.engine_version},
         }
 
@@ -915,14 +989,48 @@ class PrismSoakChecks:
     def _sample(self, conn: Connection, look: Look) -> list[tuple[str, str]]:
         if self._prober.endpoint is None:
             return []
-        params = {"end": look.end, "now": self._probe_now(look), "limit": self.settings.probe_sessions}
+        # One more session than is probed: the last one lends its token to the other_session_token case.
+        wanted = max(2, self.settings.probe_sessions)
+        params = {"end": look.end, "now": self._probe_now(look), "limit": wanted}
         rows = list(conn.execute(_PROBE_SESSIONS, {**params, "start": look.window_start}))
-        if len(rows) < self.settings.probe_sessions:
+        if len(rows) < wanted:
             # Before traffic has completed in the window, probe the latest sessions before it: the gate is the same.
             earlier = conn.execute(_PROBE_SESSIONS, {**params, "start": look.window_start - _PROBE_FALLBACK})
             seen = {r.id for r in rows}
-            rows += [r for r in earlier if r.id not in seen][: self.settings.probe_sessions - len(rows)]
+            rows += [r for r in earlier if r.id not in seen][: wanted - len(rows)]
         return [(str(r.id), str(r.share_token)) for r in rows]
+
+    def _probe_plan(self, sampled: Sequence[tuple[str, str]]) -> list[tuple[str, str, str | None, int]]:
+        """Every case for each probed session: (session, case, token presented, expected status)."""
+        plan: list[tuple[str, str, str | None, int]] = []
+        for i, (sid, token) in enumerate(sampled[: self.settings.probe_sessions]):
+            plan.append((sid, "no_token", None, 401))
+            # A fresh random token: it cannot be anyone's.
+            plan.append((sid, "wrong_token", str(uuid.uuid4()), 403))
+            if len(sampled) > 1:
+                plan.append((sid, "other_session_token", sampled[(i + 1) % len(sampled)][1], 403))
+            plan.append((sid, "valid_token", token, 200))
+        return plan
+
+    def _may_probe(self, look: Look, requests: int) -> str | None:
+        """None when this look is probed, else why not. The first look of a span not yet covered is always probed
+        (waiting for the budget if need be); later looks of a covered span only with budget to spare, and while the
+        soak catches up (simulated time, a past window) only beyond what the spans still to come will need."""
+        s = self.settings
+        span = _span_index(look, s.probe_span_seconds)
+        covered = (look.previous.get("token_gating", {}).get("coverage") or {}).get("covered") or []
+        budget = f"{s.probe_budget_per_minute} requests per minute (the endpoint rate-limits clients)"
+        if span not in covered:
+            return None if self._prober.wait_for_room(requests) else f"{requests} probes exceed the budget of {budget}"
+        catching_up = look.simulated_time or (look.taken_at - look.end).total_seconds() > 60.0
+        later_spans = _span_count(look, s.probe_span_seconds) - span - 1
+        reserve = later_spans * requests if catching_up else 0
+        if self._prober.room_for(requests + reserve):
+            return None
+        return (
+            f"not probed: {_span_name(s.probe_span_seconds)} {span + 1} is already covered, and the budget of "
+            f"{budget} is kept for the {later_spans} still to come"
+        )
 
     def _probe(self, look: Look, sampled: Sequence[tuple[str, str]]) -> tuple[list[_Probe], str | None]:
         if self._prober.endpoint is None:
@@ -931,19 +1039,10 @@ class PrismSoakChecks:
             return [], "simulated time: the server can only be told the time with the service-role key"
         if not sampled:
             return [], "no completed session with a profile and a live token before the cutoff"
-        plan: list[tuple[str, str, str | None, int]] = []
-        for i, (sid, token) in enumerate(sampled):
-            plan.append((sid, "no_token", None, 401))
-            # A fresh random token: it cannot be anyone's.
-            plan.append((sid, "wrong_token", str(uuid.uuid4()), 403))
-            if len(sampled) > 1:
-                plan.append((sid, "other_session_token", sampled[(i + 1) % len(sampled)][1], 403))
-            plan.append((sid, "valid_token", token, 200))
-        if not self._prober.room_for(len(plan)):
-            return [], (
-                f"probe budget of {self.settings.probe_budget_per_minute} requests per minute spent "
-                "(the endpoint rate-limits clients); this look was not probed"
-            )
+        plan = self._probe_plan(sampled)
+        why_not = self._may_probe(look, len(plan))
+        if why_not is not None:
+            return [], why_not
         simulated_now = look.end if look.simulated_time else None
         probes = []
         # Shuffled so a server that answers by request order cannot pass; seeded by the look for reproducibility.
@@ -1002,6 +1101,10 @@ class PrismSoakChecks:
         cases.update(p.case for p in probes if p.outcome == "pass")
         failures += [dict(p.to_json(), look=look.number) for p in probes if p.outcome == "fail"]
         served = int(tokenless.tokenless_served)
+        covered = set((previous.get("coverage") or {}).get("covered") or [])
+        if probes and all(p.outcome != "inconclusive" for p in probes):
+            covered.add(_span_index(look, self.settings.probe_span_seconds))
+        coverage = _coverage(look, self.settings.probe_span_seconds, self.settings.min_probe_coverage, covered)
         rls_tables = rls.get("tables", {}) if rls.get("applicable") else {}
         rls_visible = {t: v["visible"] for t, v in rls_tables.items()}
         # A leak seen at any look stays a FAIL: the probe is not cumulative by itself.
@@ -1015,6 +1118,7 @@ class PrismSoakChecks:
                 "skipped": skipped,
             },
             "probes": {k: totals.get(k, 0) for k in ("total", "passed", "failed", "inconclusive", "looks_probed")},
+            "coverage": coverage,
             "cases_passed": {case: cases.get(case, 0) for case in _PROBE_CASES},
             "failures": failures[:_MAX_LISTED],
             "tokenless_served": served,
@@ -1041,15 +1145,17 @@ class PrismSoakChecks:
             lacking.append(f"not every case has been shown yet (untested: {', '.join(untested)}; {why})")
         if rls.get("applicable") and any(v is None for v in rls_visible.values()):
             lacking.append("the RLS probe could not run as anon")
+        if not coverage["enough"]:
+            lacking.append("answered probes do not cover enough of the window: " + _coverage_text(coverage))
         if lacking:
             return Check("token_gating", "INCONCLUSIVE", "; ".join(lacking), evidence, query)
         rls_text = (
             "; anon sees 0 rows of " + " and ".join(rls_visible) if rls.get("applicable") else "; RLS n/a (SQLite)"
         )
         summary = (
-            f"{totals['passed']} probes over {totals['looks_probed']} looks answered as expected "
+            f"{totals['passed']} probes over {totals['looks_probed']} of {look.number} looks answered as expected "
             f"(401 without token, 403 wrong or foreign token, 200 valid), {totals['inconclusive']} inconclusive; "
-            f"0 tokenless accesses served of {int(tokenless.accesses)}" + rls_text
+            f"{_coverage_text(coverage)}; 0 tokenless accesses served of {int(tokenless.accesses)}" + rls_text
         )
         return Check("token_gating", "PASS", summary, evidence, query)
 
@@ -1059,6 +1165,10 @@ class PrismSoakChecks:
         samples = [float(v) for v in previous.get("_samples_ms", [])]
         this = [p.ms for p in probes if p.ms is not None]
         samples += this
+        covered = set((previous.get("coverage") or {}).get("covered") or [])
+        if this:
+            covered.add(_span_index(look, s.probe_span_seconds))
+        coverage = _coverage(look, s.probe_span_seconds, s.min_probe_coverage, covered)
         p50, p95 = _percentile(samples, 0.5), _percentile(samples, 0.95)
         evidence: dict[str, Any] = {
             "samples": len(samples),
@@ -1066,6 +1176,7 @@ class PrismSoakChecks:
             "p95_ms": None if p95 is None else round(p95, 1),
             "threshold_p95_ms": s.latency_p95_ms,
             "min_samples": s.min_latency_samples,
+            "coverage": coverage,
             "this_look": {
                 "samples": len(this),
                 "p50_ms": None if not this else round(_percentile(this, 0.5) or 0.0, 1),
@@ -1083,19 +1194,24 @@ class PrismSoakChecks:
         summary = f"results endpoint p50 {p50:.1f} ms, p95 {p95:.1f} ms over {len(samples)} probes"
         if p95 > s.latency_p95_ms:
             return Check("latency", "FAIL", summary + f" > threshold {s.latency_p95_ms:g} ms", evidence)
-        return Check("latency", "PASS", summary + f" ≤ threshold {s.latency_p95_ms:g} ms", evidence)
+        if not coverage["enough"]:
+            summary += f"; timings do not cover enough of the window: {_coverage_text(coverage)}"
+            return Check("latency", "INCONCLUSIVE", summary, evidence)
+        summary += f" ≤ threshold {s.latency_p95_ms:g} ms; {_coverage_text(coverage)}"
+        return Check("latency", "PASS", summary, evidence)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Reports
 
     def series(self, db: Database, start: datetime, end: datetime, bucket_seconds: float) -> list[SeriesBucket]:
+        """Both funnels and the charted events per bucket of sessions started in it, judged as the conversion check
+        judges them at ``end``: sessions that had not had time to finish are left out and counted as pending."""
         if end <= start:
             return []
         count = max(1, math.ceil((end - start).total_seconds() / bucket_seconds - 1e-9))
         edges = [start + timedelta(seconds=i * bucket_seconds) for i in range(count)] + [end]
-        started = [0] * count
-        completed = [0] * count
-        profiled = [0] * count
+        judged, written = self._judged_before(start, end)
+        tally: list[Counter[str]] = [Counter() for _ in range(count)]
         events: list[Counter[str]] = [Counter() for _ in range(count)]
 
         def index(at: datetime) -> int:
@@ -1103,23 +1219,62 @@ class PrismSoakChecks:
 
         with db.connect() as conn:
             for row in conn.execute(_SERIES_SESSIONS, {"start": start, "end": end}):
-                i = index(row.started_at)
-                started[i] += 1
-                if row.status == "completed" and row.completed_at is not None and row.completed_at < end:
-                    completed[i] += 1
-                    if row.has_profile:
-                        profiled[i] += 1
+                t = tally[index(row.started_at)]
+                done = row.status == "completed" and row.completed_at is not None and row.completed_at < end
+                if row.started_at < judged:
+                    t.update(started=1, completed=int(done))
+                else:
+                    t["completion_pending"] += 1
+                if done and row.completed_at < written:
+                    t.update(profile_n=1, profiled=int(bool(row.has_profile)))
+                elif done:
+                    t["profile_pending"] += 1
             for evt, at in conn.execute(_SERIES_EVENTS, {"start": start, "end": end, "events": list(_CHARTED_EVENTS)}):
                 events[index(at)][evt] += 1
         return [
             SeriesBucket(
                 start=edges[i],
                 end=edges[i + 1],
-                rates={"completion": (completed[i], started[i]), "profile": (profiled[i], completed[i])},
+                rates={"completion": (t["completed"], t["started"]), "profile": (t["profiled"], t["profile_n"])},
                 events=dict(events[i]),
+                pending={"completion": t["completion_pending"], "profile": t["profile_pending"]},
             )
-            for i in range(count)
+            for i, t in enumerate(tally)
         ]
+
+    def _judged_before(self, start: datetime, end: datetime) -> tuple[datetime, datetime]:
+        """Sessions started before the first instant, and completions before the second, have had time to finish."""
+        s = self.settings
+        return (
+            max(start, end - timedelta(seconds=s.completion_grace)),
+            max(start, end - timedelta(seconds=s.write_grace)),
+        )
+
+    def chart_guides(self, measurements: Sequence[Measurement], end: datetime) -> ChartGuides:
+        """Each funnel's baseline and non-inferiority threshold, the floor, and the unjudged tail at ``end``."""
+        lines: list[ChartLine] = []
+        last = measurements[-1] if measurements else None
+        conversion = last.check("conversion") if last else None
+        for name, f in ((conversion.evidence.get("funnels") or {}) if conversion else {}).items():
+            base = (f.get("baseline") or {}).get("rate")
+            if base is not None:
+                lines.append(ChartLine(name, float(base), f"{name} baseline {float(base):.1%}", "baseline"))
+            if f.get("threshold") is not None:
+                value = float(f["threshold"])
+                lines.append(ChartLine(name, value, f"{name} non-inferiority bound {value:.1%}", "threshold"))
+        floor = last.check("conversion_floor") if last else None
+        if floor is not None and floor.evidence.get("floor") is not None:
+            value = float(floor.evidence["floor"])
+            lines.append(ChartLine("profile", value, f"profile floor {value:.0%} (--min-conversion)", "floor"))
+        window_start = last.window_start if last else end
+        judged, written = self._judged_before(window_start, end)
+        s = self.settings
+        note = (
+            f"Sessions started less than {s.completion_grace / 60:g} min before the last cutoff, and completions less "
+            f"than {s.write_grace / 60:g} min before it, had not had time to finish: they are left out of the rates "
+            "and counted as pending (shaded on the chart)."
+        )
+        return ChartGuides(lines=lines, pending_after={"completion": judged, "profile": written}, note=note)
 
     def report_tables(self, measurements: Sequence[Measurement]) -> list[ReportTable]:
         probe_rows: list[list[str]] = []
