@@ -214,8 +214,9 @@ def run_pipeline(
                 "status": result.status.value,
                 "verdict": report.verdict,
                 "results": dict(result.counts),
-                "elapsed_seconds": result.elapsed_seconds,
-                "rate_per_minute": result.measured_rate_per_minute,
+                # The whole run's, every invocation counted (the ledger's events), as backfill_summary.md shows them.
+                "elapsed_seconds": report.runtime_seconds,
+                "rate_per_minute": report.rate_per_minute,
                 "artifacts": {k: str(v) for k, v in report.paths.items()},
             }
             state.log.append(f"apply {plan_run}: {result.status.value}, gate {report.verdict}")
