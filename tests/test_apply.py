@@ -148,6 +148,24 @@ def test_apply_writes_exactly_what_the_scoring_library_computes(
     # A second plan finds nothing left; re-applying the finished run is refused and changes nothing.
     again = make_plan(target, tmp_path)
     assert again["totals"]["candidates"] == 0  # type: ignore[index]
+    # Applying the empty plan writes nothing: the checks of written rows do not apply (N/A, with why), not PASS.
+    empty = apply_plan(
+        target.db,
+        target.env,
+        PrismJob(),
+        again,
+        options=ApplyOptions(approve_as="t"),
+        clock=clock,
+        artifacts_dir=tmp_path / "artifacts",
+    )
+    nothing = write_apply_artifacts(
+        target.db, target.env, PrismJob(), empty.run_id, clock=clock, artifacts_dir=tmp_path / "artifacts"
+    )
+    verdicts = {c.name: (c.verdict, c.summary) for c in nothing.checks}
+    assert verdicts["version_stamps"][0] == "N/A" and "no stamp to check" in verdicts["version_stamps"][1]
+    assert verdicts["rollback_dry_run"][0] == "N/A" and "nothing to roll back" in verdicts["rollback_dry_run"][1]
+    assert nothing.verdict == "PASS"  # every check that applies passed
+    assert "| rollback_dry_run | N/A | yes |" in nothing.paths["gate"].read_text()
     with pytest.raises(GateBlocked, match="succeeded; nothing to apply"):
         apply_plan(
             target.db,

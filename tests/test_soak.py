@@ -27,7 +27,7 @@ from gatefill.config import Environment, Settings
 from gatefill.db import Database
 from gatefill.errors import UsageError
 from gatefill.gate import find_passing_soak
-from gatefill.job import Check
+from gatefill.job import Check, overall_verdict
 from gatefill.ledger import RunStatus
 from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.schema import assessment_sessions, fc_scores, profiles
@@ -651,6 +651,14 @@ def test_verdict_rules_fail_is_final_pass_needs_everything_and_the_whole_window(
     observed = [*checks("PASS"), *checks("FAIL", gating=False)]
     assert soak_verdict(observed, complete=True, looks=12, max_looks=12)[0] == "PASS"
     assert soak_verdict(checks("PASS", gating=False), complete=True, looks=1, max_looks=1)[0] == "INCONCLUSIVE"
+    # N/A (a check that does not apply here) counts neither as PASS nor as FAIL, and alone it concludes nothing.
+    verdict, why = soak_verdict(checks("PASS", "N/A"), complete=True, looks=12, max_looks=12)
+    assert verdict == "PASS" and "(c1 N/A here)" in why
+    assert soak_verdict(checks("N/A", "N/A"), complete=True, looks=12, max_looks=12)[0] == "INCONCLUSIVE"
+    assert soak_verdict(checks("N/A", "FAIL"), complete=True, looks=12, max_looks=12)[0] == "FAIL"
+    assert soak_verdict(checks("N/A", "INCONCLUSIVE"), complete=True, looks=12, max_looks=12)[0] == "INCONCLUSIVE"
+    assert overall_verdict(["PASS", "N/A"]) == "PASS" and overall_verdict(["N/A"]) == "INCONCLUSIVE"
+    assert overall_verdict([]) == "INCONCLUSIVE" and overall_verdict(["N/A", "FAIL", "PASS"]) == "FAIL"
 
 
 def test_options_margins_and_look_counts() -> None:

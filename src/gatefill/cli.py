@@ -425,6 +425,8 @@ def status_command(
             brief = {k: v for k, v in detail.items() if k in ("run_id", "verdict", "status", "healthy", "candidates")}
             out.print(f"  {step}: {brief}", markup=False)
         out.print(f"  waiting for: {summary.get('waiting_for') or 'nothing'}", markup=False)
+        for why in (summary.get("steps", {}).get("final_gate") or {}).get("outdated_by") or []:
+            out.print(f"  outdated: {why}; the final gate was rewritten from the ledgers", markup=False)
         return
     if p.soak is not None:
         out.print("\n".join(f"  {line}" for line in p.soak.describe()), markup=False)
@@ -653,6 +655,13 @@ def rollback_command(
         out.print(f"  {t.table}: " + ", ".join(f"{k} {v}" for k, v in t.to_json().items() if k != "table" and v))
     if result.report_path:
         out.print(f"report: {result.report_path}")
+    if result.committed:
+        from gatefill.clock import RealClock
+        from gatefill.pipeline import note_rollback
+
+        for state in note_rollback(settings, run_id, clock=RealClock()):
+            for line in state.log:
+                out.print(f"pipeline {state.run_id}: {line}", markup=False)
     raise typer.Exit(0 if result.verdict == "PASS" else 1)
 
 

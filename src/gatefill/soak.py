@@ -362,6 +362,7 @@ class SoakResult:
             "verdict": self.verdict,
             "summary": self.reason,
             "checks": {c.name: c.verdict for c in self.checks},
+            "notes": {c.name: c.summary for c in self.checks if c.verdict == NOT_APPLICABLE},
             "artifacts": {k: str(v) for k, v in self.paths.items()},
         }
 
