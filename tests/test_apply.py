@@ -345,10 +345,11 @@ def test_a_resumed_runs_summary_counts_runtime_and_rate_over_every_invocation(
     run(later)
     report = write_apply_artifacts(target.db, target.env, PrismJob(), run_id, clock=later, artifacts_dir=tmp_path / "a")
     with target.db.connect() as conn:
-        events = ledger.run_events_for(conn, run_id)
+        e = ledger.run_events
+        events = conn.execute(sa.select(e.c.at, e.c.from_status, e.c.to_status).where(e.c.run_id == run_id)).all()
         last_invocation = float((ledger.get_run(conn, run_id).summary or {})["elapsed_seconds"])
-    starts = [e.at for e in events if e.to_status is RunStatus.RUNNING]
-    ends = [e.at for e in events if e.from_status is RunStatus.RUNNING]
+    starts = [at for at, _, to in events if to == "running"]
+    ends = [at for at, was, _ in events if was == "running"]
     assert len(starts) == len(ends) == 2
     running = sum((end - start).total_seconds() for start, end in zip(starts, ends, strict=True))
     assert running > last_invocation + 1.0  # the first invocation's time counts too
