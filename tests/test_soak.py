@@ -737,7 +737,7 @@ def test_probes_cover_every_hour_of_a_six_hour_window_within_the_endpoints_rate_
         for p in (m.check("token_gating") or Check("", "", "")).evidence["this_look"]["probes"]
     ]
     assert statuses and 429 not in statuses and None not in statuses
-    assert gating.verdict == "PASS" and "6 of 6 hours of the window so far covered" in gating.summary
+    assert gating.verdict == "PASS" and "6 of 6 hours of the window covered" in gating.summary
     assert f"over {gating.evidence['probes']['looks_probed']} of 72 looks" in gating.summary
     assert latency.verdict == "PASS" and "6 of 6 hours" in latency.summary
     # Looks not probed say why: the hour is covered and the budget is kept for the hours still to come.
@@ -773,7 +773,7 @@ def test_probes_covering_less_of_the_window_than_the_minimum_are_inconclusive(so
     assert all(gating.evidence["cases_passed"].values()) and gating.evidence["probes"]["failed"] == 0
     assert gating.evidence["coverage"]["covered"] == [0] and not gating.evidence["coverage"]["enough"]
     assert gating.verdict == "INCONCLUSIVE"
-    assert "do not cover enough of the window: 1 of 3 hours of the window so far covered" in gating.summary
+    assert "do not cover enough of the window: 1 of 3 hours of the window covered" in gating.summary
     assert latency.evidence["samples"] >= 3 and latency.evidence["coverage"]["covered"] == [0]
     assert latency.verdict == "INCONCLUSIVE" and "1 of 3 hours" in latency.summary
     assert result.verdict == "INCONCLUSIVE"
@@ -834,7 +834,7 @@ def test_the_chart_and_rates_leave_out_sessions_that_had_not_had_time_to_finish(
     assert lines[("profile", "threshold")] == pytest.approx(0.944444 - 0.05, abs=1e-5)
     assert lines[("profile", "floor")] == 0.85
     observability = (out / "staging_observability.md").read_text()
-    assert f"(+{buckets[2].pending['completion']} pending)" in observability
+    assert f"none judged yet ({buckets[2].pending['completion']} pending)" in observability
     assert "had not had time to finish: they are left out of the rates" in observability
     # No error events: the chart is the rates panel and a sentence, not an empty second panel.
     width, height = _png_size(out / "staging_observability_chart.png")

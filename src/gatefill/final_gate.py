@@ -70,7 +70,7 @@ def _in_place(name: str, run: ledger.Run | None, source: str) -> Check:
         when = run.finished_at.isoformat() if run.finished_at else "an unknown time"
         why = f"run {run.id} was rolled back at {when}: the rows the gates above judged are gone"
         return _item(name, "FAIL", why, source)
-    return _item(name, "PASS", f"run {run.id} is {run.status.value}: its rows were not rolled back", source)
+    return _item(name, "PASS", f"run {run.id} has status {run.status.value}: its rows were not rolled back", source)
 
 
 def _run(db: Database, run_id: str | None) -> ledger.Run | None:

@@ -135,7 +135,8 @@ def check_health(
             env=env,
             since=format_utc(since),
             now=format_utc(measured_at),
-            judged_as_of=format_utc(now) if now != measured_at else None,
+            # Shown when it differs noticeably from the report's time (a past --at; not the measurement's length).
+            judged_as_of=format_utc(now) if abs((measured_at - now).total_seconds()) >= 1.0 else None,
             healthy=healthy,
             checks=checks,
             plan=plan if needs_backfill else None,

@@ -912,7 +912,7 @@ def _bucket_seconds(duration: float, interval: float) -> float:
 def _rate_cell(k: int, n: int, pending: int = 0) -> str:
     later = f" (+{pending} pending)" if pending else ""
     if n == 0:
-        return f"n/a (0 of 0){later}"
+        return f"none judged yet ({pending} pending)" if pending else "n/a (0 of 0)"
     ci = stats.wilson_interval(k, n)
     return f"{k}/{n} = {k / n:.1%} [{ci.low:.1%}, {ci.high:.1%}]{later}"
 
@@ -963,6 +963,7 @@ def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str, guides: Char
 def _draw_rates(ax: Any, buckets: Sequence[SeriesBucket], guides: ChartGuides) -> None:
     centres = [b.start + (b.end - b.start) / 2 for b in buckets]
     end = buckets[-1].end
+    lowest = min([line.value for line in guides.lines], default=1.0)
     for i, name in enumerate(buckets[0].rates):
         colour = f"C{i}"
         xs, ys, lows, highs = [], [], [], []
@@ -970,6 +971,7 @@ def _draw_rates(ax: Any, buckets: Sequence[SeriesBucket], guides: ChartGuides) -
             k, n = b.rates.get(name, (0, 0))
             if n:
                 ci = stats.wilson_interval(k, n)
+                lowest = min(lowest, ci.low)
                 xs.append(centre)
                 ys.append(k / n)
                 lows.append(k / n - ci.low)
@@ -983,7 +985,8 @@ def _draw_rates(ax: Any, buckets: Sequence[SeriesBucket], guides: ChartGuides) -
         after = guides.pending_after.get(name)
         if after is not None and after < end:
             ax.axvspan(after, end, color=colour, alpha=0.12, label=f"{name}: pending (not judged yet)")
-    ax.set_ylim(0.0, 1.05)
+    # From just below the lowest interval or reference line, in steps of 0.1, so lines a few points apart stay apart.
+    ax.set_ylim(max(0.0, math.floor((lowest - 0.05) * 10) / 10), 1.02)
     ax.set_ylabel("rate (95% Wilson)")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="x-small", ncol=2)

@@ -570,8 +570,9 @@ def _coverage(look: Look, span_seconds: float, minimum: float, covered: set[int]
 
 def _coverage_text(coverage: Mapping[str, Any]) -> str:
     unit = _span_name(float(coverage["span_s"]))
+    so_far = "" if coverage["spans_so_far"] == coverage["spans_in_window"] else " so far"
     return (
-        f"{len(coverage['covered'])} of {coverage['spans_so_far']} {unit}s of the window so far covered "
+        f"{len(coverage['covered'])} of {coverage['spans_so_far']} {unit}s of the window{so_far} covered "
         f"(at least {coverage['needed']} needed)"
     )
 
@@ -1027,10 +1028,13 @@ class PrismSoakChecks:
         reserve = later_spans * requests if catching_up else 0
         if self._prober.room_for(requests + reserve):
             return None
-        return (
-            f"not probed: {_span_name(s.probe_span_seconds)} {span + 1} is already covered, and the budget of "
-            f"{budget} is kept for the {later_spans} still to come"
-        )
+        unit = _span_name(s.probe_span_seconds)
+        if reserve:
+            return (
+                f"not probed: {unit} {span + 1} is already covered, and the budget of {budget} is kept for the "
+                f"{later_spans} {unit}{'s' if later_spans > 1 else ''} still to come"
+            )
+        return f"not probed: {unit} {span + 1} is already covered, and the budget of {budget} is spent for now"
 
     def _probe(self, look: Look, sampled: Sequence[tuple[str, str]]) -> tuple[list[_Probe], str | None]:
         if self._prober.endpoint is None:
