@@ -581,6 +581,8 @@ def health_command(
             since=_since(since),
             now=_parse_when(at) or RealClock().now(),
             artifacts_dir=settings.artifacts_dir,
+            # Without --at the report is dated when the measurement finished; with it, at the instant asked for.
+            clock=None if at else RealClock(),
         )
     table = Table("check", "verdict", "evidence")
     for c in result.checks:
