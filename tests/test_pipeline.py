@@ -171,6 +171,7 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
     assert "## Verdict: **NO-GO**" in rewritten and "## Verdict: **GO**" not in rewritten
     assert re.search(rf"\| staging backfill still in place \| FAIL \| run {apply_run} was rolled back at ", rewritten)
     assert f"| apply (staging) | `{apply_run}` | rolled_back;" in rewritten
+    assert "Sessions backfilled: 39 on staging (since rolled back), 0 on production." in rewritten
     with Database(pair.env("staging")) as db, db.connect() as conn:
         summary = ledger.get_run(conn, state.run_id).summary or {}
     assert summary["steps"]["final_gate"]["verdict"] == "NO-GO" and summary["steps"]["apply"]["status"] == "rolled_back"
