@@ -773,31 +773,31 @@ def _gate_checks(
         ),
     ]
     checks.extend(job_checks)
-    failed_verifications = [c.name for c in dry.verification if c.verdict != "PASS"]
-    if dry.changes == 0:
-        checks.append(
-            Check(
-                "rollback_dry_run",
-                NOT_APPLICABLE,
-                "the run recorded no changes: there is nothing to roll back, so nothing to verify",
-                {"changes": 0},
-                "SELECT count(*) FROM gatefill_changes WHERE run_id = :run",
-            )
-        )
-        return checks
-    checks.append(
-        Check(
-            "rollback_dry_run",
-            "PASS" if dry.verified else "FAIL",
-            f"{dry.changes} recorded changes undone inside a transaction and verified "
-            f"({len(dry.verification) - len(failed_verifications)}/{len(dry.verification)} verification queries "
-            f"passed, {len(dry.conflicts)} conflicts), then rolled back",
-            {
-                "tables": [t.to_json() for t in dry.tables],
-                "failed_verifications": failed_verifications,
-                "conflicts": [c.describe() for c in dry.conflicts][:20],
-            },
-            "rollback executed inside a transaction, verified, then rolled back",
-        )
-    )
+    checks.append(_rollback_check(dry))
     return checks
+
+
+def _rollback_check(dry: RollbackResult) -> Check:
+    """The dry run of the rollback as a gate check; N/A when the run recorded nothing to roll back."""
+    if dry.changes == 0:
+        return Check(
+            "rollback_dry_run",
+            NOT_APPLICABLE,
+            "the run recorded no changes: there is nothing to roll back, so nothing to verify",
+            {"changes": 0},
+            "SELECT count(*) FROM gatefill_changes WHERE run_id = :run",
+        )
+    failed_verifications = [c.name for c in dry.verification if c.verdict != "PASS"]
+    return Check(
+        "rollback_dry_run",
+        "PASS" if dry.verified else "FAIL",
+        f"{dry.changes} recorded changes undone inside a transaction and verified "
+        f"({len(dry.verification) - len(failed_verifications)}/{len(dry.verification)} verification queries "
+        f"passed, {len(dry.conflicts)} conflicts), then rolled back",
+        {
+            "tables": [t.to_json() for t in dry.tables],
+            "failed_verifications": failed_verifications,
+            "conflicts": [c.describe() for c in dry.conflicts][:20],
+        },
+        "rollback executed inside a transaction, verified, then rolled back",
+    )

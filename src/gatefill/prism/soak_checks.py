@@ -1105,10 +1105,7 @@ class PrismSoakChecks:
         cases.update(p.case for p in probes if p.outcome == "pass")
         failures += [dict(p.to_json(), look=look.number) for p in probes if p.outcome == "fail"]
         served = int(tokenless.tokenless_served)
-        covered = set((previous.get("coverage") or {}).get("covered") or [])
-        if probes and all(p.outcome != "inconclusive" for p in probes):
-            covered.add(_span_index(look, self.settings.probe_span_seconds))
-        coverage = _coverage(look, self.settings.probe_span_seconds, self.settings.min_probe_coverage, covered)
+        coverage = self._coverage(look, previous, bool(probes) and all(p.outcome != "inconclusive" for p in probes))
         rls_tables = rls.get("tables", {}) if rls.get("applicable") else {}
         rls_visible = {t: v["visible"] for t, v in rls_tables.items()}
         # A leak seen at any look stays a FAIL: the probe is not cumulative by itself.
@@ -1163,16 +1160,21 @@ class PrismSoakChecks:
         )
         return Check("token_gating", "PASS", summary, evidence, query)
 
+    def _coverage(self, look: Look, previous: Mapping[str, Any], covers: bool) -> dict[str, Any]:
+        """The spans covered so far (from the previous look's evidence), with this look's if it ``covers`` it."""
+        s = self.settings
+        covered = set((previous.get("coverage") or {}).get("covered") or [])
+        if covers:
+            covered.add(_span_index(look, s.probe_span_seconds))
+        return _coverage(look, s.probe_span_seconds, s.min_probe_coverage, covered)
+
     def _latency(self, look: Look, probes: Sequence[_Probe], skipped: str | None) -> Check:
         s = self.settings
         previous = look.previous.get("latency", {})
         samples = [float(v) for v in previous.get("_samples_ms", [])]
         this = [p.ms for p in probes if p.ms is not None]
         samples += this
-        covered = set((previous.get("coverage") or {}).get("covered") or [])
-        if this:
-            covered.add(_span_index(look, s.probe_span_seconds))
-        coverage = _coverage(look, s.probe_span_seconds, s.min_probe_coverage, covered)
+        coverage = self._coverage(look, previous, bool(this))
         p50, p95 = _percentile(samples, 0.5), _percentile(samples, 0.95)
         evidence: dict[str, Any] = {
             "samples": len(samples),
