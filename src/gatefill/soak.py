@@ -22,7 +22,8 @@ and statistical plan is continued automatically, and one with the same window bu
 two plans peeking at one window would spend the error budget twice.
 
 The verdict: FAIL if a gating check fails; otherwise INCONCLUSIVE if one lacks data or the window was not watched to
-its end; PASS only if every gating check passed at the last look. Checks named in ``observe`` are measured and
+its end; PASS only if every gating check that applies passed at the last look (an N/A check, one that does not
+apply here, counts neither way; N/A alone concludes nothing). Checks named in ``observe`` are measured and
 reported but never gate (Argo's ``dryRun``, Kayenta's ``muted``). What the checks measure is the job's business
 (``SoakChecks``; PRISM's live in ``gatefill.prism.soak_checks``); this module only knows their names and verdicts.
 """

@@ -16,7 +16,9 @@ once, before the first look. What each reads:
 4. ``token_gating``: probes of the results endpoint for sampled completed sessions (no token → 401, wrong token →
    403, another session's token → 403, valid token → 200); tokenless accesses that were served (from
    ``results_token_access_logs``); on Postgres, what role ``anon`` can see of ``profiles`` and
-   ``assessment_sessions`` (must be nothing).
+   ``assessment_sessions`` (must be nothing). The probes must cover the whole window: the first look of every hour
+   is probed (waiting for the probe budget if need be), other looks only with budget to spare, and a probe check
+   whose answered probes (or timings) cover fewer hours than ``min_probe_coverage`` asks is INCONCLUSIVE.
 5. ``conversion``: two funnels of sessions started in the window, completed → has a profile and started →
    completed, against the same funnels over the baseline window before it (counted once per soak by
    ``measure_baseline`` and stored with the run), with the sequential non-inferiority test of ``gatefill.stats``
@@ -594,7 +596,7 @@ def _zero_summary(what: str, n: int, unit: str) -> str:
 
 
 class PrismSoakChecks:
-    """The eight PRISM soak checks (see the module docstring) for one environment; use as a context manager."""
+    """The nine PRISM soak checks (see the module docstring) for one environment; use as a context manager."""
 
     job = "prism"
 
