@@ -61,7 +61,7 @@ from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.schema import init_schema, load_reference_data
 from gatefill.prism.simulator import SimulationReport, simulate
 from gatefill.prism.soak_checks import PrismSoakChecks, PrismSoakSettings, window_queries
-from gatefill.soak import Baseline, Look
+from gatefill.soak import DEFAULT_MIN_CONVERSION, Baseline, Look
 from gatefill.stats import SequentialPlan
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -172,6 +172,7 @@ def _look(
         baseline_days=BASELINE_DAYS,
         baseline_rate=None,
         min_n=30,
+        min_conversion=DEFAULT_MIN_CONVERSION,
         simulated_time=True,
         baseline=baseline,
         previous=previous,

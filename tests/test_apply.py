@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -70,7 +70,12 @@ def test_plan_matches_what_the_scenario_built(staging: tuple[Target, SeedReport]
     batches = body["batches"]
     assert batches[0] == {"batch_no": 1, "group": "priority", "keys": [TEST_SESSION_A, TEST_SESSION_B]}  # type: ignore[index]
     assert all(len(b["keys"]) <= 5 for b in batches)  # type: ignore[union-attr]
-    assert (tmp_path / "artifacts" / str(body["run_id"]) / "backfill_plan.md").read_text().count("| PASS |") == 4
+    text = (tmp_path / "artifacts" / str(body["run_id"]) / "backfill_plan.md").read_text()
+    if target.dialect == "sqlite":
+        # SQLite has no roles or privileges: the write-privileges precheck does not apply, and says so, not PASS.
+        assert text.count("| PASS |") == 3 and "| write_privileges | N/A | sqlite has no roles" in text
+    else:
+        assert text.count("| PASS |") == 4
 
 
 def test_apply_writes_exactly_what_the_scoring_library_computes(
@@ -146,6 +151,24 @@ def test_apply_writes_exactly_what_the_scoring_library_computes(
     # A second plan finds nothing left; re-applying the finished run is refused and changes nothing.
     again = make_plan(target, tmp_path)
     assert again["totals"]["candidates"] == 0  # type: ignore[index]
+    # Applying the empty plan writes nothing: the checks of written rows do not apply (N/A, with why), not PASS.
+    empty = apply_plan(
+        target.db,
+        target.env,
+        PrismJob(),
+        again,
+        options=ApplyOptions(approve_as="t"),
+        clock=clock,
+        artifacts_dir=tmp_path / "artifacts",
+    )
+    nothing = write_apply_artifacts(
+        target.db, target.env, PrismJob(), empty.run_id, clock=clock, artifacts_dir=tmp_path / "artifacts"
+    )
+    verdicts = {c.name: (c.verdict, c.summary) for c in nothing.checks}
+    assert verdicts["version_stamps"][0] == "N/A" and "no stamp to check" in verdicts["version_stamps"][1]
+    assert verdicts["rollback_dry_run"][0] == "N/A" and "nothing to roll back" in verdicts["rollback_dry_run"][1]
+    assert nothing.verdict == "PASS"  # every check that applies passed
+    assert "| rollback_dry_run | N/A | yes |" in nothing.paths["gate"].read_text()
     with pytest.raises(GateBlocked, match="succeeded; nothing to apply"):
         apply_plan(
             target.db,
@@ -287,3 +310,60 @@ def test_ctrl_c_finishes_the_current_batch_pauses_and_resumes(
     assert result.status is RunStatus.SUCCEEDED
     with target.db.connect() as conn:
         assert len(ledger.session_results_for(conn, str(body["run_id"]))) == 39
+
+
+def test_a_resumed_runs_summary_counts_runtime_and_rate_over_every_invocation(
+    staging: tuple[Target, SeedReport], tmp_path: Path
+) -> None:
+    """Paused after batch 3 and resumed an hour later: the summary's runtime is both invocations' running time
+    (the hour between them not counted) and its rate is all 39 sessions over that time, each invocation listed."""
+    import threading
+
+    from gatefill.apply import RunPaused
+
+    target, _ = staging
+    body = make_plan(target, tmp_path)
+    run_id = str(body["run_id"])
+    stop = threading.Event()
+
+    def pause_at_three(batch_no: int) -> None:
+        if batch_no == 3:
+            stop.set()
+
+    def run(clock: SimulatedClock, **kwargs: object) -> None:
+        apply_plan(
+            target.db,
+            target.env,
+            PrismJob(),
+            body,
+            options=ApplyOptions(approve_as="t", rate="20/min"),
+            clock=clock,
+            artifacts_dir=tmp_path / "a",
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    with pytest.raises(RunPaused):
+        run(SimulatedClock(START), stop=stop, before_batch=pause_at_three)
+    later = SimulatedClock(START + timedelta(hours=1))
+    run(later)
+    report = write_apply_artifacts(target.db, target.env, PrismJob(), run_id, clock=later, artifacts_dir=tmp_path / "a")
+    with target.db.connect() as conn:
+        e = ledger.run_events
+        events = conn.execute(sa.select(e.c.at, e.c.from_status, e.c.to_status).where(e.c.run_id == run_id)).all()
+        last_invocation = float((ledger.get_run(conn, run_id).summary or {})["elapsed_seconds"])
+    starts = [at for at, _, to in events if to == "running"]
+    ends = [at for at, was, _ in events if was == "running"]
+    assert len(starts) == len(ends) == 2
+    running = sum((end - start).total_seconds() for start, end in zip(starts, ends, strict=True))
+    assert running > last_invocation + 1.0  # the first invocation's time counts too
+    executed = json.loads(report.paths["execution_results"].read_text())
+    assert executed["runtime_seconds"] == pytest.approx(running, abs=0.01)
+    assert executed["measured_rate_per_minute"] == pytest.approx(39 / running * 60.0, rel=1e-3)
+    assert [i["ended_as"] for i in executed["invocations"]] == ["paused", "succeeded"]
+    assert [i["batches"] for i in executed["invocations"]] == [3, len(body["batches"]) - 3]  # type: ignore[arg-type]
+    assert sum(i["sessions"] for i in executed["invocations"]) == 39
+    assert report.runtime_seconds == pytest.approx(running, abs=0.01)
+    summary = report.paths["summary"].read_text()
+    assert f"| runtime | {running:.1f} s running, over 2 invocations (pauses between them not counted)" in summary
+    assert f"measured {39 / running * 60.0:.2f} sessions/min (39 sessions in {running:.1f} s)" in summary
+    assert "| 1 | " in summary and "| paused | " in summary and "| succeeded | " in summary

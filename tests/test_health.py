@@ -104,3 +104,29 @@ def test_staging_traps_are_reported_not_hidden(target: Target, tmp_path: Path) -
         rls = by_name["row_level_security"]
         assert rls.verdict == "PASS", rls.summary
         assert rls.evidence["anon_visible_profiles"] in (0, "no access (privilege revoked)")
+
+
+def test_a_report_is_never_dated_before_the_sessions_it_counts_and_rls_on_sqlite_is_not_a_pass(
+    target: Target, tmp_path: Path
+) -> None:
+    seed_scenario(target.db, "production-2025-09-18")  # sessions stamped up to 2025-09-17T20:06
+    early = datetime(2025, 9, 17, 18, 0, tzinfo=UTC)
+    result = check_health(target.db, target.env, since=SINCE, now=early, artifacts_dir=tmp_path / "early")
+    by_name = {c.name: c for c in result.checks}
+    timing = by_name["measurement_time"]
+    assert timing.verdict == "INCONCLUSIVE" and not result.healthy and result.exit_code == 1
+    newest = datetime.fromisoformat(timing.evidence["newest_session_stamp"])
+    assert newest > early and f"stamped {newest.isoformat()}, after this report's time" in timing.summary
+    # Dated by a clock when the measurement is over: after every session it counted, so it stands.
+    clock = SimulatedClock(AT)
+    later = check_health(target.db, target.env, since=SINCE, now=AT, artifacts_dir=tmp_path / "at", clock=clock)
+    assert later.healthy and {c.name: c.verdict for c in later.checks}["measurement_time"] == "PASS"
+    assert later.measured_at == AT and later.step_record()["measured_at"] == AT.isoformat()
+    report = later.paths["report"].read_text()
+    rls = {c.name: c for c in later.checks}["row_level_security"]
+    if target.dialect == "sqlite":
+        assert rls.verdict == "N/A" and "sqlite has no roles or row-level security" in rls.summary
+        assert "| row_level_security | N/A |" in report
+        assert later.step_record()["notes"] == {"row_level_security": rls.summary}
+    else:
+        assert rls.verdict == "PASS"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ from gatefill.db import Database
 from gatefill.demo import DEMO_SINCE, PIPELINE_START, run_demo_pipeline, seed_demo
 from gatefill.pipeline import PipelineOptions, run_pipeline
 from gatefill.plan import load_plan_file
-from gatefill.prism.schema import profiles
+from gatefill.prism.schema import assessment_sessions, profiles
 from gatefill.prism.soak_checks import run_prism_soak
+from gatefill.rollback import rollback_command
 from gatefill.soak import SoakOptions
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, pooled_env, sqlite_env
 
@@ -127,10 +129,79 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
     assert ledger_rows(pair) == before
     assert Path(steps["final_gate"]["artifact"]).read_text() == final
 
+    # Every report is dated after the evidence it cites, and the demo's clocks agree with each other.
+    written = datetime.fromisoformat(re.search(r"\| written \| (\S+) ", final).group(1))  # type: ignore[union-attr]
+    with Database(pair.env("staging")) as db, db.connect() as conn:
+        soak_run = ledger.get_run(conn, steps["soak"]["run_id"])
+        soak_approved = ledger.approvals_for(conn, soak_run.id, "soak")[0].at
+        production_approved = ledger.approvals_for(conn, state.run_id, "production")[0].at
+    assert soak_run.finished_at is not None
+    assert soak_run.finished_at <= soak_approved <= production_approved <= written
+    with Database(pair.env("production")) as db, db.connect() as conn:
+        newest = conn.execute(
+            sa.select(
+                sa.func.max(assessment_sessions.c.created_at),
+                sa.func.max(assessment_sessions.c.completed_at),
+                sa.func.max(assessment_sessions.c.finalized_at),
+            )
+        ).one()
+    health_at = datetime.fromisoformat(steps["health"]["measured_at"])
+    assert max(t for t in newest if t is not None) <= health_at <= written
+    assert steps["health"]["checks"]["measurement_time"] == "PASS"
+    health_report = Path(steps["health"]["artifact"]).read_text()
+    assert f"| measured at | {health_at.strftime('%Y-%m-%dT%H:%M:%S')}" in health_report
+    # A check that does not apply is N/A with its reason, never PASS, and the GO does not rest on it.
+    if pair.env("production").url.get_backend_name() == "sqlite":
+        assert "| production RLS | N/A | health check row_level_security N/A: sqlite has no roles" in final
+        assert "| production RLS | PASS |" not in final
+    else:
+        assert "| production RLS | PASS |" in final
+    assert "| conversion at least the floor (seed: ≥ 85%) | PASS | soak check conversion_floor PASS |" in final
+    assert "| staging backfill still in place | PASS |" in final
+
+    # The staging apply is rolled back afterwards: the pipeline and its final gate say so instead of the old GO.
+    apply_run = steps["apply"]["run_id"]
+    undone = rollback_command(
+        pair.env("staging"), apply_run, dry_run=False, force=False, artifacts_dir=pair.artifacts_dir
+    )
+    assert undone.committed
+    outdated = run_pipeline(
+        pair,
+        PipelineOptions(staging="staging", production="production", since=DEMO_SINCE),
+        clock=RealClock(),
+        soak_step=never_soak,
+    )
+    assert outdated.run_id == state.run_id and outdated.done
+    assert outdated.steps["final_gate"]["verdict"] == "NO-GO"
+    assert outdated.steps["apply"]["status"] == "rolled_back"
+    assert outdated.steps["final_gate"]["outdated_by"] == [
+        f"apply {apply_run} was rolled back at {outdated.steps['apply']['rolled_back_at']}"
+    ]
+    rewritten = Path(steps["final_gate"]["artifact"]).read_text()
+    assert "## Verdict: **NO-GO**" in rewritten and "## Verdict: **GO**" not in rewritten
+    assert re.search(rf"\| staging backfill still in place \| FAIL \| run {apply_run} was rolled back at ", rewritten)
+    assert f"| apply (staging) | `{apply_run}` | rolled_back;" in rewritten
+    assert "Sessions backfilled: 39 on staging (since rolled back), 0 on production." in rewritten
+    with Database(pair.env("staging")) as db, db.connect() as conn:
+        summary = ledger.get_run(conn, state.run_id).summary or {}
+    assert summary["steps"]["final_gate"]["verdict"] == "NO-GO" and summary["steps"]["apply"]["status"] == "rolled_back"
+    # The next run of the pipeline starts a new one, which finds the 39 sessions to backfill again.
+    fresh = run_pipeline(
+        pair,
+        PipelineOptions(staging="staging", production="production", since=DEMO_SINCE),
+        clock=RealClock(),
+        soak_step=never_soak,
+    )
+    assert fresh.run_id != state.run_id and fresh.steps["plan"]["candidates"] == 39
+    assert "--gate plan" in str(fresh.waiting_for)
+
 
 def empty_soak(db: Database, env: Environment, apply_run: str, clock: Clock, artifacts: Path) -> dict[str, object]:
-    """A real soak over six simulated hours in which nobody used staging: nothing to measure, so INCONCLUSIVE."""
+    """A real soak over six simulated hours in which nobody used staging: nothing to measure, so INCONCLUSIVE.
+    Like the demo's, it moves the pipeline's clock past those hours, so nothing later is dated before them."""
     result = run_prism_soak(env, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
+    assert isinstance(clock, OffsetClock)
+    clock.advance_to(result.window_end)
     return {
         "run_id": result.run_id,
         "verdict": result.verdict,
@@ -184,7 +255,8 @@ def test_unhealthy_production_without_a_passing_soak_is_refused_until_an_overrid
     argv += ["--override-gate", "--by", "ola"]
     assert main([*argv, "--reason", "incident 7: profiles missing for paying users"]) == 0
 
-    done = run_pipeline(pair, options, clock=OffsetClock(PIPELINE_START), soak_step=never_soak)
+    # The override's apply above ran on the wall clock, so the pipeline continues on it (never dated before it).
+    done = run_pipeline(pair, options, clock=RealClock(), soak_step=never_soak)
     assert done.done and done.blocked is None
     prod = done.steps["production_apply"]
     assert prod["results"] == {"written": 3} and prod["healthy_after"] is True and prod["verdict"] == "PASS"
@@ -194,3 +266,15 @@ def test_unhealthy_production_without_a_passing_soak_is_refused_until_an_overrid
     assert re.search(r"soak gate of `[^`]+` overridden by \*\*ola\*\*.*incident 7", final)
     assert re.search(r"\| soak \| override \| ola \| .*incident 7", final)
     assert "Sessions backfilled: 39 on staging, 3 on production." in final
+
+    # Rolling the production apply back through the CLI rewrites this pipeline's final gate on the spot: NO-GO.
+    capsys.readouterr()
+    assert main(["--config", str(config), "rollback", mini_run, "--env", "production"]) == 0
+    said = capsys.readouterr().out
+    assert f"pipeline {done.run_id}: production apply {mini_run} was rolled back at " in said
+    assert "final gate rewritten, NO-GO" in said
+    final = Path(done.steps["final_gate"]["artifact"]).read_text()
+    assert "## Verdict: **NO-GO**" in final
+    assert re.search(rf"\| production backfill still in place \| FAIL \| run {mini_run} was rolled back at ", final)
+    assert main(["--config", str(config), "status", done.run_id]) == 0
+    assert f"outdated: production apply {mini_run} was rolled back" in capsys.readouterr().out

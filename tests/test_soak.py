@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gatefill import ledger
+from gatefill import ledger, stats
 from gatefill.cli import main
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment, Settings
 from gatefill.db import Database
 from gatefill.errors import UsageError
 from gatefill.gate import find_passing_soak
-from gatefill.job import Check
+from gatefill.job import Check, overall_verdict
 from gatefill.ledger import RunStatus
 from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.schema import assessment_sessions, fc_scores, profiles
@@ -42,6 +42,7 @@ from gatefill.soak import (
     exit_code_for,
     load_baseline,
     parse_margin,
+    parse_min_conversion,
     run_soak,
     soak_verdict,
 )
@@ -184,6 +185,13 @@ def test_clean_traffic_with_enough_sessions_passes(soaked: Soaked, caplog: pytes
     assert (funnels["completion"]["k"], funnels["completion"]["n"]) == (50, 50)
     assert (funnels["profile"]["k"], funnels["profile"]["n"]) == (50, 50)
     assert checks["conversion"].evidence["baseline"]["completion"] == {"k": 180, "n": 200}
+    floor = checks["conversion_floor"]
+    assert floor.verdict == "PASS" and (floor.evidence["k"], floor.evidence["n"], floor.evidence["floor"]) == (
+        50,
+        50,
+        0.85,
+    )
+    assert "the rate is shown to be above the floor 85.0%" in floor.summary
     stamps = checks["version_stamps"].evidence
     assert stamps["fc_scores"] == {"checked": 50, "wrong": 0} and stamps["profiles"] == {"checked": 50, "wrong": 0}
     assert checks["write_failures"].evidence["finalized_judged"] == 50
@@ -239,6 +247,10 @@ def test_the_seeds_twelve_sessions_against_89_2_percent_are_inconclusive(soaked:
     assert completion["verdict"] == "INCONCLUSIVE" and completion["baseline"]["rate"] == 0.892
     assert "too little data" in completion["summary"] and "11 of 12" in completion["summary"]
     assert conversion.verdict == "INCONCLUSIVE"
+    # The seed's floor cannot be shown either way on 11 completions: too little data, not a PASS.
+    floor = _by_name(result)["conversion_floor"]
+    assert (floor.evidence["k"], floor.evidence["n"]) == (11, 11)
+    assert floor.verdict == "INCONCLUSIVE" and "too little data" in floor.summary
     assert result.verdict == "INCONCLUSIVE" and result.exit_code == 3
 
 
@@ -639,6 +651,14 @@ def test_verdict_rules_fail_is_final_pass_needs_everything_and_the_whole_window(
     observed = [*checks("PASS"), *checks("FAIL", gating=False)]
     assert soak_verdict(observed, complete=True, looks=12, max_looks=12)[0] == "PASS"
     assert soak_verdict(checks("PASS", gating=False), complete=True, looks=1, max_looks=1)[0] == "INCONCLUSIVE"
+    # N/A (a check that does not apply here) counts neither as PASS nor as FAIL, and alone it concludes nothing.
+    verdict, why = soak_verdict(checks("PASS", "N/A"), complete=True, looks=12, max_looks=12)
+    assert verdict == "PASS" and "(c1 N/A here)" in why
+    assert soak_verdict(checks("N/A", "N/A"), complete=True, looks=12, max_looks=12)[0] == "INCONCLUSIVE"
+    assert soak_verdict(checks("N/A", "FAIL"), complete=True, looks=12, max_looks=12)[0] == "FAIL"
+    assert soak_verdict(checks("N/A", "INCONCLUSIVE"), complete=True, looks=12, max_looks=12)[0] == "INCONCLUSIVE"
+    assert overall_verdict(["PASS", "N/A"]) == "PASS" and overall_verdict(["N/A"]) == "INCONCLUSIVE"
+    assert overall_verdict([]) == "INCONCLUSIVE" and overall_verdict(["N/A", "FAIL", "PASS"]) == "FAIL"
 
 
 def test_options_margins_and_look_counts() -> None:
@@ -676,3 +696,173 @@ def test_a_call_the_server_answered_504_counts_as_a_failed_function_call(soaked:
     assert errors.verdict == "FAIL"
     assert errors.evidence["error_events"] == {"call_timeout": 1}
     assert errors.evidence["failed_finalizations"] == 1 and errors.evidence["failed_sessions"] == [stuck]
+
+
+# ====================================================================================================================
+# Issue 14: probes over the whole window, the conversion floor, the chart, production refused
+
+
+def _probed_spans(result: SoakResult) -> set[int]:
+    """The hours of the window (0-based) in which some look sent probes, read from the stored per-look evidence."""
+    spans = set()
+    for m in result.measurements:
+        gating = m.check("token_gating")
+        assert gating is not None
+        if gating.evidence["this_look"]["probes"]:
+            spans.add(int((m.window_end - m.window_start).total_seconds() - 1) // 3600)
+    return spans
+
+
+def test_probes_cover_every_hour_of_a_six_hour_window_within_the_endpoints_rate_limit(soaked: Soaked) -> None:
+    """72 looks taken back to back under a simulated clock: the probes are spread so every hour has probed looks
+    (a budget of 30 requests per real minute cannot probe them all), and no request is refused by the limit."""
+    start = _window(13)
+    soaked.baseline(start, started=200, completed=180, profiled=170)
+    soaked.traffic(start, 60, seed=13, duration="6h")
+    limited = create_app(
+        soaked.env, soaked.db, allow_fault_injection=True, service_role_key=SERVICE_KEY, rate_limit_per_minute=60
+    )
+    with serve_in_thread(limited) as url:
+        env = replace(soaked.env, results_url=url, functions_url=f"{url}/functions/v1")
+        result = soaked.soak(replace(OPTIONS, start=start, duration=6 * HOUR, interval=300.0), env=env)
+    assert result.looks_taken == 72
+    assert _probed_spans(result) == set(range(6))
+    checks = _by_name(result)
+    gating, latency = checks["token_gating"], checks["latency"]
+    assert gating.evidence["coverage"]["covered"] == list(range(6)) and gating.evidence["coverage"]["enough"]
+    assert latency.evidence["coverage"]["covered"] == list(range(6))
+    statuses = [
+        p["status"]
+        for m in result.measurements
+        for p in (m.check("token_gating") or Check("", "", "")).evidence["this_look"]["probes"]
+    ]
+    assert statuses and 429 not in statuses and None not in statuses
+    assert gating.verdict == "PASS" and "6 of 6 hours of the window covered" in gating.summary
+    assert f"over {gating.evidence['probes']['looks_probed']} of 72 looks" in gating.summary
+    assert latency.verdict == "PASS" and "6 of 6 hours" in latency.summary
+    # Looks not probed say why: the hour is covered and the budget is kept for the hours still to come.
+    skipped = [
+        m.check("token_gating").evidence["this_look"]["skipped"]  # type: ignore[union-attr]
+        for m in result.measurements
+        if not m.check("token_gating").evidence["this_look"]["probes"]  # type: ignore[union-attr]
+    ]
+    assert skipped and all("already covered" in s for s in skipped if s and "no completed session" not in s)
+
+
+def test_probes_covering_less_of_the_window_than_the_minimum_are_inconclusive(soaked: Soaked) -> None:
+    """An endpoint that answers only the first probed look and then 429 (its limiter runs on a clock that never
+    moves): every case was shown once, in the first hour only, so neither probe check may conclude."""
+    start = _window(14)
+    # Two sessions finished before the window: the first look already has two to probe, so all four cases.
+    soaked.traffic(start - timedelta(hours=2), 2, seed=41)
+    soaked.traffic(start, 4, seed=14)
+    stingy = create_app(
+        soaked.env,
+        soaked.db,
+        clock=SimulatedClock(start),
+        allow_fault_injection=True,
+        service_role_key=SERVICE_KEY,
+        rate_limit_per_minute=4,
+    )
+    settings = PrismSoakSettings(service_role_key=SERVICE_KEY, min_latency_samples=3)
+    with serve_in_thread(stingy) as url:
+        env = replace(soaked.env, results_url=url, functions_url=f"{url}/functions/v1")
+        result = soaked.soak(replace(OPTIONS, start=start), env=env, settings=settings)
+    checks = _by_name(result)
+    gating, latency = checks["token_gating"], checks["latency"]
+    assert all(gating.evidence["cases_passed"].values()) and gating.evidence["probes"]["failed"] == 0
+    assert gating.evidence["coverage"]["covered"] == [0] and not gating.evidence["coverage"]["enough"]
+    assert gating.verdict == "INCONCLUSIVE"
+    assert "do not cover enough of the window: 1 of 3 hours of the window covered" in gating.summary
+    assert latency.evidence["samples"] >= 3 and latency.evidence["coverage"]["covered"] == [0]
+    assert latency.verdict == "INCONCLUSIVE" and "1 of 3 hours" in latency.summary
+    assert result.verdict == "INCONCLUSIVE"
+
+
+def test_the_conversion_floor_fails_a_rate_shown_below_it_and_is_in_the_gate_report(soaked: Soaked) -> None:
+    start = _window(15)
+    soaked.baseline(start, started=200, completed=180, profiled=170)
+    report = soaked.traffic(start, 60, seed=15, inject={"profile_write_fail": 0.4})
+    failed_writes = report.injected_counts["profile_write_fail"]
+    result = soaked.soak(replace(OPTIONS, start=start))
+    floor = _by_name(result)["conversion_floor"]
+    profile = _by_name(result)["conversion"].evidence["funnels"]["profile"]
+    assert (floor.evidence["k"], floor.evidence["n"]) == (profile["k"], profile["n"]) == (60 - failed_writes, 60)
+    assert floor.evidence["floor"] == 0.85 and floor.evidence["k"] / floor.evidence["n"] < 0.75
+    assert floor.verdict == "FAIL" and "the rate is shown to be below the floor 85.0%" in floor.summary
+    assert floor.evidence["decided"]["verdict"] == "FAIL"
+    # The decision is taken at the look's share of alpha, as the non-inferiority test's are.
+    decided_at = floor.evidence["decided"]["look"]
+    assert result.measurements[decided_at - 1].check("conversion_floor").evidence["look_alpha"] == pytest.approx(  # type: ignore[union-attr]
+        stats.SequentialPlan(12).nominal_alpha(decided_at)
+    )
+    assert result.verdict == "FAIL" and "conversion_floor" in result.reason
+    gate = (soaked.artifacts / result.run_id / "staging_soak_gate.md").read_text()
+    assert "| conversion_floor | FAIL | yes |" in gate
+    assert "conversion floor 85.0% (exact one-sided binomial test" in gate
+    # A lower floor, given as on the command line, is part of the soak's plan and is what the check tests.
+    lower = soaked.soak(replace(OPTIONS, start=start, min_conversion=parse_min_conversion("30%")))
+    assert _by_name(lower)["conversion_floor"].evidence["floor"] == 0.30
+    assert _by_name(lower)["conversion_floor"].verdict == "PASS"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_the_chart_and_rates_leave_out_sessions_that_had_not_had_time_to_finish(soaked: Soaked) -> None:
+    start = _window(16)
+    soaked.baseline(start, started=200, completed=180, profiled=170)
+    soaked.traffic(start, 45, seed=16, duration="3h")
+    result = soaked.soak(replace(OPTIONS, start=start, chart=True))
+    out = soaked.artifacts / result.run_id
+    with PrismSoakChecks(soaked.env, PrismSoakSettings()) as checks:
+        buckets = checks.series(soaked.db, start, result.window_end, HOUR)
+        guides = checks.chart_guides(result.measurements, result.window_end)
+    # Hourly buckets; sessions started in the last hour had less than the hour of grace: pending, not failures.
+    assert [b.rates["completion"][1] for b in buckets][2] == 0 and buckets[2].pending["completion"] > 0
+    assert all(b.rates["completion"][1] > 0 for b in buckets[:2])
+    judged = _by_name(result)["conversion"].evidence["funnels"]["completion"]["n"]
+    assert sum(b.rates["completion"][1] for b in buckets) == judged
+    assert guides.pending_after["completion"] == result.window_end - timedelta(hours=1)
+    funnels = _by_name(result)["conversion"].evidence["funnels"]
+    lines = {(line.series, line.style): line.value for line in guides.lines}
+    assert lines[("completion", "baseline")] == pytest.approx(0.9)
+    assert lines[("completion", "threshold")] == pytest.approx(funnels["completion"]["threshold"])
+    assert lines[("profile", "threshold")] == pytest.approx(0.944444 - 0.05, abs=1e-5)
+    assert lines[("profile", "floor")] == 0.85
+    observability = (out / "staging_observability.md").read_text()
+    assert f"none judged yet ({buckets[2].pending['completion']} pending)" in observability
+    assert "had not had time to finish: they are left out of the rates" in observability
+    # No error events: the chart is the rates panel and a sentence, not an empty second panel.
+    width, height = _png_size(out / "staging_observability_chart.png")
+    assert (width, height) == (810, 360)
+
+
+def test_a_soak_of_a_production_environment_is_refused_unless_allowed(
+    sqlite_template: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db_path = tmp_path / "production.db"
+    shutil.copyfile(sqlite_template, db_path)
+    config = tmp_path / "gatefill.toml"
+    config.write_text(
+        f'[env.production]\ndatabase_url = "sqlite:///{db_path}"\nkind = "production"\n', encoding="utf-8"
+    )
+
+    def tables() -> set[str]:
+        with Database(sqlite_env(db_path)) as db, db.connect() as conn:
+            return {t for t in sa.inspect(conn).get_table_names() if t.startswith("gatefill_")}
+
+    argv = ["--config", str(config), "soak", "--env", "production", "--from", "2024-01-01T00:00:00Z"]
+    argv += ["--duration", "10m", "--interval", "5m", "--no-chart"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: environment 'production' is production") and "--allow-production" in err
+    assert "\n" not in err and tables() == set()
+    assert main([*argv, "--allow-production"]) == 3  # allowed: it runs (no traffic there, so INCONCLUSIVE)
+    assert "gatefill_runs" in tables()
+    assert main(["soak", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "Watch staging" not in help_text and "--allow-production" in help_text

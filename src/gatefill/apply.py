@@ -31,7 +31,7 @@ from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
 from gatefill.interrupt import stop_on_sigint
-from gatefill.job import Candidate, Check, Fence, Job, SessionOutcome
+from gatefill.job import NOT_APPLICABLE, Candidate, Check, Fence, Job, SessionOutcome, overall_verdict
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 from gatefill.plan import verify_plan
@@ -487,12 +487,61 @@ def _pause(db: Database, run_id: str, clock: Clock, reason: str) -> None:
 
 
 @dataclass(frozen=True)
+class Invocation:
+    """One invocation of an apply run, from the ledger's run events: from its move to ``running`` to its pause or
+    end (a crashed one, taken over by the next, ends at its last committed batch), with the batches it committed."""
+
+    number: int
+    started_at: datetime
+    ended_at: datetime
+    ended_as: str
+    batches: int
+    sessions: int
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, (self.ended_at - self.started_at).total_seconds())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "invocation": self.number,
+            "started_at": self.started_at.isoformat(),
+            "ended_at": self.ended_at.isoformat(),
+            "ended_as": self.ended_as,
+            "seconds": round(self.seconds, 3),
+            "batches": self.batches,
+            "sessions": self.sessions,
+        }
+
+
+def run_invocations(events: Sequence[ledger.RunEvent], batch_rows: Sequence[Any]) -> list[Invocation]:
+    """The run's invocations, each with the batches that started during it (``batch_rows``: gatefill_batches)."""
+    spans: list[tuple[datetime, datetime | None, str]] = []
+    for e in events:
+        if e.to_status is RunStatus.RUNNING:
+            if spans and spans[-1][1] is None:
+                spans[-1] = (spans[-1][0], None, "stopped without pausing (crash); taken over")
+            spans.append((e.at, None, "still running"))
+        elif spans and spans[-1][1] is None and e.from_status is RunStatus.RUNNING:
+            spans[-1] = (spans[-1][0], e.at, e.to_status.value)
+    found = []
+    for i, (start, end, how) in enumerate(spans):
+        upto = spans[i + 1][0] if i + 1 < len(spans) else None
+        mine = [b for b in batch_rows if b.started_at >= start and (upto is None or b.started_at < upto)]
+        last = max((b.finished_at for b in mine), default=start)
+        found.append(Invocation(i + 1, start, end or last, how, len(mine), sum(int(b.sessions) for b in mine)))
+    return found
+
+
+@dataclass(frozen=True)
 class ApplyReport:
-    """The apply gate's verdict and where its artifacts were written."""
+    """The apply gate's verdict, where its artifacts were written, and the whole run's measured runtime and rate."""
 
     verdict: str
     checks: list[Check]
     paths: dict[str, Path]
+    runtime_seconds: float = 0.0
+    rate_per_minute: float | None = None
 
 
 def write_apply_artifacts(
@@ -524,6 +573,7 @@ def write_apply_artifacts(
         ).all()
         job_checks = job.post_checks(conn, run_id)
         approvals = ledger.approvals_for(conn, run_id)
+        invocations = run_invocations(ledger.run_events_for(conn, run_id), batch_rows)
     counts = Counter(results.values())
     planned = {c["key"]: c for c in plan.get("candidates", []) if c.get("operations")}
     by_category: dict[str, Counter[str]] = {}
@@ -538,7 +588,10 @@ def write_apply_artifacts(
         if r.result == "failed"
     ]
     summary = dict(run.summary or {})
-    elapsed = float(summary.get("elapsed_seconds", result.elapsed_seconds if result else 0.0))
+    # Runtime and rate over every invocation (a resumed run has several), from the ledger's run events.
+    elapsed = sum(i.seconds for i in invocations)
+    processed = sum(i.sessions for i in invocations)
+    measured_rate = processed / elapsed * 60.0 if elapsed > 0 else None
     started = run.started_at.isoformat() if run.started_at else "not started"
     finished = run.finished_at.isoformat() if run.finished_at else "not finished"
     rollback_file = f"rollback_{(run.started_at or measured_at).date().isoformat()}.sql"
@@ -554,9 +607,10 @@ def write_apply_artifacts(
             "status": run.status.value,
             "execution_start": started,
             "execution_end": finished,
-            "runtime_seconds": elapsed,
+            "runtime_seconds": round(elapsed, 3),
             "rate_requested": summary.get("rate"),
-            "measured_rate_per_minute": summary.get("measured_rate_per_minute"),
+            "measured_rate_per_minute": None if measured_rate is None else round(measured_rate, 3),
+            "invocations": [i.to_json() for i in invocations],
             "total_sessions": len(planned),
             "results": dict(counts),
             "failed_sessions": len(failures),
@@ -600,9 +654,11 @@ def write_apply_artifacts(
             started=started,
             finished=finished,
             elapsed=elapsed,
-            waited=float(result.throttle_wait_seconds) if result else 0.0,
+            waited=float(result.throttle_wait_seconds) if result else None,
             rate=summary.get("rate", "n/a"),
-            measured_rate=float(summary.get("measured_rate_per_minute") or 0.0),
+            measured_rate=measured_rate,
+            processed=processed,
+            invocations=invocations,
             batches=len(batch_rows),
             results=dict(counts),
             planned=len(planned),
@@ -614,11 +670,7 @@ def write_apply_artifacts(
         ),
     )
     checks = _gate_checks(run, planned, results, failures, max_failures, tables, job_checks, dry)
-    verdict = (
-        "FAIL"
-        if any(c.verdict == "FAIL" and c.gating for c in checks)
-        else ("INCONCLUSIVE" if any(c.verdict == "INCONCLUSIVE" and c.gating for c in checks) else "PASS")
-    )
+    verdict = overall_verdict(c.verdict for c in checks if c.gating)
     paths["gate"] = write_text(
         out / "backfill_gate.md",
         render(
@@ -641,7 +693,7 @@ def write_apply_artifacts(
             ),
         ),
     )
-    return ApplyReport(verdict, checks, paths)
+    return ApplyReport(verdict, checks, paths, elapsed, measured_rate)
 
 
 def _gate_checks(
@@ -683,20 +735,31 @@ def _gate_checks(
         ),
     ]
     checks.extend(job_checks)
-    failed_verifications = [c.name for c in dry.verification if c.verdict != "PASS"]
-    checks.append(
-        Check(
-            "rollback_dry_run",
-            "PASS" if dry.verified else "FAIL",
-            f"{dry.changes} recorded changes undone inside a transaction and verified "
-            f"({len(dry.verification) - len(failed_verifications)}/{len(dry.verification)} verification queries "
-            f"passed, {len(dry.conflicts)} conflicts), then rolled back",
-            {
-                "tables": [t.to_json() for t in dry.tables],
-                "failed_verifications": failed_verifications,
-                "conflicts": [c.describe() for c in dry.conflicts][:20],
-            },
-            "rollback executed inside a transaction, verified, then rolled back",
-        )
-    )
+    checks.append(_rollback_check(dry))
     return checks
+
+
+def _rollback_check(dry: RollbackResult) -> Check:
+    """The dry run of the rollback as a gate check; N/A when the run recorded nothing to roll back."""
+    if dry.changes == 0:
+        return Check(
+            "rollback_dry_run",
+            NOT_APPLICABLE,
+            "the run recorded no changes: there is nothing to roll back, so nothing to verify",
+            {"changes": 0},
+            "SELECT count(*) FROM gatefill_changes WHERE run_id = :run",
+        )
+    failed_verifications = [c.name for c in dry.verification if c.verdict != "PASS"]
+    return Check(
+        "rollback_dry_run",
+        "PASS" if dry.verified else "FAIL",
+        f"{dry.changes} recorded changes undone inside a transaction and verified "
+        f"({len(dry.verification) - len(failed_verifications)}/{len(dry.verification)} verification queries "
+        f"passed, {len(dry.conflicts)} conflicts), then rolled back",
+        {
+            "tables": [t.to_json() for t in dry.tables],
+            "failed_verifications": failed_verifications,
+            "conflicts": [c.describe() for c in dry.conflicts][:20],
+        },
+        "rollback executed inside a transaction, verified, then rolled back",
+    )

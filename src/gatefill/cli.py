@@ -434,6 +434,8 @@ def status_command(
             brief = {k: v for k, v in detail.items() if k in ("run_id", "verdict", "status", "healthy", "candidates")}
             out.print(f"  {step}: {brief}", markup=False)
         out.print(f"  waiting for: {summary.get('waiting_for') or 'nothing'}", markup=False)
+        for why in (summary.get("steps", {}).get("final_gate") or {}).get("outdated_by") or []:
+            out.print(f"  outdated: {why}; the final gate was rewritten from the ledgers", markup=False)
         return
     if p.soak is not None:
         out.print("\n".join(f"  {line}" for line in p.soak.describe()), markup=False)
@@ -466,6 +468,14 @@ def soak_command(
         float | None,
         typer.Option("--baseline-rate", help="A known started→completed rate (e.g. 0.892) instead of measuring it."),
     ] = None,
+    min_conversion: Annotated[
+        str | None,
+        typer.Option(
+            "--min-conversion",
+            help="Floor the completed → profile rate must be shown to reach (exact one-sided test), e.g. 80%; "
+            "default: seed 001's 85%.",
+        ),
+    ] = None,
     clock: Annotated[str, typer.Option(help="real, or simulated (looks back to back, no waiting).")] = "real",
     resume: Annotated[str | None, typer.Option("--resume", help="Continue this soak run (same window).")] = None,
     observe: Annotated[
@@ -476,12 +486,27 @@ def soak_command(
         str, typer.Option("--latency-p95", help="p95 threshold of the results endpoint, e.g. 1s or 800ms.")
     ] = "1s",
     no_chart: Annotated[bool, typer.Option("--no-chart", help="Do not draw the PNG chart.")] = False,
+    allow_production: Annotated[
+        bool,
+        typer.Option(
+            "--allow-production",
+            help="Soak an environment of kind production (the soak writes its ledger tables into that database).",
+        ),
+    ] = False,
 ) -> None:
-    """Watch staging for a window: every interval measure every check; verdict PASS (0), FAIL (1), INCONCLUSIVE (3)."""
+    """Watch an environment for a window (staging; production only with --allow-production): every interval measure
+    every check; verdict PASS (0), FAIL (1), INCONCLUSIVE (3)."""
     from gatefill.clock import parse_duration
     from gatefill.prism.soak_checks import PrismSoakSettings, run_prism_soak
     from gatefill.runs import find_run
-    from gatefill.soak import Baseline, Measurement, SoakOptions, parse_margin
+    from gatefill.soak import (
+        DEFAULT_MIN_CONVERSION,
+        Baseline,
+        Measurement,
+        SoakOptions,
+        parse_margin,
+        parse_min_conversion,
+    )
 
     try:
         duration_s, interval_s = parse_duration(duration), parse_duration(interval)
@@ -504,11 +529,14 @@ def soak_command(
         baseline_days=baseline_days,
         margin=parse_margin(margin),
         baseline_rate=baseline_rate,
+        min_conversion=DEFAULT_MIN_CONVERSION if min_conversion is None else parse_min_conversion(min_conversion),
         observe=tuple(observe or ()),
         fail_fast=fail_fast,
         chart=not no_chart,
+        allow_production=allow_production,
     )
     options.validate()
+    options.check_environment(environment)
 
     def progress(m: Measurement) -> None:
         # One line per look: a real 6-hour soak is otherwise silent for hours.
@@ -562,6 +590,8 @@ def health_command(
             since=_since(since),
             now=_parse_when(at) or RealClock().now(),
             artifacts_dir=settings.artifacts_dir,
+            # Without --at the report is dated when the measurement finished; with it, at the instant asked for.
+            clock=None if at else RealClock(),
         )
     table = Table("check", "verdict", "evidence")
     for c in result.checks:
@@ -636,6 +666,13 @@ def rollback_command(
         out.print(f"  {t.table}: " + ", ".join(f"{k} {v}" for k, v in t.to_json().items() if k != "table" and v))
     if result.report_path:
         out.print(f"report: {result.report_path}")
+    if result.committed:
+        from gatefill.clock import RealClock
+        from gatefill.pipeline import note_rollback
+
+        for state in note_rollback(settings, run_id, clock=RealClock()):
+            for line in state.log:
+                out.print(f"pipeline {state.run_id}: {line}", markup=False)
     raise typer.Exit(0 if result.verdict == "PASS" else 1)
 
 

@@ -92,6 +92,13 @@ class OffsetClock:
         if seconds > 0:
             time.sleep(seconds)
 
+    def advance_to(self, instant: datetime) -> None:
+        """Moves the clock forward so that ``now()`` is at least ``instant`` (never backwards): the demo's pipeline
+        resumes when the six hours it soaked under a simulated clock are over, not before they began."""
+        ahead = utc(instant) - self.now()
+        if ahead > timedelta(0):
+            self._offset += ahead
+
 
 def utc(value: datetime) -> datetime:
     """The same instant as an aware UTC datetime (naive values are taken to be UTC)."""

@@ -150,18 +150,24 @@ def run_demo_pipeline(
                 f"simulating six hours of traffic (arrivals over {SOAK_ARRIVALS}) from {finished.isoformat()} "
                 f"against {base_url} ..."
             )
+            traffic_clock = SimulatedClock(finished)
             traffic = simulate(
                 db,
                 f"{base_url}/functions/v1",
                 sessions=respondents,
                 duration=SOAK_ARRIVALS,
-                clock=SimulatedClock(finished),
+                clock=traffic_clock,
                 seed=7,
                 service_role_key=live.service_role_key(),
             )
             console.print(traffic.render(), markup=False)
             result = run_prism_soak(live, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
         console.print(f"soak {result.run_id}: {result.verdict} ({result.reason})", markup=False)
+        # The six simulated hours have passed for the rest of the pipeline too: approvals, the production health
+        # check and the final gate are dated after the soak and the traffic it watched, never before.
+        with db.connect() as conn:
+            soaked_until = ledger.get_run(conn, result.run_id).finished_at or result.window_end
+        clock.advance_to(max(soaked_until, traffic_clock.now()))
         return result.step_record()
 
     state = run_pipeline(settings, options, clock=clock, soak_step=soak_step)

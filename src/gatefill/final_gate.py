@@ -2,7 +2,9 @@
 
 Sessions are counted once per environment they were processed in, from the ledgers' per-session results (unlike the
 original's "39 + 11 + 157 = 207", which added backfilled sessions, soak traffic and sessions merely inspected). Each
-checklist item cites the check that measured it; an item nothing measured says so and cannot pass.
+checklist item cites the check that measured it; an item nothing measured says so and cannot pass, and a check that
+does not apply (RLS on SQLite) is N/A with its reason, counted neither way. Whether each backfill still stands is read
+from its ledger when the gate is written, so a rollback after the fact turns the gate into a NO-GO.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 from gatefill import ledger
 from gatefill.config import Settings
 from gatefill.db import Database
-from gatefill.job import Check
+from gatefill.errors import DataError
+from gatefill.job import Check, overall_verdict
+from gatefill.ledger import RunStatus
 from gatefill.reports import render, write_text
 
 if TYPE_CHECKING:
@@ -50,31 +54,43 @@ def _item(name: str, verdict: str | None, summary: str, source: str) -> Check:
     )
 
 
-def write_final_gate(
-    settings: Settings,
-    options: PipelineOptions,
-    pipeline_run_id: str,
+def _check_item(name: str, step: Mapping[str, Any], check: str, source: str) -> Check:
+    """An item that cites one check of a step's record; an N/A check brings its reason along."""
+    verdict = (step.get("checks") or {}).get(check)
+    reason = (step.get("notes") or {}).get(check)
+    summary = f"{source} check {check} {verdict}" + (f": {reason}" if reason else "")
+    return _item(name, verdict, summary, source)
+
+
+def _in_place(name: str, run: ledger.Run | None, source: str) -> Check:
+    """Whether an apply the pipeline relied on still stands: read from its ledger now, not from the step record."""
+    if run is None:
+        return _item(name, None, "the run is not in its ledger", source)
+    if run.status is RunStatus.ROLLED_BACK:
+        when = run.finished_at.isoformat() if run.finished_at else "an unknown time"
+        why = f"run {run.id} was rolled back at {when}: the rows the gates above judged are gone"
+        return _item(name, "FAIL", why, source)
+    return _item(name, "PASS", f"run {run.id} has status {run.status.value}: its rows were not rolled back", source)
+
+
+def _run(db: Database, run_id: str | None) -> ledger.Run | None:
+    if not run_id:
+        return None
+    with db.connect() as conn:
+        try:
+            return ledger.get_run(conn, run_id, with_plan=False)
+        except ledger.RunNotFound:
+            return None
+
+
+def _items(
     steps: Mapping[str, Any],
-    *,
-    now: datetime,
-) -> dict[str, Any]:
-    """Writes ``artifacts/<pipeline>/pipeline_final_gate.md`` and returns its verdict and path."""
-    staging_env = settings.env(options.staging)
-    production_env = settings.env(options.production)
-    apply_step = steps.get("apply", {})
-    soak_step = steps.get("soak", {})
-    health_step = steps.get("health", {})
-    prod_step = steps.get("production_apply", {})
-    with Database(staging_env) as staging, Database(production_env) as production:
-        staging_results = _sessions(staging, apply_step.get("run_id"))
-        production_results = _sessions(production, prod_step.get("run_id"))
-        approvals = _approvals(
-            staging, [r for r in (apply_step.get("run_id"), soak_step.get("run_id"), pipeline_run_id) if r]
-        )
-        approvals += _approvals(production, [prod_step["run_id"]] if prod_step else [])
-    soak_checks: Mapping[str, str] = soak_step.get("checks", {})
-    health_checks: Mapping[str, str] = health_step.get("checks", {})
-    overrides = [a for a in approvals if a.kind == "override"]
+    runs: Mapping[str, ledger.Run | None],
+    staging_results: Counter[str],
+    production_results: Counter[str],
+) -> list[Check]:
+    apply_step, soak_step = steps.get("apply", {}), steps.get("soak", {})
+    health_step, prod_step = steps.get("health", {}), steps.get("production_apply", {})
     production_ok = prod_step.get("healthy_after") if prod_step else health_step.get("healthy")
     items = [
         _item(
@@ -83,51 +99,21 @@ def write_final_gate(
             f"backfill_gate.md verdict {apply_step.get('verdict')}: {dict(staging_results)}",
             "staging apply",
         ),
-        _item(
-            "versions stamped (staging rows written)",
-            soak_checks.get("version_stamps"),
-            f"soak check version_stamps {soak_checks.get('version_stamps')}",
-            "soak",
-        ),
-        _item(
-            "no engine_version_override",
-            soak_checks.get("engine_version_override"),
-            f"soak check engine_version_override {soak_checks.get('engine_version_override')}",
-            "soak",
-        ),
-        _item(
-            "no legacy FC", soak_checks.get("legacy_fc"), f"soak check legacy_fc {soak_checks.get('legacy_fc')}", "soak"
-        ),
-        _item(
-            "tokenized results only",
-            soak_checks.get("token_gating"),
-            f"soak check token_gating {soak_checks.get('token_gating')}",
-            "soak",
-        ),
-        _item(
-            "conversion not worse than baseline",
-            soak_checks.get("conversion"),
-            f"soak check conversion {soak_checks.get('conversion')}",
-            "soak",
-        ),
+        _in_place("staging backfill still in place", runs["apply"], "staging ledger"),
+        _check_item("versions stamped (staging rows written)", soak_step, "version_stamps", "soak"),
+        _check_item("no engine_version_override", soak_step, "engine_version_override", "soak"),
+        _check_item("no legacy FC", soak_step, "legacy_fc", "soak"),
+        _check_item("tokenized results only", soak_step, "token_gating", "soak"),
+        _check_item("conversion not worse than baseline", soak_step, "conversion", "soak"),
+        _check_item("conversion at least the floor (seed: ≥ 85%)", soak_step, "conversion_floor", "soak"),
         _item(
             "staging soak verdict",
             soak_step.get("verdict"),
             f"soak {soak_step.get('run_id')}: {soak_step.get('verdict')}",
             "soak",
         ),
-        _item(
-            "production versions",
-            health_checks.get("version_distribution"),
-            f"health check version_distribution {health_checks.get('version_distribution')}",
-            "health",
-        ),
-        _item(
-            "production RLS",
-            health_checks.get("row_level_security"),
-            f"health check row_level_security {health_checks.get('row_level_security')}",
-            "health",
-        ),
+        _check_item("production versions", health_step, "version_distribution", "health"),
+        _check_item("production RLS", health_step, "row_level_security", "health"),
         _item(
             "production healthy",
             "PASS" if production_ok else ("FAIL" if production_ok is False else None),
@@ -136,21 +122,68 @@ def write_final_gate(
         ),
     ]
     if prod_step:
-        items.insert(
-            8,
+        at = len(items) - 3
+        items[at:at] = [
             _item(
                 "production backfill gate",
                 prod_step.get("verdict"),
                 f"backfill_gate.md verdict {prod_step.get('verdict')}: {dict(production_results)}",
                 "production apply",
             ),
+            _in_place("production backfill still in place", runs["production_apply"], "production ledger"),
+        ]
+    return items
+
+
+def _evidence_until(steps: Mapping[str, Any], runs: Mapping[str, ledger.Run | None]) -> datetime | None:
+    """The latest instant the cited evidence comes from: when each cited run finished, or was measured."""
+    times = [r.finished_at for r in runs.values() if r is not None and r.finished_at is not None]
+    times += (
+        [datetime.fromisoformat(str(steps["health"]["measured_at"]))]
+        if steps.get("health", {}).get("measured_at")
+        else []
+    )
+    return max(times, default=None)
+
+
+def write_final_gate(
+    settings: Settings,
+    options: PipelineOptions,
+    pipeline_run_id: str,
+    steps: Mapping[str, Any],
+    *,
+    now: datetime,
+) -> dict[str, Any]:
+    """Writes ``artifacts/<pipeline>/pipeline_final_gate.md`` and returns its verdict and path.
+
+    Every item is re-read at ``now``: a backfill rolled back since its gate passed makes the final gate NO-GO.
+    ``now`` may not precede the evidence it cites (a report is never dated before what it reports).
+    """
+    staging_env = settings.env(options.staging)
+    production_env = settings.env(options.production)
+    apply_id = steps.get("apply", {}).get("run_id")
+    soak_id = steps.get("soak", {}).get("run_id")
+    prod_id = steps.get("production_apply", {}).get("run_id")
+    with Database(staging_env) as staging, Database(production_env) as production:
+        staging_results = _sessions(staging, apply_id)
+        production_results = _sessions(production, prod_id)
+        approvals = _approvals(staging, [r for r in (apply_id, soak_id, pipeline_run_id) if r])
+        approvals += _approvals(production, [prod_id] if prod_id else [])
+        runs = {
+            "apply": _run(staging, apply_id),
+            "soak": _run(staging, soak_id),
+            "production_apply": _run(production, prod_id),
+        }
+    latest = _evidence_until(steps, runs)
+    if latest is not None and now < latest:
+        raise DataError(
+            f"the final gate would be dated {now.isoformat()}, before the evidence it cites ({latest.isoformat()}): "
+            "the pipeline's clock is behind its phases' clocks"
         )
-    if any(i.verdict == "FAIL" for i in items):
-        verdict = "NO-GO"
-    elif any(i.verdict != "PASS" for i in items) or overrides:
-        verdict = "INCONCLUSIVE"
-    else:
-        verdict = "GO"
+    items = _items(steps, runs, staging_results, production_results)
+    overrides = [a for a in approvals if a.kind == "override"]
+    overall = overall_verdict(i.verdict for i in items)
+    verdict = "NO-GO" if overall == "FAIL" else ("GO" if overall == "PASS" and not overrides else "INCONCLUSIVE")
     artifacts = []
     for step_name in ("plan", "apply", "soak", "health", "production_apply"):
         step = steps.get(step_name, {})
@@ -164,10 +197,12 @@ def write_final_gate(
         verdict=verdict,
         pipeline=pipeline_run_id,
         now=now.isoformat(),
+        evidence_until=latest.isoformat() if latest else None,
         options=options,
         staging=staging_env,
         production=production_env,
         steps=steps,
+        statuses={name: (run.status.value if run else None) for name, run in runs.items()},
         staging_results=dict(staging_results),
         production_results=dict(production_results),
         items=items,
@@ -176,7 +211,7 @@ def write_final_gate(
         artifacts=[(name, _relative(Path(path), out.parent)) for name, path in artifacts],
     )
     write_text(out, text)
-    return {"verdict": verdict, "artifact": str(out)}
+    return {"verdict": verdict, "artifact": str(out), "written_at": now.isoformat()}
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from gatefill import ledger
+from gatefill.clock import Clock
 from gatefill.config import Environment
 from gatefill.db import Database, format_utc
-from gatefill.job import Check
+from gatefill.job import NOT_APPLICABLE, Check, overall_verdict
 from gatefill.plan import PlanParams, compose_plan, write_plan_files
-from gatefill.prism.health_checks import health_checks
+from gatefill.prism.health_checks import health_checks, newest_session_activity
 from gatefill.prism.job import PrismJob
 from gatefill.reports import render, write_json, write_text
 
@@ -39,6 +40,20 @@ class HealthResult:
     paths: dict[str, Path]
     #: Wall time in seconds of each check, and of ``discovery`` (the mini plan's discovery and composition).
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The report's time: when the measurement finished (never before the newest session it counted).
+    measured_at: datetime | None = None
+
+    def step_record(self) -> dict[str, Any]:
+        """The pipeline's record of this health step (what its state keeps and the final gate reads)."""
+        return {
+            "run_id": self.run_id,
+            "healthy": self.healthy,
+            "checks": {c.name: c.verdict for c in self.checks},
+            "notes": {c.name: c.summary for c in self.checks if c.verdict == NOT_APPLICABLE},
+            "measured_at": self.measured_at.isoformat() if self.measured_at else None,
+            "mini_plan": str(self.paths["mini_plan"]) if "mini_plan" in self.paths else None,
+            "artifact": str(self.paths["report"]),
+        }
 
     @property
     def exit_code(self) -> int:
@@ -55,8 +70,14 @@ def check_health(
     job: PrismJob | None = None,
     rate: str = "20/min",
     batch_size: int = 5,
+    clock: Clock | None = None,
 ) -> HealthResult:
-    """Runs the health checks and, when sessions need backfill, composes the mini plan (read-only on the database)."""
+    """Runs the health checks and, when sessions need backfill, composes the mini plan (read-only on the database).
+
+    ``now`` is the instant the checks judge (token expiry); the report is dated when the measurement finished, on
+    ``clock`` when given (else ``now``), and a ``measurement_time`` check says whether any session it counted is
+    stamped later than that date.
+    """
     job = job or PrismJob()
     run_id = ledger.new_run_id("health", now)
     seconds: dict[str, float] = {}
@@ -81,8 +102,11 @@ def check_health(
             run = ledger.new_run_id("apply", now)
             plan = compose_plan(conn, env, job, params, now=now, run_id=run, source="health")
             seconds["discovery"] = time.perf_counter() - started
+        newest, newest_query = newest_session_activity(conn, since)
+    measured_at = clock.now() if clock is not None else now
+    checks.append(_measurement_time(newest, measured_at, newest_query))
     needs_backfill = plan is not None and plan["totals"]["candidates"] > 0
-    healthy = not needs_backfill and all(c.verdict == "PASS" or not c.gating for c in checks)
+    healthy = not needs_backfill and overall_verdict(c.verdict for c in checks if c.gating) == "PASS"
     out = artifacts_dir / run_id
     paths: dict[str, Path] = {}
     if plan and needs_backfill:
@@ -95,7 +119,8 @@ def check_health(
             "environment": env.name,
             "database": env.display_url,
             "since": format_utc(since),
-            "measured_at": format_utc(now),
+            "measured_at": format_utc(measured_at),
+            "judged_as_of": format_utc(now),
             "healthy": healthy,
             "checks": [c.to_json() for c in checks],
             "seconds": {name: round(t, 4) for name, t in seconds.items()},
@@ -109,11 +134,30 @@ def check_health(
             run_id=run_id,
             env=env,
             since=format_utc(since),
-            now=format_utc(now),
+            now=format_utc(measured_at),
+            # Shown when it differs noticeably from the report's time (a past --at; not the measurement's length).
+            judged_as_of=format_utc(now) if abs((measured_at - now).total_seconds()) >= 1.0 else None,
             healthy=healthy,
             checks=checks,
             plan=plan if needs_backfill else None,
             discovered="discovery" in seconds,
         ),
     )
-    return HealthResult(run_id, healthy, checks, plan if needs_backfill else None, paths, seconds)
+    return HealthResult(run_id, healthy, checks, plan if needs_backfill else None, paths, seconds, measured_at)
+
+
+def _measurement_time(newest: datetime | None, measured_at: datetime, query: str) -> Check:
+    """A report may not be dated before the evidence it counts: the newest session stamp against the report's time."""
+    evidence = {"newest_session_stamp": newest.isoformat() if newest else None, "measured_at": measured_at.isoformat()}
+    if newest is None:
+        return Check(
+            "measurement_time", NOT_APPLICABLE, "no session in the window: no stamp to compare", evidence, query
+        )
+    if newest > measured_at:
+        summary = (
+            f"a session counted is stamped {newest.isoformat()}, after this report's time {measured_at.isoformat()}: "
+            "the data's clock and this check's disagree, so the counts cannot be said to describe the database then"
+        )
+        return Check("measurement_time", "INCONCLUSIVE", summary, evidence, query)
+    summary = f"the newest session stamp counted ({newest.isoformat()}) precedes the report's time"
+    return Check("measurement_time", "PASS", summary, evidence, query)

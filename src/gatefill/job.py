@@ -8,7 +8,7 @@ tables appear only in ``gatefill.prism``; phase modules know jobs only through t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 __all__ = [
+    "NOT_APPLICABLE",
+    "VERDICTS",
     "BatchOutcome",
     "Candidate",
     "ChangeSink",
@@ -26,12 +28,30 @@ __all__ = [
     "RowChange",
     "SessionOutcome",
     "WrittenTable",
+    "overall_verdict",
 ]
+
+#: A check that does not apply where it ran (e.g. row-level security on SQLite); its summary says why. It is neither
+#: a PASS nor a FAIL, and a verdict made only of N/A checks is INCONCLUSIVE: nothing was measured.
+NOT_APPLICABLE = "N/A"
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", NOT_APPLICABLE)
+
+
+def overall_verdict(verdicts: Iterable[str]) -> str:
+    """The verdict of a set of checks: FAIL if any failed, PASS if every applicable one passed (and at least one
+    applied), INCONCLUSIVE otherwise. N/A checks are left out of the arithmetic entirely."""
+    applicable = [v for v in verdicts if v != NOT_APPLICABLE]
+    if "FAIL" in applicable:
+        return "FAIL"
+    if applicable and all(v == "PASS" for v in applicable):
+        return "PASS"
+    return "INCONCLUSIVE"
 
 
 @dataclass(frozen=True)
 class Check:
-    """A named predicate with its evidence and verdict (PASS / FAIL / INCONCLUSIVE)."""
+    """A named predicate with its evidence and verdict (PASS / FAIL / INCONCLUSIVE, or N/A with the reason in its
+    summary when it does not apply)."""
 
     name: str
     verdict: str

@@ -35,6 +35,7 @@ __all__ = [
     "LeaseHolder",
     "LeaseLost",
     "Run",
+    "RunEvent",
     "RunLocked",
     "RunNotFound",
     "RunStatus",
@@ -48,6 +49,7 @@ __all__ = [
     "release_lease",
     "renew_lease",
     "row_key",
+    "run_events_for",
     "take_lease",
     "transition",
 ]
@@ -647,3 +649,22 @@ def record_row_changes(
 def changes_for(conn: Connection, run_id: str) -> Iterable[sa.Row[Any]]:
     """Every change a run recorded, in the order it made them."""
     return conn.execute(sa.select(changes).where(changes.c.run_id == run_id).order_by(changes.c.id))
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """One recorded status change of a run (its creation has ``from_status`` None)."""
+
+    at: datetime
+    from_status: RunStatus | None
+    to_status: RunStatus
+    reason: str | None
+
+
+def run_events_for(conn: Connection, run_id: str) -> list[RunEvent]:
+    """Every status change of a run, oldest first: each move to ``running`` starts an invocation of its phase."""
+    rows = conn.execute(sa.select(run_events).where(run_events.c.run_id == run_id).order_by(run_events.c.id))
+    return [
+        RunEvent(r.at, RunStatus(r.from_status) if r.from_status else None, RunStatus(r.to_status), r.reason)
+        for r in rows
+    ]

@@ -5,7 +5,9 @@ The pipeline is a ledger run (phase ``pipeline``) in the staging environment's l
 ids of the runs each step produced. Every invocation re-reads that state and the ledgers, does every step whose
 gate is open, and stops at the first gate that is not, saying exactly what it waits for. Nothing is skipped: a gate
 opens only through a recorded approval (or, for the production apply, the production gate of ``gatefill.gate``).
-A pipeline that reached its final gate is done, and running it again changes nothing.
+A pipeline that reached its final gate is done, and running it again changes nothing, unless an apply it relied on
+has been rolled back since: then its steps say so, its final gate is rewritten (a NO-GO), and the next run of the
+pipeline starts a new one (``note_rollback`` does the same right after ``gatefill rollback``).
 """
 
 from __future__ import annotations
@@ -17,18 +19,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from gatefill import ledger
 from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, ensure_run_for_plan, write_apply_artifacts
 from gatefill.clock import Clock
 from gatefill.config import Settings
 from gatefill.db import Database, format_utc
 from gatefill.errors import GateBlocked, UsageError
+from gatefill.final_gate import write_final_gate
 from gatefill.health import check_health
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan, load_plan_file
 from gatefill.prism.job import PrismJob
 
-__all__ = ["STEPS", "PipelineOptions", "PipelineState", "run_pipeline"]
+__all__ = ["STEPS", "PipelineOptions", "PipelineState", "note_rollback", "run_pipeline"]
 
 STEPS = (
     "plan",
@@ -81,9 +86,12 @@ def _pipeline_run(db: Database, options: PipelineOptions, now: datetime) -> ledg
     ledger.init_ledger(db)
     with db.connect() as conn:
         for run in ledger.list_runs(conn, phase="pipeline", limit=20):
-            # The most recent pipeline of these two environments: unfinished (continue it) or done (a no-op).
+            # The most recent pipeline of these two environments: unfinished (continue it) or done (a no-op), unless
+            # a rollback outdated it: then the backfill starts over in a new pipeline.
             if run.params.get("staging") == options.staging and run.params.get("production") == options.production:
-                return run
+                if not _outdated_by(run):
+                    return run
+                break
     with db.begin() as conn:
         run = ledger.create_run(
             conn,
@@ -103,6 +111,101 @@ def _pipeline_run(db: Database, options: PipelineOptions, now: datetime) -> ledg
             now=now,
         )
         return ledger.transition(conn, run.id, RunStatus.RUNNING, now=now, reason="pipeline started")
+
+
+def _outdated_by(run: ledger.Run) -> list[str]:
+    """Why a pipeline's final gate no longer stands (an apply it relied on was rolled back), if it does not."""
+    return _outdated_by_steps((run.summary or {}).get("steps", {}))
+
+
+def _note_rollbacks(
+    settings: Settings, options: PipelineOptions, state: PipelineState, dbs: Mapping[str, Database], now: datetime
+) -> bool:
+    """True when an apply this pipeline relied on has been rolled back since it was recorded: its step says so and
+    the final gate is (re)written from the ledgers, which makes it a NO-GO, instead of keeping the old verdict."""
+    news = []
+    for step, where in (("apply", "staging"), ("production_apply", "production")):
+        record = state.steps.get(step)
+        if not record or record.get("status") == RunStatus.ROLLED_BACK.value:
+            continue
+        with dbs[where].connect() as conn:
+            run = ledger.get_run(conn, str(record["run_id"]), with_plan=False)
+        if run.status is RunStatus.ROLLED_BACK:
+            at = run.finished_at.isoformat() if run.finished_at else None
+            record.update(status=run.status.value, rolled_back_at=at)
+            news.append(f"{step.replace('_', ' ')} {run.id} was rolled back at {at}")
+    if not news:
+        return False
+    gate = write_final_gate(settings, options, state.run_id, state.steps, now=now)
+    state.steps["final_gate"] = {**gate, "outdated_by": _outdated_by_steps(state.steps) + news}
+    state.done, state.waiting_for = True, None
+    state.log.append("; ".join(news) + f": final gate rewritten, {gate['verdict']} ({gate['artifact']})")
+    return True
+
+
+def _outdated_by_steps(steps: Mapping[str, Any]) -> list[str]:
+    """The rollbacks recorded against the final gate of these steps."""
+    return list((steps.get("final_gate") or {}).get("outdated_by") or [])
+
+
+def _close(db: Database, state: PipelineState, now: datetime, reason: str) -> None:
+    """Saves the state of a pipeline that reached its final gate and marks its run finished (once)."""
+    _save(db, state, now)
+    with db.begin() as conn:
+        if ledger.get_run(conn, state.run_id, with_plan=False).status is RunStatus.RUNNING:
+            ledger.transition(conn, state.run_id, RunStatus.SUCCEEDED, now=now, reason=reason)
+
+
+def _options_of(run: ledger.Run) -> PipelineOptions:
+    """A stored pipeline's options, as it was started with."""
+    p = run.params
+    since = datetime.fromisoformat(str(p["since"]).replace("Z", "+00:00"))
+    return PipelineOptions(
+        staging=str(p["staging"]),
+        production=str(p["production"]),
+        since=since,
+        priority=tuple(p.get("priority") or ()),
+        rate=str(p.get("rate", "20/min")),
+        batch_size=int(p.get("batch_size", 5)),
+    )
+
+
+def note_rollback(settings: Settings, run_id: str, *, clock: Clock) -> list[PipelineState]:
+    """After ``run_id`` was rolled back: every pipeline (in the ledgers of the staging environments) that relied on
+    it records so and rewrites its final gate (NO-GO); returns those pipelines' states."""
+    touched: list[PipelineState] = []
+    for env in settings.environments.values():
+        if env.kind != "staging":
+            continue
+        with Database(env) as db:
+            with db.connect() as conn:
+                if not sa.inspect(conn).has_table(ledger.runs.name):
+                    continue
+                pipelines = [
+                    r
+                    for r in ledger.list_runs(conn, phase="pipeline", limit=200)
+                    if run_id in _step_runs(r) and r.params.get("staging") == env.name
+                ]
+            for run in pipelines:
+                state = _state_of(run)
+                options = _options_of(run)
+                with Database(settings.env(options.production)) as production:
+                    if _note_rollbacks(
+                        settings, options, state, {"staging": db, "production": production}, clock.now()
+                    ):
+                        _close(db, state, clock.now(), "final gate rewritten: an apply it relied on was rolled back")
+                        touched.append(state)
+    return touched
+
+
+def _step_runs(run: ledger.Run) -> set[str]:
+    steps = (run.summary or {}).get("steps", {})
+    return {str(steps[s]["run_id"]) for s in ("apply", "production_apply") if steps.get(s, {}).get("run_id")}
+
+
+def _state_of(run: ledger.Run) -> PipelineState:
+    summary = run.summary or {}
+    return PipelineState(run.id, dict(summary.get("steps", {})), done=bool(summary.get("done")))
 
 
 def _approved(db: Database, run_id: str, gate: str) -> ledger.Approval | None:
@@ -161,9 +264,10 @@ def run_pipeline(
     artifacts = settings.artifacts_dir
     with Database(staging_env) as staging, Database(production_env) as production:
         run = _pipeline_run(staging, options, clock.now())
-        state = PipelineState(
-            run.id, dict((run.summary or {}).get("steps", {})), done=bool((run.summary or {}).get("done"))
-        )
+        state = _state_of(run)
+        if _note_rollbacks(settings, options, state, {"staging": staging, "production": production}, clock.now()):
+            _close(staging, state, clock.now(), "final gate rewritten: an apply it relied on was rolled back")
+            return state
         if state.done:
             state.log.append("the pipeline already reached its final gate: nothing to do")
             return state
@@ -214,8 +318,9 @@ def run_pipeline(
                 "status": result.status.value,
                 "verdict": report.verdict,
                 "results": dict(result.counts),
-                "elapsed_seconds": result.elapsed_seconds,
-                "rate_per_minute": result.measured_rate_per_minute,
+                # The whole run's, every invocation counted (the ledger's events), as backfill_summary.md shows them.
+                "elapsed_seconds": report.runtime_seconds,
+                "rate_per_minute": report.rate_per_minute,
                 "artifacts": {k: str(v) for k, v in report.paths.items()},
             }
             state.log.append(f"apply {plan_run}: {result.status.value}, gate {report.verdict}")
@@ -240,15 +345,9 @@ def run_pipeline(
 
         if "health" not in steps:
             health = check_health(
-                production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts
+                production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts, clock=clock
             )
-            steps["health"] = {
-                "run_id": health.run_id,
-                "healthy": health.healthy,
-                "checks": {c.name: c.verdict for c in health.checks},
-                "mini_plan": str(health.paths["mini_plan"]) if "mini_plan" in health.paths else None,
-                "artifact": str(health.paths["report"]),
-            }
+            steps["health"] = health.step_record()
             state.log.append(f"health {health.run_id}: {'healthy' if health.healthy else 'not healthy'}")
         mini = steps["health"]["mini_plan"]
         if mini and "production_apply" not in steps:
@@ -294,7 +393,7 @@ def run_pipeline(
                 finished = ledger.get_run(conn, mini_run.id)
                 results = Counter(ledger.session_results_for(conn, mini_run.id).values())
             after = check_health(
-                production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts
+                production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts, clock=clock
             )
             steps["production_apply"] = {
                 "run_id": mini_run.id,
@@ -307,13 +406,9 @@ def run_pipeline(
             }
             state.log.append(f"production apply {mini_run.id}: {finished.status.value}, gate {report.verdict}")
 
-        from gatefill.final_gate import write_final_gate
-
         steps["final_gate"] = write_final_gate(settings, options, state.run_id, steps, now=clock.now())
         state.done = True
         state.waiting_for = None
         state.log.append(f"final gate: {steps['final_gate']['verdict']} ({steps['final_gate']['artifact']})")
-        _save(staging, state, clock.now())
-        with staging.begin() as conn:
-            ledger.transition(conn, state.run_id, RunStatus.SUCCEEDED, now=clock.now(), reason="final gate written")
+        _close(staging, state, clock.now(), "final gate written")
         return state

@@ -22,7 +22,8 @@ and statistical plan is continued automatically, and one with the same window bu
 two plans peeking at one window would spend the error budget twice.
 
 The verdict: FAIL if a gating check fails; otherwise INCONCLUSIVE if one lacks data or the window was not watched to
-its end; PASS only if every gating check passed at the last look. Checks named in ``observe`` are measured and
+its end; PASS only if every gating check that applies passed at the last look (an N/A check, one that does not
+apply here, counts neither way; N/A alone concludes nothing). Checks named in ``observe`` are measured and
 reported but never gate (Argo's ``dryRun``, Kayenta's ``muted``). What the checks measure is the job's business
 (``SoakChecks``; PRISM's live in ``gatefill.prism.soak_checks``); this module only knows their names and verdicts.
 """
@@ -47,14 +48,17 @@ from gatefill.config import Environment
 from gatefill.db import Database, format_utc
 from gatefill.errors import GatefillError, UsageError
 from gatefill.interrupt import stop_on_sigint
-from gatefill.job import Check, Fence
+from gatefill.job import NOT_APPLICABLE, Check, Fence, overall_verdict
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 from gatefill.reports import render, write_json, write_text
 
 __all__ = [
+    "DEFAULT_MIN_CONVERSION",
     "SOAK_PHASE",
     "Baseline",
+    "ChartGuides",
+    "ChartLine",
     "Look",
     "Measurement",
     "ReportTable",
@@ -67,6 +71,7 @@ __all__ = [
     "load_baseline",
     "load_measurements",
     "parse_margin",
+    "parse_min_conversion",
     "run_soak",
     "soak_state",
     "soak_verdict",
@@ -86,11 +91,14 @@ _PLAN_KEYS = (
     "baseline_days",
     "margin",
     "baseline_rate",
+    "min_conversion",
     "alpha",
     "min_n",
     "observe",
     "after",
 )
+#: Seed 001's success criterion: "Conversion rate maintains baseline (≥ 85%)", completed sessions → profiles.
+DEFAULT_MIN_CONVERSION = 0.85
 
 
 # ====================================================================================================================
@@ -141,6 +149,8 @@ class Look:
     baseline_days: float
     baseline_rate: float | None
     min_n: int
+    #: The absolute floor the job's conversion rate must be shown to reach (None: a soak planned without one).
+    min_conversion: float | None
     #: True under ``SimulatedClock``: the look's instants are simulated, so probes must tell the server the time.
     simulated_time: bool
     #: The soak's stored baseline, measured once before the first look.
@@ -161,6 +171,28 @@ class SeriesBucket:
     end: datetime
     rates: Mapping[str, tuple[int, int]]
     events: Mapping[str, int]
+    #: Per rate, trials left out of ``rates`` because they had not had time to finish by the end of the series.
+    pending: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChartLine:
+    """A horizontal reference drawn over a rate on the chart: its baseline, a threshold or a floor."""
+
+    series: str
+    value: float
+    label: str
+    style: str  # baseline | threshold | floor
+
+
+@dataclass(frozen=True)
+class ChartGuides:
+    """What the chart draws besides the rates: reference lines, and per rate the instant after which trials had
+    not had time to finish (the shaded tail), with a sentence saying so."""
+
+    lines: Sequence[ChartLine] = ()
+    pending_after: Mapping[str, datetime] = field(default_factory=dict)
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -206,6 +238,10 @@ class SoakChecks(Protocol):
         """Extra tables for the observability report, built from the stored measurements."""
         ...
 
+    def chart_guides(self, measurements: Sequence[Measurement], end: datetime) -> ChartGuides:
+        """Reference lines (baselines, thresholds, floors) and the unfinished tail for the chart of ``[.., end)``."""
+        ...
+
 
 # ====================================================================================================================
 # Options and results
@@ -223,6 +259,8 @@ class SoakOptions:
     baseline_days: float = 30.0
     margin: float = 0.05
     baseline_rate: float | None = None  # a known baseline rate (exact test) instead of the measured baseline
+    #: --min-conversion: the conversion rate must be shown (exact one-sided test) to be at least this.
+    min_conversion: float | None = DEFAULT_MIN_CONVERSION
     alpha: float = 0.05
     min_n: int = stats.DEFAULT_MIN_N
     observe: tuple[str, ...] = ()
@@ -232,6 +270,9 @@ class SoakOptions:
     settle_seconds: float = 5.0
     #: Draw the PNG chart in staging_observability.md (needs matplotlib; about half a second per soak).
     chart: bool = True
+    #: A soak writes its ledger (gatefill_* tables, measurements) into the database it watches: on an environment
+    #: of kind ``production`` only when asked for explicitly.
+    allow_production: bool = False
 
     @property
     def max_looks(self) -> int:
@@ -258,10 +299,21 @@ class SoakOptions:
             0.0 < self.baseline_rate <= 1.0 and self.margin <= self.baseline_rate
         ):
             raise UsageError("--baseline-rate must be within (0, 1] and at least the margin")
+        if self.min_conversion is not None and not 0.0 < self.min_conversion < 1.0:
+            raise UsageError("--min-conversion must be within (0, 100) %")
         if not 0.0 < self.alpha < 0.5:
             raise UsageError("alpha must be within (0, 0.5)")
         if self.min_n < 1:
             raise UsageError("the minimum sample size must be at least 1")
+
+    def check_environment(self, env: Environment) -> None:
+        """Raises ``UsageError`` on an environment of kind production unless ``allow_production``: a soak creates
+        and writes the ledger tables in the database it watches, which nobody should do to production unasked."""
+        if env.kind == "production" and not self.allow_production:
+            raise UsageError(
+                f"environment '{env.name}' is production: a soak writes its ledger (gatefill_* tables) into the "
+                "database it watches; soak staging, or pass --allow-production to soak production on purpose"
+            )
 
 
 @dataclass(frozen=True)
@@ -311,6 +363,7 @@ class SoakResult:
             "verdict": self.verdict,
             "summary": self.reason,
             "checks": {c.name: c.verdict for c in self.checks},
+            "notes": {c.name: c.summary for c in self.checks if c.verdict == NOT_APPLICABLE},
             "artifacts": {k: str(v) for k, v in self.paths.items()},
         }
 
@@ -327,34 +380,45 @@ def parse_margin(text: str) -> float:
     return value
 
 
+def parse_min_conversion(text: str) -> float:
+    """A conversion floor as a fraction: ``85%`` or ``0.85``; else ``UsageError``."""
+    raw = text.strip().lower()
+    try:
+        value = float(raw.rstrip("%").strip()) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise UsageError(f"--min-conversion: {text!r} is not a rate (use e.g. 85% or 0.85)") from None
+    if not 0.0 < value < 1.0:
+        raise UsageError(f"--min-conversion: {text!r} must be within (0, 100) %")
+    return value
+
+
 def exit_code_for(verdict: str) -> int:
     """PASS 0, FAIL 1, INCONCLUSIVE 3 (the CLI's contract)."""
     return {"PASS": 0, "FAIL": 1}.get(verdict, 3)
 
 
 def soak_verdict(checks: Sequence[Check], *, complete: bool, looks: int, max_looks: int) -> tuple[str, str]:
-    """The soak's verdict and one sentence saying why; FAIL is final, PASS needs the whole window and every check."""
-    gating = [c for c in checks if c.gating]
+    """The soak's verdict and one sentence saying why; FAIL is final, PASS needs the whole window and every check
+    that applies (N/A checks count neither way)."""
+    gating = [c for c in checks if c.gating and c.verdict != NOT_APPLICABLE]
     failed = [c.name for c in gating if c.verdict == "FAIL"]
     if failed:
         return "FAIL", "gating check(s) failed: " + ", ".join(failed)
     if not gating:
-        return "INCONCLUSIVE", "no gating check: every check only observes"
+        return "INCONCLUSIVE", "no gating check that applies: every check only observes or is N/A"
     if not complete:
         return "INCONCLUSIVE", f"the window was not watched to its end (look {looks} of {max_looks})"
     lacking = [c.name for c in gating if c.verdict != "PASS"]
     if lacking:
         return "INCONCLUSIVE", "no conclusion from: " + ", ".join(lacking)
-    return "PASS", "every gating check passed over the whole window"
+    not_applicable = [c.name for c in checks if c.gating and c.verdict == NOT_APPLICABLE]
+    return "PASS", "every gating check passed over the whole window" + (
+        f" ({', '.join(not_applicable)} N/A here)" if not_applicable else ""
+    )
 
 
 def _look_verdict(checks: Sequence[Check]) -> str:
-    gating = [c for c in checks if c.gating]
-    if any(c.verdict == "FAIL" for c in gating):
-        return "FAIL"
-    if gating and all(c.verdict == "PASS" for c in gating):
-        return "PASS"
-    return "INCONCLUSIVE"
+    return overall_verdict(c.verdict for c in checks if c.gating)
 
 
 # ====================================================================================================================
@@ -370,6 +434,7 @@ def _plan_params(options: SoakOptions, window_start: datetime, checks: SoakCheck
         "baseline_days": float(options.baseline_days),
         "margin": float(options.margin),
         "baseline_rate": options.baseline_rate,
+        "min_conversion": options.min_conversion,
         "alpha": float(options.alpha),
         "min_n": int(options.min_n),
         "observe": sorted(options.observe),
@@ -389,6 +454,8 @@ def _options_from_params(params: Mapping[str, Any], base: SoakOptions) -> SoakOp
         baseline_days=float(params["baseline_days"]),
         margin=float(params["margin"]),
         baseline_rate=params.get("baseline_rate"),
+        # A soak stored before the floor existed was planned without one; it is not added to it afterwards.
+        min_conversion=params.get("min_conversion"),
         alpha=float(params["alpha"]),
         min_n=int(params["min_n"]),
         observe=tuple(params.get("observe", ())),
@@ -596,6 +663,7 @@ def run_soak(
     ``on_baseline`` the baseline when this call measured it (not when it was stored by an earlier one).
     """
     options.validate()
+    options.check_environment(env)
     unknown = sorted(set(options.observe) - set(checks.check_names))
     if unknown:
         raise UsageError(f"--observe: unknown check(s) {', '.join(unknown)} (known: {', '.join(checks.check_names)})")
@@ -655,6 +723,7 @@ def run_soak(
                     baseline_days=options.baseline_days,
                     baseline_rate=options.baseline_rate,
                     min_n=options.min_n,
+                    min_conversion=options.min_conversion,
                     simulated_time=simulated,
                     baseline=baseline,
                     previous=previous,
@@ -830,15 +899,20 @@ def _bucket_seconds(duration: float, interval: float) -> float:
     return 3600.0 if duration >= 7200.0 else interval
 
 
-def _rate_cell(k: int, n: int) -> str:
+def _rate_cell(k: int, n: int, pending: int = 0) -> str:
+    later = f" (+{pending} pending)" if pending else ""
     if n == 0:
-        return "n/a (0 of 0)"
+        return f"none judged yet ({pending} pending)" if pending else "n/a (0 of 0)"
     ci = stats.wilson_interval(k, n)
-    return f"{k}/{n} = {k / n:.1%} [{ci.low:.1%}, {ci.high:.1%}]"
+    return f"{k}/{n} = {k / n:.1%} [{ci.low:.1%}, {ci.high:.1%}]{later}"
 
 
-def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str) -> str | None:
-    """Draws conversion (with 95 % Wilson intervals) and events per bucket; returns why not when it cannot."""
+_LINE_STYLES = {"baseline": "-", "threshold": "--", "floor": ":"}
+
+
+def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str, guides: ChartGuides) -> str | None:
+    """Draws the rates (95 % Wilson intervals, reference lines, pending tail shaded) and, when there are any, the
+    events per bucket; a panel with nothing to show is replaced by a sentence. Returns why not when it cannot."""
     try:
         import matplotlib
 
@@ -848,53 +922,77 @@ def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str) -> str | Non
         return "chart not drawn: matplotlib is not installed"
     if not buckets:
         return "chart not drawn: the window has no buckets yet"
-    centres = [b.start + (b.end - b.start) / 2 for b in buckets]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    has_rates = any(n for b in buckets for _, n in b.rates.values())
+    events = sorted({e for b in buckets for e in b.events})
+    if not has_rates and not events:
+        return "chart not drawn: no session was judged and no error or forbidden event was logged in the window"
+    panels = [name for name, shown in (("rates", has_rates), ("events", bool(events))) if shown]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.4 * len(panels) + 0.6), sharex=True, squeeze=False)
     try:
-        names = list(buckets[0].rates)
-        plotted = False
-        for name in names:
-            xs, ys, lows, highs = [], [], [], []
-            for centre, b in zip(centres, buckets, strict=True):
-                k, n = b.rates.get(name, (0, 0))
-                if n == 0:
-                    continue
-                ci = stats.wilson_interval(k, n)
-                xs.append(centre)
-                ys.append(k / n)
-                lows.append(k / n - ci.low)
-                highs.append(ci.high - k / n)
-            if xs:
-                top.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, label=name)
-                plotted = True
-        top.set_ylim(0.0, 1.05)
-        # The whole window, not just the buckets that had data: an empty stretch must look empty.
-        top.set_xlim(buckets[0].start, buckets[-1].end)
-        top.set_ylabel("rate (95% Wilson)")
+        ax = dict(zip(panels, axes[:, 0], strict=True))
+        if "rates" in ax:
+            _draw_rates(ax["rates"], buckets, guides)
+        if "events" in ax:
+            _draw_events(ax["events"], buckets, events)
+        top = axes[0, 0]
         top.set_title(title)
-        top.grid(alpha=0.3)
-        if plotted:
-            top.legend(loc="lower left", fontsize="small")
-        events = sorted({e for b in buckets for e in b.events})
-        width = (buckets[0].end - buckets[0].start) * 0.8
-        bottom_stack = [0] * len(buckets)
-        for name in events:
-            values = [b.events.get(name, 0) for b in buckets]
-            bottom.bar(centres, values, width=width, bottom=bottom_stack, label=name)
-            bottom_stack = [a + v for a, v in zip(bottom_stack, values, strict=True)]
-        bottom.set_ylabel("events")
-        bottom.grid(alpha=0.3)
-        if events:
-            bottom.legend(loc="upper left", fontsize="small")
-        else:
-            bottom.text(0.5, 0.5, "no error or forbidden events", ha="center", va="center", transform=bottom.transAxes)
+        top.set_xlim(buckets[0].start, buckets[-1].end)  # the whole window: an empty stretch must look empty
+        missing = [] if has_rates else ["No session was judged in the window, so there are no rates to draw."]
+        missing += [] if events else ["No error or forbidden event was logged in the window."]
         fig.autofmt_xdate()
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.05 * len(missing), 1, 1))
+        for i, sentence in enumerate(missing):
+            fig.text(0.5, 0.02 + 0.04 * i, sentence, ha="center", va="bottom", fontsize="medium")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=90)
     finally:
         plt.close(fig)
     return None
+
+
+def _draw_rates(ax: Any, buckets: Sequence[SeriesBucket], guides: ChartGuides) -> None:
+    centres = [b.start + (b.end - b.start) / 2 for b in buckets]
+    end = buckets[-1].end
+    lowest = min([line.value for line in guides.lines], default=1.0)
+    for i, name in enumerate(buckets[0].rates):
+        colour = f"C{i}"
+        xs, ys, lows, highs = [], [], [], []
+        for centre, b in zip(centres, buckets, strict=True):
+            k, n = b.rates.get(name, (0, 0))
+            if n:
+                ci = stats.wilson_interval(k, n)
+                lowest = min(lowest, ci.low)
+                xs.append(centre)
+                ys.append(k / n)
+                lows.append(k / n - ci.low)
+                highs.append(ci.high - k / n)
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, color=colour, label=name)
+        for line in guides.lines:
+            if line.series == name:
+                style = _LINE_STYLES.get(line.style, "-.")
+                ax.axhline(line.value, color=colour, linestyle=style, linewidth=1, alpha=0.7, label=line.label)
+        after = guides.pending_after.get(name)
+        if after is not None and after < end:
+            ax.axvspan(after, end, color=colour, alpha=0.12, label=f"{name}: pending (not judged yet)")
+    # From just below the lowest interval or reference line, in steps of 0.1, so lines a few points apart stay apart.
+    ax.set_ylim(max(0.0, math.floor((lowest - 0.05) * 10) / 10), 1.02)
+    ax.set_ylabel("rate (95% Wilson)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="x-small", ncol=2)
+
+
+def _draw_events(ax: Any, buckets: Sequence[SeriesBucket], names: Sequence[str]) -> None:
+    centres = [b.start + (b.end - b.start) / 2 for b in buckets]
+    width = (buckets[0].end - buckets[0].start) * 0.8
+    stacked = [0] * len(buckets)
+    for name in names:
+        values = [b.events.get(name, 0) for b in buckets]
+        ax.bar(centres, values, width=width, bottom=stacked, label=name)
+        stacked = [a + v for a, v in zip(stacked, values, strict=True)]
+    ax.set_ylabel("events")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
 
 
 def write_soak_artifacts(
@@ -930,10 +1028,13 @@ def write_soak_artifacts(
         why = str(summary["reason"])
     observed_until = measurements[-1].window_end if measurements else window_start
     buckets = checks.series(db, window_start, observed_until, _bucket_seconds(duration, interval))
+    guides = checks.chart_guides(measurements, observed_until)
     paths: dict[str, Path] = {}
     chart_name = "staging_observability_chart.png"
     chart_note = (
-        _chart(out / chart_name, buckets, f"soak {run_id}: {env.name}") if chart else "chart not drawn (--no-chart)"
+        _chart(out / chart_name, buckets, f"soak {run_id}: {env.name}", guides)
+        if chart
+        else "chart not drawn (--no-chart)"
     )
     if chart_note is None:
         paths["chart"] = out / chart_name
@@ -955,6 +1056,12 @@ def write_soak_artifacts(
                 f"rate {float(params['baseline_rate']):.1%} (given)"
                 if params.get("baseline_rate") is not None
                 else f"measured over the {float(params['baseline_days']):g} days before the window"
+            )
+            + (
+                f"; conversion floor {float(params['min_conversion']):.1%} (exact one-sided binomial test, alpha "
+                "spent the same way)"
+                if params.get("min_conversion") is not None
+                else "; no conversion floor in this soak's plan"
             )
         ),
         "baseline": _baseline_fact(baseline),
@@ -986,7 +1093,7 @@ def write_soak_artifacts(
                 {
                     "start": b.start.isoformat(),
                     "end": b.end.isoformat(),
-                    "rates": {n: _rate_cell(*b.rates.get(n, (0, 0))) for n in rate_names},
+                    "rates": {n: _rate_cell(*b.rates.get(n, (0, 0)), b.pending.get(n, 0)) for n in rate_names},
                     "events": {e: b.events.get(e, 0) for e in event_names},
                 }
                 for b in buckets
@@ -994,6 +1101,7 @@ def write_soak_artifacts(
             tables=checks.report_tables(measurements),
             chart=chart_name if chart_note is None else None,
             chart_note=chart_note,
+            pending_note=guides.note,
             interrupted=bool(summary.get("interrupted")),
             complete=complete,
             baseline=baseline.to_json() if baseline is not None else None,

@@ -40,6 +40,10 @@ Method choices, and why:
   runs at ≈ 0.0094, so reaching 80 % power there takes about 1.7× the sessions of a single fixed test (501 instead
   of 297 for baseline 0.892 and a 5 pp margin). Information is measured by the calendar (look / max_looks), not by n,
   so the per-look levels are fixed before any data arrive.
+* **An absolute floor** (`sequential_at_least`): "the rate is at least 85 %" is the exact one-sided binomial test
+  of H0: p ≤ floor (PASS when rejected; FAIL when p ≥ floor is rejected the other way), i.e. the known-baseline test
+  with a zero margin, run at the same per-look levels as the non-inferiority test so repeated looks cost it nothing
+  beyond its own alpha.
 * **Minimum data** (`DEFAULT_MIN_N` = 30): with fewer sessions the verdict is INCONCLUSIVE ("too little data") whatever
   the tests say. For a baseline of 0.892 and a 5 pp margin (threshold 0.842) the exact test cannot pass at all below
   n = 18 even with zero failures (0.842^17 ≈ 0.054 > 0.05, 0.842^18 ≈ 0.045); at the final look of a 12-look plan it
@@ -70,6 +74,7 @@ __all__ = [
     "noninferiority_vs_known",
     "required_sample_size_known",
     "rule_of_three_upper",
+    "sequential_at_least",
     "sequential_noninferiority",
     "wilson_interval",
     "zero_event_upper_bound",
@@ -331,6 +336,36 @@ def sequential_noninferiority(
     )
 
 
+def sequential_at_least(
+    k: int, n: int, *, floor: float, plan: SequentialPlan, look: int, min_n: int = DEFAULT_MIN_N
+) -> Decision:
+    """Whether the rate k/n is at least ``floor``, at look ``look`` of ``plan``: the exact one-sided binomial test.
+
+    PASS when H0: p ≤ floor is rejected at ``plan.nominal_alpha(look)`` (the rate is shown to be above the floor),
+    FAIL when p ≥ floor is rejected (shown to be below it), INCONCLUSIVE otherwise or below ``min_n`` sessions.
+    ``k`` and ``n`` are cumulative; the error budget is spent over the looks exactly as in
+    `sequential_noninferiority`, so a floor decision, once reached, is kept by the caller.
+    """
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"floor must be in (0, 1), got {floor}")
+    method = (
+        f"exact one-sided binomial test against the floor; O'Brien-Fleming alpha spending (Bonferroni over looks), "
+        f"look {look} of {plan.max_looks}, overall one-sided alpha {plan.alpha:g}"
+    )
+    return _decide_known(
+        k,
+        n,
+        floor,
+        0.0,
+        plan.nominal_alpha(look),
+        min_n,
+        method=method,
+        look=look,
+        max_looks=plan.max_looks,
+        threshold_text=f"the floor {_pct(floor)}",
+    )
+
+
 def required_sample_size_known(
     baseline: float,
     margin: float,
@@ -377,6 +412,7 @@ def _decide_known(
     method: str,
     look: int | None,
     max_looks: int | None,
+    threshold_text: str | None = None,
 ) -> Decision:
     k, n = _counts(k, n)
     _check_baseline_margin(baseline, margin)
@@ -389,7 +425,7 @@ def _decide_known(
         low - baseline, high - baseline, "clopper-pearson, rate minus known baseline", _two_sided(alpha)
     )
     estimate = k / n if n else math.nan
-    observed = f"{_of(k, n)} vs baseline {_pct(baseline)}"
+    observed = f"{_of(k, n)} vs {threshold_text or 'baseline ' + _pct(baseline)}"
     return _decision(
         k=k,
         n=n,
@@ -408,6 +444,7 @@ def _decide_known(
         baseline_n=None,
         look=look,
         max_looks=max_looks,
+        threshold_text=threshold_text,
     )
 
 
@@ -481,10 +518,18 @@ def _decision(
     baseline_n: int | None,
     look: int | None,
     max_looks: int | None,
+    threshold_text: str | None = None,
 ) -> Decision:
-    """Apply the verdict rules shared by every test and write the one-sentence reason."""
-    threshold = f"{_pct(baseline - margin)} (baseline {_pct(baseline)} − margin {margin * 100:.1f} pp)"
-    tests = f"non-inferiority p = {_p(p_noninferior)}, inferiority p = {_p(p_inferior)}, alpha = {_p(alpha)}"
+    """Apply the verdict rules shared by every test and write the one-sentence reason.
+
+    ``threshold_text`` names an absolute floor (`sequential_at_least`): the sentence then speaks of the rate being
+    above or below that floor instead of non-inferiority to a baseline.
+    """
+    margin_text = f"{_pct(baseline - margin)} (baseline {_pct(baseline)} − margin {margin * 100:.1f} pp)"
+    threshold = threshold_text or margin_text
+    above, below = ("", "") if threshold_text else ("non-inferior, ", "inferior, ")
+    names = ("p(rate ≤ floor)", "p(rate ≥ floor)") if threshold_text else ("non-inferiority p", "inferiority p")
+    tests = f"{names[0]} = {_p(p_noninferior)}, {names[1]} = {_p(p_inferior)}, alpha = {_p(alpha)}"
     where = f" at look {look} of {max_looks}" if look is not None else ""
     verdict: Verdict
     if short_of > 0:
@@ -492,19 +537,18 @@ def _decision(
         reason = f"too little data: {observed}; at least {min_n} sessions are needed in each sample ({tests})."
     elif p_noninferior <= alpha:
         verdict = "PASS"
-        reason = f"{observed}: non-inferior, the rate is shown to be above {threshold}{where} ({tests})."
+        reason = f"{observed}: {above}the rate is shown to be above {threshold}{where} ({tests})."
     elif p_inferior <= alpha:
         verdict = "FAIL"
-        reason = f"{observed}: inferior, the rate is shown to be below {threshold}{where} ({tests})."
+        reason = f"{observed}: {below}the rate is shown to be below {threshold}{where} ({tests})."
     else:
         verdict = "INCONCLUSIVE"
         if look is not None and max_looks is not None and look < max_looks:
             outcome = "keep watching"
         else:
             outcome = "no conclusion"
-        reason = (
-            f"{observed}: neither non-inferiority nor inferiority to {threshold} is shown{where}, {outcome} ({tests})."
-        )
+        shown = "neither above nor below" if threshold_text else "neither non-inferiority nor inferiority to"
+        reason = f"{observed}: {shown} {threshold} is shown{where}, {outcome} ({tests})."
     return Decision(
         verdict=verdict,
         k=k,

@@ -16,12 +16,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from gatefill.job import Check
+from gatefill.job import NOT_APPLICABLE, Check
 from gatefill.prism import scoring
 from gatefill.prism.discovery import MIN_ANSWERS
-from gatefill.prism.schema import PRISM_TABLES, scoring_config
+from gatefill.prism.schema import PRISM_TABLES, assessment_sessions, scoring_config
 
-__all__ = ["LISTED", "health_checks"]
+__all__ = ["LISTED", "health_checks", "newest_session_activity"]
 
 #: How many session ids a check lists in its evidence (the counts are always complete).
 LISTED = 50
@@ -146,13 +146,26 @@ def health_checks(
         add(
             Check(
                 "row_level_security",
-                "PASS",
-                "SQLite has no roles or RLS: nothing is exposed to API roles",
+                NOT_APPLICABLE,
+                f"{conn.dialect.name} has no roles or row-level security: there is nothing to check",
                 {"dialect": conn.dialect.name},
-                gating=False,
             )
         )
     return checks
+
+
+def newest_session_activity(conn: Connection, since: datetime) -> tuple[datetime | None, str]:
+    """The latest instant the platform stamped on a session of the window (created, completed or finalized), and
+    the query that read it: what a report counting these sessions may not be dated before. (``updated_at`` is left
+    out: the database's trigger stamps it with the database's own clock.)"""
+    s = assessment_sessions
+    query = sa.select(sa.func.max(s.c.created_at), sa.func.max(s.c.completed_at), sa.func.max(s.c.finalized_at))
+    row = conn.execute(query.where(s.c.created_at >= since)).one()
+    text = (
+        "SELECT max(created_at), max(completed_at), max(finalized_at) FROM assessment_sessions "
+        "WHERE created_at >= :since"
+    )
+    return max((at for at in row if at is not None), default=None), text
 
 
 def _versions(conn: Connection, p: dict[str, Any], completed: int) -> Check:

@@ -38,7 +38,16 @@ from sqlalchemy.exc import IntegrityError
 
 from gatefill.db import UTCTimestamp, insert_rows, parse_utc
 from gatefill.errors import DataError
-from gatefill.job import BatchOutcome, Candidate, ChangeSink, Check, RowChange, SessionOutcome, WrittenTable
+from gatefill.job import (
+    NOT_APPLICABLE,
+    BatchOutcome,
+    Candidate,
+    ChangeSink,
+    Check,
+    RowChange,
+    SessionOutcome,
+    WrittenTable,
+)
 from gatefill.prism import scoring
 from gatefill.prism.discovery import Finding, discover
 from gatefill.prism.schema import (
@@ -689,8 +698,8 @@ def _write_privileges(conn: Connection) -> Check:
     if conn.dialect.name != "postgresql":
         return Check(
             "write_privileges",
-            "PASS",
-            "SQLite: the file is writable by this process (no roles or RLS)",
+            NOT_APPLICABLE,
+            f"{conn.dialect.name} has no roles, privileges or row-level security: there is nothing to check",
             {"dialect": conn.dialect.name},
         )
     row = conn.execute(
@@ -738,11 +747,18 @@ def stamp_check(conn: Connection, run_id: str, fc_version: str, engine_version: 
         ).where(sa.cast(profiles.c.session_id, sa.Text).in_(profile_sessions))
     ).one()
     ok = fc_total == fc_ok and p_total == p_ok
+    summary = (
+        f"fc_scores {fc_ok}/{fc_total} stamped {fc_version}/{scoring.FC_KIND}; "
+        f"profiles {p_ok}/{p_total} stamped {engine_version}"
+    )
+    verdict = "PASS" if ok else "FAIL"
+    if fc_total + p_total == 0:
+        verdict = NOT_APPLICABLE
+        summary = "no fc_scores or profiles row of the run's sessions is present: no stamp to check"
     return Check(
         "version_stamps",
-        "PASS" if ok else "FAIL",
-        f"fc_scores {fc_ok}/{fc_total} stamped {fc_version}/{scoring.FC_KIND}; "
-        f"profiles {p_ok}/{p_total} stamped {engine_version}",
+        verdict,
+        summary,
         {"fc_scores": {"rows": fc_total, "correct": fc_ok}, "profiles": {"rows": p_total, "correct": p_ok}},
         "rows of the run's sessions (gatefill_changes) re-read from fc_scores/profiles with their stamps",
     )

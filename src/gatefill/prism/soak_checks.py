@@ -16,17 +16,22 @@ once, before the first look. What each reads:
 4. ``token_gating``: probes of the results endpoint for sampled completed sessions (no token → 401, wrong token →
    403, another session's token → 403, valid token → 200); tokenless accesses that were served (from
    ``results_token_access_logs``); on Postgres, what role ``anon`` can see of ``profiles`` and
-   ``assessment_sessions`` (must be nothing).
+   ``assessment_sessions`` (must be nothing). The probes must cover the whole window: the first look of every hour
+   is probed (waiting for the probe budget if need be), other looks only with budget to spare, and a probe check
+   whose answered probes (or timings) cover fewer hours than ``min_probe_coverage`` asks is INCONCLUSIVE.
 5. ``conversion``: two funnels of sessions started in the window, completed → has a profile and started →
    completed, against the same funnels over the baseline window before it (counted once per soak by
    ``measure_baseline`` and stored with the run), with the sequential non-inferiority test of ``gatefill.stats``
    (alpha spent over the looks; a decision, once reached, is kept).
-6. ``function_errors``: error events (failed writes, unscorable sessions, withheld profiles, 5xx answers the server
+6. ``conversion_floor``: the completed → has a profile rate is at least ``--min-conversion`` (seed 001: "Conversion
+   rate maintains baseline (≥ 85%)", completed sessions → profiles), by the exact one-sided binomial test at the
+   same per-look levels; N/A for a soak planned without a floor.
+7. ``function_errors``: error events (failed writes, unscorable sessions, withheld profiles, 5xx answers the server
    recorded) and failed finalizations; with ``metrics_url``, also the 5xx answers counted by the app's own metrics,
    which see failures the database never recorded (``gatefill.prism.soak_metrics`` reads them).
-7. ``latency``: each function's p95 from the app's latency histogram when ``metrics_url`` is set, and p50/p95 of the
-   probes' response times, against a threshold.
-8. ``write_failures``: sessions finalized in the window (before a grace period ended) that still have no profile:
+8. ``latency``: each function's p95 from the app's latency histogram when ``metrics_url`` is set, and p50/p95 of the
+   probes' response times (which must cover enough of the window), against a threshold.
+9. ``write_failures``: sessions finalized in the window (before a grace period ended) that still have no profile:
    catches writes that failed or were swallowed, whatever the logs say.
 
 Secrets: the probes need share tokens of sampled sessions, read from the database; a token never leaves this module
@@ -62,12 +67,23 @@ from gatefill.clock import Clock, RealClock, SimulatedClock, utc
 from gatefill.config import Environment
 from gatefill.db import Database, JSONValue, UTCTimestamp, parse_utc
 from gatefill.errors import UsageError
-from gatefill.job import Check
+from gatefill.job import NOT_APPLICABLE, Check
 from gatefill.prism import scoring, soak_metrics
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import require_schema
 from gatefill.prism.service import token_hash
-from gatefill.soak import Baseline, Look, Measurement, ReportTable, SeriesBucket, SoakOptions, SoakResult, run_soak
+from gatefill.soak import (
+    Baseline,
+    ChartGuides,
+    ChartLine,
+    Look,
+    Measurement,
+    ReportTable,
+    SeriesBucket,
+    SoakOptions,
+    SoakResult,
+    run_soak,
+)
 
 __all__ = [
     "CHECK_NAMES",
@@ -85,6 +101,7 @@ CHECK_NAMES = (
     "legacy_fc",
     "token_gating",
     "conversion",
+    "conversion_floor",
     "function_errors",
     "latency",
     "write_failures",
@@ -346,10 +363,16 @@ class PrismSoakSettings:
     write_grace: float = 600.0
     latency_p95_ms: float = 1000.0
     min_latency_samples: int = 10
-    probe_sessions: int = 2
+    #: Sessions probed per probed look (each with all four cases; another sampled session lends its token).
+    probe_sessions: int = 1
     #: Probe requests per real minute at most: the results endpoint limits each client to 60 per minute, and a
     #: simulated soak takes its looks back to back. A look whose probes do not fit is recorded as skipped.
     probe_budget_per_minute: int = 30
+    #: Probes must cover the whole window: it is cut into spans of this length (hourly), and a span counts as
+    #: covered once a look in it was probed with every case answered (for latency: once it has a timing).
+    probe_span_seconds: float = 3600.0
+    #: The share of the window's spans (so far) that must be covered for token_gating and latency to conclude.
+    min_probe_coverage: float = 1.0
     probe_timeout: float = 10.0
     fc_version: str = scoring.FC_VERSION
     fc_kind: str = scoring.FC_KIND
@@ -367,6 +390,8 @@ class PrismSoakSettings:
             raise UsageError("probe 1 or 2 sessions per look (the endpoint is rate limited)")
         if self.probe_budget_per_minute < 1:
             raise UsageError("the probe budget must be at least 1 request per minute")
+        if not self.probe_span_seconds > 0 or not 0.0 < self.min_probe_coverage <= 1.0:
+            raise UsageError("probe coverage needs a positive span and a minimum share within (0, 100] %")
 
 
 @dataclass(frozen=True)
@@ -449,10 +474,26 @@ class _Prober:
             self._http = None
 
     def room_for(self, requests: int) -> bool:
+        return self._wait_for(requests) == 0.0
+
+    def _wait_for(self, requests: int) -> float:
+        """Seconds until ``requests`` more fit in the budget (0: now; inf: never, more than the whole budget)."""
+        if requests > self.settings.probe_budget_per_minute:
+            return math.inf
         now = time.monotonic()
         while self._sent and self._sent[0] <= now - 60.0:
             self._sent.popleft()
-        return len(self._sent) + requests <= self.settings.probe_budget_per_minute
+        excess = len(self._sent) + requests - self.settings.probe_budget_per_minute
+        return 0.0 if excess <= 0 else self._sent[excess - 1] + 60.0 - now
+
+    def wait_for_room(self, requests: int) -> bool:
+        """Waits (real time, at most a minute) until ``requests`` fit in the budget; False if they never will."""
+        wait = self._wait_for(requests)
+        if math.isinf(wait):
+            return False
+        if wait > 0:
+            time.sleep(wait)
+        return True
 
     def request(
         self, session_id: str, token: str | None, simulated_now: datetime | None
@@ -510,6 +551,44 @@ def _judge(expected: int, status: int | None, code: str) -> tuple[str, str]:
     return "fail", f"expected {expected}, got {status}"
 
 
+def _span_index(look: Look, span_seconds: float) -> int:
+    """Which span of the window the look's cutoff closes (0-based): the one holding the instant just before it."""
+    elapsed = (look.end - look.window_start).total_seconds()
+    return max(0, math.ceil(elapsed / span_seconds - 1e-9) - 1)
+
+
+def _span_count(look: Look, span_seconds: float) -> int:
+    return max(1, math.ceil((look.window_end - look.window_start).total_seconds() / span_seconds - 1e-9))
+
+
+def _span_name(span_seconds: float) -> str:
+    return "hour" if span_seconds == 3600.0 else f"{span_seconds:g}-second span"
+
+
+def _coverage(look: Look, span_seconds: float, minimum: float, covered: set[int]) -> dict[str, Any]:
+    """How much of the window so far a probe check's evidence covers, against the configured minimum share."""
+    so_far = _span_index(look, span_seconds) + 1
+    needed = math.ceil(minimum * so_far - 1e-9)
+    return {
+        "span_s": span_seconds,
+        "spans_so_far": so_far,
+        "spans_in_window": _span_count(look, span_seconds),
+        "covered": sorted(covered),
+        "minimum_share": minimum,
+        "needed": needed,
+        "enough": len(covered & set(range(so_far))) >= needed,
+    }
+
+
+def _coverage_text(coverage: Mapping[str, Any]) -> str:
+    unit = _span_name(float(coverage["span_s"]))
+    so_far = "" if coverage["spans_so_far"] == coverage["spans_in_window"] else " so far"
+    return (
+        f"{len(coverage['covered'])} of {coverage['spans_so_far']} {unit}s of the window{so_far} covered "
+        f"(at least {coverage['needed']} needed)"
+    )
+
+
 def _percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (no interpolation: with few samples p95 is honestly the largest)."""
     if not values:
@@ -527,7 +606,7 @@ def _zero_summary(what: str, n: int, unit: str) -> str:
 
 
 class PrismSoakChecks:
-    """The eight PRISM soak checks (see the module docstring) for one environment; use as a context manager."""
+    """The nine PRISM soak checks (see the module docstring) for one environment; use as a context manager."""
 
     job = "prism"
 
@@ -572,6 +651,8 @@ class PrismSoakChecks:
             "min_latency_samples": s.min_latency_samples,
             "probe_sessions": s.probe_sessions,
             "probe_budget_per_minute": s.probe_budget_per_minute,
+            "probe_span_s": s.probe_span_seconds,
+            "min_probe_coverage": s.min_probe_coverage,
             "versions": {"fc_version": s.fc_version, "fc_kind": s.fc_kind, "engine_version": s.engine_version},
         }
 
@@ -593,7 +674,7 @@ class PrismSoakChecks:
                 "version_stamps": self._version_stamps(conn, look, fc, prof, versions),
                 "engine_version_override": self._engine_version(conn, events),
                 "legacy_fc": self._legacy_fc(conn, look, events, int(prof.checked), versions),
-                "conversion": self._conversion(conn, look),
+                **self._conversion(conn, look),
                 "function_errors": self._function_errors(conn, look, events, app),
                 "write_failures": self._write_failures(conn, look),
             }
@@ -750,7 +831,8 @@ class PrismSoakChecks:
         )
         return Baseline(start, end, summary, evidence, _query_text(_FUNNEL_COUNTS))
 
-    def _conversion(self, conn: Connection, look: Look) -> Check:
+    def _conversion(self, conn: Connection, look: Look) -> dict[str, Check]:
+        """The non-inferiority check of both funnels and the floor check of the profile funnel, from one count."""
         s = self.settings
         previous = look.previous.get("conversion", {})
         # The soak measured the baseline once, before the first look; every look compares against those counts.
@@ -791,7 +873,39 @@ class PrismSoakChecks:
             "funnels": funnels,
         }
         summary = "; ".join(f"{name}: {funnels[name]['summary']}" for name in _FUNNELS)
-        return Check("conversion", verdict, summary, evidence, _query_text(_FUNNEL_COUNTS))
+        return {
+            "conversion": Check("conversion", verdict, summary, evidence, _query_text(_FUNNEL_COUNTS)),
+            "conversion_floor": self._floor(look, *counts["profile"]),
+        }
+
+    def _floor(self, look: Look, k: int, n: int) -> Check:
+        """Completed → has a profile at least ``look.min_conversion``: sequential exact test, first decision kept."""
+        query = _query_text(_FUNNEL_COUNTS)
+        evidence: dict[str, Any] = {"funnel": "completed → has a profile", "k": k, "n": n, "floor": look.min_conversion}
+        if look.min_conversion is None:
+            why = "this soak was planned without a conversion floor (it started before --min-conversion existed)"
+            return Check("conversion_floor", NOT_APPLICABLE, why, evidence, query)
+        current = stats.sequential_at_least(
+            k, n, floor=look.min_conversion, plan=look.plan, look=look.number, min_n=look.min_n
+        )
+        decided = look.previous.get("conversion_floor", {}).get("decided")
+        if decided is None and current.verdict in ("PASS", "FAIL"):
+            decided = {"verdict": current.verdict, "look": look.number, "k": k, "n": n, "reason": current.reason}
+        wilson = stats.wilson_interval(k, n)
+        evidence.update(
+            rate=k / n if n else None,
+            wilson95=[wilson.low, wilson.high],
+            look_alpha=current.alpha,
+            p_value_at_most_floor=current.p_value_noninferior,
+            p_value_at_least_floor=current.p_value_inferior,
+            method=current.method,
+            look_verdict=current.verdict,
+            decided=decided,
+        )
+        if decided:
+            summary = f"{decided['verdict']} since look {decided['look']}: {str(decided['reason']).rstrip('.')}"
+            return Check("conversion_floor", str(decided["verdict"]), summary, evidence, query)
+        return Check("conversion_floor", "INCONCLUSIVE", current.reason.rstrip("."), evidence, query)
 
     def _funnel(
         self, name: str, k: int, n: int, base: float | stats.Sample, look: Look, previous: Mapping[str, Any]
@@ -918,14 +1032,51 @@ class PrismSoakChecks:
     def _sample(self, conn: Connection, look: Look) -> list[tuple[str, str]]:
         if self._prober.endpoint is None:
             return []
-        params = {"end": look.end, "now": self._probe_now(look), "limit": self.settings.probe_sessions}
+        # One more session than is probed: the last one lends its token to the other_session_token case.
+        wanted = max(2, self.settings.probe_sessions)
+        params = {"end": look.end, "now": self._probe_now(look), "limit": wanted}
         rows = list(conn.execute(_PROBE_SESSIONS, {**params, "start": look.window_start}))
-        if len(rows) < self.settings.probe_sessions:
+        if len(rows) < wanted:
             # Before traffic has completed in the window, probe the latest sessions before it: the gate is the same.
             earlier = conn.execute(_PROBE_SESSIONS, {**params, "start": look.window_start - _PROBE_FALLBACK})
             seen = {r.id for r in rows}
-            rows += [r for r in earlier if r.id not in seen][: self.settings.probe_sessions - len(rows)]
+            rows += [r for r in earlier if r.id not in seen][: wanted - len(rows)]
         return [(str(r.id), str(r.share_token)) for r in rows]
+
+    def _probe_plan(self, sampled: Sequence[tuple[str, str]]) -> list[tuple[str, str, str | None, int]]:
+        """Every case for each probed session: (session, case, token presented, expected status)."""
+        plan: list[tuple[str, str, str | None, int]] = []
+        for i, (sid, token) in enumerate(sampled[: self.settings.probe_sessions]):
+            plan.append((sid, "no_token", None, 401))
+            # A fresh random token: it cannot be anyone's.
+            plan.append((sid, "wrong_token", str(uuid.uuid4()), 403))
+            if len(sampled) > 1:
+                plan.append((sid, "other_session_token", sampled[(i + 1) % len(sampled)][1], 403))
+            plan.append((sid, "valid_token", token, 200))
+        return plan
+
+    def _may_probe(self, look: Look, requests: int) -> str | None:
+        """None when this look is probed, else why not. The first look of a span not yet covered is always probed
+        (waiting for the budget if need be); later looks of a covered span only with budget to spare, and while the
+        soak catches up (simulated time, a past window) only beyond what the spans still to come will need."""
+        s = self.settings
+        span = _span_index(look, s.probe_span_seconds)
+        covered = (look.previous.get("token_gating", {}).get("coverage") or {}).get("covered") or []
+        budget = f"{s.probe_budget_per_minute} requests per minute (the endpoint rate-limits clients)"
+        if span not in covered:
+            return None if self._prober.wait_for_room(requests) else f"{requests} probes exceed the budget of {budget}"
+        catching_up = look.simulated_time or (look.taken_at - look.end).total_seconds() > 60.0
+        later_spans = _span_count(look, s.probe_span_seconds) - span - 1
+        reserve = later_spans * requests if catching_up else 0
+        if self._prober.room_for(requests + reserve):
+            return None
+        unit = _span_name(s.probe_span_seconds)
+        if reserve:
+            return (
+                f"not probed: {unit} {span + 1} is already covered, and the budget of {budget} is kept for the "
+                f"{later_spans} {unit}{'s' if later_spans > 1 else ''} still to come"
+            )
+        return f"not probed: {unit} {span + 1} is already covered, and the budget of {budget} is spent for now"
 
     def _probe(self, look: Look, sampled: Sequence[tuple[str, str]]) -> tuple[list[_Probe], str | None]:
         if self._prober.endpoint is None:
@@ -934,19 +1085,10 @@ class PrismSoakChecks:
             return [], "simulated time: the server can only be told the time with the service-role key"
         if not sampled:
             return [], "no completed session with a profile and a live token before the cutoff"
-        plan: list[tuple[str, str, str | None, int]] = []
-        for i, (sid, token) in enumerate(sampled):
-            plan.append((sid, "no_token", None, 401))
-            # A fresh random token: it cannot be anyone's.
-            plan.append((sid, "wrong_token", str(uuid.uuid4()), 403))
-            if len(sampled) > 1:
-                plan.append((sid, "other_session_token", sampled[(i + 1) % len(sampled)][1], 403))
-            plan.append((sid, "valid_token", token, 200))
-        if not self._prober.room_for(len(plan)):
-            return [], (
-                f"probe budget of {self.settings.probe_budget_per_minute} requests per minute spent "
-                "(the endpoint rate-limits clients); this look was not probed"
-            )
+        plan = self._probe_plan(sampled)
+        why_not = self._may_probe(look, len(plan))
+        if why_not is not None:
+            return [], why_not
         simulated_now = look.end if look.simulated_time else None
         probes = []
         # Shuffled so a server that answers by request order cannot pass; seeded by the look for reproducibility.
@@ -1005,6 +1147,7 @@ class PrismSoakChecks:
         cases.update(p.case for p in probes if p.outcome == "pass")
         failures += [dict(p.to_json(), look=look.number) for p in probes if p.outcome == "fail"]
         served = int(tokenless.tokenless_served)
+        coverage = self._coverage(look, previous, bool(probes) and all(p.outcome != "inconclusive" for p in probes))
         rls_tables = rls.get("tables", {}) if rls.get("applicable") else {}
         rls_visible = {t: v["visible"] for t, v in rls_tables.items()}
         # A leak seen at any look stays a FAIL: the probe is not cumulative by itself.
@@ -1018,6 +1161,7 @@ class PrismSoakChecks:
                 "skipped": skipped,
             },
             "probes": {k: totals.get(k, 0) for k in ("total", "passed", "failed", "inconclusive", "looks_probed")},
+            "coverage": coverage,
             "cases_passed": {case: cases.get(case, 0) for case in _PROBE_CASES},
             "failures": failures[:_MAX_LISTED],
             "tokenless_served": served,
@@ -1044,28 +1188,39 @@ class PrismSoakChecks:
             lacking.append(f"not every case has been shown yet (untested: {', '.join(untested)}; {why})")
         if rls.get("applicable") and any(v is None for v in rls_visible.values()):
             lacking.append("the RLS probe could not run as anon")
+        if not coverage["enough"]:
+            lacking.append("answered probes do not cover enough of the window: " + _coverage_text(coverage))
         if lacking:
             return Check("token_gating", "INCONCLUSIVE", "; ".join(lacking), evidence, query)
         rls_text = (
             "; anon sees 0 rows of " + " and ".join(rls_visible) if rls.get("applicable") else "; RLS n/a (SQLite)"
         )
         summary = (
-            f"{totals['passed']} probes over {totals['looks_probed']} looks answered as expected "
+            f"{totals['passed']} probes over {totals['looks_probed']} of {look.number} looks answered as expected "
             f"(401 without token, 403 wrong or foreign token, 200 valid), {totals['inconclusive']} inconclusive; "
-            f"0 tokenless accesses served of {int(tokenless.accesses)}" + rls_text
+            f"{_coverage_text(coverage)}; 0 tokenless accesses served of {int(tokenless.accesses)}" + rls_text
         )
         return Check("token_gating", "PASS", summary, evidence, query)
+
+    def _coverage(self, look: Look, previous: Mapping[str, Any], covers: bool) -> dict[str, Any]:
+        """The spans covered so far (from the previous look's evidence), with this look's if it ``covers`` it."""
+        s = self.settings
+        covered = set((previous.get("coverage") or {}).get("covered") or [])
+        if covers:
+            covered.add(_span_index(look, s.probe_span_seconds))
+        return _coverage(look, s.probe_span_seconds, s.min_probe_coverage, covered)
 
     def _latency(
         self, look: Look, probes: Sequence[_Probe], skipped: str | None, app: soak_metrics.AppWindow | None
     ) -> Check:
-        """The app's latency histogram when it is configured (the probes' timings beside it; a FAIL of either
-        fails), else the probes' timings alone."""
+        """The app's latency histogram when it is configured (it sees every call of the window; the probes' timings
+        beside it, a FAIL of either fails), else the probes' timings alone, which must cover enough of the window."""
         s = self.settings
         previous = look.previous.get("latency", {})
         samples = [float(v) for v in previous.get("_samples_ms", [])]
         this = [p.ms for p in probes if p.ms is not None]
         samples += this
+        coverage = self._coverage(look, previous, bool(this))
         p50, p95 = _percentile(samples, 0.5), _percentile(samples, 0.95)
         evidence: dict[str, Any] = {
             "samples": len(samples),
@@ -1073,6 +1228,7 @@ class PrismSoakChecks:
             "p95_ms": None if p95 is None else round(p95, 1),
             "threshold_p95_ms": s.latency_p95_ms,
             "min_samples": s.min_latency_samples,
+            "coverage": coverage,
             "this_look": {
                 "samples": len(this),
                 "p50_ms": None if not this else round(_percentile(this, 0.5) or 0.0, 1),
@@ -1081,7 +1237,7 @@ class PrismSoakChecks:
             },
             "_samples_ms": [round(v, 1) for v in samples],
         }
-        verdict, summary = self._probe_latency(samples, p50, p95)
+        verdict, summary = self._probe_latency(samples, p50, p95, coverage)
         if app is None:
             evidence["app_metrics"] = _APP_METRICS_NOT_CONFIGURED
             return Check("latency", verdict, summary, evidence)
@@ -1090,8 +1246,10 @@ class PrismSoakChecks:
         combined = "FAIL" if "FAIL" in (judged.verdict, verdict) else judged.verdict
         return Check("latency", combined, f"app histogram: {judged.summary}; probes: {summary}", evidence)
 
-    def _probe_latency(self, samples: Sequence[float], p50: float | None, p95: float | None) -> tuple[str, str]:
-        """The verdict of the results-endpoint probes' timings against the threshold."""
+    def _probe_latency(
+        self, samples: Sequence[float], p50: float | None, p95: float | None, coverage: Mapping[str, Any]
+    ) -> tuple[str, str]:
+        """The verdict of the results-endpoint probes' timings against the threshold, over enough of the window."""
         s = self.settings
         if self._prober.endpoint is None:
             return "INCONCLUSIVE", "no results endpoint configured"
@@ -1104,19 +1262,22 @@ class PrismSoakChecks:
         summary = f"results endpoint p50 {p50:.1f} ms, p95 {p95:.1f} ms over {len(samples)} probes"
         if p95 > s.latency_p95_ms:
             return "FAIL", summary + f" > threshold {s.latency_p95_ms:g} ms"
-        return "PASS", summary + f" ≤ threshold {s.latency_p95_ms:g} ms"
+        if not coverage["enough"]:
+            return "INCONCLUSIVE", summary + f"; timings do not cover enough of the window: {_coverage_text(coverage)}"
+        return "PASS", summary + f" ≤ threshold {s.latency_p95_ms:g} ms; {_coverage_text(coverage)}"
 
     # ----------------------------------------------------------------------------------------------------------------
     # Reports
 
     def series(self, db: Database, start: datetime, end: datetime, bucket_seconds: float) -> list[SeriesBucket]:
+        """Both funnels and the charted events per bucket of sessions started in it, judged as the conversion check
+        judges them at ``end``: sessions that had not had time to finish are left out and counted as pending."""
         if end <= start:
             return []
         count = max(1, math.ceil((end - start).total_seconds() / bucket_seconds - 1e-9))
         edges = [start + timedelta(seconds=i * bucket_seconds) for i in range(count)] + [end]
-        started = [0] * count
-        completed = [0] * count
-        profiled = [0] * count
+        judged, written = self._judged_before(start, end)
+        tally: list[Counter[str]] = [Counter() for _ in range(count)]
         events: list[Counter[str]] = [Counter() for _ in range(count)]
 
         def index(at: datetime) -> int:
@@ -1124,23 +1285,62 @@ class PrismSoakChecks:
 
         with db.connect() as conn:
             for row in conn.execute(_SERIES_SESSIONS, {"start": start, "end": end}):
-                i = index(row.started_at)
-                started[i] += 1
-                if row.status == "completed" and row.completed_at is not None and row.completed_at < end:
-                    completed[i] += 1
-                    if row.has_profile:
-                        profiled[i] += 1
+                t = tally[index(row.started_at)]
+                done = row.status == "completed" and row.completed_at is not None and row.completed_at < end
+                if row.started_at < judged:
+                    t.update(started=1, completed=int(done))
+                else:
+                    t["completion_pending"] += 1
+                if done and row.completed_at < written:
+                    t.update(profile_n=1, profiled=int(bool(row.has_profile)))
+                elif done:
+                    t["profile_pending"] += 1
             for evt, at in conn.execute(_SERIES_EVENTS, {"start": start, "end": end, "events": list(_CHARTED_EVENTS)}):
                 events[index(at)][evt] += 1
         return [
             SeriesBucket(
                 start=edges[i],
                 end=edges[i + 1],
-                rates={"completion": (completed[i], started[i]), "profile": (profiled[i], completed[i])},
+                rates={"completion": (t["completed"], t["started"]), "profile": (t["profiled"], t["profile_n"])},
                 events=dict(events[i]),
+                pending={"completion": t["completion_pending"], "profile": t["profile_pending"]},
             )
-            for i in range(count)
+            for i, t in enumerate(tally)
         ]
+
+    def _judged_before(self, start: datetime, end: datetime) -> tuple[datetime, datetime]:
+        """Sessions started before the first instant, and completions before the second, have had time to finish."""
+        s = self.settings
+        return (
+            max(start, end - timedelta(seconds=s.completion_grace)),
+            max(start, end - timedelta(seconds=s.write_grace)),
+        )
+
+    def chart_guides(self, measurements: Sequence[Measurement], end: datetime) -> ChartGuides:
+        """Each funnel's baseline and non-inferiority threshold, the floor, and the unjudged tail at ``end``."""
+        lines: list[ChartLine] = []
+        last = measurements[-1] if measurements else None
+        conversion = last.check("conversion") if last else None
+        for name, f in ((conversion.evidence.get("funnels") or {}) if conversion else {}).items():
+            base = (f.get("baseline") or {}).get("rate")
+            if base is not None:
+                lines.append(ChartLine(name, float(base), f"{name} baseline {float(base):.1%}", "baseline"))
+            if f.get("threshold") is not None:
+                value = float(f["threshold"])
+                lines.append(ChartLine(name, value, f"{name} non-inferiority bound {value:.1%}", "threshold"))
+        floor = last.check("conversion_floor") if last else None
+        if floor is not None and floor.evidence.get("floor") is not None:
+            value = float(floor.evidence["floor"])
+            lines.append(ChartLine("profile", value, f"profile floor {value:.0%} (--min-conversion)", "floor"))
+        window_start = last.window_start if last else end
+        judged, written = self._judged_before(window_start, end)
+        s = self.settings
+        note = (
+            f"Sessions started less than {s.completion_grace / 60:g} min before the last cutoff, and completions less "
+            f"than {s.write_grace / 60:g} min before it, had not had time to finish: they are left out of the rates "
+            "and counted as pending (shaded on the chart)."
+        )
+        return ChartGuides(lines=lines, pending_after={"completion": judged, "profile": written}, note=note)
 
     def report_tables(self, measurements: Sequence[Measurement]) -> list[ReportTable]:
         probe_rows: list[list[str]] = []
@@ -1182,14 +1382,18 @@ class PrismSoakChecks:
                     low, high = f.get("wilson95", [0.0, 1.0])
                     cells.append(f"{k}/{n}" + (f" = {k / n:.1%} [{low:.1%}, {high:.1%}]" if n else ""))
                     cells.append(f"{f.get('look_verdict', '-')} (α {f.get('look_alpha', 0.0):.2g})")
+                floor = m.check("conversion_floor")
+                cells.append(_floor_cell(floor))
                 conversion_rows.append(cells)
         return [
             ReportTable(
                 "Conversion at each look (cumulative, sequential test)",
-                ["look", "cutoff", "completion", "test", "profile", "test"],
+                ["look", "cutoff", "completion", "test", "profile", "test", "profile ≥ floor"],
                 conversion_rows,
                 "Counts are cumulative from the window's start. Each look tests at its own share α of the error "
-                "budget (O'Brien-Fleming spending); the first PASS or FAIL of a funnel is kept as its decision.",
+                "budget (O'Brien-Fleming spending); the first PASS or FAIL of a funnel is kept as its decision. "
+                "The floor test (--min-conversion) is the exact one-sided binomial test of the profile funnel at the "
+                "same levels.",
             ),
             ReportTable(
                 "Results-endpoint probes and RLS",
@@ -1199,6 +1403,15 @@ class PrismSoakChecks:
                 "token (403), its own token (200). Tokens are never written to any artifact.",
             ),
         ]
+
+
+def _floor_cell(check: Check | None) -> str:
+    if check is None:
+        return "-"
+    if check.verdict == NOT_APPLICABLE:
+        return "N/A (no floor)"
+    floor = check.evidence.get("floor")
+    return f"{check.evidence.get('look_verdict', '-')} vs {floor:.0%} (α {check.evidence.get('look_alpha', 0.0):.2g})"
 
 
 def _ms(value: object) -> str:
@@ -1236,6 +1449,7 @@ def run_prism_soak(
     """
     if clock not in ("real", "simulated"):
         raise UsageError("--clock must be 'real' or 'simulated'")
+    options.check_environment(env)  # before anything touches the database
     if clock == "simulated" and env.kind == "production":
         raise UsageError(f"environment '{env.name}' is production: --clock simulated is refused there")
     chosen = settings or PrismSoakSettings()
