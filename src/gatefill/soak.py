@@ -741,8 +741,10 @@ def run_soak(
                     interrupted = True
                     break
         except GatefillError as exc:
-            # The measurements stored so far stand; the soak continues from the next look when started again.
+            # The measurements stored so far stand; the soak continues from the next look when started again. Only
+            # while this process still holds the run (the fence): a soak that lost its lease leaves the run alone.
             with contextlib.suppress(GatefillError), db.begin() as conn:
+                lease.fence(conn)
                 ledger.transition(conn, run.id, RunStatus.PAUSED, now=clock.now(), reason=f"stopped: {exc}")
             raise
         with db.connect() as conn:

@@ -283,6 +283,7 @@ def test_run_simulation_resolves_url_clock_and_start(live: Live) -> None:
         live.env.database_url,
         functions_url=live.functions_url,
         service_role_key_env=live.env.service_role_key_env,
+        pooler=live.env.pooler,
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(live.env.service_role_key_env, SERVICE_KEY)

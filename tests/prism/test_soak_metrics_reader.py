@@ -86,6 +86,7 @@ def _look(number: int, end: datetime, previous: AppWindow | None = None, *, simu
         taken_at=end,
         plan=stats.SequentialPlan(max_looks=10, alpha=0.05),
         margin=0.05,
+        min_conversion=None,
         baseline_days=7.0,
         baseline_rate=None,
         min_n=30,
