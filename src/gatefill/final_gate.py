@@ -17,7 +17,7 @@ from gatefill import ledger
 from gatefill.config import Settings
 from gatefill.db import Database
 from gatefill.job import Check
-from gatefill.reports import render, write_text
+from gatefill.reports import counts_text, render, write_text
 
 if TYPE_CHECKING:
     from gatefill.pipeline import PipelineOptions
@@ -80,7 +80,7 @@ def write_final_gate(
         _item(
             "staging backfill gate",
             apply_step.get("verdict"),
-            f"backfill_gate.md verdict {apply_step.get('verdict')}: {dict(staging_results)}",
+            f"backfill_gate.md verdict {apply_step.get('verdict')}: sessions {counts_text(staging_results)}",
             "staging apply",
         ),
         _item(
@@ -141,7 +141,7 @@ def write_final_gate(
             _item(
                 "production backfill gate",
                 prod_step.get("verdict"),
-                f"backfill_gate.md verdict {prod_step.get('verdict')}: {dict(production_results)}",
+                f"backfill_gate.md verdict {prod_step.get('verdict')}: sessions {counts_text(production_results)}",
                 "production apply",
             ),
         )
