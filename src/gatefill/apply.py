@@ -3,8 +3,8 @@ their ledger rows, resumable after any interruption.
 
 What makes it crash-safe: the only record of progress is the ledger, written in the same transaction as the batch's
 data. A resume asks the ledger which sessions already have a result and continues with the rest, in plan order, so
-work is neither repeated nor skipped, whatever batch size either attempt used. Ctrl-C sets a flag that is honoured
-between batches (the current batch finishes); a lost database connection is retried with backoff and then pauses
+work is neither repeated nor skipped, whatever batch size either attempt used. Ctrl-C or SIGTERM sets a flag that is
+honoured between batches (the current batch finishes, a throttle wait ends at once); a lost database connection is retried with backoff and then pauses
 the run with a message saying how to resume. A second apply of a run that is active elsewhere is refused by a lock
 (Postgres advisory lock held on a dedicated connection; SQLite lock row whose holder is checked for liveness).
 """
@@ -30,7 +30,7 @@ from gatefill.config import Environment, Settings
 from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
-from gatefill.interrupt import stop_on_sigint
+from gatefill.interrupt import stop_on_signals
 from gatefill.job import Candidate, Check, Job, SessionOutcome
 from gatefill.ledger import RunStatus
 from gatefill.plan import verify_plan
@@ -411,7 +411,7 @@ def apply_plan(
             functions = resources.enter_context(FunctionsExecutor.from_env(env))
             commit = functions.commit_batch
         resources.enter_context(_RunLock(db, run.id, now))
-        resources.enter_context(stop_on_sigint(stop))
+        interruption = resources.enter_context(stop_on_signals(stop))
         if functions is not None:
             _recover_functions_batches(functions, db, job, run, clock)
         todo, next_batch, retrying = _remaining(db, run, order)
@@ -422,12 +422,14 @@ def apply_plan(
         start = clock.monotonic()
         done = len(order) - len(todo)
         for batch_keys in to_run:
-            if stop.is_set():
-                _pause(db, run.id, clock, "interrupted (Ctrl-C) after the last committed batch")
-                raise RunPaused(run.id, f"interrupted after batch {next_batch - 1}", exit_code=130)
             if before_batch is not None:
                 before_batch(next_batch)
-            result.throttle_wait_seconds += bucket.acquire(len(batch_keys))
+            # A stop (Ctrl-C, SIGTERM) ends the throttle wait at once; no batch starts after it.
+            result.throttle_wait_seconds += bucket.acquire(len(batch_keys), stop)
+            if stop.is_set():
+                why = f"interrupted ({interruption.description}) before batch {next_batch}"
+                _pause(db, run.id, clock, f"{why}; every earlier batch is committed")
+                raise RunPaused(run.id, why, exit_code=interruption.exit_code)
             batch = [candidates[k] for k in batch_keys]
             sessions, log = _commit_with_retry(commit, db, job, run.id, next_batch, batch, clock, retrying, options)
             write_json(logs_dir / f"batch_{next_batch}.json", log)
