@@ -4,9 +4,10 @@ their ledger rows, resumable after any interruption.
 What makes it crash-safe: the only record of progress is the ledger, written in the same transaction as the batch's
 data. A resume asks the ledger which sessions already have a result and continues with the rest, in plan order, so
 work is neither repeated nor skipped, whatever batch size either attempt used. Ctrl-C or SIGTERM sets a flag that is
-honoured between batches (the current batch finishes, a throttle wait ends at once); a lost database connection is retried with backoff and then pauses
-the run with a message saying how to resume. A second apply of a run that is active elsewhere is refused by a lock
-(Postgres advisory lock held on a dedicated connection; SQLite lock row whose holder is checked for liveness).
+honoured between batches (the current batch finishes, a throttle wait ends at once); a lost database connection is
+retried with backoff and then pauses the run with a message saying how to resume. A second apply of a run that is
+active elsewhere is refused by a lock (Postgres advisory lock held on a dedicated connection; SQLite lock row whose
+holder is checked for liveness).
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ class ApplyOptions:
     approve_as: str | None = None
     retry_attempts: int = 5
     retry_base_seconds: float = 0.5
+
+    def validate(self) -> None:
+        """``UsageError`` (exit 2) for an option that cannot be used; apply checks this before it writes anything."""
+        if self.rate is not None:
+            parse_rate(self.rate)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.max_failures < 0:
+            raise UsageError(f"--max-failures must be 0 or more, not {self.max_failures}")
+        if self.executor not in ("local", "functions"):
+            raise UsageError(f"unknown executor '{self.executor}' (use local or functions)")
+        if self.approve_as is not None and not self.approve_as.strip():
+            raise UsageError("--approve-as needs a name")
 
 
 @dataclass
@@ -370,9 +384,8 @@ def apply_plan(
     On a production environment the production gate must pass first (``settings`` lets it find the staging soak),
     or ``override`` must name who lets it through and why.
     """
+    options.validate()
     verify_plan(plan_body, env)
-    if options.executor not in ("local", "functions"):
-        raise UsageError(f"unknown executor '{options.executor}' (use local or functions)")
     now = clock.now()
     run = ensure_run_for_plan(db, plan_body, now=now)
     if run.status in (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED):
@@ -394,8 +407,6 @@ def apply_plan(
     if gate_needed:
         record_production_gate(db, run.id, evidence, override, now=now)
     rate = parse_rate(options.rate or str(plan_body["parameters"]["rate"]))
-    if options.batch_size is not None and options.batch_size < 1:
-        raise GateBlocked("apply", ["--batch-size must be at least 1"])
     order, candidates = _plan_candidates(plan_body)
     stop = stop or threading.Event()
     logs_dir = artifacts_dir / run.id / "backfill_logs"

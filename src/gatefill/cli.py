@@ -248,15 +248,13 @@ def plan_command(
 
     settings = _settings()
     environment = settings.env(env)
+    job = PrismJob()
     params = PlanParams(
         since=_since(since), priority=tuple(priority or ()), rate=rate, batch_size=batch_size, profiles=profiles
-    )
-    params.validate()
+    ).normalized(job)
     with Database(environment) as db:
         require_schema(db)
-        plan = build_plan(
-            db, environment, PrismJob(), params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir
-        )
+        plan = build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
     body = plan.body
     out.print(f"run [bold]{plan.run_id}[/] planned on {environment.name}: {body['totals']['candidates']} candidates")
     table = Table("category", "sessions", "operations")
@@ -273,7 +271,10 @@ def plan_command(
 @app.command("approve")
 def approve_command(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
-    gate: Annotated[str, typer.Option("--gate", help="plan, soak or production.")],
+    gate: Annotated[
+        str,
+        typer.Option("--gate", help="plan or review (an apply run), soak (a soak run), production (a pipeline run)."),
+    ],
     by: Annotated[str, typer.Option("--by", help="Who approves.")],
     env: Annotated[str | None, typer.Option("--env", help="Environment of the run (default: search all).")] = None,
     note: Annotated[str | None, typer.Option("--note", help="Why.")] = None,
@@ -281,8 +282,17 @@ def approve_command(
     """Record an approval (who, when, note, plan hash) for a gate of a run."""
     from gatefill.runs import approve
 
-    approval = approve(_settings(), run_id, gate=gate, by=by, note=note, env_name=env)
-    out.print(f"approved {approval.gate} of {approval.run_id} by {approval.approved_by} at {approval.at.isoformat()}")
+    outcome = approve(_settings(), run_id, gate=gate, by=by, note=note, env_name=env)
+    a = outcome.approval
+    if outcome.recorded:
+        out.print(f"approved {a.gate} of {a.run_id} by {a.approved_by} at {a.at.isoformat()}", markup=False)
+    else:
+        out.print(
+            f"{a.gate} of {a.run_id} was already approved by {a.approved_by} at {a.at.isoformat()}"
+            + (f" ({a.note})" if a.note else "")
+            + "; nothing recorded",
+            markup=False,
+        )
 
 
 @app.command("apply")
@@ -719,7 +729,8 @@ def rollback_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Execute, verify and roll back: change nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Restore even rows changed since the run wrote them.")] = False,
 ) -> None:
-    """Restore exactly what a run changed (before-images by primary key), verify it, write rollback_report.md."""
+    """Restore exactly what an apply run changed (before-images by primary key), verify it, write rollback_report.md
+    (a dry run: rollback_dry_run.md)."""
     from gatefill.rollback import rollback_command as run_rollback
     from gatefill.runs import find_run
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,13 @@ def run_pipeline(
             f"({staging_env.name} is {staging_env.kind}, {production_env.name} is {production_env.kind})"
         )
     job = PrismJob()
+    # Every parameter is checked before the pipeline's run is recorded, so bad input writes nothing.
+    priority = (
+        PlanParams(since=options.since, priority=options.priority, rate=options.rate, batch_size=options.batch_size)
+        .normalized(job)
+        .priority
+    )
+    options = replace(options, priority=priority)
     artifacts = settings.artifacts_dir
     with Database(staging_env) as staging, Database(production_env) as production:
         run = _pipeline_run(staging, options, clock.now())
