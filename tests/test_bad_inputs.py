@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from gatefill import ledger
 from gatefill.cli import main
 from gatefill.db import Database
 from gatefill.prism.schema import init_schema
 from gatefill.prism.seed import TEST_SESSION_A, seed_scenario
-from tests.conftest import Target, sqlite_env
+from tests.conftest import Target, sqlite_env, table_digests
 
 
 @dataclass
@@ -43,15 +42,7 @@ class Lab:
 
     def state(self) -> dict[str, str]:
         """Every table's rows and every artifact file, digested."""
-        found: dict[str, str] = {}
-        with self.target.db.connect() as conn:
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            for table in sorted(sa.inspect(conn).get_table_names()):
-                # In scan order (a table nobody wrote to reads back in the same order), through the driver's own
-                # cursor: 40k answer rows take a second less than through SQLAlchemy's.
-                cursor.execute(f'SELECT * FROM "{table}"')
-                found[f"table {table}"] = hashlib.sha256(repr(cursor.fetchall()).encode()).hexdigest()
-            cursor.close()
+        found = {f"table {name}": digest for name, digest in table_digests(self.target.db).items()}
         for path in sorted(self.artifacts.rglob("*")):
             if path.is_file():
                 found[f"file {path.relative_to(self.root)}"] = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -824,6 +824,8 @@ def simulate_command(
     out.print(report.render(), markup=False)
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    if report.totals()["transport_errors"]:
+        raise typer.Exit(1)  # calls that got no answer: the ground truth is incomplete
 
 
 def _usage_error(exc: typer.exceptions.TyperException) -> int:
