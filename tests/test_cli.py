@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import typer
+from rich.console import Console
 
 from gatefill.cli import app, main
+from gatefill.progress import apply_progress
 from tests.conftest import Target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,3 +215,17 @@ def test_help_shows_flags_without_a_type_and_names_files_that_exist(capsys: pyte
         for named in re.findall(r"\b(?:spec|tests|src|bench|seeds)/[\w./*-]*\w", text):
             assert list(ROOT.glob(named)), f"`gatefill {' '.join(path)} --help` names {named}, which does not exist"
     assert seen_flags == len(all_commands()) + 1  # every screen's --help line lost its type, none was dropped
+
+
+def test_apply_progress_off_a_terminal_is_a_line_per_batch_at_most_one_a_second() -> None:
+    console = Console(file=io.StringIO(), width=100)  # a file: not a terminal
+    with apply_progress(console) as progress:
+        for done, elapsed in ((5, 15.0), (10, 30.0), (15, 30.4), (20, 45.0), (25, 45.1), (27, 45.2)):
+            progress(done, 27, elapsed)
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert lines == [
+        "apply: 5/27 sessions, 15 s, 20.0/min",
+        "apply: 10/27 sessions, 30 s, 20.0/min",
+        "apply: 20/27 sessions, 45 s, 26.7/min",
+        "apply: 27/27 sessions, 45 s, 35.8/min",
+    ]

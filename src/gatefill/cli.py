@@ -11,8 +11,7 @@ import json
 import sys
 import textwrap
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -318,6 +317,7 @@ def apply_command(
     from gatefill.gate import Override
     from gatefill.plan import load_plan_file, plan_from_ledger
     from gatefill.prism.job import PrismJob
+    from gatefill.progress import apply_progress
     from gatefill.runs import find_run
 
     settings = _settings()
@@ -339,7 +339,7 @@ def apply_command(
     clock = RealClock()
     job = PrismJob()
     with Database(environment) as db:
-        with _progress_reporter() as progress:
+        with apply_progress(out) as progress:
             result = apply_plan(
                 db,
                 environment,
@@ -381,39 +381,6 @@ def _apply_line(result: ApplyResult) -> str:
         + counts_text(dict(sorted(result.counts.items())))
         + f"; {result.elapsed_seconds:.1f} s, measured {result.measured_rate_per_minute:.1f} sessions/min"
     )
-
-
-@contextmanager
-def _progress_reporter() -> Iterator[Callable[[int, int, float], None]]:
-    """A Rich progress bar (rate, ETA) on a terminal; otherwise a plain line at most every 5 seconds."""
-    if out.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            "{task.fields[rate]}",
-            TimeRemainingColumn(),
-            console=out,
-        ) as bar:
-            task = bar.add_task("apply", total=None, rate="")
-
-            def update(done: int, total: int, elapsed: float) -> None:
-                rate = f"{done / elapsed * 60:.1f}/min" if elapsed > 0 else ""
-                bar.update(task, completed=done, total=total, rate=rate)
-
-            yield update
-        return
-    last = [0.0]
-
-    def plain(done: int, total: int, elapsed: float) -> None:
-        if elapsed - last[0] >= 5.0 or done == total:
-            last[0] = elapsed
-            rate = done / elapsed * 60 if elapsed > 0 else 0.0
-            out.print(f"apply: {done}/{total} sessions, {elapsed:.0f} s, {rate:.1f}/min")
-
-    yield plain
 
 
 @app.command("gates")

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, ensure_run_for_plan, write_apply_artifacts
+from gatefill.apply import (
+    ApplyOptions,
+    ApplyResult,
+    ProgressCallback,
+    apply_plan,
+    ensure_run_for_plan,
+    write_apply_artifacts,
+)
 from gatefill.clock import Clock
 from gatefill.config import Settings
 from gatefill.db import Database, format_utc
@@ -148,8 +155,10 @@ def run_pipeline(
     clock: Clock,
     soak_step: SoakStep,
     apply_clock: Clock | None = None,
+    progress: ProgressCallback | None = None,
 ) -> PipelineState:
-    """Advances the pipeline as far as its gates allow and returns where it stands."""
+    """Advances the pipeline as far as its gates allow and returns where it stands; ``progress`` hears from both
+    applies after each committed batch."""
     staging_env = settings.env(options.staging)
     production_env = settings.env(options.production)
     if staging_env.kind != "staging" or production_env.kind != "production":
@@ -212,6 +221,7 @@ def run_pipeline(
                 clock=apply_clock or clock,
                 artifacts_dir=artifacts,
                 settings=settings,
+                progress=progress,
             )
             report = write_apply_artifacts(
                 staging, staging_env, job, plan_run, clock=clock, artifacts_dir=artifacts, result=result
@@ -280,6 +290,7 @@ def run_pipeline(
                         clock=apply_clock or clock,
                         artifacts_dir=artifacts,
                         settings=settings,
+                        progress=progress,
                     )
                 except GateBlocked as exc:
                     if exc.gate != "production":

@@ -350,6 +350,17 @@ class SimulationReport:
             "sessions": [encode(asdict(s)) for s in self.sessions],
         }
 
+    def summary(self) -> str:
+        """One line: respondents, what they did, and the calls that got no answer, if any."""
+        t = self.totals()
+        abandoned = sum(o.abandoned is not None for o in self.sessions)
+        line = (
+            f"{t['sessions_started']} respondents: {t['finalize_calls']} finalized (status "
+            f"{_counts(t['finalize_status'])}), {abandoned} abandoned; results fetched "
+            f"{_counts(t['results_status'])}, {t['results_served_without_token']} served without a token"
+        )
+        return line + (f"; {t['transport_errors']} call(s) got no answer" if t["transport_errors"] else "")
+
     def render(self) -> str:
         t = self.totals()
         failed = f": {t['transport_errors']} call(s) got no answer (transport errors)" if t["transport_errors"] else ""
