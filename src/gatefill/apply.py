@@ -629,6 +629,8 @@ def write_apply_artifacts(
     )
     # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
     dry = rollback_run(db, run_id, job.written_tables(), now=measured_at, dry_run=True, artifacts_dir=artifacts_dir)
+    if dry.report_path is not None:
+        paths["rollback_dry_run"] = dry.report_path
     recorded = {t.table: t.inserted_by_run + t.updated_by_run for t in dry.tables}
     conflicted = Counter(c.table for c in dry.conflicts)
     expected = plan.get("expected_changes", {})

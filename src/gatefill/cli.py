@@ -698,18 +698,14 @@ def rollback_command(
 ) -> None:
     """Restore exactly what an apply run changed (before-images by primary key), verify it, write rollback_report.md
     (a dry run: rollback_dry_run.md)."""
+    from gatefill.rollback import render_rollback
     from gatefill.rollback import rollback_command as run_rollback
     from gatefill.runs import find_run
 
     settings = _settings()
     environment, _ = find_run(settings, run_id, env)
     result = run_rollback(environment, run_id, dry_run=dry_run, force=force, artifacts_dir=settings.artifacts_dir)
-    what = "dry run of rollback" if dry_run else "rollback"
-    out.print(f"{what} of {run_id} on {environment.name}: [bold]{result.verdict}[/] ({result.changes} changes)")
-    for t in result.tables:
-        out.print(f"  {t.table}: " + ", ".join(f"{k} {v}" for k, v in t.to_json().items() if k != "table" and v))
-    if result.report_path:
-        out.print(f"report: {result.report_path}")
+    out.print("\n".join(render_rollback(result)), markup=False)
     raise typer.Exit(0 if result.verdict == "PASS" else 1)
 
 

@@ -311,7 +311,8 @@ def test_the_command_checks_url_and_key_first_and_transport_errors_exit_1(live: 
         assert err.startswith("error: ") and err.count("\n") == 1 and says in err
     assert table_digests(live.db) == before
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnswersOnce)
+    handler = type("AnswersOnceHere", (_AnswersOnce,), {"calls": 0})  # a count of its own for this server
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
