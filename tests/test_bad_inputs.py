@@ -116,7 +116,7 @@ def test_a_priority_session_id_in_capitals_is_the_same_session(lab: Lab) -> None
 def test_a_gate_must_fit_the_run_and_a_repeat_approval_records_nothing(lab: Lab) -> None:
     run_id = lab.planned_run()
     for gate, phase in (("soak", "soak"), ("production", "pipeline")):
-        says = f"gate '{gate}' is approved on {phase} runs; {run_id} is a apply run (its gates: plan, review)"
+        says = f"gate '{gate}' is approved on {phase} runs; {run_id} is an apply run (its gates: plan, review)"
         lab.refused("approve", run_id, "--gate", gate, "--by", "tess", says=says)
     lab.refused("approve", run_id, "--gate", "deploy", "--by", "tess", says="unknown gate 'deploy'")
 

@@ -81,7 +81,8 @@ def approve(
     if run.phase != phase:
         fitting = [g for g, p in GATE_PHASES.items() if p == run.phase]
         raise UsageError(
-            f"gate '{gate}' is approved on {phase} runs; {run.id} is a {run.phase} run"
+            f"gate '{gate}' is approved on {phase} runs; {run.id} is {'an' if run.phase[:1] in 'aeiou' else 'a'} "
+            f"{run.phase} run"
             + (f" (its gates: {', '.join(fitting)})" if fitting else ", which has no gate to approve")
         )
     now = (clock or RealClock()).now()
