@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
 from gatefill.clock import SimulatedClock
 from gatefill.db import canonical_json
 from gatefill.errors import GateBlocked, UsageError
+from gatefill.job import BatchOutcome
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan, plan_hash
 from gatefill.prism import scoring
@@ -278,23 +280,27 @@ def test_ctrl_c_finishes_the_current_batch_pauses_and_resumes(
     body = make_plan(target, tmp_path)
     stop = threading.Event()
 
-    def press_ctrl_c(batch_no: int) -> None:
-        if batch_no == 3:
-            stop.set()  # what the SIGINT handler does; batch 3 itself still runs to its commit
+    class CtrlCInBatch3(PrismJob):
+        batches = 0
+
+        def process_batch(self, *args: Any, **kwargs: Any) -> BatchOutcome:
+            self.batches += 1
+            if self.batches == 3:
+                stop.set()  # what the SIGINT handler does while batch 3 is being written: it still commits
+            return super().process_batch(*args, **kwargs)
 
     with pytest.raises(RunPaused) as paused:
         apply_plan(
             target.db,
             target.env,
-            PrismJob(),
+            CtrlCInBatch3(),
             body,
             options=ApplyOptions(approve_as="t", rate="unlimited"),
             clock=SimulatedClock(START),
             artifacts_dir=tmp_path / "a",
             stop=stop,
-            before_batch=press_ctrl_c,
         )
-    assert paused.value.exit_code == 130 and "after batch 3" in str(paused.value)
+    assert paused.value.exit_code == 130 and "before batch 4" in str(paused.value)
     with target.db.connect() as conn:
         assert ledger.get_run(conn, str(body["run_id"])).status is RunStatus.PAUSED
         assert ledger.committed_batches(conn, str(body["run_id"])) == {1, 2, 3}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import typer
+from rich.console import Console
 
 from gatefill.cli import app, main
+from gatefill.progress import apply_progress
 from tests.conftest import Target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +178,54 @@ def test_score_commands_stream_json_lines_and_stop_on_a_malformed_line() -> None
     assert proc.returncode == 2
     assert len(proc.stdout.splitlines()) == 1  # the good line was answered before the bad one stopped the stream
     assert proc.stderr.startswith("error: line 2: ") and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "functions", "--env", "staging", "--port", "99999"], "error: Invalid value for '--port'"),
+        (["serve", "functions", "--env", "staging", "--workers", "0"], "error: Invalid value for '--workers'"),
+        (["approve"], "error: Missing argument 'RUN'"),
+        (["nosuch"], "error: No such command 'nosuch'"),
+        (["db", "nosuch"], "error: No such command 'nosuch'"),
+        (["plan", "--env", "staging", "--batch-size", "x"], "error: Invalid value for '--batch-size'"),
+        (["status", "--bogus"], "error: No such option: --bogus"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(
+    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, "sqlite:///staging.db")
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
+    assert not list(tmp_path.glob("*.db"))
+
+
+def test_help_shows_flags_without_a_type_and_names_files_that_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--force  <bool>`` reads as if it took a value; a help text pointing at a file points at one in the repo."""
+    seen_flags = 0
+    for path in [[], *all_commands()]:
+        assert main([*path, "--help"]) == 0, path
+        text = capsys.readouterr().out
+        assert "<bool>" not in text, path
+        seen_flags += len(re.findall(r"--help\s+Show this message", text))
+        for named in re.findall(r"\b(?:spec|tests|src|bench|seeds)/[\w./*-]*\w", text):
+            assert list(ROOT.glob(named)), f"`gatefill {' '.join(path)} --help` names {named}, which does not exist"
+    assert seen_flags == len(all_commands()) + 1  # every screen's --help line lost its type, none was dropped
+
+
+def test_apply_progress_off_a_terminal_is_a_line_per_batch_at_most_one_a_second() -> None:
+    console = Console(file=io.StringIO(), width=100)  # a file: not a terminal
+    with apply_progress(console) as progress:
+        for done, elapsed in ((5, 15.0), (10, 30.0), (15, 30.4), (20, 45.0), (25, 45.1), (27, 45.2)):
+            progress(done, 27, elapsed)
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert lines == [
+        "apply: 5/27 sessions, 15 s, 20.0/min",
+        "apply: 10/27 sessions, 30 s, 20.0/min",
+        "apply: 20/27 sessions, 45 s, 26.7/min",
+        "apply: 27/27 sessions, 45 s, 35.8/min",
+    ]

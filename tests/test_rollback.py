@@ -483,7 +483,8 @@ def test_dry_run_executes_verifies_and_changes_nothing(case: Case) -> None:
         "fn_logs": (len(case.info.inserted["fn_logs"]), 0),
     }
     assert digests(case.db) == everything and status_of(case.db) is RunStatus.SUCCEEDED
-    report = (case.artifacts / RUN / "rollback_report.md").read_text()
+    report = (case.artifacts / RUN / "rollback_dry_run.md").read_text()
+    assert result.report_path == case.artifacts / RUN / "rollback_dry_run.md"
     assert "DRY RUN" in report and "succeeded (unchanged)" in report
     assert "  nothing was changed (dry run)" in render_rollback(result)
 

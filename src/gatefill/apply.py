@@ -3,10 +3,11 @@ their ledger rows, resumable after any interruption.
 
 What makes it crash-safe: the only record of progress is the ledger, written in the same transaction as the batch's
 data. A resume asks the ledger which sessions already have a result and continues with the rest, in plan order, so
-work is neither repeated nor skipped, whatever batch size either attempt used. Ctrl-C sets a flag that is honoured
-between batches (the current batch finishes); a lost database connection is retried with backoff and then pauses
-the run with a message saying how to resume. A second apply (or rollback) of a run that is active elsewhere is refused
-by the run's lease (``gatefill.lease``), which every batch's transaction fences with.
+work is neither repeated nor skipped, whatever batch size either attempt used. Ctrl-C or SIGTERM sets a flag that is
+honoured between batches (the current batch finishes, a throttle wait ends at once); a lost database connection is
+retried with backoff and then pauses the run with a message saying how to resume. A second apply (or rollback) of a
+run that is active elsewhere is refused by the run's lease (``gatefill.lease``), which every batch's transaction
+fences with.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from gatefill.config import Environment, Settings
 from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
-from gatefill.interrupt import stop_on_sigint
+from gatefill.interrupt import stop_on_signals
 from gatefill.job import NOT_APPLICABLE, Candidate, Check, Fence, Job, SessionOutcome, overall_verdict
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
@@ -63,6 +64,19 @@ class ApplyOptions:
     approve_as: str | None = None
     retry_attempts: int = 5
     retry_base_seconds: float = 0.5
+
+    def validate(self) -> None:
+        """``UsageError`` (exit 2) for an option that cannot be used; apply checks this before it writes anything."""
+        if self.rate is not None:
+            parse_rate(self.rate)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.max_failures < 0:
+            raise UsageError(f"--max-failures must be 0 or more, not {self.max_failures}")
+        if self.executor not in ("local", "functions"):
+            raise UsageError(f"unknown executor '{self.executor}' (use local or functions)")
+        if self.approve_as is not None and not self.approve_as.strip():
+            raise UsageError("--approve-as needs a name")
 
 
 @dataclass
@@ -318,9 +332,8 @@ def apply_plan(
     On a production environment the production gate must pass first (``settings`` lets it find the staging soak),
     or ``override`` must name who lets it through and why.
     """
+    options.validate()
     verify_plan(plan_body, env)
-    if options.executor not in ("local", "functions"):
-        raise UsageError(f"unknown executor '{options.executor}' (use local or functions)")
     now = clock.now()
     run = ensure_run_for_plan(db, plan_body, now=now)
     if run.status in (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED):
@@ -342,8 +355,6 @@ def apply_plan(
     if gate_needed:
         record_production_gate(db, run.id, evidence, override, now=now)
     rate = parse_rate(options.rate or str(plan_body["parameters"]["rate"]))
-    if options.batch_size is not None and options.batch_size < 1:
-        raise GateBlocked("apply", ["--batch-size must be at least 1"])
     order, candidates = _plan_candidates(plan_body)
     stop = stop or threading.Event()
     logs_dir = artifacts_dir / run.id / "backfill_logs"
@@ -359,7 +370,7 @@ def apply_plan(
             functions = resources.enter_context(FunctionsExecutor.from_env(env))
             commit = functions.commit_batch
         lease = resources.enter_context(RunLease(db, run.id, "apply"))
-        resources.enter_context(stop_on_sigint(stop))
+        interruption = resources.enter_context(stop_on_signals(stop))
         if functions is not None:
             _recover_functions_batches(functions, db, job, run, clock, lease)
         todo, next_batch, retrying = _remaining(db, run, order)
@@ -371,12 +382,14 @@ def apply_plan(
         start = clock.monotonic()
         done = len(order) - len(todo)
         for batch_keys in to_run:
-            if stop.is_set():
-                _pause(db, run.id, clock, "interrupted (Ctrl-C) after the last committed batch")
-                raise RunPaused(run.id, f"interrupted after batch {next_batch - 1}", exit_code=130)
             if before_batch is not None:
                 before_batch(next_batch)
-            result.throttle_wait_seconds += bucket.acquire(len(batch_keys))
+            # A stop (Ctrl-C, SIGTERM) ends the throttle wait at once; no batch starts after it.
+            result.throttle_wait_seconds += bucket.acquire(len(batch_keys), stop)
+            if stop.is_set():
+                why = f"interrupted ({interruption.description}) before batch {next_batch}"
+                _pause(db, run.id, clock, f"{why}; every earlier batch is committed", lease.fence)
+                raise RunPaused(run.id, why, exit_code=interruption.exit_code)
             lease.check()
             batch = [candidates[k] for k in batch_keys]
             sessions, log = _commit_with_retry(
@@ -450,7 +463,7 @@ def _commit_with_retry(
             if attempt >= options.retry_attempts:
                 # If it is still down, the run stays 'running' and the next apply takes it over.
                 with contextlib.suppress(DatabaseUnreachable):
-                    _pause(db, run_id, clock, f"database unreachable: {exc.reason}")
+                    _pause(db, run_id, clock, f"database unreachable: {exc.reason}", fence)
                 raise RunPaused(
                     run_id, f"database unreachable before batch {batch_no} committed ({exc.reason})"
                 ) from exc
@@ -459,7 +472,7 @@ def _commit_with_retry(
         except ExecutorUnavailable as exc:
             # The executor already retried its HTTP calls; its intents stay, so a resume finishes this batch.
             with contextlib.suppress(DatabaseUnreachable):
-                _pause(db, run_id, clock, f"functions server unreachable: {exc.reason}")
+                _pause(db, run_id, clock, f"functions server unreachable: {exc.reason}", fence)
             raise RunPaused(run_id, f"functions server unreachable in batch {batch_no} ({exc.reason})") from exc
 
 
@@ -472,14 +485,16 @@ def _recover_functions_batches(
     except ExecutorUnavailable as exc:
         if run.status is RunStatus.RUNNING:
             with contextlib.suppress(DatabaseUnreachable):
-                _pause(db, run.id, clock, f"functions server unreachable: {exc.reason}")
+                _pause(db, run.id, clock, f"functions server unreachable: {exc.reason}", lease.fence)
         raise RunPaused(
             run.id, f"functions server unreachable while finishing an interrupted batch ({exc.reason})"
         ) from exc
 
 
-def _pause(db: Database, run_id: str, clock: Clock, reason: str) -> None:
+def _pause(db: Database, run_id: str, clock: Clock, reason: str, fence: Fence) -> None:
+    """Pauses the run, only while this process still holds its lease (``LeaseLost`` otherwise: the run is another's)."""
     with db.begin() as conn:
+        fence(conn)
         ledger.transition(conn, run_id, RunStatus.PAUSED, now=clock.now(), reason=reason)
 
 
@@ -632,6 +647,8 @@ def write_apply_artifacts(
     )
     # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
     dry = rollback_run(db, run_id, job.written_tables(), now=measured_at, dry_run=True, artifacts_dir=artifacts_dir)
+    if dry.report_path is not None:
+        paths["rollback_dry_run"] = dry.report_path
     recorded = {t.table: t.inserted_by_run + t.updated_by_run for t in dry.tables}
     conflicted = Counter(c.table for c in dry.conflicts)
     expected = plan.get("expected_changes", {})

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from gatefill.config import EXAMPLE_CONFIG, Settings, load_settings
 from gatefill.db import Database
 from gatefill.errors import GatefillError, UsageError
+from gatefill.reports import counts_text
+
+if TYPE_CHECKING:
+    from gatefill.apply import ApplyResult
 
 __all__ = ["app", "main"]
 
@@ -138,7 +144,7 @@ def _score(kind: str) -> None:
 
 @score_app.command("profile")
 def score_profile_command() -> None:
-    """ProfileInput lines (as spec/goldens/g*.input.json) → engine output lines (as g*.output.json)."""
+    """ProfileInput lines (as tests/prism/goldens/g*.input.json) → engine output lines (as g*.output.json)."""
     _score("profile")
 
 
@@ -247,15 +253,13 @@ def plan_command(
 
     settings = _settings()
     environment = settings.env(env)
+    job = PrismJob()
     params = PlanParams(
         since=_since(since), priority=tuple(priority or ()), rate=rate, batch_size=batch_size, profiles=profiles
-    )
-    params.validate()
+    ).normalized(job)
     with Database(environment) as db:
         require_schema(db)
-        plan = build_plan(
-            db, environment, PrismJob(), params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir
-        )
+        plan = build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
     body = plan.body
     out.print(f"run [bold]{plan.run_id}[/] planned on {environment.name}: {body['totals']['candidates']} candidates")
     table = Table("category", "sessions", "operations")
@@ -272,7 +276,10 @@ def plan_command(
 @app.command("approve")
 def approve_command(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
-    gate: Annotated[str, typer.Option("--gate", help="plan, soak or production.")],
+    gate: Annotated[
+        str,
+        typer.Option("--gate", help="plan or review (an apply run), soak (a soak run), production (a pipeline run)."),
+    ],
     by: Annotated[str, typer.Option("--by", help="Who approves.")],
     env: Annotated[str | None, typer.Option("--env", help="Environment of the run (default: search all).")] = None,
     note: Annotated[str | None, typer.Option("--note", help="Why.")] = None,
@@ -280,8 +287,17 @@ def approve_command(
     """Record an approval (who, when, note, plan hash) for a gate of a run."""
     from gatefill.runs import approve
 
-    approval = approve(_settings(), run_id, gate=gate, by=by, note=note, env_name=env)
-    out.print(f"approved {approval.gate} of {approval.run_id} by {approval.approved_by} at {approval.at.isoformat()}")
+    outcome = approve(_settings(), run_id, gate=gate, by=by, note=note, env_name=env)
+    a = outcome.approval
+    if outcome.recorded:
+        out.print(f"approved {a.gate} of {a.run_id} by {a.approved_by} at {a.at.isoformat()}", markup=False)
+    else:
+        out.print(
+            f"{a.gate} of {a.run_id} was already approved by {a.approved_by} at {a.at.isoformat()}"
+            + (f" ({a.note})" if a.note else "")
+            + "; nothing recorded",
+            markup=False,
+        )
 
 
 @app.command("apply")
@@ -307,6 +323,7 @@ def apply_command(
     from gatefill.gate import Override
     from gatefill.plan import load_plan_file, plan_from_ledger
     from gatefill.prism.job import PrismJob
+    from gatefill.progress import apply_progress
     from gatefill.runs import find_run
 
     settings = _settings()
@@ -328,7 +345,7 @@ def apply_command(
     clock = RealClock()
     job = PrismJob()
     with Database(environment) as db:
-        with _progress_reporter() as progress:
+        with apply_progress(out) as progress:
             result = apply_plan(
                 db,
                 environment,
@@ -351,48 +368,25 @@ def apply_command(
             max_failures=max_failures,
             result=result,
         )
-    out.print(
-        f"run {result.run_id}: {result.status.value}; "
-        + ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
-        + f"; {result.elapsed_seconds:.1f} s, measured {result.measured_rate_per_minute:.1f} sessions/min"
-    )
+    out.print(_apply_line(result), markup=False)
     for name, artifact in report.paths.items():
         out.print(f"  {name}: {artifact}")
     out.print(f"backfill gate: [bold]{report.verdict}[/]")
     raise typer.Exit(0 if report.verdict == "PASS" else 1)
 
 
-@contextmanager
-def _progress_reporter() -> Iterator[Callable[[int, int, float], None]]:
-    """A Rich progress bar (rate, ETA) on a terminal; otherwise a plain line at most every 5 seconds."""
-    if out.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            "{task.fields[rate]}",
-            TimeRemainingColumn(),
-            console=out,
-        ) as bar:
-            task = bar.add_task("apply", total=None, rate="")
-
-            def update(done: int, total: int, elapsed: float) -> None:
-                rate = f"{done / elapsed * 60:.1f}/min" if elapsed > 0 else ""
-                bar.update(task, completed=done, total=total, rate=rate)
-
-            yield update
-        return
-    last = [0.0]
-
-    def plain(done: int, total: int, elapsed: float) -> None:
-        if elapsed - last[0] >= 5.0 or done == total:
-            last[0] = elapsed
-            rate = done / elapsed * 60 if elapsed > 0 else 0.0
-            out.print(f"apply: {done}/{total} sessions, {elapsed:.0f} s, {rate:.1f}/min")
-
-    yield plain
+def _apply_line(result: ApplyResult) -> str:
+    """What one apply invocation did, in one line (a run with nothing left to do says so instead of empty counts)."""
+    head = f"run {result.run_id}: {result.status.value}; "
+    if not result.counts:
+        if not result.sessions_total:
+            return head + "the plan has no session to process"
+        return head + f"nothing left to do: all {result.sessions_total} planned sessions already had a result"
+    return (
+        head
+        + counts_text(dict(sorted(result.counts.items())))
+        + f"; {result.elapsed_seconds:.1f} s, measured {result.measured_rate_per_minute:.1f} sessions/min"
+    )
 
 
 @app.command("gates")
@@ -400,12 +394,75 @@ def gates_command(env: Annotated[str | None, typer.Option("--env", help="Environ
     """List every gate record (approvals and overrides) with who, when and why."""
     from gatefill.gate import gate_records
 
-    table = Table("at", "environment", "run", "gate", "kind", "by", "note")
-    for record in gate_records(_settings(), env):
-        a = record.approval
-        kind = "[bold red]OVERRIDE[/]" if a.kind == "override" else a.kind
-        table.add_row(a.at.isoformat(), record.environment, a.run_id, a.gate, kind, a.approved_by, a.note or "")
+    records = gate_records(_settings(), env)
+    if not records:
+        out.print("no approvals or overrides recorded" + (f" in {env}" if env else ""), markup=False)
+        return
+
+    def kind(a: Any) -> Text:
+        return Text("OVERRIDE", style="bold red") if a.kind == "override" else Text(a.kind)
+
+    rows = [
+        (
+            _when(r.approval.at),
+            r.environment,
+            r.approval.run_id,
+            r.approval.gate,
+            kind(r.approval),
+            r.approval.approved_by,
+            r.approval.note or "-",
+        )
+        for r in records
+    ]
+
+    def blocks() -> None:  # a narrow terminal: one block per record, nothing cut
+        for r in records:
+            a = r.approval
+            out.print(Text.assemble(f"{_when(a.at)}  {a.gate} gate, ", kind(a), f" by {a.approved_by}"))
+            out.print(f"    run {a.run_id} ({r.environment})", markup=False)
+            if a.note:
+                out.print(_wrapped("    note: ", a.note), markup=False)
+
+    _table_or_blocks(("at", "environment", "run", "gate", "kind", "by", "note"), rows, {"at", "run"}, blocks)
+
+
+def _when(at: datetime) -> str:
+    """A time stamp for tables: UTC to the second (the artifacts keep the full precision)."""
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table_or_blocks(
+    headers: Sequence[str], rows: Sequence[Sequence[str | Text]], unbroken: set[str], blocks: Callable[[], None]
+) -> None:
+    """A table when every value of the ``unbroken`` columns (ids, dates) fits whole in the terminal, the other
+    columns wrapping at spaces; otherwise ``blocks``, the narrow layout. Values are text, never markup."""
+    cells = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+    widths = []
+    for i, header in enumerate(headers):
+        values = [header, *(row[i].plain for row in cells)]
+        if header not in unbroken:
+            values = [word for value in values for word in value.split()]
+        widths.append(max((cell_len(v) for v in values), default=1))
+    # Each column adds a padding cell on either side and a rule; the table one more rule.
+    if sum(widths) + 3 * len(headers) + 1 > out.width:
+        blocks()
+        return
+    table = Table(*headers)
+    for column, width in zip(table.columns, widths, strict=True):
+        if column.header in unbroken:
+            column.no_wrap, column.min_width = True, width
+        else:
+            column.overflow = "fold"
+    for row in cells:
+        table.add_row(*row)
     out.print(table)
+
+
+def _wrapped(head: str, text: str) -> str:
+    """``text`` after ``head``, wrapped to the terminal at spaces (a long word, e.g. an id, is never split)."""
+    return textwrap.fill(
+        text, width=max(40, out.width), initial_indent=head, subsequent_indent=" " * len(head), break_long_words=False
+    )
 
 
 @app.command("status")
@@ -419,10 +476,7 @@ def status_command(
 
     settings = _settings()
     if run_id is None:
-        table = Table("run", "phase", "environment", "status", "created")
-        for name, run in recent_runs(settings, env):
-            table.add_row(run.id, run.phase, name, run.status.value, run.created_at.isoformat())
-        out.print(table)
+        _recent_runs_view(recent_runs(settings, env), env)
         return
     p = run_progress(settings, run_id, env)
     out.print(f"run {p.run.id} ({p.run.phase}) on {p.environment.name}: [bold]{p.run.status.value}[/]")
@@ -431,8 +485,7 @@ def status_command(
     if p.run.phase == "pipeline":
         summary = p.run.summary or {}
         for step, detail in summary.get("steps", {}).items():
-            brief = {k: v for k, v in detail.items() if k in ("run_id", "verdict", "status", "healthy", "candidates")}
-            out.print(f"  {step}: {brief}", markup=False)
+            out.print(f"  {step}: {_step_text(detail)}", markup=False)
         out.print(f"  waiting for: {summary.get('waiting_for') or 'nothing'}", markup=False)
         for why in (summary.get("steps", {}).get("final_gate") or {}).get("outdated_by") or []:
             out.print(f"  outdated: {why}; the final gate was rewritten from the ledgers", markup=False)
@@ -441,7 +494,7 @@ def status_command(
         out.print("\n".join(f"  {line}" for line in p.soak.describe()), markup=False)
     else:
         out.print(
-            f"  sessions with a result: {p.done} of {p.total}  " + ", ".join(f"{k} {v}" for k, v in p.results.items())
+            f"  sessions with a result: {p.done} of {p.total}" + (f" ({counts_text(p.results)})" if p.results else "")
         )
         out.print(
             f"  batches committed: {p.batches}; last at {p.last_batch_at.isoformat() if p.last_batch_at else '-'}"
@@ -450,6 +503,35 @@ def status_command(
         out.print(
             f"  {a.kind}: gate {a.gate} by {a.approved_by} at {a.at.isoformat()}" + (f" ({a.note})" if a.note else "")
         )
+
+
+def _recent_runs_view(runs: Sequence[tuple[str, Any]], env: str | None) -> None:
+    if not runs:
+        out.print("no runs recorded" + (f" in {env}" if env else ""), markup=False)
+        return
+    rows = [(run.id, run.phase, name, run.status.value, _when(run.created_at)) for name, run in runs]
+
+    def blocks() -> None:  # a narrow terminal: one block per run, nothing cut
+        for run_id, phase, name, status, created in rows:
+            out.print(f"{run_id}\n    {phase} on {name}: {status}, created {created}", markup=False)
+
+    _table_or_blocks(("run", "phase", "environment", "status", "created"), rows, {"run", "status", "created"}, blocks)
+
+
+def _step_text(detail: dict[str, Any]) -> str:
+    """A pipeline step's record as words: its run, candidates, status, verdict, health and report."""
+    parts = [f"run {detail['run_id']}"] if detail.get("run_id") else []
+    if "candidates" in detail:
+        parts.append(f"{detail['candidates']} candidates")
+    if detail.get("status"):
+        parts.append(str(detail["status"]))
+    if detail.get("verdict"):
+        parts.append(f"verdict {detail['verdict']}")
+    if "healthy" in detail:
+        parts.append("healthy" if detail["healthy"] else "not healthy")
+    if detail.get("artifact"):
+        parts.append(str(detail["artifact"]))
+    return ", ".join(parts) or "recorded"
 
 
 @app.command("soak")
@@ -653,19 +735,16 @@ def rollback_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Execute, verify and roll back: change nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Restore even rows changed since the run wrote them.")] = False,
 ) -> None:
-    """Restore exactly what a run changed (before-images by primary key), verify it, write rollback_report.md."""
+    """Restore exactly what an apply run changed (before-images by primary key), verify it, write rollback_report.md
+    (a dry run: rollback_dry_run.md)."""
+    from gatefill.rollback import render_rollback
     from gatefill.rollback import rollback_command as run_rollback
     from gatefill.runs import find_run
 
     settings = _settings()
     environment, _ = find_run(settings, run_id, env)
     result = run_rollback(environment, run_id, dry_run=dry_run, force=force, artifacts_dir=settings.artifacts_dir)
-    what = "dry run of rollback" if dry_run else "rollback"
-    out.print(f"{what} of {run_id} on {environment.name}: [bold]{result.verdict}[/] ({result.changes} changes)")
-    for t in result.tables:
-        out.print(f"  {t.table}: " + ", ".join(f"{k} {v}" for k, v in t.to_json().items() if k != "table" and v))
-    if result.report_path:
-        out.print(f"report: {result.report_path}")
+    out.print("\n".join(render_rollback(result)), markup=False)
     if result.committed:
         from gatefill.clock import RealClock
         from gatefill.pipeline import note_rollback
@@ -754,11 +833,42 @@ def simulate_command(
     out.print(report.render(), markup=False)
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    if report.totals()["transport_errors"]:
+        raise typer.Exit(1)  # calls that got no answer: the ground truth is incomplete
+
+
+def _usage_error(exc: typer.exceptions.TyperException) -> int:
+    """Click's usage errors (bad value, missing argument, unknown command) as one line ``error: ...``, exit 2.
+
+    A bare group (``gatefill``, ``gatefill db``) has no message: it shows its help, as a newcomer expects.
+    """
+    message = " ".join(exc.format_message().split())
+    if not message:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        return int(getattr(exc, "exit_code", 2))
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None and ctx.command_path else ""
+    print(f"error: {message}{where}", file=sys.stderr)
+    return int(getattr(exc, "exit_code", 2))
+
+
+def _without_flag_types(command: Any) -> Any:
+    """Drops the ``<bool>`` type column of on/off flags (``--force``, ``--help``) from every ``--help`` screen."""
+    params = list(command.params)
+    help_option = command.get_help_option(typer.Context(command, **(command.context_settings or {})))
+    for param in [*params, help_option]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _without_flag_types(sub)
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI and returns its exit code (the console script exits with it)."""
-    command = typer.main.get_command(app)
+    command = _without_flag_types(typer.main.get_command(app))
     try:
         result = command.main(
             args=list(argv) if argv is not None else None, prog_name="gatefill", standalone_mode=False
@@ -774,13 +884,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: aborted", file=sys.stderr)
         return 130
     except typer.exceptions.TyperException as exc:
-        # Click-style usage errors (bad option, missing argument, bare group): their own message, exit code 2.
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
-        else:
-            print(f"error: {exc}", file=sys.stderr)
-        return int(getattr(exc, "exit_code", 2))
+        return _usage_error(exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

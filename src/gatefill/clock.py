@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-__all__ = ["Clock", "OffsetClock", "RealClock", "SimulatedClock", "parse_duration", "utc"]
+__all__ = ["Clock", "OffsetClock", "RealClock", "SimulatedClock", "parse_duration", "sleep_unless", "utc"]
 
 
 class Clock(Protocol):
@@ -98,6 +98,27 @@ class OffsetClock:
         ahead = utc(instant) - self.now()
         if ahead > timedelta(0):
             self._offset += ahead
+
+
+#: How often a real wait looks at its stop flag (a signal handler sets it).
+_STOP_CHECK_SECONDS = 0.1
+
+
+def sleep_unless(clock: Clock, seconds: float, stop: threading.Event) -> bool:
+    """Waits ``seconds`` on ``clock`` unless ``stop`` is set first; True when the whole wait passed.
+
+    A real wait ends within a tenth of a second of ``stop`` being set; a simulated one moves the clock at once, as
+    its ``sleep`` does."""
+    if isinstance(clock, SimulatedClock):
+        clock.sleep(seconds)
+        return not stop.is_set()
+    end = clock.monotonic() + seconds
+    while not stop.is_set():
+        left = end - clock.monotonic()
+        if left <= 0:
+            return True
+        clock.sleep(min(left, _STOP_CHECK_SECONDS))
+    return False
 
 
 def utc(value: datetime) -> datetime:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -30,13 +31,16 @@ from gatefill.prism.scoring import ENGINE_VERSION, FC_VERSION
 from gatefill.prism.seed import TEST_SESSION_A, TEST_SESSION_B, seed_scenario
 from gatefill.prism.simulator import simulate
 from gatefill.prism.soak_checks import run_prism_soak
+from gatefill.progress import apply_progress
 from gatefill.soak import SoakOptions
 
-__all__ = ["DEMO_CONFIG", "DEMO_SINCE", "run_demo", "run_demo_pipeline", "run_full_demo", "seed_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_SINCE", "WALKTHROUGH", "run_demo", "run_demo_pipeline", "run_full_demo", "seed_demo"]
 
 DEMO_SINCE = datetime(2025, 8, 1, tzinfo=UTC)
 DEMO_CONFIG = """\
-# The gatefill demo: two embedded SQLite environments (see `gatefill init` for a fully commented example).
+# The gatefill demo: embedded SQLite environments (see `gatefill init` for a fully commented example).
+# The demo's pipeline runs on staging and production; walkthrough is staging as it was seeded, left untouched for
+# the README's walk-through.
 artifacts_dir = "artifacts"
 
 [env.staging]
@@ -46,17 +50,32 @@ kind = "staging"
 [env.production]
 database_url = "sqlite:///production.db"
 kind = "production"
+
+[env.walkthrough]
+database_url = "sqlite:///walkthrough.db"
+kind = "staging"
 """
+#: The environment the demo seeds like staging and never touches again: the README's walk-through starts there.
+WALKTHROUGH = "walkthrough"
 _SCENARIOS = (("staging", "staging-2025-09-17"), ("production", "production-2025-09-18"))
 
 
 def run_demo(directory: Path, console: Console) -> dict[str, Counter[str]]:
-    """Builds the demo under ``directory`` and prints the census; returns the counts per environment and category."""
+    """Builds the demo under ``directory`` and prints the census; returns the counts per environment and category.
+
+    ``walkthrough.db`` is a byte copy of ``staging.db`` as seeded (no ledger yet), for the README's walk-through."""
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "gatefill.toml"
     config.write_text(DEMO_CONFIG, encoding="utf-8")
-    census = seed_demo(load_settings(config, environ={}), console, create=True)
-    console.print(f"config: {config}  (try: cd {directory} && gatefill db check --env staging)")
+    settings = load_settings(config, environ={})
+    census = seed_demo(settings, console, create=True)
+    staging = Path(str(settings.env("staging").url.database))
+    walkthrough = Path(str(settings.env(WALKTHROUGH).url.database))
+    for suffix in ("-wal", "-shm"):
+        walkthrough.with_name(walkthrough.name + suffix).unlink(missing_ok=True)
+    shutil.copyfile(staging, walkthrough)  # seed_demo closed staging.db: its WAL is checkpointed into the file
+    console.print(f"{WALKTHROUGH} ({walkthrough}): a copy of staging as seeded, for the README's walk-through")
+    console.print(f"config: {config}")
     return census
 
 
@@ -69,8 +88,7 @@ def seed_demo(settings: Settings, console: Console, *, create: bool = False) -> 
             init_schema(db)
             load_reference_data(db)
             report = seed_scenario(db, scenario, replace=True)
-            console.print(f"[bold]{env_name}[/] ({db.display_url}) seeded with scenario {scenario}")
-            console.print(report.render())
+            console.print(f"{env_name} ({db.display_url}): scenario {scenario}: {report.summary()}", markup=False)
             with db.connect() as conn:
                 findings = discover(conn, since=DEMO_SINCE, fc_version=FC_VERSION, engine_version=ENGINE_VERSION)
                 census[env_name] = Counter(f.category for f in findings)
@@ -111,7 +129,13 @@ def run_full_demo(
     """
     run_demo(directory, console)
     settings = load_settings(directory / "gatefill.toml", environ={})
-    return run_demo_pipeline(settings, console, fast=fast, soak_sessions=soak_sessions)
+    state = run_demo_pipeline(settings, console, fast=fast, soak_sessions=soak_sessions)
+    console.print(
+        f"next: the README's walk-through, on the untouched copy of staging: cd {directory} && "
+        f"gatefill plan --env {WALKTHROUGH}",
+        markup=False,
+    )
+    return state
 
 
 def run_demo_pipeline(
@@ -147,8 +171,9 @@ def run_demo_pipeline(
             with db.connect() as conn:
                 finished = ledger.get_run(conn, apply_run).finished_at or step_clock.now()
             console.print(
-                f"simulating six hours of traffic (arrivals over {SOAK_ARRIVALS}) from {finished.isoformat()} "
-                f"against {base_url} ..."
+                f"soak: six simulated hours of traffic (arrivals over {SOAK_ARRIVALS}) from {finished.isoformat()}, "
+                "then 72 looks",
+                markup=False,
             )
             traffic_clock = SimulatedClock(finished)
             traffic = simulate(
@@ -160,9 +185,8 @@ def run_demo_pipeline(
                 seed=7,
                 service_role_key=live.service_role_key(),
             )
-            console.print(traffic.render(), markup=False)
+            console.print(f"soak: {traffic.summary()}", markup=False)
             result = run_prism_soak(live, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
-        console.print(f"soak {result.run_id}: {result.verdict} ({result.reason})", markup=False)
         # The six simulated hours have passed for the rest of the pipeline too: approvals, the production health
         # check and the final gate are dated after the soak and the traffic it watched, never before.
         with db.connect() as conn:
@@ -170,10 +194,11 @@ def run_demo_pipeline(
         clock.advance_to(max(soaked_until, traffic_clock.now()))
         return result.step_record()
 
-    state = run_pipeline(settings, options, clock=clock, soak_step=soak_step)
-    for line in state.log:
+    rate = "unthrottled" if fast else "at 20 sessions/min"
+    console.print(f"pipeline: plan, apply {rate}, soak, production health, final gate", markup=False)
+    with apply_progress(console) as progress:
+        state = run_pipeline(settings, options, clock=clock, soak_step=soak_step, progress=progress)
+    for line in state.log:  # one line per step; the last is the final gate's verdict
         console.print(f"  {line}", markup=False)
-    final = state.steps.get("final_gate", {})
-    console.print(f"final gate: [bold]{final.get('verdict', 'not reached')}[/] {final.get('artifact', '')}")
     console.print(f"approvals in this demo were recorded automatically as '{approver}' (see `gatefill gates`)")
     return state

@@ -6,14 +6,16 @@ The tree::
     ├── UsageError                     exit 2: the user asked for something malformed
     │   ├── ConfigError                missing or malformed gatefill.toml, unknown environment, bad override
     │   ├── InputLineError             a malformed line on a JSON Lines stdin (``error: line N: ...``)
-    │   └── RunNotFound                (ledger) no run with that id in the environment(s) searched
+    │   ├── RunNotFound                (ledger) no run with that id in the environment(s) searched
+    │   └── NothingToRollBack          (rollback) the run changed no data, or a dry run of a rolled-back run
     ├── DatabaseError                  exit 1: a statement failed (message scrubbed of secrets)
     │   ├── DatabaseUnreachable        exit 2: cannot connect (the message never contains the password)
     │   └── SchemaMissing              exit 2: the database lacks tables or columns the pipeline needs
     ├── DataError                      exit 1: stored data that cannot be processed (e.g. unparseable reference data)
     │   └── ScoringInputError          (prism.scoring) an input the original functions would have crashed on
     ├── IllegalTransition              (ledger) exit 1: a run status move the transition table forbids
-    ├── RunPaused                      (apply) exit 1, or 130 after Ctrl-C: stopped between batches, resumable
+    ├── RunPaused                      (apply) exit 1, or 130 after Ctrl-C, 143 after SIGTERM: stopped between
+    │                                  batches, resumable
     ├── RollbackConflicts              (rollback) exit 1: rows changed since the run wrote them (use --force)
     ├── RollbackVerificationFailed     (rollback) exit 1: verification failed, nothing committed
     ├── FunctionFailure                (prism.service) an HTTP function's error, with its status and code

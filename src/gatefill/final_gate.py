@@ -21,7 +21,7 @@ from gatefill.db import Database
 from gatefill.errors import DataError
 from gatefill.job import Check, overall_verdict
 from gatefill.ledger import RunStatus
-from gatefill.reports import render, write_text
+from gatefill.reports import counts_text, render, write_text
 
 if TYPE_CHECKING:
     from gatefill.pipeline import PipelineOptions
@@ -96,7 +96,7 @@ def _items(
         _item(
             "staging backfill gate",
             apply_step.get("verdict"),
-            f"backfill_gate.md verdict {apply_step.get('verdict')}: {dict(staging_results)}",
+            f"backfill_gate.md verdict {apply_step.get('verdict')}: sessions {counts_text(staging_results)}",
             "staging apply",
         ),
         _in_place("staging backfill still in place", runs["apply"], "staging ledger"),
@@ -127,7 +127,7 @@ def _items(
             _item(
                 "production backfill gate",
                 prod_step.get("verdict"),
-                f"backfill_gate.md verdict {prod_step.get('verdict')}: {dict(production_results)}",
+                f"backfill_gate.md verdict {prod_step.get('verdict')}: sessions {counts_text(production_results)}",
                 "production apply",
             ),
             _in_place("production backfill still in place", runs["production_apply"], "production ledger"),

@@ -149,6 +149,10 @@ class Job(Protocol):
         """The tables this job writes."""
         ...
 
+    def parse_key(self, text: str) -> str:
+        """A candidate key as a user typed it (e.g. ``--priority``), normalized; ``UsageError`` if it cannot be one."""
+        ...
+
     def prechecks(self, conn: Connection, environment: str) -> list[Check]:
         """Checks that must pass before planning or applying (schema, config, privileges)."""
         ...

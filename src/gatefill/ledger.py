@@ -27,6 +27,7 @@ from gatefill.errors import GatefillError, UsageError
 from gatefill.job import RowChange
 
 __all__ = [
+    "APPLY_PHASE",
     "LEDGER_METADATA",
     "TRANSITIONS",
     "Approval",
@@ -46,6 +47,7 @@ __all__ = [
     "init_ledger",
     "new_run_id",
     "record_approval",
+    "record_approval_once",
     "release_lease",
     "renew_lease",
     "row_key",
@@ -69,6 +71,9 @@ class RunStatus(StrEnum):
     ROLLED_BACK = "rolled_back"  # its changes were restored from the before-images
     CANCELLED = "cancelled"  # abandoned before completion by a person
 
+
+#: The phase of the runs that write data (plan records them, apply executes them); the only runs rollback can undo.
+APPLY_PHASE = "apply"
 
 TERMINAL = frozenset(
     {RunStatus.SUCCEEDED, RunStatus.COMPLETED_WITH_ERRORS, RunStatus.FAILED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED}
@@ -474,6 +479,31 @@ def record_approval(
         )
     )
     return Approval(run_id, gate, kind, approved_by, note, plan_hash, now)
+
+
+def record_approval_once(
+    conn: Connection,
+    *,
+    run_id: str,
+    gate: str,
+    approved_by: str,
+    now: datetime,
+    note: str | None,
+    plan_hash: str | None,
+) -> tuple[Approval, bool]:
+    """An approval of ``gate`` unless the run already has one (for the same plan hash): ``(approval, recorded)``,
+    where a repeat returns the earlier approval and ``False`` and writes nothing.
+
+    The run's row is locked first (SQLite's write transaction already is), so two people approving at the same
+    moment still leave one record."""
+    conn.execute(sa.select(runs.c.id).where(runs.c.id == run_id).with_for_update()).first()
+    for earlier in approvals_for(conn, run_id, gate):
+        if earlier.kind == "approval" and earlier.plan_hash == plan_hash:
+            return earlier, False
+    approval = record_approval(
+        conn, run_id=run_id, gate=gate, approved_by=approved_by, now=now, note=note, plan_hash=plan_hash
+    )
+    return approval, True
 
 
 def approvals_for(conn: Connection, run_id: str, gate: str | None = None) -> list[Approval]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, ensure_run_for_plan, write_apply_artifacts
+from gatefill.apply import (
+    ApplyOptions,
+    ApplyResult,
+    ProgressCallback,
+    apply_plan,
+    ensure_run_for_plan,
+    write_apply_artifacts,
+)
 from gatefill.clock import Clock
 from gatefill.config import Settings
 from gatefill.db import Database, format_utc
@@ -251,8 +258,10 @@ def run_pipeline(
     clock: Clock,
     soak_step: SoakStep,
     apply_clock: Clock | None = None,
+    progress: ProgressCallback | None = None,
 ) -> PipelineState:
-    """Advances the pipeline as far as its gates allow and returns where it stands."""
+    """Advances the pipeline as far as its gates allow and returns where it stands; ``progress`` hears from both
+    applies after each committed batch."""
     staging_env = settings.env(options.staging)
     production_env = settings.env(options.production)
     if staging_env.kind != "staging" or production_env.kind != "production":
@@ -261,6 +270,13 @@ def run_pipeline(
             f"({staging_env.name} is {staging_env.kind}, {production_env.name} is {production_env.kind})"
         )
     job = PrismJob()
+    # Every parameter is checked before the pipeline's run is recorded, so bad input writes nothing.
+    priority = (
+        PlanParams(since=options.since, priority=options.priority, rate=options.rate, batch_size=options.batch_size)
+        .normalized(job)
+        .priority
+    )
+    options = replace(options, priority=priority)
     artifacts = settings.artifacts_dir
     with Database(staging_env) as staging, Database(production_env) as production:
         run = _pipeline_run(staging, options, clock.now())
@@ -309,6 +325,7 @@ def run_pipeline(
                 clock=apply_clock or clock,
                 artifacts_dir=artifacts,
                 settings=settings,
+                progress=progress,
             )
             report = write_apply_artifacts(
                 staging, staging_env, job, plan_run, clock=clock, artifacts_dir=artifacts, result=result
@@ -372,6 +389,7 @@ def run_pipeline(
                         clock=apply_clock or clock,
                         artifacts_dir=artifacts,
                         settings=settings,
+                        progress=progress,
                     )
                 except GateBlocked as exc:
                     if exc.gate != "production":

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,12 +53,26 @@ class PlanParams:
     batch_size: int = 5
     profiles: str = "missing"  # missing | stale
 
-    def validate(self) -> None:
+    def validate(self, job: Job | None = None) -> None:
+        """``UsageError`` (exit 2) for a parameter that cannot be used, before anything is written; with ``job``,
+        every priority key must be one the job can have (``job.parse_key``)."""
         parse_rate(self.rate)
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if self.profiles not in ("missing", "stale"):
             raise UsageError("--profiles must be 'missing' or 'stale'")
+        if job is None:
+            return
+        for key in self.priority:
+            try:
+                job.parse_key(key)
+            except UsageError as exc:
+                raise UsageError(f"--priority: {exc}") from None
+
+    def normalized(self, job: Job) -> PlanParams:
+        """These parameters validated, with the priority keys in the job's form (e.g. a lower-case UUID)."""
+        self.validate(job)
+        return replace(self, priority=tuple(job.parse_key(k) for k in self.priority))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -202,7 +216,7 @@ def compose_plan(
     source: str = "plan",
 ) -> dict[str, Any]:
     """Read-only: runs prechecks and discovery and returns the hashed plan body (nothing is recorded or written)."""
-    params.validate()
+    params.validate(job)
     prechecks: list[Check] = job.prechecks(conn, env.name)
     failed = [c for c in prechecks if c.verdict == "FAIL" and c.gating]
     if failed:
@@ -262,7 +276,7 @@ def build_plan(
     run_id: str | None = None,
 ) -> Plan:
     """Composes the plan, records it as a planned run in the ledger and writes backfill_plan.json/.md."""
-    params.validate()
+    params.validate(job)
     ledger.init_ledger(db)
     with db.connect() as conn:
         body = compose_plan(conn, env, job, params, now=now, run_id=run_id, source=source)

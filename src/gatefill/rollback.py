@@ -49,7 +49,7 @@ from sqlalchemy.engine import Connection
 from gatefill import ledger
 from gatefill.config import Environment
 from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText, dumps_json, format_utc, parse_utc
-from gatefill.errors import DataError, GatefillError
+from gatefill.errors import DataError, GatefillError, UsageError
 from gatefill.job import Check, Fence, WrittenTable
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
@@ -57,6 +57,7 @@ from gatefill.ledger import RunStatus
 __all__ = [
     "Conflict",
     "LedgerChange",
+    "NothingToRollBack",
     "RollbackConflicts",
     "RollbackPlan",
     "RollbackResult",
@@ -73,6 +74,8 @@ __all__ = [
 ]
 
 REPORT_NAME = "rollback_report.md"
+#: A dry run's report has a name of its own, so it never overwrites the report of a real rollback.
+DRY_RUN_REPORT_NAME = "rollback_dry_run.md"
 #: How many conflicts the one-line refusal names (the report lists them all).
 LISTED_IN_ERROR = 5
 #: How many verification problems the report lists (the rest are counted).
@@ -112,6 +115,14 @@ class RollbackVerificationFailed(GatefillError):
         shown = "; ".join(c.summary for c in self.failed)
         where = f" (see {report})" if report is not None else ""
         super().__init__(f"rollback of run {run_id} failed verification and was not committed: {shown}{where}")
+
+
+class NothingToRollBack(UsageError):
+    """The run changed no data (a soak or pipeline run, a plan never applied), or a dry run of an undone run."""
+
+    def __init__(self, run_id: str, why: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id} cannot be rolled back: {why}")
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -540,12 +551,17 @@ def _plan(
     where = conn.engine.url.render_as_string(hide_password=True)
     if not sa.inspect(conn).has_table(ledger.runs.name):
         raise ledger.RunNotFound(run_id, f"{where} (it has no run ledger)")
-    query = sa.select(ledger.runs.c.status).where(ledger.runs.c.id == run_id)
+    query = sa.select(ledger.runs.c.status, ledger.runs.c.phase).where(ledger.runs.c.id == run_id)
     # Locking the run row serialises a rollback against a resume of the same run (Postgres; SQLite's BEGIN IMMEDIATE
     # already serialises writers); a read-only plan takes no lock.
-    status_text = conn.execute(query.with_for_update() if lock else query).scalar_one_or_none()
-    if status_text is None:
+    run = conn.execute(query.with_for_update() if lock else query).first()
+    if run is None:
         raise ledger.RunNotFound(run_id, where)
+    status_text = run.status
+    if run.phase != ledger.APPLY_PHASE:
+        raise NothingToRollBack(run_id, f"it is a {run.phase} run, which changes no data (only apply runs do)")
+    if status_text == RunStatus.PLANNED.value:
+        raise NothingToRollBack(run_id, "it is only planned: nothing was applied")
     unfinished = _unfinished_batches(conn, run_id)
     if unfinished:
         # Their calls may have written rows the ledger does not list yet: undoing only the listed ones is not exact.
@@ -740,12 +756,14 @@ def rollback_run(
     page_size: int = PAGE_SIZE,
     fence: Fence | None = None,
 ) -> RollbackResult:
-    """Undoes a run by primary key in one transaction, verifies it before commit and writes ``rollback_report.md``.
+    """Undoes a run by primary key in one transaction, verifies it before commit and writes ``rollback_report.md``
+    (a dry run writes ``rollback_dry_run.md``, so it never replaces the report of a real rollback).
 
     ``dry_run`` performs every step and the verification, then rolls the transaction back (nothing changes; the
     report says what would happen). Without ``force``, conflicts refuse the rollback (``RollbackConflicts``, after the
     report is written); with it, the before-images are restored over them. A run whose status cannot move to
-    ``rolled_back`` (e.g. already rolled back, or still running) raises ``IllegalTransition`` before any write.
+    ``rolled_back`` (e.g. already rolled back, or still running) raises ``IllegalTransition`` before any write; a run
+    that changed no data (not an apply run, or only planned), and a dry run of a rolled-back run, ``NothingToRollBack``.
     The ledger is read ``page_size`` changes at a time, in four passes: conflicts, deletes, restores, verification.
     ``fence`` (the run's lease, held by ``rollback_command``) is proven first in the transaction.
     """
@@ -759,6 +777,12 @@ def rollback_run(
             if fence is not None:
                 fence(conn)
             plan, pages = _plan(conn, run_id, defs, lock=True, page_size=page_size)
+            if dry_run and plan.status is RunStatus.ROLLED_BACK:
+                raise NothingToRollBack(
+                    run_id,
+                    f"it was rolled back already (see {artifacts_dir / run_id / REPORT_NAME}); "
+                    "a dry run now would only find its rows gone",
+                )
             counts = {t.table: t for t in plan.tables}
             if not dry_run and not plan.allowed:
                 raise ledger.IllegalTransition(run_id, plan.status, RunStatus.ROLLED_BACK)
@@ -802,7 +826,7 @@ def rollback_run(
         generated_at=now,
         notes=notes,
     )
-    path = artifacts_dir / run_id / REPORT_NAME
+    path = artifacts_dir / run_id / (DRY_RUN_REPORT_NAME if dry_run else REPORT_NAME)
     path.parent.mkdir(parents=True, exist_ok=True)
     result = dataclasses.replace(result, report_path=path)
     path.write_text(render_report(result), encoding="utf-8")

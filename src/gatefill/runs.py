@@ -21,11 +21,13 @@ from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
 from gatefill.lease import lease_name
 from gatefill.soak import SOAK_PHASE, SoakState, soak_state
 
-__all__ = ["GATES", "RunProgress", "approve", "find_run", "run_progress"]
+__all__ = ["GATES", "GATE_PHASES", "ApprovalOutcome", "RunProgress", "approve", "find_run", "run_progress"]
 
-#: plan: the plan may be applied; review: the applied backfill was reviewed (the pipeline waits for it); soak: the
-#: staging soak is accepted; production: the production go/no-go of a pipeline.
-GATES = ("plan", "review", "soak", "production")
+#: Each gate and the phase of the run it is approved on. plan: the plan may be applied; review: the applied backfill
+#: was reviewed (the pipeline waits for it); soak: the staging soak is accepted; production: the production go/no-go
+#: of a pipeline.
+GATE_PHASES = {"plan": ledger.APPLY_PHASE, "review": ledger.APPLY_PHASE, "soak": SOAK_PHASE, "production": "pipeline"}
+GATES = tuple(GATE_PHASES)
 
 
 def find_run(settings: Settings, run_id: str, env_name: str | None = None) -> tuple[Environment, ledger.Run]:
@@ -49,6 +51,14 @@ def find_run(settings: Settings, run_id: str, env_name: str | None = None) -> tu
     raise ledger.RunNotFound(run_id, "environment(s) " + (", ".join(searched) or "none configured"))
 
 
+@dataclass(frozen=True)
+class ApprovalOutcome:
+    """An approval, and whether this call recorded it (False: the gate was approved before, by ``approval``)."""
+
+    approval: ledger.Approval
+    recorded: bool
+
+
 def approve(
     settings: Settings,
     run_id: str,
@@ -58,16 +68,30 @@ def approve(
     note: str | None = None,
     env_name: str | None = None,
     clock: Clock | None = None,
-) -> ledger.Approval:
-    """Records an approval of ``gate`` for a run; a plan approval is bound to the plan's hash."""
+) -> ApprovalOutcome:
+    """Records an approval of ``gate`` for a run of the gate's phase; a plan approval is bound to the plan's hash.
+
+    A gate that does not fit the run (``--gate soak`` on an apply run) is a ``UsageError``; a gate approved before
+    is not approved twice: the outcome names the earlier approval and nothing is written."""
     if gate not in GATES:
         raise UsageError(f"unknown gate '{gate}' (use {', '.join(GATES)})")
+    if not by.strip():
+        raise UsageError("an approval needs a name (--by NAME)")
     env, run = find_run(settings, run_id, env_name)
+    phase = GATE_PHASES[gate]
+    if run.phase != phase:
+        fitting = [g for g, p in GATE_PHASES.items() if p == run.phase]
+        raise UsageError(
+            f"gate '{gate}' is approved on {phase} runs; {run.id} is {'an' if run.phase[:1] in 'aeiou' else 'a'} "
+            f"{run.phase} run"
+            + (f" (its gates: {', '.join(fitting)})" if fitting else ", which has no gate to approve")
+        )
     now = (clock or RealClock()).now()
     with Database(env) as db, db.begin() as conn:
-        return ledger.record_approval(
+        approval, recorded = ledger.record_approval_once(
             conn, run_id=run.id, gate=gate, approved_by=by, now=now, note=note, plan_hash=run.plan_hash
         )
+    return ApprovalOutcome(approval, recorded)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ A bucket that started full would let the first batch through at once and report 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 
-from gatefill.clock import Clock
+from gatefill.clock import Clock, sleep_unless
 from gatefill.errors import UsageError
 
 __all__ = ["Rate", "TokenBucket", "parse_rate"]
@@ -62,8 +63,10 @@ class TokenBucket:
             self._tokens = min(float(self.capacity), self._tokens + (now - self._last) * self.rate.per_second)
         self._last = now
 
-    def acquire(self, n: int = 1) -> float:
-        """Blocks until ``n`` tokens are available and takes them; returns the seconds it waited."""
+    def acquire(self, n: int = 1, stop: threading.Event | None = None) -> float:
+        """Blocks until ``n`` tokens are available and takes them; returns the seconds it waited.
+
+        If ``stop`` is set during the wait, the wait ends at once and no token is taken (the caller stops)."""
         if self.rate.per_second is None or n <= 0:
             return 0.0
         if n > self.capacity:
@@ -73,7 +76,15 @@ class TokenBucket:
         waited = 0.0
         if missing > 1e-12:
             waited = missing / self.rate.per_second
-            self.clock.sleep(waited)
+            if stop is None:
+                self.clock.sleep(waited)
+            else:
+                began = self.clock.monotonic()
+                if not sleep_unless(self.clock, waited, stop):
+                    self._refill()
+                    interrupted = self.clock.monotonic() - began
+                    self.waited += interrupted
+                    return interrupted
             self._refill()
         # Floating point can leave a hair under n after the exact wait; the wait itself was exact.
         self._tokens = max(0.0, self._tokens - n)

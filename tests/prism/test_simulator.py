@@ -4,9 +4,17 @@ and a report that is the ground truth of what happened."""
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +34,8 @@ from gatefill.prism.schema import (
     results_token_access_logs,
 )
 from gatefill.prism.simulator import INJECTABLE, parse_inject, run_simulation, simulate
-from tests.prism.conftest import SERVICE_KEY, Live, run_server
+from tests.conftest import table_digests
+from tests.prism.conftest import KEY_ENV, SERVICE_KEY, Live, run_server
 
 # The functions server also runs through PgBouncer in transaction mode here (the `pooled` parameter of `live`).
 pytestmark = pytest.mark.pooled
@@ -208,6 +217,7 @@ def test_a_short_real_clock_run_takes_about_its_duration(live: Live) -> None:
 
 
 def test_simulated_time_needs_a_server_that_allows_it(live: Live) -> None:
+    before = table_digests(live.db)
     app = create_app(live.env, live.db, service_role_key=SERVICE_KEY)
     with run_server(app) as url, pytest.raises(UsageError, match="--allow-fault-injection"):
         simulate(
@@ -223,21 +233,102 @@ def test_simulated_time_needs_a_server_that_allows_it(live: Live) -> None:
         simulate(
             live.db, live.functions_url, sessions=1, clock=SimulatedClock(START), service_role_key=None, abandon_rate=0
         )
+    with pytest.raises(UsageError, match=r"refused simulated time/faults \(UNAUTHORIZED\)"):
+        simulate(live.db, live.functions_url, sessions=1, clock=SimulatedClock(START), service_role_key="sk-wrong")
+    assert table_digests(live.db) == before  # each was refused before a respondent wrote a row
 
 
-def test_an_unreachable_server_is_counted_not_crashed(live: Live) -> None:
-    report = simulate(
-        live.db,
-        "http://127.0.0.1:9/functions/v1",
-        sessions=2,
-        duration="10m",
-        clock=SimulatedClock(START),
-        service_role_key=SERVICE_KEY,
-        abandon_rate=0.0,
-        transport=httpx.HTTPTransport(retries=0),
+def free_port() -> int:
+    """A port of 127.0.0.1 where nothing listens (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_unreachable_server_is_refused_before_any_row_is_written(live: Live) -> None:
+    before = table_digests(live.db)
+    with pytest.raises(UsageError, match=r"no functions server answers at http://127\.0\.0\.1:\d+/functions/v1"):
+        simulate(
+            live.db,
+            f"http://127.0.0.1:{free_port()}/functions/v1",
+            sessions=2,
+            duration="10m",
+            clock=SimulatedClock(START),
+            service_role_key=SERVICE_KEY,
+            abandon_rate=0.0,
+            transport=httpx.HTTPTransport(retries=0),
+        )
+    assert table_digests(live.db) == before
+
+
+class _AnswersOnce(http.server.BaseHTTPRequestHandler):
+    """A server that answers the first call as the functions do to an empty finalize, then drops every connection:
+    a functions server that dies after the simulator's check."""
+
+    calls = 0
+
+    def do_POST(self) -> None:
+        type(self).calls += 1
+        if type(self).calls > 1:
+            self.close_connection = True
+            return
+        body = json.dumps({"error": "session_id is required", "code": "SESSION_ID_REQUIRED"}).encode()
+        self.send_response(400)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        return None
+
+
+def _simulate_cli(live: Live, tmp_path: Path, url: str, *more: str) -> tuple[int, str, str]:
+    config = tmp_path / "gatefill.toml"
+    config.write_text(
+        f'[env.staging]\ndatabase_url = "{live.env.database_url}"\nservice_role_key_env = "{KEY_ENV}"\n',
+        encoding="utf-8",
     )
-    assert report.totals()["transport_errors"] == 2
-    assert "transport errors: 2" in report.render()
+    argv = ["--config", str(config), "simulate", "--env", "staging", "--functions-url", url, "--sessions", "3"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gatefill", *argv, "--duration", "10m", "--clock", "simulated", *more],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, KEY_ENV: SERVICE_KEY},
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_the_command_checks_url_and_key_first_and_transport_errors_exit_1(live: Live, tmp_path: Path) -> None:
+    before = table_digests(live.db)
+    for url, says in (
+        (f"http://127.0.0.1:{free_port()}/functions/v1", "error: no functions server answers at"),
+        (
+            live.base_url,
+            "finalizeAssessment does not answer as the PRISM finalizeAssessment function (HTTP 404 NOT_FOUND)",
+        ),
+    ):
+        code, out, err = _simulate_cli(live, tmp_path, url)
+        assert (code, out) == (2, ""), err
+        assert err.startswith("error: ") and err.count("\n") == 1 and says in err
+    assert table_digests(live.db) == before
+
+    handler = type("AnswersOnceHere", (_AnswersOnce,), {"calls": 0})  # a count of its own for this server
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/functions/v1"
+        code, out, err = _simulate_cli(live, tmp_path, url, "--seed", "3")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 1, (out, err)
+    first = out.splitlines()[0]
+    assert re.fullmatch(
+        rf"simulated 3 respondent\(s\) against {url}: [123] call\(s\) got no answer \(transport errors\)", first
+    )
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from gatefill.job import NOT_APPLICABLE, Check
 from gatefill.prism import scoring
 from gatefill.prism.discovery import MIN_ANSWERS
 from gatefill.prism.schema import PRISM_TABLES, assessment_sessions, scoring_config
+from gatefill.reports import counts_text
 
 __all__ = ["LISTED", "health_checks", "newest_session_activity"]
 
@@ -186,7 +187,8 @@ def _versions(conn: Connection, p: dict[str, Any], completed: int) -> Check:
     return Check(
         "version_distribution",
         _verdict(legacy_fc + legacy_profiles, looked),
-        f"fc_scores {fc or '{}'}; profiles {prof or '{}'} (current: {current_fc}, {p['ev']}); "
+        f"fc_scores by version: {counts_text(fc)}; profiles by results_version: {counts_text(prof)} "
+        f"(current: {current_fc}, {p['ev']}); "
         f"{legacy_fc} legacy fc rows, {legacy_profiles} legacy or NULL profiles",
         {
             "fc_scores": fc,

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from gatefill.db import UTCTimestamp, insert_rows, parse_utc
-from gatefill.errors import DataError
+from gatefill.errors import DataError, UsageError
 from gatefill.job import (
     NOT_APPLICABLE,
     BatchOutcome,
@@ -106,6 +106,13 @@ class PrismJob:
     @property
     def versions(self) -> Mapping[str, str]:
         return {"fc_version": self.fc_version, "fc_kind": scoring.FC_KIND, "engine_version": self.engine_version}
+
+    def parse_key(self, text: str) -> str:
+        """A session id as a user typed it (``--priority``), in the database's form: a lower-case UUID."""
+        try:
+            return str(uuid.UUID(text.strip()))
+        except ValueError:
+            raise UsageError(f"{text!r} is not a session id (a UUID)") from None
 
     def post_checks(self, conn: Connection, run_id: str) -> list[Check]:
         """After apply: the version stamps of every row this run wrote, re-counted in the database."""

@@ -188,6 +188,16 @@ class SeedReport:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
+    def summary(self) -> str:
+        """One line: sessions, answers, what a backfill finds to do, and how long seeding took."""
+        todo = {"profile+fc": len(self.missing_both), "fc_only": len(self.missing_fc_only)}
+        todo["profile_only"] = len(self.missing_profile_only)
+        detail = ", ".join(f"{n} {name}" for name, n in todo.items() if n)
+        return (
+            f"{self.sessions} sessions, {self.counts.get('assessment_responses', 0):,} answers, "
+            f"{len(self.candidates)} to backfill" + (f" ({detail})" if detail else "") + f"; {self.elapsed_s:.1f} s"
+        )
+
     def render(self) -> str:
         """A plain-text account: rows per table, sessions per category (with ids where few), notes."""
         lines = [

@@ -66,6 +66,8 @@ __all__ = [
 
 INJECTABLE = ("engine_version_override", "legacy_fc", "profile_write_fail", "token_bypass", "abandon", "slow")
 _SERVER_FAULTS = ("engine_version_override", "legacy_fc", "profile_write_fail", "slow")
+# The faults that travel in the X-Gatefill-Fault header, which needs the service-role key.
+_KEYED_FAULTS = (*_SERVER_FAULTS, "token_bypass")
 _TOTAL_QUESTIONS = 248
 _MIN_COMPLETE = 148
 _FUNCS = ("Ti", "Te", "Fi", "Fe", "Ni", "Ne", "Si", "Se")
@@ -348,10 +350,22 @@ class SimulationReport:
             "sessions": [encode(asdict(s)) for s in self.sessions],
         }
 
+    def summary(self) -> str:
+        """One line: respondents, what they did, and the calls that got no answer, if any."""
+        t = self.totals()
+        abandoned = sum(o.abandoned is not None for o in self.sessions)
+        line = (
+            f"{t['sessions_started']} respondents: {t['finalize_calls']} finalized (status "
+            f"{_counts(t['finalize_status'])}), {abandoned} abandoned; results fetched "
+            f"{_counts(t['results_status'])}, {t['results_served_without_token']} served without a token"
+        )
+        return line + (f"; {t['transport_errors']} call(s) got no answer" if t["transport_errors"] else "")
+
     def render(self) -> str:
         t = self.totals()
+        failed = f": {t['transport_errors']} call(s) got no answer (transport errors)" if t["transport_errors"] else ""
         lines = [
-            f"simulated {t['sessions_started']} respondent(s) against {self.functions_url}",
+            f"simulated {t['sessions_started']} respondent(s) against {self.functions_url}{failed}",
             f"  clock {self.clock}: {self.started_at.isoformat()} -> {self.ended_at.isoformat()} (seed {self.seed})",
             f"  abandoned: {t['abandoned_natural']} natural, {t['abandoned_injected']} injected",
             f"  finalizeAssessment: {t['finalize_calls']} call(s), status {_counts(t['finalize_status'])}; "
@@ -361,7 +375,8 @@ class SimulationReport:
             f"{t['results_served_without_token']}",
         ]
         if t["transport_errors"]:
-            lines.append(f"  transport errors: {t['transport_errors']}")
+            first = next(o.error for o in self.sessions if o.error)
+            lines.append(f"  transport errors: {t['transport_errors']} (the first: {first})")
         lines.append("  injected:")
         counts = self.injected_counts
         for name in INJECTABLE:
@@ -432,6 +447,42 @@ class _Client:
 
     def close(self) -> None:
         self.http.close()
+
+    def check(self, *, with_key: bool) -> None:
+        """One call that changes nothing (a finalize without a session id, which the server answers 400 before it
+        reads anything) before any respondent writes a row: the URL must answer as the PRISM functions, and, when
+        the run sends simulated time or faults (``with_key``), accept them with this key.
+
+        Without it a dead port or a refused key showed only after hundreds of sessions had been written."""
+        headers = {"content-type": "application/json"}
+        if with_key:
+            if not self.key:
+                raise ConfigError(
+                    "simulated time and injected faults need the service-role key: set the variable named by the "
+                    "environment's service_role_key_env (default SUPABASE_SERVICE_ROLE_KEY)"
+                )
+            headers["x-gatefill-now"] = _instant(self.clock).isoformat()
+            headers["authorization"] = f"Bearer {self.key}"
+        url = f"{self.base}/finalizeAssessment"
+        try:
+            response = self.http.post(url, content="{}", headers=headers)
+        except httpx.TransportError as exc:
+            raise UsageError(
+                f"no functions server answers at {self.base} ({type(exc).__name__}); start one with "
+                "`gatefill serve functions --env NAME --allow-fault-injection` or give --functions-url"
+            ) from None
+        code = _code(response)
+        if code in ("FAULT_INJECTION_DISABLED", "UNAUTHORIZED"):
+            raise UsageError(
+                f"the functions server at {self.base} refused simulated time/faults ({code}): start it with "
+                "--allow-fault-injection and the same service-role key"
+            )
+        if response.status_code != 400:
+            raise UsageError(
+                f"{url} does not answer as the PRISM finalizeAssessment function (HTTP {response.status_code}"
+                + (f" {code}" if code else "")
+                + "); check --functions-url (it ends in /functions/v1)"
+            )
 
     def post(self, name: str, body: Mapping[str, object], ip: str, faults: Sequence[str] = ()) -> httpx.Response:
         headers = {"x-forwarded-for": ip, "content-type": "application/json"}
@@ -692,6 +743,7 @@ def simulate(
     )
     client = _Client(functions_url, service_role_key, clock, simulated, transport)
     try:
+        client.check(with_key=simulated or any(faults.get(name, 0.0) > 0 for name in _KEYED_FAULTS))
         sim = _Simulation(
             db,
             client,

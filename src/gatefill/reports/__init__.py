@@ -6,12 +6,13 @@ Templates only lay out numbers that the phase modules measured; they compute not
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-__all__ = ["render", "write_json", "write_text"]
+__all__ = ["counts_text", "render", "write_json", "write_text"]
 
 _ENV = Environment(
     loader=PackageLoader("gatefill", "reports/templates"),
@@ -31,7 +32,16 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value * 100:.{digits}f}%"
 
 
+def counts_text(counts: Mapping[str, object], empty: str = "none") -> str:
+    """Counts as people read them, ``written 39, failed 2``, in the mapping's order; ``empty`` when there are none.
+
+    Summaries and terminal lines use this instead of a mapping's Python text (``{'written': 39}``).
+    """
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or empty
+
+
 _ENV.filters["short"] = _short
+_ENV.filters["counts"] = counts_text
 _ENV.filters["pct"] = _pct
 _ENV.filters["tojson"] = lambda v: json.dumps(v, ensure_ascii=False, sort_keys=True)
 
