@@ -333,7 +333,8 @@ def test_a_resumed_runs_summary_counts_runtime_and_rate_over_every_invocation(
     stop = threading.Event()
 
     def pause_at_three(batch_no: int) -> None:
-        if batch_no == 3:
+        # A stop before batch 4 starts pauses the run there: batches 1-3 are the first invocation's.
+        if batch_no == 4:
             stop.set()
 
     def run(clock: SimulatedClock, **kwargs: object) -> None:

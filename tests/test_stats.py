@@ -270,10 +270,17 @@ def _reference_mn_z(k: int, n: int, k0: int, n0: int, delta: float) -> float:
     def negative_loglik(p: float) -> float:
         p0 = p - delta
         terms = ((k, p), (n - k, 1 - p), (k0, p0), (n0 - k0, 1 - p0))
+        if any(c and q <= 0.0 for c, q in terms):
+            return math.inf
         return -sum(c * math.log(q) for c, q in terms if c)
 
-    lo, hi = max(0.0, delta) + 1e-13, min(1.0, 1.0 + delta) - 1e-13
-    p = float(minimize_scalar(negative_loglik, bounds=(lo, hi), method="bounded", options={"xatol": 1e-13}).x)
+    lo, hi = max(0.0, delta), min(1.0, 1.0 + delta)
+    inside = minimize_scalar(
+        negative_loglik, bounds=(lo + 1e-13, hi - 1e-13), method="bounded", options={"xatol": 1e-13}
+    )
+    # A bounded search stops short of a maximum that lies on the boundary itself (e.g. 11/11 against 1/1: p = 0.99
+    # exactly), so the two ends are candidates too.
+    p = min((float(inside.x), lo, hi), key=negative_loglik)
     p0 = p - delta
     variance = (p * (1 - p) / n + p0 * (1 - p0) / n0) * (n + n0) / (n + n0 - 1)
     return (k / n - k0 / n0 - delta) / math.sqrt(variance)

@@ -54,13 +54,12 @@ Method choices, and why:
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal
-
-from scipy.optimize import brentq
-from scipy.stats import beta, binom, norm
 
 __all__ = [
     "DEFAULT_MIN_N",
@@ -79,6 +78,17 @@ __all__ = [
     "wilson_interval",
     "zero_event_upper_bound",
 ]
+
+
+@functools.cache
+def _scipy() -> SimpleNamespace:
+    """scipy's distributions and root finder, imported on first use: importing scipy.stats takes about half a second,
+    and every command reaches this module (the soak's and the status code import it) while few compute with it."""
+    from scipy.optimize import brentq
+    from scipy.stats import beta, binom, norm
+
+    return SimpleNamespace(beta=beta, binom=binom, norm=norm, brentq=brentq)
+
 
 Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE"]
 
@@ -186,8 +196,8 @@ class SequentialPlan:
         if fraction == 1.0:
             # Returned as given rather than recomputed so the budget closes exactly, not to within rounding.
             return self.alpha
-        z = float(norm.isf(self.alpha / 2.0))
-        return 2.0 * float(norm.sf(z / math.sqrt(fraction)))
+        z = float(_scipy().norm.isf(self.alpha / 2.0))
+        return 2.0 * float(_scipy().norm.sf(z / math.sqrt(fraction)))
 
     def nominal_alpha(self, look: int) -> float:
         """Level each one-sided test runs at on look ``look`` (1-based): the spend added since the previous look."""
@@ -211,7 +221,7 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
     _check_confidence(confidence)
     if n == 0:
         return Interval(0.0, 1.0, "wilson", confidence)
-    z = float(norm.isf((1.0 - confidence) / 2.0))
+    z = float(_scipy().norm.isf((1.0 - confidence) / 2.0))
     p = k / n
     z2n = z * z / n
     centre = (p + z2n / 2.0) / (1.0 + z2n)
@@ -250,7 +260,7 @@ def zero_event_upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
         return 1.0
     if k == 0:
         return rule_of_three_upper(n, confidence)
-    return float(beta.isf(1.0 - confidence, k + 1, n - k))
+    return float(_scipy().beta.isf(1.0 - confidence, k + 1, n - k))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -390,8 +400,8 @@ def required_sample_size_known(
         raise ValueError(f"expected rate must be in [0, 1], got {p1}")
     if p1 == p0:
         raise ValueError("the expected rate equals baseline − margin: no sample size can separate them")
-    z_alpha = float(norm.isf(alpha))
-    z_power = float(norm.ppf(power))
+    z_alpha = float(_scipy().norm.isf(alpha))
+    z_power = float(_scipy().norm.ppf(power))
     root_n = (z_alpha * math.sqrt(p0 * (1.0 - p0)) + z_power * math.sqrt(p1 * (1.0 - p1))) / abs(p1 - p0)
     # The tiny tolerance stops a product like 296.0000000001 from rounding up to 297.
     return max(1, math.ceil(root_n * root_n - 1e-9))
@@ -418,8 +428,8 @@ def _decide_known(
     _check_baseline_margin(baseline, margin)
     threshold = baseline - margin
     # P(X ≥ k) and P(X ≤ k) at the threshold rate: the exact one-sided p-values of the two directions.
-    p_noninferior = float(binom.sf(k - 1, n, threshold))
-    p_inferior = float(binom.cdf(k, n, threshold))
+    p_noninferior = float(_scipy().binom.sf(k - 1, n, threshold))
+    p_inferior = float(_scipy().binom.cdf(k, n, threshold))
     low, high = _cp_bounds(k, n, alpha)
     interval = Interval(
         low - baseline, high - baseline, "clopper-pearson, rate minus known baseline", _two_sided(alpha)
@@ -471,8 +481,8 @@ def _decide_two_sample(
         interval = Interval(-1.0, 1.0, "miettinen-nurminen score, difference", _two_sided(alpha))
     else:
         z = _mn_score_z(k, n, k0, n0, -margin)
-        p_noninferior = float(norm.sf(z))
-        p_inferior = float(norm.cdf(z))
+        p_noninferior = float(_scipy().norm.sf(z))
+        p_inferior = float(_scipy().norm.cdf(z))
         low, high = _mn_score_interval(k, n, k0, n0, alpha)
         interval = Interval(low, high, "miettinen-nurminen score, difference", _two_sided(alpha))
     estimate = k / n if n else math.nan
@@ -573,8 +583,8 @@ def _decision(
 def _cp_bounds(k: int, n: int, tail: float) -> tuple[float, float]:
     """Clopper-Pearson bounds with ``tail`` probability outside on each side (tail 0 gives the trivial [0, 1])."""
     # isf rather than ppf(1 − tail): sequential looks use tails near 1e-11, where 1 − tail loses the digits.
-    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
-    high = 1.0 if k == n else float(beta.isf(tail, k + 1, n - k))
+    low = 0.0 if k == 0 else float(_scipy().beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(_scipy().beta.isf(tail, k + 1, n - k))
     return low, high
 
 
@@ -621,7 +631,7 @@ def _mn_score_interval(k: int, n: int, k0: int, n0: int, tail: float) -> tuple[f
     """Difference interval from inverting the score test, ``tail`` probability outside on each side."""
     if tail <= 0.0:
         return -1.0, 1.0
-    z = float(norm.isf(tail))
+    z = float(_scipy().norm.isf(tail))
     observed = k / n - k0 / n0
     # The statistic falls as the null difference rises; the ends of the interval are where it crosses ±z. Search just
     # inside (-1, 1): at exactly ±1 the restricted rates are forced to 0 and 1 and the variance vanishes.
@@ -636,7 +646,7 @@ def _mn_score_interval(k: int, n: int, k0: int, n0: int, tail: float) -> tuple[f
             return hi
         if (f_lo > 0.0) == (f_hi > 0.0):
             return outside
-        return float(brentq(lambda d: _mn_score_z(k, n, k0, n0, d) - target, lo, hi, xtol=1e-13, rtol=1e-13))
+        return float(_scipy().brentq(lambda d: _mn_score_z(k, n, k0, n0, d) - target, lo, hi, xtol=1e-13, rtol=1e-13))
 
     low = crossing(z, -edge, observed, -1.0) if observed > -edge else -1.0
     high = crossing(-z, observed, edge, 1.0) if observed < edge else 1.0

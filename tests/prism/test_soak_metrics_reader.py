@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -174,6 +175,28 @@ def test_retrospective_totals_need_every_call_inside_the_window_and_the_finaliza
         endpoint.serve(server)
         past = reader.read(_look(4, cutoff), {"finalize_complete": 5})
         assert past.values is None and "calls before the window" in past.coverage
+    finally:
+        reader.close()
+
+
+def test_a_call_in_the_windows_first_millisecond_belongs_to_it(endpoint: _Endpoint) -> None:
+    # The platform stamps calls to the millisecond (a JavaScript Date): a call made the instant the window opened
+    # (the simulator's check of the URL, at the apply's finish) carries that millisecond's floor, a hair before it.
+    opened = WINDOW.replace(microsecond=449_662)
+    server = FunctionMetrics()
+    _calls(server, 400, 1, opened.replace(microsecond=449_000))
+    _calls(server, 200, 2, opened + timedelta(minutes=3))
+    endpoint.serve(server)
+    reader = AppMetricsReader(endpoint.url, timeout=5)
+    try:
+        look = replace(_look(1, opened + timedelta(minutes=30), simulated=True), window_start=opened)
+        seen = reader.read(look, {"finalize_complete": 2})
+        assert seen.requests() == {"finalizeAssessment": {"200": 2, "400": 1}}, seen.coverage
+        # A whole millisecond earlier is before the window.
+        _calls(server, 200, 1, opened.replace(microsecond=448_000))
+        endpoint.serve(server)
+        early = reader.read(replace(look, previous={}), {"finalize_complete": 3})
+        assert early.values is None and "calls before the window" in early.coverage
     finally:
         reader.close()
 

@@ -265,11 +265,17 @@ class AppMetricsReader:
         return AppWindow(self.source, values, coverage, tuple(state.get("restarts", [])), state)
 
 
+def _window_start(look: Look) -> float:
+    """The window's start on the calls' clock: the platform stamps a call to the millisecond (JavaScript's ``Date``),
+    so a call in the window's first millisecond is stamped at or after its floor and belongs to the window."""
+    return math.floor(look.window_start.timestamp() * 1000.0) / 1000.0
+
+
 def _totals(look: Look, scrape: Scrape, events: Mapping[str, int]) -> tuple[dict[str, float] | None, str]:
     """The server's totals, if they are exactly the window's calls before the cutoff (see the module docstring)."""
     reasons = []
     first, last = scrape.first_call, scrape.last_call
-    if first is not None and first < look.window_start.timestamp():
+    if first is not None and first < _window_start(look):
         reasons.append(f"the server answered calls before the window (its first at {_iso(first)})")
     if last is not None and last >= look.end.timestamp():
         reasons.append(f"its totals include calls after this look's cutoff (its last at {_iso(last)})")
@@ -298,7 +304,7 @@ def _deltas(look: Look, scrape: Scrape, state: dict[str, Any], *, restarted: boo
         state["carried"] = _plus(state.get("carried", {}), _minus(state["last"]["values"], state["baseline"]))
     if "baseline" not in state or restarted:
         opening = state["opening"]
-        if scrape.first_call is None or scrape.first_call >= look.window_start.timestamp():
+        if scrape.first_call is None or scrape.first_call >= _window_start(look):
             baseline, since = {}, "the server's first call, inside the window"
         elif not restarted and opening["started"] == scrape.started:
             baseline, since = dict(opening["values"]), f"the soak's first scrape at {opening['at']}"
