@@ -764,7 +764,10 @@ def test_probes_covering_less_of_the_window_than_the_minimum_are_inconclusive(so
         service_role_key=SERVICE_KEY,
         rate_limit_per_minute=4,
     )
-    settings = PrismSoakSettings(service_role_key=SERVICE_KEY, min_latency_samples=3)
+    # The probe budget's minute-long waits pass at once on a simulated clock (the server's limiter never moves).
+    settings = PrismSoakSettings(
+        service_role_key=SERVICE_KEY, min_latency_samples=3, budget_clock=SimulatedClock(start)
+    )
     with serve_in_thread(stingy) as url:
         env = replace(soaked.env, results_url=url, functions_url=f"{url}/functions/v1")
         result = soaked.soak(replace(OPTIONS, start=start), env=env, settings=settings)

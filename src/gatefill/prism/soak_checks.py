@@ -380,6 +380,9 @@ class PrismSoakSettings:
     #: Only used to tell a server the simulated time (X-Gatefill-Now); never recorded.
     service_role_key: str | None = field(default=None, repr=False)
     transport: httpx.BaseTransport | None = field(default=None, repr=False)
+    #: The clock the probe budget runs on: real time, as the endpoint's rate limiter counts requests (tests that
+    #: exhaust the budget give a simulated one, whose waits pass at once).
+    budget_clock: Clock = field(default_factory=RealClock, repr=False)
 
     def validate(self) -> None:
         if self.completion_grace < 0 or self.write_grace < 0:
@@ -480,7 +483,7 @@ class _Prober:
         """Seconds until ``requests`` more fit in the budget (0: now; inf: never, more than the whole budget)."""
         if requests > self.settings.probe_budget_per_minute:
             return math.inf
-        now = time.monotonic()
+        now = self.settings.budget_clock.monotonic()
         while self._sent and self._sent[0] <= now - 60.0:
             self._sent.popleft()
         excess = len(self._sent) + requests - self.settings.probe_budget_per_minute
@@ -492,7 +495,7 @@ class _Prober:
         if math.isinf(wait):
             return False
         if wait > 0:
-            time.sleep(wait)
+            self.settings.budget_clock.sleep(wait)
         return True
 
     def request(
@@ -505,7 +508,7 @@ class _Prober:
         if simulated_now is not None and self.settings.service_role_key:
             headers["x-gatefill-now"] = simulated_now.isoformat()
             headers["authorization"] = f"Bearer {self.settings.service_role_key}"
-        self._sent.append(time.monotonic())
+        self._sent.append(self.settings.budget_clock.monotonic())
         started = time.perf_counter()
         try:
             if self.post_url:
