@@ -43,6 +43,7 @@ import httpx
 import psycopg
 import sqlalchemy as sa
 from bench_finalize import write_sessions
+from pgserver import admin, libpq, with_database
 from psycopg import sql
 
 from gatefill.config import Environment
@@ -60,27 +61,7 @@ ANON_KEY = "anon-bench-key-not-a-secret"
 
 
 def _server_url() -> str:
-    return os.environ.get("GATEFILL_TEST_DATABASE_URL", DEFAULT_SERVER).replace(
-        "postgresql+psycopg://", "postgresql://"
-    )
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, rest = url.rpartition("/")
-    query = "?" + rest.split("?", 1)[1] if "?" in rest else ""
-    return f"{base}/{name}{query}"
-
-
-def _admin(statement: sql.Composed) -> None:
-    with psycopg.connect(_server_url(), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(statement)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return libpq(os.environ.get("GATEFILL_TEST_DATABASE_URL", DEFAULT_SERVER))
 
 
 def _sessions(db: Database, n: int, seed: int) -> list[dict[str, Any]]:
@@ -98,7 +79,9 @@ def _sessions(db: Database, n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def _serve(url: str, pooler: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
     variables = {
         **os.environ,
         "GATEFILL_ENV_BENCH_DATABASE_URL": url,
@@ -144,11 +127,11 @@ def _leaked(url: str) -> set[str]:
 
 def run_mode(mode: str, args: argparse.Namespace, bouncer: PgBouncer | None) -> dict[str, Any]:
     name = f"gf_bench_js_{uuid.uuid4().hex[:10]}"
-    _admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    direct = _with_database(_server_url(), name)
+    admin(_server_url(), sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    direct = with_database(_server_url(), name)
     served = direct
     if mode == "pgbouncer":
-        served = _with_database(args.pooler_url, name) if args.pooler_url else bouncer.url(_server_url(), name)  # type: ignore[union-attr]
+        served = with_database(args.pooler_url, name) if args.pooler_url else bouncer.url(_server_url(), name)  # type: ignore[union-attr]
     server = None
     try:
         with Database(Environment("bench", "staging", direct.replace("postgresql://", "postgresql+psycopg://"))) as db:
@@ -170,7 +153,7 @@ def run_mode(mode: str, args: argparse.Namespace, bouncer: PgBouncer | None) -> 
         if server is not None:
             server.terminate()
             server.wait(30)
-        _admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin(_server_url(), sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     return {"mode": mode, "runs": runs, "statement_timeout_seen": sorted(leaked)}
 
 

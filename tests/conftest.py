@@ -186,16 +186,21 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def pg_target(pg_template: str) -> Iterator[Target]:
-    name = create_pg_database(pg_template)
-    env = pg_env(name)
+def _pg_copy(template: str, kind: str) -> Iterator[Target]:
+    """A fresh copy of the template database, reached directly or (``pooled``) through the transaction pooler."""
+    name = create_pg_database(template)
+    env = pooled_env(name) if kind == "pooled" else pg_env(name)
     db = Database(env)
     try:
-        yield Target("postgresql", env, db)
+        yield Target(kind, env, db)
     finally:
         db.dispose()
         drop_pg_database(name)
+
+
+@pytest.fixture
+def pg_target(pg_template: str) -> Iterator[Target]:
+    yield from _pg_copy(pg_template, "postgresql")
 
 
 @pytest.fixture
@@ -213,14 +218,7 @@ def sqlite_target(sqlite_template: Path, tmp_path: Path) -> Iterator[Target]:
 @pytest.fixture
 def pooled_target(pg_template: str) -> Iterator[Target]:
     """A fresh Postgres database reached through PgBouncer in transaction mode."""
-    name = create_pg_database(pg_template)
-    env = pooled_env(name)
-    db = Database(env)
-    try:
-        yield Target("pooled", env, db)
-    finally:
-        db.dispose()
-        drop_pg_database(name)
+    yield from _pg_copy(pg_template, "pooled")
 
 
 @pytest.fixture
