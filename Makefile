@@ -52,7 +52,7 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 pytest: $(VENV)/.installed-test pgbouncer $(JS)/node_modules/.package-lock.json
-	$(BIN)/pytest -n 2 -q $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadscope -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_scoring.py

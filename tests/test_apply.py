@@ -24,9 +24,9 @@ from gatefill.plan import PlanParams, build_plan, plan_hash
 from gatefill.prism import scoring
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import fc_scores, fn_logs, profiles
-from gatefill.prism.seed import TEST_SESSION_A, TEST_SESSION_B, SeedReport, seed_scenario
+from gatefill.prism.seed import TEST_SESSION_A, TEST_SESSION_B, SeedReport
 from gatefill.prism.service import CallContext, PrismService, load_reference_data_from_db, load_session_inputs
-from tests.conftest import Target
+from tests.conftest import Seeder, Target
 
 # Phase 1 and health also run through PgBouncer in transaction mode (the `pooled` target).
 pytestmark = pytest.mark.pooled
@@ -36,8 +36,8 @@ START = datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)
 
 
 @pytest.fixture
-def staging(target: Target) -> tuple[Target, SeedReport]:
-    return target, seed_scenario(target.db, "staging-2025-09-17")
+def staging(target: Target, seeder: Seeder) -> tuple[Target, SeedReport]:
+    return target, seeder(target, "staging-2025-09-17")
 
 
 def make_plan(target: Target, tmp_path: Path, **params: object) -> dict[str, object]:

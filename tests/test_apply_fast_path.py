@@ -24,9 +24,9 @@ from gatefill.plan import PlanParams, build_plan
 from gatefill.prism import job as job_module
 from gatefill.prism.job import PrismJob, _load_inputs
 from gatefill.prism.schema import assessment_responses, fc_scores, fn_logs, profiles, scoring_config
-from gatefill.prism.seed import SeedReport, seed_scenario
+from gatefill.prism.seed import SeedReport
 from gatefill.prism.service import load_reference_data_from_db, load_session_inputs
-from tests.conftest import Target
+from tests.conftest import Seeder, Target
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
 START = datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)
@@ -34,8 +34,8 @@ TABLES = {"fc_scores": fc_scores, "profiles": profiles, "fn_logs": fn_logs}
 
 
 @pytest.fixture
-def staging(target: Target) -> tuple[Target, SeedReport]:
-    return target, seed_scenario(target.db, "staging-2025-09-17")
+def staging(target: Target, seeder: Seeder) -> tuple[Target, SeedReport]:
+    return target, seeder(target, "staging-2025-09-17")
 
 
 def make_plan(target: Target, tmp_path: Path, batch_size: int = 100) -> dict[str, Any]:
@@ -192,9 +192,11 @@ def test_a_write_error_is_isolated_to_its_session(staging: tuple[Target, SeedRep
 
 
 @pytest.mark.postgres
-def test_a_live_race_leaves_the_live_row_and_commits_the_rest(pg_target: Target, tmp_path: Path) -> None:
+def test_a_live_race_leaves_the_live_row_and_commits_the_rest(
+    pg_target: Target, tmp_path: Path, seeder: Seeder
+) -> None:
     target = pg_target
-    truth = seed_scenario(target.db, "staging-2025-09-17")
+    truth = seeder(target, "staging-2025-09-17")
     body = make_plan(target, tmp_path)
     victim = sorted(truth.missing_both)[0]
     live_scores = {"Te": 1, "Ti": 2, "Fe": 3, "Fi": 4, "Ne": 5, "Ni": 6, "Se": 7, "Si": 8}
@@ -294,9 +296,9 @@ def test_scoring_config_drift_shows_in_the_next_batch(
 
 
 @pytest.mark.postgres
-def test_bulk_loader_equals_the_functions_reader(pg_target: Target) -> None:
+def test_bulk_loader_equals_the_functions_reader(pg_target: Target, seeder: Seeder) -> None:
     target = pg_target
-    truth = seed_scenario(target.db, "staging-2025-09-17")
+    truth = seeder(target, "staging-2025-09-17")
     ids = sorted({*truth.candidates, *truth.completed[:20], *truth.no_fc_responses, *truth.insufficient_answers})
     repeated = truth.missing_both[0]
     with target.db.begin() as conn:

@@ -18,8 +18,8 @@ from gatefill import ledger
 from gatefill.cli import main
 from gatefill.db import Database
 from gatefill.prism.schema import init_schema
-from gatefill.prism.seed import TEST_SESSION_A, seed_scenario
-from tests.conftest import Target, sqlite_env, table_digests
+from gatefill.prism.seed import TEST_SESSION_A
+from tests.conftest import Seeder, Target, sqlite_env, table_digests
 
 
 @dataclass
@@ -65,8 +65,8 @@ class Lab:
 
 
 @pytest.fixture
-def lab(target: Target, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Lab:
-    seed_scenario(target.db, "staging-2025-09-17")
+def lab(target: Target, tmp_path: Path, capsys: pytest.CaptureFixture[str], seeder: Seeder) -> Lab:
+    seeder(target, "staging-2025-09-17")
     production = tmp_path / "production.db"
     with Database(sqlite_env(production, "production", kind="production"), create=True) as db:
         init_schema(db)

@@ -19,19 +19,18 @@ from gatefill.health import check_health
 from gatefill.plan import load_plan_file
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import profiles
-from gatefill.prism.seed import seed_scenario
-from tests.conftest import Target
+from tests.conftest import Seeder, Target
 
 AT = datetime(2025, 9, 18, 0, 10, tzinfo=UTC)
 
 
-def production(target: Target, tmp_path: Path) -> tuple[Environment, Settings, dict[str, object]]:
+def production(target: Target, tmp_path: Path, seeder: Seeder) -> tuple[Environment, Settings, dict[str, object]]:
     env = Environment(name="production", kind="production", database_url=target.url)
     staging = Environment(name="staging", kind="staging", database_url=f"sqlite:///{tmp_path / 'staging.db'}")
     settings = Settings(
         path=None, root=tmp_path, artifacts_dir=tmp_path / "a", environments={"production": env, "staging": staging}
     )
-    seed_scenario(target.db, "production-2025-09-18")
+    seeder(target, "production-2025-09-18")
     with target.db.begin() as conn:
         conn.execute(
             profiles.delete().where(
@@ -44,8 +43,8 @@ def production(target: Target, tmp_path: Path) -> tuple[Environment, Settings, d
     return env, settings, load_plan_file(health.paths["mini_plan"])
 
 
-def test_production_apply_needs_a_soak_or_an_override(target: Target, tmp_path: Path) -> None:
-    env, settings, body = production(target, tmp_path)
+def test_production_apply_needs_a_soak_or_an_override(target: Target, tmp_path: Path, seeder: Seeder) -> None:
+    env, settings, body = production(target, tmp_path, seeder)
     run = lambda override=None: apply_plan(  # noqa: E731
         target.db,
         env,

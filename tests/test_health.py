@@ -16,8 +16,7 @@ from gatefill.health import check_health
 from gatefill.plan import load_plan_file
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import fc_scores, profiles
-from gatefill.prism.seed import seed_scenario
-from tests.conftest import Target
+from tests.conftest import Seeder, Target
 
 # Phase 1 and health also run through PgBouncer in transaction mode (the `pooled` target).
 pytestmark = pytest.mark.pooled
@@ -31,8 +30,8 @@ def table_names(target: Target) -> set[str]:
         return set(sa.inspect(conn).get_table_names())
 
 
-def test_healthy_production_passes_and_writes_nothing(target: Target, tmp_path: Path) -> None:
-    seed_scenario(target.db, "production-2025-09-18")
+def test_healthy_production_passes_and_writes_nothing(target: Target, tmp_path: Path, seeder: Seeder) -> None:
+    seeder(target, "production-2025-09-18")
     tables_before = table_names(target)
     result = check_health(target.db, target.env, since=SINCE, now=AT, artifacts_dir=tmp_path)
     assert result.healthy and result.exit_code == 0, [(c.name, c.summary) for c in result.checks if c.verdict != "PASS"]
@@ -48,9 +47,9 @@ def test_healthy_production_passes_and_writes_nothing(target: Target, tmp_path: 
 
 
 def test_unhealthy_production_lists_the_exact_sessions_and_its_mini_plan_fixes_them(
-    target: Target, tmp_path: Path
+    target: Target, tmp_path: Path, seeder: Seeder
 ) -> None:
-    seed_scenario(target.db, "production-2025-09-18")
+    seeder(target, "production-2025-09-18")
     with target.db.begin() as conn:
         victims = sorted(
             r[0] for r in conn.execute(sa.select(profiles.c.session_id).order_by(profiles.c.session_id).limit(4))
@@ -86,8 +85,8 @@ def test_unhealthy_production_lists_the_exact_sessions_and_its_mini_plan_fixes_t
     assert again.healthy, [(c.name, c.summary) for c in again.checks if c.verdict != "PASS"]
 
 
-def test_staging_traps_are_reported_not_hidden(target: Target, tmp_path: Path) -> None:
-    truth = seed_scenario(target.db, "staging-2025-09-17")
+def test_staging_traps_are_reported_not_hidden(target: Target, tmp_path: Path, seeder: Seeder) -> None:
+    truth = seeder(target, "staging-2025-09-17")
     result = check_health(
         target.db, target.env, since=SINCE, now=datetime(2025, 9, 17, 8, tzinfo=UTC), artifacts_dir=tmp_path
     )
@@ -107,9 +106,9 @@ def test_staging_traps_are_reported_not_hidden(target: Target, tmp_path: Path) -
 
 
 def test_a_report_is_never_dated_before_the_sessions_it_counts_and_rls_on_sqlite_is_not_a_pass(
-    target: Target, tmp_path: Path
+    target: Target, tmp_path: Path, seeder: Seeder
 ) -> None:
-    seed_scenario(target.db, "production-2025-09-18")  # sessions stamped up to 2025-09-17T20:06
+    seeder(target, "production-2025-09-18")  # sessions stamped up to 2025-09-17T20:06
     early = datetime(2025, 9, 17, 18, 0, tzinfo=UTC)
     result = check_health(target.db, target.env, since=SINCE, now=early, artifacts_dir=tmp_path / "early")
     by_name = {c.name: c for c in result.checks}

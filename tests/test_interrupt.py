@@ -18,8 +18,7 @@ from gatefill import ledger
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism.job import PrismJob
-from gatefill.prism.seed import seed_scenario
-from tests.conftest import Target
+from tests.conftest import Seeder, Target
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
 START = datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)
@@ -44,9 +43,9 @@ def status(target: Target, run_id: str) -> RunStatus:
     ("signum", "said", "exit_code"), [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)]
 )
 def test_a_signal_during_the_throttle_wait_pauses_before_any_batch(
-    target: Target, tmp_path: Path, signum: signal.Signals, said: str, exit_code: int
+    target: Target, tmp_path: Path, signum: signal.Signals, said: str, exit_code: int, seeder: Seeder
 ) -> None:
-    seed_scenario(target.db, "staging-2025-09-17")
+    seeder(target, "staging-2025-09-17")
     # 5 sessions per batch at 1/min: the first batch waits 300 s for its tokens, which is when the signal comes.
     params = PlanParams(since=SINCE, rate="1/min", batch_size=5)
     plan = build_plan(target.db, target.env, PrismJob(), params, now=START, artifacts_dir=tmp_path / "artifacts")
