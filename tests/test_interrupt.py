@@ -83,3 +83,36 @@ def test_a_signal_during_the_throttle_wait_pauses_before_any_batch(
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
     assert f"run {plan.run_id}: succeeded; written 39" in out
+
+
+def test_sigterm_pauses_a_soak_waiting_for_its_next_look(target: Target, tmp_path: Path, seeder: Seeder) -> None:
+    """A real-clock soak sits waiting for its first look (five minutes away) when SIGTERM comes: it ends at once with
+    the run paused and the signal named, as Ctrl-C does (it only listened for Ctrl-C before, and died 'running')."""
+    seeder(target, "staging-2025-09-17")
+    config = tmp_path / "gatefill.toml"
+    config.write_text(f'artifacts_dir = "artifacts"\n[env.test]\ndatabase_url = "{target.url}"\n', encoding="utf-8")
+    now = datetime.now(UTC).isoformat()
+    proc = gatefill(config, "soak", "--env", "test", "--from", now, "--duration", "10m", "--interval", "5m")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with target.db.connect() as conn:
+                held = (
+                    sa.inspect(conn).has_table(ledger.runs.name)
+                    and conn.execute(
+                        sa.select(ledger.runs.c.id).where(ledger.runs.c.status == "running")
+                    ).scalar_one_or_none()
+                )
+            if held:
+                break
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the soak never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)  # a hang guard: it would wait five minutes for its look
+    finally:
+        proc.kill()
+    assert "interrupted (SIGTERM): continue with `gatefill soak --resume" in out, out + err
+    assert status(target, str(held)) is RunStatus.PAUSED
+    with target.db.connect() as conn:
+        assert ledger.get_lease(conn, f"run:{held}") is None

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["Interruption", "stop_on_sigint", "stop_on_signals"]
+__all__ = ["Interruption", "stop_on_signals"]
 
 
 @dataclass
@@ -63,10 +63,3 @@ def stop_on_signals(
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
-
-
-@contextmanager
-def stop_on_sigint(stop: threading.Event) -> Iterator[None]:
-    """``stop_on_signals`` for Ctrl-C alone (the soak's stop)."""
-    with stop_on_signals(stop, (signal.SIGINT,)):
-        yield

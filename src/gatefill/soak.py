@@ -47,7 +47,7 @@ from gatefill.clock import Clock, SimulatedClock, utc
 from gatefill.config import Environment
 from gatefill.db import Database, format_utc
 from gatefill.errors import GatefillError, UsageError
-from gatefill.interrupt import stop_on_sigint
+from gatefill.interrupt import stop_on_signals
 from gatefill.job import NOT_APPLICABLE, Check, Fence, overall_verdict
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
@@ -677,7 +677,7 @@ def run_soak(
     simulated = isinstance(clock, SimulatedClock)
     interrupted = False
     # One process measures a soak at a time: the run's lease (see gatefill.lease), which each stored look fences with.
-    with RunLease(db, run.id, "soak") as lease, stop_on_sigint(stop):
+    with RunLease(db, run.id, "soak") as lease, stop_on_signals(stop) as interruption:
         with db.connect() as conn:
             done = load_measurements(conn, run.id)
         resumed_at = done[-1].seq + 1 if done else None
@@ -757,7 +757,7 @@ def run_soak(
         if ended_early:
             why += f"; ended early at look {looks} of {max_looks} (--fail-fast: a FAIL is final)"
         elif interrupted:
-            why += "; interrupted (Ctrl-C): continue with `gatefill soak --resume " + run.id + "`"
+            why += f"; interrupted ({interruption.description}): continue with `gatefill soak --resume {run.id}`"
         summary = {
             "verdict": verdict,
             "reason": why,
