@@ -110,3 +110,38 @@ def test_metrics_url_is_read_from_the_file_and_overridable(tmp_path: Path) -> No
     assert load_settings(path, environ=override).env("staging").metrics_url == "http://10.0.0.5:9100/metrics"
     assert load_settings(write(tmp_path, EXAMPLE_CONFIG), environ={}).env("staging").metrics_url is None
     assert "# metrics_url = " in EXAMPLE_CONFIG
+
+
+def test_pooler_and_lease_ttl_are_read_checked_and_overridable(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[env.prod]\ndatabase_url = "postgresql://u@pooler.example:6543/postgres"\npooler = "transaction"\n'
+        'lease_ttl = "90s"\n[env.plain]\ndatabase_url = "sqlite:///x.db"\n',
+    )
+    settings = load_settings(path, environ={})
+    assert (settings.env("prod").pooler, settings.env("prod").lease_ttl) == ("transaction", 90.0)
+    assert (settings.env("plain").pooler, settings.env("plain").lease_ttl) == ("none", 60.0)
+    overridden = load_settings(
+        path, environ={"GATEFILL_ENV_PROD_POOLER": "session", "GATEFILL_ENV_PROD_LEASE_TTL": "2m"}
+    )
+    assert (overridden.env("prod").pooler, overridden.env("prod").lease_ttl) == ("session", 120.0)
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ('pooler = "pgbouncer"', "pooler must be 'none', 'session' or 'transaction', not 'pgbouncer'"),
+        ('lease_ttl = "soon"', "lease_ttl is not a duration: 'soon'"),
+        ('lease_ttl = "500ms"', "lease_ttl must be at least 1s"),
+    ],
+)
+def test_a_bad_pooler_or_lease_ttl_is_a_config_error(tmp_path: Path, lines: str, message: str) -> None:
+    path = write(tmp_path, f'[env.prod]\ndatabase_url = "postgresql://u@db.example/postgres"\n{lines}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_settings(path, environ={})
+
+
+def test_a_pooler_needs_a_postgres_url(tmp_path: Path) -> None:
+    path = write(tmp_path, '[env.x]\ndatabase_url = "sqlite:///x.db"\npooler = "transaction"\n')
+    with pytest.raises(ConfigError, match="pooler 'transaction' needs a postgresql:// database_url"):
+        load_settings(path, environ={})

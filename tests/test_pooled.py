@@ -279,3 +279,19 @@ def test_the_functions_server_and_the_simulator_leave_no_session_setting_behind(
         seen = {conn.execute("SHOW statement_timeout").fetchone()[0] for _ in range(12)}  # type: ignore[index]
     assert seen == {"0"}, f"a session setting leaked to other clients: {seen}"
     assert leftovers(place) == []
+
+
+@pytest.mark.parametrize("place", ["postgresql", "pooled"], indirect=True)
+def test_db_check_says_what_sits_between_and_refuses_a_setting_that_hides_a_transaction_pooler(place: Place) -> None:
+    checked = place.run("db", "check", "--env", "staging")
+    assert checked.returncode == 0, checked.stderr
+    if place.kind == "pooled":
+        assert re.search(r"both ran transactions on server backend|transactions ran on server backends", checked.stdout)
+    else:
+        assert "each connection kept its own backend" in checked.stdout, checked.stdout
+    if place.kind == "pooled":
+        config = place.directory / "gatefill.toml"
+        config.write_text(config.read_text().replace('pooler = "transaction"', 'pooler = "none"'), encoding="utf-8")
+        hidden = place.run("db", "check", "--env", "staging")
+        assert hidden.returncode == 1, hidden.stdout
+        assert "MISMATCH: pooler = 'none'" in hidden.stdout and 'set pooler = "transaction"' in hidden.stdout

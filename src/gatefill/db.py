@@ -406,21 +406,23 @@ class PoolerFinding:
         return f"{self.evidence} ({advice}; configured: {self.configured!r})"
 
 
-def detect_pooler(db: Database, rounds: int = 3) -> PoolerFinding:
-    """Read-only: which server connection (backend pid) runs each of ``rounds`` short transactions on two connections
+def detect_pooler(db: Database) -> PoolerFinding:
+    """Read-only: which server connection (backend pid) runs each of a few short transactions on two connections
     held open side by side. A direct connection, or a session pooler, keeps one backend per connection, never shared;
-    a transaction pooler moves transactions between backends, and hands one backend to both connections in turn."""
+    a transaction pooler moves transactions between backends, and hands one backend to both connections in turn.
+    The order (a, b, a, a, b, b, a) catches both ways a pool hands out its connections: the last one released (one
+    backend shared) and round robin (a connection moving between backends)."""
     configured = db.env.pooler
     if db.caps.dialect != "postgresql":
         return PoolerFinding(configured, "n/a", "SQLite file: no server connection, no pooler")
     seen: dict[str, list[int]] = {"a": [], "b": []}
     port: int | None = None
     with db.translate_errors(), db.engine.connect() as a, db.engine.connect() as b:
-        for _ in range(rounds):
-            for name, conn in (("a", a), ("b", b)):
-                with conn.begin():
-                    pid, port = conn.execute(sa.text("SELECT pg_backend_pid(), inet_server_port()")).one()
-                seen[name].append(int(pid))
+        for name in "abaabba":
+            conn = a if name == "a" else b
+            with conn.begin():
+                pid, port = conn.execute(sa.text("SELECT pg_backend_pid(), inet_server_port()")).one()
+            seen[name].append(int(pid))
     shared = set(seen["a"]) & set(seen["b"])
     moved = [name for name, pids in seen.items() if len(set(pids)) > 1]
     if shared:
@@ -429,13 +431,14 @@ def detect_pooler(db: Database, rounds: int = 3) -> PoolerFinding:
         return PoolerFinding(configured, "transaction", what)
     if moved:
         pids = ", ".join(str(p) for p in dict.fromkeys(seen[moved[0]]))
-        what = f"one connection's {rounds} transactions ran on server backends {pids}"
+        what = f"one connection's {len(seen[moved[0]])} transactions ran on server backends {pids}"
         return PoolerFinding(configured, "transaction", what)
     url_port = db.env.url.port or 5432
     if port is not None and int(port) != url_port:
         what = f"the server listens on port {port}, the URL names {url_port}, each connection kept its backend"
         return PoolerFinding(configured, "proxy", what)
-    return PoolerFinding(configured, "direct", f"each connection kept its own backend over {rounds} transactions")
+    transactions = len(seen["a"]) + len(seen["b"])
+    return PoolerFinding(configured, "direct", f"each connection kept its own backend over {transactions} transactions")
 
 
 def database_now(conn: Connection) -> datetime:
