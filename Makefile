@@ -47,6 +47,7 @@ pgbouncer:
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports --no-logo
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy

@@ -64,10 +64,10 @@ from gatefill.config import Environment, Pooler
 from gatefill.db import Database, dumps_json
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism import scoring
+from gatefill.prism.inputs import load_reference_data_from_db
 from gatefill.prism.job import PrismJob
+from gatefill.prism.sandbox.seed import WINDOW_START, seed_scenario
 from gatefill.prism.schema import fc_scores, init_schema, load_reference_data, profiles
-from gatefill.prism.seed import WINDOW_START, seed_scenario
-from gatefill.prism.service import load_reference_data_from_db
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.pgbouncer starts PgBouncer
 from tests.pgbouncer import start_pgbouncer
@@ -106,7 +106,7 @@ def _checkpoint(url: str) -> None:
 
 def _serve_child(database_url: str, port: int, key: str) -> None:
     """Child process for ``--http-server process``: the server as ``gatefill serve functions`` runs it."""
-    from gatefill.prism.functions_server import serve_functions
+    from gatefill.prism.platform.server import serve_functions
 
     os.environ[_KEY_ENV] = key
     env = Environment("bench", "staging", database_url, service_role_key_env=_KEY_ENV)
@@ -118,7 +118,7 @@ def _functions_server(url: str, key: str, mode: str) -> Iterator[str]:
     """The functions server on 127.0.0.1; yields its ``/functions/v1`` base URL."""
     env = Environment("bench", "staging", _sa_url(url))
     if mode == "thread":
-        from gatefill.prism.functions_server import create_app, serve_in_thread
+        from gatefill.prism.platform.server import create_app, serve_in_thread
 
         with Database(env, pool_size=4) as db, serve_in_thread(create_app(env, db, service_role_key=key)) as base:
             yield f"{base}/functions/v1"

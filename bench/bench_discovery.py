@@ -49,8 +49,8 @@ from gatefill.db import Database
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism import discovery
 from gatefill.prism.job import PrismJob
+from gatefill.prism.sandbox.seed import WINDOW_START, seed_scenario
 from gatefill.prism.schema import init_schema, load_reference_data, profiles
-from gatefill.prism.seed import WINDOW_START, seed_scenario
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 GOAL_SECONDS = 30.0

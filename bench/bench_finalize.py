@@ -56,9 +56,9 @@ from psycopg import sql
 
 from gatefill.config import Environment, Pooler
 from gatefill.db import Database
+from gatefill.prism.sandbox.simulator import new_respondent
 from gatefill.prism.schema import assessment_responses, assessment_sessions, fc_responses, init_schema
 from gatefill.prism.schema import load_reference_data as load_reference_rows
-from gatefill.prism.simulator import new_respondent
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.pgbouncer starts PgBouncer
 from tests.pgbouncer import start_pgbouncer
@@ -103,7 +103,7 @@ def _pooled_url(pooler: str, name: str) -> str:
 
 def _serve(database_url: str, port: int, key: str, workers: int, pooler: Pooler) -> None:
     """The child process: the functions server as ``gatefill serve functions`` runs it."""
-    from gatefill.prism.functions_server import serve_functions
+    from gatefill.prism.platform.server import serve_functions
 
     os.environ[KEY_ENV] = key
     env = Environment("bench", "staging", database_url, service_role_key_env=KEY_ENV, pooler=pooler)

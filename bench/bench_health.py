@@ -47,8 +47,9 @@ from psycopg import sql
 from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.health import check_health
+from gatefill.prism.job import PrismJob
+from gatefill.prism.sandbox.seed import WINDOW_START, seed_scenario
 from gatefill.prism.schema import init_schema, load_reference_data
-from gatefill.prism.seed import WINDOW_START, seed_scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_discovery import _pad  # the same complete sessions, written in SQL
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="gf_bench_health_") as tmp:
                 for i in range(args.runs):
                     t0 = time.perf_counter()
-                    result = check_health(db, env, since=WINDOW_START, now=NOW, artifacts_dir=Path(tmp))
+                    result = check_health(db, env, since=WINDOW_START, now=NOW, artifacts_dir=Path(tmp), job=PrismJob())
                     totals.append(time.perf_counter() - t0)
                     for check, seconds in result.seconds.items():
                         per_check.setdefault(check, []).append(seconds)

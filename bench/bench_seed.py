@@ -27,8 +27,8 @@ from psycopg import sql
 
 from gatefill.config import Environment
 from gatefill.db import Database
+from gatefill.prism.sandbox.seed import seed_scenario
 from gatefill.prism.schema import init_schema, load_reference_data
-from gatefill.prism.seed import seed_scenario
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -57,11 +57,12 @@ from psycopg import sql
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
 from gatefill.db import Database
-from gatefill.prism.functions_server import create_app, serve_in_thread
+from gatefill.job import Baseline, Look
+from gatefill.prism.checks.soak import PrismSoakChecks, PrismSoakSettings, window_queries
+from gatefill.prism.platform.server import create_app, serve_in_thread
+from gatefill.prism.sandbox.simulator import SimulationReport, simulate
 from gatefill.prism.schema import init_schema, load_reference_data
-from gatefill.prism.simulator import SimulationReport, simulate
-from gatefill.prism.soak_checks import PrismSoakChecks, PrismSoakSettings, window_queries
-from gatefill.soak import DEFAULT_MIN_CONVERSION, Baseline, Look
+from gatefill.soak import DEFAULT_MIN_CONVERSION
 from gatefill.stats import SequentialPlan
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"

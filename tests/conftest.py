@@ -24,8 +24,8 @@ from psycopg import sql
 
 from gatefill.config import Environment
 from gatefill.db import Database
+from gatefill.prism.sandbox.seed import SeedReport, seed_scenario
 from gatefill.prism.schema import init_schema, load_reference_data
-from gatefill.prism.seed import SeedReport, seed_scenario
 from tests.pgbouncer import PgBouncer, pgbouncer_binary, start_pgbouncer
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"

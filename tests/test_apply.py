@@ -22,10 +22,11 @@ from gatefill.job import BatchOutcome
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan, plan_hash
 from gatefill.prism import scoring
+from gatefill.prism.inputs import load_reference_data_from_db, load_session_inputs
 from gatefill.prism.job import PrismJob
+from gatefill.prism.platform.service import CallContext, PrismService
+from gatefill.prism.sandbox.seed import TEST_SESSION_A, TEST_SESSION_B, SeedReport
 from gatefill.prism.schema import fc_scores, fn_logs, profiles
-from gatefill.prism.seed import TEST_SESSION_A, TEST_SESSION_B, SeedReport
-from gatefill.prism.service import CallContext, PrismService, load_reference_data_from_db, load_session_inputs
 from tests.conftest import Seeder, Target
 
 # Phase 1 and health also run through PgBouncer in transaction mode (the `pooled` target).

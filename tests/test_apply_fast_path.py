@@ -22,10 +22,10 @@ from gatefill.clock import SimulatedClock
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism import job as job_module
+from gatefill.prism.inputs import load_reference_data_from_db, load_session_inputs
 from gatefill.prism.job import PrismJob, _load_inputs
+from gatefill.prism.sandbox.seed import SeedReport
 from gatefill.prism.schema import assessment_responses, fc_scores, fn_logs, profiles, scoring_config
-from gatefill.prism.seed import SeedReport
-from gatefill.prism.service import load_reference_data_from_db, load_session_inputs
 from tests.conftest import Seeder, Target
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)

@@ -17,8 +17,8 @@ import pytest
 from gatefill import ledger
 from gatefill.cli import main
 from gatefill.db import Database
+from gatefill.prism.sandbox.seed import TEST_SESSION_A
 from gatefill.prism.schema import init_schema
-from gatefill.prism.seed import TEST_SESSION_A
 from tests.conftest import Seeder, Target, sqlite_env, table_digests
 
 

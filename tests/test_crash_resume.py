@@ -30,8 +30,8 @@ from gatefill.lease import lease_name
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism.job import PrismJob
+from gatefill.prism.sandbox.seed import seed_scenario
 from gatefill.prism.schema import PROFILE_RESULT_COLUMNS, fc_scores, fn_logs, profiles
-from gatefill.prism.seed import seed_scenario
 from tests.conftest import (
     _admin,
     create_pg_database,

@@ -39,7 +39,9 @@ def production(target: Target, tmp_path: Path, seeder: Seeder) -> tuple[Environm
                 )
             )
         )
-    health = check_health(target.db, env, since=datetime(2025, 8, 1, tzinfo=UTC), now=AT, artifacts_dir=tmp_path)
+    health = check_health(
+        target.db, env, since=datetime(2025, 8, 1, tzinfo=UTC), now=AT, artifacts_dir=tmp_path, job=PrismJob()
+    )
     return env, settings, load_plan_file(health.paths["mini_plan"])
 
 

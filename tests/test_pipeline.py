@@ -19,13 +19,14 @@ from gatefill.cli import main
 from gatefill.clock import Clock, OffsetClock, RealClock
 from gatefill.config import Environment, Settings
 from gatefill.db import Database
-from gatefill.demo import DEMO_SINCE, PIPELINE_START, run_demo_pipeline, seed_demo
+from gatefill.jobs import get_job
 from gatefill.pipeline import PipelineOptions, run_pipeline
 from gatefill.plan import load_plan_file
+from gatefill.prism.job import PrismJob
+from gatefill.prism.sandbox.demo import DEMO_SINCE, PIPELINE_START, run_demo_pipeline, seed_demo
 from gatefill.prism.schema import assessment_sessions, profiles
-from gatefill.prism.soak_checks import run_prism_soak
 from gatefill.rollback import rollback_command
-from gatefill.soak import SoakOptions
+from gatefill.soak import SoakOptions, soak_job
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, pooled_env, sqlite_env
 
 #: Enough simulated respondents for the soak to conclude, few enough to keep the test short.
@@ -121,6 +122,7 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
     rerun = run_pipeline(
         pair,
         PipelineOptions(staging="staging", production="production", since=DEMO_SINCE),
+        job=PrismJob(),
         clock=RealClock(),
         soak_step=never_soak,
     )
@@ -162,12 +164,18 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
     # The staging apply is rolled back afterwards: the pipeline and its final gate say so instead of the old GO.
     apply_run = steps["apply"]["run_id"]
     undone = rollback_command(
-        pair.env("staging"), apply_run, dry_run=False, force=False, artifacts_dir=pair.artifacts_dir
+        pair.env("staging"),
+        apply_run,
+        dry_run=False,
+        force=False,
+        artifacts_dir=pair.artifacts_dir,
+        find_job=get_job,
     )
     assert undone.committed
     outdated = run_pipeline(
         pair,
         PipelineOptions(staging="staging", production="production", since=DEMO_SINCE),
+        job=PrismJob(),
         clock=RealClock(),
         soak_step=never_soak,
     )
@@ -189,6 +197,7 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
     fresh = run_pipeline(
         pair,
         PipelineOptions(staging="staging", production="production", since=DEMO_SINCE),
+        job=PrismJob(),
         clock=RealClock(),
         soak_step=never_soak,
     )
@@ -199,7 +208,7 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
 def empty_soak(db: Database, env: Environment, apply_run: str, clock: Clock, artifacts: Path) -> dict[str, object]:
     """A real soak over six simulated hours in which nobody used staging: nothing to measure, so INCONCLUSIVE.
     Like the demo's, it moves the pipeline's clock past those hours, so nothing later is dated before them."""
-    result = run_prism_soak(env, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
+    result = soak_job(env, PrismJob(), SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
     assert isinstance(clock, OffsetClock)
     clock.advance_to(result.window_end)
     return {
@@ -221,7 +230,7 @@ def test_unhealthy_production_without_a_passing_soak_is_refused_until_an_overrid
     options = PipelineOptions(
         staging="staging", production="production", since=DEMO_SINCE, rate="unlimited", auto_approve_as="tess"
     )
-    state = run_pipeline(pair, options, clock=OffsetClock(PIPELINE_START), soak_step=empty_soak)
+    state = run_pipeline(pair, options, job=PrismJob(), clock=OffsetClock(PIPELINE_START), soak_step=empty_soak)
     assert not state.done and state.blocked is not None and state.blocked.exit_code == 4
     assert state.steps["soak"]["verdict"] == "INCONCLUSIVE"
     assert state.steps["health"]["healthy"] is False
@@ -256,7 +265,7 @@ def test_unhealthy_production_without_a_passing_soak_is_refused_until_an_overrid
     assert main([*argv, "--reason", "incident 7: profiles missing for paying users"]) == 0
 
     # The override's apply above ran on the wall clock, so the pipeline continues on it (never dated before it).
-    done = run_pipeline(pair, options, clock=RealClock(), soak_step=never_soak)
+    done = run_pipeline(pair, options, job=PrismJob(), clock=RealClock(), soak_step=never_soak)
     assert done.done and done.blocked is None
     prod = done.steps["production_apply"]
     assert prod["results"] == {"written": 3} and prod["healthy_after"] is True and prod["verdict"] == "PASS"

@@ -25,7 +25,7 @@ from gatefill import ledger
 from gatefill.config import load_settings
 from gatefill.db import Database
 from gatefill.lease import lease_name
-from gatefill.prism.seed import seed_scenario
+from gatefill.prism.sandbox.seed import seed_scenario
 from tests.conftest import (
     _admin,
     _conninfo,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from gatefill.demo import run_full_demo
+from gatefill.prism.sandbox.demo import run_full_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 GATEFILL = "../.venv/bin/gatefill"  # what `make demo` installs, as seen from gatefill-demo/

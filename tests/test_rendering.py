@@ -24,7 +24,7 @@ from gatefill import ledger
 from gatefill.cli import main
 from gatefill.config import Settings
 from gatefill.db import Database
-from gatefill.demo import run_demo_pipeline, seed_demo
+from gatefill.prism.sandbox.demo import run_demo_pipeline, seed_demo
 from gatefill.prism.schema import profiles
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
 

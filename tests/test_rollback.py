@@ -31,10 +31,11 @@ from gatefill import ledger, rollback
 from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText
 from gatefill.errors import DataError
 from gatefill.job import WrittenTable
+from gatefill.jobs import get_job
 from gatefill.ledger import IllegalTransition, RunNotFound, RunStatus
 from gatefill.prism import schema
 from gatefill.prism.job import PrismJob
-from gatefill.prism.seed import seed_scenario
+from gatefill.prism.sandbox.seed import seed_scenario
 from gatefill.rollback import (
     RollbackConflicts,
     RollbackResult,
@@ -673,10 +674,12 @@ def test_rollback_holds_at_most_two_pages_of_changes(
 
 def test_rollback_command_glue(case: Case) -> None:
     dry = rollback_command(
-        case.target.env, RUN, dry_run=True, force=False, artifacts_dir=case.artifacts, now=ROLLBACK_AT
+        case.target.env, RUN, dry_run=True, force=False, artifacts_dir=case.artifacts, find_job=get_job, now=ROLLBACK_AT
     )
     assert dry.verdict == "PASS" and not dry.committed and dry.database == case.target.env.display_url
-    real = rollback_command(case.target.env, RUN, dry_run=False, force=False, artifacts_dir=case.artifacts)
+    real = rollback_command(
+        case.target.env, RUN, dry_run=False, force=False, artifacts_dir=case.artifacts, find_job=get_job
+    )
     assert real.committed and real.status_after is RunStatus.ROLLED_BACK
     assert_restored(case)
 
@@ -684,10 +687,12 @@ def test_rollback_command_glue(case: Case) -> None:
 def test_unknown_run_and_missing_ledger_are_usage_errors(target: Target, tmp_path: Path) -> None:
     artifacts = tmp_path / "artifacts"
     with pytest.raises(RunNotFound, match="it has no run ledger"):
-        rollback_command(target.env, RUN, dry_run=True, force=False, artifacts_dir=artifacts)
+        rollback_command(target.env, RUN, dry_run=True, force=False, artifacts_dir=artifacts, find_job=get_job)
     ledger.init_ledger(target.db)
     with pytest.raises(RunNotFound) as unknown:
-        rollback_command(target.env, "apply-nope", dry_run=False, force=False, artifacts_dir=artifacts)
+        rollback_command(
+            target.env, "apply-nope", dry_run=False, force=False, artifacts_dir=artifacts, find_job=get_job
+        )
     assert unknown.value.exit_code == 2 and "unknown run 'apply-nope'" in str(unknown.value)
     assert not artifacts.exists()  # nothing written for a run that does not exist
 

@@ -27,16 +27,15 @@ from gatefill.config import Environment, Settings
 from gatefill.db import Database
 from gatefill.errors import UsageError
 from gatefill.gate import find_passing_soak
-from gatefill.job import Check, overall_verdict
+from gatefill.job import Baseline, Check, Measurement, overall_verdict
 from gatefill.ledger import RunStatus
-from gatefill.prism.functions_server import create_app, serve_in_thread
+from gatefill.prism.checks.soak import CHECK_NAMES, PrismSoakChecks, PrismSoakSettings
+from gatefill.prism.job import PrismJob
+from gatefill.prism.platform.server import create_app, serve_in_thread
+from gatefill.prism.platform.service import CallContext, PrismService
+from gatefill.prism.sandbox.simulator import SimulationReport, simulate
 from gatefill.prism.schema import assessment_sessions, fc_scores, profiles
-from gatefill.prism.service import CallContext, PrismService
-from gatefill.prism.simulator import SimulationReport, simulate
-from gatefill.prism.soak_checks import CHECK_NAMES, PrismSoakChecks, PrismSoakSettings, run_prism_soak
 from gatefill.soak import (
-    Baseline,
-    Measurement,
     SoakOptions,
     SoakResult,
     exit_code_for,
@@ -44,6 +43,7 @@ from gatefill.soak import (
     parse_margin,
     parse_min_conversion,
     run_soak,
+    soak_job,
     soak_verdict,
 )
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
@@ -622,8 +622,8 @@ def test_the_library_entry_of_the_cli_soaks_with_a_simulated_clock(
 ) -> None:
     monkeypatch.setenv(KEY_ENV, SERVICE_KEY)
     start = _window(8)
-    result = run_prism_soak(
-        soaked.env, replace(OPTIONS, start=start), artifacts_dir=soaked.artifacts, clock="simulated"
+    result = soak_job(
+        soaked.env, PrismJob(), replace(OPTIONS, start=start), artifacts_dir=soaked.artifacts, clock="simulated"
     )
     assert result.verdict == "INCONCLUSIVE" and result.complete and result.looks_taken == 12
     with soaked.db.connect() as conn:
@@ -633,7 +633,9 @@ def test_the_library_entry_of_the_cli_soaks_with_a_simulated_clock(
     assert run.summary["verdict"] == "INCONCLUSIVE"
     production = replace(soaked.env, kind="production")
     with pytest.raises(UsageError, match="production"):
-        run_prism_soak(production, replace(OPTIONS, start=start), artifacts_dir=soaked.artifacts, clock="simulated")
+        soak_job(
+            production, PrismJob(), replace(OPTIONS, start=start), artifacts_dir=soaked.artifacts, clock="simulated"
+        )
     assert exit_code_for("PASS") == 0 and exit_code_for("FAIL") == 1 and exit_code_for("INCONCLUSIVE") == 3
 
 

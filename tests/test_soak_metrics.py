@@ -4,7 +4,7 @@ judged from the histogram, and an endpoint that cannot be read makes both INCONC
 
 Each test serves a fresh app (its counters start at zero) on the module's database and soaks a window of its own,
 with a simulated clock: a retrospective soak, which may use the server's totals only when they are exactly the
-window's calls (``gatefill.prism.soak_metrics``).
+window's calls (``gatefill.prism.checks.app_metrics``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import pytest
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
 from gatefill.db import Database
-from gatefill.prism.functions_server import create_app, serve_in_thread
-from gatefill.prism.simulator import SimulationReport, simulate
-from gatefill.prism.soak_checks import PrismSoakChecks, PrismSoakSettings
+from gatefill.prism.checks.soak import PrismSoakChecks, PrismSoakSettings
+from gatefill.prism.platform.server import create_app, serve_in_thread
+from gatefill.prism.sandbox.simulator import SimulationReport, simulate
 from gatefill.soak import SoakOptions, SoakResult, run_soak
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
 from tests.prism.conftest import Live, refused_writes

@@ -32,7 +32,17 @@ from gatefill.db import Database, format_utc
 from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
 from gatefill.interrupt import stop_on_signals
-from gatefill.job import NOT_APPLICABLE, Candidate, Check, Fence, Job, SessionOutcome, overall_verdict
+from gatefill.job import (
+    LOCAL_EXECUTOR,
+    NOT_APPLICABLE,
+    Candidate,
+    Check,
+    Executor,
+    Fence,
+    Job,
+    SessionOutcome,
+    overall_verdict,
+)
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 from gatefill.plan import verify_plan
@@ -59,13 +69,13 @@ class ApplyOptions:
 
     rate: str | None = None  # default: the plan's rate
     batch_size: int | None = None  # default: the plan's batch size
-    executor: str = "local"
+    executor: str = LOCAL_EXECUTOR  # or one of the job's own (``Job.executors``)
     max_failures: int = 0
     approve_as: str | None = None
     retry_attempts: int = 5
     retry_base_seconds: float = 0.5
 
-    def validate(self) -> None:
+    def validate(self, job: Job) -> None:
         """``UsageError`` (exit 2) for an option that cannot be used; apply checks this before it writes anything."""
         if self.rate is not None:
             parse_rate(self.rate)
@@ -73,8 +83,9 @@ class ApplyOptions:
             raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.max_failures < 0:
             raise UsageError(f"--max-failures must be 0 or more, not {self.max_failures}")
-        if self.executor not in ("local", "functions"):
-            raise UsageError(f"unknown executor '{self.executor}' (use local or functions)")
+        if self.executor not in job.executors():
+            known = " or ".join(job.executors())
+            raise UsageError(f"unknown executor '{self.executor}' for job {job.name} (use {known})")
         if self.approve_as is not None and not self.approve_as.strip():
             raise UsageError("--approve-as needs a name")
 
@@ -332,7 +343,7 @@ def apply_plan(
     On a production environment the production gate must pass first (``settings`` lets it find the staging soak),
     or ``override`` must name who lets it through and why.
     """
-    options.validate()
+    options.validate(job)
     verify_plan(plan_body, env)
     now = clock.now()
     run = ensure_run_for_plan(db, plan_body, now=now)
@@ -361,14 +372,8 @@ def apply_plan(
     logs_dir.mkdir(parents=True, exist_ok=True)
     result = ApplyResult(run.id, run.status, len(order))
     with contextlib.ExitStack() as resources:
-        commit = _commit_batch
-        functions = None
-        if options.executor == "functions":
-            # Imported here: the HTTP executor is PRISM's (it speaks to the PRISM functions); apply stays job-neutral.
-            from gatefill.prism.functions_executor import FunctionsExecutor
-
-            functions = resources.enter_context(FunctionsExecutor.from_env(env))
-            commit = functions.commit_batch
+        functions = resources.enter_context(job.open_executor(options.executor, env))
+        commit = functions.commit_batch if functions is not None else _commit_batch
         lease = resources.enter_context(RunLease(db, run.id, "apply"))
         interruption = resources.enter_context(stop_on_signals(stop))
         if functions is not None:
@@ -477,7 +482,7 @@ def _commit_with_retry(
 
 
 def _recover_functions_batches(
-    functions: Any, db: Database, job: Job, run: ledger.Run, clock: Clock, lease: RunLease
+    functions: Executor, db: Database, job: Job, run: ledger.Run, clock: Clock, lease: RunLease
 ) -> None:
     """Finishes batches a crash left between their HTTP calls and their commit, before working out what is left."""
     try:

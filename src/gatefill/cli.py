@@ -65,6 +65,10 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="Path to gatefill.toml (default: $GATEFILL_CONFIG or ./gatefill.toml).")
 ]
 EnvOption = Annotated[str, typer.Option("--env", help="Environment name from gatefill.toml.")]
+JobOption = Annotated[
+    str | None,
+    typer.Option("--job", metavar="NAME", help="The job (`gatefill jobs` lists them; default prism)."),
+]
 
 
 @app.callback()
@@ -183,8 +187,8 @@ def seed_command(
     replace: Annotated[bool, typer.Option("--replace", help="Delete existing PRISM data rows first.")] = False,
 ) -> None:
     """Write realistic PRISM data for a scenario and print exactly what was built."""
+    from gatefill.prism.sandbox.seed import seed_scenario, validate_seed_arguments
     from gatefill.prism.schema import init_schema, load_reference_data
-    from gatefill.prism.seed import seed_scenario, validate_seed_arguments
 
     # Validate everything before the database (file) is created, so bad input writes nothing.
     when = _parse_when(now)
@@ -216,7 +220,7 @@ def demo_command(
     ] = False,
 ) -> None:
     """The whole pipeline on embedded SQLite staging/production: plan, apply, soak, health, final gate."""
-    from gatefill.demo import run_full_demo
+    from gatefill.prism.sandbox.demo import run_full_demo
 
     state = run_full_demo(directory, out, fast=fast)
     final = state.steps.get("final_gate", {})
@@ -244,21 +248,21 @@ def plan_command(
     profiles: Annotated[str, typer.Option(help="missing: only absent profiles; stale: also rescore stale ones.")] = (
         "missing"
     ),
+    job_name: JobOption = None,
 ) -> None:
     """Discover what needs backfilling, write backfill_plan.json/.md and record a planned run (halts for approval)."""
     from gatefill.clock import RealClock
+    from gatefill.jobs import get_job
     from gatefill.plan import PlanParams, build_plan
-    from gatefill.prism.job import PrismJob
-    from gatefill.prism.schema import require_schema
 
     settings = _settings()
     environment = settings.env(env)
-    job = PrismJob()
+    job = get_job(job_name, settings)
     params = PlanParams(
         since=_since(since), priority=tuple(priority or ()), rate=rate, batch_size=batch_size, profiles=profiles
     ).normalized(job)
     with Database(environment) as db:
-        require_schema(db)
+        job.require_schema(db)
         plan = build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
     body = plan.body
     out.print(f"run [bold]{plan.run_id}[/] planned on {environment.name}: {body['totals']['candidates']} candidates")
@@ -306,7 +310,9 @@ def apply_command(
     env: Annotated[str | None, typer.Option("--env", help="Environment (default: the plan's).")] = None,
     rate: Annotated[str | None, typer.Option(help="Override the plan's rate (e.g. 20/min, unlimited).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Override the plan's batch size.")] = None,
-    executor: Annotated[str, typer.Option(help="local (in-process scoring) or functions (HTTP).")] = "local",
+    executor: Annotated[
+        str, typer.Option(help="local (in-process), or one of the job's own (prism: functions, over HTTP).")
+    ] = "local",
     max_failures: Annotated[int, typer.Option("--max-failures", help="Failures the gate tolerates.")] = 0,
     approve_as: Annotated[
         str | None, typer.Option("--approve-as", help="Record the plan approval under this name and proceed.")
@@ -316,13 +322,15 @@ def apply_command(
     ] = False,
     by: Annotated[str | None, typer.Option("--by", help="Who overrides the gate.")] = None,
     reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden.")] = None,
+    job_name: JobOption = None,
 ) -> None:
-    """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable."""
+    """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable. The plan names its
+    job; --job, when given, must be that job."""
     from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
     from gatefill.clock import RealClock
     from gatefill.gate import Override
+    from gatefill.jobs import get_job
     from gatefill.plan import load_plan_file, plan_from_ledger
-    from gatefill.prism.job import PrismJob
     from gatefill.progress import apply_progress
     from gatefill.runs import find_run
 
@@ -342,8 +350,11 @@ def apply_command(
     if override_gate:
         override = Override(by or "", reason or "")
         override.validate()
+    planned_job = str(body.get("job") or "prism")
+    if job_name is not None and job_name != planned_job:
+        raise UsageError(f"--job {job_name}: the plan is for job {planned_job}")
+    job = get_job(planned_job, settings)
     clock = RealClock()
-    job = PrismJob()
     with Database(environment) as db:
         with apply_progress(out) as progress:
             result = apply_plan(
@@ -465,6 +476,18 @@ def _wrapped(head: str, text: str) -> str:
     )
 
 
+@app.command("jobs")
+def jobs_command() -> None:
+    """List the jobs --job can name: built-ins, [job.NAME] tables of gatefill.toml, installed plugins."""
+    from gatefill.jobs import available_jobs
+
+    settings = _settings()
+    table = Table("job", "kind", "from")
+    for entry in available_jobs(settings):
+        table.add_row(entry.name, entry.kind, entry.source)
+    out.print(table, markup=False)
+
+
 @app.command("status")
 def status_command(
     run_id: Annotated[str | None, typer.Argument(metavar="[RUN]", help="A run id (default: recent runs).")] = None,
@@ -575,20 +598,15 @@ def soak_command(
             help="Soak an environment of kind production (the soak writes its ledger tables into that database).",
         ),
     ] = False,
+    job_name: JobOption = None,
 ) -> None:
     """Watch an environment for a window (staging; production only with --allow-production): every interval measure
     every check; verdict PASS (0), FAIL (1), INCONCLUSIVE (3)."""
     from gatefill.clock import parse_duration
-    from gatefill.prism.soak_checks import PrismSoakSettings, run_prism_soak
+    from gatefill.job import Baseline, Measurement, SoakSettings
+    from gatefill.jobs import get_job
     from gatefill.runs import find_run
-    from gatefill.soak import (
-        DEFAULT_MIN_CONVERSION,
-        Baseline,
-        Measurement,
-        SoakOptions,
-        parse_margin,
-        parse_min_conversion,
-    )
+    from gatefill.soak import DEFAULT_MIN_CONVERSION, SoakOptions, parse_margin, parse_min_conversion, soak_job
 
     try:
         duration_s, interval_s = parse_duration(duration), parse_duration(interval)
@@ -631,12 +649,13 @@ def soak_command(
             f"baseline {b.start.isoformat()} → {b.end.isoformat()} (measured once, {took}): {b.summary}", markup=False
         )
 
-    result = run_prism_soak(
+    result = soak_job(
         environment,
+        get_job(job_name, settings),
         options,
         artifacts_dir=settings.artifacts_dir,
         clock=clock,
-        settings=PrismSoakSettings(latency_p95_ms=p95_ms),
+        settings=SoakSettings(latency_p95_ms=p95_ms),
         on_look=progress,
         on_baseline=baseline_line,
     )
@@ -656,19 +675,22 @@ def health_command(
     env: EnvOption,
     since: SinceOption = "2025-08-01",
     at: Annotated[str | None, typer.Option("--at", help="Judge as of this time (ISO-8601; default now).")] = None,
+    job_name: JobOption = None,
 ) -> None:
     """Read-only production health checks with evidence; writes a mini backfill plan when anything needs work."""
     from gatefill.clock import RealClock
     from gatefill.health import check_health
-    from gatefill.prism.schema import require_schema
+    from gatefill.jobs import get_job
 
     settings = _settings()
     environment = settings.env(env)
+    job = get_job(job_name, settings)
     with Database(environment) as db:
-        require_schema(db)
+        job.require_schema(db)
         result = check_health(
             db,
             environment,
+            job=job,
             since=_since(since),
             now=_parse_when(at) or RealClock().now(),
             artifacts_dir=settings.artifacts_dir,
@@ -694,12 +716,13 @@ def pipeline_command(
     rate: Annotated[str, typer.Option(help="Apply throttle.")] = "20/min",
     soak_duration: Annotated[str, typer.Option("--soak-duration", help="Soak window.")] = "6h",
     soak_interval: Annotated[str, typer.Option("--soak-interval", help="Soak measurement interval.")] = "5m",
+    job_name: JobOption = None,
 ) -> None:
     """Advance the whole pipeline as far as its gates allow; each run continues where the last one stopped."""
     from gatefill.clock import RealClock, parse_duration
+    from gatefill.jobs import get_job
     from gatefill.pipeline import PipelineOptions, run_pipeline
-    from gatefill.prism.soak_checks import run_prism_soak
-    from gatefill.soak import SoakOptions
+    from gatefill.soak import SoakOptions, soak_job
 
     settings = _settings()
     try:
@@ -707,16 +730,18 @@ def pipeline_command(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
+    job = get_job(job_name, settings)
+
     def soak_step(db: Database, env: Any, apply_run: str, clock: Any, artifacts: Path) -> dict[str, Any]:
-        result = run_prism_soak(
-            env, SoakOptions(after=apply_run, duration=duration_s, interval=interval_s), artifacts_dir=artifacts
+        result = soak_job(
+            env, job, SoakOptions(after=apply_run, duration=duration_s, interval=interval_s), artifacts_dir=artifacts
         )
         return result.step_record()
 
     options = PipelineOptions(
         staging=staging, production=production, since=_since(since), priority=tuple(priority or ()), rate=rate
     )
-    state = run_pipeline(settings, options, clock=RealClock(), soak_step=soak_step)
+    state = run_pipeline(settings, options, job=job, clock=RealClock(), soak_step=soak_step)
     out.print(f"pipeline {state.run_id}", markup=False)
     for line in state.log:
         out.print(f"  {line}", markup=False)
@@ -743,7 +768,16 @@ def rollback_command(
 
     settings = _settings()
     environment, _ = find_run(settings, run_id, env)
-    result = run_rollback(environment, run_id, dry_run=dry_run, force=force, artifacts_dir=settings.artifacts_dir)
+    from gatefill.jobs import get_job
+
+    result = run_rollback(
+        environment,
+        run_id,
+        dry_run=dry_run,
+        force=force,
+        artifacts_dir=settings.artifacts_dir,
+        find_job=lambda name: get_job(name, settings),
+    )
     out.print("\n".join(render_rollback(result)), markup=False)
     if result.committed:
         from gatefill.clock import RealClock
@@ -784,7 +818,7 @@ def serve_functions_command(
     ] = 25.0,
 ) -> None:
     """Serve the PRISM edge functions (/functions/v1/...) and /results/{id}?t=TOKEN over HTTP."""
-    from gatefill.prism.functions_server import serve_functions
+    from gatefill.prism.platform.server import serve_functions
 
     serve_functions(
         _settings().env(env),
@@ -817,7 +851,7 @@ def simulate_command(
     ] = None,
 ) -> None:
     """Simulate live respondents: answers, abandonment, finalize over HTTP, results fetches; with injected faults."""
-    from gatefill.prism.simulator import run_simulation
+    from gatefill.prism.sandbox.simulator import run_simulation
 
     report = run_simulation(
         _settings().env(env),

@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -38,7 +38,7 @@ _ENV_KEYS = {
     "pooler",
     "lease_ttl",
 }
-_TOP_KEYS = {"env", "artifacts_dir"}
+_TOP_KEYS = {"env", "artifacts_dir", "job"}
 _DEFAULT_KEY_ENV = "SUPABASE_SERVICE_ROLE_KEY"
 
 Pooler = Literal["none", "session", "transaction"]
@@ -132,6 +132,8 @@ class Settings:
     root: Path
     artifacts_dir: Path
     environments: Mapping[str, Environment]
+    #: The ``[job.NAME]`` tables as written; ``gatefill.jobs`` validates each by its ``kind`` when it is used.
+    jobs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def env(self, name: str) -> Environment:
         """The environment called ``name``; an unknown name is a ``ConfigError`` listing the known ones."""
@@ -301,4 +303,7 @@ def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | 
     artifacts_dir = Path(artifacts_override or artifacts)
     if not artifacts_dir.is_absolute():
         artifacts_dir = (root / artifacts_dir) if not artifacts_override else (Path.cwd() / artifacts_dir)
-    return Settings(path=path, root=root, artifacts_dir=artifacts_dir, environments=environments)
+    job_tables = data.get("job", {})
+    if not isinstance(job_tables, dict) or not all(isinstance(t, dict) for t in job_tables.values()):
+        raise ConfigError(f"{path}: [job] must be a table of [job.NAME] sections")
+    return Settings(path=path, root=root, artifacts_dir=artifacts_dir, environments=environments, jobs=job_tables)

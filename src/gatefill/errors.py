@@ -18,7 +18,7 @@ The tree::
     │                                  batches, resumable
     ├── RollbackConflicts              (rollback) exit 1: rows changed since the run wrote them (use --force)
     ├── RollbackVerificationFailed     (rollback) exit 1: verification failed, nothing committed
-    ├── FunctionFailure                (prism.service) an HTTP function's error, with its status and code
+    ├── FunctionFailure                (prism.platform.service) an HTTP function's error, with its status and code
     ├── ExecutorUnavailable            exit 1: an executor's service did not answer after every retry
     │   └── FunctionsUnavailable       (prism.functions_executor) the PRISM functions server did not answer
     ├── RunLocked                      (ledger) exit 4: the run is active elsewhere

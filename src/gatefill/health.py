@@ -18,10 +18,8 @@ from gatefill import ledger
 from gatefill.clock import Clock
 from gatefill.config import Environment
 from gatefill.db import Database, format_utc
-from gatefill.job import NOT_APPLICABLE, Check, overall_verdict
+from gatefill.job import NOT_APPLICABLE, Check, Job, overall_verdict
 from gatefill.plan import PlanParams, compose_plan, write_plan_files
-from gatefill.prism.health_checks import health_checks, newest_session_activity
-from gatefill.prism.job import PrismJob
 from gatefill.reports import render, write_json, write_text
 
 __all__ = ["HealthResult", "check_health"]
@@ -67,7 +65,7 @@ def check_health(
     since: datetime,
     now: datetime,
     artifacts_dir: Path,
-    job: PrismJob | None = None,
+    job: Job,
     rate: str = "20/min",
     batch_size: int = 5,
     clock: Clock | None = None,
@@ -78,18 +76,11 @@ def check_health(
     ``clock`` when given (else ``now``), and a ``measurement_time`` check says whether any session it counted is
     stamped later than that date.
     """
-    job = job or PrismJob()
     run_id = ledger.new_run_id("health", now)
     seconds: dict[str, float] = {}
     with db.connect() as conn:
-        checks = health_checks(
-            conn,
-            since=since,
-            now=now,
-            fc_version=job.fc_version,
-            engine_version=job.engine_version,
-            row_level_security=db.caps.row_level_security,
-            timings=seconds,
+        checks = job.health_checks(
+            conn, since=since, now=now, row_level_security=db.caps.row_level_security, timings=seconds
         )
         # A candidate is a completed session of the window without a profile or without the current FC row: exactly
         # what missing_profiles and missing_fc_scores count. When both found none, discovery cannot find any either,
@@ -102,7 +93,7 @@ def check_health(
             run = ledger.new_run_id("apply", now)
             plan = compose_plan(conn, env, job, params, now=now, run_id=run, source="health")
             seconds["discovery"] = time.perf_counter() - started
-        newest, newest_query = newest_session_activity(conn, since)
+        newest, newest_query = job.newest_activity(conn, since)
     measured_at = clock.now() if clock is not None else now
     checks.append(_measurement_time(newest, measured_at, newest_query))
     needs_backfill = plan is not None and plan["totals"]["candidates"] > 0

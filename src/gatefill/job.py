@@ -9,6 +9,7 @@ tables appear only in ``gatefill.prism``; phase modules know jobs only through t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -16,17 +17,33 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from gatefill import stats
+from gatefill.clock import Clock
+from gatefill.config import Environment
+from gatefill.db import Database
+
 __all__ = [
+    "LOCAL_EXECUTOR",
     "NOT_APPLICABLE",
     "VERDICTS",
+    "Baseline",
     "BatchOutcome",
     "Candidate",
     "ChangeSink",
+    "ChartGuides",
+    "ChartLine",
     "Check",
+    "Executor",
     "Fence",
     "Job",
+    "Look",
+    "Measurement",
+    "ReportTable",
     "RowChange",
+    "SeriesBucket",
     "SessionOutcome",
+    "SoakChecks",
+    "SoakSettings",
     "WrittenTable",
     "overall_verdict",
 ]
@@ -135,6 +152,209 @@ class BatchOutcome:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
+# ====================================================================================================================
+# What the soak needs from a job's checks
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The frozen comparison window before the soak: what the job counted there, and when and how fast it was counted.
+
+    A job's ``measure_baseline`` fills ``start``, ``end``, ``summary``, ``evidence`` and ``query``; the soak adds
+    ``measured_at`` (on the soak's clock) and ``seconds`` (wall time of the measurement) before storing it.
+    """
+
+    start: datetime
+    end: datetime
+    summary: str
+    evidence: Mapping[str, Any]
+    query: str | None = None
+    measured_at: datetime | None = None
+    seconds: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "from": self.start.isoformat(),
+            "to": self.end.isoformat(),
+            "measured_at": None if self.measured_at is None else self.measured_at.isoformat(),
+            "seconds": None if self.seconds is None else round(self.seconds, 4),
+            "summary": self.summary,
+            "evidence": dict(self.evidence),
+            "query": self.query,
+        }
+
+
+@dataclass(frozen=True)
+class Look:
+    """One measurement of the soak: its number, its cutoff, the statistical plan and the previous look's state."""
+
+    run_id: str
+    number: int
+    max_looks: int
+    window_start: datetime
+    end: datetime
+    window_end: datetime
+    taken_at: datetime
+    plan: stats.SequentialPlan
+    margin: float
+    baseline_days: float
+    baseline_rate: float | None
+    min_n: int
+    #: The absolute floor the job's conversion rate must be shown to reach (None: a soak planned without one).
+    min_conversion: float | None
+    #: True under ``SimulatedClock``: the look's instants are simulated, so probes must tell the server the time.
+    simulated_time: bool
+    #: The soak's stored baseline, measured once before the first look.
+    baseline: Baseline
+    #: Each check's evidence at the previous look (empty at the first), state keys included.
+    previous: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        return self.number == self.max_looks
+
+
+@dataclass(frozen=True)
+class SeriesBucket:
+    """One time bucket of the observability timeline: rates as (successes, trials) and event counts."""
+
+    start: datetime
+    end: datetime
+    rates: Mapping[str, tuple[int, int]]
+    events: Mapping[str, int]
+    #: Per rate, trials left out of ``rates`` because they had not had time to finish by the end of the series.
+    pending: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChartLine:
+    """A horizontal reference drawn over a rate on the chart: its baseline, a threshold or a floor."""
+
+    series: str
+    value: float
+    label: str
+    style: str  # baseline | threshold | floor
+
+
+@dataclass(frozen=True)
+class ChartGuides:
+    """What the chart draws besides the rates: reference lines, and per rate the instant after which trials had
+    not had time to finish (the shaded tail), with a sentence saying so."""
+
+    lines: Sequence[ChartLine] = ()
+    pending_after: Mapping[str, datetime] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """A table a check suite adds to staging_observability.md (e.g. the probe results per look)."""
+
+    title: str
+    headers: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    note: str = ""
+
+
+class SoakChecks(Protocol):
+    """A job's soak checks: what to measure at each look and what to chart; see the module docstring."""
+
+    job: str
+
+    @property
+    def check_names(self) -> tuple[str, ...]:
+        """Every check ``measure`` returns, in report order."""
+        ...
+
+    def params(self) -> dict[str, Any]:
+        """The suite's settings, recorded in the soak run (no secrets)."""
+        ...
+
+    def measure_baseline(self, db: Database, start: datetime, end: datetime) -> Baseline:
+        """What the checks compare the window against, counted over ``[start, end)`` (``end`` is the window's start).
+
+        Called once per soak; the result is stored and handed to every look as ``Look.baseline``.
+        """
+        ...
+
+    def measure(self, db: Database, look: Look) -> list[Check]:
+        """Every check at one look, each seeing only rows with timestamps before ``look.end``."""
+        ...
+
+    def series(self, db: Database, start: datetime, end: datetime, bucket_seconds: float) -> list[SeriesBucket]:
+        """Rates and event counts per time bucket of ``[start, end)`` for the observability report and chart."""
+        ...
+
+    def report_tables(self, measurements: Sequence[Measurement]) -> list[ReportTable]:
+        """Extra tables for the observability report, built from the stored measurements."""
+        ...
+
+    def chart_guides(self, measurements: Sequence[Measurement], end: datetime) -> ChartGuides:
+        """Reference lines (baselines, thresholds, floors) and the unfinished tail for the chart of ``[.., end)``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One stored look: its cutoff, when it was taken, its verdict and every check's result."""
+
+    seq: int
+    window_start: datetime
+    window_end: datetime
+    taken_at: datetime
+    verdict: str
+    checks: list[Check]
+
+    def check(self, name: str) -> Check | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+
+@dataclass(frozen=True)
+class SoakSettings:
+    """What the soak command hands a job's soak checks besides the environment: the latency threshold of its probes,
+    whether the clock is simulated (probes then tell the app each look's time), and job-specific options by name."""
+
+    latency_p95_ms: float = 1000.0
+    simulated_clock: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ====================================================================================================================
+# Executors
+
+
+#: The executor every job has: ``process_batch`` in the apply's own process and transaction.
+LOCAL_EXECUTOR = "local"
+
+
+class Executor(Protocol):
+    """Another way for a job to run apply's batches (PRISM: through the live app's HTTP functions). Each batch still
+    commits its data and its ledger rows in one fenced transaction; ``recover`` finishes batches a crash left half
+    done, before apply works out what is left."""
+
+    def commit_batch(
+        self,
+        db: Database,
+        job: Job,
+        run_id: str,
+        batch_no: int,
+        batch: Sequence[Candidate],
+        clock: Clock,
+        retrying: bool,
+        fence: Fence,
+    ) -> tuple[list[SessionOutcome], dict[str, Any]]:
+        """Runs one batch and returns its session outcomes and its batch log."""
+        ...
+
+    def recover(self, db: Database, job: Job, run_id: str, *, clock: Clock, fence: Fence) -> Sequence[object]:
+        """Finishes every batch of ``run_id`` a crash left unfinished; returns them (empty: nothing was pending)."""
+        ...
+
+
+# ====================================================================================================================
+# The job
+
+
 class Job(Protocol):
     """A backfill job; see the module docstring."""
 
@@ -179,4 +399,44 @@ class Job(Protocol):
         With ``record``, the job hands it every change as soon as the change is written, on the same connection and
         in the same transaction, so the ledger rows go in while the job works on; the outcome still lists them all.
         """
+        ...
+
+    # ---------------------------------------------------------------------------------------------- per phase
+
+    @property
+    def kind(self) -> str:
+        """The job's kind (``prism``, ``sql``, or a plugin's), as ``gatefill jobs`` lists it."""
+        ...
+
+    def require_schema(self, db: Database) -> None:
+        """Raises ``UsageError`` with one line when the environment lacks the tables the job reads or writes."""
+        ...
+
+    def executors(self) -> tuple[str, ...]:
+        """The executors ``apply --executor`` accepts for this job, ``LOCAL_EXECUTOR`` first."""
+        ...
+
+    def open_executor(self, name: str, env: Environment) -> AbstractContextManager[Executor | None]:
+        """The executor ``name`` for a run on ``env``, open for the run's duration (None: ``LOCAL_EXECUTOR``)."""
+        ...
+
+    def health_checks(
+        self,
+        conn: Connection,
+        *,
+        since: datetime,
+        now: datetime,
+        row_level_security: bool,
+        timings: dict[str, float] | None = None,
+    ) -> list[Check]:
+        """The read-only health checks of an environment over ``[since, now)``, in report order."""
+        ...
+
+    def newest_activity(self, conn: Connection, since: datetime) -> tuple[datetime | None, str]:
+        """The latest instant stamped on the data the health checks count, and the query that read it: a report
+        counting those rows may not be dated before it."""
+        ...
+
+    def soak_checks(self, env: Environment, settings: SoakSettings) -> AbstractContextManager[SoakChecks]:
+        """The checks a staging soak of this job measures at each look, open for the soak's duration."""
         ...

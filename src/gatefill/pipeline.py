@@ -36,9 +36,9 @@ from gatefill.db import Database, format_utc
 from gatefill.errors import GateBlocked, UsageError
 from gatefill.final_gate import write_final_gate
 from gatefill.health import check_health
+from gatefill.job import Job
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan, load_plan_file
-from gatefill.prism.job import PrismJob
 
 __all__ = ["STEPS", "PipelineOptions", "PipelineState", "note_rollback", "run_pipeline"]
 
@@ -88,7 +88,7 @@ class PipelineState:
 SoakStep = Callable[[Database, Any, str, Clock, Path], Mapping[str, Any]]
 
 
-def _pipeline_run(db: Database, options: PipelineOptions, now: datetime) -> ledger.Run:
+def _pipeline_run(db: Database, options: PipelineOptions, job: Job, now: datetime) -> ledger.Run:
     """The unfinished pipeline of these environments, or a new one."""
     ledger.init_ledger(db)
     with db.connect() as conn:
@@ -105,8 +105,8 @@ def _pipeline_run(db: Database, options: PipelineOptions, now: datetime) -> ledg
             run_id=ledger.new_run_id("pipeline", now),
             phase="pipeline",
             environment=options.staging,
-            job="prism",
-            versions=PrismJob().versions,
+            job=job.name,
+            versions=job.versions,
             params={
                 "staging": options.staging,
                 "production": options.production,
@@ -255,6 +255,7 @@ def run_pipeline(
     settings: Settings,
     options: PipelineOptions,
     *,
+    job: Job,
     clock: Clock,
     soak_step: SoakStep,
     apply_clock: Clock | None = None,
@@ -269,7 +270,6 @@ def run_pipeline(
             f"--staging must name a staging environment and --production a production one "
             f"({staging_env.name} is {staging_env.kind}, {production_env.name} is {production_env.kind})"
         )
-    job = PrismJob()
     # Every parameter is checked before the pipeline's run is recorded, so bad input writes nothing.
     priority = (
         PlanParams(since=options.since, priority=options.priority, rate=options.rate, batch_size=options.batch_size)
@@ -279,7 +279,7 @@ def run_pipeline(
     options = replace(options, priority=priority)
     artifacts = settings.artifacts_dir
     with Database(staging_env) as staging, Database(production_env) as production:
-        run = _pipeline_run(staging, options, clock.now())
+        run = _pipeline_run(staging, options, job, clock.now())
         state = _state_of(run)
         if _note_rollbacks(settings, options, state, {"staging": staging, "production": production}, clock.now()):
             _close(staging, state, clock.now(), "final gate rewritten: an apply it relied on was rolled back")
@@ -362,7 +362,13 @@ def run_pipeline(
 
         if "health" not in steps:
             health = check_health(
-                production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts, clock=clock
+                production,
+                production_env,
+                since=options.since,
+                now=clock.now(),
+                artifacts_dir=artifacts,
+                job=job,
+                clock=clock,
             )
             steps["health"] = health.step_record()
             state.log.append(f"health {health.run_id}: {'healthy' if health.healthy else 'not healthy'}")
@@ -411,7 +417,13 @@ def run_pipeline(
                 finished = ledger.get_run(conn, mini_run.id)
                 results = Counter(ledger.session_results_for(conn, mini_run.id).values())
             after = check_health(
-                production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts, clock=clock
+                production,
+                production_env,
+                since=options.since,
+                now=clock.now(),
+                artifacts_dir=artifacts,
+                job=job,
+                clock=clock,
             )
             steps["production_apply"] = {
                 "run_id": mini_run.id,

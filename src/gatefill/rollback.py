@@ -37,7 +37,7 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +50,7 @@ from gatefill import ledger
 from gatefill.config import Environment
 from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText, dumps_json, format_utc, parse_utc
 from gatefill.errors import DataError, GatefillError, UsageError
-from gatefill.job import Check, Fence, WrittenTable
+from gatefill.job import Check, Fence, Job, WrittenTable
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 
@@ -1364,15 +1364,17 @@ def rollback_command(
     dry_run: bool,
     force: bool,
     artifacts_dir: Path,
+    find_job: Callable[[str], Job],
     now: datetime | None = None,
 ) -> RollbackResult:
-    """What ``gatefill rollback RUN --env NAME [--dry-run] [--force]`` does: finds the run's job and rolls it back."""
+    """What ``gatefill rollback RUN --env NAME [--dry-run] [--force]`` does: finds the run's job (``find_job``, the
+    registry's lookup by the name the ledger recorded) and rolls it back."""
     with Database(env) as db:
         with db.connect() as conn:
             if not sa.inspect(conn).has_table(ledger.runs.name):
                 raise ledger.RunNotFound(run_id, f"{db.display_url} (it has no run ledger)")
             run = ledger.get_run(conn, run_id, where=db.display_url)
-        tables = _job_tables(run.job)
+        tables = find_job(run.job).written_tables()
         # The run's lease: a rollback never interleaves with an apply (or another rollback) of the same run.
         with RunLease(db, run_id, "rollback") as lease:
             return rollback_run(
@@ -1385,12 +1387,3 @@ def rollback_command(
                 force=force,
                 fence=lease.fence,
             )
-
-
-def _job_tables(job: str) -> Sequence[WrittenTable]:
-    # The CLI wiring is the one place that maps a job's name to its code (as cli.py does for plan and apply).
-    if job == "prism":
-        from gatefill.prism.job import PrismJob
-
-        return PrismJob().written_tables()
-    raise DataError(f"the run belongs to job {job!r}, which this gatefill does not know")

@@ -25,7 +25,7 @@ The verdict: FAIL if a gating check fails; otherwise INCONCLUSIVE if one lacks d
 its end; PASS only if every gating check that applies passed at the last look (an N/A check, one that does not
 apply here, counts neither way; N/A alone concludes nothing). Checks named in ``observe`` are measured and
 reported but never gate (Argo's ``dryRun``, Kayenta's ``muted``). What the checks measure is the job's business
-(``SoakChecks``; PRISM's live in ``gatefill.prism.soak_checks``); this module only knows their names and verdicts.
+(``SoakChecks``; PRISM's live in ``gatefill.prism.checks.soak``); this module only knows their names and verdicts.
 """
 
 from __future__ import annotations
@@ -38,17 +38,30 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 
 from gatefill import ledger, stats
-from gatefill.clock import Clock, SimulatedClock, utc
+from gatefill.clock import Clock, RealClock, SimulatedClock, utc
 from gatefill.config import Environment
-from gatefill.db import Database, format_utc
+from gatefill.db import Database, format_utc, parse_utc
 from gatefill.errors import GatefillError, UsageError
 from gatefill.interrupt import stop_on_signals
-from gatefill.job import NOT_APPLICABLE, Check, Fence, overall_verdict
+from gatefill.job import (
+    NOT_APPLICABLE,
+    Baseline,
+    ChartGuides,
+    Check,
+    Fence,
+    Job,
+    Look,
+    Measurement,
+    SeriesBucket,
+    SoakChecks,
+    SoakSettings,
+    overall_verdict,
+)
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 from gatefill.reports import render, write_json, write_text
@@ -56,14 +69,6 @@ from gatefill.reports import render, write_json, write_text
 __all__ = [
     "DEFAULT_MIN_CONVERSION",
     "SOAK_PHASE",
-    "Baseline",
-    "ChartGuides",
-    "ChartLine",
-    "Look",
-    "Measurement",
-    "ReportTable",
-    "SeriesBucket",
-    "SoakChecks",
     "SoakOptions",
     "SoakResult",
     "SoakState",
@@ -73,6 +78,7 @@ __all__ = [
     "parse_margin",
     "parse_min_conversion",
     "run_soak",
+    "soak_job",
     "soak_state",
     "soak_verdict",
     "write_soak_artifacts",
@@ -99,148 +105,6 @@ _PLAN_KEYS = (
 )
 #: Seed 001's success criterion: "Conversion rate maintains baseline (≥ 85%)", completed sessions → profiles.
 DEFAULT_MIN_CONVERSION = 0.85
-
-
-# ====================================================================================================================
-# What the phase machinery needs from a job's checks
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """The frozen comparison window before the soak: what the job counted there, and when and how fast it was counted.
-
-    A job's ``measure_baseline`` fills ``start``, ``end``, ``summary``, ``evidence`` and ``query``; the soak adds
-    ``measured_at`` (on the soak's clock) and ``seconds`` (wall time of the measurement) before storing it.
-    """
-
-    start: datetime
-    end: datetime
-    summary: str
-    evidence: Mapping[str, Any]
-    query: str | None = None
-    measured_at: datetime | None = None
-    seconds: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "from": self.start.isoformat(),
-            "to": self.end.isoformat(),
-            "measured_at": None if self.measured_at is None else self.measured_at.isoformat(),
-            "seconds": None if self.seconds is None else round(self.seconds, 4),
-            "summary": self.summary,
-            "evidence": dict(self.evidence),
-            "query": self.query,
-        }
-
-
-@dataclass(frozen=True)
-class Look:
-    """One measurement of the soak: its number, its cutoff, the statistical plan and the previous look's state."""
-
-    run_id: str
-    number: int
-    max_looks: int
-    window_start: datetime
-    end: datetime
-    window_end: datetime
-    taken_at: datetime
-    plan: stats.SequentialPlan
-    margin: float
-    baseline_days: float
-    baseline_rate: float | None
-    min_n: int
-    #: The absolute floor the job's conversion rate must be shown to reach (None: a soak planned without one).
-    min_conversion: float | None
-    #: True under ``SimulatedClock``: the look's instants are simulated, so probes must tell the server the time.
-    simulated_time: bool
-    #: The soak's stored baseline, measured once before the first look.
-    baseline: Baseline
-    #: Each check's evidence at the previous look (empty at the first), state keys included.
-    previous: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-    @property
-    def final(self) -> bool:
-        return self.number == self.max_looks
-
-
-@dataclass(frozen=True)
-class SeriesBucket:
-    """One time bucket of the observability timeline: rates as (successes, trials) and event counts."""
-
-    start: datetime
-    end: datetime
-    rates: Mapping[str, tuple[int, int]]
-    events: Mapping[str, int]
-    #: Per rate, trials left out of ``rates`` because they had not had time to finish by the end of the series.
-    pending: Mapping[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ChartLine:
-    """A horizontal reference drawn over a rate on the chart: its baseline, a threshold or a floor."""
-
-    series: str
-    value: float
-    label: str
-    style: str  # baseline | threshold | floor
-
-
-@dataclass(frozen=True)
-class ChartGuides:
-    """What the chart draws besides the rates: reference lines, and per rate the instant after which trials had
-    not had time to finish (the shaded tail), with a sentence saying so."""
-
-    lines: Sequence[ChartLine] = ()
-    pending_after: Mapping[str, datetime] = field(default_factory=dict)
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class ReportTable:
-    """A table a check suite adds to staging_observability.md (e.g. the probe results per look)."""
-
-    title: str
-    headers: Sequence[str]
-    rows: Sequence[Sequence[str]]
-    note: str = ""
-
-
-class SoakChecks(Protocol):
-    """A job's soak checks: what to measure at each look and what to chart; see the module docstring."""
-
-    job: str
-
-    @property
-    def check_names(self) -> tuple[str, ...]:
-        """Every check ``measure`` returns, in report order."""
-        ...
-
-    def params(self) -> dict[str, Any]:
-        """The suite's settings, recorded in the soak run (no secrets)."""
-        ...
-
-    def measure_baseline(self, db: Database, start: datetime, end: datetime) -> Baseline:
-        """What the checks compare the window against, counted over ``[start, end)`` (``end`` is the window's start).
-
-        Called once per soak; the result is stored and handed to every look as ``Look.baseline``.
-        """
-        ...
-
-    def measure(self, db: Database, look: Look) -> list[Check]:
-        """Every check at one look, each seeing only rows with timestamps before ``look.end``."""
-        ...
-
-    def series(self, db: Database, start: datetime, end: datetime, bucket_seconds: float) -> list[SeriesBucket]:
-        """Rates and event counts per time bucket of ``[start, end)`` for the observability report and chart."""
-        ...
-
-    def report_tables(self, measurements: Sequence[Measurement]) -> list[ReportTable]:
-        """Extra tables for the observability report, built from the stored measurements."""
-        ...
-
-    def chart_guides(self, measurements: Sequence[Measurement], end: datetime) -> ChartGuides:
-        """Reference lines (baselines, thresholds, floors) and the unfinished tail for the chart of ``[.., end)``."""
-        ...
 
 
 # ====================================================================================================================
@@ -314,21 +178,6 @@ class SoakOptions:
                 f"environment '{env.name}' is production: a soak writes its ledger (gatefill_* tables) into the "
                 "database it watches; soak staging, or pass --allow-production to soak production on purpose"
             )
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One stored look: its cutoff, when it was taken, its verdict and every check's result."""
-
-    seq: int
-    window_start: datetime
-    window_end: datetime
-    taken_at: datetime
-    verdict: str
-    checks: list[Check]
-
-    def check(self, name: str) -> Check | None:
-        return next((c for c in self.checks if c.name == name), None)
 
 
 @dataclass
@@ -641,6 +490,61 @@ def _take_baseline(
     baseline = replace(measured, start=start, end=window_start, measured_at=clock.now(), seconds=seconds)
     _store_baseline(db, run_id, baseline)
     return baseline
+
+
+def soak_job(
+    env: Environment,
+    job: Job,
+    options: SoakOptions,
+    *,
+    artifacts_dir: Path,
+    clock: str = "real",
+    settings: SoakSettings | None = None,
+    stop: threading.Event | None = None,
+    on_look: LookCallback | None = None,
+    on_baseline: BaselineCallback | None = None,
+) -> SoakResult:
+    """What ``gatefill soak`` runs: ``job``'s soak checks on ``env`` with a real or simulated clock.
+
+    ``clock="simulated"`` (tests, demo) starts a ``SimulatedClock`` at the window's start and walks the looks back to
+    back without waiting; the job's probes then tell the app each look's time. It is refused on production.
+    """
+    if clock not in ("real", "simulated"):
+        raise UsageError("--clock must be 'real' or 'simulated'")
+    options.check_environment(env)  # before anything touches the database
+    if clock == "simulated" and env.kind == "production":
+        raise UsageError(f"environment '{env.name}' is production: --clock simulated is refused there")
+    chosen = replace(settings or SoakSettings(), simulated_clock=clock == "simulated")
+    with Database(env, pool_size=2) as db:
+        job.require_schema(db)
+        soak_clock: Clock = (
+            SimulatedClock(_window_start_for_clock(db, options)) if chosen.simulated_clock else RealClock()
+        )
+        with job.soak_checks(env, chosen) as checks:
+            return run_soak(
+                db,
+                env,
+                options=options,
+                clock=soak_clock,
+                artifacts_dir=artifacts_dir,
+                checks=checks,
+                versions=job.versions,
+                stop=stop,
+                on_look=on_look,
+                on_baseline=on_baseline,
+            )
+
+
+def _window_start_for_clock(db: Database, options: SoakOptions) -> datetime | None:
+    """Where a simulated clock must start so the soak walks its window: the stored, --after or --from start."""
+    ledger.init_ledger(db)
+    with db.connect() as conn:
+        if options.resume:
+            run = ledger.get_run(conn, options.resume)
+            return parse_utc(str(run.params["window_start"]))
+        if options.after:
+            return ledger.get_run(conn, options.after).finished_at
+    return utc(options.start) if options.start is not None else None
 
 
 def run_soak(

@@ -26,8 +26,8 @@ from fastapi import FastAPI
 from gatefill.clock import Clock, RealClock
 from gatefill.config import Environment
 from gatefill.db import Database
-from gatefill.prism.functions_server import create_app, serve_in_thread
-from gatefill.prism.simulator import Respondent, new_respondent, write_answers, write_session
+from gatefill.prism.platform.server import create_app, serve_in_thread
+from gatefill.prism.sandbox.simulator import Respondent, new_respondent, write_answers, write_session
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, pooled_env, sqlite_env
 
 #: The service-role key of every test server; tests grep responses, logs and rows for it.

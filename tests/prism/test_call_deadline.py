@@ -24,7 +24,7 @@ from gatefill.cli import app as cli
 from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.errors import DatabaseError, DatabaseUnreachable
-from gatefill.prism.functions_server import create_app, serve_in_thread, server_database
+from gatefill.prism.platform.server import create_app, serve_in_thread, server_database
 from gatefill.prism.schema import assessment_sessions, fn_logs, profiles
 from tests.conftest import Target, _conninfo, server_url
 from tests.prism.conftest import KEY_ENV, SERVICE_KEY

@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gatefill.clock import RealClock
 from gatefill.config import Environment
 from gatefill.db import Database
-from gatefill.prism.function_metrics import BUCKETS
-from gatefill.prism.functions_server import create_app
+from gatefill.prism.platform.metrics import BUCKETS
+from gatefill.prism.platform.server import create_app
 from gatefill.prism.schema import fn_logs
 from tests.conftest import drop_pg_database
 from tests.prism.conftest import SERVICE_KEY, Live, _module_database, refused_writes, run_server

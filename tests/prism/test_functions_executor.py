@@ -41,8 +41,10 @@ from gatefill.prism.functions_executor import (
     intents,
     pending_batches,
 )
-from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.job import PrismJob
+from gatefill.prism.platform.server import create_app, serve_in_thread
+from gatefill.prism.platform.service import CallContext, PrismService
+from gatefill.prism.sandbox.seed import seed_scenario
 from gatefill.prism.schema import (
     PROFILE_RESULT_COLUMNS,
     fc_scores,
@@ -51,8 +53,6 @@ from gatefill.prism.schema import (
     load_reference_data,
     profiles,
 )
-from gatefill.prism.seed import seed_scenario
-from gatefill.prism.service import CallContext, PrismService
 from gatefill.rollback import rollback_run
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
 from tests.prism.conftest import SERVICE_KEY

@@ -22,7 +22,10 @@ from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
 from gatefill.errors import ConfigError, SchemaMissing, UsageError
 from gatefill.prism import scoring
-from gatefill.prism.functions_server import RateLimiter, create_app, serve_functions
+from gatefill.prism.inputs import load_reference_data_from_db, load_session_inputs
+from gatefill.prism.platform.server import RateLimiter, create_app, serve_functions
+from gatefill.prism.platform.service import EVENTS, Faults
+from gatefill.prism.sandbox.simulator import new_respondent, write_answers, write_session
 from gatefill.prism.schema import (
     assessment_responses,
     assessment_sessions,
@@ -32,8 +35,6 @@ from gatefill.prism.schema import (
     results_token_access_logs,
     scoring_config,
 )
-from gatefill.prism.service import EVENTS, Faults, load_reference_data_from_db, load_session_inputs
-from gatefill.prism.simulator import new_respondent, write_answers, write_session
 from tests.conftest import Target, pg_env
 from tests.prism.conftest import KEY_ENV, SERVICE_KEY, Live, run_server
 

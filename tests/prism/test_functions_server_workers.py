@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gatefill.clock import RealClock
 from gatefill.config import Environment
 from gatefill.db import Database
+from gatefill.prism.sandbox.simulator import new_respondent, write_answers, write_session
 from gatefill.prism.schema import profiles
-from gatefill.prism.simulator import new_respondent, write_answers, write_session
 from tests.conftest import create_pg_database, drop_pg_database, pg_env
 from tests.prism.conftest import KEY_ENV, SERVICE_KEY
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.postgres
 
 
 def _serve(env: Environment, port: int) -> None:
-    from gatefill.prism.functions_server import serve_functions
+    from gatefill.prism.platform.server import serve_functions
 
     os.environ[KEY_ENV] = SERVICE_KEY
     serve_functions(env, port=port, log_level="warning", workers=2)

@@ -9,8 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from gatefill.prism.platform.service import EVENTS
 from gatefill.prism.schema import assessment_sessions, fc_scores, fn_logs, profiles
-from gatefill.prism.service import EVENTS
 from tests.prism.conftest import Live, refused_writes
 
 

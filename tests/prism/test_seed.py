@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from gatefill.db import Database, UTCTimestamp
 from gatefill.errors import DatabaseError, UsageError
+from gatefill.prism.sandbox.seed import SeedReport, seed_scenario
 from gatefill.prism.schema import (
     PROFILE_RESULT_COLUMNS,
     assessment_responses,
@@ -26,7 +27,6 @@ from gatefill.prism.schema import (
     profiles,
 )
 from gatefill.prism.scoring import ReferenceData, SessionInputs, score_fc_session, score_session
-from gatefill.prism.seed import SeedReport, seed_scenario
 from tests.conftest import Target, create_pg_database, drop_pg_database, pg_env, sqlite_env
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
@@ -404,7 +404,7 @@ def test_fast_uuid_matches_the_standard_library() -> None:
     import random
     import uuid
 
-    from gatefill.prism.seed import _uuid
+    from gatefill.prism.sandbox.seed import _uuid
 
     a, b = random.Random(5), random.Random(5)
     for _ in range(200):
@@ -412,7 +412,7 @@ def test_fast_uuid_matches_the_standard_library() -> None:
 
 
 def test_parallel_bulk_load_on_postgres(pg_target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gatefill.prism.seed as seed_module
+    import gatefill.prism.sandbox.seed as seed_module
 
     monkeypatch.setattr(seed_module, "_PARALLEL_MIN", 40)  # the helper connection, at test size
     monkeypatch.setattr(seed_module, "_QUEUE_STEP", 3)  # both connections take ranges from the queue
@@ -430,7 +430,7 @@ def test_parallel_bulk_load_on_postgres(pg_target: Target, monkeypatch: pytest.M
 
 
 def test_failed_parallel_load_leaves_nothing(pg_target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gatefill.prism.seed as seed_module
+    import gatefill.prism.sandbox.seed as seed_module
 
     def broken(self: object, sink: object) -> None:
         raise RuntimeError("disk on fire")
@@ -444,7 +444,7 @@ def test_failed_parallel_load_leaves_nothing(pg_target: Target, monkeypatch: pyt
 
 
 def test_arguments_validate_without_a_database() -> None:
-    from gatefill.prism.seed import validate_seed_arguments
+    from gatefill.prism.sandbox.seed import validate_seed_arguments
 
     assert validate_seed_arguments(STAGING) == datetime(2025, 9, 17, 8, tzinfo=UTC)
     assert validate_seed_arguments(PRODUCTION) == datetime(2025, 9, 18, 0, 10, tzinfo=UTC)

@@ -27,10 +27,10 @@ from psycopg.types.json import Jsonb
 from gatefill.clock import RealClock
 from gatefill.errors import DatabaseError
 from gatefill.prism import scoring
+from gatefill.prism.platform.service import CallContext, Faults, PrismService, _ReferenceCache
+from gatefill.prism.platform.service_pg import ParkedConnections, PgConnection, PgStatement, PipelineStepFailed
+from gatefill.prism.sandbox.simulator import Respondent, new_respondent, write_answers, write_session
 from gatefill.prism.schema import PROFILE_RESULT_COLUMNS, assessment_responses, profiles
-from gatefill.prism.service import CallContext, Faults, PrismService, _ReferenceCache
-from gatefill.prism.service_pg import ParkedConnections, PgConnection, PgStatement, PipelineStepFailed
-from gatefill.prism.simulator import Respondent, new_respondent, write_answers, write_session
 from tests.conftest import Target, _conninfo, _with_database, server_url
 
 _TABLE = """
@@ -435,7 +435,7 @@ def test_a_failed_background_reload_is_logged_and_the_cached_copy_stays_in_use(
         first = cache.get(load, config, drift=False, background=jobs.append)
         failing[0] = True
         assert cache.get(load, config, drift=False, background=jobs.append) is first
-        with caplog.at_level("WARNING", logger="gatefill.prism.service"):
+        with caplog.at_level("WARNING", logger="gatefill.prism.platform.service"):
             assert jobs[0]() is None  # raises nothing
         assert "reloading the reference tables failed (test: the reference tables cannot be read)" in caplog.text
         assert cache.get(load, config, drift=False, background=jobs.append) is first  # still the old copy

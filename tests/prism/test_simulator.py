@@ -24,7 +24,8 @@ import sqlalchemy as sa
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
 from gatefill.errors import ConfigError, UsageError
-from gatefill.prism.functions_server import create_app
+from gatefill.prism.platform.server import create_app
+from gatefill.prism.sandbox.simulator import INJECTABLE, parse_inject, run_simulation, simulate
 from gatefill.prism.schema import (
     assessment_responses,
     assessment_sessions,
@@ -33,7 +34,6 @@ from gatefill.prism.schema import (
     profiles,
     results_token_access_logs,
 )
-from gatefill.prism.simulator import INJECTABLE, parse_inject, run_simulation, simulate
 from tests.conftest import table_digests
 from tests.prism.conftest import KEY_ENV, SERVICE_KEY, Live, run_server
 

@@ -1,7 +1,8 @@
-"""How the soak attributes the server's cumulative counters to its window (``gatefill.prism.soak_metrics``), against
-a real HTTP endpoint on 127.0.0.1 serving the real exposition of ``FunctionMetrics``: live looks count differences
-from the soak's first scrape, a restart is said and never makes a count negative, a retrospective look uses totals
-only when they are exactly the window's calls, and an unreadable endpoint gives a reason instead of counts."""
+"""How the soak attributes the server's cumulative counters to its window (``gatefill.prism.checks.app_metrics``),
+against a real HTTP endpoint on 127.0.0.1 serving the real exposition of ``FunctionMetrics``: live looks count
+differences from the soak's first scrape, a restart is said and never makes a count negative, a retrospective look
+uses totals only when they are exactly the window's calls, and an unreadable endpoint gives a reason instead of
+counts."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Any
 import pytest
 
 from gatefill import stats
-from gatefill.prism.function_metrics import FunctionMetrics
-from gatefill.prism.soak_metrics import (
+from gatefill.job import Baseline, Look
+from gatefill.prism.checks.app_metrics import (
     STATE_KEY,
     AppMetricsReader,
     AppWindow,
@@ -27,7 +28,7 @@ from gatefill.prism.soak_metrics import (
     parse_metrics,
     server_errors,
 )
-from gatefill.soak import Baseline, Look
+from gatefill.prism.platform.metrics import FunctionMetrics
 
 
 class _Endpoint:

@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from gatefill.clock import RealClock
 from gatefill.config import Environment
 from gatefill.db import Database
+from gatefill.prism.sandbox.simulator import Respondent, new_respondent, write_answers, write_session
 from gatefill.prism.schema import assessment_sessions, profiles
-from gatefill.prism.simulator import Respondent, new_respondent, write_answers, write_session
 from tests.conftest import drop_pg_database
 from tests.prism.conftest import _module_database
 

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,20 +36,29 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from gatefill.db import UTCTimestamp, insert_rows, parse_utc
+from gatefill.config import Environment
+from gatefill.db import Database, UTCTimestamp, insert_rows, parse_utc
 from gatefill.errors import DataError, UsageError
 from gatefill.job import (
+    LOCAL_EXECUTOR,
     NOT_APPLICABLE,
     BatchOutcome,
     Candidate,
     ChangeSink,
     Check,
+    Executor,
     RowChange,
     SessionOutcome,
+    SoakChecks,
+    SoakSettings,
     WrittenTable,
 )
 from gatefill.prism import scoring
+from gatefill.prism.checks.health import health_checks, newest_session_activity
+from gatefill.prism.checks.soak import PrismSoakChecks, PrismSoakSettings
 from gatefill.prism.discovery import Finding, discover
+from gatefill.prism.functions_executor import FunctionsExecutor
+from gatefill.prism.inputs import load_reference_data_from_db, load_session_inputs
 from gatefill.prism.schema import (
     PRISM_TABLES,
     assessment_sessions,
@@ -59,9 +68,9 @@ from gatefill.prism.schema import (
     fn_logs,
     missing_columns,
     profiles,
+    require_schema,
     scoring_config,
 )
-from gatefill.prism.service import load_reference_data_from_db, load_session_inputs
 
 __all__ = ["PrismJob", "operations_for", "stamp_check"]
 
@@ -91,10 +100,15 @@ def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: ``apply --executor functions``: batches through the PRISM edge functions over HTTP (the app's own code path).
+FUNCTIONS_EXECUTOR = "functions"
+
+
 class PrismJob:
     """The PRISM fc_scores + profiles backfill."""
 
     name = "prism"
+    kind = "prism"
 
     def __init__(self, *, fc_version: str = scoring.FC_VERSION, engine_version: str = scoring.ENGINE_VERSION) -> None:
         self.fc_version = fc_version
@@ -124,6 +138,61 @@ class PrismJob:
             WrittenTable("profiles", ("id",), profiles),
             WrittenTable("fn_logs", ("id",), fn_logs),
         )
+
+    def require_schema(self, db: Database) -> None:
+        require_schema(db)
+
+    # ---------------------------------------------------------------------------------------------- phase hooks
+
+    def executors(self) -> tuple[str, ...]:
+        return (LOCAL_EXECUTOR, FUNCTIONS_EXECUTOR)
+
+    @contextmanager
+    def open_executor(self, name: str, env: Environment) -> Iterator[Executor | None]:
+        if name == LOCAL_EXECUTOR:
+            yield None
+            return
+        if name != FUNCTIONS_EXECUTOR:
+            raise UsageError(f"unknown executor '{name}' (use {' or '.join(self.executors())})")
+        with FunctionsExecutor.from_env(env) as functions:
+            yield functions
+
+    def health_checks(
+        self,
+        conn: Connection,
+        *,
+        since: datetime,
+        now: datetime,
+        row_level_security: bool,
+        timings: dict[str, float] | None = None,
+    ) -> list[Check]:
+        return health_checks(
+            conn,
+            since=since,
+            now=now,
+            fc_version=self.fc_version,
+            engine_version=self.engine_version,
+            row_level_security=row_level_security,
+            timings=timings,
+        )
+
+    def newest_activity(self, conn: Connection, since: datetime) -> tuple[datetime | None, str]:
+        return newest_session_activity(conn, since)
+
+    @contextmanager
+    def soak_checks(self, env: Environment, settings: SoakSettings) -> Iterator[SoakChecks]:
+        """PRISM's soak checks; under a simulated clock the probes carry the service-role key to tell the server
+        each look's time (from the environment unless the options name one)."""
+        chosen = PrismSoakSettings(
+            latency_p95_ms=settings.latency_p95_ms,
+            fc_version=self.fc_version,
+            engine_version=self.engine_version,
+            **settings.options,
+        )
+        if settings.simulated_clock and chosen.service_role_key is None:
+            chosen = replace(chosen, service_role_key=env.service_role_key())
+        with PrismSoakChecks(env, chosen) as checks:
+            yield checks
 
     # ---------------------------------------------------------------------------------------------------- prechecks
 

@@ -25,14 +25,14 @@ from gatefill.config import Environment, Settings, load_settings
 from gatefill.db import Database
 from gatefill.pipeline import PipelineOptions, PipelineState, run_pipeline
 from gatefill.prism.discovery import BLOCKED_CATEGORIES, CANDIDATE_CATEGORIES, discover
-from gatefill.prism.functions_server import create_app, serve_in_thread
+from gatefill.prism.job import PrismJob
+from gatefill.prism.platform.server import create_app, serve_in_thread
+from gatefill.prism.sandbox.seed import TEST_SESSION_A, TEST_SESSION_B, seed_scenario
+from gatefill.prism.sandbox.simulator import simulate
 from gatefill.prism.schema import init_schema, load_reference_data
 from gatefill.prism.scoring import ENGINE_VERSION, FC_VERSION
-from gatefill.prism.seed import TEST_SESSION_A, TEST_SESSION_B, seed_scenario
-from gatefill.prism.simulator import simulate
-from gatefill.prism.soak_checks import run_prism_soak
 from gatefill.progress import apply_progress
-from gatefill.soak import SoakOptions
+from gatefill.soak import SoakOptions, soak_job
 
 __all__ = ["DEMO_CONFIG", "DEMO_SINCE", "WALKTHROUGH", "run_demo", "run_demo_pipeline", "run_full_demo", "seed_demo"]
 
@@ -114,7 +114,7 @@ SOAK_RESPONDENTS = 1200
 SOAK_RESPONDENTS_FAST = 600
 #: Respondents arrive over the soak's first 5½ hours; answering takes at most 25 minutes, so every call of the traffic
 #: falls inside the six-hour window, and the server's cumulative metrics are exactly that window's calls (which is
-#: what lets a soak of a past window use them: ``gatefill.prism.soak_metrics``).
+#: what lets a soak of a past window use them: ``gatefill.prism.checks.app_metrics``).
 SOAK_ARRIVALS = "5h30m"
 
 
@@ -161,6 +161,7 @@ def run_demo_pipeline(
         auto_approve_as=approver,
     )
     clock = OffsetClock(PIPELINE_START)
+    job = PrismJob()
 
     def soak_step(db: Database, env: Environment, apply_run: str, step_clock: Clock, artifacts: Path) -> dict[str, Any]:
         app = create_app(env, db, allow_fault_injection=True)
@@ -186,7 +187,7 @@ def run_demo_pipeline(
                 service_role_key=live.service_role_key(),
             )
             console.print(f"soak: {traffic.summary()}", markup=False)
-            result = run_prism_soak(live, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
+            result = soak_job(live, job, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
         # The six simulated hours have passed for the rest of the pipeline too: approvals, the production health
         # check and the final gate are dated after the soak and the traffic it watched, never before.
         with db.connect() as conn:
@@ -197,7 +198,7 @@ def run_demo_pipeline(
     rate = "unthrottled" if fast else "at 20 sessions/min"
     console.print(f"pipeline: plan, apply {rate}, soak, production health, final gate", markup=False)
     with apply_progress(console) as progress:
-        state = run_pipeline(settings, options, clock=clock, soak_step=soak_step, progress=progress)
+        state = run_pipeline(settings, options, job=job, clock=clock, soak_step=soak_step, progress=progress)
     for line in state.log:  # one line per step; the last is the final gate's verdict
         console.print(f"  {line}", markup=False)
     console.print(f"approvals in this demo were recorded automatically as '{approver}' (see `gatefill gates`)")

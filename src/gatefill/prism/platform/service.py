@@ -27,7 +27,6 @@ one profile per session, ``recomputed_at`` set by the later one, nothing lost or
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
@@ -48,22 +47,25 @@ from sqlalchemy.engine import Connection, Dialect
 from gatefill.clock import Clock
 from gatefill.db import Database
 from gatefill.errors import DatabaseError, DatabaseUnreachable, DataError, GatefillError
-from gatefill.prism import scoring, service_pg
+from gatefill.prism import scoring
+from gatefill.prism.inputs import (
+    StaticReference,
+    load_scoring_config,
+    load_session_inputs,
+    load_static_reference,
+    token_hash,
+)
 from gatefill.prism.jsmath import to_fixed
+from gatefill.prism.platform import service_pg
 from gatefill.prism.schema import (
     assessment_responses,
-    assessment_scoring_key,
     assessment_sessions,
-    calibration_model,
-    fc_options,
     fc_responses,
     fc_scores,
     fn_logs,
     insert_for,
     profiles,
     results_token_access_logs,
-    scoring_config,
-    type_prototypes,
 )
 
 __all__ = [
@@ -76,12 +78,9 @@ __all__ = [
     "FunctionFailure",
     "PrismService",
     "ResultsOutcome",
-    "load_reference_data_from_db",
-    "load_session_inputs",
-    "token_hash",
 ]
 
-_log = logging.getLogger("gatefill.prism.service")
+_log = logging.getLogger("gatefill.prism.platform.service")
 
 #: Every ``fn_logs`` event these functions write, with what it means. Each payload carries ``fn`` (the function),
 #: ``session_id`` and ``request_id``, plus ``injected`` (the fault names) when the call carried faults.
@@ -204,160 +203,6 @@ class ResultsOutcome:
     reason: str
 
 
-def token_hash(token: str | None) -> str:
-    """The sha256 hex of a share token as results_token_access_logs stores it (no token → hash of '')."""
-    return hashlib.sha256((token or "").encode("utf-8")).hexdigest()
-
-
-# ====================================================================================================================
-# Loading inputs
-
-
-def load_reference_data_from_db(
-    conn: Connection, *, config_override: Mapping[str, object] | None = None
-) -> scoring.ReferenceData:
-    """``scoring.ReferenceData`` from the database's reference tables, as score_prism reads them (spec §4.1).
-
-    ``calibration_model`` rows of version v1.2.1 become the knots lookup keyed by ``(stratum.dim_band,
-    stratum.overlay)``, the latest ``trained_at`` winning; ``config_override`` replaces scoring_config keys.
-    """
-    static = _load_static_reference(conn)
-    config = _load_scoring_config(conn)
-    if config_override:
-        config.update(config_override)
-    return static.build(config)
-
-
-def load_session_inputs(
-    conn: Connection, session_ids: Sequence[str], *, with_fc_responses: bool = True
-) -> dict[str, scoring.SessionInputs]:
-    """The stored scoring inputs of each session, one query per table.
-
-    Answers come in question order and FC responses in (answered_at, block_id) order: stable stand-ins for upstream's
-    unordered reads (integer answers and weights sum exactly in any order). ``uniq_session_question`` makes a
-    question's answer unique, so only ``question_id`` and ``answer_value`` are read (``id`` and ``created_at``
-    matter only to pick the latest of several answers, and decoding them doubled the cost of this read); a session
-    that nonetheless has repeated questions is re-read with both, in (created_at, id) order, so the latest answer
-    still wins exactly as upstream picks it. ``existing_fc_scores`` is the v1.2/functions ``scores_json`` or None.
-    """
-    ids = list(dict.fromkeys(session_ids))
-    answers: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
-    fc_rows: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
-    existing: dict[str, object] = {}
-    if not ids:
-        return {}
-    r = assessment_responses
-    repeated: set[str] = set()
-    last: tuple[object, object] = (None, None)
-    for sid, qid, value in conn.execute(
-        sa.select(r.c.session_id, r.c.question_id, r.c.answer_value)
-        .where(r.c.session_id.in_(ids))
-        .order_by(r.c.session_id, r.c.question_id)
-    ):
-        if (sid, qid) == last:
-            repeated.add(sid)
-        last = (sid, qid)
-        answers[sid].append({"question_id": qid, "answer_value": value})
-    if repeated:
-        for sid in repeated:
-            answers[sid] = []
-        for row in conn.execute(
-            sa.select(r.c.session_id, r.c.id, r.c.question_id, r.c.answer_value, r.c.created_at)
-            .where(r.c.session_id.in_(sorted(repeated)))
-            .order_by(r.c.session_id, r.c.created_at, r.c.id)
-        ):
-            answers[row.session_id].append(
-                {
-                    "id": row.id,
-                    "question_id": row.question_id,
-                    "answer_value": row.answer_value,
-                    "created_at": row.created_at,
-                }
-            )
-    if with_fc_responses:
-        f = fc_responses
-        for fc_row in conn.execute(
-            sa.select(f.c.session_id, f.c.block_id, f.c.option_id)
-            .where(f.c.session_id.in_(ids))
-            .order_by(f.c.session_id, f.c.answered_at, f.c.block_id)
-        ):
-            fc_rows[fc_row.session_id].append({"block_id": fc_row.block_id, "option_id": fc_row.option_id})
-    s = fc_scores
-    for score_row in conn.execute(
-        sa.select(s.c.session_id, s.c.scores_json).where(
-            s.c.session_id.in_(ids), s.c.version == scoring.FC_VERSION, s.c.fc_kind == scoring.FC_KIND
-        )
-    ):
-        existing[score_row.session_id] = score_row.scores_json
-    return {
-        sid: scoring.SessionInputs(
-            session_id=sid, answers=answers[sid], fc_responses=fc_rows[sid], existing_fc_scores=existing.get(sid)
-        )
-        for sid in ids
-    }
-
-
-@dataclass(frozen=True)
-class _StaticReference:
-    """The reference tables that change only by migration: scoring key, FC options, prototypes, calibration knots."""
-
-    key_rows: tuple[scoring.KeyRow, ...]
-    options: dict[object, object]
-    prototypes: list[tuple[object, object, object]]
-    knots: dict[tuple[str, str], Sequence[Any]]
-
-    def build(self, config: Mapping[str, object]) -> scoring.ReferenceData:
-        return scoring.ReferenceData(
-            scoring_key=self.key_rows,
-            fc_options=self.options,
-            scoring_config=dict(config),
-            type_prototypes=self.prototypes,
-            calibration_knots=self.knots,
-        )
-
-
-def _load_static_reference(conn: Connection) -> _StaticReference:
-    k = assessment_scoring_key
-    key_rows = tuple(
-        scoring.KeyRow(
-            question_id=int(row.question_id),
-            scale_type=row.scale_type,
-            tag=row.tag,
-            reverse_scored=bool(row.reverse_scored),
-            pair_group=row.pair_group,
-            social_desirability=bool(row.social_desirability),
-            fc_map=row.fc_map,
-            weight=float(row.weight) if row.weight is not None else 1.0,
-        )
-        for row in conn.execute(sa.select(k).order_by(k.c.question_id))
-    )
-    options = {row.id: row.weights_json for row in conn.execute(sa.select(fc_options.c.id, fc_options.c.weights_json))}
-    t = type_prototypes
-    prototypes = [
-        (row.type_code, row.func, row.block)
-        for row in conn.execute(sa.select(t.c.type_code, t.c.func, t.c.block).order_by(t.c.type_code, t.c.func))
-    ]
-    c = calibration_model
-    knots: dict[tuple[str, str], Sequence[Any]] = {}
-    # Ascending trained_at, so the latest model of a stratum is the one left in the map (upstream: latest first).
-    for row in conn.execute(
-        sa.select(c.c.stratum, c.c.knots).where(c.c.version == scoring.ENGINE_VERSION).order_by(c.c.trained_at)
-    ):
-        stratum = row.stratum
-        if (
-            isinstance(stratum, Mapping)
-            and "dim_band" in stratum
-            and "overlay" in stratum
-            and isinstance(row.knots, list)
-        ):
-            knots[(str(stratum["dim_band"]), str(stratum["overlay"]))] = row.knots
-    return _StaticReference(key_rows, options, prototypes, knots)
-
-
-def _load_scoring_config(conn: Connection) -> dict[str, object]:
-    return {row.key: row.value for row in conn.execute(sa.select(scoring_config.c.key, scoring_config.c.value))}
-
-
 class _ReferenceCache:
     """Reference data per call: scoring_config read every time (drift must show at once), the rest kept ``ttl`` s.
 
@@ -368,14 +213,14 @@ class _ReferenceCache:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._static: _StaticReference | None = None
+        self._static: StaticReference | None = None
         self._loaded_at = 0.0
         self._reloading = False
         self._built: dict[str, scoring.ReferenceData] = {}
 
     def get(
         self,
-        load_static: Callable[[], _StaticReference],
+        load_static: Callable[[], StaticReference],
         config: Mapping[str, object],
         *,
         drift: bool,
@@ -415,7 +260,7 @@ class _ReferenceCache:
                     self._built[fingerprint] = ref
         return ref
 
-    def _reload_quietly(self, load_static: Callable[[], _StaticReference], now: float) -> None:
+    def _reload_quietly(self, load_static: Callable[[], StaticReference], now: float) -> None:
         """A reload nobody waits for: its failure is logged here (the calls go on with the copy they have, and the
         next one tries again), not left in a future nobody reads."""
         try:
@@ -425,7 +270,7 @@ class _ReferenceCache:
         except Exception:
             _log.exception("reloading the reference tables failed; the cached copy stays in use")
 
-    def _reload(self, load_static: Callable[[], _StaticReference], now: float) -> _StaticReference:
+    def _reload(self, load_static: Callable[[], StaticReference], now: float) -> StaticReference:
         try:
             static = load_static()
             with self._lock:
@@ -667,10 +512,10 @@ class PrismService:
         if self._parked is not None:
             self._parked.dispose()
 
-    def _load_static(self) -> _StaticReference:
+    def _load_static(self) -> StaticReference:
         # Translated here too: a background reload's failure is logged, and only gatefill's messages are scrubbed.
         with self.db.translate_errors(), self.db.connect() as conn:
-            return _load_static_reference(conn)
+            return load_static_reference(conn)
 
     # ---------------------------------------------------------------------------------------------------------------
     # helpers
@@ -727,9 +572,7 @@ class PrismService:
         work = _Work()
         try:
             with self.db.begin() as conn:
-                ref = self._reference.get(
-                    partial(_load_static_reference, conn), _load_scoring_config(conn), drift=False
-                )
+                ref = self._reference.get(partial(load_static_reference, conn), load_scoring_config(conn), drift=False)
                 responses = [
                     {"block_id": row.block_id, "option_id": row.option_id}
                     for row in conn.execute(
@@ -1039,7 +882,7 @@ class PrismService:
         locked = conn.execute(
             sa.select(s.c.share_token, s.c.share_token_expires_at).where(s.c.id == session_id).with_for_update()
         ).first()
-        ref = self._reference.get(partial(_load_static_reference, conn), _load_scoring_config(conn), drift=drift)
+        ref = self._reference.get(partial(load_static_reference, conn), load_scoring_config(conn), drift=drift)
         inputs = load_session_inputs(conn, [session_id], with_fc_responses=tally_fc)[session_id]
         existing = conn.execute(sa.select(profiles.c.submitted_at).where(profiles.c.session_id == session_id)).first()
         return _Reads(

@@ -2,10 +2,10 @@
 
 Paths are those Supabase serves (``POST /functions/v1/<name>``) plus the results link ``GET /results/{id}?t=TOKEN``;
 bodies are JSON and CORS is ``*`` with upstream's allowed headers. Every function runs through
-``gatefill.prism.service`` (one code path with the rest of gatefill); this module only parses, authenticates, limits
-and renders. Every error body is ``{error, code}``. ``GET /metrics`` serves the server's Prometheus metrics
-(``gatefill.prism.function_metrics``: every call counted, one total across workers), and a 5xx answer no event
-records gets a ``server_error`` event, written after the answer when the database still takes it.
+``gatefill.prism.platform.service`` (one code path with the rest of gatefill); this module only parses,
+authenticates, limits and renders. Every error body is ``{error, code}``. ``GET /metrics`` serves the server's
+Prometheus metrics (``gatefill.prism.platform.metrics``: every call counted, one total across workers), and a 5xx
+answer no event records gets a ``server_error`` event, written after the answer when the database still takes it.
 
 For speed (finalizeAssessment at 20 clients on two cores), the function calls bypass FastAPI's routing layers
 (``_FunctionCalls``, same contract), a few at once per process in arrival order (``_CALLS_AT_ONCE``), the Postgres
@@ -66,14 +66,14 @@ from gatefill.clock import Clock, RealClock
 from gatefill.config import Environment
 from gatefill.db import Database, dumps_json, parse_utc
 from gatefill.errors import ConfigError, DatabaseError, DatabaseUnreachable, GatefillError, UsageError
-from gatefill.prism.function_metrics import CONTENT_TYPE, FunctionMetrics, multiprocess_environment
-from gatefill.prism.schema import require_schema
-from gatefill.prism.service import (
+from gatefill.prism.platform.metrics import CONTENT_TYPE, FunctionMetrics, multiprocess_environment
+from gatefill.prism.platform.service import (
     CallContext,
     Faults,
     FunctionFailure,
     PrismService,
 )
+from gatefill.prism.schema import require_schema
 
 __all__ = [
     "DEFAULT_CALL_TIMEOUT",

@@ -1,5 +1,5 @@
 """The functions server's own Prometheus metrics: what every function call adds, and the text a ``GET /metrics`` scrape
-reads (the soak reads it through ``gatefill.prism.soak_metrics``).
+reads (the soak reads it through ``gatefill.prism.checks.app_metrics``).
 
 Calls are counted by function and HTTP status; their time from arrival to answer (the wait for a turn included) goes
 into a histogram per function whose bucket edges include 50 ms and 1 s, where the latency goals sit, so a p95 can be
@@ -30,6 +30,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gatefill.errors import GatefillError
+from gatefill.prism.metric_names import (
+    DATABASE_ERRORS,
+    DURATION,
+    FIRST_CALL,
+    LAST_CALL,
+    REQUESTS,
+    STARTED,
+    UNRECORDED,
+)
 
 __all__ = [
     "BUCKETS",
@@ -46,13 +55,6 @@ __all__ = [
     "multiprocess_environment",
 ]
 
-REQUESTS = "gatefill_function_requests"  # exposed as gatefill_function_requests_total{function,status}
-DURATION = "gatefill_function_request_duration_seconds"  # histogram {function}
-DATABASE_ERRORS = "gatefill_function_database_errors"  # _total{function}
-UNRECORDED = "gatefill_function_unrecorded_errors"  # _total{function}: 5xx answers with no fn_logs event
-FIRST_CALL = "gatefill_function_first_call_timestamp_seconds"  # {function}, on the server's clock
-LAST_CALL = "gatefill_function_last_call_timestamp_seconds"  # {function}
-STARTED = "gatefill_functions_server_start_time_seconds"  # Unix time the server (its supervisor) started
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -28,7 +28,7 @@ once, before the first look. What each reads:
    same per-look levels; N/A for a soak planned without a floor.
 7. ``function_errors``: error events (failed writes, unscorable sessions, withheld profiles, 5xx answers the server
    recorded) and failed finalizations; with ``metrics_url``, also the 5xx answers counted by the app's own metrics,
-   which see failures the database never recorded (``gatefill.prism.soak_metrics`` reads them).
+   which see failures the database never recorded (``gatefill.prism.checks.app_metrics`` reads them).
 8. ``latency``: each function's p95 from the app's latency histogram when ``metrics_url`` is set, and p50/p95 of the
    probes' response times (which must cover enough of the window), against a threshold.
 9. ``write_failures``: sessions finalized in the window (before a grace period ended) that still have no profile:
@@ -47,14 +47,12 @@ import logging
 import math
 import random
 import re
-import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -62,28 +60,25 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from gatefill import ledger, stats
-from gatefill.clock import Clock, RealClock, SimulatedClock, utc
+from gatefill import stats
+from gatefill.clock import Clock, RealClock
 from gatefill.config import Environment
-from gatefill.db import Database, JSONValue, UTCTimestamp, parse_utc
+from gatefill.db import Database, JSONValue, UTCTimestamp
 from gatefill.errors import UsageError
-from gatefill.job import NOT_APPLICABLE, Check
-from gatefill.prism import scoring, soak_metrics
-from gatefill.prism.job import PrismJob
-from gatefill.prism.schema import require_schema
-from gatefill.prism.service import token_hash
-from gatefill.soak import (
+from gatefill.job import (
+    NOT_APPLICABLE,
     Baseline,
     ChartGuides,
     ChartLine,
+    Check,
     Look,
     Measurement,
     ReportTable,
     SeriesBucket,
-    SoakOptions,
-    SoakResult,
-    run_soak,
 )
+from gatefill.prism import scoring
+from gatefill.prism.checks import app_metrics as soak_metrics
+from gatefill.prism.inputs import token_hash
 
 __all__ = [
     "CHECK_NAMES",
@@ -91,7 +86,6 @@ __all__ = [
     "PROBE_USER_AGENT",
     "PrismSoakChecks",
     "PrismSoakSettings",
-    "run_prism_soak",
     "window_queries",
 ]
 
@@ -107,8 +101,8 @@ CHECK_NAMES = (
     "write_failures",
 )
 PROBE_USER_AGENT = "gatefill-soak-probe/1"
-#: fn_logs events that mean a function call failed (see ``gatefill.prism.service.EVENTS``). ``no_responses`` is a
-#: client error (nothing to score), not a function error.
+#: fn_logs events that mean a function call failed (see ``gatefill.prism.platform.service.EVENTS``).
+#: ``no_responses`` is a client error (nothing to score), not a function error.
 ERROR_EVENTS = (
     "fc_upsert_error",
     "fc_scores_non_finite",
@@ -1419,60 +1413,3 @@ def _floor_cell(check: Check | None) -> str:
 
 def _ms(value: object) -> str:
     return f"{value:.1f} ms" if isinstance(value, int | float) else "-"
-
-
-def _window_start_for_clock(db: Database, options: SoakOptions) -> datetime | None:
-    """Where a simulated clock must start so the soak walks its window: the stored, --after or --from start."""
-    ledger.init_ledger(db)
-    with db.connect() as conn:
-        if options.resume:
-            run = ledger.get_run(conn, options.resume)
-            return parse_utc(str(run.params["window_start"]))
-        if options.after:
-            return ledger.get_run(conn, options.after).finished_at
-    return utc(options.start) if options.start is not None else None
-
-
-def run_prism_soak(
-    env: Environment,
-    options: SoakOptions,
-    *,
-    artifacts_dir: Path,
-    clock: str = "real",
-    settings: PrismSoakSettings | None = None,
-    stop: threading.Event | None = None,
-    on_look: Callable[[Measurement], None] | None = None,
-    on_baseline: Callable[[Baseline], None] | None = None,
-) -> SoakResult:
-    """What ``gatefill soak`` runs: the PRISM checks on ``env`` with a real or simulated clock.
-
-    ``clock="simulated"`` (tests, demo) starts a ``SimulatedClock`` at the window's start and walks the looks back to
-    back without waiting; the probes then tell the server each look's time, which needs the service-role key and a
-    server started with fault injection allowed. It is refused on production environments.
-    """
-    if clock not in ("real", "simulated"):
-        raise UsageError("--clock must be 'real' or 'simulated'")
-    options.check_environment(env)  # before anything touches the database
-    if clock == "simulated" and env.kind == "production":
-        raise UsageError(f"environment '{env.name}' is production: --clock simulated is refused there")
-    chosen = settings or PrismSoakSettings()
-    with Database(env, pool_size=2) as db:
-        require_schema(db)
-        chosen_clock: Clock = RealClock()
-        if clock == "simulated":
-            chosen_clock = SimulatedClock(_window_start_for_clock(db, options))
-            if chosen.service_role_key is None:
-                chosen = replace(chosen, service_role_key=env.service_role_key())
-        with PrismSoakChecks(env, chosen) as checks:
-            return run_soak(
-                db,
-                env,
-                options=options,
-                clock=chosen_clock,
-                artifacts_dir=artifacts_dir,
-                checks=checks,
-                versions=PrismJob().versions,
-                stop=stop,
-                on_look=on_look,
-                on_baseline=on_baseline,
-            )

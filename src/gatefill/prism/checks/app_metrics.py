@@ -1,6 +1,6 @@
 """What the soak reads from the functions server's own metrics (``metrics_url``, as Argo Rollouts and Kayenta query
 Prometheus): one scrape at the soak's start and one per look, the counts attributed to the soak's window, and p95s
-from the latency histogram's buckets. The names are ``gatefill.prism.function_metrics``'s.
+from the latency histogram's buckets. The names are ``gatefill.prism.platform.metrics``'s.
 
 The server's counters are cumulative since it started, so a count belongs to the window only when the soak can show
 it does:
@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from gatefill.prism.function_metrics import (
+from gatefill.job import Look
+from gatefill.prism.metric_names import (
     DATABASE_ERRORS,
     DURATION,
     FIRST_CALL,
@@ -40,7 +41,6 @@ from gatefill.prism.function_metrics import (
     STARTED,
     UNRECORDED,
 )
-from gatefill.soak import Look
 
 __all__ = ["STATE_KEY", "AppMetricsReader", "AppWindow", "Scrape", "bucket_quantile", "display_url", "parse_metrics"]
 
