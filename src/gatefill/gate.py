@@ -61,8 +61,10 @@ class SoakEvidence:
     versions: Mapping[str, str]
 
 
-def _same_versions(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return all(a.get(k) == b.get(k) for k in _VERSION_KEYS)
+def _same_versions(soaked: Mapping[str, Any], planned: Mapping[str, Any]) -> bool:
+    """The soak measured every version the plan writes (PRISM's three, or another job's own, e.g. a definition
+    hash): a key of the plan's missing from the soak's versions is a difference, not a match."""
+    return all(soaked.get(k) == planned.get(k) for k in {*_VERSION_KEYS, *planned})
 
 
 def find_passing_soak(

@@ -18,13 +18,21 @@ from gatefill import ledger
 from gatefill.clock import Clock
 from gatefill.config import Environment
 from gatefill.db import Database, format_utc
-from gatefill.job import NOT_APPLICABLE, Check, Job, overall_verdict
+from gatefill.job import BACKFILL_CANDIDATES, NOT_APPLICABLE, Check, Job, overall_verdict
 from gatefill.plan import PlanParams, compose_plan, write_plan_files
 from gatefill.reports import render, write_json, write_text
 
 __all__ = ["HealthResult", "check_health"]
 
 _CANDIDATE_CHECKS = ("missing_profiles", "missing_fc_scores")
+
+
+def _candidates(check: Check) -> int:
+    """What discovery would find for what ``check`` counted: its ``BACKFILL_CANDIDATES`` evidence (PRISM's two
+    missing-row checks count it as ``missing``)."""
+    if BACKFILL_CANDIDATES in check.evidence:
+        return int(check.evidence[BACKFILL_CANDIDATES])
+    return int(check.evidence.get("missing", 0)) if check.name in _CANDIDATE_CHECKS else 0
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,7 @@ def check_health(
         # A candidate is a completed session of the window without a profile or without the current FC row: exactly
         # what missing_profiles and missing_fc_scores count. When both found none, discovery cannot find any either,
         # and a healthy production is not scanned a second time.
-        missing = sum(int(c.evidence.get("missing", 0)) for c in checks if c.name in _CANDIDATE_CHECKS)
+        missing = sum(_candidates(c) for c in checks)
         plan: dict[str, Any] | None = None
         if missing:
             started = time.perf_counter()

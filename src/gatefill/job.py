@@ -23,6 +23,7 @@ from gatefill.config import Environment
 from gatefill.db import Database
 
 __all__ = [
+    "BACKFILL_CANDIDATES",
     "LOCAL_EXECUTOR",
     "NOT_APPLICABLE",
     "VERDICTS",
@@ -52,6 +53,9 @@ __all__ = [
 #: a PASS nor a FAIL, and a verdict made only of N/A checks is INCONCLUSIVE: nothing was measured.
 NOT_APPLICABLE = "N/A"
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", NOT_APPLICABLE)
+#: A health check's evidence key: how many candidates discovery would find for what the check counted. When the
+#: health checks' counts add up to more than zero, health composes the mini backfill plan.
+BACKFILL_CANDIDATES = "backfill_candidates"
 
 
 def overall_verdict(verdicts: Iterable[str]) -> str:
@@ -111,6 +115,9 @@ class WrittenTable:
     primary_key: tuple[str, ...]
     #: The Core definition (gatefill's logical column types), so rollback can restore values exactly.
     table: sa.Table | None = None
+    #: The job's before-images hold only the key and the columns it set (not the whole row): rollback then updates
+    #: those columns back by key instead of deleting the row and inserting its image whole.
+    partial_images: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ A row that changed since the run wrote it (its current values differ from the af
 forced. Execution is one transaction: every key is deleted (newest change first, so children go before parents),
 then every before-image is inserted back whole (oldest change first), created_at and updated_at included; restoring
 by DELETE + INSERT rather than UPDATE matters because the ``updated_at`` triggers would otherwise re-stamp the row.
+A job whose images hold only the columns it set (``WrittenTable.partial_images``, e.g. the ``sql`` job) has its
+updated rows restored in place instead: an UPDATE of exactly those columns by key, which leaves every other column,
+and the row itself (its foreign keys, its cascades), alone.
 Verification reads every key back inside the same transaction before it commits, and the run moves to
 ``rolled_back`` in that transaction too. A dry run does all of it and then rolls the transaction back.
 
@@ -44,6 +47,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import base as postgresql_base
+from sqlalchemy.dialects.sqlite import base as sqlite_base
 from sqlalchemy.engine import Connection
 
 from gatefill import ledger
@@ -631,6 +636,8 @@ def _execute(
     for page in pages(newest_first=True, before=False, after=False):
         for group in _group_runs(page):
             table, written = defs[group[0].table]
+            if written.partial_images and not group[0].inserted:
+                continue  # restored in place below: the row is not the run's to delete
             for part in _chunks(group):
                 removed = conn.execute(
                     table.delete().where(_key_clause(table, written.primary_key, [c.key for c in part]))
@@ -643,14 +650,39 @@ def _execute(
                     tc.replaced += removed
     for page in pages(after=False, updated_only=True):
         for group in _group_runs(page):
-            table, _ = defs[group[0].table]
+            table, written = defs[group[0].table]
             for part in _chunks(group):
+                if written.partial_images:
+                    counts[table.name].restored += _restore_in_place(conn, table, written.primary_key, part)
+                    continue
                 rows = [dict(c.before or {}) for c in part]
                 # One executemany per identical column set; images of one table normally all have every column.
                 for same in _by_columns(rows).values():
                     conn.execute(table.insert(), same)
                     counts[table.name].restored += len(same)
     return counts
+
+
+def _restore_in_place(conn: Connection, table: sa.Table, pk: Sequence[str], changes: Sequence[LedgerChange]) -> int:
+    """UPDATEs the columns of each partial before-image back by key (one executemany per column set); the rows it
+    found. A row deleted since the run wrote it stays deleted: its image does not hold the whole row."""
+    keys: dict[str, sa.BindParameter[Any]] = {c: sa.bindparam(f"gf_key_{i}") for i, c in enumerate(pk)}
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for change in changes:
+        values = {c: v for c, v in (change.before or {}).items() if c not in pk}
+        row = {f"gf_set_{c}": v for c, v in values.items()} | {keys[c].key: change.key[c] for c in pk}
+        by_columns.setdefault(tuple(sorted(values)), []).append(row)
+    found = 0
+    for columns, rows in by_columns.items():
+        if not columns:
+            continue
+        statement = (
+            table.update()
+            .where(*(table.c[c] == keys[c] for c in pk))
+            .values({c: sa.bindparam(f"gf_set_{c}") for c in columns})
+        )
+        found += conn.execute(statement, rows).rowcount
+    return found
 
 
 def _by_columns(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
@@ -668,6 +700,7 @@ class _Tally:
     absent: int = 0
     updated: int = 0
     equal: int = 0
+    gone: int = 0  # partial images only: rows deleted since the run wrote them, which stay deleted
     inserted_problems: list[str] = field(default_factory=list)
     updated_problems: list[str] = field(default_factory=list)
     problems: int = 0
@@ -700,6 +733,9 @@ def _verify(
                     tally.problem(tally.inserted_problems, f"{name} {change.row_key} still present")
                 continue
             tally.updated += 1
+            if row is None and defs[name][1].partial_images:
+                tally.gone += 1  # deleted since (a forced rollback): an image of some columns cannot bring it back
+                continue
             if row is None:
                 tally.problem(tally.updated_problems, f"{name} {change.row_key} missing after restore")
                 continue
@@ -731,9 +767,10 @@ def _verify(
             checks.append(
                 Check(
                     f"{name}: before-images restored exactly",
-                    "PASS" if tally.equal == tally.updated else "FAIL",
-                    f"{name}: {tally.equal} of {tally.updated} rows equal their before-image in every column",
-                    {"expected": tally.updated, "measured": tally.equal},
+                    "PASS" if tally.equal + tally.gone == tally.updated else "FAIL",
+                    f"{name}: {tally.equal} of {tally.updated} rows equal their before-image in every column"
+                    + (f" ({tally.gone} deleted since the run wrote them stay deleted)" if tally.gone else ""),
+                    {"expected": tally.updated - tally.gone, "measured": tally.equal},
                     f"SELECT * FROM {name} WHERE ({pk}) IN (<{tally.updated} updated keys>), compared column by column",
                 )
             )
@@ -879,7 +916,8 @@ def render_report(result: RollbackResult) -> str:
         ]
     lines += [
         "Every key comes from the run's ledger; rows the run did not write are never addressed, and nothing is "
-        "selected by timestamp. Rows are deleted by primary key, then before-images are inserted back whole.",
+        "selected by timestamp. Rows are deleted by primary key, then before-images are inserted back whole (a job "
+        "whose images hold only the columns it set has those columns updated back in place, by key).",
         "",
         "## Rows per table",
         "",
@@ -1017,13 +1055,37 @@ def _literal(kind: str, value: Any, pg: bool) -> str:
         return str(int(value))
     if isinstance(value, bool):
         return ("TRUE" if value else "FALSE") if pg else ("1" if value else "0")
+    if isinstance(value, float) and not pg:
+        return _sqlite_real(value)  # exact, where SQLite's decimal parser is not
     if isinstance(value, int | float):
         return repr(value)
     return _text(str(value), pg)
 
 
+#: Words either dialect reserves: such a name is quoted even when it is lower-case (``user``, ``order``).
+_RESERVED = frozenset(postgresql_base.RESERVED_WORDS) | frozenset(sqlite_base.SQLiteIdentifierPreparer.reserved_words)
+
+
 def _ident(name: str) -> str:
-    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"' + name.replace('"', '""') + '"'
+    plain = re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in _RESERVED
+    return name if plain else '"' + name.replace('"', '""') + '"'
+
+
+def _table_ident(table: sa.Table) -> str:
+    return f"{_ident(table.schema)}.{_ident(table.name)}" if table.schema else _ident(table.name)
+
+
+def _restore_statement(
+    table: sa.Table, written: WrittenTable, change: LedgerChange, cols: Sequence[str], values: Sequence[str], pg: bool
+) -> str:
+    """The statement that puts one before-image back: an INSERT of the whole row, or for a partial image an UPDATE of
+    its columns by key (``values`` are the literals of ``cols``)."""
+    if not written.partial_images:
+        names = ", ".join(_ident(c) for c in cols)
+        return f"INSERT INTO {_table_ident(table)} ({names}) VALUES ({', '.join(values)});\n"
+    pk = written.primary_key
+    sets = ", ".join(f"{_ident(c)} = {v}" for c, v in zip(cols, values, strict=True) if c not in pk)
+    return f"UPDATE {_table_ident(table)} SET {sets} WHERE {_key_where(table, pk, change.key, pg)};\n"
 
 
 def _key_where(table: sa.Table, pk: Sequence[str], key: Mapping[str, Any], pg: bool) -> str:
@@ -1044,7 +1106,7 @@ def _row_matches(table: sa.Table, pk: Sequence[str], key: Mapping[str, Any], ima
     for name in _columns(table, image):
         if name not in pk:
             parts.append(f"{_ident(name)} {same} {_literal(_kind(table.c[name]), image[name], pg)}")
-    return f"EXISTS (SELECT 1 FROM {_ident(table.name)} WHERE " + " AND ".join(parts) + ")"
+    return f"EXISTS (SELECT 1 FROM {_table_ident(table)} WHERE " + " AND ".join(parts) + ")"
 
 
 def _columns(table: sa.Table, image: Mapping[str, Any]) -> list[str]:
@@ -1120,8 +1182,10 @@ def _write_script(
                 oldest[change.table] = n
                 per_table.setdefault(change.table, [0, 0])[0 if change.inserted else 1] += 1
                 table, written = defs[change.table]
+                if written.partial_images and not change.inserted:
+                    continue  # restored in place (step 3)
                 where = _key_where(table, written.primary_key, change.key, pg)
-                spools["delete"].write(f"DELETE FROM {_ident(table.name)} WHERE {where};\n")
+                spools["delete"].write(f"DELETE FROM {_table_ident(table)} WHERE {where};\n")
         # The header names the tables in the order of their first change.
         order = sorted(per_table, key=lambda name: -oldest[name])
         summary = "; ".join(f"{t}: {per_table[t][0]} inserted, {per_table[t][1]} updated" for t in order) or "none"
@@ -1142,17 +1206,17 @@ def _write_script(
             if inserted:
                 what = _quote(f"verify: no {name} row the run inserted is still present")
                 spools[f"verify inserted {name}"].write(
-                    f"{check} {what}, count(*) = 0 FROM {_ident(name)} WHERE {where};\n"
+                    f"{check} {what}, count(*) = 0 FROM {_table_ident(table)} WHERE {where};\n"
                 )
                 label = _quote(f"{name}: rows the run inserted, still present")
                 spools[f"final inserted {name}"].write(
-                    f"SELECT {label} AS check_name, count(*) AS should_be_0 FROM {_ident(name)} WHERE {where};\n"
+                    f"SELECT {label} AS check_name, count(*) AS should_be_0 FROM {_table_ident(table)} WHERE {where};\n"
                 )
             else:
                 label = _quote(f"{name}: restored rows missing")
                 spools[f"final updated {name}"].write(
                     f"SELECT {label} AS check_name, {len(keys)} - count(*) AS should_be_0 "
-                    f"FROM {_ident(name)} WHERE {where};\n"
+                    f"FROM {_table_ident(table)} WHERE {where};\n"
                 )
 
         for page in pages(after=guard):
@@ -1168,10 +1232,8 @@ def _write_script(
                 if not change.inserted:
                     before = change.before or {}
                     cols = _columns(table, before)
-                    values = ", ".join(_literal(_kind(table.c[c]), before[c], pg) for c in cols)
-                    spools["insert"].write(
-                        f"INSERT INTO {_ident(name)} ({', '.join(_ident(c) for c in cols)}) VALUES ({values});\n"
-                    )
+                    values = [_literal(_kind(table.c[c]), before[c], pg) for c in cols]
+                    spools["insert"].write(_restore_statement(table, written, change, cols, values, pg))
                     what = _quote(f"verify: equals its before-image: {name} {change.row_key}")
                     spools[f"verify updated {name}"].write(
                         f"{check} {what}, {_row_matches(table, pk, change.key, before, pg)};\n"
@@ -1183,7 +1245,8 @@ def _write_script(
             flush(name, False)
         out.write("\n-- 2. Delete every row the run wrote, newest change first.\n")
         spools.copy("delete", out)
-        out.write("\n-- 3. Insert the before-images back, oldest change first (every column, timestamps included).\n")
+        out.write("\n-- 3. Insert the before-images back, oldest change first (every column, timestamps included;\n")
+        out.write("--    a job whose images hold only the columns it set has them updated back in place, by key).\n")
         spools.copy("insert", out)
         out.write("\n-- 4. Verify inside the transaction (a failed check aborts it: nothing is committed).\n")
         for name in defs:

@@ -17,6 +17,8 @@ from typing import Any
 from gatefill.config import Settings
 from gatefill.errors import ConfigError, UsageError
 from gatefill.job import Job
+from gatefill.jobs.sql import KIND as SQL_KIND
+from gatefill.jobs.sql import SqlJob
 from gatefill.prism.job import PrismJob
 
 __all__ = ["DEFAULT_JOB", "ENTRY_POINT_GROUP", "KINDS", "JobEntry", "available_jobs", "get_job"]
@@ -41,7 +43,7 @@ def _prism_from_table(name: str, table: Mapping[str, Any]) -> Job:
 
 
 #: Built-in kinds a ``[job.NAME]`` table can name, each building a job from the table.
-KINDS: dict[str, Callable[[str, Mapping[str, Any]], Job]] = {"prism": _prism_from_table}
+KINDS: dict[str, Callable[[str, Mapping[str, Any]], Job]] = {"prism": _prism_from_table, SQL_KIND: SqlJob.from_config}
 
 
 @dataclass(frozen=True)
