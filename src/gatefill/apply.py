@@ -345,6 +345,12 @@ def apply_plan(
     """
     options.validate(job)
     verify_plan(plan_body, env)
+    if dict(plan_body.get("versions") or {}) != dict(job.versions):
+        # What was approved is what the plan's versions write (a sql job's: its definition's hash).
+        raise UsageError(
+            f"the plan was made for job {plan_body.get('job')} versions {dict(plan_body.get('versions') or {})}; "
+            f"job {job.name} now has {dict(job.versions)}: make a new plan"
+        )
     now = clock.now()
     run = ensure_run_for_plan(db, plan_body, now=now)
     if run.status in (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED):

@@ -280,7 +280,9 @@ class _Explain(Executable, ClauseElement):
 
 @compiles(_Explain)
 def _compile_explain(element: _Explain, compiler: SQLCompiler, **kw: Any) -> str:
-    return "EXPLAIN " + compiler.process(element.statement, **kw)
+    # Compiled on its own: the statement binds no parameter, and an UPDATE inside another element would make the
+    # outer compiler take itself for an UPDATE's.
+    return "EXPLAIN " + str(element.statement.compile(dialect=compiler.dialect))
 
 
 def _sql(expression: str) -> sa.ColumnElement[Any]:
