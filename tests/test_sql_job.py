@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from gatefill.apply import ApplyOptions, RunPaused, apply_plan, write_apply_arti
 from gatefill.cli import main
 from gatefill.clock import SimulatedClock
 from gatefill.db import Database
-from gatefill.errors import ConfigError, UsageError
+from gatefill.errors import ConfigError, GateBlocked, UsageError
 from gatefill.health import check_health
 from gatefill.jobs import available_jobs, get_job
 from gatefill.jobs.sql import SqlJob, expression_problem
@@ -526,3 +527,40 @@ def test_plan_approve_apply_rollback_health_from_the_cli(
     mini = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("mini_plan: "))
     assert main(["apply", mini, "--approve-as", "tester", "--rate", "unlimited"]) == 0
     assert all(s is not None for s in slugs(target.db).values())
+
+
+# ---------------------------------------------------------------------------------------------------- gates
+
+
+def test_a_production_apply_needs_a_passing_soak_of_the_same_definition(tmp_path: Path) -> None:
+    """Two sql jobs with different definitions share no version: the soak of one does not open the gate of the other
+    (PRISM's version keys alone would have matched them both)."""
+    from gatefill.config import Environment, Settings
+    from gatefill.soak import SoakOptions, soak_job
+
+    envs = {
+        name: Environment(name=name, kind=name, database_url=f"sqlite:///{tmp_path / name}.db")  # type: ignore[arg-type]
+        for name in ("staging", "production")
+    }
+    settings = Settings(None, tmp_path, tmp_path / "artifacts", envs)
+    job, other = fill_slug(), fill_slug(where="slug is null and id > 0")
+    with Database(envs["staging"], create=True) as staging:
+        make_posts(staging)
+        target = Target("sqlite", envs["staging"], staging)
+        applied = plan(target, job, tmp_path)
+        apply(target, job, applied, tmp_path)
+        options = SoakOptions(after=applied["run_id"], duration=3600.0, interval=1800.0, chart=False)
+        soaked = soak_job(envs["staging"], job, options, artifacts_dir=tmp_path / "artifacts", clock="simulated")
+        assert soaked.verdict == "PASS", soaked.checks
+        with staging.begin() as conn:
+            ledger.record_approval(conn, run_id=soaked.run_id, gate="soak", approved_by="tester", now=START)
+    with Database(envs["production"], create=True) as production:
+        make_posts(production)
+        target = Target("sqlite", envs["production"], production)
+        for candidate, allowed in ((other, False), (job, True)):
+            body = plan(target, candidate, tmp_path)
+            if not allowed:
+                with pytest.raises(GateBlocked, match=re.escape("the plan writes {'sql_definition'")):
+                    apply(target, candidate, body, tmp_path, settings=settings)
+                continue
+            assert apply(target, candidate, body, tmp_path, settings=settings).counts == Counter(written=19)
