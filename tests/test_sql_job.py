@@ -21,6 +21,7 @@ from gatefill import ledger
 from gatefill.apply import ApplyOptions, RunPaused, apply_plan, write_apply_artifacts
 from gatefill.cli import main
 from gatefill.clock import SimulatedClock
+from gatefill.config import load_settings
 from gatefill.db import Database
 from gatefill.errors import ConfigError, GateBlocked, UsageError
 from gatefill.health import check_health
@@ -564,3 +565,71 @@ def test_a_production_apply_needs_a_passing_soak_of_the_same_definition(tmp_path
                     apply(target, candidate, body, tmp_path, settings=settings)
                 continue
             assert apply(target, candidate, body, tmp_path, settings=settings).counts == Counter(written=19)
+
+
+# ---------------------------------------------------------------------------------------------------- the README
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The ``language`` code blocks of the README's "Write your own job" section, in order."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Write your own job") :]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(rf"```{language}\n(.*?)\n```", section, re.S)
+
+
+def test_the_readmes_sql_job_works_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The TOML block is the job these tests use, and the commands run as written on a SQLite ``staging`` (apply
+    unthrottled, as in tests/test_readme.py, so the suite does not wait a minute)."""
+    import tomllib
+
+    toml = readme_blocks("toml")[0]
+    assert tomllib.loads(toml)["job"]["fill_slug"] == FILL_SLUG
+    (tmp_path / "gatefill.toml").write_text(f'[env.staging]\ndatabase_url = "sqlite:///staging.db"\n\n{toml}\n')
+    monkeypatch.chdir(tmp_path)
+    with Database(load_settings(tmp_path / "gatefill.toml").env("staging"), create=True) as db:
+        make_posts(db)
+    run_id = ""
+    expected_exit = {"health": [0, 1]}
+    for line in readme_blocks("sh")[0].splitlines():
+        argv = line.split("#")[0].split()
+        assert argv[0] == "gatefill"
+        argv = [run_id if a == "RUN" else a for a in argv[1:]]
+        argv += ["--rate", "unlimited"] if argv[0] == "apply" else []
+        code = main(argv)
+        out = capsys.readouterr().out
+        if argv[0] == "plan":
+            run_id = out.split("run ", 1)[1].split()[0]
+        wanted = expected_exit[argv[0]].pop(0) if argv[0] in expected_exit else 0
+        assert code == wanted, (argv, out)
+        if argv[0] == "jobs":
+            assert "fill_slug" in out and "sql" in out and "prism" in out
+    with Database(load_settings(tmp_path / "gatefill.toml").env("staging")) as db:
+        assert all(s is None for i, s in slugs(db).items() if i % PRESET_EVERY)  # rolled back
+
+
+def test_the_readmes_python_job_loads_through_its_entry_point(
+    target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tomllib
+    from importlib import metadata
+
+    import gatefill.jobs as registry
+
+    package = tmp_path / "acme_backfills"
+    package.mkdir()
+    (package / "__init__.py").write_text(readme_blocks("python")[0], encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    declared = tomllib.loads(readme_blocks("toml")[1])["project"]["entry-points"]["gatefill.jobs"]
+    points = {n: metadata.EntryPoint(n, v, "gatefill.jobs") for n, v in declared.items()}
+    monkeypatch.setattr(registry, "_entry_points", lambda: points)
+
+    assert [e.name for e in available_jobs()] == ["prism", "acme_slugs"]
+    job = get_job("acme_slugs")
+    assert isinstance(job, SqlJob) and job.name == "acme_slugs"
+    make_posts(target.db)
+    body = plan(target, job, tmp_path)
+    assert [c["name"] for c in body["prechecks"]] == ["sql_definition", "write_privileges", "not_in_freeze"]
+    assert apply(target, job, body, tmp_path).counts == Counter(written=19)

@@ -479,7 +479,8 @@ class SqlJob:
                 {"dialect": conn.dialect.name},
             )
         relation = self.definition.qualified
-        row = conn.execute(_PRIVILEGES, {"relation": relation}).one()
+        quoted = conn.dialect.identifier_preparer.format_table(self.table)  # as regclass reads a name
+        row = conn.execute(_PRIVILEGES, {"relation": quoted}).one()
         passes_rls = bool(row.rolsuper or row.rolbypassrls or (row.owns and not row.forced) or not row.rls_on)
         ok = bool(row.may_write and passes_rls)
         summary = (
