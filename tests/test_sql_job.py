@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ from gatefill.health import check_health
 from gatefill.jobs import available_jobs, get_job
 from gatefill.jobs.sql import SqlJob, expression_problem
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan, load_plan_file
+from gatefill.plan import PlanParams, build_plan, compose_plan, load_plan_file
 from gatefill.rollback import RollbackConflicts, rollback_run, write_rollback_sql
 from tests.conftest import Target, table_digests
 from tests.sql_posts import FILL_SLUG, PRESET_EVERY, fill_slug, lowered, make_posts, slugs, snapshot
@@ -633,3 +634,34 @@ def test_the_readmes_python_job_loads_through_its_entry_point(
     body = plan(target, job, tmp_path)
     assert [c["name"] for c in body["prechecks"]] == ["sql_definition", "write_privileges", "not_in_freeze"]
     assert apply(target, job, body, tmp_path).counts == Counter(written=19)
+
+
+@pytest.mark.parametrize("target", ["postgresql"], indirect=True)
+def test_a_read_only_role_checks_health_but_cannot_plan(target: Target, tmp_path: Path) -> None:
+    """Production health may run as a role that can only read: the UPDATE is then planned as a SELECT of its
+    expressions, and the write-privileges precheck refuses a plan (exit 4) instead of a confusing parse error."""
+    from gatefill.config import Environment
+
+    make_posts(target.db)
+    job = fill_slug()
+    apply(target, job, plan(target, job, tmp_path), tmp_path)
+    role = f"gf_reader_{uuid.uuid4().hex[:8]}"
+    with target.db.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT SELECT ON posts TO {role}")
+    reader_env = Environment(name="test", kind="staging", database_url=target.url.replace("postgres@", f"{role}@", 1))
+    try:
+        with Database(reader_env) as reader:
+            reading = fill_slug()
+            reading.require_schema(reader)
+            health = check_health(
+                reader, reader_env, since=SINCE, now=START, artifacts_dir=tmp_path / "artifacts", job=reading
+            )
+            assert health.healthy, health.checks
+            refused = pytest.raises(GateBlocked, match=r"write_privileges: .*UPDATE on posts MISSING")
+            with refused, reader.connect() as conn:
+                compose_plan(conn, reader_env, reading, PlanParams(since=SINCE), now=START)
+    finally:
+        with target.db.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")

@@ -91,6 +91,8 @@ _NO_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
 _CHUNK = 500
 #: Keys listed in a check's evidence.
 _LISTED = 20
+#: SQLSTATE of "permission denied" (Postgres).
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 def _bad(job: str, what: str) -> ConfigError:
@@ -446,17 +448,30 @@ class SqlJob:
         return {"table": d.qualified, "primary_key": list(primary_key), "columns": len(columns), "set": list(d.columns)}
 
     def _explain(self, conn: Connection) -> None:
-        """Plans the update and the verification without running them; an error is the user's expression's."""
+        """Plans the update and the verification without running them; an error is the user's expression's.
+
+        A role that may read the table but not update it (a read-only health check of production) cannot have an
+        UPDATE planned: the expressions are then planned in a SELECT, and ``write_privileges`` says the rest."""
         d = self.definition
         update = self.table.update().where(_sql(d.where)).values({c: _sql(e) for c, e in d.set})
+        reads = sa.select(*(_sql(e) for _, e in d.set)).select_from(self.table).where(_sql(d.where))
         select = sa.select(_truth(d.verify)).select_from(self.table)
         for what, statement in (("where/set", update), ("verify", select)):
             try:
-                with conn.begin_nested():
-                    conn.execute(_Explain(statement)).all()
+                self._explain_one(conn, statement, reads if statement is update else None)
             except sa.exc.DBAPIError as exc:
                 _raise_if_disconnected(exc)
                 raise _bad(d.name, f"{what} does not plan on {d.qualified}: {_one_line(exc)}") from None
+
+    def _explain_one(self, conn: Connection, statement: ClauseElement, if_read_only: ClauseElement | None) -> None:
+        try:
+            with conn.begin_nested():
+                conn.execute(_Explain(statement)).all()
+        except sa.exc.DBAPIError as exc:
+            if if_read_only is None or getattr(exc.orig, "sqlstate", None) != _INSUFFICIENT_PRIVILEGE:
+                raise
+            with conn.begin_nested():
+                conn.execute(_Explain(if_read_only)).all()
 
     def prechecks(self, conn: Connection, environment: str) -> list[Check]:
         """The definition against the catalog (``ConfigError`` if it does not fit), and the right to write the table."""
@@ -761,7 +776,9 @@ def _require_key_affinity(d: SqlDefinition, columns: Mapping[str, Mapping[str, A
 
 _PRIVILEGES = sa.text(
     "SELECT current_user AS who, r.rolsuper, r.rolbypassrls, "
-    "has_table_privilege(current_user, CAST(:relation AS regclass), 'SELECT,UPDATE') AS may_write, "
+    # One privilege per call: with a list, has_table_privilege is true when ANY of them is held.
+    "has_table_privilege(current_user, CAST(:relation AS regclass), 'SELECT') "
+    "AND has_table_privilege(current_user, CAST(:relation AS regclass), 'UPDATE') AS may_write, "
     "c.relrowsecurity AS rls_on, c.relforcerowsecurity AS forced, "
     "pg_has_role(current_user, c.relowner, 'MEMBER') AS owns "
     "FROM pg_roles r, pg_class c WHERE r.rolname = current_user AND c.oid = CAST(:relation AS regclass)"
