@@ -20,6 +20,7 @@ __all__ = [
     "NOT_APPLICABLE",
     "VERDICTS",
     "BatchOutcome",
+    "BatchTask",
     "Candidate",
     "ChangeSink",
     "Check",
@@ -133,6 +134,18 @@ class BatchOutcome:
     changes: list[RowChange] = field(default_factory=list)
     sessions: list[SessionOutcome] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """One batch as apply hands it to an executor: the run, the batch's number and plan group, its candidates in plan
+    order, and whether they are failed ones being retried (their earlier results are then replaced)."""
+
+    run_id: str
+    batch_no: int
+    group: str | None
+    candidates: tuple[Candidate, ...]
+    retrying: bool = False
 
 
 class Job(Protocol):

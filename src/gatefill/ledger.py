@@ -13,8 +13,9 @@ import json
 import os
 import socket
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -22,15 +23,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, insert_rows
+from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, format_utc, insert_rows
 from gatefill.errors import GatefillError, UsageError
-from gatefill.job import RowChange
+from gatefill.job import RowChange, SessionOutcome
 
 __all__ = [
     "APPLY_PHASE",
     "LEDGER_METADATA",
     "TRANSITIONS",
     "Approval",
+    "BatchRecord",
     "IllegalTransition",
     "Lease",
     "LeaseHolder",
@@ -48,8 +50,10 @@ __all__ = [
     "new_run_id",
     "record_approval",
     "record_approval_once",
+    "record_batch",
     "release_lease",
     "renew_lease",
+    "row_changes_not_recorded",
     "row_key",
     "run_events_for",
     "take_lease",
@@ -648,6 +652,115 @@ def committed_batches(conn: Connection, run_id: str) -> set[int]:
     return {n for (n,) in rows}
 
 
+@dataclass(frozen=True)
+class BatchRecord:
+    """One processed batch, as the ledger records it (a result per candidate, the batch row) and as its batch log
+    (``backfill_logs/batch_N.json``) tells it; every executor hands apply one of these."""
+
+    run_id: str
+    batch_no: int
+    group: str | None
+    #: Candidate key → category, for the batch's candidates in plan order.
+    categories: Mapping[str, str]
+    sessions: tuple[SessionOutcome, ...]
+    #: The rows the batch wrote for this run (as recorded by ``record_row_changes``).
+    changes: tuple[RowChange, ...]
+    started_at: datetime
+    finished_at: datetime
+    retrying: bool = False
+    #: What an executor adds to the batch row and its log (the functions executor: how its rows were attributed).
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> Counter[str]:
+        return Counter(s.result for s in self.sessions)
+
+    def log(self) -> dict[str, Any]:
+        """The batch log: counts, rows written per table, and per session its result, operations and rows."""
+        counts = self.counts()
+        # Grouped once: scanning every change for every session was quadratic in the batch size.
+        rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for ch in self.changes:
+            before = "absent" if ch.before is None else "present"
+            rows[ch.candidate].append({"table": ch.table, "key": dict(ch.key), "before": before})
+        sessions = [
+            {
+                "session_id": s.key,
+                "category": self.categories.get(s.key),
+                "result": s.result,
+                "error": s.error,
+                "seconds": round(s.seconds, 6),
+                "operations": s.operations,
+                "rows": rows.get(s.key, []),
+            }
+            for s in self.sessions
+        ]
+        return {
+            "batch_no": self.batch_no,
+            "group": self.group,
+            **self.detail,
+            "started_at": format_utc(self.started_at),
+            "completed_at": format_utc(self.finished_at),
+            "sessions_processed": len(self.categories),
+            "sessions_written": counts["written"],
+            "sessions_already_present": counts["already_present"],
+            "sessions_failed": counts["failed"],
+            "rows_written": dict(Counter(ch.table for ch in self.changes)),
+            "sessions": sessions,
+        }
+
+
+def record_batch(conn: Connection, batch: BatchRecord) -> None:
+    """Records a processed batch in the transaction that wrote its data: a result per candidate (replacing the
+    earlier ones of candidates being retried) and the committed batch row. Its changes go in through
+    ``record_row_changes``, as they are written or all at once."""
+    results = [
+        {
+            "run_id": batch.run_id,
+            "session_id": s.key,
+            "batch_no": batch.batch_no,
+            "result": s.result,
+            "error": s.error,
+            "detail": {
+                "category": batch.categories.get(s.key),
+                "group": batch.group,
+                "operations": s.operations,
+                "seconds": round(s.seconds, 6),
+            },
+            "at": batch.finished_at,
+        }
+        for s in batch.sessions
+    ]
+    if batch.retrying and results:
+        keys = [r["session_id"] for r in results]
+        conn.execute(
+            session_results.delete().where(
+                session_results.c.run_id == batch.run_id, session_results.c.session_id.in_(keys)
+            )
+        )
+    if results:
+        conn.execute(session_results.insert(), results)
+    counts = batch.counts()
+    conn.execute(
+        batches.insert().values(
+            run_id=batch.run_id,
+            batch_no=batch.batch_no,
+            status="committed",
+            sessions=len(batch.categories),
+            succeeded=counts["written"],
+            failed=counts["failed"],
+            skipped=counts["already_present"],
+            started_at=batch.started_at,
+            finished_at=batch.finished_at,
+            detail={
+                "group": batch.group,
+                "keys": list(batch.categories),
+                "changes": len(batch.changes),
+                **batch.detail,
+            },
+        )
+    )
+
+
 def record_changes(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     """Inserts ledger change rows (run_id, batch_no, table_name, row_key, session_id, before, after, at); on
     Postgres with one COPY (a ledger row carries whole row images as JSON)."""
@@ -674,6 +787,22 @@ def record_row_changes(
             for ch in row_changes
         ],
     )
+
+
+def row_changes_not_recorded(conn: Connection, run_id: str, row_changes: Sequence[RowChange]) -> list[RowChange]:
+    """The changes this run has not recorded yet (a row has one change per run: a retried batch that finds its rows
+    again must not record them twice)."""
+    if not row_changes:
+        return []
+    keys = [row_key(ch.key) for ch in row_changes]
+    found: set[tuple[str, str]] = set()
+    for start in range(0, len(keys), 500):
+        part = keys[start : start + 500]
+        query = sa.select(changes.c.table_name, changes.c.row_key).where(
+            changes.c.run_id == run_id, changes.c.row_key.in_(part)
+        )
+        found.update((t, k) for t, k in conn.execute(query))
+    return [ch for ch, k in zip(row_changes, keys, strict=True) if (ch.table, k) not in found]
 
 
 def changes_for(conn: Connection, run_id: str) -> Iterable[sa.Row[Any]]:

@@ -37,7 +37,7 @@ from gatefill.errors import GateBlocked, UsageError
 from gatefill.final_gate import write_final_gate
 from gatefill.health import check_health
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan, load_plan_file
+from gatefill.plan import PlanParams, build_plan, load_plan, plan_from_ledger
 from gatefill.prism.job import PrismJob
 
 __all__ = ["STEPS", "PipelineOptions", "PipelineState", "note_rollback", "run_pipeline"]
@@ -293,34 +293,26 @@ def run_pipeline(
             params = PlanParams(
                 since=options.since, priority=options.priority, rate=options.rate, batch_size=options.batch_size
             )
-            plan = build_plan(staging, staging_env, job, params, now=clock.now(), artifacts_dir=artifacts)
-            blocked = {
-                name: cat["count"]
-                for name, cat in plan.body["categories"].items()
-                if not any(c["operations"] for c in plan.body["candidates"] if c["category"] == name)
-            }
+            files = build_plan(staging, staging_env, job, params, now=clock.now(), artifacts_dir=artifacts)
+            plan = files.plan
             steps["plan"] = {
                 "run_id": plan.run_id,
-                "candidates": plan.body["totals"]["candidates"],
-                "blocked": blocked,
-                "artifact": str(plan.md_path),
+                "candidates": len(plan.runnable),
+                "blocked": plan.blocked_categories(),
+                "artifact": str(files.md_path),
             }
-            state.log.append(
-                f"plan {plan.run_id}: {plan.body['totals']['candidates']} candidates on {staging_env.name}"
-            )
+            state.log.append(f"plan {plan.run_id}: {len(plan.runnable)} candidates on {staging_env.name}")
         plan_run = steps["plan"]["run_id"]
         if not _approve_or_wait(staging, plan_run, "plan", options, clock.now(), state, staging_env.name):
             _save(staging, state, clock.now())
             return state
 
         if "apply" not in steps:
-            with staging.connect() as conn:
-                body = dict(ledger.get_run(conn, plan_run).plan or {})
             result = apply_plan(
                 staging,
                 staging_env,
                 job,
-                body,
+                plan_from_ledger(staging, plan_run),
                 options=ApplyOptions(),
                 clock=apply_clock or clock,
                 artifacts_dir=artifacts,
@@ -368,15 +360,15 @@ def run_pipeline(
             state.log.append(f"health {health.run_id}: {'healthy' if health.healthy else 'not healthy'}")
         mini = steps["health"]["mini_plan"]
         if mini and "production_apply" not in steps:
-            body = load_plan_file(Path(mini))
-            ensure_run_for_plan(production, body, now=clock.now())
+            mini_plan = load_plan(Path(mini))
+            ensure_run_for_plan(production, mini_plan, now=clock.now())
             if not _approve_or_wait(
-                production, body["run_id"], "plan", options, clock.now(), state, production_env.name
+                production, mini_plan.run_id, "plan", options, clock.now(), state, production_env.name
             ):
                 _save(staging, state, clock.now())
                 return state
             with production.connect() as conn:
-                mini_run = ledger.get_run(conn, str(body["run_id"]))
+                mini_run = ledger.get_run(conn, mini_plan.run_id, with_plan=False)
             applied: ApplyResult | None = None
             if mini_run.status != RunStatus.SUCCEEDED:
                 try:
@@ -384,7 +376,7 @@ def run_pipeline(
                         production,
                         production_env,
                         job,
-                        body,
+                        mini_plan,
                         options=ApplyOptions(),
                         clock=apply_clock or clock,
                         artifacts_dir=artifacts,
@@ -408,7 +400,7 @@ def run_pipeline(
                 production, production_env, job, mini_run.id, clock=clock, artifacts_dir=artifacts, result=applied
             )
             with production.connect() as conn:
-                finished = ledger.get_run(conn, mini_run.id)
+                finished = ledger.get_run(conn, mini_run.id, with_plan=False)
                 results = Counter(ledger.session_results_for(conn, mini_run.id).values())
             after = check_health(
                 production, production_env, since=options.since, now=clock.now(), artifacts_dir=artifacts, clock=clock
