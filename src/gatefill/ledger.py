@@ -29,6 +29,7 @@ from gatefill.job import RowChange, SessionOutcome
 
 __all__ = [
     "APPLY_PHASE",
+    "INTENTS_METADATA",
     "LEDGER_METADATA",
     "TRANSITIONS",
     "Approval",
@@ -43,14 +44,20 @@ __all__ = [
     "RunNotFound",
     "RunStatus",
     "create_run",
+    "drop_intents",
     "fence_lease",
     "get_lease",
     "get_run",
+    "init_intents",
     "init_ledger",
+    "intents_for",
+    "lock_intents",
     "new_run_id",
+    "pending_batches",
     "record_approval",
     "record_approval_once",
     "record_batch",
+    "record_intents",
     "release_lease",
     "renew_lease",
     "row_changes_not_recorded",
@@ -286,6 +293,31 @@ leases = sa.Table(
 
 LEDGER_TABLES: tuple[str, ...] = tuple(LEDGER_METADATA.tables)
 
+# Intents: an executor whose writes commit outside the batch's transaction (the PRISM functions executor: its HTTP
+# calls) records, before any write, one row per candidate of the batch; the batch's commit drops them. While a run has
+# intents, the database may hold rows its ledger does not list yet. Created on first use, not by ``init_ledger``.
+INTENTS_METADATA = sa.MetaData()
+
+intents = sa.Table(
+    "gatefill_fn_intents",
+    INTENTS_METADATA,
+    sa.Column("run_id", sa.Text(), primary_key=True),
+    sa.Column("session_id", sa.Text(), primary_key=True),
+    sa.Column("batch_no", sa.Integer(), nullable=False),
+    sa.Column("position", sa.Integer(), nullable=False),  # the candidate's place in its batch (plan order)
+    # key, category, operations, group: what the batch's record needs, so finishing it does not need the plan.
+    sa.Column("candidate", JSONValue(), nullable=False),
+    # call name -> the request id its calls carry (retries and recovery reuse it).
+    sa.Column("request_ids", JSONValue(), nullable=False),
+    # The executor's before-images of the rows the candidate may write, as read before any call.
+    sa.Column("before", JSONValue(), nullable=False),
+    # The highest id of the target's event log (fn_logs) when the intent was recorded: the calls' events come after.
+    sa.Column("fn_logs_after", sa.BigInteger(), nullable=False),
+    sa.Column("retrying", sa.Boolean(), nullable=False),
+    sa.Column("batch_started_at", UTCTimestamp(), nullable=False),
+    sa.Column("created_at", UTCTimestamp(), nullable=False),
+)
+
 
 def init_ledger(db: Database) -> None:
     """Creates the ledger tables if missing (idempotent); on Postgres, hides them behind RLS without policies."""
@@ -296,6 +328,19 @@ def init_ledger(db: Database) -> None:
         if db.caps.row_level_security:
             for table in LEDGER_TABLES:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+
+
+def init_intents(db: Database) -> None:
+    """Creates the intents table if missing (idempotent); on Postgres hides it behind RLS like the ledger (its
+    before-images are user data)."""
+    with db.begin() as conn:
+        if db.caps.advisory_locks:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gatefill.fn_intents.schema'))"))
+        if sa.inspect(conn).has_table(intents.name):
+            return
+        INTENTS_METADATA.create_all(conn, checkfirst=True)
+        if db.caps.row_level_security:
+            conn.exec_driver_sql(f"ALTER TABLE {intents.name} ENABLE ROW LEVEL SECURITY")
 
 
 def new_run_id(phase: str, now: datetime) -> str:
@@ -787,6 +832,43 @@ def record_row_changes(
             for ch in row_changes
         ],
     )
+
+
+def record_intents(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Records a batch's intents (one row per candidate), committed before any of its writes is made."""
+    conn.execute(intents.insert(), list(rows))
+
+
+def intents_for(conn: Connection, run_id: str) -> list[dict[str, Any]]:
+    """The run's intent rows, by batch and position (none in a database without the intents table)."""
+    if not sa.inspect(conn).has_table(intents.name):
+        return []
+    query = sa.select(intents).where(intents.c.run_id == run_id).order_by(intents.c.batch_no, intents.c.position)
+    return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def pending_batches(conn: Connection, run_id: str) -> list[int]:
+    """Batch numbers of ``run_id`` with intents left (writes possibly made, ledger rows not committed): rollback must
+    refuse such a run until they are finished. A database without the intents table has none."""
+    if not sa.inspect(conn).has_table(intents.name):
+        return []
+    rows = conn.execute(sa.select(intents.c.batch_no).where(intents.c.run_id == run_id).distinct())
+    return sorted(n for (n,) in rows)
+
+
+def lock_intents(conn: Connection, run_id: str, batch_no: int) -> set[str]:
+    """Locks a batch's intents for its commit and returns their candidate keys (fewer: another process finished it)."""
+    query = (
+        sa.select(intents.c.session_id)
+        .where(intents.c.run_id == run_id, intents.c.batch_no == batch_no)
+        .with_for_update()
+    )
+    return set(conn.execute(query).scalars())
+
+
+def drop_intents(conn: Connection, run_id: str, batch_no: int) -> None:
+    """Removes a batch's intents, in the transaction that records the batch."""
+    conn.execute(intents.delete().where(intents.c.run_id == run_id, intents.c.batch_no == batch_no))
 
 
 def row_changes_not_recorded(conn: Connection, run_id: str, row_changes: Sequence[RowChange]) -> list[RowChange]:

@@ -38,8 +38,6 @@ from gatefill.plan import Plan, PlanParams, build_plan
 from gatefill.prism.functions_executor import (
     FunctionsExecutor,
     FunctionsUnavailable,
-    intents,
-    pending_batches,
 )
 from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.job import PrismJob
@@ -301,7 +299,7 @@ def test_apply_through_the_functions_equals_local_and_rolls_back_exactly(
         per_table = assert_ledger_covers(db, result.run_id, pre)
         assert per_table["fc_scores"] == 39 and per_table["profiles"] == 23 and per_table["fn_logs"] > 0
         with db.connect() as conn:
-            assert conn.execute(sa.select(sa.func.count()).select_from(intents)).scalar_one() == 0
+            assert conn.execute(sa.select(sa.func.count()).select_from(ledger.intents)).scalar_one() == 0
             details = [b.detail for b in conn.execute(sa.select(ledger.batches.c.detail))]
         assert {d["fn_logs_attribution"] for d in details} == {"request_id"}
         report = write_apply_artifacts(
@@ -343,7 +341,7 @@ def test_interrupted_between_calls_and_commit_then_recovered(
             apply_with(ex, db, env, body, art, monkeypatch)
         ex.close()
         with db.connect() as conn:
-            assert pending_batches(conn, run_id) == [2]
+            assert ledger.pending_batches(conn, run_id) == [2]
             assert ledger.committed_batches(conn, run_id) == {1}
             assert ledger.get_run(conn, run_id).status is RunStatus.RUNNING
         # The calls of batch 2 wrote rows that the ledger does not list yet...
@@ -369,7 +367,7 @@ def test_interrupted_between_calls_and_commit_then_recovered(
             assert recovered[0].log()["recovered"] is True
             assert recovered[0].log()["fn_logs_attribution"] == "session_window"
             with db.connect() as conn:
-                assert pending_batches(conn, run_id) == []
+                assert ledger.pending_batches(conn, run_id) == []
                 assert ledger.committed_batches(conn, run_id) == {1, 2}
 
             # Second interruption: the server goes away in the middle of batch 4's calls.
@@ -388,7 +386,7 @@ def test_interrupted_between_calls_and_commit_then_recovered(
             with pytest.raises((FunctionsUnavailable, RunPaused)):
                 apply_with(fresh, db, env, body, art, monkeypatch)
             with db.connect() as conn:
-                assert pending_batches(conn, run_id) == [4]
+                assert ledger.pending_batches(conn, run_id) == [4]
             # apply's own retry path: the same batch again finishes it (here without calling recover first).
             monkeypatch.setattr(fresh, "_call", real_call)
             result = apply_with(fresh, db, env, body, art, monkeypatch)
@@ -467,7 +465,7 @@ def test_unreachable_server_stops_the_batch_and_recovery_finishes_it(seeded: See
         assert "after 3 attempt(s)" in str(stopped.value) and SERVICE_KEY not in str(stopped.value)
         assert len(sleeps) == 2
         with db.connect() as conn:
-            assert pending_batches(conn, run_id) == [1]
+            assert ledger.pending_batches(conn, run_id) == [1]
         # A different batch may not start while calls of another one are unaccounted for.
         with executor(dead) as ex, pytest.raises(DataError, match="recover them before batch 2"):
             ex.commit_batch(db, PrismJob(), task(body, 2, keys[:1]), SimulatedClock(START), unleased)
@@ -475,7 +473,7 @@ def test_unreachable_server_stops_the_batch_and_recovery_finishes_it(seeded: See
             recovered = ex.recover(db, PrismJob(), run_id, clock=SimulatedClock(START), fence=unleased)
         assert [(r.batch_no, [s.result for s in r.sessions]) for r in recovered] == [(1, ["written", "written"])]
         with db.connect() as conn:
-            assert pending_batches(conn, run_id) == []
+            assert ledger.pending_batches(conn, run_id) == []
             assert ledger.session_results_for(conn, run_id) == dict.fromkeys(keys, "written")
 
 

@@ -54,7 +54,7 @@ from sqlalchemy.engine import Connection
 from gatefill import ledger
 from gatefill.clock import Clock
 from gatefill.config import Environment
-from gatefill.db import Database, JSONValue, UTCTimestamp, parse_utc
+from gatefill.db import Database, parse_utc
 from gatefill.errors import ConfigError, DataError, ExecutorUnavailable
 from gatefill.job import BatchTask, Fence, Job, RowChange, SessionOutcome
 from gatefill.prism import scoring
@@ -62,13 +62,10 @@ from gatefill.prism.schema import assessment_sessions, fc_scores, fn_logs, profi
 
 __all__ = [
     "FC_FUNCTION",
-    "INTENTS_METADATA",
     "PRISM_FUNCTION",
     "CallResult",
     "FunctionsExecutor",
     "FunctionsUnavailable",
-    "intents",
-    "pending_batches",
 ]
 
 FC_FUNCTION = "score_fc_session"
@@ -92,57 +89,6 @@ _LIVE_NOTE = "another writer wrote this row while the batch ran: left alone, not
 
 #: Longest error text kept from a response body (it goes into the ledger and the batch log).
 _MAX_ERROR_CHARS = 200
-
-
-# ---------------------------------------------------------------------------------------------------- intents table
-
-INTENTS_METADATA = sa.MetaData()
-
-#: One row per session of a batch whose calls may have run but whose ledger rows are not committed yet.
-intents = sa.Table(
-    "gatefill_fn_intents",
-    INTENTS_METADATA,
-    sa.Column("run_id", sa.Text(), primary_key=True),
-    sa.Column("session_id", sa.Text(), primary_key=True),
-    sa.Column("batch_no", sa.Integer(), nullable=False),
-    sa.Column("position", sa.Integer(), nullable=False),  # the session's place in its batch (plan order)
-    # key, category, operations, group: what session_results needs, so recovery does not need the plan.
-    sa.Column("candidate", JSONValue(), nullable=False),
-    # function name -> the X-Request-Id its calls carry (retries and recovery reuse it).
-    sa.Column("request_ids", JSONValue(), nullable=False),
-    # {"exists": bool, "fc_scores": image | null, "profiles": image | null} as read in step 1.
-    sa.Column("before", JSONValue(), nullable=False),
-    # The highest fn_logs id when the intent was recorded: the calls' events all come after it.
-    sa.Column("fn_logs_after", sa.BigInteger(), nullable=False),
-    sa.Column("retrying", sa.Boolean(), nullable=False),
-    sa.Column("batch_started_at", UTCTimestamp(), nullable=False),
-    sa.Column("created_at", UTCTimestamp(), nullable=False),
-)
-
-
-def pending_batches(conn: Connection, run_id: str) -> list[int]:
-    """Batch numbers of ``run_id`` with recorded intents (calls possibly made, ledger rows not yet committed).
-
-    A run with pending batches has rows in the database that its ledger does not list yet: rollback must refuse it
-    (or recover it first). A database without the intents table has none.
-    """
-    if not sa.inspect(conn).has_table(intents.name):
-        return []
-    rows = conn.execute(sa.select(intents.c.batch_no).where(intents.c.run_id == run_id).distinct())
-    return sorted(n for (n,) in rows)
-
-
-def _ensure_intents_table(db: Database) -> None:
-    """Creates the intents table if missing (idempotent); on Postgres hides it behind RLS like the ledger."""
-    with db.begin() as conn:
-        if db.caps.advisory_locks:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gatefill.fn_intents.schema'))"))
-        if sa.inspect(conn).has_table(intents.name):
-            return
-        INTENTS_METADATA.create_all(conn, checkfirst=True)
-        if db.caps.row_level_security:
-            # Before-images are user data; only the owner and BYPASSRLS roles may read them through an exposed API.
-            conn.exec_driver_sql(f"ALTER TABLE {intents.name} ENABLE ROW LEVEL SECURITY")
 
 
 # ---------------------------------------------------------------------------------------------------- errors, results
@@ -417,7 +363,7 @@ class FunctionsExecutor:
     def _prepare(self, db: Database) -> None:
         where = db.engine.url.render_as_string(hide_password=True)
         if where not in self._tables_ready:
-            _ensure_intents_table(db)
+            ledger.init_intents(db)
             self._tables_ready.add(where)
 
     def _record_intents(
@@ -465,7 +411,7 @@ class FunctionsExecutor:
                 }
                 for position, c in enumerate(task.candidates)
             ]
-            conn.execute(intents.insert(), rows)
+            ledger.record_intents(conn, rows)
         return [_intent_from(r) for r in rows]
 
     # ------------------------------------------------------------------------------------------------ steps 2 and 3
@@ -575,7 +521,7 @@ class FunctionsExecutor:
                 detail={"executor": "functions", "fn_logs_attribution": mode, "recovered": resumed},
             )
             ledger.record_batch(conn, batch)
-            conn.execute(intents.delete().where(intents.c.run_id == run_id, intents.c.batch_no == batch_no))
+            ledger.drop_intents(conn, run_id, batch_no)
         return batch
 
     # ------------------------------------------------------------------------------------------------ HTTP
@@ -669,14 +615,7 @@ def _decode(response: httpx.Response) -> dict[str, Any]:
 
 def _claim_intents(conn: Connection, run_id: str, batch_no: int, batch_intents: Sequence[_Intent]) -> None:
     """Locks the batch's intents for the commit; ``DataError`` if another process finished the batch meanwhile."""
-    still = set(
-        conn.execute(
-            sa.select(intents.c.session_id)
-            .where(intents.c.run_id == run_id, intents.c.batch_no == batch_no)
-            .with_for_update()
-        ).scalars()
-    )
-    if still != {i.session_id for i in batch_intents}:
+    if ledger.lock_intents(conn, run_id, batch_no) != {i.session_id for i in batch_intents}:
         raise DataError(f"batch {batch_no} of run {run_id} was finished by another process meanwhile")
 
 
@@ -697,12 +636,7 @@ def _intent_from(row: Mapping[str, Any]) -> _Intent:
 
 
 def _load_intents(conn: Connection, run_id: str) -> list[_Intent]:
-    if not sa.inspect(conn).has_table(intents.name):
-        return []
-    rows = conn.execute(
-        sa.select(intents).where(intents.c.run_id == run_id).order_by(intents.c.batch_no, intents.c.position)
-    )
-    return [_intent_from(dict(r._mapping)) for r in rows]
+    return [_intent_from(row) for row in ledger.intents_for(conn, run_id)]
 
 
 def _observe(conn: Connection, batch_intents: Sequence[_Intent], fc_version: str) -> tuple[dict[str, _Seen], str]:
