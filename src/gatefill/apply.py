@@ -79,6 +79,15 @@ class ApplyOptions:
             raise UsageError("--approve-as needs a name")
 
 
+@dataclass(frozen=True)
+class SessionFailure:
+    """A session this apply recorded as failed, in which batch, and why."""
+
+    session_id: str
+    batch_no: int
+    error: str | None
+
+
 @dataclass
 class ApplyResult:
     """What an apply did, as measured (the reports render this)."""
@@ -90,7 +99,7 @@ class ApplyResult:
     batches_committed: int = 0
     elapsed_seconds: float = 0.0
     throttle_wait_seconds: float = 0.0
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[SessionFailure] = field(default_factory=list)
 
     @property
     def measured_rate_per_minute(self) -> float:
@@ -102,7 +111,7 @@ class ApplyResult:
         for s in batch.sessions:
             self.counts[s.result] += 1
             if s.result == "failed":
-                self.failures.append({"session_id": s.key, "batch_no": batch.batch_no, "error": s.error})
+                self.failures.append(SessionFailure(s.key, batch.batch_no, s.error))
         self.batches_committed += 1
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -353,11 +353,10 @@ def make_batches(
 
 def expected_changes(candidates: Sequence[Candidate]) -> dict[str, dict[str, int]]:
     """Rows each table will gain (insert) or have rewritten (update), counted from the candidates' operations."""
-    counts: dict[str, Counter[str]] = {}
-    for c in candidates:
-        for op in c.operations:
-            table, _, kind = op.partition(":")
-            counts.setdefault(table, Counter())[kind] += 1
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for op, n in Counter(op for c in candidates for op in c.operations).items():
+        table, _, kind = op.partition(":")
+        counts[table][kind] += n
     return {t: {"insert": n["insert"], "update": n["update"]} for t, n in sorted(counts.items())}
 
 
