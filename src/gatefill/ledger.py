@@ -1,5 +1,7 @@
 """The run ledger: runs and their state machine, plans, batches, per-session results, row changes with before-images,
-approvals, soak measurements and baselines, and run leases, stored in ``gatefill_*`` tables of the target database.
+approvals, soak measurements and baselines, run leases and executors' intents, stored in ``gatefill_*`` tables of the
+target database. Runs, batches, results, changes, approvals, leases and intents are written only through this
+module's functions: every executor records a batch with ``record_batch`` (and its rows with ``record_row_changes``).
 
 The ledger lives next to the data on purpose: a batch's data writes and its ledger rows commit in one transaction, so
 after a crash the ledger says exactly which batches happened (principle 2), and rollback can restore exactly the rows
