@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         per_check.setdefault(check, []).append(seconds)
                     print(
                         f"run {i + 1}: {totals[-1]:.1f} s, {'healthy' if result.healthy else 'not healthy'}, "
-                        f"mini plan {result.plan['totals']['candidates'] if result.plan else 0:,} candidates; "
+                        f"mini plan {len(result.plan.runnable) if result.plan else 0:,} candidates; "
                         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
                         flush=True,
                     )

@@ -20,7 +20,7 @@ from gatefill import ledger
 from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, write_apply_artifacts
 from gatefill.clock import SimulatedClock
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan
+from gatefill.plan import Plan, PlanParams, build_plan
 from gatefill.prism import job as job_module
 from gatefill.prism.inputs import load_reference_data_from_db, load_session_inputs
 from gatefill.prism.job import PrismJob, _load_inputs
@@ -38,7 +38,7 @@ def staging(target: Target, seeder: Seeder) -> tuple[Target, SeedReport]:
     return target, seeder(target, "staging-2025-09-17")
 
 
-def make_plan(target: Target, tmp_path: Path, batch_size: int = 100) -> dict[str, Any]:
+def make_plan(target: Target, tmp_path: Path, batch_size: int = 100) -> Plan:
     plan = build_plan(
         target.db,
         target.env,
@@ -47,10 +47,10 @@ def make_plan(target: Target, tmp_path: Path, batch_size: int = 100) -> dict[str
         now=START,
         artifacts_dir=tmp_path / "artifacts",
     )
-    return dict(plan.body)
+    return plan.plan
 
 
-def run_apply(target: Target, body: dict[str, Any], tmp_path: Path, **kwargs: Any) -> ApplyResult:
+def run_apply(target: Target, body: Plan, tmp_path: Path, **kwargs: Any) -> ApplyResult:
     return apply_plan(
         target.db,
         target.env,

@@ -3,7 +3,6 @@ mini plan is accepted by apply unchanged and fixes it, and the check itself writ
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import sqlalchemy as sa
 from gatefill.apply import ApplyOptions, apply_plan
 from gatefill.clock import SimulatedClock
 from gatefill.health import check_health
-from gatefill.plan import load_plan_file
+from gatefill.plan import load_plan
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import fc_scores, profiles
 from tests.conftest import Seeder, Target
@@ -63,9 +62,9 @@ def test_unhealthy_production_lists_the_exact_sessions_and_its_mini_plan_fixes_t
     assert by_name["missing_fc_scores"].evidence["sessions"] == victims[1:]
     assert "discovery" in result.seconds
     plan_path = result.paths["mini_plan"]
-    body = load_plan_file(plan_path)
-    assert body["source"] == "health"
-    assert {c["key"]: c["category"] for c in body["candidates"] if c["operations"]} == {
+    plan = load_plan(plan_path)
+    assert plan.source == "health"
+    assert {c.key: c.category for c in plan.runnable} == {
         victims[0]: "profile_only",
         victims[1]: "profile+fc",
         victims[2]: "fc_only",
@@ -75,7 +74,7 @@ def test_unhealthy_production_lists_the_exact_sessions_and_its_mini_plan_fixes_t
         target.db,
         target.env,
         PrismJob(),
-        json.loads(plan_path.read_text()),
+        load_plan(plan_path),  # the file as it is
         options=ApplyOptions(rate="unlimited", approve_as="oncall"),
         clock=SimulatedClock(AT),
         artifacts_dir=tmp_path,
@@ -103,7 +102,7 @@ def test_staging_traps_are_reported_not_hidden(target: Target, tmp_path: Path, s
     assert set(truth.no_fc_responses) | set(truth.unresolvable_fc_options) <= set(sufficiency["fc_below_6_sessions"])
     assert sufficiency["fc_below_6"] == len(sufficiency["fc_below_6_sessions"])
     assert by_name["version_distribution"].evidence["legacy_profiles"] >= len(truth.stale_profile)
-    assert result.plan is not None and result.plan["totals"]["candidates"] == 39
+    assert result.plan is not None and len(result.plan.runnable) == 39
     if target.dialect == "postgresql":
         rls = by_name["row_level_security"]
         assert rls.verdict == "PASS", rls.summary

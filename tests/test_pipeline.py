@@ -21,7 +21,7 @@ from gatefill.config import Environment, Settings
 from gatefill.db import Database
 from gatefill.jobs import get_job
 from gatefill.pipeline import PipelineOptions, run_pipeline
-from gatefill.plan import load_plan_file
+from gatefill.plan import load_plan
 from gatefill.prism.job import PrismJob
 from gatefill.prism.sandbox.demo import DEMO_SINCE, PIPELINE_START, run_demo_pipeline, seed_demo
 from gatefill.prism.schema import assessment_sessions, profiles
@@ -235,7 +235,7 @@ def test_unhealthy_production_without_a_passing_soak_is_refused_until_an_overrid
     assert state.steps["soak"]["verdict"] == "INCONCLUSIVE"
     assert state.steps["health"]["healthy"] is False
     mini = state.steps["health"]["mini_plan"]
-    mini_run = str(load_plan_file(Path(mini))["run_id"])
+    mini_run = load_plan(Path(mini)).run_id
     assert "an approved, PASS staging soak" in str(state.waiting_for)
     assert "has verdict INCONCLUSIVE" in str(state.blocked)
     assert "--override-gate" in str(state.waiting_for)

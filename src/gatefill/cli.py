@@ -263,17 +263,16 @@ def plan_command(
     ).normalized(job)
     with Database(environment) as db:
         job.require_schema(db)
-        plan = build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
-    body = plan.body
-    out.print(f"run [bold]{plan.run_id}[/] planned on {environment.name}: {body['totals']['candidates']} candidates")
+        files = build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
+    plan = files.plan
+    out.print(f"run [bold]{plan.run_id}[/] planned on {environment.name}: {len(plan.runnable)} candidates")
     table = Table("category", "sessions", "operations")
-    for name, cat in body["categories"].items():
-        ops = next((", ".join(c["operations"]) for c in body["candidates"] if c["category"] == name), "")
-        table.add_row(name, str(cat["count"]), ops or "not processed")
+    for name, keys in plan.categories().items():
+        table.add_row(name, str(len(keys)), ", ".join(plan.operations_of(name)) or "not processed")
     out.print(table)
-    for t, n in body["expected_changes"].items():
+    for t, n in plan.expected_changes().items():
         out.print(f"expected {t}: +{n['insert']} inserted, {n['update']} updated")
-    out.print(f"plan: {plan.json_path}\nreport: {plan.md_path}\nhash: {plan.hash}")
+    out.print(f"plan: {files.json_path}\nreport: {files.md_path}\nhash: {plan.hash}")
     out.print(f"next: gatefill approve {plan.run_id} --gate plan --by NAME")
 
 
@@ -330,19 +329,19 @@ def apply_command(
     from gatefill.clock import RealClock
     from gatefill.gate import Override
     from gatefill.jobs import get_job
-    from gatefill.plan import load_plan_file, plan_from_ledger
+    from gatefill.plan import load_plan, plan_from_ledger
     from gatefill.progress import apply_progress
     from gatefill.runs import find_run
 
     settings = _settings()
     path = Path(target)
     if target.endswith(".json") or path.is_file():
-        body = load_plan_file(path)
-        environment = settings.env(env or str(body.get("environment", {}).get("name")))
+        plan = load_plan(path)
+        environment = settings.env(env or plan.environment.name)
     else:
         environment, _ = find_run(settings, target, env)
         with Database(environment) as db:
-            body = plan_from_ledger(db, target)
+            plan = plan_from_ledger(db, target)
     options = ApplyOptions(
         rate=rate, batch_size=batch_size, executor=executor, max_failures=max_failures, approve_as=approve_as
     )
@@ -350,7 +349,7 @@ def apply_command(
     if override_gate:
         override = Override(by or "", reason or "")
         override.validate()
-    planned_job = str(body.get("job") or "prism")
+    planned_job = plan.job
     if job_name is not None and job_name != planned_job:
         raise UsageError(f"--job {job_name}: the plan is for job {planned_job}")
     job = get_job(planned_job, settings)
@@ -361,7 +360,7 @@ def apply_command(
                 db,
                 environment,
                 job,
-                body,
+                plan,
                 options=options,
                 clock=clock,
                 artifacts_dir=settings.artifacts_dir,

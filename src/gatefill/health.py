@@ -14,12 +14,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from gatefill import ledger
 from gatefill.clock import Clock
 from gatefill.config import Environment
 from gatefill.db import Database, format_utc
 from gatefill.job import NOT_APPLICABLE, Check, Job, overall_verdict
-from gatefill.plan import PlanParams, compose_plan, write_plan_files
+from gatefill.plan import Plan, PlanParams, compose_plan, write_plan_files
 from gatefill.reports import render, write_json, write_text
 
 __all__ = ["HealthResult", "check_health"]
@@ -34,7 +36,7 @@ class HealthResult:
     run_id: str
     healthy: bool
     checks: list[Check]
-    plan: dict[str, Any] | None
+    plan: Plan | None
     paths: dict[str, Path]
     #: Wall time in seconds of each check, and of ``discovery`` (the mini plan's discovery and composition).
     seconds: dict[str, float] = field(default_factory=dict)
@@ -86,23 +88,19 @@ def check_health(
         # what missing_profiles and missing_fc_scores count. When both found none, discovery cannot find any either,
         # and a healthy production is not scanned a second time.
         missing = sum(int(c.evidence.get("missing", 0)) for c in checks if c.name in _CANDIDATE_CHECKS)
-        plan: dict[str, Any] | None = None
+        plan = None
         if missing:
             started = time.perf_counter()
-            params = PlanParams(since=since, rate=rate, batch_size=batch_size, profiles="missing")
-            run = ledger.new_run_id("apply", now)
-            plan = compose_plan(conn, env, job, params, now=now, run_id=run, source="health")
+            plan = _mini_plan(conn, env, job, PlanParams(since=since, rate=rate, batch_size=batch_size), now)
             seconds["discovery"] = time.perf_counter() - started
         newest, newest_query = job.newest_activity(conn, since)
     measured_at = clock.now() if clock is not None else now
     checks.append(_measurement_time(newest, measured_at, newest_query))
-    needs_backfill = plan is not None and plan["totals"]["candidates"] > 0
-    healthy = not needs_backfill and overall_verdict(c.verdict for c in checks if c.gating) == "PASS"
+    healthy = plan is None and overall_verdict(c.verdict for c in checks if c.gating) == "PASS"
     out = artifacts_dir / run_id
     paths: dict[str, Path] = {}
-    if plan and needs_backfill:
-        written = write_plan_files(plan, out, "prod_mini_backfill_plan")
-        paths["mini_plan"] = written.json_path or out / "prod_mini_backfill_plan.json"
+    if plan is not None:
+        paths["mini_plan"] = write_plan_files(plan, out, "prod_mini_backfill_plan").json_path
     paths["checks_json"] = write_json(
         out / "prod_health_checks.json",
         {
@@ -115,7 +113,7 @@ def check_health(
             "healthy": healthy,
             "checks": [c.to_json() for c in checks],
             "seconds": {name: round(t, 4) for name, t in seconds.items()},
-            "mini_plan": plan["run_id"] if plan and needs_backfill else None,
+            "mini_plan": plan.run_id if plan is not None else None,
         },
     )
     paths["report"] = write_text(
@@ -130,11 +128,18 @@ def check_health(
             judged_as_of=format_utc(now) if abs((measured_at - now).total_seconds()) >= 1.0 else None,
             healthy=healthy,
             checks=checks,
-            plan=plan if needs_backfill else None,
+            plan=plan.to_json() if plan is not None else None,
             discovered="discovery" in seconds,
         ),
     )
-    return HealthResult(run_id, healthy, checks, plan if needs_backfill else None, paths, seconds, measured_at)
+    return HealthResult(run_id, healthy, checks, plan, paths, seconds, measured_at)
+
+
+def _mini_plan(conn: Connection, env: Environment, job: Job, params: PlanParams, now: datetime) -> Plan | None:
+    """The mini plan of what discovery finds to backfill (composed as ``gatefill plan`` composes), or None when it
+    finds nothing to process."""
+    plan = compose_plan(conn, env, job, params, now=now, run_id=ledger.new_run_id("apply", now), source="health")
+    return plan if plan.runnable else None
 
 
 def _measurement_time(newest: datetime | None, measured_at: datetime, query: str) -> Check:

@@ -8,6 +8,7 @@ tables appear only in ``gatefill.prism``; phase modules know jobs only through t
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from sqlalchemy.engine import Connection
 from gatefill import stats
 from gatefill.clock import Clock
 from gatefill.config import Environment
-from gatefill.db import Database
+from gatefill.db import Database, format_utc
 
 __all__ = [
     "LOCAL_EXECUTOR",
@@ -28,6 +29,8 @@ __all__ = [
     "VERDICTS",
     "Baseline",
     "BatchOutcome",
+    "BatchRecord",
+    "BatchTask",
     "Candidate",
     "ChangeSink",
     "ChartGuides",
@@ -152,7 +155,6 @@ class BatchOutcome:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
-# ====================================================================================================================
 # What the soak needs from a job's checks
 
 
@@ -323,6 +325,75 @@ class SoakSettings:
 # Executors
 
 
+@dataclass(frozen=True)
+class BatchRecord:
+    """One processed batch, as the ledger records it (a result per candidate, the batch row) and as its batch log
+    (``backfill_logs/batch_N.json``) tells it; every executor hands apply one of these."""
+
+    run_id: str
+    batch_no: int
+    group: str | None
+    #: Candidate key → category, for the batch's candidates in plan order.
+    categories: Mapping[str, str]
+    sessions: tuple[SessionOutcome, ...]
+    #: The rows the batch wrote for this run (as recorded by ``record_row_changes``).
+    changes: tuple[RowChange, ...]
+    started_at: datetime
+    finished_at: datetime
+    retrying: bool = False
+    #: What an executor adds to the batch row and its log (the functions executor: how its rows were attributed).
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> Counter[str]:
+        return Counter(s.result for s in self.sessions)
+
+    def log(self) -> dict[str, Any]:
+        """The batch log: counts, rows written per table, and per session its result, operations and rows."""
+        counts = self.counts()
+        # Grouped once: scanning every change for every session was quadratic in the batch size.
+        rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for ch in self.changes:
+            before = "absent" if ch.before is None else "present"
+            rows[ch.candidate].append({"table": ch.table, "key": dict(ch.key), "before": before})
+        sessions = [
+            {
+                "session_id": s.key,
+                "category": self.categories.get(s.key),
+                "result": s.result,
+                "error": s.error,
+                "seconds": round(s.seconds, 6),
+                "operations": s.operations,
+                "rows": rows.get(s.key, []),
+            }
+            for s in self.sessions
+        ]
+        return {
+            "batch_no": self.batch_no,
+            "group": self.group,
+            **self.detail,
+            "started_at": format_utc(self.started_at),
+            "completed_at": format_utc(self.finished_at),
+            "sessions_processed": len(self.categories),
+            "sessions_written": counts["written"],
+            "sessions_already_present": counts["already_present"],
+            "sessions_failed": counts["failed"],
+            "rows_written": dict(Counter(ch.table for ch in self.changes)),
+            "sessions": sessions,
+        }
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """One batch as apply hands it to an executor: the run, the batch's number and plan group, its candidates in plan
+    order, and whether they are failed ones being retried (their earlier results are then replaced)."""
+
+    run_id: str
+    batch_no: int
+    group: str | None
+    candidates: tuple[Candidate, ...]
+    retrying: bool = False
+
+
 #: The executor every job has: ``process_batch`` in the apply's own process and transaction.
 LOCAL_EXECUTOR = "local"
 
@@ -332,21 +403,11 @@ class Executor(Protocol):
     commits its data and its ledger rows in one fenced transaction; ``recover`` finishes batches a crash left half
     done, before apply works out what is left."""
 
-    def commit_batch(
-        self,
-        db: Database,
-        job: Job,
-        run_id: str,
-        batch_no: int,
-        batch: Sequence[Candidate],
-        clock: Clock,
-        retrying: bool,
-        fence: Fence,
-    ) -> tuple[list[SessionOutcome], dict[str, Any]]:
-        """Runs one batch and returns its session outcomes and its batch log."""
+    def commit_batch(self, db: Database, job: Job, task: BatchTask, clock: Clock, fence: Fence) -> BatchRecord:
+        """Runs one batch and returns it as the ledger recorded it."""
         ...
 
-    def recover(self, db: Database, job: Job, run_id: str, *, clock: Clock, fence: Fence) -> Sequence[object]:
+    def recover(self, db: Database, job: Job, run_id: str, *, clock: Clock, fence: Fence) -> Sequence[BatchRecord]:
         """Finishes every batch of ``run_id`` a crash left unfinished; returns them (empty: nothing was pending)."""
         ...
 

@@ -31,14 +31,14 @@ from gatefill.apply import (
     write_apply_artifacts,
 )
 from gatefill.clock import Clock
-from gatefill.config import Settings
+from gatefill.config import Environment, Settings
 from gatefill.db import Database, format_utc
 from gatefill.errors import GateBlocked, UsageError
 from gatefill.final_gate import write_final_gate
-from gatefill.health import check_health
+from gatefill.health import HealthResult, check_health
 from gatefill.job import Job
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan, load_plan_file
+from gatefill.plan import PlanParams, build_plan, load_plan, plan_from_ledger
 
 __all__ = ["STEPS", "PipelineOptions", "PipelineState", "note_rollback", "run_pipeline"]
 
@@ -277,7 +277,6 @@ def run_pipeline(
         .priority
     )
     options = replace(options, priority=priority)
-    artifacts = settings.artifacts_dir
     with Database(staging_env) as staging, Database(production_env) as production:
         run = _pipeline_run(staging, options, job, clock.now())
         state = _state_of(run)
@@ -287,158 +286,208 @@ def run_pipeline(
         if state.done:
             state.log.append("the pipeline already reached its final gate: nothing to do")
             return state
-        steps = state.steps
-
-        if "plan" not in steps:
-            params = PlanParams(
-                since=options.since, priority=options.priority, rate=options.rate, batch_size=options.batch_size
-            )
-            plan = build_plan(staging, staging_env, job, params, now=clock.now(), artifacts_dir=artifacts)
-            blocked = {
-                name: cat["count"]
-                for name, cat in plan.body["categories"].items()
-                if not any(c["operations"] for c in plan.body["candidates"] if c["category"] == name)
-            }
-            steps["plan"] = {
-                "run_id": plan.run_id,
-                "candidates": plan.body["totals"]["candidates"],
-                "blocked": blocked,
-                "artifact": str(plan.md_path),
-            }
-            state.log.append(
-                f"plan {plan.run_id}: {plan.body['totals']['candidates']} candidates on {staging_env.name}"
-            )
-        plan_run = steps["plan"]["run_id"]
-        if not _approve_or_wait(staging, plan_run, "plan", options, clock.now(), state, staging_env.name):
-            _save(staging, state, clock.now())
-            return state
-
-        if "apply" not in steps:
-            with staging.connect() as conn:
-                body = dict(ledger.get_run(conn, plan_run).plan or {})
-            result = apply_plan(
-                staging,
-                staging_env,
-                job,
-                body,
-                options=ApplyOptions(),
-                clock=apply_clock or clock,
-                artifacts_dir=artifacts,
-                settings=settings,
-                progress=progress,
-            )
-            report = write_apply_artifacts(
-                staging, staging_env, job, plan_run, clock=clock, artifacts_dir=artifacts, result=result
-            )
-            steps["apply"] = {
-                "run_id": plan_run,
-                "status": result.status.value,
-                "verdict": report.verdict,
-                "results": dict(result.counts),
-                # The whole run's, every invocation counted (the ledger's events), as backfill_summary.md shows them.
-                "elapsed_seconds": report.runtime_seconds,
-                "rate_per_minute": report.rate_per_minute,
-                "artifacts": {k: str(v) for k, v in report.paths.items()},
-            }
-            state.log.append(f"apply {plan_run}: {result.status.value}, gate {report.verdict}")
-        if steps["apply"]["verdict"] != "PASS":
-            state.waiting_for = f"the staging backfill gate is {steps['apply']['verdict']}: fix or roll back"
-            _save(staging, state, clock.now())
-            return state
-        if not _approve_or_wait(staging, plan_run, "review", options, clock.now(), state, staging_env.name):
-            _save(staging, state, clock.now())
-            return state
-
-        if "soak" not in steps:
-            steps["soak"] = dict(soak_step(staging, staging_env, plan_run, clock, artifacts))
-            state.log.append(f"soak {steps['soak']['run_id']}: {steps['soak']['verdict']}")
-        soak_run = steps["soak"]["run_id"]
-        if not _approve_or_wait(staging, soak_run, "soak", options, clock.now(), state, staging_env.name):
-            _save(staging, state, clock.now())
-            return state
-        if not _approve_or_wait(staging, run.id, "production", options, clock.now(), state, staging_env.name):
-            _save(staging, state, clock.now())
-            return state
-
-        if "health" not in steps:
-            health = check_health(
-                production,
-                production_env,
-                since=options.since,
-                now=clock.now(),
-                artifacts_dir=artifacts,
-                job=job,
-                clock=clock,
-            )
-            steps["health"] = health.step_record()
-            state.log.append(f"health {health.run_id}: {'healthy' if health.healthy else 'not healthy'}")
-        mini = steps["health"]["mini_plan"]
-        if mini and "production_apply" not in steps:
-            body = load_plan_file(Path(mini))
-            ensure_run_for_plan(production, body, now=clock.now())
-            if not _approve_or_wait(
-                production, body["run_id"], "plan", options, clock.now(), state, production_env.name
-            ):
-                _save(staging, state, clock.now())
-                return state
-            with production.connect() as conn:
-                mini_run = ledger.get_run(conn, str(body["run_id"]))
-            applied: ApplyResult | None = None
-            if mini_run.status != RunStatus.SUCCEEDED:
-                try:
-                    applied = apply_plan(
-                        production,
-                        production_env,
-                        job,
-                        body,
-                        options=ApplyOptions(),
-                        clock=apply_clock or clock,
-                        artifacts_dir=artifacts,
-                        settings=settings,
-                        progress=progress,
-                    )
-                except GateBlocked as exc:
-                    if exc.gate != "production":
-                        raise
-                    # The production gate (no approved, passing soak) is lifted only by a person: an override on the
-                    # apply itself, after which this pipeline picks the finished run up and carries on.
-                    state.waiting_for = (
-                        f"{exc}; or `gatefill apply {mini} --env {production_env.name} --override-gate "
-                        f"--by NAME --reason TEXT`"
-                    )
-                    state.blocked = exc
-                    _save(staging, state, clock.now())
-                    return state
-            # else: applied outside the pipeline (e.g. with --override-gate): its ledger is the record.
-            report = write_apply_artifacts(
-                production, production_env, job, mini_run.id, clock=clock, artifacts_dir=artifacts, result=applied
-            )
-            with production.connect() as conn:
-                finished = ledger.get_run(conn, mini_run.id)
-                results = Counter(ledger.session_results_for(conn, mini_run.id).values())
-            after = check_health(
-                production,
-                production_env,
-                since=options.since,
-                now=clock.now(),
-                artifacts_dir=artifacts,
-                job=job,
-                clock=clock,
-            )
-            steps["production_apply"] = {
-                "run_id": mini_run.id,
-                "status": finished.status.value,
-                "verdict": report.verdict,
-                "results": dict(results),
-                "healthy_after": after.healthy,
-                "health_after": after.run_id,
-                "artifacts": {k: str(v) for k, v in report.paths.items()},
-            }
-            state.log.append(f"production apply {mini_run.id}: {finished.status.value}, gate {report.verdict}")
-
-        steps["final_gate"] = write_final_gate(settings, options, state.run_id, steps, now=clock.now())
-        state.done = True
-        state.waiting_for = None
-        state.log.append(f"final gate: {steps['final_gate']['verdict']} ({steps['final_gate']['artifact']})")
-        _close(staging, state, clock.now(), "final gate written")
+        p = _Invocation(
+            settings, options, clock, apply_clock or clock, progress, soak_step, job, state, staging, production
+        )
+        if _advance(p):
+            steps = state.steps
+            steps["final_gate"] = write_final_gate(settings, options, state.run_id, steps, now=clock.now())
+            state.done = True
+            state.waiting_for = None
+            state.log.append(f"final gate: {steps['final_gate']['verdict']} ({steps['final_gate']['artifact']})")
+            _close(staging, state, clock.now(), "final gate written")
         return state
+
+
+@dataclass
+class _Invocation:
+    """One invocation of a pipeline: what it runs with, where, and the state it advances."""
+
+    settings: Settings
+    options: PipelineOptions
+    clock: Clock
+    apply_clock: Clock
+    progress: ProgressCallback | None
+    soak_step: SoakStep
+    job: Job
+    state: PipelineState
+    staging: Database
+    production: Database
+
+    @property
+    def staging_env(self) -> Environment:
+        return self.staging.env
+
+    @property
+    def production_env(self) -> Environment:
+        return self.production.env
+
+    def approved(self, db: Database, run_id: str, gate: str, env: Environment) -> bool:
+        """True when ``gate`` of ``run_id`` is approved; otherwise the state, saying what it waits for, is saved."""
+        if _approve_or_wait(db, run_id, gate, self.options, self.clock.now(), self.state, env.name):
+            return True
+        self.save()
+        return False
+
+    def save(self) -> None:
+        _save(self.staging, self.state, self.clock.now())
+
+
+def _advance(p: _Invocation) -> bool:
+    """Does every step whose gate is open, in order; True when the final gate is next, False when it stopped at a
+    gate (the state says which)."""
+    steps = p.state.steps
+    if "plan" not in steps:
+        _plan_step(p)
+    plan_run = steps["plan"]["run_id"]
+    if not p.approved(p.staging, plan_run, "plan", p.staging_env):
+        return False
+    if "apply" not in steps:
+        _staging_apply_step(p, plan_run)
+    if steps["apply"]["verdict"] != "PASS":
+        p.state.waiting_for = f"the staging backfill gate is {steps['apply']['verdict']}: fix or roll back"
+        p.save()
+        return False
+    if not p.approved(p.staging, plan_run, "review", p.staging_env):
+        return False
+    if "soak" not in steps:
+        steps["soak"] = dict(p.soak_step(p.staging, p.staging_env, plan_run, p.clock, p.settings.artifacts_dir))
+        p.state.log.append(f"soak {steps['soak']['run_id']}: {steps['soak']['verdict']}")
+    if not p.approved(p.staging, steps["soak"]["run_id"], "soak", p.staging_env):
+        return False
+    if not p.approved(p.staging, p.state.run_id, "production", p.staging_env):
+        return False
+    if "health" not in steps:
+        health = _check_production(p)
+        steps["health"] = health.step_record()
+        p.state.log.append(f"health {health.run_id}: {'healthy' if health.healthy else 'not healthy'}")
+    mini = steps["health"]["mini_plan"]
+    if mini and "production_apply" not in steps:
+        return _production_apply_step(p, mini)
+    return True
+
+
+def _plan_step(p: _Invocation) -> None:
+    """Plans the backfill on staging."""
+    o = p.options
+    params = PlanParams(since=o.since, priority=o.priority, rate=o.rate, batch_size=o.batch_size)
+    files = build_plan(
+        p.staging, p.staging_env, p.job, params, now=p.clock.now(), artifacts_dir=p.settings.artifacts_dir
+    )
+    plan = files.plan
+    p.state.steps["plan"] = {
+        "run_id": plan.run_id,
+        "candidates": len(plan.runnable),
+        "blocked": plan.blocked_categories(),
+        "artifact": str(files.md_path),
+    }
+    p.state.log.append(f"plan {plan.run_id}: {len(plan.runnable)} candidates on {p.staging_env.name}")
+
+
+def _staging_apply_step(p: _Invocation, plan_run: str) -> None:
+    """Applies the approved staging plan and writes its gate."""
+    artifacts = p.settings.artifacts_dir
+    result = apply_plan(
+        p.staging,
+        p.staging_env,
+        p.job,
+        plan_from_ledger(p.staging, plan_run),
+        options=ApplyOptions(),
+        clock=p.apply_clock,
+        artifacts_dir=artifacts,
+        settings=p.settings,
+        progress=p.progress,
+    )
+    report = write_apply_artifacts(
+        p.staging, p.staging_env, p.job, plan_run, clock=p.clock, artifacts_dir=artifacts, result=result
+    )
+    p.state.steps["apply"] = {
+        "run_id": plan_run,
+        "status": result.status.value,
+        "verdict": report.verdict,
+        "results": dict(result.counts),
+        # The whole run's, every invocation counted (the ledger's events), as backfill_summary.md shows them.
+        "elapsed_seconds": report.runtime_seconds,
+        "rate_per_minute": report.rate_per_minute,
+        "artifacts": {k: str(v) for k, v in report.paths.items()},
+    }
+    p.state.log.append(f"apply {plan_run}: {result.status.value}, gate {report.verdict}")
+
+
+def _check_production(p: _Invocation) -> HealthResult:
+    return check_health(
+        p.production,
+        p.production_env,
+        since=p.options.since,
+        now=p.clock.now(),
+        artifacts_dir=p.settings.artifacts_dir,
+        job=p.job,
+        clock=p.clock,
+    )
+
+
+def _production_apply_step(p: _Invocation, mini: str) -> bool:
+    """Applies health's mini plan on production once it is approved and the production gate lets it through (a
+    blocked gate waits for a person's override); False when it stopped at a gate."""
+    mini_plan = load_plan(Path(mini))
+    ensure_run_for_plan(p.production, mini_plan, now=p.clock.now())
+    if not p.approved(p.production, mini_plan.run_id, "plan", p.production_env):
+        return False
+    with p.production.connect() as conn:
+        mini_run = ledger.get_run(conn, mini_plan.run_id, with_plan=False)
+    applied: ApplyResult | None = None
+    if mini_run.status != RunStatus.SUCCEEDED:
+        try:
+            applied = apply_plan(
+                p.production,
+                p.production_env,
+                p.job,
+                mini_plan,
+                options=ApplyOptions(),
+                clock=p.apply_clock,
+                artifacts_dir=p.settings.artifacts_dir,
+                settings=p.settings,
+                progress=p.progress,
+            )
+        except GateBlocked as exc:
+            if exc.gate != "production":
+                raise
+            # The production gate (no approved, passing soak) is lifted only by a person: an override on the
+            # apply itself, after which this pipeline picks the finished run up and carries on.
+            p.state.waiting_for = (
+                f"{exc}; or `gatefill apply {mini} --env {p.production_env.name} --override-gate "
+                f"--by NAME --reason TEXT`"
+            )
+            p.state.blocked = exc
+            p.save()
+            return False
+    # else: applied outside the pipeline (e.g. with --override-gate): its ledger is the record.
+    _record_production_apply(p, mini_run.id, applied)
+    return True
+
+
+def _record_production_apply(p: _Invocation, run_id: str, applied: ApplyResult | None) -> None:
+    """Writes the production apply's gate, checks production's health again and records the step."""
+    report = write_apply_artifacts(
+        p.production,
+        p.production_env,
+        p.job,
+        run_id,
+        clock=p.clock,
+        artifacts_dir=p.settings.artifacts_dir,
+        result=applied,
+    )
+    with p.production.connect() as conn:
+        finished = ledger.get_run(conn, run_id, with_plan=False)
+        results = Counter(ledger.session_results_for(conn, run_id).values())
+    after = _check_production(p)
+    p.state.steps["production_apply"] = {
+        "run_id": run_id,
+        "status": finished.status.value,
+        "verdict": report.verdict,
+        "results": dict(results),
+        "healthy_after": after.healthy,
+        "health_after": after.run_id,
+        "artifacts": {k: str(v) for k, v in report.paths.items()},
+    }
+    p.state.log.append(f"production apply {run_id}: {finished.status.value}, gate {report.verdict}")

@@ -533,17 +533,6 @@ def _canonical_key(defs: Mapping[str, tuple[sa.Table, WrittenTable]], change: Le
 # ---------------------------------------------------------------------------------------------------- planning
 
 
-def _unfinished_batches(conn: Connection, run_id: str) -> list[int]:
-    """Batches the functions executor started (intents recorded) but whose ledger rows have not committed."""
-    if not sa.inspect(conn).has_table("gatefill_fn_intents"):
-        return []
-    rows = conn.execute(
-        sa.text("SELECT DISTINCT batch_no FROM gatefill_fn_intents WHERE run_id = :run ORDER BY batch_no"),
-        {"run": run_id},
-    )
-    return [int(n) for (n,) in rows]
-
-
 def _plan(
     conn: Connection, run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], *, lock: bool, page_size: int
 ) -> tuple[RollbackPlan, _LedgerPages]:
@@ -562,7 +551,7 @@ def _plan(
         raise NothingToRollBack(run_id, f"it is a {run.phase} run, which changes no data (only apply runs do)")
     if status_text == RunStatus.PLANNED.value:
         raise NothingToRollBack(run_id, "it is only planned: nothing was applied")
-    unfinished = _unfinished_batches(conn, run_id)
+    unfinished = ledger.pending_batches(conn, run_id)
     if unfinished:
         # Their calls may have written rows the ledger does not list yet: undoing only the listed ones is not exact.
         raise DataError(
