@@ -17,6 +17,7 @@ from rich.console import Console
 from gatefill import ledger
 from gatefill.cli import main
 from gatefill.clock import Clock, OffsetClock, RealClock
+from gatefill.commands import rollback_environment
 from gatefill.config import Environment, Settings
 from gatefill.db import Database
 from gatefill.demo import DEMO_SINCE, PIPELINE_START, run_demo_pipeline, seed_demo
@@ -24,7 +25,6 @@ from gatefill.pipeline import PipelineOptions, run_pipeline
 from gatefill.plan import load_plan_file
 from gatefill.prism.schema import assessment_sessions, profiles
 from gatefill.prism.soak_checks import run_prism_soak
-from gatefill.rollback import rollback_command
 from gatefill.soak import SoakOptions
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, pooled_env, sqlite_env
 
@@ -161,7 +161,7 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
 
     # The staging apply is rolled back afterwards: the pipeline and its final gate say so instead of the old GO.
     apply_run = steps["apply"]["run_id"]
-    undone = rollback_command(
+    undone = rollback_environment(
         pair.env("staging"), apply_run, dry_run=False, force=False, artifacts_dir=pair.artifacts_dir
     )
     assert undone.committed

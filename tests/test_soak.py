@@ -34,6 +34,7 @@ from gatefill.prism.schema import assessment_sessions, fc_scores, profiles
 from gatefill.prism.service import CallContext, PrismService
 from gatefill.prism.simulator import SimulationReport, simulate
 from gatefill.prism.soak_checks import CHECK_NAMES, PrismSoakChecks, PrismSoakSettings, run_prism_soak
+from gatefill.reports.soak import write_soak_artifacts
 from gatefill.soak import (
     Baseline,
     Measurement,
@@ -114,16 +115,16 @@ class Soaked:
         settings = kwargs.pop("settings", PrismSoakSettings(service_role_key=SERVICE_KEY))
         env = kwargs.pop("env", self.env)
         with PrismSoakChecks(env, settings) as checks:
-            return run_soak(
+            result = run_soak(
                 self.db,
                 env,
                 options=options,
                 clock=SimulatedClock(clock_start or options.start),
-                artifacts_dir=self.artifacts,
                 checks=checks,
                 versions={"fc_version": "v1.2", "fc_kind": "functions", "engine_version": "v1.2.1"},
                 **kwargs,
             )
+        return write_soak_artifacts(result, self.artifacts)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

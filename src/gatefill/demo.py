@@ -21,7 +21,7 @@ from rich.table import Table
 
 from gatefill import ledger
 from gatefill.clock import Clock, OffsetClock, SimulatedClock
-from gatefill.config import Environment, Settings, load_settings
+from gatefill.config import DEFAULT_RATE, DEFAULT_SINCE, Environment, Settings, load_settings
 from gatefill.db import Database
 from gatefill.pipeline import PipelineOptions, PipelineState, run_pipeline
 from gatefill.prism.discovery import BLOCKED_CATEGORIES, CANDIDATE_CATEGORIES, discover
@@ -36,7 +36,7 @@ from gatefill.soak import SoakOptions
 
 __all__ = ["DEMO_CONFIG", "DEMO_SINCE", "WALKTHROUGH", "run_demo", "run_demo_pipeline", "run_full_demo", "seed_demo"]
 
-DEMO_SINCE = datetime(2025, 8, 1, tzinfo=UTC)
+DEMO_SINCE = datetime.fromisoformat(DEFAULT_SINCE).replace(tzinfo=UTC)
 DEMO_CONFIG = """\
 # The gatefill demo: embedded SQLite environments (see `gatefill init` for a fully commented example).
 # The demo's pipeline runs on staging and production; walkthrough is staging as it was seeded, left untouched for
@@ -157,7 +157,7 @@ def run_demo_pipeline(
         production="production",
         since=DEMO_SINCE,
         priority=(TEST_SESSION_A, TEST_SESSION_B),
-        rate="unlimited" if fast else "20/min",
+        rate="unlimited" if fast else DEFAULT_RATE,
         auto_approve_as=approver,
     )
     clock = OffsetClock(PIPELINE_START)

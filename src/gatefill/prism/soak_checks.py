@@ -72,6 +72,7 @@ from gatefill.prism import scoring, soak_metrics
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import require_schema
 from gatefill.prism.service import token_hash
+from gatefill.reports.soak import write_soak_artifacts
 from gatefill.soak import (
     Baseline,
     ChartGuides,
@@ -1444,7 +1445,8 @@ def run_prism_soak(
     on_look: Callable[[Measurement], None] | None = None,
     on_baseline: Callable[[Baseline], None] | None = None,
 ) -> SoakResult:
-    """What ``gatefill soak`` runs: the PRISM checks on ``env`` with a real or simulated clock.
+    """What ``gatefill soak`` runs: the PRISM checks on ``env`` with a real or simulated clock; the soak's files are
+    written into ``artifacts_dir`` (``gatefill.reports.soak``).
 
     ``clock="simulated"`` (tests, demo) starts a ``SimulatedClock`` at the window's start and walks the looks back to
     back without waiting; the probes then tell the server each look's time, which needs the service-role key and a
@@ -1464,15 +1466,15 @@ def run_prism_soak(
             if chosen.service_role_key is None:
                 chosen = replace(chosen, service_role_key=env.service_role_key())
         with PrismSoakChecks(env, chosen) as checks:
-            return run_soak(
+            result = run_soak(
                 db,
                 env,
                 options=options,
                 clock=chosen_clock,
-                artifacts_dir=artifacts_dir,
                 checks=checks,
                 versions=PrismJob().versions,
                 stop=stop,
                 on_look=on_look,
                 on_baseline=on_baseline,
             )
+    return write_soak_artifacts(result, artifacts_dir)
