@@ -23,7 +23,7 @@ from gatefill import ledger
 from gatefill.clock import Clock, OffsetClock, SimulatedClock
 from gatefill.config import DEFAULT_RATE, DEFAULT_SINCE, Environment, Settings, load_settings
 from gatefill.db import Database
-from gatefill.pipeline import PipelineOptions, PipelineState, run_pipeline
+from gatefill.pipeline import PipelineOptions, PipelineState, SoakStep, run_pipeline
 from gatefill.prism.discovery import BLOCKED_CATEGORIES, CANDIDATE_CATEGORIES, discover
 from gatefill.prism.functions_server import create_app, serve_in_thread
 from gatefill.prism.schema import init_schema, load_reference_data
@@ -161,6 +161,20 @@ def run_demo_pipeline(
         auto_approve_as=approver,
     )
     clock = OffsetClock(PIPELINE_START)
+    soak_step = _soak_step(console, clock, respondents)
+    rate = "unthrottled" if fast else "at 20 sessions/min"
+    console.print(f"pipeline: plan, apply {rate}, soak, production health, final gate", markup=False)
+    with apply_progress(console) as progress:
+        state = run_pipeline(settings, options, clock=clock, soak_step=soak_step, progress=progress)
+    for line in state.log:  # one line per step; the last is the final gate's verdict
+        console.print(f"  {line}", markup=False)
+    console.print(f"approvals in this demo were recorded automatically as '{approver}' (see `gatefill gates`)")
+    return state
+
+
+def _soak_step(console: Console, clock: OffsetClock, respondents: int) -> SoakStep:
+    """The demo pipeline's soak: six simulated hours of ``respondents``' traffic through an in-process functions
+    server, then the soak of that window; the pipeline's ``clock`` moves past both."""
 
     def soak_step(db: Database, env: Environment, apply_run: str, step_clock: Clock, artifacts: Path) -> dict[str, Any]:
         app = create_app(env, db, allow_fault_injection=True)
@@ -194,11 +208,4 @@ def run_demo_pipeline(
         clock.advance_to(max(soaked_until, traffic_clock.now()))
         return result.step_record()
 
-    rate = "unthrottled" if fast else "at 20 sessions/min"
-    console.print(f"pipeline: plan, apply {rate}, soak, production health, final gate", markup=False)
-    with apply_progress(console) as progress:
-        state = run_pipeline(settings, options, clock=clock, soak_step=soak_step, progress=progress)
-    for line in state.log:  # one line per step; the last is the final gate's verdict
-        console.print(f"  {line}", markup=False)
-    console.print(f"approvals in this demo were recorded automatically as '{approver}' (see `gatefill gates`)")
-    return state
+    return soak_step

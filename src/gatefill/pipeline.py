@@ -44,7 +44,7 @@ from gatefill.reports.apply import write_apply_artifacts
 from gatefill.reports.final_gate import write_final_gate
 from gatefill.reports.health import write_health_check
 
-__all__ = ["STEPS", "PipelineOptions", "PipelineState", "note_rollback", "run_pipeline"]
+__all__ = ["STEPS", "PipelineOptions", "PipelineState", "SoakStep", "note_rollback", "run_pipeline"]
 
 STEPS = (
     "plan",

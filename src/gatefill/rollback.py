@@ -777,13 +777,10 @@ def rollback_run(
     ``rolled_back`` (e.g. already rolled back, or still running) raises ``IllegalTransition`` before any write; a run
     that changed no data (not an apply run, or only planned), and a dry run of a rolled-back run, ``NothingToRollBack``.
     The ledger is read ``page_size`` changes at a time, in four passes: conflicts, deletes, restores, verification.
-    ``fence`` (the run's lease, held by ``gatefill.commands.rollback``) is proven first in the transaction;
+    ``fence`` (the run's lease, held by ``gatefill.commands.rollback_environment``) is proven first in the transaction;
     ``artifacts_dir`` is where the run's reports are (a refusal names the report of an earlier rollback).
     """
     defs = table_definitions(tables, metadata)
-    refused = committed = False
-    checks: list[Check] = []
-    notes: tuple[str, ...] = ()
     with db.translate_errors(), db.engine.connect() as conn:
         trans = conn.begin()
         try:
@@ -796,24 +793,10 @@ def rollback_run(
                     f"it was rolled back already (see {artifacts_dir / run_id / REPORT_NAME}); "
                     "a dry run now would only find its rows gone",
                 )
-            counts = {t.table: t for t in plan.tables}
             if not dry_run and not plan.allowed:
                 raise ledger.IllegalTransition(run_id, plan.status, RunStatus.ROLLED_BACK)
-            if plan.conflicts and not force and not dry_run:
-                refused = True
-            else:
-                counts = _execute(conn, plan, pages, defs)
-                checks, notes = _verify(conn, pages, defs)
-                ok = all(c.verdict == "PASS" for c in checks)
-                if not dry_run and ok:
-                    n_deleted = sum(t.deleted for t in counts.values())
-                    n_restored = sum(t.restored for t in counts.values())
-                    reason = f"rollback: {n_deleted} inserted rows deleted, {n_restored} before-images restored"
-                    if plan.conflicts:
-                        reason += f", forced over {len(plan.conflicts)} conflict(s)"
-                    ledger.transition(conn, run_id, RunStatus.ROLLED_BACK, now=now, reason=reason)
-                    committed = True
-            if committed:
+            undone = _undo(conn, plan, pages, defs, now=now, dry_run=dry_run, force=force)
+            if undone.committed:
                 trans.commit()
             else:
                 trans.rollback()
@@ -827,15 +810,54 @@ def rollback_run(
         database=db.display_url,
         dry_run=dry_run,
         forced=force,
-        refused=refused,
-        committed=committed,
+        refused=undone.refused,
+        committed=undone.committed,
         status_before=plan.status,
-        status_after=RunStatus.ROLLED_BACK if committed else plan.status,
+        status_after=RunStatus.ROLLED_BACK if undone.committed else plan.status,
         status_allows_rollback=plan.allowed,
         changes=plan.changes,
-        tables=tuple(counts.values()),
+        tables=tuple(undone.counts.values()),
         conflicts=plan.conflicts,
-        verification=tuple(checks),
+        verification=tuple(undone.checks),
         generated_at=now,
-        notes=notes,
+        notes=undone.notes,
     )
+
+
+@dataclass(frozen=True)
+class _Undone:
+    """What the rollback's transaction did: counts per table, verification, and whether it was refused or
+    committed (neither: a dry run, or a failed verification, both rolled back)."""
+
+    counts: dict[str, TableCounts]
+    checks: list[Check] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
+    refused: bool = False
+    committed: bool = False
+
+
+def _undo(
+    conn: Connection,
+    plan: RollbackPlan,
+    pages: LedgerPages,
+    defs: Mapping[str, tuple[sa.Table, WrittenTable]],
+    *,
+    now: datetime,
+    dry_run: bool,
+    force: bool,
+) -> _Undone:
+    """Deletes, restores and verifies in the caller's transaction, and marks the run ``rolled_back`` when that is
+    to be committed; conflicts refuse a real rollback that is not forced, before any write."""
+    if plan.conflicts and not force and not dry_run:
+        return _Undone({t.table: t for t in plan.tables}, refused=True)
+    counts = _execute(conn, plan, pages, defs)
+    checks, notes = _verify(conn, pages, defs)
+    if dry_run or not all(c.verdict == "PASS" for c in checks):
+        return _Undone(counts, checks, notes)
+    n_deleted = sum(t.deleted for t in counts.values())
+    n_restored = sum(t.restored for t in counts.values())
+    reason = f"rollback: {n_deleted} inserted rows deleted, {n_restored} before-images restored"
+    if plan.conflicts:
+        reason += f", forced over {len(plan.conflicts)} conflict(s)"
+    ledger.transition(conn, plan.run_id, RunStatus.ROLLED_BACK, now=now, reason=reason)
+    return _Undone(counts, checks, notes, committed=True)
