@@ -239,8 +239,7 @@ def plan_command(
     )
     plan = commands.plan(_settings(), env, params)
     body = plan.body
-    where = body["environment"]["name"]
-    out.print(f"run [bold]{plan.run_id}[/] planned on {where}: {body['totals']['candidates']} candidates")
+    out.print(f"run [bold]{plan.run_id}[/] planned on {plan.environment}: {body['totals']['candidates']} candidates")
     table = Table("category", "sessions", "operations")
     for name, cat in body["categories"].items():
         ops = next((", ".join(c["operations"]) for c in body["candidates"] if c["category"] == name), "")

@@ -2,8 +2,9 @@
 phase and its report writer, and returns a result, which the CLI renders and turns into an exit code.
 
 A command takes what the CLI parsed (``Settings``, names, typed options) and raises ``GatefillError`` for what it
-refuses. The HTTP stack (the functions server, the simulator, the soak's probes, the demo) is imported by the commands
-that use it, when they run: it takes half a second to load, which every other command would pay at start-up.
+refuses. The platform stand-in and the sandbox (the functions server, the simulator, the soak's probes, the demo, the
+seed scenarios) are imported by the commands that use them, when they run: they take most of a second to load, which
+every other command would pay at start-up.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from gatefill.plan import Plan, PlanParams, build_plan, load_plan_file, plan_fro
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import SchemaReport, check_schema, init_schema, load_reference_data, require_schema
 from gatefill.prism.scoring import score_jsonl
-from gatefill.prism.seed import SeedReport, seed_scenario, validate_seed_arguments
 from gatefill.reports.apply import write_apply_artifacts
 from gatefill.reports.health import write_health_check
 from gatefill.reports.rollback import write_rollback_report
@@ -43,6 +43,7 @@ from gatefill.runs import approve as record_approval
 from gatefill.soak import Baseline, Measurement, SoakOptions, SoakResult
 
 if TYPE_CHECKING:
+    from gatefill.prism.seed import SeedReport
     from gatefill.prism.simulator import SimulationReport
 
 __all__ = [
@@ -149,6 +150,8 @@ def seed(
     replace: bool,
 ) -> SeedReport:
     """``gatefill seed``: writes a scenario's PRISM data and returns exactly what was built."""
+    from gatefill.prism.seed import seed_scenario, validate_seed_arguments
+
     # Validated before the database (file) is created, so bad input writes nothing.
     validate_seed_arguments(scenario, sessions=sessions, missing_fraction=missing_fraction, seed=seed, now=now)
     with Database(settings.env(env_name), create=True) as db:
