@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, apply_plan, measure_backfill_gate
 from gatefill.clock import SimulatedClock
 from gatefill.db import canonical_json
 from gatefill.errors import GateBlocked, UsageError
@@ -28,6 +28,7 @@ from gatefill.prism.job import PrismJob
 from gatefill.prism.platform.service import CallContext, PrismService
 from gatefill.prism.sandbox.seed import TEST_SESSION_A, TEST_SESSION_B, SeedReport
 from gatefill.prism.schema import fc_scores, fn_logs, profiles
+from gatefill.reports.apply import write_apply_artifacts
 from tests.conftest import Seeder, Target
 
 # Phase 1 and health also run through PgBouncer in transaction mode (the `pooled` target).
@@ -144,9 +145,10 @@ def test_apply_writes_exactly_what_the_scoring_library_computes(
         "Se": 70,
         "Si": 50,
     }
-    report = write_apply_artifacts(
+    gate = measure_backfill_gate(
         target.db, target.env, PrismJob(), result.run_id, clock=clock, artifacts_dir=tmp_path / "artifacts"
     )
+    report = write_apply_artifacts(target.db, PrismJob(), gate, tmp_path / "artifacts")
     assert report.verdict == "PASS", [(c.name, c.summary) for c in report.checks if c.verdict != "PASS"]
     executed = json.loads(report.paths["execution_results"].read_text())
     assert executed["results"] == {"written": 39}
@@ -165,9 +167,10 @@ def test_apply_writes_exactly_what_the_scoring_library_computes(
         clock=clock,
         artifacts_dir=tmp_path / "artifacts",
     )
-    nothing = write_apply_artifacts(
+    gate = measure_backfill_gate(
         target.db, target.env, PrismJob(), empty.run_id, clock=clock, artifacts_dir=tmp_path / "artifacts"
     )
+    nothing = write_apply_artifacts(target.db, PrismJob(), gate, tmp_path / "artifacts")
     verdicts = {c.name: (c.verdict, c.summary) for c in nothing.checks}
     assert verdicts["version_stamps"][0] == "N/A" and "no stamp to check" in verdicts["version_stamps"][1]
     assert verdicts["rollback_dry_run"][0] == "N/A" and "nothing to roll back" in verdicts["rollback_dry_run"][1]
@@ -355,7 +358,8 @@ def test_a_resumed_runs_summary_counts_runtime_and_rate_over_every_invocation(
         run(SimulatedClock(START), stop=stop, before_batch=pause_at_three)
     later = SimulatedClock(START + timedelta(hours=1))
     run(later)
-    report = write_apply_artifacts(target.db, target.env, PrismJob(), run_id, clock=later, artifacts_dir=tmp_path / "a")
+    gate = measure_backfill_gate(target.db, target.env, PrismJob(), run_id, clock=later, artifacts_dir=tmp_path / "a")
+    report = write_apply_artifacts(target.db, PrismJob(), gate, tmp_path / "a")
     with target.db.connect() as conn:
         e = ledger.run_events
         events = conn.execute(sa.select(e.c.at, e.c.from_status, e.c.to_status).where(e.c.run_id == run_id)).all()

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, measure_backfill_gate
 from gatefill.clock import SimulatedClock
 from gatefill.ledger import RunStatus
 from gatefill.plan import Plan, PlanParams, build_plan
@@ -26,6 +26,7 @@ from gatefill.prism.inputs import load_reference_data_from_db, load_session_inpu
 from gatefill.prism.job import PrismJob, _load_inputs
 from gatefill.prism.sandbox.seed import SeedReport
 from gatefill.prism.schema import assessment_responses, fc_scores, fn_logs, profiles, scoring_config
+from gatefill.reports.apply import write_apply_artifacts
 from tests.conftest import Seeder, Target
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
@@ -179,7 +180,7 @@ def test_a_write_error_is_isolated_to_its_session(staging: tuple[Target, SeedRep
         assert logged == []
         assert conn.execute(sa.select(fc_scores.c.session_id).where(fc_scores.c.session_id == victim)).first() is None
     # Everything the run did write is present as written, and its rollback verifies.
-    report = write_apply_artifacts(
+    gate = measure_backfill_gate(
         target.db,
         target.env,
         PrismJob(),
@@ -188,6 +189,7 @@ def test_a_write_error_is_isolated_to_its_session(staging: tuple[Target, SeedRep
         artifacts_dir=tmp_path / "artifacts",
         max_failures=1,
     )
+    report = write_apply_artifacts(target.db, PrismJob(), gate, tmp_path / "artifacts")
     assert report.verdict == "PASS", [(c.name, c.summary) for c in report.checks if c.verdict != "PASS"]
 
 

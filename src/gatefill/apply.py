@@ -26,6 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from gatefill import ledger
+from gatefill.artifacts import write_json
 from gatefill.clock import Clock
 from gatefill.config import Environment, Settings
 from gatefill.db import Database
@@ -47,11 +48,23 @@ from gatefill.job import (
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 from gatefill.plan import Batch, Plan, verify_plan
-from gatefill.reports import render, write_json, write_text
-from gatefill.rollback import RollbackResult, rollback_run, write_rollback_sql
+from gatefill.rollback import RollbackResult, rollback_run
 from gatefill.throttle import Rate, TokenBucket, parse_rate
 
-__all__ = ["ApplyOptions", "ApplyResult", "RunPaused", "apply_plan", "ensure_run_for_plan"]
+__all__ = [
+    "ApplyOptions",
+    "ApplyResult",
+    "BackfillGate",
+    "BatchRow",
+    "FailedSession",
+    "Invocation",
+    "RunPaused",
+    "TableRows",
+    "apply_plan",
+    "ensure_run_for_plan",
+    "measure_backfill_gate",
+    "run_invocations",
+]
 
 
 class RunPaused(GatefillError):
@@ -460,7 +473,7 @@ def _pause(db: Database, run_id: str, clock: Clock, reason: str, fence: Fence) -
         ledger.transition(conn, run_id, RunStatus.PAUSED, now=clock.now(), reason=reason)
 
 
-# ---------------------------------------------------------------------------------------------------------- artifacts
+# ------------------------------------------------------------------------------------------------------- the gate
 
 
 @dataclass(frozen=True)
@@ -511,17 +524,91 @@ def run_invocations(events: Sequence[ledger.RunEvent], batch_rows: Sequence[Any]
 
 
 @dataclass(frozen=True)
-class ApplyReport:
-    """The apply gate's verdict, where its artifacts were written, and the whole run's measured runtime and rate."""
+class FailedSession:
+    """A session the run recorded as failed, with the batch it was in and its error."""
 
+    session_id: str
+    batch_no: int
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "batch_no": self.batch_no, "error": self.error}
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """A committed batch as the ledger's batch row tells it (``gatefill_batches``), for the backfill summary."""
+
+    batch_no: int
+    sessions: int
+    written: int
+    already_present: int
+    failed: int
+    started_at: datetime
+    finished_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_no": self.batch_no,
+            "sessions": self.sessions,
+            "written": self.written,
+            "already_present": self.already_present,
+            "failed": self.failed,
+            "started_at": self.started_at.isoformat(),
+            "completed_at": self.finished_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """Per written table: the rows the plan expected, the changes the run recorded, and those present as written."""
+
+    table: str
+    expected_insert: int
+    expected_update: int
+    recorded: int
+    present: int
+
+
+@dataclass(frozen=True)
+class BackfillGate:
+    """The apply gate of a run, measured from the ledger and the database: its verdict and checks, the whole run's
+    runtime and rate, and what ``gatefill.reports.apply`` lays out; ``paths`` once those files are written."""
+
+    run: ledger.Run
+    env: Environment
+    measured_at: datetime
     verdict: str
     checks: list[Check]
-    paths: dict[str, Path]
-    runtime_seconds: float = 0.0
-    rate_per_minute: float | None = None
+    #: Each planned (runnable) session's result, counted; and the number of planned sessions.
+    results: Mapping[str, int]
+    planned: int
+    by_category: Mapping[str, Mapping[str, int]]
+    failures: list[FailedSession]
+    batches: list[BatchRow]
+    invocations: list[Invocation]
+    tables: list[TableRows]
+    approvals: list[ledger.Approval]
+    #: The rollback's dry run (the ``rollback_dry_run`` check).
+    dry_run: RollbackResult
+    #: Running time (every invocation) and the sessions processed in it.
+    runtime_seconds: float
+    processed: int
+    #: Throttle waits of the invocation that just ran, when the gate is measured right after it.
+    throttle_wait_seconds: float | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def rate_per_minute(self) -> float | None:
+        """The measured rate over every invocation; None without running time."""
+        return self.processed / self.runtime_seconds * 60.0 if self.runtime_seconds > 0 else None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "PASS" else 1
 
 
-def write_apply_artifacts(
+def measure_backfill_gate(
     db: Database,
     env: Environment,
     job: Job,
@@ -531,157 +618,89 @@ def write_apply_artifacts(
     artifacts_dir: Path,
     max_failures: int = 0,
     result: ApplyResult | None = None,
-) -> ApplyReport:
-    """Writes execution_results.json, backfill_summary.md and backfill_gate.md, every number read from the ledger
-    and the database at the time of writing; the rollback is verified by a dry run."""
-
-    out = artifacts_dir / run_id
-    logs = out / "backfill_logs"
+) -> BackfillGate:
+    """The apply gate of ``run_id``, every number read from the ledger and the database now; the rollback is verified
+    by a dry run (``artifacts_dir``: where the run's reports are, which a refused dry run names)."""
     measured_at = clock.now()
     with db.connect() as conn:
         run = ledger.get_run(conn, run_id)
-        plan = run.plan or {}
         results = ledger.session_results_for(conn, run_id)
-        detail_rows = conn.execute(
-            sa.select(ledger.session_results).where(ledger.session_results.c.run_id == run_id)
-        ).all()
+        failures = [
+            FailedSession(r.session_id, r.batch_no, r.error)
+            for r in conn.execute(sa.select(ledger.session_results).where(ledger.session_results.c.run_id == run_id))
+            if r.result == "failed"
+        ]
         batch_rows = conn.execute(
             sa.select(ledger.batches).where(ledger.batches.c.run_id == run_id).order_by(ledger.batches.c.batch_no)
         ).all()
         job_checks = job.post_checks(conn, run_id)
         approvals = ledger.approvals_for(conn, run_id)
         invocations = run_invocations(ledger.run_events_for(conn, run_id), batch_rows)
-    counts = Counter(results.values())
+    plan = run.plan or {}
     planned = {c["key"]: c for c in plan.get("candidates", []) if c.get("operations")}
+    # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
+    dry = rollback_run(db, run_id, job.written_tables(), now=measured_at, dry_run=True, artifacts_dir=artifacts_dir)
+    tables = _table_rows(job, plan.get("expected_changes", {}), dry)
+    checks = _gate_checks(run, planned, results, failures, max_failures, tables, job_checks, dry)
+    return BackfillGate(
+        run=run,
+        env=env,
+        measured_at=measured_at,
+        verdict=overall_verdict(c.verdict for c in checks if c.gating),
+        checks=checks,
+        results=dict(Counter(results.values())),
+        planned=len(planned),
+        by_category=_by_category(planned, results),
+        failures=failures,
+        batches=[BatchRow(*_batch_fields(b)) for b in batch_rows],
+        invocations=invocations,
+        tables=tables,
+        approvals=approvals,
+        dry_run=dry,
+        # Runtime and rate over every invocation (a resumed run has several), from the ledger's run events.
+        runtime_seconds=sum(i.seconds for i in invocations),
+        processed=sum(i.sessions for i in invocations),
+        throttle_wait_seconds=float(result.throttle_wait_seconds) if result else None,
+    )
+
+
+def _batch_fields(b: Any) -> tuple[int, int, int, int, int, datetime, datetime]:
+    return (b.batch_no, b.sessions, b.succeeded, b.skipped, b.failed, b.started_at, b.finished_at)
+
+
+def _by_category(planned: Mapping[str, Any], results: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """Per category: sessions planned, and of them how many were written, already present, failed (each counted)."""
     by_category: dict[str, Counter[str]] = {}
     for key, cand in planned.items():
         row = by_category.setdefault(cand["category"], Counter())
         row["planned"] += 1
         if key in results:
             row[results[key]] += 1
-    failures = [
-        {"session_id": r.session_id, "batch_no": r.batch_no, "error": r.error}
-        for r in detail_rows
-        if r.result == "failed"
-    ]
-    summary = dict(run.summary or {})
-    # Runtime and rate over every invocation (a resumed run has several), from the ledger's run events.
-    elapsed = sum(i.seconds for i in invocations)
-    processed = sum(i.sessions for i in invocations)
-    measured_rate = processed / elapsed * 60.0 if elapsed > 0 else None
-    started = run.started_at.isoformat() if run.started_at else "not started"
-    finished = run.finished_at.isoformat() if run.finished_at else "not finished"
-    rollback_file = f"rollback_{(run.started_at or measured_at).date().isoformat()}.sql"
-    paths: dict[str, Path] = {}
-    paths["rollback_sql"] = write_rollback_sql(db, run_id, job.written_tables(), logs / rollback_file, now=measured_at)
-    paths["execution_results"] = write_json(
-        logs / "execution_results.json",
-        {
-            "run_id": run_id,
-            "plan_hash": run.plan_hash,
-            "environment": env.name,
-            "database": env.display_url,
-            "status": run.status.value,
-            "execution_start": started,
-            "execution_end": finished,
-            "runtime_seconds": round(elapsed, 3),
-            "rate_requested": summary.get("rate"),
-            "measured_rate_per_minute": None if measured_rate is None else round(measured_rate, 3),
-            "invocations": [i.to_json() for i in invocations],
-            "total_sessions": len(planned),
-            "results": dict(counts),
-            "failed_sessions": len(failures),
-            "batch_results": [
-                {
-                    "batch_no": b.batch_no,
-                    "sessions": b.sessions,
-                    "written": b.succeeded,
-                    "already_present": b.skipped,
-                    "failed": b.failed,
-                    "started_at": b.started_at.isoformat(),
-                    "completed_at": b.finished_at.isoformat(),
-                }
-                for b in batch_rows
-            ],
-            "errors": failures,
-            "measured_at": measured_at.isoformat(),
-        },
-    )
-    # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
-    dry = rollback_run(db, run_id, job.written_tables(), now=measured_at, dry_run=True, artifacts_dir=artifacts_dir)
-    if dry.report_path is not None:
-        paths["rollback_dry_run"] = dry.report_path
+    return {k: {"written": 0, "already_present": 0, "failed": 0, **v} for k, v in by_category.items()}
+
+
+def _table_rows(job: Job, expected: Mapping[str, Any], dry: RollbackResult) -> list[TableRows]:
     recorded = {t.table: t.inserted_by_run + t.updated_by_run for t in dry.tables}
     conflicted = Counter(c.table for c in dry.conflicts)
-    expected = plan.get("expected_changes", {})
-    tables = [
-        {
-            "table": t.name,
-            "expected_insert": expected.get(t.name, {}).get("insert", 0),
-            "expected_update": expected.get(t.name, {}).get("update", 0),
-            "recorded": recorded.get(t.name, 0),
-            "present": recorded.get(t.name, 0) - conflicted[t.name],
-        }
+    return [
+        TableRows(
+            table=t.name,
+            expected_insert=expected.get(t.name, {}).get("insert", 0),
+            expected_update=expected.get(t.name, {}).get("update", 0),
+            recorded=recorded.get(t.name, 0),
+            present=recorded.get(t.name, 0) - conflicted[t.name],
+        )
         for t in job.written_tables()
     ]
-    paths["summary"] = write_text(
-        out / "backfill_summary.md",
-        render(
-            "backfill_summary.md.j2",
-            run=run,
-            database=env.display_url,
-            started=started,
-            finished=finished,
-            elapsed=elapsed,
-            waited=float(result.throttle_wait_seconds) if result else None,
-            rate=summary.get("rate", "n/a"),
-            measured_rate=measured_rate,
-            processed=processed,
-            invocations=invocations,
-            batches=len(batch_rows),
-            results=dict(counts),
-            planned=len(planned),
-            by_category={k: {**{"written": 0, "already_present": 0, "failed": 0}, **v} for k, v in by_category.items()},
-            tables=tables,
-            measured_at=measured_at.isoformat(),
-            failures=failures,
-            rollback_file=rollback_file,
-        ),
-    )
-    checks = _gate_checks(run, planned, results, failures, max_failures, tables, job_checks, dry)
-    verdict = overall_verdict(c.verdict for c in checks if c.gating)
-    paths["gate"] = write_text(
-        out / "backfill_gate.md",
-        render(
-            "gate.md.j2",
-            title=f"Backfill gate {run_id}",
-            verdict=verdict,
-            facts={
-                "environment": f"`{env.name}` ({env.kind}) on `{env.display_url}`",
-                "run status": run.status.value,
-                "plan hash": f"`{run.plan_hash}`",
-                "measured at": measured_at.isoformat(),
-            },
-            checks=checks,
-            approvals=approvals,
-            next_step=(
-                "Next: review `backfill_summary.md`, then run the staging soak: "
-                f"`gatefill soak --env {env.name} --after {run_id}`."
-                if verdict == "PASS"
-                else f"Next: inspect the failures; undo with `gatefill rollback {run_id}` if needed."
-            ),
-        ),
-    )
-    return ApplyReport(verdict, checks, paths, elapsed, measured_rate)
 
 
 def _gate_checks(
     run: ledger.Run,
     planned: Mapping[str, Any],
     results: Mapping[str, str],
-    failures: Sequence[Mapping[str, Any]],
+    failures: Sequence[FailedSession],
     max_failures: int,
-    tables: Sequence[Mapping[str, Any]],
+    tables: Sequence[TableRows],
     job_checks: Sequence[Check],
     dry: RollbackResult,
 ) -> list[Check]:
@@ -701,15 +720,15 @@ def _gate_checks(
             {
                 "failed": len(failures),
                 "max_failures": max_failures,
-                "sessions": [f["session_id"] for f in failures][:20],
+                "sessions": [f.session_id for f in failures][:20],
             },
             "SELECT count(*) FROM gatefill_session_results WHERE run_id = :run AND result = 'failed'",
         ),
         Check(
             "rows_present_as_written",
-            "PASS" if all(t["recorded"] == t["present"] for t in tables) else "FAIL",
-            "; ".join(f"{t['table']}: {t['present']}/{t['recorded']}" for t in tables),
-            {t["table"]: {"recorded": t["recorded"], "present": t["present"]} for t in tables},
+            "PASS" if all(t.recorded == t.present for t in tables) else "FAIL",
+            "; ".join(f"{t.table}: {t.present}/{t.recorded}" for t in tables),
+            {t.table: {"recorded": t.recorded, "present": t.present} for t in tables},
             "each row in gatefill_changes read back by primary key and compared with its after-image (rollback plan)",
         ),
     ]

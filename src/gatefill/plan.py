@@ -25,11 +25,11 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from gatefill import ledger
-from gatefill.config import Environment
+from gatefill.artifacts import render, write_json, write_text
+from gatefill.config import DEFAULT_BATCH_SIZE, DEFAULT_RATE, Environment
 from gatefill.db import Database, canonical_json, format_utc, parse_utc
 from gatefill.errors import DataError, GateBlocked, UsageError
 from gatefill.job import Candidate, Check, Job
-from gatefill.reports import render, write_json, write_text
 from gatefill.throttle import parse_rate
 
 __all__ = [
@@ -58,8 +58,8 @@ class PlanParams:
 
     since: datetime
     priority: tuple[str, ...] = ()
-    rate: str = "20/min"
-    batch_size: int = 5
+    rate: str = DEFAULT_RATE
+    batch_size: int = DEFAULT_BATCH_SIZE
     profiles: str = "missing"  # missing | stale
 
     def validate(self, job: Job | None = None) -> None:

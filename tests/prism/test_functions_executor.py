@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from gatefill import apply as apply_module
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, ApplyResult, RunPaused, apply_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, ApplyResult, RunPaused, apply_plan, measure_backfill_gate
 from gatefill.clock import RealClock, SimulatedClock
 from gatefill.config import Environment
 from gatefill.db import Database
@@ -51,6 +51,7 @@ from gatefill.prism.schema import (
     load_reference_data,
     profiles,
 )
+from gatefill.reports.apply import write_apply_artifacts
 from gatefill.rollback import rollback_run
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
 from tests.prism.conftest import SERVICE_KEY
@@ -302,9 +303,8 @@ def test_apply_through_the_functions_equals_local_and_rolls_back_exactly(
             assert conn.execute(sa.select(sa.func.count()).select_from(ledger.intents)).scalar_one() == 0
             details = [b.detail for b in conn.execute(sa.select(ledger.batches.c.detail))]
         assert {d["fn_logs_attribution"] for d in details} == {"request_id"}
-        report = write_apply_artifacts(
-            db, env, PrismJob(), result.run_id, clock=SimulatedClock(START), artifacts_dir=art
-        )
+        gate = measure_backfill_gate(db, env, PrismJob(), result.run_id, clock=SimulatedClock(START), artifacts_dir=art)
+        report = write_apply_artifacts(db, PrismJob(), gate, art)
         assert report.verdict == "PASS", [(c.name, c.summary) for c in report.checks if c.verdict != "PASS"]
         # The key is nowhere: artifacts, batch logs, ledger rows, the server's events.
         for path in art.rglob("*"):
