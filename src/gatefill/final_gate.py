@@ -60,6 +60,20 @@ def _check_item(name: str, step: Mapping[str, Any], check: str, source: str) -> 
     return _item(name, verdict, summary, source)
 
 
+def _phase_items(step: Mapping[str, Any], source: str) -> list[Check]:
+    """The checklist rows a phase's step contributes: the checks its job named for the final gate (``gate_checks`` in
+    the step record, with their labels), or else every gating check the phase recorded, under its own name."""
+    named = step.get("gate_checks")
+    if named:
+        return [_check_item(str(label), step, str(check), source) for check, label in named]
+    observed = set(step.get("observed") or ())
+    return [
+        _check_item(f"{source}: {check}", step, check, source)
+        for check in (step.get("checks") or {})
+        if check not in observed
+    ]
+
+
 def _in_place(name: str, run: ledger.Run | None, source: str) -> Check:
     """Whether an apply the pipeline relied on still stands: read from its ledger now, not from the step record."""
     if run is None:
@@ -98,20 +112,14 @@ def _items(
             "staging apply",
         ),
         _in_place("staging backfill still in place", runs["apply"], "staging ledger"),
-        _check_item("versions stamped (staging rows written)", soak_step, "version_stamps", "soak"),
-        _check_item("no engine_version_override", soak_step, "engine_version_override", "soak"),
-        _check_item("no legacy FC", soak_step, "legacy_fc", "soak"),
-        _check_item("tokenized results only", soak_step, "token_gating", "soak"),
-        _check_item("conversion not worse than baseline", soak_step, "conversion", "soak"),
-        _check_item("conversion at least the floor (seed: ≥ 85%)", soak_step, "conversion_floor", "soak"),
+        *_phase_items(soak_step, "soak"),
         _item(
             "staging soak verdict",
             soak_step.get("verdict"),
             f"soak {soak_step.get('run_id')}: {soak_step.get('verdict')}",
             "soak",
         ),
-        _check_item("production versions", health_step, "version_distribution", "health"),
-        _check_item("production RLS", health_step, "row_level_security", "health"),
+        *_phase_items(health_step, "health"),
         _item(
             "production healthy",
             "PASS" if production_ok else ("FAIL" if production_ok is False else None),

@@ -26,8 +26,6 @@ from gatefill.plan import Plan, PlanParams, compose_plan
 
 __all__ = ["HealthResult", "check_health"]
 
-_CANDIDATE_CHECKS = ("missing_profiles", "missing_fc_scores")
-
 
 @dataclass(frozen=True)
 class HealthResult:
@@ -89,12 +87,10 @@ def check_health(
         checks = job.health_checks(
             conn, since=since, now=now, row_level_security=db.caps.row_level_security, timings=seconds
         )
-        # A candidate is a completed session of the window without a profile or without the current FC row: exactly
-        # what missing_profiles and missing_fc_scores count. When both found none, discovery cannot find any either,
-        # and a healthy production is not scanned a second time.
-        missing = sum(int(c.evidence.get("missing", 0)) for c in checks if c.name in _CANDIDATE_CHECKS)
+        # When the checks found nothing to do, discovery cannot find any either: a healthy environment is not
+        # scanned a second time.
         plan = None
-        if missing:
+        if job.needs_backfill(checks):
             started = time.perf_counter()
             plan = _mini_plan(conn, env, job, PlanParams(since=since, rate=rate, batch_size=batch_size), now)
             seconds["discovery"] = time.perf_counter() - started

@@ -38,6 +38,7 @@ __all__ = [
     "Check",
     "Executor",
     "Fence",
+    "GateCheck",
     "Job",
     "Look",
     "Measurement",
@@ -104,6 +105,14 @@ class Candidate:
     @property
     def blocked(self) -> bool:
         return not self.operations
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """A check the final gate's checklist cites, under the label a reader of the go/no-go looks for."""
+
+    check: str
+    label: str
 
 
 @dataclass(frozen=True)
@@ -491,6 +500,16 @@ class Job(Protocol):
         timings: dict[str, float] | None = None,
     ) -> list[Check]:
         """The read-only health checks of an environment over ``[since, now)``, in report order."""
+        ...
+
+    def needs_backfill(self, checks: Sequence[Check]) -> bool:
+        """Whether these health checks found units that need work (health then composes a mini plan by discovery;
+        when none did, a healthy environment is not scanned a second time)."""
+        ...
+
+    def gate_checks(self, phase: str) -> Sequence[GateCheck]:
+        """The checks of ``phase`` (``soak``, ``health``) the final gate lists, with their checklist labels, in order;
+        empty: every gating check the phase recorded, each under its own name."""
         ...
 
     def newest_activity(self, conn: Connection, since: datetime) -> tuple[datetime | None, str]:

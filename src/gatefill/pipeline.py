@@ -410,7 +410,7 @@ def _soak(step: _Step, state: PipelineState) -> bool:
     if "soak" not in steps:
         plan_run = steps["plan"]["run_id"]
         record = step.soak_step(step.staging, step.staging.env, plan_run, step.clock, step.settings.artifacts_dir)
-        steps["soak"] = dict(record)
+        steps["soak"] = {**record, "gate_checks": _gate_checks(step.job, "soak")}
         state.log.append(f"soak {steps['soak']['run_id']}: {steps['soak']['verdict']}")
     return step.approved(state, steps["soak"]["run_id"], "soak") and step.approved(state, step.run_id, "production")
 
@@ -419,9 +419,15 @@ def _health(step: _Step, state: PipelineState) -> bool:
     """Checks production's health (once)."""
     if "health" not in state.steps:
         health = _health_check(step)
-        state.steps["health"] = health.step_record()
+        state.steps["health"] = {**health.step_record(), "gate_checks": _gate_checks(step.job, "health")}
         state.log.append(f"health {health.run_id}: {'healthy' if health.healthy else 'not healthy'}")
     return True
+
+
+def _gate_checks(job: Job, phase: str) -> list[list[str]]:
+    """What the final gate's checklist cites of ``phase``, kept in the step record: a rewritten final gate (after a
+    rollback) reads it without the job."""
+    return [[g.check, g.label] for g in job.gate_checks(phase)]
 
 
 def _health_check(step: _Step) -> HealthResult:

@@ -234,6 +234,7 @@ class SoakResult:
             "summary": self.reason,
             "checks": {c.name: c.verdict for c in self.checks},
             "notes": {c.name: c.summary for c in self.checks if c.verdict == NOT_APPLICABLE},
+            "observed": [c.name for c in self.checks if not c.gating],
             "artifacts": {k: str(v) for k, v in self.paths.items()},
         }
 
