@@ -40,7 +40,6 @@ from gatefill.soak import (
     SoakOptions,
     SoakResult,
     exit_code_for,
-    load_baseline,
     parse_margin,
     parse_min_conversion,
     run_soak,
@@ -384,7 +383,7 @@ def test_the_baseline_is_measured_once_before_the_first_look_and_a_resumed_soak_
     assert baseline.evidence["profile"] == {"k": 30, "n": 36}
     assert first.baseline == baseline
     with soaked.db.connect() as conn:
-        assert load_baseline(conn, first.run_id) == baseline
+        assert ledger.baseline_for(conn, first.run_id) == baseline
 
     # Late rows stamped inside the baseline window: a re-measurement would see them, the stored baseline does not.
     late = start - timedelta(days=3)

@@ -81,6 +81,18 @@ class Check:
     query: str | None = None
     gating: bool = True
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Check:
+        """A check as ``to_json`` stored it (the ledger's soak measurements)."""
+        return cls(
+            name=str(data["name"]),
+            verdict=str(data["verdict"]),
+            summary=str(data.get("summary", "")),
+            evidence=dict(data.get("evidence") or {}),
+            query=data.get("query"),
+            gating=bool(data.get("gating", True)),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,

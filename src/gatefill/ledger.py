@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, insert_rows
 from gatefill.errors import GatefillError, UsageError
-from gatefill.job import BatchRecord, RowChange
+from gatefill.job import Baseline, BatchRecord, Check, Measurement, RowChange
 
 __all__ = [
     "APPLY_PHASE",
@@ -44,6 +44,7 @@ __all__ = [
     "RunLocked",
     "RunNotFound",
     "RunStatus",
+    "baseline_for",
     "create_run",
     "drop_intents",
     "fence_lease",
@@ -53,12 +54,15 @@ __all__ = [
     "init_ledger",
     "intents_for",
     "lock_intents",
+    "measurements_for",
     "new_run_id",
     "pending_batches",
     "record_approval",
     "record_approval_once",
+    "record_baseline",
     "record_batch",
     "record_intents",
+    "record_measurement",
     "release_lease",
     "renew_lease",
     "row_changes_not_recorded",
@@ -853,3 +857,73 @@ def run_events_for(conn: Connection, run_id: str) -> list[RunEvent]:
         RunEvent(r.at, RunStatus(r.from_status) if r.from_status else None, RunStatus(r.to_status), r.reason)
         for r in rows
     ]
+
+
+# ====================================================================================================================
+# Soak measurements and baselines
+
+
+def measurements_for(conn: Connection, run_id: str) -> list[Measurement]:
+    """Every stored look of a soak run, first to last."""
+    m = measurements
+    rows = conn.execute(sa.select(m).where(m.c.run_id == run_id).order_by(m.c.seq))
+    return [
+        Measurement(
+            seq=row.seq,
+            window_start=row.window_start,
+            window_end=row.window_end,
+            taken_at=row.taken_at,
+            verdict=row.verdict,
+            checks=[Check.from_json(c) for c in row.checks],
+        )
+        for row in rows
+    ]
+
+
+def baseline_for(conn: Connection, run_id: str) -> Baseline | None:
+    """The soak run's stored baseline, or None before it has been measured."""
+    b = soak_baselines
+    row = conn.execute(sa.select(b).where(b.c.run_id == run_id)).first()
+    if row is None:
+        return None
+    return Baseline(
+        start=row.baseline_start,
+        end=row.baseline_end,
+        summary=row.summary,
+        evidence=dict(row.evidence or {}),
+        query=row.query,
+        measured_at=row.measured_at,
+        seconds=float(row.seconds),
+    )
+
+
+def record_baseline(conn: Connection, run_id: str, baseline: Baseline) -> None:
+    """Stores a soak's baseline, measured once (the soak adds when and how long it took)."""
+    assert baseline.measured_at is not None and baseline.seconds is not None
+    conn.execute(
+        soak_baselines.insert().values(
+            run_id=run_id,
+            baseline_start=baseline.start,
+            baseline_end=baseline.end,
+            measured_at=baseline.measured_at,
+            seconds=baseline.seconds,
+            summary=baseline.summary,
+            evidence=dict(baseline.evidence),
+            query=baseline.query,
+        )
+    )
+
+
+def record_measurement(conn: Connection, run_id: str, measurement: Measurement) -> None:
+    """Stores one look of a soak, in the caller's (fenced) transaction."""
+    conn.execute(
+        measurements.insert().values(
+            run_id=run_id,
+            seq=measurement.seq,
+            window_start=measurement.window_start,
+            window_end=measurement.window_end,
+            taken_at=measurement.taken_at,
+            verdict=measurement.verdict,
+            checks=[c.to_json() for c in measurement.checks],
+        )
+    )

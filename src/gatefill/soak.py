@@ -53,7 +53,6 @@ from gatefill.job import (
     Baseline,
     ChartGuides,
     Check,
-    Fence,
     Job,
     Look,
     Measurement,
@@ -76,8 +75,6 @@ __all__ = [
     "baseline_text",
     "duration_text",
     "exit_code_for",
-    "load_baseline",
-    "load_measurements",
     "parse_margin",
     "parse_min_conversion",
     "run_soak",
@@ -415,84 +412,6 @@ def _wait_until(clock: Clock, when: datetime, stop: threading.Event) -> bool:
 # Measurements in the ledger
 
 
-def _check_from_json(data: Mapping[str, Any]) -> Check:
-    return Check(
-        name=str(data["name"]),
-        verdict=str(data["verdict"]),
-        summary=str(data.get("summary", "")),
-        evidence=dict(data.get("evidence") or {}),
-        query=data.get("query"),
-        gating=bool(data.get("gating", True)),
-    )
-
-
-def load_measurements(conn: sa.Connection, run_id: str) -> list[Measurement]:
-    """Every stored look of a soak run, first to last."""
-    m = ledger.measurements
-    rows = conn.execute(sa.select(m).where(m.c.run_id == run_id).order_by(m.c.seq))
-    return [
-        Measurement(
-            seq=row.seq,
-            window_start=row.window_start,
-            window_end=row.window_end,
-            taken_at=row.taken_at,
-            verdict=row.verdict,
-            checks=[_check_from_json(c) for c in row.checks],
-        )
-        for row in rows
-    ]
-
-
-def load_baseline(conn: sa.Connection, run_id: str) -> Baseline | None:
-    """The soak run's stored baseline, or None before it has been measured."""
-    b = ledger.soak_baselines
-    row = conn.execute(sa.select(b).where(b.c.run_id == run_id)).first()
-    if row is None:
-        return None
-    return Baseline(
-        start=row.baseline_start,
-        end=row.baseline_end,
-        summary=row.summary,
-        evidence=dict(row.evidence or {}),
-        query=row.query,
-        measured_at=row.measured_at,
-        seconds=float(row.seconds),
-    )
-
-
-def _store_baseline(db: Database, run_id: str, baseline: Baseline) -> None:
-    assert baseline.measured_at is not None and baseline.seconds is not None
-    with db.begin() as conn:
-        conn.execute(
-            ledger.soak_baselines.insert().values(
-                run_id=run_id,
-                baseline_start=baseline.start,
-                baseline_end=baseline.end,
-                measured_at=baseline.measured_at,
-                seconds=baseline.seconds,
-                summary=baseline.summary,
-                evidence=dict(baseline.evidence),
-                query=baseline.query,
-            )
-        )
-
-
-def _store(db: Database, run_id: str, measurement: Measurement, fence: Fence) -> None:
-    with db.begin() as conn:
-        fence(conn)
-        conn.execute(
-            ledger.measurements.insert().values(
-                run_id=run_id,
-                seq=measurement.seq,
-                window_start=measurement.window_start,
-                window_end=measurement.window_end,
-                taken_at=measurement.taken_at,
-                verdict=measurement.verdict,
-                checks=[c.to_json() for c in measurement.checks],
-            )
-        )
-
-
 # ====================================================================================================================
 # The soak
 
@@ -510,7 +429,8 @@ def _take_baseline(
     measured = checks.measure_baseline(db, start, window_start)
     seconds = time.perf_counter() - started
     baseline = replace(measured, start=start, end=window_start, measured_at=clock.now(), seconds=seconds)
-    _store_baseline(db, run_id, baseline)
+    with db.begin() as conn:
+        ledger.record_baseline(conn, run_id, baseline)
     return baseline
 
 
@@ -632,8 +552,8 @@ def run_soak(
 def _start(db: Database, run: ledger.Run, options: SoakOptions, clock: Clock) -> _Watch:
     """Moves the run to ``running`` and reads where it stands: the looks and the baseline stored before."""
     with db.connect() as conn:
-        done = load_measurements(conn, run.id)
-        baseline = load_baseline(conn, run.id)
+        done = ledger.measurements_for(conn, run.id)
+        baseline = ledger.baseline_for(conn, run.id)
     max_looks = options.max_looks
     resumed_at = done[-1].seq + 1 if done else None
     reason = f"resumed at look {resumed_at} of {max_looks}" if resumed_at else f"soak started ({max_looks} looks)"
@@ -687,7 +607,9 @@ def _watch(
             break
         lease.check()
         measurement = _measure(db, run_id, watch, number, end, options, checks, clock)
-        _store(db, run_id, measurement, lease.fence)
+        with db.begin() as conn:
+            lease.fence(conn)
+            ledger.record_measurement(conn, run_id, measurement)
         watch.previous = {c.name: c.evidence for c in measurement.checks}
         if on_look is not None:
             on_look(measurement)
@@ -739,8 +661,8 @@ def _finish(
     """Judges the looks stored, records the verdict in the run (``succeeded``, or ``paused`` when interrupted) and
     returns the result; ``signal`` says what interrupted the soak, if anything did."""
     with db.connect() as conn:
-        stored = load_measurements(conn, run_id)
-        baseline = load_baseline(conn, run_id)
+        stored = ledger.measurements_for(conn, run_id)
+        baseline = ledger.baseline_for(conn, run_id)
     max_looks = watch.max_looks
     looks = stored[-1].seq if stored else 0
     complete = looks == max_looks
@@ -794,7 +716,7 @@ def _observe(
     read_at = clock.now()
     with db.connect() as conn:
         run = ledger.get_run(conn, run_id)
-        measurements = load_measurements(conn, run_id)
+        measurements = ledger.measurements_for(conn, run_id)
         approvals = ledger.approvals_for(conn, run_id)
     window_start = datetime.fromisoformat(str(run.params["window_start"]).replace("Z", "+00:00"))
     observed_until = measurements[-1].window_end if measurements else window_start
@@ -874,7 +796,7 @@ def soak_state(conn: sa.Connection, run: ledger.Run, artifacts_dir: Path) -> Soa
     if run.phase != SOAK_PHASE:
         raise UsageError(f"{run.id} is a {run.phase} run, not a soak")
     params = run.params
-    measurements = load_measurements(conn, run.id)
+    measurements = ledger.measurements_for(conn, run.id)
     window_start = datetime.fromisoformat(str(params["window_start"]).replace("Z", "+00:00"))
     max_looks = int(params["max_looks"])
     looks = measurements[-1].seq if measurements else 0
@@ -897,7 +819,7 @@ def soak_state(conn: sa.Connection, run: ledger.Run, artifacts_dir: Path) -> Soa
         verdict=verdict,
         reason=why,
         # A ledger created before baselines were stored has no such table until its next soak initialises it.
-        baseline=load_baseline(conn, run.id)
+        baseline=ledger.baseline_for(conn, run.id)
         if ledger.soak_baselines.name in sa.inspect(conn).get_table_names()
         else None,
         artifacts_dir=out,
