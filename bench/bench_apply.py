@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,7 +62,7 @@ from psycopg import sql
 
 from gatefill.config import Environment, Pooler
 from gatefill.db import Database, dumps_json
-from gatefill.plan import PlanParams, build_plan
+from gatefill.plan import Plan, PlanParams, build_plan
 from gatefill.prism import scoring
 from gatefill.prism.inputs import load_reference_data_from_db
 from gatefill.prism.job import PrismJob
@@ -197,10 +197,10 @@ LEFT JOIN profiles p ON p.session_id = c.id
 """
 
 
-def measure_floor(url: str, plan: Mapping[str, Any], now: datetime) -> tuple[float, int]:
+def measure_floor(url: str, plan: Plan, now: datetime) -> tuple[float, int]:
     """(sessions/s, sessions) of read + score + COPY for the plan's candidates; scratch tables dropped after."""
-    candidates = sorted((c for c in plan["candidates"] if c["operations"]), key=lambda c: c["key"])
-    ops = {c["key"]: frozenset(c["operations"]) for c in candidates}
+    candidates = sorted(plan.runnable, key=lambda c: c.key)
+    ops = {c.key: frozenset(c.operations) for c in candidates}
     env = Environment("bench", "staging", _sa_url(url))
     with Database(env, pool_size=1) as db, db.connect() as conn:
         ref = load_reference_data_from_db(conn)
@@ -224,7 +224,7 @@ def measure_floor(url: str, plan: Mapping[str, Any], now: datetime) -> tuple[flo
         ):
             cursor = reader.cursor(name="floor")
             cursor.itersize = 1000
-            cursor.execute(_FLOOR_QUERY, ([c["key"] for c in candidates],))
+            cursor.execute(_FLOOR_QUERY, ([c.key for c in candidates],))
             for sid, qids, values, blocks, options, submitted_at in cursor:
                 answers = [{"question_id": q, "answer_value": v} for q, v in zip(qids or (), values or (), strict=True)]
                 fc = [{"block_id": b, "option_id": o} for b, o in zip(blocks or (), options or (), strict=True)]
@@ -262,17 +262,17 @@ def _child_apply(url: str, plan_path: str, artifacts: str, batch_size: int, pool
     """Child process: ``gatefill apply PLAN.json`` in library form; prints its measurements as one JSON line."""
     from gatefill.apply import ApplyOptions, apply_plan
     from gatefill.clock import RealClock
-    from gatefill.plan import load_plan_file
+    from gatefill.plan import load_plan
 
-    body = load_plan_file(Path(plan_path))
-    env = Environment(str(body["environment"]["name"]), "staging", _sa_url(url), pooler=pooler)
+    plan = load_plan(Path(plan_path))
+    env = Environment(plan.environment.name, "staging", _sa_url(url), pooler=pooler)
     cpu = time.process_time()
     with Database(env, pool_size=2) as db:
         result = apply_plan(
             db,
             env,
             PrismJob(),
-            body,
+            plan,
             options=ApplyOptions(rate="unlimited", batch_size=batch_size, approve_as="bench"),
             clock=RealClock(),
             artifacts_dir=Path(artifacts),
@@ -370,10 +370,9 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
                 artifacts_dir=Path(tmp),
             )
             plan_s = time.perf_counter() - t0
-        assert plan.json_path is not None
-        candidates = int(plan.body["totals"]["candidates"])
+        candidates = len(plan.plan.runnable)
         busy = machine_busy_seconds()
-        floor, floor_n = measure_floor(url, plan.body, now)
+        floor, floor_n = measure_floor(url, plan.plan, now)
         floor_cpu = (machine_busy_seconds() - busy) / floor_n * 1000.0
         busy = machine_busy_seconds()
         applied = measure_apply(served_url, plan.json_path, Path(tmp), args.batch_size, pooler)

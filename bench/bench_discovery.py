@@ -202,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     plan_s.append(time.perf_counter() - t0)
                     print(
                         f"run {i + 1}: discover {discover_s[-1]:.1f} s ({sum(categories.values()):,} findings), "
-                        f"build_plan {plan_s[-1]:.1f} s ({plan.body['totals']['candidates']:,} candidates, "
-                        f"{plan.body['totals']['batches']} batches)",
+                        f"build_plan {plan_s[-1]:.1f} s ({len(plan.plan.runnable):,} candidates, "
+                        f"{len(plan.plan.batches)} batches)",
                         flush=True,
                     )
             print("categories:", dict(sorted(categories.items())))

@@ -16,11 +16,12 @@ It creates a uniquely named database on the server of ``--server`` / ``GATEFILL_
   entry read per answer, so the answered sessions are where its time goes; the script prints the answer rows read
   and the rate beside the timing, and ``--answered`` scales that part.
 
-Then it runs ``check_health`` (the checks, discovery and mini-plan composition, the report files) ``--runs`` times over
-the same database and prints the per-check timings, the total and their medians, then ``EXPLAIN (ANALYZE, BUFFERS)``
-of every check query and lists every scan node on the large tables. The database is dropped at the end unless
-``--keep`` (``--reuse NAME`` times a kept one again). ``--heal`` first marks the sessions needing backfill abandoned,
-so that health finds nothing to backfill and skips discovery, as on a production that needs no mini plan.
+Then it runs ``check_health`` (the checks, discovery and mini-plan composition) and ``write_health_check`` (the report
+files) ``--runs`` times over the same database and prints the per-check timings, the total and their medians, then
+``EXPLAIN (ANALYZE, BUFFERS)`` of every check query and lists every scan node on the large tables. The database is
+dropped at the end unless ``--keep`` (``--reuse NAME`` times a kept one again). ``--heal`` first marks the sessions
+needing backfill abandoned, so that health finds nothing to backfill and skips discovery, as on a production that
+needs no mini plan.
 
 The window here is the whole table, so the checks read whole tables (parallel sequential scans and hash joins, each
 table once per check); on a narrower window the filters on ``assessment_sessions`` use its (status, created_at) index.
@@ -50,6 +51,7 @@ from gatefill.health import check_health
 from gatefill.prism.job import PrismJob
 from gatefill.prism.sandbox.seed import WINDOW_START, seed_scenario
 from gatefill.prism.schema import init_schema, load_reference_data
+from gatefill.reports.health import write_health_check
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_discovery import _pad  # the same complete sessions, written in SQL
@@ -171,13 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="gf_bench_health_") as tmp:
                 for i in range(args.runs):
                     t0 = time.perf_counter()
-                    result = check_health(db, env, since=WINDOW_START, now=NOW, artifacts_dir=Path(tmp), job=PrismJob())
+                    result = check_health(db, env, since=WINDOW_START, now=NOW, job=PrismJob())
+                    result = write_health_check(result, Path(tmp))
                     totals.append(time.perf_counter() - t0)
                     for check, seconds in result.seconds.items():
                         per_check.setdefault(check, []).append(seconds)
                     print(
                         f"run {i + 1}: {totals[-1]:.1f} s, {'healthy' if result.healthy else 'not healthy'}, "
-                        f"mini plan {result.plan['totals']['candidates'] if result.plan else 0:,} candidates; "
+                        f"mini plan {len(result.plan.runnable) if result.plan else 0:,} candidates; "
                         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
                         flush=True,
                     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,19 +15,20 @@ import pytest
 import sqlalchemy as sa
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, apply_plan, measure_backfill_gate
 from gatefill.clock import SimulatedClock
 from gatefill.db import canonical_json
 from gatefill.errors import GateBlocked, UsageError
 from gatefill.job import BatchOutcome
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan, plan_hash
+from gatefill.plan import Plan, PlanParams, build_plan, plan_hash
 from gatefill.prism import scoring
 from gatefill.prism.inputs import load_reference_data_from_db, load_session_inputs
 from gatefill.prism.job import PrismJob
 from gatefill.prism.platform.service import CallContext, PrismService
 from gatefill.prism.sandbox.seed import TEST_SESSION_A, TEST_SESSION_B, SeedReport
 from gatefill.prism.schema import fc_scores, fn_logs, profiles
+from gatefill.reports.apply import write_apply_artifacts
 from tests.conftest import Seeder, Target
 
 # Phase 1 and health also run through PgBouncer in transaction mode (the `pooled` target).
@@ -41,7 +43,7 @@ def staging(target: Target, seeder: Seeder) -> tuple[Target, SeedReport]:
     return target, seeder(target, "staging-2025-09-17")
 
 
-def make_plan(target: Target, tmp_path: Path, **params: object) -> dict[str, object]:
+def make_plan(target: Target, tmp_path: Path, **params: object) -> Plan:
     plan = build_plan(
         target.db,
         target.env,
@@ -50,13 +52,13 @@ def make_plan(target: Target, tmp_path: Path, **params: object) -> dict[str, obj
         now=START,
         artifacts_dir=tmp_path / "artifacts",
     )
-    return dict(plan.body)
+    return plan.plan
 
 
 def test_plan_matches_what_the_scenario_built(staging: tuple[Target, SeedReport], tmp_path: Path) -> None:
     target, truth = staging
-    body = make_plan(target, tmp_path, priority=(TEST_SESSION_A, TEST_SESSION_B))
-    cats = {name: sorted(c["keys"]) for name, c in body["categories"].items()}  # type: ignore[attr-defined]
+    body = make_plan(target, tmp_path, priority=(TEST_SESSION_A, TEST_SESSION_B)).to_json()
+    cats = {name: sorted(c["keys"]) for name, c in body["categories"].items()}
     assert cats["profile+fc"] == sorted(truth.missing_both)
     assert cats["fc_only"] == sorted(truth.missing_fc_only)
     assert cats.get("profile_only", []) == sorted(truth.missing_profile_only)
@@ -65,14 +67,14 @@ def test_plan_matches_what_the_scenario_built(staging: tuple[Target, SeedReport]
     assert cats["unresolvable_fc_options"] == sorted(truth.unresolvable_fc_options)
     assert cats["insufficient_answers"] == sorted(truth.insufficient_answers)
     assert cats["not_completed"] == sorted(truth.in_progress + truth.abandoned)
-    assert body["totals"]["candidates"] == 39  # type: ignore[index]
+    assert body["totals"]["candidates"] == 39
     assert body["expected_changes"] == {
         "fc_scores": {"insert": 39, "update": 0},
         "profiles": {"insert": 13, "update": 0},
     }
     batches = body["batches"]
-    assert batches[0] == {"batch_no": 1, "group": "priority", "keys": [TEST_SESSION_A, TEST_SESSION_B]}  # type: ignore[index]
-    assert all(len(b["keys"]) <= 5 for b in batches)  # type: ignore[union-attr]
+    assert batches[0] == {"batch_no": 1, "group": "priority", "keys": [TEST_SESSION_A, TEST_SESSION_B]}
+    assert all(len(b["keys"]) <= 5 for b in batches)
     text = (tmp_path / "artifacts" / str(body["run_id"]) / "backfill_plan.md").read_text()
     if target.dialect == "sqlite":
         # SQLite has no roles or privileges: the write-privileges precheck does not apply, and says so, not PASS.
@@ -143,9 +145,10 @@ def test_apply_writes_exactly_what_the_scoring_library_computes(
         "Se": 70,
         "Si": 50,
     }
-    report = write_apply_artifacts(
+    gate = measure_backfill_gate(
         target.db, target.env, PrismJob(), result.run_id, clock=clock, artifacts_dir=tmp_path / "artifacts"
     )
+    report = write_apply_artifacts(target.db, PrismJob(), gate, tmp_path / "artifacts")
     assert report.verdict == "PASS", [(c.name, c.summary) for c in report.checks if c.verdict != "PASS"]
     executed = json.loads(report.paths["execution_results"].read_text())
     assert executed["results"] == {"written": 39}
@@ -153,7 +156,7 @@ def test_apply_writes_exactly_what_the_scoring_library_computes(
 
     # A second plan finds nothing left; re-applying the finished run is refused and changes nothing.
     again = make_plan(target, tmp_path)
-    assert again["totals"]["candidates"] == 0  # type: ignore[index]
+    assert not again.runnable
     # Applying the empty plan writes nothing: the checks of written rows do not apply (N/A, with why), not PASS.
     empty = apply_plan(
         target.db,
@@ -164,9 +167,10 @@ def test_apply_writes_exactly_what_the_scoring_library_computes(
         clock=clock,
         artifacts_dir=tmp_path / "artifacts",
     )
-    nothing = write_apply_artifacts(
+    gate = measure_backfill_gate(
         target.db, target.env, PrismJob(), empty.run_id, clock=clock, artifacts_dir=tmp_path / "artifacts"
     )
+    nothing = write_apply_artifacts(target.db, PrismJob(), gate, tmp_path / "artifacts")
     verdicts = {c.name: (c.verdict, c.summary) for c in nothing.checks}
     assert verdicts["version_stamps"][0] == "N/A" and "no stamp to check" in verdicts["version_stamps"][1]
     assert verdicts["rollback_dry_run"][0] == "N/A" and "nothing to roll back" in verdicts["rollback_dry_run"][1]
@@ -189,7 +193,7 @@ def test_the_plan_hash_is_the_sha256_of_the_canonical_plan_text(
 ) -> None:
     # plan_hash feeds the digest piece by piece; it must equal hashing the canonical text in one go.
     target, _ = staging
-    body = make_plan(target, tmp_path)
+    body = make_plan(target, tmp_path).to_json()
     content = {k: v for k, v in body.items() if k != "hash"}
     assert plan_hash(body) == body["hash"] == hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()
     reread = json.loads(json.dumps(body))
@@ -201,25 +205,25 @@ def test_the_plan_hash_is_the_sha256_of_the_canonical_plan_text(
 
 def test_gate_refusals_write_nothing(staging: tuple[Target, SeedReport], tmp_path: Path) -> None:
     target, _ = staging
-    body = make_plan(target, tmp_path)
+    plan = make_plan(target, tmp_path)
     clock = SimulatedClock(START)
-    run = lambda b: apply_plan(  # noqa: E731
-        target.db, target.env, PrismJob(), b, options=ApplyOptions(), clock=clock, artifacts_dir=tmp_path / "a"
+    run = lambda p: apply_plan(  # noqa: E731
+        target.db, target.env, PrismJob(), p, options=ApplyOptions(), clock=clock, artifacts_dir=tmp_path / "a"
     )
     with pytest.raises(GateBlocked) as blocked:
-        run(body)
+        run(plan)
     assert blocked.value.exit_code == 4 and "gatefill approve" in str(blocked.value)
-    tampered = json.loads(json.dumps(body))
+    tampered = json.loads(json.dumps(plan.to_json()))
     tampered["candidates"][0]["operations"] = ["profiles:update"]
     with pytest.raises(UsageError, match="hash does not match"):
-        run(tampered)
-    other = json.loads(json.dumps(body))
-    other["environment"]["name"] = "production"
-    with pytest.raises(UsageError):
+        run(Plan.from_json(tampered))
+    # A plan made (and hashed) for another environment is refused by apply.
+    other = replace(plan, environment=replace(plan.environment, name="production")).sealed()
+    with pytest.raises(UsageError, match="made for environment 'production'"):
         run(other)
     with target.db.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(ledger.changes)).scalar_one() == 0
-        assert ledger.get_run(conn, str(body["run_id"])).status is RunStatus.PLANNED
+        assert ledger.get_run(conn, plan.run_id).status is RunStatus.PLANNED
 
 
 def test_a_live_writer_finalizing_candidates_is_never_overwritten(
@@ -227,7 +231,7 @@ def test_a_live_writer_finalizing_candidates_is_never_overwritten(
 ) -> None:
     target, truth = staging
     body = make_plan(target, tmp_path, batch_size=3)
-    later = [k for b in body["batches"][2:] for k in b["keys"]]  # type: ignore[index]
+    later = [k for b in body.batches[2:] for k in b.keys]
     live_sessions = [k for k in later if k in truth.missing_both][:4]
     assert len(live_sessions) == 4
     service = PrismService(target.db, clock=SimulatedClock(START))
@@ -303,8 +307,8 @@ def test_ctrl_c_finishes_the_current_batch_pauses_and_resumes(
         )
     assert paused.value.exit_code == 130 and "before batch 4" in str(paused.value)
     with target.db.connect() as conn:
-        assert ledger.get_run(conn, str(body["run_id"])).status is RunStatus.PAUSED
-        assert ledger.committed_batches(conn, str(body["run_id"])) == {1, 2, 3}
+        assert ledger.get_run(conn, body.run_id).status is RunStatus.PAUSED
+        assert ledger.committed_batches(conn, body.run_id) == {1, 2, 3}
     result = apply_plan(
         target.db,
         target.env,
@@ -316,7 +320,7 @@ def test_ctrl_c_finishes_the_current_batch_pauses_and_resumes(
     )
     assert result.status is RunStatus.SUCCEEDED
     with target.db.connect() as conn:
-        assert len(ledger.session_results_for(conn, str(body["run_id"]))) == 39
+        assert len(ledger.session_results_for(conn, body.run_id)) == 39
 
 
 def test_a_resumed_runs_summary_counts_runtime_and_rate_over_every_invocation(
@@ -330,7 +334,7 @@ def test_a_resumed_runs_summary_counts_runtime_and_rate_over_every_invocation(
 
     target, _ = staging
     body = make_plan(target, tmp_path)
-    run_id = str(body["run_id"])
+    run_id = body.run_id
     stop = threading.Event()
 
     def pause_at_three(batch_no: int) -> None:
@@ -354,7 +358,8 @@ def test_a_resumed_runs_summary_counts_runtime_and_rate_over_every_invocation(
         run(SimulatedClock(START), stop=stop, before_batch=pause_at_three)
     later = SimulatedClock(START + timedelta(hours=1))
     run(later)
-    report = write_apply_artifacts(target.db, target.env, PrismJob(), run_id, clock=later, artifacts_dir=tmp_path / "a")
+    gate = measure_backfill_gate(target.db, target.env, PrismJob(), run_id, clock=later, artifacts_dir=tmp_path / "a")
+    report = write_apply_artifacts(target.db, PrismJob(), gate, tmp_path / "a")
     with target.db.connect() as conn:
         e = ledger.run_events
         events = conn.execute(sa.select(e.c.at, e.c.from_status, e.c.to_status).where(e.c.run_id == run_id)).all()
@@ -368,7 +373,7 @@ def test_a_resumed_runs_summary_counts_runtime_and_rate_over_every_invocation(
     assert executed["runtime_seconds"] == pytest.approx(running, abs=0.01)
     assert executed["measured_rate_per_minute"] == pytest.approx(39 / running * 60.0, rel=1e-3)
     assert [i["ended_as"] for i in executed["invocations"]] == ["paused", "succeeded"]
-    assert [i["batches"] for i in executed["invocations"]] == [3, len(body["batches"]) - 3]  # type: ignore[arg-type]
+    assert [i["batches"] for i in executed["invocations"]] == [3, len(body.batches) - 3]
     assert sum(i["sessions"] for i in executed["invocations"]) == 39
     assert report.runtime_seconds == pytest.approx(running, abs=0.01)
     summary = report.paths["summary"].read_text()

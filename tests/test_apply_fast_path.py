@@ -17,15 +17,16 @@ import pytest
 import sqlalchemy as sa
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, ApplyResult, apply_plan, measure_backfill_gate
 from gatefill.clock import SimulatedClock
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan
+from gatefill.plan import Plan, PlanParams, build_plan
 from gatefill.prism import job as job_module
 from gatefill.prism.inputs import load_reference_data_from_db, load_session_inputs
 from gatefill.prism.job import PrismJob, _load_inputs
 from gatefill.prism.sandbox.seed import SeedReport
 from gatefill.prism.schema import assessment_responses, fc_scores, fn_logs, profiles, scoring_config
+from gatefill.reports.apply import write_apply_artifacts
 from tests.conftest import Seeder, Target
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
@@ -38,7 +39,7 @@ def staging(target: Target, seeder: Seeder) -> tuple[Target, SeedReport]:
     return target, seeder(target, "staging-2025-09-17")
 
 
-def make_plan(target: Target, tmp_path: Path, batch_size: int = 100) -> dict[str, Any]:
+def make_plan(target: Target, tmp_path: Path, batch_size: int = 100) -> Plan:
     plan = build_plan(
         target.db,
         target.env,
@@ -47,10 +48,10 @@ def make_plan(target: Target, tmp_path: Path, batch_size: int = 100) -> dict[str
         now=START,
         artifacts_dir=tmp_path / "artifacts",
     )
-    return dict(plan.body)
+    return plan.plan
 
 
-def run_apply(target: Target, body: dict[str, Any], tmp_path: Path, **kwargs: Any) -> ApplyResult:
+def run_apply(target: Target, body: Plan, tmp_path: Path, **kwargs: Any) -> ApplyResult:
     return apply_plan(
         target.db,
         target.env,
@@ -179,7 +180,7 @@ def test_a_write_error_is_isolated_to_its_session(staging: tuple[Target, SeedRep
         assert logged == []
         assert conn.execute(sa.select(fc_scores.c.session_id).where(fc_scores.c.session_id == victim)).first() is None
     # Everything the run did write is present as written, and its rollback verifies.
-    report = write_apply_artifacts(
+    gate = measure_backfill_gate(
         target.db,
         target.env,
         PrismJob(),
@@ -188,6 +189,7 @@ def test_a_write_error_is_isolated_to_its_session(staging: tuple[Target, SeedRep
         artifacts_dir=tmp_path / "artifacts",
         max_failures=1,
     )
+    report = write_apply_artifacts(target.db, PrismJob(), gate, tmp_path / "artifacts")
     assert report.verdict == "PASS", [(c.name, c.summary) for c in report.checks if c.verdict != "PASS"]
 
 

@@ -28,7 +28,7 @@ from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.lease import lease_name
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan
+from gatefill.plan import Plan, PlanParams, build_plan
 from gatefill.prism.job import PrismJob
 from gatefill.prism.sandbox.seed import seed_scenario
 from gatefill.prism.schema import PROFILE_RESULT_COLUMNS, fc_scores, fn_logs, profiles
@@ -101,7 +101,7 @@ def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     s.close()
 
 
-def plan_for(db: Database, env: Environment, artifacts: Path) -> dict[str, Any]:
+def plan_for(db: Database, env: Environment, artifacts: Path) -> Plan:
     plan = build_plan(
         db,
         env,
@@ -114,7 +114,7 @@ def plan_for(db: Database, env: Environment, artifacts: Path) -> dict[str, Any]:
         ledger.record_approval(
             conn, run_id=plan.run_id, gate="plan", approved_by="test", now=START, plan_hash=plan.hash
         )
-    return dict(plan.body)
+    return plan.plan
 
 
 def digest(db: Database, run_id: str) -> dict[str, Any]:
@@ -166,7 +166,7 @@ def reference(seeded: Seeded) -> dict[str, Any]:
                 clock=SimulatedClock(START),
                 artifacts_dir=seeded.tmp / "art-ref",
             )
-            return digest(db, str(body["run_id"]))
+            return digest(db, body.run_id)
     finally:
         seeded.drop(env)
 
@@ -180,7 +180,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
         with Database(env) as db:
             body = plan_for(db, env, tmp_path / "art")
             plan_file = tmp_path / "plan.json"
-            plan_file.write_text(json.dumps(body))
+            body.dump(plan_file)
             proc = subprocess.run(
                 [
                     sys.executable,
@@ -197,7 +197,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
                 timeout=120,
             )
             assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-            run_id = str(body["run_id"])
+            run_id = body.run_id
             with db.connect() as conn:
                 assert ledger.get_run(conn, run_id).status is RunStatus.RUNNING
                 stale = ledger.get_lease(conn, lease_name(run_id))
@@ -268,18 +268,18 @@ def test_database_down_mid_run_pauses_and_resumes(seeded: Seeded, reference: dic
                     before_batch=outage,
                 )
             assert "database unreachable" in str(paused.value)
-            assert f"gatefill apply {body['run_id']}" in str(paused.value)
+            assert f"gatefill apply {body.run_id}" in str(paused.value)
             with _admin() as admin:
                 admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             db.engine.dispose()
             with db.connect() as conn:
-                assert len(ledger.committed_batches(conn, str(body["run_id"]))) == 3
-            wait_for_expiry(db, str(body["run_id"]))
+                assert len(ledger.committed_batches(conn, body.run_id)) == 3
+            wait_for_expiry(db, body.run_id)
             result = apply_plan(
                 db, env, PrismJob(), body, options=options, clock=SimulatedClock(START), artifacts_dir=tmp_path / "art"
             )
             assert result.status is RunStatus.SUCCEEDED
-            assert digest(db, str(body["run_id"])) == reference
+            assert digest(db, body.run_id) == reference
     finally:
         try:
             with _admin() as admin:

@@ -10,21 +10,23 @@ import pytest
 import sqlalchemy as sa
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, apply_plan, measure_backfill_gate
 from gatefill.clock import SimulatedClock
 from gatefill.config import Environment, Settings
 from gatefill.errors import GateBlocked, UsageError
 from gatefill.gate import Override, gate_records
 from gatefill.health import check_health
-from gatefill.plan import load_plan_file
+from gatefill.plan import Plan, load_plan
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import profiles
+from gatefill.reports.apply import write_apply_artifacts
+from gatefill.reports.health import write_health_check
 from tests.conftest import Seeder, Target
 
 AT = datetime(2025, 9, 18, 0, 10, tzinfo=UTC)
 
 
-def production(target: Target, tmp_path: Path, seeder: Seeder) -> tuple[Environment, Settings, dict[str, object]]:
+def production(target: Target, tmp_path: Path, seeder: Seeder) -> tuple[Environment, Settings, Plan]:
     env = Environment(name="production", kind="production", database_url=target.url)
     staging = Environment(name="staging", kind="staging", database_url=f"sqlite:///{tmp_path / 'staging.db'}")
     settings = Settings(
@@ -39,10 +41,10 @@ def production(target: Target, tmp_path: Path, seeder: Seeder) -> tuple[Environm
                 )
             )
         )
-    health = check_health(
-        target.db, env, since=datetime(2025, 8, 1, tzinfo=UTC), now=AT, artifacts_dir=tmp_path, job=PrismJob()
+    health = write_health_check(
+        check_health(target.db, env, since=datetime(2025, 8, 1, tzinfo=UTC), now=AT, job=PrismJob()), tmp_path
     )
-    return env, settings, load_plan_file(health.paths["mini_plan"])
+    return env, settings, load_plan(health.paths["mini_plan"])
 
 
 def test_production_apply_needs_a_soak_or_an_override(target: Target, tmp_path: Path, seeder: Seeder) -> None:
@@ -63,14 +65,15 @@ def test_production_apply_needs_a_soak_or_an_override(target: Target, tmp_path: 
     assert refused.value.exit_code == 4
     assert "staging soak" in str(refused.value) and "--override-gate" in str(refused.value)
     with target.db.connect() as conn:
-        assert ledger.approvals_for(conn, str(body["run_id"])) == []  # a refused apply records nothing
+        assert ledger.approvals_for(conn, body.run_id) == []  # a refused apply records nothing
     with pytest.raises(UsageError):
         run(Override("bo", " "))
     result = run(Override("bo", "incident 42: results pages down"))
     assert result.counts["written"] == 2
-    report = write_apply_artifacts(
+    gate = measure_backfill_gate(
         target.db, env, PrismJob(), result.run_id, clock=SimulatedClock(AT), artifacts_dir=tmp_path / "a"
     )
+    report = write_apply_artifacts(target.db, PrismJob(), gate, tmp_path / "a")
     gate_md = report.paths["gate"].read_text()
     assert "| soak | override | bo |" in gate_md and "incident 42" in gate_md
     records = [r for r in gate_records(settings, "production") if r.approval.kind == "override"]

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, apply_plan, measure_backfill_gate
 from gatefill.clock import SimulatedClock
 from gatefill.db import Database
 from gatefill.errors import GateBlocked
@@ -29,7 +29,8 @@ from gatefill.health import check_health
 from gatefill.job import NOT_APPLICABLE, VERDICTS, Job
 from gatefill.jobs import get_job
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan
+from gatefill.plan import Plan, PlanParams, build_plan
+from gatefill.reports.apply import write_apply_artifacts
 from gatefill.rollback import rollback_run
 from gatefill.soak import SoakOptions, soak_job
 from tests.conftest import Seeder, Target
@@ -68,12 +69,12 @@ def case(request: pytest.FixtureRequest, target: Target, seeder: Seeder, tmp_pat
     return Case(target, fill_slug(), len(todo), "PASS", tmp_path / "artifacts")
 
 
-def plan(case: Case) -> dict[str, Any]:
+def plan(case: Case) -> Plan:
     params = PlanParams(since=SINCE, rate="unlimited", batch_size=5)
-    return dict(build_plan(case.db, case.target.env, case.job, params, now=START, artifacts_dir=case.artifacts).body)
+    return build_plan(case.db, case.target.env, case.job, params, now=START, artifacts_dir=case.artifacts).plan
 
 
-def apply(case: Case, body: dict[str, Any]) -> Any:
+def apply(case: Case, body: Plan) -> Any:
     options = ApplyOptions(approve_as="tester")
     return apply_plan(
         case.db,
@@ -104,31 +105,33 @@ def content(db: Database) -> dict[str, str]:
 
 def test_plan_apply_and_the_reports_count_the_same(case: Case) -> None:
     body = plan(case)
-    runnable = [c for c in body["candidates"] if c["operations"]]
-    assert body["totals"]["candidates"] == len(runnable) == case.candidates
-    assert sum(len(b["keys"]) for b in body["batches"]) == case.candidates
-    operations = Counter(op for c in runnable for op in c["operations"])
-    expected = {f"{t}:{kind}": n[kind] for t, n in body["expected_changes"].items() for kind in ("insert", "update")}
+    text = body.to_json()  # the plan file's own numbers
+    runnable = [c for c in body.candidates if c.operations]
+    assert text["totals"]["candidates"] == len(body.runnable) == len(runnable) == case.candidates
+    assert sum(len(b.keys) for b in body.batches) == case.candidates
+    operations = Counter(op for c in runnable for op in c.operations)
+    expected = {f"{t}:{kind}": n[kind] for t, n in text["expected_changes"].items() for kind in ("insert", "update")}
     assert {k: v for k, v in expected.items() if v} == dict(operations)
 
     result = apply(case, body)
     assert result.status is RunStatus.SUCCEEDED and result.counts == Counter(written=case.candidates)
     with case.db.connect() as conn:
         recorded = Counter(
-            (c.table_name, "insert" if c.before is None else "update") for c in ledger.changes_for(conn, body["run_id"])
+            (c.table_name, "insert" if c.before is None else "update") for c in ledger.changes_for(conn, body.run_id)
         )
-        assert Counter(ledger.session_results_for(conn, body["run_id"]).values()) == result.counts
-    for table, n in body["expected_changes"].items():
+        assert Counter(ledger.session_results_for(conn, body.run_id).values()) == result.counts
+    for table, n in body.expected_changes().items():
         assert (recorded[(table, "insert")], recorded[(table, "update")]) == (n["insert"], n["update"]), table
 
-    report = write_apply_artifacts(
-        case.db, case.target.env, case.job, body["run_id"], clock=SimulatedClock(START), artifacts_dir=case.artifacts
+    gate = measure_backfill_gate(
+        case.db, case.target.env, case.job, body.run_id, clock=SimulatedClock(START), artifacts_dir=case.artifacts
     )
+    report = write_apply_artifacts(case.db, case.job, gate, case.artifacts)
     assert report.verdict == "PASS", [(c.name, c.verdict, c.summary) for c in report.checks]
-    execution = json.loads((case.artifacts / body["run_id"] / "backfill_logs" / "execution_results.json").read_text())
+    execution = json.loads((case.artifacts / body.run_id / "backfill_logs" / "execution_results.json").read_text())
     assert execution["total_sessions"] == case.candidates and execution["results"] == {"written": case.candidates}
     present = next(c for c in report.checks if c.name == "rows_present_as_written").evidence
-    for table, n in body["expected_changes"].items():
+    for table, n in body.expected_changes().items():
         assert present[table]["recorded"] == present[table]["present"] == n["insert"] + n["update"]
 
 
@@ -137,7 +140,7 @@ def test_rollback_restores_every_table_exactly(case: Case) -> None:
     body = plan(case)
     apply(case, body)
     assert content(case.db) != before
-    undone = rollback_run(case.db, body["run_id"], case.job.written_tables(), now=START, artifacts_dir=case.artifacts)
+    undone = rollback_run(case.db, body.run_id, case.job.written_tables(), now=START, artifacts_dir=case.artifacts)
     assert undone.committed and undone.verified and not undone.conflicts
     assert content(case.db) == before
 
@@ -145,8 +148,8 @@ def test_rollback_restores_every_table_exactly(case: Case) -> None:
 def test_after_apply_health_finds_nothing_and_applying_again_changes_nothing(case: Case) -> None:
     body = plan(case)
     apply(case, body)
-    health = check_health(case.db, case.target.env, since=SINCE, now=START, artifacts_dir=case.artifacts, job=case.job)
-    assert health.plan is None and "mini_plan" not in health.paths
+    health = check_health(case.db, case.target.env, since=SINCE, now=START, job=case.job)
+    assert health.plan is None
     assert all(c.verdict in VERDICTS for c in health.checks)
     assert all(c.summary for c in health.checks if c.verdict == NOT_APPLICABLE)
 
@@ -154,7 +157,7 @@ def test_after_apply_health_finds_nothing_and_applying_again_changes_nothing(cas
     with pytest.raises(GateBlocked, match="succeeded; nothing to apply"):
         apply(case, body)
     again = plan(case)
-    assert again["totals"]["candidates"] == 0 and again["batches"] == []
+    assert again.runnable == () and again.batches == ()
     assert apply(case, again).counts == Counter()
     assert content(case.db) == after
 
@@ -162,8 +165,8 @@ def test_after_apply_health_finds_nothing_and_applying_again_changes_nothing(cas
 def test_a_short_soak_on_a_simulated_clock_judges_every_check(case: Case) -> None:
     body = plan(case)
     apply(case, body)
-    options = SoakOptions(after=body["run_id"], duration=2 * 3600.0, interval=3600.0, chart=False)
-    result = soak_job(case.target.env, case.job, options, artifacts_dir=case.artifacts, clock="simulated")
+    options = SoakOptions(after=body.run_id, duration=2 * 3600.0, interval=3600.0, chart=False)
+    result = soak_job(case.target.env, case.job, options, clock="simulated")
     assert result.complete and result.looks_taken == 2 and len(result.measurements) == 2
     assert result.verdict == case.soak_verdict, [(c.name, c.verdict, c.summary) for c in result.checks]
     assert all(c.verdict in VERDICTS for m in result.measurements for c in m.checks)
@@ -171,4 +174,4 @@ def test_a_short_soak_on_a_simulated_clock_judges_every_check(case: Case) -> Non
     with case.db.connect() as conn:
         soak = ledger.get_run(conn, result.run_id, with_plan=False)
     assert soak.job == case.job.name and soak.versions == dict(case.job.versions)
-    assert soak.parent_run_id == body["run_id"]
+    assert soak.parent_run_id == body.run_id

@@ -17,15 +17,16 @@ from rich.console import Console
 from gatefill import ledger
 from gatefill.cli import main
 from gatefill.clock import Clock, OffsetClock, RealClock
+from gatefill.commands import rollback_environment
 from gatefill.config import Environment, Settings
 from gatefill.db import Database
 from gatefill.jobs import get_job
 from gatefill.pipeline import PipelineOptions, run_pipeline
-from gatefill.plan import load_plan_file
+from gatefill.plan import load_plan
 from gatefill.prism.job import PrismJob
 from gatefill.prism.sandbox.demo import DEMO_SINCE, PIPELINE_START, run_demo_pipeline, seed_demo
 from gatefill.prism.schema import assessment_sessions, profiles
-from gatefill.rollback import rollback_command
+from gatefill.reports.soak import write_soak_artifacts
 from gatefill.soak import SoakOptions, soak_job
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, pooled_env, sqlite_env
 
@@ -163,13 +164,8 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
 
     # The staging apply is rolled back afterwards: the pipeline and its final gate say so instead of the old GO.
     apply_run = steps["apply"]["run_id"]
-    undone = rollback_command(
-        pair.env("staging"),
-        apply_run,
-        dry_run=False,
-        force=False,
-        artifacts_dir=pair.artifacts_dir,
-        find_job=get_job,
+    undone = rollback_environment(
+        pair.env("staging"), apply_run, dry_run=False, force=False, artifacts_dir=pair.artifacts_dir, find_job=get_job
     )
     assert undone.committed
     outdated = run_pipeline(
@@ -208,7 +204,7 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
 def empty_soak(db: Database, env: Environment, apply_run: str, clock: Clock, artifacts: Path) -> dict[str, object]:
     """A real soak over six simulated hours in which nobody used staging: nothing to measure, so INCONCLUSIVE.
     Like the demo's, it moves the pipeline's clock past those hours, so nothing later is dated before them."""
-    result = soak_job(env, PrismJob(), SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
+    result = write_soak_artifacts(soak_job(env, PrismJob(), SoakOptions(after=apply_run), clock="simulated"), artifacts)
     assert isinstance(clock, OffsetClock)
     clock.advance_to(result.window_end)
     return {
@@ -235,7 +231,7 @@ def test_unhealthy_production_without_a_passing_soak_is_refused_until_an_overrid
     assert state.steps["soak"]["verdict"] == "INCONCLUSIVE"
     assert state.steps["health"]["healthy"] is False
     mini = state.steps["health"]["mini_plan"]
-    mini_run = str(load_plan_file(Path(mini))["run_id"])
+    mini_run = load_plan(Path(mini)).run_id
     assert "an approved, PASS staging soak" in str(state.waiting_for)
     assert "has verdict INCONCLUSIVE" in str(state.blocked)
     assert "--override-gate" in str(state.waiting_for)

@@ -28,6 +28,7 @@ import pytest
 import sqlalchemy as sa
 
 from gatefill import ledger, rollback
+from gatefill.commands import rollback_environment
 from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText
 from gatefill.errors import DataError
 from gatefill.job import WrittenTable
@@ -36,19 +37,14 @@ from gatefill.ledger import IllegalTransition, RunNotFound, RunStatus
 from gatefill.prism import schema
 from gatefill.prism.job import PrismJob
 from gatefill.prism.sandbox.seed import seed_scenario
+from gatefill.reports.rollback import render_rollback, write_rollback_report
+from gatefill.reports.rollback_sql import _literal, _sqlite_real, rollback_sql, write_rollback_sql
 from gatefill.rollback import (
     RollbackConflicts,
     RollbackResult,
     RollbackVerificationFailed,
-    _literal,
-    _sqlite_real,
     load_changes,
     plan_rollback,
-    render_rollback,
-    rollback_command,
-    rollback_run,
-    rollback_sql,
-    write_rollback_sql,
 )
 from tests.conftest import Target, create_pg_database, drop_pg_database, pg_env, sqlite_env
 
@@ -59,6 +55,16 @@ JOB = PrismJob()
 TABLES = JOB.written_tables()
 META = schema.METADATA
 Excluded = Mapping[str, set[str]]
+
+
+def rollback_run(
+    db: Database, run_id: str, tables: Sequence[WrittenTable], *, artifacts_dir: Path, **options: Any
+) -> RollbackResult:
+    """A rollback as ``gatefill rollback`` runs it: the phase, its report, then its refusal or failure raised."""
+    result = rollback.rollback_run(db, run_id, tables, artifacts_dir=artifacts_dir, **options)
+    result = write_rollback_report(result, artifacts_dir)
+    result.raise_for_verdict()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- digests
@@ -673,11 +679,11 @@ def test_rollback_holds_at_most_two_pages_of_changes(
 
 
 def test_rollback_command_glue(case: Case) -> None:
-    dry = rollback_command(
-        case.target.env, RUN, dry_run=True, force=False, artifacts_dir=case.artifacts, find_job=get_job, now=ROLLBACK_AT
+    dry = rollback_environment(
+        case.target.env, RUN, dry_run=True, force=False, artifacts_dir=case.artifacts, now=ROLLBACK_AT, find_job=get_job
     )
     assert dry.verdict == "PASS" and not dry.committed and dry.database == case.target.env.display_url
-    real = rollback_command(
+    real = rollback_environment(
         case.target.env, RUN, dry_run=False, force=False, artifacts_dir=case.artifacts, find_job=get_job
     )
     assert real.committed and real.status_after is RunStatus.ROLLED_BACK
@@ -687,10 +693,10 @@ def test_rollback_command_glue(case: Case) -> None:
 def test_unknown_run_and_missing_ledger_are_usage_errors(target: Target, tmp_path: Path) -> None:
     artifacts = tmp_path / "artifacts"
     with pytest.raises(RunNotFound, match="it has no run ledger"):
-        rollback_command(target.env, RUN, dry_run=True, force=False, artifacts_dir=artifacts, find_job=get_job)
+        rollback_environment(target.env, RUN, dry_run=True, force=False, artifacts_dir=artifacts, find_job=get_job)
     ledger.init_ledger(target.db)
     with pytest.raises(RunNotFound) as unknown:
-        rollback_command(
+        rollback_environment(
             target.env, "apply-nope", dry_run=False, force=False, artifacts_dir=artifacts, find_job=get_job
         )
     assert unknown.value.exit_code == 2 and "unknown run 'apply-nope'" in str(unknown.value)

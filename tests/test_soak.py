@@ -35,11 +35,11 @@ from gatefill.prism.platform.server import create_app, serve_in_thread
 from gatefill.prism.platform.service import CallContext, PrismService
 from gatefill.prism.sandbox.simulator import SimulationReport, simulate
 from gatefill.prism.schema import assessment_sessions, fc_scores, profiles
+from gatefill.reports.soak import write_soak_artifacts
 from gatefill.soak import (
     SoakOptions,
     SoakResult,
     exit_code_for,
-    load_baseline,
     parse_margin,
     parse_min_conversion,
     run_soak,
@@ -114,16 +114,16 @@ class Soaked:
         settings = kwargs.pop("settings", PrismSoakSettings(service_role_key=SERVICE_KEY))
         env = kwargs.pop("env", self.env)
         with PrismSoakChecks(env, settings) as checks:
-            return run_soak(
+            result = run_soak(
                 self.db,
                 env,
                 options=options,
                 clock=SimulatedClock(clock_start or options.start),
-                artifacts_dir=self.artifacts,
                 checks=checks,
                 versions={"fc_version": "v1.2", "fc_kind": "functions", "engine_version": "v1.2.1"},
                 **kwargs,
             )
+        return write_soak_artifacts(result, self.artifacts)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -383,7 +383,7 @@ def test_the_baseline_is_measured_once_before_the_first_look_and_a_resumed_soak_
     assert baseline.evidence["profile"] == {"k": 30, "n": 36}
     assert first.baseline == baseline
     with soaked.db.connect() as conn:
-        assert load_baseline(conn, first.run_id) == baseline
+        assert ledger.baseline_for(conn, first.run_id) == baseline
 
     # Late rows stamped inside the baseline window: a re-measurement would see them, the stored baseline does not.
     late = start - timedelta(days=3)
@@ -622,8 +622,8 @@ def test_the_library_entry_of_the_cli_soaks_with_a_simulated_clock(
 ) -> None:
     monkeypatch.setenv(KEY_ENV, SERVICE_KEY)
     start = _window(8)
-    result = soak_job(
-        soaked.env, PrismJob(), replace(OPTIONS, start=start), artifacts_dir=soaked.artifacts, clock="simulated"
+    result = write_soak_artifacts(
+        soak_job(soaked.env, PrismJob(), replace(OPTIONS, start=start), clock="simulated"), soaked.artifacts
     )
     assert result.verdict == "INCONCLUSIVE" and result.complete and result.looks_taken == 12
     with soaked.db.connect() as conn:
@@ -633,9 +633,7 @@ def test_the_library_entry_of_the_cli_soaks_with_a_simulated_clock(
     assert run.summary["verdict"] == "INCONCLUSIVE"
     production = replace(soaked.env, kind="production")
     with pytest.raises(UsageError, match="production"):
-        soak_job(
-            production, PrismJob(), replace(OPTIONS, start=start), artifacts_dir=soaked.artifacts, clock="simulated"
-        )
+        soak_job(production, PrismJob(), replace(OPTIONS, start=start), clock="simulated")
     assert exit_code_for("PASS") == 0 and exit_code_for("FAIL") == 1 and exit_code_for("INCONCLUSIVE") == 3
 
 

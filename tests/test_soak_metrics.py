@@ -76,7 +76,6 @@ class Served:
                 env,
                 options=replace(OPTIONS, start=start),
                 clock=SimulatedClock(start),
-                artifacts_dir=self.artifacts,
                 checks=checks,
                 versions=VERSIONS,
             )

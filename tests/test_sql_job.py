@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, RunPaused, apply_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, RunPaused, apply_plan, measure_backfill_gate
 from gatefill.cli import main
 from gatefill.clock import SimulatedClock
 from gatefill.config import load_settings
@@ -29,8 +29,10 @@ from gatefill.health import check_health
 from gatefill.jobs import available_jobs, get_job
 from gatefill.jobs.sql import SqlJob, expression_problem
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan, compose_plan, load_plan_file
-from gatefill.rollback import RollbackConflicts, rollback_run, write_rollback_sql
+from gatefill.plan import Plan, PlanParams, build_plan, compose_plan, load_plan
+from gatefill.reports.health import write_health_check
+from gatefill.reports.rollback_sql import write_rollback_sql
+from gatefill.rollback import RollbackConflicts, rollback_run
 from tests.conftest import Target, table_digests
 from tests.sql_posts import FILL_SLUG, PRESET_EVERY, fill_slug, lowered, make_posts, slugs, snapshot
 from tests.test_rollback import run_script
@@ -41,13 +43,12 @@ SINCE = datetime(2025, 1, 1, tzinfo=UTC)
 START = datetime(2025, 9, 17, 12, 0, tzinfo=UTC)
 
 
-def plan(target: Target, job: SqlJob, tmp_path: Path, batch_size: int = 4) -> dict[str, Any]:
+def plan(target: Target, job: SqlJob, tmp_path: Path, batch_size: int = 4) -> Plan:
     params = PlanParams(since=SINCE, rate="unlimited", batch_size=batch_size)
-    made = build_plan(target.db, target.env, job, params, now=START, artifacts_dir=tmp_path / "artifacts")
-    return dict(made.body)
+    return build_plan(target.db, target.env, job, params, now=START, artifacts_dir=tmp_path / "artifacts").plan
 
 
-def apply(target: Target, job: SqlJob, body: dict[str, Any], tmp_path: Path, **kw: Any) -> Any:
+def apply(target: Target, job: SqlJob, body: Plan, tmp_path: Path, **kw: Any) -> Any:
     return apply_plan(
         target.db,
         target.env,
@@ -73,24 +74,22 @@ def test_every_phase_through_the_library(target: Target, tmp_path: Path) -> None
     before = snapshot(target.db)
     job = fill_slug()
     body = plan(target, job, tmp_path)
-    assert body["totals"]["candidates"] == len(todo) == 19
-    assert body["categories"] == {"matches_where": {"count": 19, "keys": [str(i) for i in todo]}}
-    assert body["expected_changes"] == {"posts": {"insert": 0, "update": 19}}
-    assert body["versions"] == {"sql_definition": job.definition.digest}
-    assert [c.name for c in map(_check, body["prechecks"])] == ["sql_definition", "write_privileges"]
+    assert len(body.runnable) == len(todo) == 19
+    assert body.categories() == {"matches_where": [str(i) for i in todo]}
+    assert body.expected_changes() == {"posts": {"insert": 0, "update": 19}}
+    assert body.versions == {"sql_definition": job.definition.digest}
+    assert [c.name for c in body.prechecks] == ["sql_definition", "write_privileges"]
 
     result = apply(target, job, body, tmp_path)
     assert result.status is RunStatus.SUCCEEDED and result.counts == Counter(written=19)
     filled = slugs(target.db)
     assert all(filled[i] == lowered(target.db, i) for i in todo)
     assert all(filled[i] == f"kept-{i}" for i in filled if i % PRESET_EVERY == 0)
-    changes = changes_of(target, body["run_id"])
+    changes = changes_of(target, body.run_id)
     assert len(changes) == 19 and {c.table_name for c in changes} == {"posts"}
     assert all(c.before == {"slug": None} and set(c.after) == {"slug"} for c in changes)
 
-    report = write_apply_artifacts(
-        target.db, target.env, job, body["run_id"], clock=SimulatedClock(START), artifacts_dir=tmp_path / "artifacts"
-    )
+    report = gate_of(target, job, body, tmp_path)
     verdicts = {c.name: c.verdict for c in report.checks}
     assert report.verdict == "PASS", report.checks
     assert verdicts["verify_processed"] == "PASS" and verdicts["rollback_dry_run"] == "PASS"
@@ -99,26 +98,26 @@ def test_every_phase_through_the_library(target: Target, tmp_path: Path) -> None
     assert healthy.healthy and healthy.plan is None
     assert [c.name for c in healthy.checks] == ["rows_matching_where", "verify_violations", "measurement_time"]
 
-    undone = rollback_run(target.db, body["run_id"], job.written_tables(), now=START, artifacts_dir=tmp_path / "a")
+    undone = rollback_run(target.db, body.run_id, job.written_tables(), now=START, artifacts_dir=tmp_path / "a")
     assert undone.verdict == "PASS" and undone.committed
     assert snapshot(target.db) == before
 
     # Health now finds the work again and writes a mini plan that apply accepts as it is.
     sick = _health(target, job, tmp_path)
-    assert not sick.healthy and sick.plan is not None and sick.plan["totals"]["candidates"] == 19
-    mini = load_plan_file(sick.paths["mini_plan"])
+    assert not sick.healthy and sick.plan is not None and len(sick.plan.runnable) == 19
+    mini = load_plan(sick.paths["mini_plan"])
     assert apply(target, job, mini, tmp_path).counts == Counter(written=19)
     assert _health(target, job, tmp_path).healthy
 
 
-def _check(data: dict[str, Any]) -> Any:
-    from gatefill.job import Check
-
-    return Check(data["name"], data["verdict"], data["summary"])
+def gate_of(target: Target, job: SqlJob, body: Plan, tmp_path: Path) -> Any:
+    clock = SimulatedClock(START)
+    return measure_backfill_gate(target.db, target.env, job, body.run_id, clock=clock, artifacts_dir=tmp_path / "a")
 
 
 def _health(target: Target, job: SqlJob, tmp_path: Path) -> Any:
-    return check_health(target.db, target.env, since=SINCE, now=START, artifacts_dir=tmp_path / "artifacts", job=job)
+    result = check_health(target.db, target.env, since=SINCE, now=START, job=job)
+    return write_health_check(result, tmp_path / "artifacts")
 
 
 def test_rerunning_changes_nothing(target: Target, tmp_path: Path) -> None:
@@ -127,7 +126,7 @@ def test_rerunning_changes_nothing(target: Target, tmp_path: Path) -> None:
     apply(target, job, plan(target, job, tmp_path), tmp_path)
     after = snapshot(target.db)
     again = plan(target, job, tmp_path)
-    assert again["totals"]["candidates"] == 0 and again["batches"] == []
+    assert again.runnable == () and again.batches == ()
     assert apply(target, job, again, tmp_path).counts == Counter()
     assert snapshot(target.db) == after
 
@@ -157,7 +156,7 @@ def test_a_live_writer_between_plan_and_apply_keeps_its_value(target: Target, tm
         )
     assert "no longer matches where" in reasons["2"]["operations"][0]["reason"]
     assert "deleted since the plan" in reasons["3"]["operations"][0]["reason"]
-    assert {c.row_key for c in changes_of(target, body["run_id"])}.isdisjoint({'{"id":"2"}', '{"id":"3"}'})
+    assert {c.row_key for c in changes_of(target, body.run_id)}.isdisjoint({'{"id":"2"}', '{"id":"3"}'})
 
 
 def test_a_live_writer_holding_the_row_wins_and_apply_waits_for_it(target: Target, tmp_path: Path) -> None:
@@ -197,17 +196,15 @@ def test_an_interrupted_apply_resumes_without_repeating_or_skipping(target: Targ
 
     with pytest.raises(RunPaused):
         apply(target, job, body, tmp_path, stop=stop, before_batch=interrupt)
-    assert len(changes_of(target, body["run_id"])) == 6  # batches 1 and 2
+    assert len(changes_of(target, body.run_id)) == 6  # batches 1 and 2
     with target.db.begin() as conn:  # a live writer fills one of the remaining rows meanwhile
         conn.execute(sa.text("UPDATE posts SET slug = 'live-19' WHERE id = 19"))
     resumed = apply(target, job, body, tmp_path)
     assert resumed.status is RunStatus.SUCCEEDED and resumed.counts == Counter(written=12, already_present=1)
-    changes = changes_of(target, body["run_id"])
+    changes = changes_of(target, body.run_id)
     assert len(changes) == 18 and len({c.row_key for c in changes}) == 18
     with target.db.connect() as conn:
-        assert Counter(ledger.session_results_for(conn, body["run_id"]).values()) == Counter(
-            written=18, already_present=1
-        )
+        assert Counter(ledger.session_results_for(conn, body.run_id).values()) == Counter(written=18, already_present=1)
 
 
 # ---------------------------------------------------------------------------------------------------- rollback
@@ -225,7 +222,7 @@ def test_rollback_is_exact_and_leaves_everyone_elses_writes_alone(target: Target
         conn.execute(sa.text("INSERT INTO posts (id, title, slug, body, score) VALUES (100, 'New', NULL, 'b', 1.5)"))
     live = {k: v for k, v in snapshot(target.db).items() if k in ("5", "100")}
 
-    result = rollback_run(target.db, body["run_id"], job.written_tables(), now=START, artifacts_dir=tmp_path / "a")
+    result = rollback_run(target.db, body.run_id, job.written_tables(), now=START, artifacts_dir=tmp_path / "a")
     assert result.committed and result.tables[0].restored == 19 and result.tables[0].deleted == 0
 
     now = snapshot(target.db)
@@ -248,10 +245,12 @@ def test_rollback_refuses_a_row_changed_since_unless_forced(target: Target, tmp_
         conn.execute(sa.text("DELETE FROM posts WHERE id = 3"))
     kept = snapshot(target.db)
     with pytest.raises(RollbackConflicts) as refused:
-        rollback_run(target.db, body["run_id"], job.written_tables(), now=START, artifacts_dir=tmp_path / "a")
+        rollback_run(
+            target.db, body.run_id, job.written_tables(), now=START, artifacts_dir=tmp_path / "a"
+        ).raise_for_verdict()
     assert len(refused.value.conflicts) == 2 and snapshot(target.db) == kept
     forced = rollback_run(
-        target.db, body["run_id"], job.written_tables(), now=START, artifacts_dir=tmp_path / "a", force=True
+        target.db, body.run_id, job.written_tables(), now=START, artifacts_dir=tmp_path / "a", force=True
     )
     assert forced.committed and forced.verified
     assert "1 deleted since the run wrote them stay deleted" in forced.verification[0].summary
@@ -263,7 +262,7 @@ def test_the_rollback_script_restores_the_same(target: Target, tmp_path: Path) -
     job = fill_slug()
     body = plan(target, job, tmp_path)
     apply(target, job, body, tmp_path)
-    path = write_rollback_sql(target.db, body["run_id"], job.written_tables(), tmp_path / "rollback.sql", now=START)
+    path = write_rollback_sql(target.db, body.run_id, job.written_tables(), tmp_path / "rollback.sql", now=START)
     text = path.read_text()
     assert "DELETE FROM posts" not in text and "UPDATE posts SET slug = NULL WHERE id = '1';" in text
     done = run_script(_Case(target), path)
@@ -291,11 +290,9 @@ def test_verify_fails_only_the_rows_it_does_not_hold_for(target: Target, tmp_pat
     body = plan(target, job, tmp_path)
     result = apply(target, job, body, tmp_path)
     assert result.counts == Counter(written=17, failed=2)
-    assert all("verify (slug is not null) does not hold" in f["error"] for f in result.failures)
+    assert all("verify (slug is not null) does not hold" in (f.error or "") for f in result.failures)
     assert slugs(target.db)[2] is None and slugs(target.db)[7] is None
-    report = write_apply_artifacts(
-        target.db, target.env, job, body["run_id"], clock=SimulatedClock(START), artifacts_dir=tmp_path / "artifacts"
-    )
+    report = gate_of(target, job, body, tmp_path)
     assert report.verdict == "FAIL" and {c.name: c.verdict for c in report.checks}["write_errors"] == "FAIL"
 
 
@@ -333,11 +330,11 @@ def test_composite_keys_and_typed_values_round_trip(target: Target, tmp_path: Pa
         },
     )
     body = plan(target, job, tmp_path, batch_size=4)
-    keys = [c["key"] for c in body["candidates"]]
+    keys = [c.key for c in body.candidates]
     assert keys[:3] == ['["1","2025-01-01"]', '["1","2025-01-02"]', '["2","2025-01-01"]']
     assert job.parse_key('[10, "2025-01-02"]') == '["10","2025-01-02"]'
     assert apply(target, job, body, tmp_path).counts == Counter(written=6)
-    undone = rollback_run(target.db, body["run_id"], job.written_tables(), now=START, artifacts_dir=tmp_path / "a")
+    undone = rollback_run(target.db, body.run_id, job.written_tables(), now=START, artifacts_dir=tmp_path / "a")
     assert undone.verified and snapshot(target.db, table, "tenant || '/' || day") == before
 
 
@@ -360,7 +357,7 @@ def test_keys_are_bound_never_interpolated(target: Target, tmp_path: Path) -> No
     assert apply(target, job, body, tmp_path).counts == Counter(written=5)
     with target.db.connect() as conn:
         assert dict(conn.execute(sa.text("SELECT code, upper_body FROM notes")).all()) == {c: "B" for c in hostile}
-    undone = rollback_run(target.db, body["run_id"], job.written_tables(), now=START, artifacts_dir=tmp_path / "a")
+    undone = rollback_run(target.db, body.run_id, job.written_tables(), now=START, artifacts_dir=tmp_path / "a")
     assert undone.verified
 
 
@@ -551,8 +548,8 @@ def test_a_production_apply_needs_a_passing_soak_of_the_same_definition(tmp_path
         target = Target("sqlite", envs["staging"], staging)
         applied = plan(target, job, tmp_path)
         apply(target, job, applied, tmp_path)
-        options = SoakOptions(after=applied["run_id"], duration=3600.0, interval=1800.0, chart=False)
-        soaked = soak_job(envs["staging"], job, options, artifacts_dir=tmp_path / "artifacts", clock="simulated")
+        options = SoakOptions(after=applied.run_id, duration=3600.0, interval=1800.0, chart=False)
+        soaked = soak_job(envs["staging"], job, options, clock="simulated")
         assert soaked.verdict == "PASS", soaked.checks
         with staging.begin() as conn:
             ledger.record_approval(conn, run_id=soaked.run_id, gate="soak", approved_by="tester", now=START)
@@ -632,7 +629,7 @@ def test_the_readmes_python_job_loads_through_its_entry_point(
     assert isinstance(job, SqlJob) and job.name == "acme_slugs"
     make_posts(target.db)
     body = plan(target, job, tmp_path)
-    assert [c["name"] for c in body["prechecks"]] == ["sql_definition", "write_privileges", "not_in_freeze"]
+    assert [c.name for c in body.prechecks] == ["sql_definition", "write_privileges", "not_in_freeze"]
     assert apply(target, job, body, tmp_path).counts == Counter(written=19)
 
 
@@ -654,9 +651,7 @@ def test_a_read_only_role_checks_health_but_cannot_plan(target: Target, tmp_path
         with Database(reader_env) as reader:
             reading = fill_slug()
             reading.require_schema(reader)
-            health = check_health(
-                reader, reader_env, since=SINCE, now=START, artifacts_dir=tmp_path / "artifacts", job=reading
-            )
+            health = check_health(reader, reader_env, since=SINCE, now=START, job=reading)
             assert health.healthy, health.checks
             refused = pytest.raises(GateBlocked, match=r"write_privileges: .*UPDATE on posts MISSING")
             with refused, reader.connect() as conn:
@@ -665,3 +660,38 @@ def test_a_read_only_role_checks_health_but_cannot_plan(target: Target, tmp_path
         with target.db.begin() as conn:
             conn.exec_driver_sql(f"DROP OWNED BY {role}")
             conn.exec_driver_sql(f"DROP ROLE {role}")
+
+
+def test_a_sql_pipeline_reaches_a_go_that_cites_its_own_checks(tmp_path: Path) -> None:
+    """plan → apply → soak → health → mini plan → production apply → final gate, for the sql job: the checklist cites
+    the job's gating checks (verify on the soaked rows and on production), none of PRISM's."""
+    from gatefill.config import Environment, Settings
+    from gatefill.pipeline import PipelineOptions, run_pipeline
+    from gatefill.soak import SoakOptions, soak_job
+
+    envs = {
+        name: Environment(name=name, kind=name, database_url=f"sqlite:///{tmp_path / name}.db")  # type: ignore[arg-type]
+        for name in ("staging", "production")
+    }
+    for env in envs.values():
+        with Database(env, create=True) as db:
+            make_posts(db)
+    settings = Settings(None, tmp_path, tmp_path / "artifacts", envs)
+    job = fill_slug()
+    clock = SimulatedClock(START)
+
+    def soak_step(db: Database, env: Any, apply_run: str, _clock: Any, artifacts: Path) -> dict[str, Any]:
+        options = SoakOptions(after=apply_run, duration=3600.0, interval=1800.0, chart=False)
+        record = soak_job(env, job, options, clock="simulated").step_record()
+        clock.advance(2 * 3600)  # the soak's simulated hour has passed for the pipeline too
+        return record
+
+    options = PipelineOptions("staging", "production", SINCE, rate="unlimited", auto_approve_as="tester")
+    state = run_pipeline(settings, options, job=job, clock=clock, soak_step=soak_step)
+    assert state.done and state.steps["final_gate"]["verdict"] == "GO", state.log
+    text = Path(state.steps["final_gate"]["artifact"]).read_text()
+    assert "| verify holds on every row the staging apply wrote | PASS |" in text
+    assert "| verify holds on every production row that needs no work | PASS |" in text
+    assert "version_stamps" not in text and "conversion" not in text
+    with Database(envs["production"]) as production:
+        assert all(s is not None for s in slugs(production).values())

@@ -16,7 +16,7 @@ import contextlib
 import random
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,31 +26,45 @@ from typing import Any
 import sqlalchemy as sa
 
 from gatefill import ledger
+from gatefill.artifacts import write_json
 from gatefill.clock import Clock
 from gatefill.config import Environment, Settings
-from gatefill.db import Database, format_utc
+from gatefill.db import Database
 from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
-from gatefill.interrupt import stop_on_signals
+from gatefill.interrupt import Interruption, stop_on_signals
 from gatefill.job import (
     LOCAL_EXECUTOR,
     NOT_APPLICABLE,
+    BatchRecord,
+    BatchTask,
     Candidate,
     Check,
     Executor,
     Fence,
     Job,
-    SessionOutcome,
     overall_verdict,
 )
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
-from gatefill.plan import verify_plan
-from gatefill.reports import render, write_json, write_text
-from gatefill.rollback import RollbackResult, rollback_run, write_rollback_sql
-from gatefill.throttle import TokenBucket, parse_rate
+from gatefill.plan import Batch, Plan, verify_plan
+from gatefill.rollback import RollbackResult, rollback_run
+from gatefill.throttle import Rate, TokenBucket, parse_rate
 
-__all__ = ["ApplyOptions", "ApplyResult", "RunPaused", "apply_plan", "ensure_run_for_plan"]
+__all__ = [
+    "ApplyOptions",
+    "ApplyResult",
+    "BackfillGate",
+    "BatchRow",
+    "FailedSession",
+    "Invocation",
+    "RunPaused",
+    "TableRows",
+    "apply_plan",
+    "ensure_run_for_plan",
+    "measure_backfill_gate",
+    "run_invocations",
+]
 
 
 class RunPaused(GatefillError):
@@ -90,6 +104,15 @@ class ApplyOptions:
             raise UsageError("--approve-as needs a name")
 
 
+@dataclass(frozen=True)
+class SessionFailure:
+    """A session this apply recorded as failed, in which batch, and why."""
+
+    session_id: str
+    batch_no: int
+    error: str | None
+
+
 @dataclass
 class ApplyResult:
     """What an apply did, as measured (the reports render this)."""
@@ -101,65 +124,91 @@ class ApplyResult:
     batches_committed: int = 0
     elapsed_seconds: float = 0.0
     throttle_wait_seconds: float = 0.0
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[SessionFailure] = field(default_factory=list)
 
     @property
     def measured_rate_per_minute(self) -> float:
         processed = sum(self.counts.values())
         return processed / self.elapsed_seconds * 60.0 if self.elapsed_seconds > 0 else 0.0
 
+    def add(self, batch: BatchRecord) -> None:
+        """Counts a committed batch in."""
+        for s in batch.sessions:
+            self.counts[s.result] += 1
+            if s.result == "failed":
+                self.failures.append(SessionFailure(s.key, batch.batch_no, s.error))
+        self.batches_committed += 1
+
 
 ProgressCallback = Callable[[int, int, float], None]  # done, total, elapsed seconds
 
+#: Runs one batch and records it in the ledger, in transactions the fence proves this process may write in.
+CommitBatch = Callable[[Database, Job, BatchTask, Clock, Fence], BatchRecord]
 
-def ensure_run_for_plan(db: Database, plan_body: Mapping[str, Any], *, now: datetime) -> ledger.Run:
+#: Statuses of a run that has nothing left to apply.
+_FINISHED = (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED)
+
+
+def ensure_run_for_plan(db: Database, plan: Plan, *, now: datetime) -> ledger.Run:
     """The ledger run of a plan; a plan file made elsewhere (e.g. by health) is registered on first use."""
     ledger.init_ledger(db)
     with db.begin() as conn:
         try:
-            run = ledger.get_run(conn, str(plan_body["run_id"]), with_plan=False)
+            run = ledger.get_run(conn, plan.run_id, with_plan=False)
         except ledger.RunNotFound:
             return ledger.create_run(
                 conn,
-                run_id=str(plan_body["run_id"]),
+                run_id=plan.run_id,
                 phase="apply",
-                environment=str(plan_body["environment"]["name"]),
-                job=str(plan_body["job"]),
-                versions=plan_body["versions"],
-                params=plan_body["parameters"],
+                environment=plan.environment.name,
+                job=plan.job,
+                versions=plan.versions,
+                params=plan.parameters.to_json(),
                 now=now,
-                plan=plan_body,
-                plan_hash=str(plan_body["hash"]),
+                plan=plan.to_json(),
+                plan_hash=plan.hash,
             )
-    if run.plan_hash != plan_body["hash"]:
-        raise GateBlocked(
-            "plan", [f"run {run.id} was planned with hash {run.plan_hash}, this plan has {plan_body['hash']}"]
-        )
+    if run.plan_hash != plan.hash:
+        raise GateBlocked("plan", [f"run {run.id} was planned with hash {run.plan_hash}, this plan has {plan.hash}"])
     return run
 
 
-def _plan_candidates(plan_body: Mapping[str, Any]) -> tuple[list[str], dict[str, Candidate]]:
-    """The runnable candidates in plan (batch) order, rebuilt as Candidate objects."""
-    by_key: dict[str, Candidate] = {}
-    for c in plan_body["candidates"]:
-        if c["operations"]:
-            by_key[c["key"]] = Candidate(
-                key=c["key"],
-                category=c["category"],
-                created_at=datetime.fromisoformat(c["created_at"].replace("Z", "+00:00")),
-                operations=tuple(c["operations"]),
-                detail=c.get("detail", {}),
-            )
-    order = [key for batch in plan_body["batches"] for key in batch["keys"]]
-    groups = {key: batch["group"] for batch in plan_body["batches"] for key in batch["keys"]}
+def _work_order(plan: Plan) -> tuple[list[str], dict[str, Candidate]]:
+    """The keys of the plan's batches in order, and the runnable candidates by key."""
+    runnable = {c.key: c for c in plan.runnable}
+    order = [key for batch in plan.batches for key in batch.keys]
     for key in order:
-        if key not in by_key:
+        if key not in runnable:
             raise GateBlocked("plan", [f"batch lists {key}, which is not a runnable candidate of the plan"])
-    return order, {k: _with_group(by_key[k], groups[k]) for k in order}
+    return order, runnable
 
 
-def _with_group(c: Candidate, group: str) -> Candidate:
-    return Candidate(c.key, c.category, c.created_at, c.operations, {**c.detail, "group": group})
+def _open_gates(
+    db: Database,
+    env: Environment,
+    run: ledger.Run,
+    plan: Plan,
+    options: ApplyOptions,
+    now: datetime,
+    settings: Settings | None,
+    override: Override | None,
+) -> None:
+    """Checks every gate before anything is recorded (a refused apply writes nothing), then records what let the
+    run through: the plan approval given with --approve-as, and on production the production gate's evidence."""
+    plan_approved = _plan_approved(db, run, plan.hash, options)
+    gate_needed = False
+    evidence = None
+    if env.kind == "production":
+        with db.connect() as conn:
+            gate_needed = not ledger.approvals_for(conn, run.id, "soak")  # a resumed run passed it already
+        if gate_needed:
+            if settings is None:
+                raise GateBlocked("production", ["a production apply needs the configured staging environments"])
+            evidence = check_production_gate(settings, plan.versions, now=now, override=override)
+    if not plan_approved:
+        _record_plan_approval(db, run, plan.hash, options, now)
+    if gate_needed:
+        record_production_gate(db, run.id, evidence, override, now=now)
 
 
 def _plan_approved(db: Database, run: ledger.Run, plan_hash: str, options: ApplyOptions) -> bool:
@@ -202,46 +251,19 @@ def _remaining(db: Database, run: ledger.Run, order: Sequence[str]) -> tuple[lis
     return todo, (max(committed) + 1 if committed else 1), retry_failed
 
 
-def _batches_to_run(
-    plan_batches: Sequence[Mapping[str, Any]], todo: Sequence[str], batch_size: int | None
-) -> list[list[str]]:
-    """The plan's batches restricted to what is left to do; ``batch_size`` re-splits each plan batch."""
+def _batches_to_run(plan_batches: Sequence[Batch], todo: Sequence[str], batch_size: int | None) -> list[Batch]:
+    """The plan's batches restricted to what is left to do (numbered in plan order); ``batch_size`` re-splits each
+    plan batch."""
     wanted = set(todo)
-    out: list[list[str]] = []
+    out: list[Batch] = []
     for plan_batch in plan_batches:
-        keys = [k for k in plan_batch["keys"] if k in wanted]
-        size = batch_size or max(1, len(plan_batch["keys"]))
-        out.extend(keys[i : i + size] for i in range(0, len(keys), size))
+        keys = [k for k in plan_batch.keys if k in wanted]
+        size = batch_size or max(1, len(plan_batch.keys))
+        out.extend(Batch(len(out) + 1, plan_batch.group, tuple(keys[i : i + size])) for i in range(0, len(keys), size))
     return out
 
 
-def _session_row(run_id: str, batch_no: int, s: SessionOutcome, candidate: Candidate, now: datetime) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "session_id": s.key,
-        "batch_no": batch_no,
-        "result": s.result,
-        "error": s.error,
-        "detail": {
-            "category": candidate.category,
-            "group": candidate.detail.get("group"),
-            "operations": s.operations,
-            "seconds": round(s.seconds, 6),
-        },
-        "at": now,
-    }
-
-
-def _commit_batch(
-    db: Database,
-    job: Job,
-    run_id: str,
-    batch_no: int,
-    batch: Sequence[Candidate],
-    clock: Clock,
-    retrying: bool,
-    fence: Fence,
-) -> tuple[list[SessionOutcome], dict[str, Any]]:
+def _commit_batch(db: Database, job: Job, task: BatchTask, clock: Clock, fence: Fence) -> BatchRecord:
     """Processes one batch and writes its ledger rows in the same transaction, which the run's lease fences."""
     started = clock.now()
     with db.begin() as conn:
@@ -250,84 +272,31 @@ def _commit_batch(
         # and written after the batch's last chunk.
         outcome = job.process_batch(
             conn,
-            batch,
+            task.candidates,
             now=started,
-            run_id=run_id,
-            record=lambda written: ledger.record_row_changes(conn, run_id, batch_no, written, at=started),
+            run_id=task.run_id,
+            record=lambda written: ledger.record_row_changes(conn, task.run_id, task.batch_no, written, at=started),
         )
-        finished = clock.now()
-        by_key = {c.key: c for c in batch}
-        rows = [_session_row(run_id, batch_no, s, by_key[s.key], finished) for s in outcome.sessions]
-        if retrying:
-            conn.execute(
-                ledger.session_results.delete().where(
-                    ledger.session_results.c.run_id == run_id,
-                    ledger.session_results.c.session_id.in_([r["session_id"] for r in rows]),
-                )
-            )
-        conn.execute(ledger.session_results.insert(), rows)
-        counts = Counter(s.result for s in outcome.sessions)
-        detail = {
-            "group": batch[0].detail.get("group") if batch else None,
-            "keys": [c.key for c in batch],
-            "changes": len(outcome.changes),
-        }
-        conn.execute(
-            ledger.batches.insert().values(
-                run_id=run_id,
-                batch_no=batch_no,
-                status="committed",
-                sessions=len(batch),
-                succeeded=counts["written"],
-                failed=counts["failed"],
-                skipped=counts["already_present"],
-                started_at=started,
-                finished_at=finished,
-                detail=detail,
-            )
+        batch = BatchRecord(
+            run_id=task.run_id,
+            batch_no=task.batch_no,
+            group=task.group,
+            categories={c.key: c.category for c in task.candidates},
+            sessions=tuple(outcome.sessions),
+            changes=tuple(outcome.changes),
+            started_at=started,
+            finished_at=clock.now(),
+            retrying=task.retrying,
         )
-    # Grouped once: scanning every change for every session was quadratic in the batch size.
-    changes_by_session: dict[str, list[Any]] = defaultdict(list)
-    for ch in outcome.changes:
-        changes_by_session[ch.candidate].append(ch)
-    log = {
-        "batch_no": batch_no,
-        "group": detail["group"],
-        "started_at": format_utc(started),
-        "completed_at": format_utc(finished),
-        "sessions_processed": len(batch),
-        "sessions_written": counts["written"],
-        "sessions_already_present": counts["already_present"],
-        "sessions_failed": counts["failed"],
-        "rows_written": _rows_by_table(outcome.changes),
-        "sessions": [
-            {
-                "session_id": s.key,
-                "category": by_key[s.key].category,
-                "result": s.result,
-                "error": s.error,
-                "seconds": round(s.seconds, 6),
-                "operations": s.operations,
-                "rows": [
-                    {"table": ch.table, "key": dict(ch.key), "before": "absent" if ch.before is None else "present"}
-                    for ch in changes_by_session.get(s.key, ())
-                ],
-            }
-            for s in outcome.sessions
-        ],
-    }
-    return outcome.sessions, log
-
-
-def _rows_by_table(changes: Sequence[Any]) -> dict[str, int]:
-    return dict(Counter(ch.table for ch in changes))
+        ledger.record_batch(conn, batch)
+    return batch
 
 
 def apply_plan(
     db: Database,
     env: Environment,
     job: Job,
-    plan_body: Mapping[str, Any],
+    plan: Plan,
     *,
     options: ApplyOptions,
     clock: Clock,
@@ -344,106 +313,115 @@ def apply_plan(
     or ``override`` must name who lets it through and why.
     """
     options.validate(job)
-    verify_plan(plan_body, env)
-    if dict(plan_body.get("versions") or {}) != dict(job.versions):
+    verify_plan(plan, env)
+    if dict(plan.versions) != dict(job.versions):
         # What was approved is what the plan's versions write (a sql job's: its definition's hash).
         raise UsageError(
-            f"the plan was made for job {plan_body.get('job')} versions {dict(plan_body.get('versions') or {})}; "
+            f"the plan was made for job {plan.job} versions {dict(plan.versions)}; "
             f"job {job.name} now has {dict(job.versions)}: make a new plan"
         )
     now = clock.now()
-    run = ensure_run_for_plan(db, plan_body, now=now)
-    if run.status in (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED):
+    run = ensure_run_for_plan(db, plan, now=now)
+    if run.status in _FINISHED:
         raise GateBlocked("apply", [f"run {run.id} is {run.status.value}; nothing to apply"])
-    plan_hash = str(plan_body["hash"])
-    # Every gate is checked before anything is recorded, so a refused apply writes nothing.
-    plan_approved = _plan_approved(db, run, plan_hash, options)
-    gate_needed = False
-    evidence = None
-    if env.kind == "production":
-        with db.connect() as conn:
-            gate_needed = not ledger.approvals_for(conn, run.id, "soak")  # a resumed run passed it already
-        if gate_needed:
-            if settings is None:
-                raise GateBlocked("production", ["a production apply needs the configured staging environments"])
-            evidence = check_production_gate(settings, plan_body["versions"], now=now, override=override)
-    if not plan_approved:
-        _record_plan_approval(db, run, plan_hash, options, now)
-    if gate_needed:
-        record_production_gate(db, run.id, evidence, override, now=now)
-    rate = parse_rate(options.rate or str(plan_body["parameters"]["rate"]))
-    order, candidates = _plan_candidates(plan_body)
-    stop = stop or threading.Event()
+    _open_gates(db, env, run, plan, options, now, settings, override)
+    order, candidates = _work_order(plan)
     logs_dir = artifacts_dir / run.id / "backfill_logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     result = ApplyResult(run.id, run.status, len(order))
     with contextlib.ExitStack() as resources:
-        functions = resources.enter_context(job.open_executor(options.executor, env))
-        commit = functions.commit_batch if functions is not None else _commit_batch
+        executor = resources.enter_context(job.open_executor(options.executor, env))
+        commit: CommitBatch = executor.commit_batch if executor is not None else _commit_batch
+        stop = stop or threading.Event()
         lease = resources.enter_context(RunLease(db, run.id, "apply"))
         interruption = resources.enter_context(stop_on_signals(stop))
-        if functions is not None:
-            _recover_functions_batches(functions, db, job, run, clock, lease)
+        if executor is not None:
+            _recover_executor_batches(executor, db, job, run, clock, lease)
         todo, next_batch, retrying = _remaining(db, run, order)
         with db.begin() as conn:
             lease.fence(conn)
             ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=_start_reason(len(todo), lease))
-        to_run = _batches_to_run(plan_body["batches"], todo, options.batch_size)
-        bucket = TokenBucket(rate, clock, capacity=max((len(b) for b in to_run), default=1))
-        start = clock.monotonic()
-        done = len(order) - len(todo)
-        for batch_keys in to_run:
-            if before_batch is not None:
-                before_batch(next_batch)
-            # A stop (Ctrl-C, SIGTERM) ends the throttle wait at once; no batch starts after it.
-            result.throttle_wait_seconds += bucket.acquire(len(batch_keys), stop)
-            if stop.is_set():
-                why = f"interrupted ({interruption.description}) before batch {next_batch}"
-                _pause(db, run.id, clock, f"{why}; every earlier batch is committed", lease.fence)
-                raise RunPaused(run.id, why, exit_code=interruption.exit_code)
-            lease.check()
-            batch = [candidates[k] for k in batch_keys]
-            sessions, log = _commit_with_retry(
-                commit, db, job, run.id, next_batch, batch, clock, retrying, options, lease.fence
-            )
-            write_json(logs_dir / f"batch_{next_batch}.json", log)
-            for s in sessions:
-                result.counts[s.result] += 1
-                if s.result == "failed":
-                    result.failures.append({"session_id": s.key, "batch_no": next_batch, "error": s.error})
-            result.batches_committed += 1
-            next_batch += 1
-            done += len(batch)
-            if progress is not None:
-                progress(done, len(order), clock.monotonic() - start)
-        result.elapsed_seconds = clock.monotonic() - start
-        with db.connect() as conn:
-            all_results = ledger.session_results_for(conn, run.id)
-        failed_total = sum(1 for r in all_results.values() if r == "failed")
-        final = RunStatus.COMPLETED_WITH_ERRORS if failed_total else RunStatus.SUCCEEDED
-        with db.begin() as conn:
-            lease.fence(conn)
-            ledger.transition(
-                conn,
-                run.id,
-                final,
-                now=clock.now(),
-                summary={
-                    "results": dict(Counter(all_results.values())),
-                    "elapsed_seconds": result.elapsed_seconds,
-                    "measured_rate_per_minute": result.measured_rate_per_minute,
-                    "rate": rate.text,
-                    "batch_size": options.batch_size or plan_body["parameters"]["batch_size"],
-                    "max_failures": options.max_failures,
-                },
-            )
-        result.status = final
+        tasks = [
+            BatchTask(run.id, next_batch + b.batch_no - 1, b.group, tuple(candidates[k] for k in b.keys), retrying)
+            for b in _batches_to_run(plan.batches, todo, options.batch_size)
+        ]
+        work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result)
+        rate = parse_rate(options.rate or plan.parameters.rate)
+        _run_batches(work, tasks, rate, done=len(order) - len(todo), progress=progress, before_batch=before_batch)
+        _finish(work, rate, options.batch_size or plan.parameters.batch_size)
     return result
 
 
-CommitBatch = Callable[
-    [Database, Job, str, int, Sequence[Candidate], Clock, bool, Fence], tuple[list[SessionOutcome], dict[str, Any]]
-]
+@dataclass(frozen=True)
+class _Work:
+    """What one apply invocation works with: where and how it commits batches, and the result it fills in."""
+
+    db: Database
+    job: Job
+    clock: Clock
+    options: ApplyOptions
+    commit: CommitBatch
+    lease: RunLease
+    stop: threading.Event
+    interruption: Interruption
+    logs_dir: Path
+    result: ApplyResult
+
+    @property
+    def run_id(self) -> str:
+        return self.result.run_id
+
+
+def _run_batches(
+    work: _Work,
+    tasks: Sequence[BatchTask],
+    rate: Rate,
+    *,
+    done: int,
+    progress: ProgressCallback | None,
+    before_batch: Callable[[int], None] | None,
+) -> None:
+    """Commits the batches in order, each after its throttle tokens, and writes each one's batch log."""
+    clock, result = work.clock, work.result
+    bucket = TokenBucket(rate, clock, capacity=max((len(t.candidates) for t in tasks), default=1))
+    start = clock.monotonic()
+    for task in tasks:
+        if before_batch is not None:
+            before_batch(task.batch_no)
+        # A stop (Ctrl-C, SIGTERM) ends the throttle wait at once; no batch starts after it.
+        result.throttle_wait_seconds += bucket.acquire(len(task.candidates), work.stop)
+        if work.stop.is_set():
+            why = f"interrupted ({work.interruption.description}) before batch {task.batch_no}"
+            _pause(work.db, work.run_id, clock, f"{why}; every earlier batch is committed", work.lease.fence)
+            raise RunPaused(work.run_id, why, exit_code=work.interruption.exit_code)
+        work.lease.check()
+        batch = _commit_with_retry(work, task)
+        write_json(work.logs_dir / f"batch_{task.batch_no}.json", batch.log())
+        result.add(batch)
+        done += len(task.candidates)
+        if progress is not None:
+            progress(done, result.sessions_total, clock.monotonic() - start)
+    result.elapsed_seconds = clock.monotonic() - start
+
+
+def _finish(work: _Work, rate: Rate, batch_size: int) -> None:
+    """Ends the run: succeeded, or completed with errors when any session of the run failed."""
+    with work.db.connect() as conn:
+        all_results = ledger.session_results_for(conn, work.run_id)
+    failed_total = sum(1 for r in all_results.values() if r == "failed")
+    final = RunStatus.COMPLETED_WITH_ERRORS if failed_total else RunStatus.SUCCEEDED
+    summary = {
+        "results": dict(Counter(all_results.values())),
+        "elapsed_seconds": work.result.elapsed_seconds,
+        "measured_rate_per_minute": work.result.measured_rate_per_minute,
+        "rate": rate.text,
+        "batch_size": batch_size,
+        "max_failures": work.options.max_failures,
+    }
+    with work.db.begin() as conn:
+        work.lease.fence(conn)
+        ledger.transition(conn, work.run_id, final, now=work.clock.now(), summary=summary)
+    work.result.status = final
 
 
 def _start_reason(todo: int, lease: RunLease) -> str:
@@ -452,47 +430,39 @@ def _start_reason(todo: int, lease: RunLease) -> str:
     return f"apply ({todo} to do); took over the expired lease of {lease.replaced.describe()}"
 
 
-def _commit_with_retry(
-    commit: CommitBatch,
-    db: Database,
-    job: Job,
-    run_id: str,
-    batch_no: int,
-    batch: Sequence[Candidate],
-    clock: Clock,
-    retrying: bool,
-    options: ApplyOptions,
-    fence: Fence,
-) -> tuple[list[SessionOutcome], dict[str, Any]]:
+def _commit_with_retry(work: _Work, task: BatchTask) -> BatchRecord:
     """A lost connection rolls the batch back in the database; retry it with exponential backoff and jitter."""
     attempt = 0
     while True:
         try:
-            return commit(db, job, run_id, batch_no, batch, clock, retrying, fence)
+            return work.commit(work.db, work.job, task, work.clock, work.lease.fence)
         except DatabaseUnreachable as exc:
             attempt += 1
-            if attempt >= options.retry_attempts:
+            if attempt >= work.options.retry_attempts:
                 # If it is still down, the run stays 'running' and the next apply takes it over.
                 with contextlib.suppress(DatabaseUnreachable):
-                    _pause(db, run_id, clock, f"database unreachable: {exc.reason}", fence)
+                    _pause(work.db, work.run_id, work.clock, f"database unreachable: {exc.reason}", work.lease.fence)
                 raise RunPaused(
-                    run_id, f"database unreachable before batch {batch_no} committed ({exc.reason})"
+                    work.run_id, f"database unreachable before batch {task.batch_no} committed ({exc.reason})"
                 ) from exc
-            delay = options.retry_base_seconds * (2 ** (attempt - 1)) * (0.5 + random.random())
+            delay = work.options.retry_base_seconds * (2 ** (attempt - 1)) * (0.5 + random.random())
             time.sleep(delay)  # a real wait even under a simulated clock: the database needs real time to return
         except ExecutorUnavailable as exc:
             # The executor already retried its HTTP calls; its intents stay, so a resume finishes this batch.
             with contextlib.suppress(DatabaseUnreachable):
-                _pause(db, run_id, clock, f"functions server unreachable: {exc.reason}", fence)
-            raise RunPaused(run_id, f"functions server unreachable in batch {batch_no} ({exc.reason})") from exc
+                reason = f"functions server unreachable: {exc.reason}"
+                _pause(work.db, work.run_id, work.clock, reason, work.lease.fence)
+            raise RunPaused(
+                work.run_id, f"functions server unreachable in batch {task.batch_no} ({exc.reason})"
+            ) from exc
 
 
-def _recover_functions_batches(
-    functions: Executor, db: Database, job: Job, run: ledger.Run, clock: Clock, lease: RunLease
+def _recover_executor_batches(
+    executor: Executor, db: Database, job: Job, run: ledger.Run, clock: Clock, lease: RunLease
 ) -> None:
     """Finishes batches a crash left between their HTTP calls and their commit, before working out what is left."""
     try:
-        functions.recover(db, job, run.id, clock=clock, fence=lease.fence)
+        executor.recover(db, job, run.id, clock=clock, fence=lease.fence)
     except ExecutorUnavailable as exc:
         if run.status is RunStatus.RUNNING:
             with contextlib.suppress(DatabaseUnreachable):
@@ -509,7 +479,7 @@ def _pause(db: Database, run_id: str, clock: Clock, reason: str, fence: Fence) -
         ledger.transition(conn, run_id, RunStatus.PAUSED, now=clock.now(), reason=reason)
 
 
-# ---------------------------------------------------------------------------------------------------------- artifacts
+# ------------------------------------------------------------------------------------------------------- the gate
 
 
 @dataclass(frozen=True)
@@ -560,17 +530,91 @@ def run_invocations(events: Sequence[ledger.RunEvent], batch_rows: Sequence[Any]
 
 
 @dataclass(frozen=True)
-class ApplyReport:
-    """The apply gate's verdict, where its artifacts were written, and the whole run's measured runtime and rate."""
+class FailedSession:
+    """A session the run recorded as failed, with the batch it was in and its error."""
 
+    session_id: str
+    batch_no: int
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "batch_no": self.batch_no, "error": self.error}
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """A committed batch as the ledger's batch row tells it (``gatefill_batches``), for the backfill summary."""
+
+    batch_no: int
+    sessions: int
+    written: int
+    already_present: int
+    failed: int
+    started_at: datetime
+    finished_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_no": self.batch_no,
+            "sessions": self.sessions,
+            "written": self.written,
+            "already_present": self.already_present,
+            "failed": self.failed,
+            "started_at": self.started_at.isoformat(),
+            "completed_at": self.finished_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """Per written table: the rows the plan expected, the changes the run recorded, and those present as written."""
+
+    table: str
+    expected_insert: int
+    expected_update: int
+    recorded: int
+    present: int
+
+
+@dataclass(frozen=True)
+class BackfillGate:
+    """The apply gate of a run, measured from the ledger and the database: its verdict and checks, the whole run's
+    runtime and rate, and what ``gatefill.reports.apply`` lays out; ``paths`` once those files are written."""
+
+    run: ledger.Run
+    env: Environment
+    measured_at: datetime
     verdict: str
     checks: list[Check]
-    paths: dict[str, Path]
-    runtime_seconds: float = 0.0
-    rate_per_minute: float | None = None
+    #: Each planned (runnable) session's result, counted; and the number of planned sessions.
+    results: Mapping[str, int]
+    planned: int
+    by_category: Mapping[str, Mapping[str, int]]
+    failures: list[FailedSession]
+    batches: list[BatchRow]
+    invocations: list[Invocation]
+    tables: list[TableRows]
+    approvals: list[ledger.Approval]
+    #: The rollback's dry run (the ``rollback_dry_run`` check).
+    dry_run: RollbackResult
+    #: Running time (every invocation) and the sessions processed in it.
+    runtime_seconds: float
+    processed: int
+    #: Throttle waits of the invocation that just ran, when the gate is measured right after it.
+    throttle_wait_seconds: float | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def rate_per_minute(self) -> float | None:
+        """The measured rate over every invocation; None without running time."""
+        return self.processed / self.runtime_seconds * 60.0 if self.runtime_seconds > 0 else None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "PASS" else 1
 
 
-def write_apply_artifacts(
+def measure_backfill_gate(
     db: Database,
     env: Environment,
     job: Job,
@@ -580,157 +624,89 @@ def write_apply_artifacts(
     artifacts_dir: Path,
     max_failures: int = 0,
     result: ApplyResult | None = None,
-) -> ApplyReport:
-    """Writes execution_results.json, backfill_summary.md and backfill_gate.md, every number read from the ledger
-    and the database at the time of writing; the rollback is verified by a dry run."""
-
-    out = artifacts_dir / run_id
-    logs = out / "backfill_logs"
+) -> BackfillGate:
+    """The apply gate of ``run_id``, every number read from the ledger and the database now; the rollback is verified
+    by a dry run (``artifacts_dir``: where the run's reports are, which a refused dry run names)."""
     measured_at = clock.now()
     with db.connect() as conn:
         run = ledger.get_run(conn, run_id)
-        plan = run.plan or {}
         results = ledger.session_results_for(conn, run_id)
-        detail_rows = conn.execute(
-            sa.select(ledger.session_results).where(ledger.session_results.c.run_id == run_id)
-        ).all()
+        failures = [
+            FailedSession(r.session_id, r.batch_no, r.error)
+            for r in conn.execute(sa.select(ledger.session_results).where(ledger.session_results.c.run_id == run_id))
+            if r.result == "failed"
+        ]
         batch_rows = conn.execute(
             sa.select(ledger.batches).where(ledger.batches.c.run_id == run_id).order_by(ledger.batches.c.batch_no)
         ).all()
         job_checks = job.post_checks(conn, run_id)
         approvals = ledger.approvals_for(conn, run_id)
         invocations = run_invocations(ledger.run_events_for(conn, run_id), batch_rows)
-    counts = Counter(results.values())
+    plan = run.plan or {}
     planned = {c["key"]: c for c in plan.get("candidates", []) if c.get("operations")}
+    # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
+    dry = rollback_run(db, run_id, job.written_tables(), now=measured_at, dry_run=True, artifacts_dir=artifacts_dir)
+    tables = _table_rows(job, plan.get("expected_changes", {}), dry)
+    checks = _gate_checks(run, planned, results, failures, max_failures, tables, job_checks, dry)
+    return BackfillGate(
+        run=run,
+        env=env,
+        measured_at=measured_at,
+        verdict=overall_verdict(c.verdict for c in checks if c.gating),
+        checks=checks,
+        results=dict(Counter(results.values())),
+        planned=len(planned),
+        by_category=_by_category(planned, results),
+        failures=failures,
+        batches=[BatchRow(*_batch_fields(b)) for b in batch_rows],
+        invocations=invocations,
+        tables=tables,
+        approvals=approvals,
+        dry_run=dry,
+        # Runtime and rate over every invocation (a resumed run has several), from the ledger's run events.
+        runtime_seconds=sum(i.seconds for i in invocations),
+        processed=sum(i.sessions for i in invocations),
+        throttle_wait_seconds=float(result.throttle_wait_seconds) if result else None,
+    )
+
+
+def _batch_fields(b: Any) -> tuple[int, int, int, int, int, datetime, datetime]:
+    return (b.batch_no, b.sessions, b.succeeded, b.skipped, b.failed, b.started_at, b.finished_at)
+
+
+def _by_category(planned: Mapping[str, Any], results: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """Per category: sessions planned, and of them how many were written, already present, failed (each counted)."""
     by_category: dict[str, Counter[str]] = {}
     for key, cand in planned.items():
         row = by_category.setdefault(cand["category"], Counter())
         row["planned"] += 1
         if key in results:
             row[results[key]] += 1
-    failures = [
-        {"session_id": r.session_id, "batch_no": r.batch_no, "error": r.error}
-        for r in detail_rows
-        if r.result == "failed"
-    ]
-    summary = dict(run.summary or {})
-    # Runtime and rate over every invocation (a resumed run has several), from the ledger's run events.
-    elapsed = sum(i.seconds for i in invocations)
-    processed = sum(i.sessions for i in invocations)
-    measured_rate = processed / elapsed * 60.0 if elapsed > 0 else None
-    started = run.started_at.isoformat() if run.started_at else "not started"
-    finished = run.finished_at.isoformat() if run.finished_at else "not finished"
-    rollback_file = f"rollback_{(run.started_at or measured_at).date().isoformat()}.sql"
-    paths: dict[str, Path] = {}
-    paths["rollback_sql"] = write_rollback_sql(db, run_id, job.written_tables(), logs / rollback_file, now=measured_at)
-    paths["execution_results"] = write_json(
-        logs / "execution_results.json",
-        {
-            "run_id": run_id,
-            "plan_hash": run.plan_hash,
-            "environment": env.name,
-            "database": env.display_url,
-            "status": run.status.value,
-            "execution_start": started,
-            "execution_end": finished,
-            "runtime_seconds": round(elapsed, 3),
-            "rate_requested": summary.get("rate"),
-            "measured_rate_per_minute": None if measured_rate is None else round(measured_rate, 3),
-            "invocations": [i.to_json() for i in invocations],
-            "total_sessions": len(planned),
-            "results": dict(counts),
-            "failed_sessions": len(failures),
-            "batch_results": [
-                {
-                    "batch_no": b.batch_no,
-                    "sessions": b.sessions,
-                    "written": b.succeeded,
-                    "already_present": b.skipped,
-                    "failed": b.failed,
-                    "started_at": b.started_at.isoformat(),
-                    "completed_at": b.finished_at.isoformat(),
-                }
-                for b in batch_rows
-            ],
-            "errors": failures,
-            "measured_at": measured_at.isoformat(),
-        },
-    )
-    # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
-    dry = rollback_run(db, run_id, job.written_tables(), now=measured_at, dry_run=True, artifacts_dir=artifacts_dir)
-    if dry.report_path is not None:
-        paths["rollback_dry_run"] = dry.report_path
+    return {k: {"written": 0, "already_present": 0, "failed": 0, **v} for k, v in by_category.items()}
+
+
+def _table_rows(job: Job, expected: Mapping[str, Any], dry: RollbackResult) -> list[TableRows]:
     recorded = {t.table: t.inserted_by_run + t.updated_by_run for t in dry.tables}
     conflicted = Counter(c.table for c in dry.conflicts)
-    expected = plan.get("expected_changes", {})
-    tables = [
-        {
-            "table": t.name,
-            "expected_insert": expected.get(t.name, {}).get("insert", 0),
-            "expected_update": expected.get(t.name, {}).get("update", 0),
-            "recorded": recorded.get(t.name, 0),
-            "present": recorded.get(t.name, 0) - conflicted[t.name],
-        }
+    return [
+        TableRows(
+            table=t.name,
+            expected_insert=expected.get(t.name, {}).get("insert", 0),
+            expected_update=expected.get(t.name, {}).get("update", 0),
+            recorded=recorded.get(t.name, 0),
+            present=recorded.get(t.name, 0) - conflicted[t.name],
+        )
         for t in job.written_tables()
     ]
-    paths["summary"] = write_text(
-        out / "backfill_summary.md",
-        render(
-            "backfill_summary.md.j2",
-            run=run,
-            database=env.display_url,
-            started=started,
-            finished=finished,
-            elapsed=elapsed,
-            waited=float(result.throttle_wait_seconds) if result else None,
-            rate=summary.get("rate", "n/a"),
-            measured_rate=measured_rate,
-            processed=processed,
-            invocations=invocations,
-            batches=len(batch_rows),
-            results=dict(counts),
-            planned=len(planned),
-            by_category={k: {**{"written": 0, "already_present": 0, "failed": 0}, **v} for k, v in by_category.items()},
-            tables=tables,
-            measured_at=measured_at.isoformat(),
-            failures=failures,
-            rollback_file=rollback_file,
-        ),
-    )
-    checks = _gate_checks(run, planned, results, failures, max_failures, tables, job_checks, dry)
-    verdict = overall_verdict(c.verdict for c in checks if c.gating)
-    paths["gate"] = write_text(
-        out / "backfill_gate.md",
-        render(
-            "gate.md.j2",
-            title=f"Backfill gate {run_id}",
-            verdict=verdict,
-            facts={
-                "environment": f"`{env.name}` ({env.kind}) on `{env.display_url}`",
-                "run status": run.status.value,
-                "plan hash": f"`{run.plan_hash}`",
-                "measured at": measured_at.isoformat(),
-            },
-            checks=checks,
-            approvals=approvals,
-            next_step=(
-                "Next: review `backfill_summary.md`, then run the staging soak: "
-                f"`gatefill soak --env {env.name} --after {run_id}`."
-                if verdict == "PASS"
-                else f"Next: inspect the failures; undo with `gatefill rollback {run_id}` if needed."
-            ),
-        ),
-    )
-    return ApplyReport(verdict, checks, paths, elapsed, measured_rate)
 
 
 def _gate_checks(
     run: ledger.Run,
     planned: Mapping[str, Any],
     results: Mapping[str, str],
-    failures: Sequence[Mapping[str, Any]],
+    failures: Sequence[FailedSession],
     max_failures: int,
-    tables: Sequence[Mapping[str, Any]],
+    tables: Sequence[TableRows],
     job_checks: Sequence[Check],
     dry: RollbackResult,
 ) -> list[Check]:
@@ -750,15 +726,15 @@ def _gate_checks(
             {
                 "failed": len(failures),
                 "max_failures": max_failures,
-                "sessions": [f["session_id"] for f in failures][:20],
+                "sessions": [f.session_id for f in failures][:20],
             },
             "SELECT count(*) FROM gatefill_session_results WHERE run_id = :run AND result = 'failed'",
         ),
         Check(
             "rows_present_as_written",
-            "PASS" if all(t["recorded"] == t["present"] for t in tables) else "FAIL",
-            "; ".join(f"{t['table']}: {t['present']}/{t['recorded']}" for t in tables),
-            {t["table"]: {"recorded": t["recorded"], "present": t["present"]} for t in tables},
+            "PASS" if all(t.recorded == t.present for t in tables) else "FAIL",
+            "; ".join(f"{t.table}: {t.present}/{t.recorded}" for t in tables),
+            {t.table: {"recorded": t.recorded, "present": t.present} for t in tables},
             "each row in gatefill_changes read back by primary key and compared with its after-image (rollback plan)",
         ),
     ]

@@ -1,4 +1,5 @@
-"""The ``gatefill`` command line: parses, calls one library function, renders, and maps errors to exit codes.
+"""The ``gatefill`` command line: parses, calls one ``gatefill.commands`` function, renders its result, and exits
+with the result's exit code or the error's.
 
 No logic lives here. ``GatefillError`` is caught once, in ``main``: one line ``error: ...`` on stderr and the exit code
 of the error's class (0 ok/PASS, 1 FAIL or run errors, 2 usage/config error, 3 INCONCLUSIVE, 4 blocked by a gate);
@@ -7,7 +8,6 @@ a traceback only with ``--traceback``.
 
 from __future__ import annotations
 
-import json
 import sys
 import textwrap
 import traceback
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.cells import cell_len
@@ -23,13 +23,28 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gatefill.config import EXAMPLE_CONFIG, Settings, load_settings
-from gatefill.db import Database
+from gatefill import commands
+from gatefill.apply import ApplyOptions, ApplyResult
+from gatefill.artifacts import counts_text
+from gatefill.clock import parse_duration
+from gatefill.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RATE,
+    DEFAULT_SINCE,
+    DEFAULT_SOAK_DURATION,
+    DEFAULT_SOAK_INTERVAL,
+    Settings,
+    load_settings,
+)
 from gatefill.errors import GatefillError, UsageError
-from gatefill.reports import counts_text
-
-if TYPE_CHECKING:
-    from gatefill.apply import ApplyResult
+from gatefill.gate import Override
+from gatefill.job import Baseline, Measurement
+from gatefill.lease import describe_lease
+from gatefill.pipeline import PipelineOptions
+from gatefill.plan import PlanParams
+from gatefill.progress import apply_progress
+from gatefill.reports.rollback import render_rollback
+from gatefill.soak import DEFAULT_MIN_CONVERSION, SoakOptions, parse_margin, parse_min_conversion
 
 __all__ = ["app", "main"]
 
@@ -66,8 +81,7 @@ ConfigOption = Annotated[
 ]
 EnvOption = Annotated[str, typer.Option("--env", help="Environment name from gatefill.toml.")]
 JobOption = Annotated[
-    str | None,
-    typer.Option("--job", metavar="NAME", help="The job (`gatefill jobs` lists them; default prism)."),
+    str | None, typer.Option("--job", metavar="NAME", help="The job (`gatefill jobs` lists them; default prism).")
 ]
 
 
@@ -84,64 +98,46 @@ def _settings() -> Settings:
     return load_settings(_STATE.config)
 
 
-def _database(env_name: str, *, create: bool = False) -> Database:
-    return Database(_settings().env(env_name), create=create)
-
-
 @app.command("init")
 def init_command(
     path: Annotated[Path, typer.Option("--path", help="Where to write the example.")] = Path("gatefill.toml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented example gatefill.toml."""
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists (use --force to overwrite)")
-    path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
-    out.print(f"wrote {path}")
+    out.print(f"wrote {commands.init(path, force=force)}")
 
 
 @db_app.command("init")
 def db_init_command(env: EnvOption) -> None:
     """Create the PRISM tables (idempotently) and load the reference data."""
-    from gatefill.prism.schema import init_schema, load_reference_data
-
-    with _database(env, create=True) as db:
-        init_schema(db)
-        added = load_reference_data(db)
-        out.print(f"schema ready on {db.display_url}")
-        for table, n in added.items():
-            out.print(f"  {table}: +{n} rows")
+    ready = commands.db_init(_settings(), env)
+    out.print(f"schema ready on {ready.display_url}")
+    for table, n in ready.added.items():
+        out.print(f"  {table}: +{n} rows")
 
 
 @db_app.command("check")
 def db_check_command(env: EnvOption) -> None:
     """Verify (read-only) that the tables and columns the pipeline needs exist; list what is missing."""
-    from gatefill.db import detect_pooler
-    from gatefill.prism.schema import check_schema
-
-    with _database(env) as db:
-        pooling = detect_pooler(db)
-        if pooling.mismatch:
-            out.print(f"[bold red]{pooling.describe()}[/]", markup=True)
-        report = check_schema(db)
-        if report.missing:
-            out.print(f"[bold red]MISSING[/] on {db.display_url}: {len(report.missing)} table(s)/column(s)")
-            for item in report.missing:
-                out.print(f"  - {item}")
-            raise typer.Exit(1)
-        if pooling.mismatch:
-            raise typer.Exit(1)
-        out.print(f"[bold green]OK[/] {db.display_url}: every required table and column is present")
+    found = commands.db_check(_settings(), env)
+    pooling, report = found.pooling, found.schema
+    if pooling.mismatch:
+        out.print(f"[bold red]{pooling.describe()}[/]", markup=True)
+    if report.missing:
+        out.print(f"[bold red]MISSING[/] on {found.display_url}: {len(report.missing)} table(s)/column(s)")
+        for item in report.missing:
+            out.print(f"  - {item}")
+    elif not pooling.mismatch:
+        out.print(f"[bold green]OK[/] {found.display_url}: every required table and column is present")
         table = Table("check", "finding")
         for name, finding in {"connection": pooling.describe(), **report.reference, **report.security}.items():
             table.add_row(name, finding)
         out.print(table)
+    raise typer.Exit(found.exit_code)
 
 
 def _score(kind: str) -> None:
-    from gatefill.prism.scoring import score_jsonl
-
-    for line in score_jsonl(kind, sys.stdin):
+    for line in commands.score(kind, sys.stdin):
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
@@ -187,25 +183,18 @@ def seed_command(
     replace: Annotated[bool, typer.Option("--replace", help="Delete existing PRISM data rows first.")] = False,
 ) -> None:
     """Write realistic PRISM data for a scenario and print exactly what was built."""
-    from gatefill.prism.sandbox.seed import seed_scenario, validate_seed_arguments
-    from gatefill.prism.schema import init_schema, load_reference_data
-
-    # Validate everything before the database (file) is created, so bad input writes nothing.
     when = _parse_when(now)
-    validate_seed_arguments(scenario, sessions=sessions, missing_fraction=missing_fraction, seed=seed, now=when)
-    with _database(env, create=True) as db:
-        init_schema(db)
-        load_reference_data(db)
-        report = seed_scenario(
-            db,
-            scenario,
-            sessions=sessions,
-            missing_fraction=missing_fraction,
-            seed=seed,
-            now=when,
-            replace=replace,
-        )
-        out.print(report.render(), markup=False)
+    report = commands.seed(
+        _settings(),
+        env,
+        scenario,
+        sessions=sessions,
+        missing_fraction=missing_fraction,
+        seed=seed,
+        now=when,
+        replace=replace,
+    )
+    out.print(report.render(), markup=False)
 
 
 @app.command("demo")
@@ -220,11 +209,8 @@ def demo_command(
     ] = False,
 ) -> None:
     """The whole pipeline on embedded SQLite staging/production: plan, apply, soak, health, final gate."""
-    from gatefill.prism.sandbox.demo import run_full_demo
-
-    state = run_full_demo(directory, out, fast=fast)
-    final = state.steps.get("final_gate", {})
-    raise typer.Exit({"GO": 0, "NO-GO": 1}.get(str(final.get("verdict")), 3))
+    state = commands.demo(directory, out, fast=fast)
+    raise typer.Exit(state.final_exit_code)
 
 
 SinceOption = Annotated[str, typer.Option("--since", help="Only sessions created at or after this date (ISO-8601).")]
@@ -239,41 +225,33 @@ def _since(value: str) -> datetime:
 @app.command("plan")
 def plan_command(
     env: EnvOption,
-    since: SinceOption = "2025-08-01",
+    since: SinceOption = DEFAULT_SINCE,
     priority: Annotated[
         list[str] | None, typer.Option("--priority", help="Session ids to process first (repeatable).")
     ] = None,
-    rate: Annotated[str, typer.Option(help="Throttle for apply: e.g. 20/min, or unlimited.")] = "20/min",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sessions per batch (one transaction).")] = 5,
+    rate: Annotated[str, typer.Option(help="Throttle for apply: e.g. 20/min, or unlimited.")] = DEFAULT_RATE,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Sessions per batch (one transaction).")
+    ] = DEFAULT_BATCH_SIZE,
     profiles: Annotated[str, typer.Option(help="missing: only absent profiles; stale: also rescore stale ones.")] = (
         "missing"
     ),
     job_name: JobOption = None,
 ) -> None:
     """Discover what needs backfilling, write backfill_plan.json/.md and record a planned run (halts for approval)."""
-    from gatefill.clock import RealClock
-    from gatefill.jobs import get_job
-    from gatefill.plan import PlanParams, build_plan
-
-    settings = _settings()
-    environment = settings.env(env)
-    job = get_job(job_name, settings)
     params = PlanParams(
         since=_since(since), priority=tuple(priority or ()), rate=rate, batch_size=batch_size, profiles=profiles
-    ).normalized(job)
-    with Database(environment) as db:
-        job.require_schema(db)
-        plan = build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
-    body = plan.body
-    out.print(f"run [bold]{plan.run_id}[/] planned on {environment.name}: {body['totals']['candidates']} candidates")
+    )
+    files = commands.plan(_settings(), env, params, job_name=job_name)
+    plan = files.plan
+    out.print(f"run [bold]{plan.run_id}[/] planned on {plan.environment.name}: {len(plan.runnable)} candidates")
     table = Table("category", "sessions", "operations")
-    for name, cat in body["categories"].items():
-        ops = next((", ".join(c["operations"]) for c in body["candidates"] if c["category"] == name), "")
-        table.add_row(name, str(cat["count"]), ops or "not processed")
+    for name, keys in plan.categories().items():
+        table.add_row(name, str(len(keys)), ", ".join(plan.operations_of(name)) or "not processed")
     out.print(table)
-    for t, n in body["expected_changes"].items():
+    for t, n in plan.expected_changes().items():
         out.print(f"expected {t}: +{n['insert']} inserted, {n['update']} updated")
-    out.print(f"plan: {plan.json_path}\nreport: {plan.md_path}\nhash: {plan.hash}")
+    out.print(f"plan: {files.json_path}\nreport: {files.md_path}\nhash: {plan.hash}")
     out.print(f"next: gatefill approve {plan.run_id} --gate plan --by NAME")
 
 
@@ -289,9 +267,7 @@ def approve_command(
     note: Annotated[str | None, typer.Option("--note", help="Why.")] = None,
 ) -> None:
     """Record an approval (who, when, note, plan hash) for a gate of a run."""
-    from gatefill.runs import approve
-
-    outcome = approve(_settings(), run_id, gate=gate, by=by, note=note, env_name=env)
+    outcome = commands.approve(_settings(), run_id, gate=gate, by=by, note=note, env_name=env)
     a = outcome.approval
     if outcome.recorded:
         out.print(f"approved {a.gate} of {a.run_id} by {a.approved_by} at {a.at.isoformat()}", markup=False)
@@ -326,64 +302,25 @@ def apply_command(
 ) -> None:
     """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable. The plan names its
     job; --job, when given, must be that job."""
-    from gatefill.apply import ApplyOptions, apply_plan, write_apply_artifacts
-    from gatefill.clock import RealClock
-    from gatefill.gate import Override
-    from gatefill.jobs import get_job
-    from gatefill.plan import load_plan_file, plan_from_ledger
-    from gatefill.progress import apply_progress
-    from gatefill.runs import find_run
-
-    settings = _settings()
-    path = Path(target)
-    if target.endswith(".json") or path.is_file():
-        body = load_plan_file(path)
-        environment = settings.env(env or str(body.get("environment", {}).get("name")))
-    else:
-        environment, _ = find_run(settings, target, env)
-        with Database(environment) as db:
-            body = plan_from_ledger(db, target)
     options = ApplyOptions(
         rate=rate, batch_size=batch_size, executor=executor, max_failures=max_failures, approve_as=approve_as
     )
-    override = None
-    if override_gate:
-        override = Override(by or "", reason or "")
-        override.validate()
-    planned_job = str(body.get("job") or "prism")
-    if job_name is not None and job_name != planned_job:
-        raise UsageError(f"--job {job_name}: the plan is for job {planned_job}")
-    job = get_job(planned_job, settings)
-    clock = RealClock()
-    with Database(environment) as db:
-        with apply_progress(out) as progress:
-            result = apply_plan(
-                db,
-                environment,
-                job,
-                body,
-                options=options,
-                clock=clock,
-                artifacts_dir=settings.artifacts_dir,
-                progress=progress,
-                settings=settings,
-                override=override,
-            )
-        report = write_apply_artifacts(
-            db,
-            environment,
-            job,
-            result.run_id,
-            clock=clock,
-            artifacts_dir=settings.artifacts_dir,
-            max_failures=max_failures,
-            result=result,
+    override = Override(by or "", reason or "") if override_gate else None
+    with apply_progress(out) as progress:
+        applied = commands.apply(
+            _settings(),
+            target,
+            env_name=env,
+            options=options,
+            override=override,
+            job_name=job_name,
+            progress=progress,
         )
-    out.print(_apply_line(result), markup=False)
-    for name, artifact in report.paths.items():
+    out.print(_apply_line(applied.result), markup=False)
+    for name, artifact in applied.gate.paths.items():
         out.print(f"  {name}: {artifact}")
-    out.print(f"backfill gate: [bold]{report.verdict}[/]")
-    raise typer.Exit(0 if report.verdict == "PASS" else 1)
+    out.print(f"backfill gate: [bold]{applied.gate.verdict}[/]")
+    raise typer.Exit(applied.exit_code)
 
 
 def _apply_line(result: ApplyResult) -> str:
@@ -403,9 +340,7 @@ def _apply_line(result: ApplyResult) -> str:
 @app.command("gates")
 def gates_command(env: Annotated[str | None, typer.Option("--env", help="Environment (default: all).")] = None) -> None:
     """List every gate record (approvals and overrides) with who, when and why."""
-    from gatefill.gate import gate_records
-
-    records = gate_records(_settings(), env)
+    records = commands.gates(_settings(), env)
     if not records:
         out.print("no approvals or overrides recorded" + (f" in {env}" if env else ""), markup=False)
         return
@@ -479,11 +414,8 @@ def _wrapped(head: str, text: str) -> str:
 @app.command("jobs")
 def jobs_command() -> None:
     """List the jobs --job can name: built-ins, [job.NAME] tables of gatefill.toml, installed plugins."""
-    from gatefill.jobs import available_jobs
-
-    settings = _settings()
     table = Table("job", "kind", "from")
-    for entry in available_jobs(settings):
+    for entry in commands.jobs(_settings()):
         table.add_row(entry.name, entry.kind, entry.source)
     out.print(table, markup=False)
 
@@ -494,14 +426,10 @@ def status_command(
     env: Annotated[str | None, typer.Option("--env", help="Environment (default: all).")] = None,
 ) -> None:
     """Show a run's progress and results, or the recent runs of each environment."""
-    from gatefill.lease import describe_lease
-    from gatefill.runs import recent_runs, run_progress
-
-    settings = _settings()
     if run_id is None:
-        _recent_runs_view(recent_runs(settings, env), env)
+        _recent_runs_view(commands.recent(_settings(), env), env)
         return
-    p = run_progress(settings, run_id, env)
+    p = commands.status(_settings(), run_id, env)
     out.print(f"run {p.run.id} ({p.run.phase}) on {p.environment.name}: [bold]{p.run.status.value}[/]")
     if p.lease is not None or p.run.status.value == "running":
         out.print(f"  lease: {describe_lease(p.lease, p.run.status.value)}", markup=False)
@@ -557,72 +485,72 @@ def _step_text(detail: dict[str, Any]) -> str:
     return ", ".join(parts) or "recorded"
 
 
+# The soak's options, named here so that its command reads as a list.
+_SoakEnv = Annotated[str | None, typer.Option("--env", help="Environment (default with --resume: the run's).")]
+_After = Annotated[str | None, typer.Option("--after", help="Start the window when this apply run finished.")]
+_From = Annotated[
+    str | None, typer.Option("--from", help="Window start (ISO-8601): a past or ongoing window, judged in retrospect.")
+]
+_Duration = Annotated[str, typer.Option(help="Window length, e.g. 6h.")]
+_Interval = Annotated[str, typer.Option(help="Time between measurements, e.g. 5m.")]
+_BaselineDays = Annotated[float, typer.Option("--baseline-days", help="Baseline window before the soak.")]
+_Margin = Annotated[str, typer.Option(help="Non-inferiority margin, e.g. 5pp.")]
+_BaselineRate = Annotated[
+    float | None,
+    typer.Option("--baseline-rate", help="A known started→completed rate (e.g. 0.892) instead of measuring it."),
+]
+_MinConversion = Annotated[
+    str | None,
+    typer.Option(
+        "--min-conversion",
+        help="Floor the completed → profile rate must be shown to reach (exact one-sided test), e.g. 80%; "
+        "default: seed 001's 85%.",
+    ),
+]
+_SoakClock = Annotated[str, typer.Option(help="real, or simulated (looks back to back, no waiting).")]
+_Resume = Annotated[str | None, typer.Option("--resume", help="Continue this soak run (same window).")]
+_Observe = Annotated[
+    list[str] | None, typer.Option("--observe", help="Report this check but never gate on it (repeatable).")
+]
+_FailFast = Annotated[bool, typer.Option("--fail-fast", help="End at the first gating FAIL.")]
+_LatencyP95 = Annotated[
+    str, typer.Option("--latency-p95", help="p95 threshold of the results endpoint, e.g. 1s or 800ms.")
+]
+_NoChart = Annotated[bool, typer.Option("--no-chart", help="Do not draw the PNG chart.")]
+_AllowProduction = Annotated[
+    bool,
+    typer.Option(
+        "--allow-production",
+        help="Soak an environment of kind production (the soak writes its ledger tables into that database).",
+    ),
+]
+
+
 @app.command("soak")
 def soak_command(
-    env: Annotated[str | None, typer.Option("--env", help="Environment (default with --resume: the run's).")] = None,
-    after: Annotated[str | None, typer.Option("--after", help="Start the window when this apply run finished.")] = None,
-    from_: Annotated[
-        str | None,
-        typer.Option("--from", help="Window start (ISO-8601): a past or ongoing window, judged in retrospect."),
-    ] = None,
-    duration: Annotated[str, typer.Option(help="Window length, e.g. 6h.")] = "6h",
-    interval: Annotated[str, typer.Option(help="Time between measurements, e.g. 5m.")] = "5m",
-    baseline_days: Annotated[float, typer.Option("--baseline-days", help="Baseline window before the soak.")] = 30.0,
-    margin: Annotated[str, typer.Option(help="Non-inferiority margin, e.g. 5pp.")] = "5pp",
-    baseline_rate: Annotated[
-        float | None,
-        typer.Option("--baseline-rate", help="A known started→completed rate (e.g. 0.892) instead of measuring it."),
-    ] = None,
-    min_conversion: Annotated[
-        str | None,
-        typer.Option(
-            "--min-conversion",
-            help="Floor the completed → profile rate must be shown to reach (exact one-sided test), e.g. 80%; "
-            "default: seed 001's 85%.",
-        ),
-    ] = None,
-    clock: Annotated[str, typer.Option(help="real, or simulated (looks back to back, no waiting).")] = "real",
-    resume: Annotated[str | None, typer.Option("--resume", help="Continue this soak run (same window).")] = None,
-    observe: Annotated[
-        list[str] | None, typer.Option("--observe", help="Report this check but never gate on it (repeatable).")
-    ] = None,
-    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="End at the first gating FAIL.")] = False,
-    latency_p95: Annotated[
-        str, typer.Option("--latency-p95", help="p95 threshold of the results endpoint, e.g. 1s or 800ms.")
-    ] = "1s",
-    no_chart: Annotated[bool, typer.Option("--no-chart", help="Do not draw the PNG chart.")] = False,
-    allow_production: Annotated[
-        bool,
-        typer.Option(
-            "--allow-production",
-            help="Soak an environment of kind production (the soak writes its ledger tables into that database).",
-        ),
-    ] = False,
+    env: _SoakEnv = None,
+    after: _After = None,
+    from_: _From = None,
+    duration: _Duration = DEFAULT_SOAK_DURATION,
+    interval: _Interval = DEFAULT_SOAK_INTERVAL,
+    baseline_days: _BaselineDays = 30.0,
+    margin: _Margin = "5pp",
+    baseline_rate: _BaselineRate = None,
+    min_conversion: _MinConversion = None,
+    clock: _SoakClock = "real",
+    resume: _Resume = None,
+    observe: _Observe = None,
+    fail_fast: _FailFast = False,
+    latency_p95: _LatencyP95 = "1s",
+    no_chart: _NoChart = False,
+    allow_production: _AllowProduction = False,
     job_name: JobOption = None,
 ) -> None:
     """Watch an environment for a window (staging; production only with --allow-production): every interval measure
     every check; verdict PASS (0), FAIL (1), INCONCLUSIVE (3)."""
-    from gatefill.clock import parse_duration
-    from gatefill.job import Baseline, Measurement, SoakSettings
-    from gatefill.jobs import get_job
-    from gatefill.runs import find_run
-    from gatefill.soak import DEFAULT_MIN_CONVERSION, SoakOptions, parse_margin, parse_min_conversion, soak_job
-
-    try:
-        duration_s, interval_s = parse_duration(duration), parse_duration(interval)
-        p95_ms = parse_duration(latency_p95) * 1000.0
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    settings = _settings()
-    if env is not None:
-        environment = settings.env(env)
-    elif resume is not None:
-        environment, _ = find_run(settings, resume)
-    else:
-        raise UsageError("--env NAME is required (or --resume RUN, which knows its environment)")
     options = SoakOptions(
-        duration=duration_s,
-        interval=interval_s,
+        duration=_seconds(duration),
+        interval=_seconds(interval),
         start=_parse_when(from_),
         after=after,
         resume=resume,
@@ -635,29 +563,15 @@ def soak_command(
         chart=not no_chart,
         allow_production=allow_production,
     )
-    options.validate()
-    options.check_environment(environment)
-
-    def progress(m: Measurement) -> None:
-        # One line per look: a real 6-hour soak is otherwise silent for hours.
-        open_checks = ", ".join(f"{c.name} {c.verdict}" for c in m.checks if c.verdict != "PASS") or "all PASS"
-        out.print(f"look {m.seq} (cutoff {m.window_end.isoformat()}): {m.verdict}; {open_checks}", markup=False)
-
-    def baseline_line(b: Baseline) -> None:
-        took = f"{b.seconds * 1000:.0f} ms" if b.seconds is not None else "?"
-        out.print(
-            f"baseline {b.start.isoformat()} → {b.end.isoformat()} (measured once, {took}): {b.summary}", markup=False
-        )
-
-    result = soak_job(
-        environment,
-        get_job(job_name, settings),
+    result = commands.soak(
+        _settings(),
         options,
-        artifacts_dir=settings.artifacts_dir,
+        env_name=env,
         clock=clock,
-        settings=SoakSettings(latency_p95_ms=p95_ms),
-        on_look=progress,
-        on_baseline=baseline_line,
+        latency_p95_ms=_seconds(latency_p95) * 1000.0,
+        job_name=job_name,
+        on_look=_look_line,
+        on_baseline=_baseline_line,
     )
     table = Table("check", "verdict", "evidence")
     for c in result.checks:
@@ -670,40 +584,43 @@ def soak_command(
     raise typer.Exit(result.exit_code)
 
 
+def _seconds(text: str) -> float:
+    """A duration option (``6h``, ``5m``, ``800ms``) in seconds; a usage error when it is none."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _look_line(m: Measurement) -> None:
+    # One line per look: a real 6-hour soak is otherwise silent for hours.
+    open_checks = ", ".join(f"{c.name} {c.verdict}" for c in m.checks if c.verdict != "PASS") or "all PASS"
+    out.print(f"look {m.seq} (cutoff {m.window_end.isoformat()}): {m.verdict}; {open_checks}", markup=False)
+
+
+def _baseline_line(b: Baseline) -> None:
+    took = f"{b.seconds * 1000:.0f} ms" if b.seconds is not None else "?"
+    out.print(
+        f"baseline {b.start.isoformat()} → {b.end.isoformat()} (measured once, {took}): {b.summary}", markup=False
+    )
+
+
 @app.command("health")
 def health_command(
     env: EnvOption,
-    since: SinceOption = "2025-08-01",
+    since: SinceOption = DEFAULT_SINCE,
     at: Annotated[str | None, typer.Option("--at", help="Judge as of this time (ISO-8601; default now).")] = None,
     job_name: JobOption = None,
 ) -> None:
     """Read-only production health checks with evidence; writes a mini backfill plan when anything needs work."""
-    from gatefill.clock import RealClock
-    from gatefill.health import check_health
-    from gatefill.jobs import get_job
-
-    settings = _settings()
-    environment = settings.env(env)
-    job = get_job(job_name, settings)
-    with Database(environment) as db:
-        job.require_schema(db)
-        result = check_health(
-            db,
-            environment,
-            job=job,
-            since=_since(since),
-            now=_parse_when(at) or RealClock().now(),
-            artifacts_dir=settings.artifacts_dir,
-            # Without --at the report is dated when the measurement finished; with it, at the instant asked for.
-            clock=None if at else RealClock(),
-        )
+    result = commands.health(_settings(), env, since=_since(since), at=_parse_when(at), job_name=job_name)
     table = Table("check", "verdict", "evidence")
     for c in result.checks:
         table.add_row(c.name, c.verdict, c.summary)
     out.print(table)
     for name, artifact in result.paths.items():
         out.print(f"{name}: {artifact}")
-    out.print(f"{environment.name}: [bold]{'HEALTHY' if result.healthy else 'NOT HEALTHY'}[/]")
+    out.print(f"{result.env.name}: [bold]{'HEALTHY' if result.healthy else 'NOT HEALTHY'}[/]")
     raise typer.Exit(result.exit_code)
 
 
@@ -711,46 +628,32 @@ def health_command(
 def pipeline_command(
     staging: Annotated[str, typer.Option("--staging", help="The staging environment.")],
     production: Annotated[str, typer.Option("--production", help="The production environment.")],
-    since: SinceOption = "2025-08-01",
+    since: SinceOption = DEFAULT_SINCE,
     priority: Annotated[list[str] | None, typer.Option("--priority", help="Sessions to process first.")] = None,
-    rate: Annotated[str, typer.Option(help="Apply throttle.")] = "20/min",
-    soak_duration: Annotated[str, typer.Option("--soak-duration", help="Soak window.")] = "6h",
-    soak_interval: Annotated[str, typer.Option("--soak-interval", help="Soak measurement interval.")] = "5m",
+    rate: Annotated[str, typer.Option(help="Apply throttle.")] = DEFAULT_RATE,
+    soak_duration: Annotated[str, typer.Option("--soak-duration", help="Soak window.")] = DEFAULT_SOAK_DURATION,
+    soak_interval: Annotated[
+        str, typer.Option("--soak-interval", help="Soak measurement interval.")
+    ] = DEFAULT_SOAK_INTERVAL,
     job_name: JobOption = None,
 ) -> None:
     """Advance the whole pipeline as far as its gates allow; each run continues where the last one stopped."""
-    from gatefill.clock import RealClock, parse_duration
-    from gatefill.jobs import get_job
-    from gatefill.pipeline import PipelineOptions, run_pipeline
-    from gatefill.soak import SoakOptions, soak_job
-
-    settings = _settings()
-    try:
-        duration_s, interval_s = parse_duration(soak_duration), parse_duration(soak_interval)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-    job = get_job(job_name, settings)
-
-    def soak_step(db: Database, env: Any, apply_run: str, clock: Any, artifacts: Path) -> dict[str, Any]:
-        result = soak_job(
-            env, job, SoakOptions(after=apply_run, duration=duration_s, interval=interval_s), artifacts_dir=artifacts
-        )
-        return result.step_record()
-
+    duration_s, interval_s = _seconds(soak_duration), _seconds(soak_interval)
     options = PipelineOptions(
         staging=staging, production=production, since=_since(since), priority=tuple(priority or ()), rate=rate
     )
-    state = run_pipeline(settings, options, job=job, clock=RealClock(), soak_step=soak_step)
+    state = commands.pipeline(
+        _settings(), options, soak_duration=duration_s, soak_interval=interval_s, job_name=job_name
+    )
     out.print(f"pipeline {state.run_id}", markup=False)
     for line in state.log:
         out.print(f"  {line}", markup=False)
     if state.done:
         final = state.steps.get("final_gate", {})
         out.print(f"final gate: [bold]{final.get('verdict')}[/] {final.get('artifact')}")
-        raise typer.Exit({"GO": 0, "NO-GO": 1}.get(str(final.get("verdict")), 3))
-    out.print(f"waiting for: {state.waiting_for}", markup=False)
-    raise typer.Exit(4)
+    else:
+        out.print(f"waiting for: {state.waiting_for}", markup=False)
+    raise typer.Exit(state.exit_code)
 
 
 @app.command("rollback")
@@ -762,31 +665,12 @@ def rollback_command(
 ) -> None:
     """Restore exactly what an apply run changed (before-images by primary key), verify it, write rollback_report.md
     (a dry run: rollback_dry_run.md)."""
-    from gatefill.rollback import render_rollback
-    from gatefill.rollback import rollback_command as run_rollback
-    from gatefill.runs import find_run
-
-    settings = _settings()
-    environment, _ = find_run(settings, run_id, env)
-    from gatefill.jobs import get_job
-
-    result = run_rollback(
-        environment,
-        run_id,
-        dry_run=dry_run,
-        force=force,
-        artifacts_dir=settings.artifacts_dir,
-        find_job=lambda name: get_job(name, settings),
-    )
-    out.print("\n".join(render_rollback(result)), markup=False)
-    if result.committed:
-        from gatefill.clock import RealClock
-        from gatefill.pipeline import note_rollback
-
-        for state in note_rollback(settings, run_id, clock=RealClock()):
-            for line in state.log:
-                out.print(f"pipeline {state.run_id}: {line}", markup=False)
-    raise typer.Exit(0 if result.verdict == "PASS" else 1)
+    done = commands.rollback(_settings(), run_id, env_name=env, dry_run=dry_run, force=force)
+    out.print("\n".join(render_rollback(done.result)), markup=False)
+    for state in done.pipelines:
+        for line in state.log:
+            out.print(f"pipeline {state.run_id}: {line}", markup=False)
+    raise typer.Exit(done.exit_code)
 
 
 serve_app = typer.Typer(help="Run gatefill's stand-ins for the platform's services.", no_args_is_help=True)
@@ -818,10 +702,9 @@ def serve_functions_command(
     ] = 25.0,
 ) -> None:
     """Serve the PRISM edge functions (/functions/v1/...) and /results/{id}?t=TOKEN over HTTP."""
-    from gatefill.prism.platform.server import serve_functions
-
-    serve_functions(
-        _settings().env(env),
+    commands.serve_functions(
+        _settings(),
+        env,
         host=host,
         port=port,
         allow_fault_injection=allow_fault_injection,
@@ -851,10 +734,9 @@ def simulate_command(
     ] = None,
 ) -> None:
     """Simulate live respondents: answers, abandonment, finalize over HTTP, results fetches; with injected faults."""
-    from gatefill.prism.sandbox.simulator import run_simulation
-
-    report = run_simulation(
-        _settings().env(env),
+    simulated = commands.simulate(
+        _settings(),
+        env,
         functions_url=functions_url,
         sessions=sessions,
         rate=rate,
@@ -863,12 +745,10 @@ def simulate_command(
         start=_parse_when(start),
         inject=inject,
         seed=seed,
+        json_path=json_path,
     )
-    out.print(report.render(), markup=False)
-    if json_path is not None:
-        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
-    if report.totals()["transport_errors"]:
-        raise typer.Exit(1)  # calls that got no answer: the ground truth is incomplete
+    out.print(simulated.report.render(), markup=False)
+    raise typer.Exit(simulated.exit_code)
 
 
 def _usage_error(exc: typer.exceptions.TyperException) -> int:

@@ -23,7 +23,20 @@ from sqlalchemy.exc import ArgumentError
 from gatefill.clock import parse_duration
 from gatefill.errors import ConfigError
 
-__all__ = ["DEFAULT_LEASE_TTL", "EXAMPLE_CONFIG", "POOLERS", "Environment", "Pooler", "Settings", "load_settings"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_LEASE_TTL",
+    "DEFAULT_RATE",
+    "DEFAULT_SINCE",
+    "DEFAULT_SOAK_DURATION",
+    "DEFAULT_SOAK_INTERVAL",
+    "EXAMPLE_CONFIG",
+    "POOLERS",
+    "Environment",
+    "Pooler",
+    "Settings",
+    "load_settings",
+]
 
 EnvironmentKind = Literal["staging", "production"]
 
@@ -48,6 +61,17 @@ POOLERS: tuple[Pooler, ...] = ("none", "session", "transaction")
 DEFAULT_LEASE_TTL = 60.0
 #: The shortest lease allowed: the holder renews it every third of its length, in a transaction of its own.
 MIN_LEASE_TTL = 1.0
+
+# Named defaults of the phases, for the CLI's options and the library's parameters alike (one fact, one place).
+#: Apply's throttle: the original pipeline's 20 sessions a minute.
+DEFAULT_RATE = "20/min"
+#: Sessions per batch (one transaction each).
+DEFAULT_BATCH_SIZE = 5
+#: The start of the window discovery looks at (``created_at >= since``): the one every plan of 2025-09-17/18 used.
+DEFAULT_SINCE = "2025-08-01"
+#: The staging soak's window and the time between its looks.
+DEFAULT_SOAK_DURATION = "6h"
+DEFAULT_SOAK_INTERVAL = "5m"
 
 EXAMPLE_CONFIG = """\
 # gatefill.toml: the environments gatefill may touch.

@@ -51,8 +51,10 @@ _ISO_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 def format_utc(value: datetime) -> str:
     """Fixed-width ISO-8601 UTC text; naive datetimes are taken to be UTC already."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
+    # The format has no zone field, so an instant already in UTC is formatted as it is (a plan formats one per
+    # candidate: converting each first cost more than the formatting).
+    if value.tzinfo is not None and value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
     return value.strftime(_ISO_FORMAT)
 
 

@@ -1,4 +1,4 @@
-"""The final gate: ``pipeline_final_gate.md``, the go/no-go of a whole pipeline, every number re-read from the ledgers.
+"""The final gate: the go/no-go of a whole pipeline, every number re-read from the ledgers when it is judged.
 
 Sessions are counted once per environment they were processed in, from the ledgers' per-session results (unlike the
 original's "39 + 11 + 157 = 207", which added backfilled sessions, soak traffic and sessions merely inspected). Each
@@ -11,22 +11,20 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gatefill import ledger
-from gatefill.config import Settings
+from gatefill.artifacts import counts_text
+from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.errors import DataError
 from gatefill.job import Check, overall_verdict
 from gatefill.ledger import RunStatus
-from gatefill.reports import counts_text, render, write_text
 
-if TYPE_CHECKING:
-    from gatefill.pipeline import PipelineOptions
-
-__all__ = ["write_final_gate"]
+__all__ = ["FinalGate", "exit_code_for", "measure_final_gate"]
 
 
 def _sessions(db: Database, run_id: str | None) -> Counter[str]:
@@ -60,6 +58,20 @@ def _check_item(name: str, step: Mapping[str, Any], check: str, source: str) -> 
     reason = (step.get("notes") or {}).get(check)
     summary = f"{source} check {check} {verdict}" + (f": {reason}" if reason else "")
     return _item(name, verdict, summary, source)
+
+
+def _phase_items(step: Mapping[str, Any], source: str) -> list[Check]:
+    """The checklist rows a phase's step contributes: the checks its job named for the final gate (``gate_checks`` in
+    the step record, with their labels), or else every gating check the phase recorded, under its own name."""
+    named = step.get("gate_checks")
+    if named:
+        return [_check_item(str(label), step, str(check), source) for check, label in named]
+    observed = set(step.get("observed") or ())
+    return [
+        _check_item(f"{source}: {check}", step, check, source)
+        for check in (step.get("checks") or {})
+        if check not in observed
+    ]
 
 
 def _in_place(name: str, run: ledger.Run | None, source: str) -> Check:
@@ -100,20 +112,14 @@ def _items(
             "staging apply",
         ),
         _in_place("staging backfill still in place", runs["apply"], "staging ledger"),
-        _check_item("versions stamped (staging rows written)", soak_step, "version_stamps", "soak"),
-        _check_item("no engine_version_override", soak_step, "engine_version_override", "soak"),
-        _check_item("no legacy FC", soak_step, "legacy_fc", "soak"),
-        _check_item("tokenized results only", soak_step, "token_gating", "soak"),
-        _check_item("conversion not worse than baseline", soak_step, "conversion", "soak"),
-        _check_item("conversion at least the floor (seed: ≥ 85%)", soak_step, "conversion_floor", "soak"),
+        *_phase_items(soak_step, "soak"),
         _item(
             "staging soak verdict",
             soak_step.get("verdict"),
             f"soak {soak_step.get('run_id')}: {soak_step.get('verdict')}",
             "soak",
         ),
-        _check_item("production versions", health_step, "version_distribution", "health"),
-        _check_item("production RLS", health_step, "row_level_security", "health"),
+        *_phase_items(health_step, "health"),
         _item(
             "production healthy",
             "PASS" if production_ok else ("FAIL" if production_ok is False else None),
@@ -146,21 +152,64 @@ def _evidence_until(steps: Mapping[str, Any], runs: Mapping[str, ledger.Run | No
     return max(times, default=None)
 
 
-def write_final_gate(
-    settings: Settings,
-    options: PipelineOptions,
+@dataclass(frozen=True)
+class FinalGate:
+    """The go/no-go of a whole pipeline as measured at ``now``: its checklist, the approvals and the runs it cites
+    (``gatefill.reports.final_gate`` writes it as ``pipeline_final_gate.md``)."""
+
+    pipeline_run_id: str
+    verdict: str  # GO | NO-GO | INCONCLUSIVE
+    items: tuple[Check, ...]
+    approvals: tuple[ledger.Approval, ...]
+    overrides: tuple[ledger.Approval, ...]
+    #: Each cited run's status now (None: not in its ledger), by step.
+    statuses: Mapping[str, str | None]
+    staging_results: Mapping[str, int]
+    production_results: Mapping[str, int]
+    staging: Environment
+    production: Environment
+    since: datetime
+    #: The pipeline's step records, as its run keeps them in the ledger.
+    steps: Mapping[str, Any]
+    now: datetime
+    evidence_until: datetime | None
+    #: The artifacts the steps wrote, as (name, path).
+    artifacts: tuple[tuple[str, str], ...]
+    #: Where ``pipeline_final_gate.md`` was written (None until it is).
+    path: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """GO 0, NO-GO 1, INCONCLUSIVE 3 (the CLI's contract)."""
+        return _EXIT_CODES.get(self.verdict, 3)
+
+    def step_record(self) -> dict[str, Any]:
+        """The pipeline's record of its final gate step."""
+        return {"verdict": self.verdict, "artifact": str(self.path), "written_at": self.now.isoformat()}
+
+
+_EXIT_CODES = {"GO": 0, "NO-GO": 1}
+
+
+def exit_code_for(verdict: str | None) -> int:
+    """A final gate verdict's exit code: GO 0, NO-GO 1, anything else (INCONCLUSIVE, no gate yet) 3."""
+    return _EXIT_CODES.get(str(verdict), 3)
+
+
+def measure_final_gate(
+    staging_env: Environment,
+    production_env: Environment,
+    since: datetime,
     pipeline_run_id: str,
     steps: Mapping[str, Any],
     *,
     now: datetime,
-) -> dict[str, Any]:
-    """Writes ``artifacts/<pipeline>/pipeline_final_gate.md`` and returns its verdict and path.
+) -> FinalGate:
+    """The final gate of a pipeline's ``steps``, every item re-read from the ledgers at ``now``.
 
-    Every item is re-read at ``now``: a backfill rolled back since its gate passed makes the final gate NO-GO.
-    ``now`` may not precede the evidence it cites (a report is never dated before what it reports).
+    A backfill rolled back since its gate passed makes the final gate NO-GO. ``now`` may not precede the evidence it
+    cites (a report is never dated before what it reports).
     """
-    staging_env = settings.env(options.staging)
-    production_env = settings.env(options.production)
     apply_id = steps.get("apply", {}).get("run_id")
     soak_id = steps.get("soak", {}).get("run_id")
     prod_id = steps.get("production_apply", {}).get("run_id")
@@ -184,38 +233,32 @@ def write_final_gate(
     overrides = [a for a in approvals if a.kind == "override"]
     overall = overall_verdict(i.verdict for i in items)
     verdict = "NO-GO" if overall == "FAIL" else ("GO" if overall == "PASS" and not overrides else "INCONCLUSIVE")
+    return FinalGate(
+        pipeline_run_id=pipeline_run_id,
+        verdict=verdict,
+        items=tuple(items),
+        approvals=tuple(approvals),
+        overrides=tuple(overrides),
+        statuses={name: (run.status.value if run else None) for name, run in runs.items()},
+        staging_results=dict(staging_results),
+        production_results=dict(production_results),
+        staging=staging_env,
+        production=production_env,
+        since=since,
+        steps=steps,
+        now=now,
+        evidence_until=latest,
+        artifacts=tuple(_step_artifacts(steps)),
+    )
+
+
+def _step_artifacts(steps: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The artifacts each step recorded, in step order: (name, path)."""
     artifacts = []
     for step_name in ("plan", "apply", "soak", "health", "production_apply"):
         step = steps.get(step_name, {})
         if "artifact" in step:
-            artifacts.append((step_name, step["artifact"]))
+            artifacts.append((step_name, str(step["artifact"])))
         for key, value in step.get("artifacts", {}).items():
-            artifacts.append((f"{step_name} {key}", value))
-    out = settings.artifacts_dir / pipeline_run_id / "pipeline_final_gate.md"
-    text = render(
-        "pipeline_final_gate.md.j2",
-        verdict=verdict,
-        pipeline=pipeline_run_id,
-        now=now.isoformat(),
-        evidence_until=latest.isoformat() if latest else None,
-        options=options,
-        staging=staging_env,
-        production=production_env,
-        steps=steps,
-        statuses={name: (run.status.value if run else None) for name, run in runs.items()},
-        staging_results=dict(staging_results),
-        production_results=dict(production_results),
-        items=items,
-        approvals=approvals,
-        overrides=overrides,
-        artifacts=[(name, _relative(Path(path), out.parent)) for name, path in artifacts],
-    )
-    write_text(out, text)
-    return {"verdict": verdict, "artifact": str(out), "written_at": now.isoformat()}
-
-
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.relative_to(base.parent))
-    except ValueError:
-        return str(path)
+            artifacts.append((f"{step_name} {key}", str(value)))
+    return artifacts

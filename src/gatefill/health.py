@@ -1,9 +1,10 @@
 """Phase 3, production health: read-only checks with evidence, and a mini backfill plan when anything needs work.
 
 Nothing is written to the database: the checks are SELECTs, and the mini plan is composed by the same
-``compose_plan`` as ``gatefill plan`` (same discovery, same format, same hash), then written only as files:
-``prod_health_check.md`` always, ``prod_mini_backfill_plan.json`` (+ ``.md``) when discovery finds candidates.
-``gatefill apply prod_mini_backfill_plan.json`` accepts that file unchanged and registers its run on first use.
+``compose_plan`` as ``gatefill plan`` (same discovery, same format, same hash). ``gatefill.reports.health`` writes the
+result as files only: ``prod_health_check.md`` always, ``prod_mini_backfill_plan.json`` (+ ``.md``) when discovery
+finds candidates. ``gatefill apply prod_mini_backfill_plan.json`` accepts that file unchanged and registers its run on
+first use.
 """
 
 from __future__ import annotations
@@ -14,40 +15,37 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from gatefill import ledger
 from gatefill.clock import Clock
-from gatefill.config import Environment
-from gatefill.db import Database, format_utc
-from gatefill.job import BACKFILL_CANDIDATES, NOT_APPLICABLE, Check, Job, overall_verdict
-from gatefill.plan import PlanParams, compose_plan, write_plan_files
-from gatefill.reports import render, write_json, write_text
+from gatefill.config import DEFAULT_BATCH_SIZE, DEFAULT_RATE, Environment
+from gatefill.db import Database
+from gatefill.job import NOT_APPLICABLE, Check, Job, overall_verdict
+from gatefill.plan import Plan, PlanParams, compose_plan
 
 __all__ = ["HealthResult", "check_health"]
-
-_CANDIDATE_CHECKS = ("missing_profiles", "missing_fc_scores")
-
-
-def _candidates(check: Check) -> int:
-    """What discovery would find for what ``check`` counted: its ``BACKFILL_CANDIDATES`` evidence (PRISM's two
-    missing-row checks count it as ``missing``)."""
-    if BACKFILL_CANDIDATES in check.evidence:
-        return int(check.evidence[BACKFILL_CANDIDATES])
-    return int(check.evidence.get("missing", 0)) if check.name in _CANDIDATE_CHECKS else 0
 
 
 @dataclass(frozen=True)
 class HealthResult:
-    """The verdict of a health check, its checks, the mini plan (if any) and where the files went."""
+    """The verdict of a health check, its checks and the mini plan (if any); ``paths`` once the reports are written
+    (``gatefill.reports.health``)."""
 
     run_id: str
+    env: Environment
+    since: datetime
+    #: The instant the checks judge (token expiry): ``--at``, or when the check started.
+    judged_at: datetime
+    #: The report's time: when the measurement finished (never before the newest session it counted).
+    measured_at: datetime
     healthy: bool
     checks: list[Check]
-    plan: dict[str, Any] | None
-    paths: dict[str, Path]
+    #: The mini backfill plan, when discovery found sessions that need work.
+    plan: Plan | None
     #: Wall time in seconds of each check, and of ``discovery`` (the mini plan's discovery and composition).
     seconds: dict[str, float] = field(default_factory=dict)
-    #: The report's time: when the measurement finished (never before the newest session it counted).
-    measured_at: datetime | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
 
     def step_record(self) -> dict[str, Any]:
         """The pipeline's record of this health step (what its state keeps and the final gate reads)."""
@@ -56,7 +54,7 @@ class HealthResult:
             "healthy": self.healthy,
             "checks": {c.name: c.verdict for c in self.checks},
             "notes": {c.name: c.summary for c in self.checks if c.verdict == NOT_APPLICABLE},
-            "measured_at": self.measured_at.isoformat() if self.measured_at else None,
+            "measured_at": self.measured_at.isoformat(),
             "mini_plan": str(self.paths["mini_plan"]) if "mini_plan" in self.paths else None,
             "artifact": str(self.paths["report"]),
         }
@@ -72,10 +70,9 @@ def check_health(
     *,
     since: datetime,
     now: datetime,
-    artifacts_dir: Path,
     job: Job,
-    rate: str = "20/min",
-    batch_size: int = 5,
+    rate: str = DEFAULT_RATE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     clock: Clock | None = None,
 ) -> HealthResult:
     """Runs the health checks and, when sessions need backfill, composes the mini plan (read-only on the database).
@@ -90,59 +87,25 @@ def check_health(
         checks = job.health_checks(
             conn, since=since, now=now, row_level_security=db.caps.row_level_security, timings=seconds
         )
-        # A candidate is a completed session of the window without a profile or without the current FC row: exactly
-        # what missing_profiles and missing_fc_scores count. When both found none, discovery cannot find any either,
-        # and a healthy production is not scanned a second time.
-        missing = sum(_candidates(c) for c in checks)
-        plan: dict[str, Any] | None = None
-        if missing:
+        # When the checks found nothing to do, discovery cannot find any either: a healthy environment is not
+        # scanned a second time.
+        plan = None
+        if job.needs_backfill(checks):
             started = time.perf_counter()
-            params = PlanParams(since=since, rate=rate, batch_size=batch_size, profiles="missing")
-            run = ledger.new_run_id("apply", now)
-            plan = compose_plan(conn, env, job, params, now=now, run_id=run, source="health")
+            plan = _mini_plan(conn, env, job, PlanParams(since=since, rate=rate, batch_size=batch_size), now)
             seconds["discovery"] = time.perf_counter() - started
         newest, newest_query = job.newest_activity(conn, since)
     measured_at = clock.now() if clock is not None else now
     checks.append(_measurement_time(newest, measured_at, newest_query))
-    needs_backfill = plan is not None and plan["totals"]["candidates"] > 0
-    healthy = not needs_backfill and overall_verdict(c.verdict for c in checks if c.gating) == "PASS"
-    out = artifacts_dir / run_id
-    paths: dict[str, Path] = {}
-    if plan and needs_backfill:
-        written = write_plan_files(plan, out, "prod_mini_backfill_plan")
-        paths["mini_plan"] = written.json_path or out / "prod_mini_backfill_plan.json"
-    paths["checks_json"] = write_json(
-        out / "prod_health_checks.json",
-        {
-            "run_id": run_id,
-            "environment": env.name,
-            "database": env.display_url,
-            "since": format_utc(since),
-            "measured_at": format_utc(measured_at),
-            "judged_as_of": format_utc(now),
-            "healthy": healthy,
-            "checks": [c.to_json() for c in checks],
-            "seconds": {name: round(t, 4) for name, t in seconds.items()},
-            "mini_plan": plan["run_id"] if plan and needs_backfill else None,
-        },
-    )
-    paths["report"] = write_text(
-        out / "prod_health_check.md",
-        render(
-            "prod_health_check.md.j2",
-            run_id=run_id,
-            env=env,
-            since=format_utc(since),
-            now=format_utc(measured_at),
-            # Shown when it differs noticeably from the report's time (a past --at; not the measurement's length).
-            judged_as_of=format_utc(now) if abs((measured_at - now).total_seconds()) >= 1.0 else None,
-            healthy=healthy,
-            checks=checks,
-            plan=plan if needs_backfill else None,
-            discovered="discovery" in seconds,
-        ),
-    )
-    return HealthResult(run_id, healthy, checks, plan if needs_backfill else None, paths, seconds, measured_at)
+    healthy = plan is None and overall_verdict(c.verdict for c in checks if c.gating) == "PASS"
+    return HealthResult(run_id, env, since, now, measured_at, healthy, checks, plan, seconds)
+
+
+def _mini_plan(conn: Connection, env: Environment, job: Job, params: PlanParams, now: datetime) -> Plan | None:
+    """The mini plan of what discovery finds to backfill (composed as ``gatefill plan`` composes), or None when it
+    finds nothing to process."""
+    plan = compose_plan(conn, env, job, params, now=now, run_id=ledger.new_run_id("apply", now), source="health")
+    return plan if plan.runnable else None
 
 
 def _measurement_time(newest: datetime | None, measured_at: datetime, query: str) -> Check:

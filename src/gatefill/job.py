@@ -8,6 +8,7 @@ tables appear only in ``gatefill.prism``; phase modules know jobs only through t
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -20,15 +21,16 @@ from sqlalchemy.engine import Connection
 from gatefill import stats
 from gatefill.clock import Clock
 from gatefill.config import Environment
-from gatefill.db import Database
+from gatefill.db import Database, format_utc
 
 __all__ = [
-    "BACKFILL_CANDIDATES",
     "LOCAL_EXECUTOR",
     "NOT_APPLICABLE",
     "VERDICTS",
     "Baseline",
     "BatchOutcome",
+    "BatchRecord",
+    "BatchTask",
     "Candidate",
     "ChangeSink",
     "ChartGuides",
@@ -36,6 +38,7 @@ __all__ = [
     "Check",
     "Executor",
     "Fence",
+    "GateCheck",
     "Job",
     "Look",
     "Measurement",
@@ -53,9 +56,6 @@ __all__ = [
 #: a PASS nor a FAIL, and a verdict made only of N/A checks is INCONCLUSIVE: nothing was measured.
 NOT_APPLICABLE = "N/A"
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", NOT_APPLICABLE)
-#: A health check's evidence key: how many candidates discovery would find for what the check counted. When the
-#: health checks' counts add up to more than zero, health composes the mini backfill plan.
-BACKFILL_CANDIDATES = "backfill_candidates"
 
 
 def overall_verdict(verdicts: Iterable[str]) -> str:
@@ -81,6 +81,18 @@ class Check:
     query: str | None = None
     gating: bool = True
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Check:
+        """A check as ``to_json`` stored it (the ledger's soak measurements)."""
+        return cls(
+            name=str(data["name"]),
+            verdict=str(data["verdict"]),
+            summary=str(data.get("summary", "")),
+            evidence=dict(data.get("evidence") or {}),
+            query=data.get("query"),
+            gating=bool(data.get("gating", True)),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -105,6 +117,14 @@ class Candidate:
     @property
     def blocked(self) -> bool:
         return not self.operations
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """A check the final gate's checklist cites, under the label a reader of the go/no-go looks for."""
+
+    check: str
+    label: str
 
 
 @dataclass(frozen=True)
@@ -159,7 +179,6 @@ class BatchOutcome:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
-# ====================================================================================================================
 # What the soak needs from a job's checks
 
 
@@ -330,6 +349,75 @@ class SoakSettings:
 # Executors
 
 
+@dataclass(frozen=True)
+class BatchRecord:
+    """One processed batch, as the ledger records it (a result per candidate, the batch row) and as its batch log
+    (``backfill_logs/batch_N.json``) tells it; every executor hands apply one of these."""
+
+    run_id: str
+    batch_no: int
+    group: str | None
+    #: Candidate key → category, for the batch's candidates in plan order.
+    categories: Mapping[str, str]
+    sessions: tuple[SessionOutcome, ...]
+    #: The rows the batch wrote for this run (as recorded by ``record_row_changes``).
+    changes: tuple[RowChange, ...]
+    started_at: datetime
+    finished_at: datetime
+    retrying: bool = False
+    #: What an executor adds to the batch row and its log (the functions executor: how its rows were attributed).
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> Counter[str]:
+        return Counter(s.result for s in self.sessions)
+
+    def log(self) -> dict[str, Any]:
+        """The batch log: counts, rows written per table, and per session its result, operations and rows."""
+        counts = self.counts()
+        # Grouped once: scanning every change for every session was quadratic in the batch size.
+        rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for ch in self.changes:
+            before = "absent" if ch.before is None else "present"
+            rows[ch.candidate].append({"table": ch.table, "key": dict(ch.key), "before": before})
+        sessions = [
+            {
+                "session_id": s.key,
+                "category": self.categories.get(s.key),
+                "result": s.result,
+                "error": s.error,
+                "seconds": round(s.seconds, 6),
+                "operations": s.operations,
+                "rows": rows.get(s.key, []),
+            }
+            for s in self.sessions
+        ]
+        return {
+            "batch_no": self.batch_no,
+            "group": self.group,
+            **self.detail,
+            "started_at": format_utc(self.started_at),
+            "completed_at": format_utc(self.finished_at),
+            "sessions_processed": len(self.categories),
+            "sessions_written": counts["written"],
+            "sessions_already_present": counts["already_present"],
+            "sessions_failed": counts["failed"],
+            "rows_written": dict(Counter(ch.table for ch in self.changes)),
+            "sessions": sessions,
+        }
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """One batch as apply hands it to an executor: the run, the batch's number and plan group, its candidates in plan
+    order, and whether they are failed ones being retried (their earlier results are then replaced)."""
+
+    run_id: str
+    batch_no: int
+    group: str | None
+    candidates: tuple[Candidate, ...]
+    retrying: bool = False
+
+
 #: The executor every job has: ``process_batch`` in the apply's own process and transaction.
 LOCAL_EXECUTOR = "local"
 
@@ -339,21 +427,11 @@ class Executor(Protocol):
     commits its data and its ledger rows in one fenced transaction; ``recover`` finishes batches a crash left half
     done, before apply works out what is left."""
 
-    def commit_batch(
-        self,
-        db: Database,
-        job: Job,
-        run_id: str,
-        batch_no: int,
-        batch: Sequence[Candidate],
-        clock: Clock,
-        retrying: bool,
-        fence: Fence,
-    ) -> tuple[list[SessionOutcome], dict[str, Any]]:
-        """Runs one batch and returns its session outcomes and its batch log."""
+    def commit_batch(self, db: Database, job: Job, task: BatchTask, clock: Clock, fence: Fence) -> BatchRecord:
+        """Runs one batch and returns it as the ledger recorded it."""
         ...
 
-    def recover(self, db: Database, job: Job, run_id: str, *, clock: Clock, fence: Fence) -> Sequence[object]:
+    def recover(self, db: Database, job: Job, run_id: str, *, clock: Clock, fence: Fence) -> Sequence[BatchRecord]:
         """Finishes every batch of ``run_id`` a crash left unfinished; returns them (empty: nothing was pending)."""
         ...
 
@@ -437,6 +515,16 @@ class Job(Protocol):
         timings: dict[str, float] | None = None,
     ) -> list[Check]:
         """The read-only health checks of an environment over ``[since, now)``, in report order."""
+        ...
+
+    def needs_backfill(self, checks: Sequence[Check]) -> bool:
+        """Whether these health checks found units that need work (health then composes a mini plan by discovery;
+        when none did, a healthy environment is not scanned a second time)."""
+        ...
+
+    def gate_checks(self, phase: str) -> Sequence[GateCheck]:
+        """The checks of ``phase`` (``soak``, ``health``) the final gate lists, with their checklist labels, in order;
+        empty: every gating check the phase recorded, each under its own name."""
         ...
 
     def newest_activity(self, conn: Connection, since: datetime) -> tuple[datetime | None, str]:

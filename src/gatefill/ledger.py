@@ -1,5 +1,7 @@
 """The run ledger: runs and their state machine, plans, batches, per-session results, row changes with before-images,
-approvals, soak measurements and baselines, and run leases, stored in ``gatefill_*`` tables of the target database.
+approvals, soak measurements and baselines, run leases and executors' intents, stored in ``gatefill_*`` tables of the
+target database. Runs, batches, results, changes, approvals, leases and intents are written only through this
+module's functions: every executor records a batch with ``record_batch`` (and its rows with ``record_row_changes``).
 
 The ledger lives next to the data on purpose: a batch's data writes and its ledger rows commit in one transaction, so
 after a crash the ledger says exactly which batches happened (principle 2), and rollback can restore exactly the rows
@@ -24,13 +26,15 @@ from sqlalchemy.engine import Connection
 
 from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, insert_rows
 from gatefill.errors import GatefillError, UsageError
-from gatefill.job import RowChange
+from gatefill.job import Baseline, BatchRecord, Check, Measurement, RowChange
 
 __all__ = [
     "APPLY_PHASE",
+    "INTENTS_METADATA",
     "LEDGER_METADATA",
     "TRANSITIONS",
     "Approval",
+    "BatchRecord",
     "IllegalTransition",
     "Lease",
     "LeaseHolder",
@@ -40,16 +44,28 @@ __all__ = [
     "RunLocked",
     "RunNotFound",
     "RunStatus",
+    "baseline_for",
     "create_run",
+    "drop_intents",
     "fence_lease",
     "get_lease",
     "get_run",
+    "init_intents",
     "init_ledger",
+    "intents_for",
+    "lock_intents",
+    "measurements_for",
     "new_run_id",
+    "pending_batches",
     "record_approval",
     "record_approval_once",
+    "record_baseline",
+    "record_batch",
+    "record_intents",
+    "record_measurement",
     "release_lease",
     "renew_lease",
+    "row_changes_not_recorded",
     "row_key",
     "run_events_for",
     "take_lease",
@@ -282,6 +298,31 @@ leases = sa.Table(
 
 LEDGER_TABLES: tuple[str, ...] = tuple(LEDGER_METADATA.tables)
 
+# Intents: an executor whose writes commit outside the batch's transaction (the PRISM functions executor: its HTTP
+# calls) records, before any write, one row per candidate of the batch; the batch's commit drops them. While a run has
+# intents, the database may hold rows its ledger does not list yet. Created on first use, not by ``init_ledger``.
+INTENTS_METADATA = sa.MetaData()
+
+intents = sa.Table(
+    "gatefill_fn_intents",
+    INTENTS_METADATA,
+    sa.Column("run_id", sa.Text(), primary_key=True),
+    sa.Column("session_id", sa.Text(), primary_key=True),
+    sa.Column("batch_no", sa.Integer(), nullable=False),
+    sa.Column("position", sa.Integer(), nullable=False),  # the candidate's place in its batch (plan order)
+    # key, category, operations, group: what the batch's record needs, so finishing it does not need the plan.
+    sa.Column("candidate", JSONValue(), nullable=False),
+    # call name -> the request id its calls carry (retries and recovery reuse it).
+    sa.Column("request_ids", JSONValue(), nullable=False),
+    # The executor's before-images of the rows the candidate may write, as read before any call.
+    sa.Column("before", JSONValue(), nullable=False),
+    # The highest id of the target's event log (fn_logs) when the intent was recorded: the calls' events come after.
+    sa.Column("fn_logs_after", sa.BigInteger(), nullable=False),
+    sa.Column("retrying", sa.Boolean(), nullable=False),
+    sa.Column("batch_started_at", UTCTimestamp(), nullable=False),
+    sa.Column("created_at", UTCTimestamp(), nullable=False),
+)
+
 
 def init_ledger(db: Database) -> None:
     """Creates the ledger tables if missing (idempotent); on Postgres, hides them behind RLS without policies."""
@@ -292,6 +333,19 @@ def init_ledger(db: Database) -> None:
         if db.caps.row_level_security:
             for table in LEDGER_TABLES:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+
+
+def init_intents(db: Database) -> None:
+    """Creates the intents table if missing (idempotent); on Postgres hides it behind RLS like the ledger (its
+    before-images are user data)."""
+    with db.begin() as conn:
+        if db.caps.advisory_locks:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gatefill.fn_intents.schema'))"))
+        if sa.inspect(conn).has_table(intents.name):
+            return
+        INTENTS_METADATA.create_all(conn, checkfirst=True)
+        if db.caps.row_level_security:
+            conn.exec_driver_sql(f"ALTER TABLE {intents.name} ENABLE ROW LEVEL SECURITY")
 
 
 def new_run_id(phase: str, now: datetime) -> str:
@@ -648,6 +702,58 @@ def committed_batches(conn: Connection, run_id: str) -> set[int]:
     return {n for (n,) in rows}
 
 
+def record_batch(conn: Connection, batch: BatchRecord) -> None:
+    """Records a processed batch in the transaction that wrote its data: a result per candidate (replacing the
+    earlier ones of candidates being retried) and the committed batch row. Its changes go in through
+    ``record_row_changes``, as they are written or all at once."""
+    results = [
+        {
+            "run_id": batch.run_id,
+            "session_id": s.key,
+            "batch_no": batch.batch_no,
+            "result": s.result,
+            "error": s.error,
+            "detail": {
+                "category": batch.categories.get(s.key),
+                "group": batch.group,
+                "operations": s.operations,
+                "seconds": round(s.seconds, 6),
+            },
+            "at": batch.finished_at,
+        }
+        for s in batch.sessions
+    ]
+    if batch.retrying and results:
+        keys = [r["session_id"] for r in results]
+        conn.execute(
+            session_results.delete().where(
+                session_results.c.run_id == batch.run_id, session_results.c.session_id.in_(keys)
+            )
+        )
+    if results:
+        conn.execute(session_results.insert(), results)
+    counts = batch.counts()
+    conn.execute(
+        batches.insert().values(
+            run_id=batch.run_id,
+            batch_no=batch.batch_no,
+            status="committed",
+            sessions=len(batch.categories),
+            succeeded=counts["written"],
+            failed=counts["failed"],
+            skipped=counts["already_present"],
+            started_at=batch.started_at,
+            finished_at=batch.finished_at,
+            detail={
+                "group": batch.group,
+                "keys": list(batch.categories),
+                "changes": len(batch.changes),
+                **batch.detail,
+            },
+        )
+    )
+
+
 def record_changes(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     """Inserts ledger change rows (run_id, batch_no, table_name, row_key, session_id, before, after, at); on
     Postgres with one COPY (a ledger row carries whole row images as JSON)."""
@@ -676,6 +782,59 @@ def record_row_changes(
     )
 
 
+def record_intents(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Records a batch's intents (one row per candidate), committed before any of its writes is made."""
+    conn.execute(intents.insert(), list(rows))
+
+
+def intents_for(conn: Connection, run_id: str) -> list[dict[str, Any]]:
+    """The run's intent rows, by batch and position (none in a database without the intents table)."""
+    if not sa.inspect(conn).has_table(intents.name):
+        return []
+    query = sa.select(intents).where(intents.c.run_id == run_id).order_by(intents.c.batch_no, intents.c.position)
+    return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def pending_batches(conn: Connection, run_id: str) -> list[int]:
+    """Batch numbers of ``run_id`` with intents left (writes possibly made, ledger rows not committed): rollback must
+    refuse such a run until they are finished. A database without the intents table has none."""
+    if not sa.inspect(conn).has_table(intents.name):
+        return []
+    rows = conn.execute(sa.select(intents.c.batch_no).where(intents.c.run_id == run_id).distinct())
+    return sorted(n for (n,) in rows)
+
+
+def lock_intents(conn: Connection, run_id: str, batch_no: int) -> set[str]:
+    """Locks a batch's intents for its commit and returns their candidate keys (fewer: another process finished it)."""
+    query = (
+        sa.select(intents.c.session_id)
+        .where(intents.c.run_id == run_id, intents.c.batch_no == batch_no)
+        .with_for_update()
+    )
+    return set(conn.execute(query).scalars())
+
+
+def drop_intents(conn: Connection, run_id: str, batch_no: int) -> None:
+    """Removes a batch's intents, in the transaction that records the batch."""
+    conn.execute(intents.delete().where(intents.c.run_id == run_id, intents.c.batch_no == batch_no))
+
+
+def row_changes_not_recorded(conn: Connection, run_id: str, row_changes: Sequence[RowChange]) -> list[RowChange]:
+    """The changes this run has not recorded yet (a row has one change per run: a retried batch that finds its rows
+    again must not record them twice)."""
+    if not row_changes:
+        return []
+    keys = [row_key(ch.key) for ch in row_changes]
+    found: set[tuple[str, str]] = set()
+    for start in range(0, len(keys), 500):
+        part = keys[start : start + 500]
+        query = sa.select(changes.c.table_name, changes.c.row_key).where(
+            changes.c.run_id == run_id, changes.c.row_key.in_(part)
+        )
+        found.update((t, k) for t, k in conn.execute(query))
+    return [ch for ch, k in zip(row_changes, keys, strict=True) if (ch.table, k) not in found]
+
+
 def changes_for(conn: Connection, run_id: str) -> Iterable[sa.Row[Any]]:
     """Every change a run recorded, in the order it made them."""
     return conn.execute(sa.select(changes).where(changes.c.run_id == run_id).order_by(changes.c.id))
@@ -698,3 +857,73 @@ def run_events_for(conn: Connection, run_id: str) -> list[RunEvent]:
         RunEvent(r.at, RunStatus(r.from_status) if r.from_status else None, RunStatus(r.to_status), r.reason)
         for r in rows
     ]
+
+
+# ====================================================================================================================
+# Soak measurements and baselines
+
+
+def measurements_for(conn: Connection, run_id: str) -> list[Measurement]:
+    """Every stored look of a soak run, first to last."""
+    m = measurements
+    rows = conn.execute(sa.select(m).where(m.c.run_id == run_id).order_by(m.c.seq))
+    return [
+        Measurement(
+            seq=row.seq,
+            window_start=row.window_start,
+            window_end=row.window_end,
+            taken_at=row.taken_at,
+            verdict=row.verdict,
+            checks=[Check.from_json(c) for c in row.checks],
+        )
+        for row in rows
+    ]
+
+
+def baseline_for(conn: Connection, run_id: str) -> Baseline | None:
+    """The soak run's stored baseline, or None before it has been measured."""
+    b = soak_baselines
+    row = conn.execute(sa.select(b).where(b.c.run_id == run_id)).first()
+    if row is None:
+        return None
+    return Baseline(
+        start=row.baseline_start,
+        end=row.baseline_end,
+        summary=row.summary,
+        evidence=dict(row.evidence or {}),
+        query=row.query,
+        measured_at=row.measured_at,
+        seconds=float(row.seconds),
+    )
+
+
+def record_baseline(conn: Connection, run_id: str, baseline: Baseline) -> None:
+    """Stores a soak's baseline, measured once (the soak adds when and how long it took)."""
+    assert baseline.measured_at is not None and baseline.seconds is not None
+    conn.execute(
+        soak_baselines.insert().values(
+            run_id=run_id,
+            baseline_start=baseline.start,
+            baseline_end=baseline.end,
+            measured_at=baseline.measured_at,
+            seconds=baseline.seconds,
+            summary=baseline.summary,
+            evidence=dict(baseline.evidence),
+            query=baseline.query,
+        )
+    )
+
+
+def record_measurement(conn: Connection, run_id: str, measurement: Measurement) -> None:
+    """Stores one look of a soak, in the caller's (fenced) transaction."""
+    conn.execute(
+        measurements.insert().values(
+            run_id=run_id,
+            seq=measurement.seq,
+            window_start=measurement.window_start,
+            window_end=measurement.window_end,
+            taken_at=measurement.taken_at,
+            verdict=measurement.verdict,
+            checks=[c.to_json() for c in measurement.checks],
+        )
+    )

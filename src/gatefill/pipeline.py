@@ -25,22 +25,26 @@ from gatefill import ledger
 from gatefill.apply import (
     ApplyOptions,
     ApplyResult,
+    BackfillGate,
     ProgressCallback,
     apply_plan,
     ensure_run_for_plan,
-    write_apply_artifacts,
+    measure_backfill_gate,
 )
 from gatefill.clock import Clock
-from gatefill.config import Settings
+from gatefill.config import DEFAULT_BATCH_SIZE, DEFAULT_RATE, Settings
 from gatefill.db import Database, format_utc
 from gatefill.errors import GateBlocked, UsageError
-from gatefill.final_gate import write_final_gate
-from gatefill.health import check_health
+from gatefill.final_gate import exit_code_for, measure_final_gate
+from gatefill.health import HealthResult, check_health
 from gatefill.job import Job
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan, load_plan_file
+from gatefill.plan import Plan, PlanParams, build_plan, load_plan, plan_from_ledger
+from gatefill.reports.apply import write_apply_artifacts
+from gatefill.reports.final_gate import write_final_gate
+from gatefill.reports.health import write_health_check
 
-__all__ = ["STEPS", "PipelineOptions", "PipelineState", "note_rollback", "run_pipeline"]
+__all__ = ["STEPS", "PipelineOptions", "PipelineState", "SoakStep", "note_rollback", "run_pipeline"]
 
 STEPS = (
     "plan",
@@ -64,10 +68,8 @@ class PipelineOptions:
     production: str
     since: datetime
     priority: tuple[str, ...] = ()
-    rate: str = "20/min"
-    batch_size: int = 5
-    soak_duration: str = "6h"
-    soak_interval: str = "5m"
+    rate: str = DEFAULT_RATE
+    batch_size: int = DEFAULT_BATCH_SIZE
     #: Approves every gate under this name as it is reached (the demo: approvals recorded as "demo").
     auto_approve_as: str | None = None
 
@@ -83,6 +85,22 @@ class PipelineState:
     log: list[str] = field(default_factory=list)
     #: The gate refusal the pipeline stopped at, if a gate (not a missing approval) stopped it.
     blocked: GateBlocked | None = None
+
+    @property
+    def final_verdict(self) -> str | None:
+        """The final gate's verdict (GO, NO-GO, INCONCLUSIVE), None before the pipeline reached it."""
+        final = self.steps.get("final_gate") or {}
+        return str(final["verdict"]) if final.get("verdict") else None
+
+    @property
+    def final_exit_code(self) -> int:
+        """The final gate's exit code: GO 0, NO-GO 1, INCONCLUSIVE (or no final gate yet) 3."""
+        return exit_code_for(self.final_verdict)
+
+    @property
+    def exit_code(self) -> int:
+        """The final gate's exit code once the pipeline is done; 4 while it waits at a gate."""
+        return self.final_exit_code if self.done else 4
 
 
 SoakStep = Callable[[Database, Any, str, Clock, Path], Mapping[str, Any]]
@@ -143,7 +161,7 @@ def _note_rollbacks(
             news.append(f"{step.replace('_', ' ')} {run.id} was rolled back at {at}")
     if not news:
         return False
-    gate = write_final_gate(settings, options, state.run_id, state.steps, now=now)
+    gate = _final_gate(settings, options, state.run_id, state.steps, now)
     state.steps["final_gate"] = {**gate, "outdated_by": _outdated_by_steps(state.steps) + news}
     state.done, state.waiting_for = True, None
     state.log.append("; ".join(news) + f": final gate rewritten, {gate['verdict']} ({gate['artifact']})")
@@ -172,8 +190,8 @@ def _options_of(run: ledger.Run) -> PipelineOptions:
         production=str(p["production"]),
         since=since,
         priority=tuple(p.get("priority") or ()),
-        rate=str(p.get("rate", "20/min")),
-        batch_size=int(p.get("batch_size", 5)),
+        rate=str(p.get("rate", DEFAULT_RATE)),
+        batch_size=int(p.get("batch_size", DEFAULT_BATCH_SIZE)),
     )
 
 
@@ -251,6 +269,27 @@ def _save(db: Database, state: PipelineState, now: datetime) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What every step of one invocation of the pipeline works with."""
+
+    settings: Settings
+    options: PipelineOptions
+    job: Job
+    clock: Clock
+    apply_clock: Clock
+    progress: ProgressCallback | None
+    soak_step: SoakStep
+    staging: Database
+    production: Database
+    run_id: str
+
+    def approved(self, state: PipelineState, run_id: str, gate: str, *, production: bool = False) -> bool:
+        """Whether ``gate`` of ``run_id`` is approved (or was auto-approved now); else ``state`` says what it awaits."""
+        db = self.production if production else self.staging
+        return _approve_or_wait(db, run_id, gate, self.options, self.clock.now(), state, db.env.name)
+
+
 def run_pipeline(
     settings: Settings,
     options: PipelineOptions,
@@ -271,13 +310,7 @@ def run_pipeline(
             f"({staging_env.name} is {staging_env.kind}, {production_env.name} is {production_env.kind})"
         )
     # Every parameter is checked before the pipeline's run is recorded, so bad input writes nothing.
-    priority = (
-        PlanParams(since=options.since, priority=options.priority, rate=options.rate, batch_size=options.batch_size)
-        .normalized(job)
-        .priority
-    )
-    options = replace(options, priority=priority)
-    artifacts = settings.artifacts_dir
+    options = replace(options, priority=_plan_params(options).normalized(job).priority)
     with Database(staging_env) as staging, Database(production_env) as production:
         run = _pipeline_run(staging, options, job, clock.now())
         state = _state_of(run)
@@ -287,158 +320,175 @@ def run_pipeline(
         if state.done:
             state.log.append("the pipeline already reached its final gate: nothing to do")
             return state
-        steps = state.steps
-
-        if "plan" not in steps:
-            params = PlanParams(
-                since=options.since, priority=options.priority, rate=options.rate, batch_size=options.batch_size
-            )
-            plan = build_plan(staging, staging_env, job, params, now=clock.now(), artifacts_dir=artifacts)
-            blocked = {
-                name: cat["count"]
-                for name, cat in plan.body["categories"].items()
-                if not any(c["operations"] for c in plan.body["candidates"] if c["category"] == name)
-            }
-            steps["plan"] = {
-                "run_id": plan.run_id,
-                "candidates": plan.body["totals"]["candidates"],
-                "blocked": blocked,
-                "artifact": str(plan.md_path),
-            }
-            state.log.append(
-                f"plan {plan.run_id}: {plan.body['totals']['candidates']} candidates on {staging_env.name}"
-            )
-        plan_run = steps["plan"]["run_id"]
-        if not _approve_or_wait(staging, plan_run, "plan", options, clock.now(), state, staging_env.name):
-            _save(staging, state, clock.now())
-            return state
-
-        if "apply" not in steps:
-            with staging.connect() as conn:
-                body = dict(ledger.get_run(conn, plan_run).plan or {})
-            result = apply_plan(
-                staging,
-                staging_env,
-                job,
-                body,
-                options=ApplyOptions(),
-                clock=apply_clock or clock,
-                artifacts_dir=artifacts,
-                settings=settings,
-                progress=progress,
-            )
-            report = write_apply_artifacts(
-                staging, staging_env, job, plan_run, clock=clock, artifacts_dir=artifacts, result=result
-            )
-            steps["apply"] = {
-                "run_id": plan_run,
-                "status": result.status.value,
-                "verdict": report.verdict,
-                "results": dict(result.counts),
-                # The whole run's, every invocation counted (the ledger's events), as backfill_summary.md shows them.
-                "elapsed_seconds": report.runtime_seconds,
-                "rate_per_minute": report.rate_per_minute,
-                "artifacts": {k: str(v) for k, v in report.paths.items()},
-            }
-            state.log.append(f"apply {plan_run}: {result.status.value}, gate {report.verdict}")
-        if steps["apply"]["verdict"] != "PASS":
-            state.waiting_for = f"the staging backfill gate is {steps['apply']['verdict']}: fix or roll back"
-            _save(staging, state, clock.now())
-            return state
-        if not _approve_or_wait(staging, plan_run, "review", options, clock.now(), state, staging_env.name):
-            _save(staging, state, clock.now())
-            return state
-
-        if "soak" not in steps:
-            steps["soak"] = dict(soak_step(staging, staging_env, plan_run, clock, artifacts))
-            state.log.append(f"soak {steps['soak']['run_id']}: {steps['soak']['verdict']}")
-        soak_run = steps["soak"]["run_id"]
-        if not _approve_or_wait(staging, soak_run, "soak", options, clock.now(), state, staging_env.name):
-            _save(staging, state, clock.now())
-            return state
-        if not _approve_or_wait(staging, run.id, "production", options, clock.now(), state, staging_env.name):
-            _save(staging, state, clock.now())
-            return state
-
-        if "health" not in steps:
-            health = check_health(
-                production,
-                production_env,
-                since=options.since,
-                now=clock.now(),
-                artifacts_dir=artifacts,
-                job=job,
-                clock=clock,
-            )
-            steps["health"] = health.step_record()
-            state.log.append(f"health {health.run_id}: {'healthy' if health.healthy else 'not healthy'}")
-        mini = steps["health"]["mini_plan"]
-        if mini and "production_apply" not in steps:
-            body = load_plan_file(Path(mini))
-            ensure_run_for_plan(production, body, now=clock.now())
-            if not _approve_or_wait(
-                production, body["run_id"], "plan", options, clock.now(), state, production_env.name
-            ):
+        step = _Step(
+            settings, options, job, clock, apply_clock or clock, progress, soak_step, staging, production, run.id
+        )
+        for advance in (_plan, _staging_apply, _soak, _health, _production_apply):
+            if not advance(step, state):
                 _save(staging, state, clock.now())
                 return state
-            with production.connect() as conn:
-                mini_run = ledger.get_run(conn, str(body["run_id"]))
-            applied: ApplyResult | None = None
-            if mini_run.status != RunStatus.SUCCEEDED:
-                try:
-                    applied = apply_plan(
-                        production,
-                        production_env,
-                        job,
-                        body,
-                        options=ApplyOptions(),
-                        clock=apply_clock or clock,
-                        artifacts_dir=artifacts,
-                        settings=settings,
-                        progress=progress,
-                    )
-                except GateBlocked as exc:
-                    if exc.gate != "production":
-                        raise
-                    # The production gate (no approved, passing soak) is lifted only by a person: an override on the
-                    # apply itself, after which this pipeline picks the finished run up and carries on.
-                    state.waiting_for = (
-                        f"{exc}; or `gatefill apply {mini} --env {production_env.name} --override-gate "
-                        f"--by NAME --reason TEXT`"
-                    )
-                    state.blocked = exc
-                    _save(staging, state, clock.now())
-                    return state
-            # else: applied outside the pipeline (e.g. with --override-gate): its ledger is the record.
-            report = write_apply_artifacts(
-                production, production_env, job, mini_run.id, clock=clock, artifacts_dir=artifacts, result=applied
-            )
-            with production.connect() as conn:
-                finished = ledger.get_run(conn, mini_run.id)
-                results = Counter(ledger.session_results_for(conn, mini_run.id).values())
-            after = check_health(
-                production,
-                production_env,
-                since=options.since,
-                now=clock.now(),
-                artifacts_dir=artifacts,
-                job=job,
-                clock=clock,
-            )
-            steps["production_apply"] = {
-                "run_id": mini_run.id,
-                "status": finished.status.value,
-                "verdict": report.verdict,
-                "results": dict(results),
-                "healthy_after": after.healthy,
-                "health_after": after.run_id,
-                "artifacts": {k: str(v) for k, v in report.paths.items()},
-            }
-            state.log.append(f"production apply {mini_run.id}: {finished.status.value}, gate {report.verdict}")
-
-        steps["final_gate"] = write_final_gate(settings, options, state.run_id, steps, now=clock.now())
+        state.steps["final_gate"] = _final_gate(settings, options, state.run_id, state.steps, clock.now())
         state.done = True
         state.waiting_for = None
-        state.log.append(f"final gate: {steps['final_gate']['verdict']} ({steps['final_gate']['artifact']})")
+        final = state.steps["final_gate"]
+        state.log.append(f"final gate: {final['verdict']} ({final['artifact']})")
         _close(staging, state, clock.now(), "final gate written")
         return state
+
+
+def _plan_params(options: PipelineOptions) -> PlanParams:
+    return PlanParams(since=options.since, priority=options.priority, rate=options.rate, batch_size=options.batch_size)
+
+
+def _plan(step: _Step, state: PipelineState) -> bool:
+    """Plans the staging backfill (once), then waits for the plan's approval."""
+    steps = state.steps
+    if "plan" not in steps:
+        env, artifacts = step.staging.env, step.settings.artifacts_dir
+        files = build_plan(
+            step.staging, env, step.job, _plan_params(step.options), now=step.clock.now(), artifacts_dir=artifacts
+        )
+        plan = files.plan
+        steps["plan"] = {
+            "run_id": plan.run_id,
+            "candidates": len(plan.runnable),
+            "blocked": plan.blocked_categories(),
+            "artifact": str(files.md_path),
+        }
+        state.log.append(f"plan {plan.run_id}: {len(plan.runnable)} candidates on {env.name}")
+    return step.approved(state, steps["plan"]["run_id"], "plan")
+
+
+def _staging_apply(step: _Step, state: PipelineState) -> bool:
+    """Applies the approved plan on staging (once); goes on when its backfill gate passed and it was reviewed."""
+    steps = state.steps
+    plan_run = steps["plan"]["run_id"]
+    if "apply" not in steps:
+        result = _apply(step, step.staging, plan_from_ledger(step.staging, plan_run))
+        gate = _backfill_gate(step, step.staging, plan_run, result)
+        steps["apply"] = {
+            "run_id": plan_run,
+            "status": result.status.value,
+            "verdict": gate.verdict,
+            "results": dict(result.counts),
+            # The whole run's, every invocation counted (the ledger's events), as backfill_summary.md shows them.
+            "elapsed_seconds": gate.runtime_seconds,
+            "rate_per_minute": gate.rate_per_minute,
+            "artifacts": {k: str(v) for k, v in gate.paths.items()},
+        }
+        state.log.append(f"apply {plan_run}: {result.status.value}, gate {gate.verdict}")
+    if steps["apply"]["verdict"] != "PASS":
+        state.waiting_for = f"the staging backfill gate is {steps['apply']['verdict']}: fix or roll back"
+        return False
+    return step.approved(state, plan_run, "review")
+
+
+def _apply(step: _Step, db: Database, plan: Plan) -> ApplyResult:
+    return apply_plan(
+        db,
+        db.env,
+        step.job,
+        plan,
+        options=ApplyOptions(),
+        clock=step.apply_clock,
+        artifacts_dir=step.settings.artifacts_dir,
+        settings=step.settings,
+        progress=step.progress,
+    )
+
+
+def _backfill_gate(step: _Step, db: Database, run_id: str, result: ApplyResult | None) -> BackfillGate:
+    """The apply gate of ``run_id``, measured and written (``backfill_gate.md`` and the rest)."""
+    artifacts = step.settings.artifacts_dir
+    gate = measure_backfill_gate(db, db.env, step.job, run_id, clock=step.clock, artifacts_dir=artifacts, result=result)
+    return write_apply_artifacts(db, step.job, gate, artifacts)
+
+
+def _soak(step: _Step, state: PipelineState) -> bool:
+    """Soaks staging after the apply (once); goes on when the soak and the production go/no-go are approved."""
+    steps = state.steps
+    if "soak" not in steps:
+        plan_run = steps["plan"]["run_id"]
+        record = step.soak_step(step.staging, step.staging.env, plan_run, step.clock, step.settings.artifacts_dir)
+        steps["soak"] = {**record, "gate_checks": _gate_checks(step.job, "soak")}
+        state.log.append(f"soak {steps['soak']['run_id']}: {steps['soak']['verdict']}")
+    return step.approved(state, steps["soak"]["run_id"], "soak") and step.approved(state, step.run_id, "production")
+
+
+def _health(step: _Step, state: PipelineState) -> bool:
+    """Checks production's health (once)."""
+    if "health" not in state.steps:
+        health = _health_check(step)
+        state.steps["health"] = {**health.step_record(), "gate_checks": _gate_checks(step.job, "health")}
+        state.log.append(f"health {health.run_id}: {'healthy' if health.healthy else 'not healthy'}")
+    return True
+
+
+def _gate_checks(job: Job, phase: str) -> list[list[str]]:
+    """What the final gate's checklist cites of ``phase``, kept in the step record: a rewritten final gate (after a
+    rollback) reads it without the job."""
+    return [[g.check, g.label] for g in job.gate_checks(phase)]
+
+
+def _health_check(step: _Step) -> HealthResult:
+    db, clock = step.production, step.clock
+    result = check_health(db, db.env, job=step.job, since=step.options.since, now=clock.now(), clock=clock)
+    return write_health_check(result, step.settings.artifacts_dir)
+
+
+def _production_apply(step: _Step, state: PipelineState) -> bool:
+    """Applies production's mini plan, when health wrote one (once): after its approval and the production gate."""
+    mini = state.steps["health"]["mini_plan"]
+    if not mini or "production_apply" in state.steps:
+        return True
+    mini_plan = load_plan(Path(mini))
+    ensure_run_for_plan(step.production, mini_plan, now=step.clock.now())
+    if not step.approved(state, mini_plan.run_id, "plan", production=True):
+        return False
+    with step.production.connect() as conn:
+        mini_run = ledger.get_run(conn, mini_plan.run_id, with_plan=False)
+    applied: ApplyResult | None = None
+    if mini_run.status != RunStatus.SUCCEEDED:
+        try:
+            applied = _apply(step, step.production, mini_plan)
+        except GateBlocked as exc:
+            if exc.gate != "production":
+                raise
+            # The production gate (no approved, passing soak) is lifted only by a person: an override on the apply
+            # itself, after which this pipeline picks the finished run up and carries on.
+            state.waiting_for = (
+                f"{exc}; or `gatefill apply {mini} --env {step.production.env.name} --override-gate "
+                f"--by NAME --reason TEXT`"
+            )
+            state.blocked = exc
+            return False
+    # else: applied outside the pipeline (e.g. with --override-gate): its ledger is the record.
+    _record_production_apply(step, state, mini_run.id, _backfill_gate(step, step.production, mini_run.id, applied))
+    return True
+
+
+def _record_production_apply(step: _Step, state: PipelineState, run_id: str, gate: BackfillGate) -> None:
+    """The production apply's step record: its gate, its results, and production's health after it."""
+    with step.production.connect() as conn:
+        finished = ledger.get_run(conn, run_id, with_plan=False)
+        results = Counter(ledger.session_results_for(conn, run_id).values())
+    after = _health_check(step)
+    state.steps["production_apply"] = {
+        "run_id": run_id,
+        "status": finished.status.value,
+        "verdict": gate.verdict,
+        "results": dict(results),
+        "healthy_after": after.healthy,
+        "health_after": after.run_id,
+        "artifacts": {k: str(v) for k, v in gate.paths.items()},
+    }
+    state.log.append(f"production apply {run_id}: {finished.status.value}, gate {gate.verdict}")
+
+
+def _final_gate(
+    settings: Settings, options: PipelineOptions, run_id: str, steps: Mapping[str, Any], now: datetime
+) -> dict[str, Any]:
+    """Judges the final gate from the ledgers now, writes ``pipeline_final_gate.md`` and returns its step record."""
+    staging, production = settings.env(options.staging), settings.env(options.production)
+    gate = measure_final_gate(staging, production, options.since, run_id, steps, now=now)
+    return write_final_gate(gate, settings.artifacts_dir).step_record()

@@ -4,36 +4,45 @@ content-hashed plan (``backfill_plan.json`` + ``backfill_plan.md``) under a new 
 The expected changes are counted from each candidate's ``operations``, the same tuple apply executes, so plan and
 apply cannot disagree about what a candidate means. Batches follow the priority order of the seeds: the named
 priority sessions, then those of the most recent 30 days, then older ones (each group oldest first).
+
+A plan crosses modules as the frozen ``Plan`` (its candidates are the job's ``Candidate`` objects, its batches
+``Batch``); JSON appears only at the boundary: ``Plan.to_json`` / ``write_plan_files`` write the file, ``load_plan``
+(and ``Plan.from_json``, for the copy the ledger keeps) read it back and verify its hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
 from gatefill import ledger
-from gatefill.config import Environment
-from gatefill.db import Database, canonical_json, format_utc
+from gatefill.artifacts import render, write_json, write_text
+from gatefill.config import DEFAULT_BATCH_SIZE, DEFAULT_RATE, Environment
+from gatefill.db import Database, canonical_json, format_utc, parse_utc
 from gatefill.errors import DataError, GateBlocked, UsageError
 from gatefill.job import Candidate, Check, Job
-from gatefill.reports import render, write_json, write_text
 from gatefill.throttle import parse_rate
 
 __all__ = [
     "PLAN_FORMAT",
+    "Batch",
     "Plan",
+    "PlanEnvironment",
+    "PlanFiles",
     "PlanParams",
     "build_plan",
     "compose_plan",
-    "load_plan_file",
+    "load_plan",
+    "plan_from_ledger",
     "plan_hash",
     "verify_plan",
     "write_plan_files",
@@ -49,8 +58,8 @@ class PlanParams:
 
     since: datetime
     priority: tuple[str, ...] = ()
-    rate: str = "20/min"
-    batch_size: int = 5
+    rate: str = DEFAULT_RATE
+    batch_size: int = DEFAULT_BATCH_SIZE
     profiles: str = "missing"  # missing | stale
 
     def validate(self, job: Job | None = None) -> None:
@@ -85,30 +94,182 @@ class PlanParams:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """An immutable plan: its JSON body (hash included) and where it was written."""
+class PlanEnvironment:
+    """The environment a plan was made for (apply refuses it anywhere else)."""
 
-    body: Mapping[str, Any]
-    json_path: Path | None
-    md_path: Path | None
+    name: str
+    kind: str
+    database: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "kind": self.kind, "database": self.database}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of the plan: its number, its priority group and its candidates' keys, in the order apply runs them."""
+
+    batch_no: int
+    group: str
+    keys: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch_no": self.batch_no, "group": self.group, "keys": list(self.keys)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An immutable, content-hashed plan: every candidate (runnable or blocked, as ``Candidate``), the batches in
+    priority order, the parameters and prechecks it was made with. Categories, totals, expected changes and runtime
+    are derived from those, so they cannot disagree with them; ``to_json`` is the plan file, exactly."""
+
+    run_id: str
+    source: str
+    created_at: datetime
+    environment: PlanEnvironment
+    job: str
+    versions: Mapping[str, str]
+    parameters: PlanParams
+    prechecks: tuple[Check, ...]
+    candidates: tuple[Candidate, ...]
+    batches: tuple[Batch, ...]
+    hash: str = ""
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Plan:
+        """The plan a plan file (or the ledger) holds; ``UsageError`` (exit 2) for another format, a hash that does
+        not match the content, or content this version of gatefill would not have written."""
+        if body.get("format") != PLAN_FORMAT:
+            raise UsageError(f"not a gatefill plan (format {body.get('format')!r}, expected {PLAN_FORMAT})")
+        if body.get("hash") != plan_hash(body):
+            raise UsageError("plan hash does not match its content: the plan was modified after it was made")
+        try:
+            plan = _plan_from_json(body)
+            same = plan.to_json() == dict(body)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UsageError(f"malformed gatefill plan: {type(exc).__name__}: {exc}") from None
+        if not same:
+            raise UsageError("plan content does not match what gatefill derives from it (made by another version?)")
+        return plan
+
+    def sealed(self) -> Plan:
+        """This plan with its hash computed from its content."""
+        return replace(self, hash=plan_hash(self.to_json()))
+
+    @cached_property
+    def runnable(self) -> tuple[Candidate, ...]:
+        """The candidates apply processes (those with operations), in discovery order."""
+        return tuple(c for c in self.candidates if c.operations)
+
+    def categories(self) -> dict[str, list[str]]:
+        """Category → keys of its candidates (discovery order), categories sorted by name."""
+        by_category: dict[str, list[str]] = {}
+        for c in self.candidates:
+            by_category.setdefault(c.category, []).append(c.key)
+        return dict(sorted(by_category.items()))
+
+    def blocked_categories(self) -> dict[str, int]:
+        """Categories none of whose candidates is processed (blocked or not selected), with their sizes."""
+        processed = {c.category for c in self.runnable}
+        return {name: len(keys) for name, keys in self.categories().items() if name not in processed}
+
+    def operations_of(self, category: str) -> tuple[str, ...]:
+        """The row operations of a category's first candidate (every candidate of a category has the same)."""
+        return next((c.operations for c in self.candidates if c.category == category), ())
+
+    @property
+    def priority_not_found(self) -> list[str]:
+        known = {c.key for c in self.candidates}
+        return [p for p in self.parameters.priority if p not in known]
+
+    def expected_changes(self) -> dict[str, dict[str, int]]:
+        return expected_changes(self.runnable)
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan file's content (the key order is the file's; the hash ignores it)."""
+        runnable = len(self.runnable)
+        body: dict[str, Any] = {
+            "format": PLAN_FORMAT,
+            "run_id": self.run_id,
+            "source": self.source,
+            "created_at": format_utc(self.created_at),
+            "environment": self.environment.to_json(),
+            "job": self.job,
+            "versions": dict(self.versions),
+            "parameters": self.parameters.to_json(),
+            "prechecks": [c.to_json() for c in self.prechecks],
+            "categories": {k: {"count": len(v), "keys": v} for k, v in self.categories().items()},
+            "candidates": [_candidate_json(c) for c in self.candidates],
+            "batches": [b.to_json() for b in self.batches],
+            "totals": {
+                "candidates": runnable,
+                "blocked_or_skipped": len(self.candidates) - runnable,
+                "batches": len(self.batches),
+                "priority_not_found": self.priority_not_found,
+            },
+            "expected_changes": self.expected_changes(),
+            "expected_runtime_seconds": parse_rate(self.parameters.rate).seconds_for(runnable),
+        }
+        if self.hash:
+            body["hash"] = self.hash
+        return body
+
+    def dump(self, path: Path) -> Path:
+        """Writes the plan file (its JSON, exactly) to ``path``."""
+        return write_json(path, self.to_json())
+
+
+def _candidate_json(c: Candidate) -> dict[str, Any]:
+    return {
+        "key": c.key,
+        "category": c.category,
+        "created_at": format_utc(c.created_at),
+        "operations": list(c.operations),
+        "detail": dict(c.detail),
+    }
+
+
+def _plan_from_json(body: Mapping[str, Any]) -> Plan:
+    p = body["parameters"]
+    return Plan(
+        run_id=str(body["run_id"]),
+        source=str(body["source"]),
+        created_at=parse_utc(body["created_at"]),
+        environment=PlanEnvironment(**body["environment"]),
+        job=str(body["job"]),
+        versions=dict(body["versions"]),
+        parameters=PlanParams(
+            since=parse_utc(p["since"]),
+            priority=tuple(p["priority"]),
+            rate=p["rate"],
+            batch_size=p["batch_size"],
+            profiles=p["profiles"],
+        ),
+        prechecks=tuple(Check(**c) for c in body["prechecks"]),
+        candidates=tuple(
+            Candidate(c["key"], c["category"], parse_utc(c["created_at"]), tuple(c["operations"]), c["detail"])
+            for c in body["candidates"]
+        ),
+        batches=tuple(Batch(b["batch_no"], b["group"], tuple(b["keys"])) for b in body["batches"]),
+        hash=str(body["hash"]),
+    )
+
+
+@dataclass(frozen=True)
+class PlanFiles:
+    """A plan and the files it was written to (``<stem>.json``, the plan exactly, and ``<stem>.md``, its review)."""
+
+    plan: Plan
+    json_path: Path
+    md_path: Path
 
     @property
     def run_id(self) -> str:
-        return str(self.body["run_id"])
+        return self.plan.run_id
 
     @property
     def hash(self) -> str:
-        return str(self.body["hash"])
-
-    @property
-    def environment(self) -> str:
-        return str(self.body["environment"]["name"])
-
-    def batches(self) -> list[dict[str, Any]]:
-        return list(self.body["batches"])
-
-    def candidates(self) -> dict[str, dict[str, Any]]:
-        return {c["key"]: c for c in self.body["candidates"]}
+        return self.plan.hash
 
 
 def plan_hash(body: Mapping[str, Any]) -> str:
@@ -132,21 +293,16 @@ def plan_hash(body: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def verify_plan(body: Mapping[str, Any], env: Environment) -> None:
-    """Refuses a plan whose hash does not match its content, of another format, or made for another environment."""
-    if body.get("format") != PLAN_FORMAT:
-        raise UsageError(f"not a gatefill plan (format {body.get('format')!r}, expected {PLAN_FORMAT})")
-    if body.get("hash") != plan_hash(body):
-        raise UsageError("plan hash does not match its content: the plan was modified after it was made")
-    planned_for = body.get("environment", {}).get("name")
-    if planned_for != env.name:
-        raise UsageError(f"plan was made for environment '{planned_for}', not '{env.name}'")
-    if body.get("environment", {}).get("database") != env.display_url:
-        raise UsageError(f"plan was made for database {body['environment'].get('database')}, not {env.display_url}")
+def verify_plan(plan: Plan, env: Environment) -> None:
+    """Refuses a plan made for another environment (its hash and format were verified when it was read)."""
+    if plan.environment.name != env.name:
+        raise UsageError(f"plan was made for environment '{plan.environment.name}', not '{env.name}'")
+    if plan.environment.database != env.display_url:
+        raise UsageError(f"plan was made for database {plan.environment.database}, not {env.display_url}")
 
 
-def load_plan_file(path: Path) -> dict[str, Any]:
-    """Reads a plan JSON file (``UsageError`` if missing or not JSON)."""
+def load_plan(path: Path) -> Plan:
+    """Reads and verifies a plan file (``UsageError`` if missing, not JSON, not a plan or modified)."""
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -155,7 +311,7 @@ def load_plan_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"cannot read plan {path}: {exc}") from None
     if not isinstance(body, dict):
         raise UsageError(f"{path} is not a gatefill plan")
-    return body
+    return Plan.from_json(body)
 
 
 def _group(candidate: Candidate, priority: set[str], recent_from: datetime) -> str:
@@ -168,7 +324,7 @@ def _group(candidate: Candidate, priority: set[str], recent_from: datetime) -> s
 
 def make_batches(
     candidates: Sequence[Candidate], priority: Sequence[str], batch_size: int, now: datetime
-) -> list[dict[str, Any]]:
+) -> tuple[Batch, ...]:
     """Splits the runnable candidates into batches: priority sessions, then the last 30 days, then older ones."""
     wanted = set(priority)
     recent_from = now - timedelta(days=RECENT_DAYS)
@@ -180,28 +336,27 @@ def make_batches(
         group = _group(c, wanted, recent_from)
         return (order[group], priority_rank.get(c.key, 0), c.created_at, c.key)
 
-    batches: list[dict[str, Any]] = []
+    batches: list[Batch] = []
     current: list[Candidate] = []
-    current_group: str | None = None
+    current_group = ""
     for candidate in sorted(runnable, key=sort_key):
         group = _group(candidate, wanted, recent_from)
         if current and (group != current_group or len(current) == batch_size):
-            batches.append({"batch_no": len(batches) + 1, "group": current_group, "keys": [c.key for c in current]})
+            batches.append(Batch(len(batches) + 1, current_group, tuple(c.key for c in current)))
             current = []
         current.append(candidate)
         current_group = group
     if current:
-        batches.append({"batch_no": len(batches) + 1, "group": current_group, "keys": [c.key for c in current]})
-    return batches
+        batches.append(Batch(len(batches) + 1, current_group, tuple(c.key for c in current)))
+    return tuple(batches)
 
 
 def expected_changes(candidates: Sequence[Candidate]) -> dict[str, dict[str, int]]:
     """Rows each table will gain (insert) or have rewritten (update), counted from the candidates' operations."""
-    counts: dict[str, Counter[str]] = {}
-    for c in candidates:
-        for op in c.operations:
-            table, _, kind = op.partition(":")
-            counts.setdefault(table, Counter())[kind] += 1
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for op, n in Counter(op for c in candidates for op in c.operations).items():
+        table, _, kind = op.partition(":")
+        counts[table][kind] += n
     return {t: {"insert": n["insert"], "update": n["update"]} for t, n in sorted(counts.items())}
 
 
@@ -214,54 +369,27 @@ def compose_plan(
     now: datetime,
     run_id: str | None = None,
     source: str = "plan",
-) -> dict[str, Any]:
-    """Read-only: runs prechecks and discovery and returns the hashed plan body (nothing is recorded or written)."""
+) -> Plan:
+    """Read-only: runs prechecks and discovery and returns the hashed plan (nothing is recorded or written)."""
     params.validate(job)
     prechecks: list[Check] = job.prechecks(conn, env.name)
     failed = [c for c in prechecks if c.verdict == "FAIL" and c.gating]
     if failed:
         raise GateBlocked("precheck", [f"{c.name}: {c.summary}" for c in failed])
-    candidates = list(job.discover(conn, {"since": params.since, "profiles": params.profiles}))
-    known = {c.key for c in candidates}
-    rate = parse_rate(params.rate)
-    batches = make_batches(candidates, params.priority, params.batch_size, now)
-    runnable = [c for c in candidates if c.operations]
-    by_category: dict[str, list[str]] = {}
-    for c in candidates:
-        by_category.setdefault(c.category, []).append(c.key)
-    body: dict[str, Any] = {
-        "format": PLAN_FORMAT,
-        "run_id": run_id or ledger.new_run_id("apply", now),
-        "source": source,
-        "created_at": format_utc(now),
-        "environment": {"name": env.name, "kind": env.kind, "database": env.display_url},
-        "job": job.name,
-        "versions": dict(job.versions),
-        "parameters": params.to_json(),
-        "prechecks": [c.to_json() for c in prechecks],
-        "categories": {k: {"count": len(v), "keys": v} for k, v in sorted(by_category.items())},
-        "candidates": [
-            {
-                "key": c.key,
-                "category": c.category,
-                "created_at": format_utc(c.created_at),
-                "operations": list(c.operations),
-                "detail": dict(c.detail),
-            }
-            for c in candidates
-        ],
-        "batches": batches,
-        "totals": {
-            "candidates": len(runnable),
-            "blocked_or_skipped": len(candidates) - len(runnable),
-            "batches": len(batches),
-            "priority_not_found": [p for p in params.priority if p not in known],
-        },
-        "expected_changes": expected_changes(runnable),
-        "expected_runtime_seconds": rate.seconds_for(len(runnable)),
-    }
-    body["hash"] = plan_hash(body)
-    return body
+    candidates = tuple(job.discover(conn, {"since": params.since, "profiles": params.profiles}))
+    plan = Plan(
+        run_id=run_id or ledger.new_run_id("apply", now),
+        source=source,
+        created_at=now,
+        environment=PlanEnvironment(env.name, env.kind, env.display_url),
+        job=job.name,
+        versions=dict(job.versions),
+        parameters=params,
+        prechecks=tuple(prechecks),
+        candidates=candidates,
+        batches=make_batches(candidates, params.priority, params.batch_size, now),
+    )
+    return plan.sealed()
 
 
 def build_plan(
@@ -274,16 +402,17 @@ def build_plan(
     artifacts_dir: Path,
     source: str = "plan",
     run_id: str | None = None,
-) -> Plan:
+) -> PlanFiles:
     """Composes the plan, records it as a planned run in the ledger and writes backfill_plan.json/.md."""
     params.validate(job)
     ledger.init_ledger(db)
     with db.connect() as conn:
-        body = compose_plan(conn, env, job, params, now=now, run_id=run_id, source=source)
+        plan = compose_plan(conn, env, job, params, now=now, run_id=run_id, source=source)
+    body = plan.to_json()
     with db.begin() as conn:
         ledger.create_run(
             conn,
-            run_id=body["run_id"],
+            run_id=plan.run_id,
             phase="apply",
             environment=env.name,
             job=job.name,
@@ -291,16 +420,20 @@ def build_plan(
             params=params.to_json(),
             now=now,
             plan=body,
-            plan_hash=body["hash"],
+            plan_hash=plan.hash,
         )
-    return write_plan_files(body, artifacts_dir / body["run_id"], "backfill_plan")
+    return _write_plan_files(plan, body, artifacts_dir / plan.run_id, "backfill_plan")
 
 
-def write_plan_files(body: Mapping[str, Any], out_dir: Path, stem: str) -> Plan:
+def write_plan_files(plan: Plan, out_dir: Path, stem: str) -> PlanFiles:
     """Writes ``<stem>.json`` (the plan exactly) and ``<stem>.md`` (its review) into ``out_dir``."""
+    return _write_plan_files(plan, plan.to_json(), out_dir, stem)
+
+
+def _write_plan_files(plan: Plan, body: Mapping[str, Any], out_dir: Path, stem: str) -> PlanFiles:
     json_path = write_json(out_dir / f"{stem}.json", body)
     md_path = write_text(out_dir / f"{stem}.md", render_plan_markdown(body))
-    return Plan(body=body, json_path=json_path, md_path=md_path)
+    return PlanFiles(plan, json_path, md_path)
 
 
 _CALLS = {"fc_scores": "score_fc_session", "profiles": "score_prism"}
@@ -344,10 +477,10 @@ def plan_risks(body: Mapping[str, Any]) -> list[str]:
     return risks
 
 
-def plan_from_ledger(db: Database, run_id: str) -> dict[str, Any]:
-    """The plan body stored with a run (``DataError`` if the run has none)."""
+def plan_from_ledger(db: Database, run_id: str) -> Plan:
+    """The plan stored with a run, verified as a plan file is (``DataError`` if the run has none)."""
     with db.connect() as conn:
         run = ledger.get_run(conn, run_id, where=db.display_url)
     if run.plan is None:
         raise DataError(f"run {run_id} has no plan")
-    return dict(run.plan)
+    return Plan.from_json(run.plan)

@@ -21,9 +21,9 @@ script's sections) reads the ledger through one keyset-paginated reader, ``PAGE_
 with the current rows of that page's keys; what outlives a page is counters, the conflicts and the first
 ``LISTED_PROBLEMS`` verification problems.
 
-``rollback_sql`` emits the same procedure as a script for ``psql`` or the ``sqlite3`` shell, with value literals
-that reproduce the stored values exactly (floats bit for bit), a guard that refuses when rows changed since the run
-wrote them, and verification inside the transaction that aborts it if a check fails.
+``gatefill.reports.rollback_sql`` writes the same procedure as a script for ``psql`` or the ``sqlite3`` shell, reading
+the ledger through the same pages (``LedgerPages``) and comparing values by the same column kinds (``column_kind``).
+``gatefill.reports.rollback`` writes the result as ``rollback_report.md``.
 
 Column types come from the job's table definitions (``WrittenTable.table``, or failing that the ``metadata``
 argument): on SQLite the database itself cannot say which TEXT column holds JSON or a timestamp.
@@ -31,51 +31,46 @@ argument): on SQLite the database itself cannot say which TEXT column holds JSON
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import io
 import json
-import math
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import base as postgresql_base
-from sqlalchemy.dialects.sqlite import base as sqlite_base
 from sqlalchemy.engine import Connection
 
 from gatefill import ledger
-from gatefill.config import Environment
-from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText, dumps_json, format_utc, parse_utc
+from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText, parse_utc
 from gatefill.errors import DataError, GatefillError, UsageError
-from gatefill.job import Check, Fence, Job, WrittenTable
-from gatefill.lease import RunLease
+from gatefill.job import Check, Fence, WrittenTable
 from gatefill.ledger import RunStatus
 
 __all__ = [
+    "DRY_RUN_REPORT_NAME",
+    "KEY_CHUNK",
+    "PAGE_SIZE",
+    "REPORT_NAME",
+    "ChangePages",
     "Conflict",
     "LedgerChange",
+    "LedgerPages",
     "NothingToRollBack",
     "RollbackConflicts",
     "RollbackPlan",
     "RollbackResult",
     "RollbackVerificationFailed",
     "TableCounts",
+    "column_kind",
     "load_changes",
+    "normal_value",
     "plan_rollback",
-    "render_report",
-    "render_rollback",
-    "rollback_command",
     "rollback_run",
-    "rollback_sql",
-    "write_rollback_sql",
+    "sequence_pages",
+    "table_definitions",
 ]
 
 REPORT_NAME = "rollback_report.md"
@@ -88,7 +83,7 @@ LISTED_PROBLEMS = 50
 #: Ledger changes per page: no pass over a run's changes holds more than two pages of them at a time.
 PAGE_SIZE = 2000
 #: Keys per statement when reading, deleting or verifying rows in bulk.
-_CHUNK = 500
+KEY_CHUNK = 500
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -138,7 +133,7 @@ class LedgerChange:
     """One row change a run recorded, as rollback reads it back from the ledger (key values typed by column).
 
     ``inserted``: the row was absent before the run (no before-image), so undoing the change is a delete. A pass over
-    the ledger reads only the images it uses (see ``_LedgerPages``): an image it did not read is None, and so is the
+    the ledger reads only the images it uses (see ``LedgerPages``): an image it did not read is None, and so is the
     before-image of an inserted row.
     """
 
@@ -239,10 +234,23 @@ class RollbackResult:
             return "REFUSED"
         return "PASS" if self.verified else "FAIL"
 
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "PASS" else 1
+
+    def raise_for_verdict(self) -> None:
+        """Raises what a refused rollback (``RollbackConflicts``) or a failed verification
+        (``RollbackVerificationFailed``) is, naming ``report_path``; a dry run, or a rollback that committed, passes."""
+        if self.refused:
+            raise RollbackConflicts(self.run_id, self.conflicts, self.report_path)
+        if not self.dry_run and not self.committed and self.changes:
+            failed = [c for c in self.verification if c.verdict != "PASS"]
+            raise RollbackVerificationFailed(self.run_id, failed, self.report_path)
+
 
 # ---------------------------------------------------------------------------------------------------- column kinds
 
-_TS, _JSON, _ARRAY, _UUID, _FLOAT, _BOOL, _INT, _TEXT = (
+KIND_TIMESTAMP, KIND_JSON, KIND_ARRAY, KIND_UUID, KIND_FLOAT, KIND_BOOL, KIND_INT, KIND_TEXT = (
     "timestamp",
     "json",
     "array",
@@ -254,27 +262,27 @@ _TS, _JSON, _ARRAY, _UUID, _FLOAT, _BOOL, _INT, _TEXT = (
 )
 
 
-def _kind(column: sa.Column[Any]) -> str:
+def column_kind(column: sa.Column[Any]) -> str:
     """How a column's values are compared and written as literals."""
     t = column.type
     if isinstance(t, UTCTimestamp):
-        return _TS
+        return KIND_TIMESTAMP
     if isinstance(t, JSONValue):
-        return _JSON
+        return KIND_JSON
     if isinstance(t, TextArray):
-        return _ARRAY
+        return KIND_ARRAY
     if isinstance(t, UUIDText):
-        return _UUID
+        return KIND_UUID
     if isinstance(t, sa.Boolean):
-        return _BOOL
+        return KIND_BOOL
     if isinstance(t, sa.Float):
-        return _FLOAT
+        return KIND_FLOAT
     if isinstance(t, sa.Integer):
-        return _INT
-    return _TEXT
+        return KIND_INT
+    return KIND_TEXT
 
 
-def _definitions(
+def table_definitions(
     tables: Sequence[WrittenTable], metadata: sa.MetaData | None
 ) -> dict[str, tuple[sa.Table, WrittenTable]]:
     """The Core definition (with gatefill's logical column types) of every written table."""
@@ -297,16 +305,16 @@ def _definitions(
 
 def _coerce_key(column: sa.Column[Any], text: str) -> Any:
     # ledger.row_key keeps every key value as str(); bring it back to the column's Python type.
-    kind = _kind(column)
-    if kind == _INT:
+    kind = column_kind(column)
+    if kind == KIND_INT:
         return int(text)
-    if kind == _FLOAT:
+    if kind == KIND_FLOAT:
         return float(text)
-    if kind == _BOOL:
+    if kind == KIND_BOOL:
         return text == "True"
-    if kind == _TS:
+    if kind == KIND_TIMESTAMP:
         return parse_utc(text)
-    if kind == _UUID:
+    if kind == KIND_UUID:
         return text.lower()  # as Postgres returns it
     return text
 
@@ -325,22 +333,22 @@ def _canon_json(value: Any) -> Any:
     return value
 
 
-def _normal(kind: str, value: Any) -> Any:
+def normal_value(kind: str, value: Any) -> Any:
     """A value in a form where equality means "the same stored value" for the column's kind."""
     if value is None:
         return None
-    if kind == _TS:
+    if kind == KIND_TIMESTAMP:
         instant = parse_utc(value) if isinstance(value, str) else value
         if isinstance(instant, datetime):
             return instant.astimezone(UTC) if instant.tzinfo else instant.replace(tzinfo=UTC)
         return instant
-    if kind in (_JSON, _ARRAY):
+    if kind in (KIND_JSON, KIND_ARRAY):
         return json.dumps(_canon_json(value), sort_keys=True, ensure_ascii=False)
-    if kind == _FLOAT and isinstance(value, int | float) and not isinstance(value, bool):
+    if kind == KIND_FLOAT and isinstance(value, int | float) and not isinstance(value, bool):
         return repr(float(value))  # exact: repr round-trips, and NaN equals itself as text
-    if kind == _BOOL:
+    if kind == KIND_BOOL:
         return bool(value)
-    if kind == _UUID:
+    if kind == KIND_UUID:
         return str(value).lower()
     return value
 
@@ -350,14 +358,15 @@ def _differing(table: sa.Table, image: Mapping[str, Any], row: Mapping[str, Any]
     return [
         name
         for name, value in image.items()
-        if name in table.c and _normal(_kind(table.c[name]), value) != _normal(_kind(table.c[name]), row.get(name))
+        if name in table.c
+        and normal_value(column_kind(table.c[name]), value) != normal_value(column_kind(table.c[name]), row.get(name))
     ]
 
 
 # ---------------------------------------------------------------------------------------------------- ledger pages
 
 
-class _Pages(Protocol):
+class ChangePages(Protocol):
     """A run's changes in pages, oldest or newest change first, with the images a pass asks for (an image not asked
     for is None); ``updated_only`` leaves out the changes that inserted their row."""
 
@@ -409,7 +418,7 @@ def _column_names(table: sa.Table) -> frozenset[str]:
 
 
 @dataclass(frozen=True)
-class _LedgerPages:
+class LedgerPages:
     """The one reader of a run's changes: pages of ``page_size`` changes from the ledger, keyset-paginated on id.
 
     Planning, execution, verification and the SQL script each make their passes through it, so none of them holds
@@ -428,7 +437,7 @@ class _LedgerPages:
     @classmethod
     def open(
         cls, conn: Connection, run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], page_size: int
-    ) -> _LedgerPages:
+    ) -> LedgerPages:
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, not {page_size}")
         c = ledger.changes.c
@@ -469,7 +478,7 @@ class _LedgerPages:
                 return
 
 
-def _sequence_pages(changes: Sequence[LedgerChange], page_size: int) -> _Pages:
+def sequence_pages(changes: Sequence[LedgerChange], page_size: int) -> ChangePages:
     """Pages over changes already in memory (``rollback_sql``'s argument), in the ledger reader's shape."""
 
     def read(
@@ -489,12 +498,12 @@ def load_changes(
 ) -> list[LedgerChange]:
     """Every change the run recorded, oldest first, with typed keys and both images; a table the job does not declare
     is an error. All of them in memory at once: for inspecting small runs (rollback itself reads page by page)."""
-    defs = _definitions(tables, metadata)
-    pages = _LedgerPages.open(conn, run_id, defs, PAGE_SIZE)
+    defs = table_definitions(tables, metadata)
+    pages = LedgerPages.open(conn, run_id, defs, PAGE_SIZE)
     return [change for page in pages() for change in page]
 
 
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+def _chunks(items: Sequence[Any], size: int = KEY_CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -538,20 +547,9 @@ def _canonical_key(defs: Mapping[str, tuple[sa.Table, WrittenTable]], change: Le
 # ---------------------------------------------------------------------------------------------------- planning
 
 
-def _unfinished_batches(conn: Connection, run_id: str) -> list[int]:
-    """Batches the functions executor started (intents recorded) but whose ledger rows have not committed."""
-    if not sa.inspect(conn).has_table("gatefill_fn_intents"):
-        return []
-    rows = conn.execute(
-        sa.text("SELECT DISTINCT batch_no FROM gatefill_fn_intents WHERE run_id = :run ORDER BY batch_no"),
-        {"run": run_id},
-    )
-    return [int(n) for (n,) in rows]
-
-
 def _plan(
     conn: Connection, run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], *, lock: bool, page_size: int
-) -> tuple[RollbackPlan, _LedgerPages]:
+) -> tuple[RollbackPlan, LedgerPages]:
     """The plan, and the reader the rollback's later passes use (it stops at the changes the plan counted)."""
     where = conn.engine.url.render_as_string(hide_password=True)
     if not sa.inspect(conn).has_table(ledger.runs.name):
@@ -567,14 +565,14 @@ def _plan(
         raise NothingToRollBack(run_id, f"it is a {run.phase} run, which changes no data (only apply runs do)")
     if status_text == RunStatus.PLANNED.value:
         raise NothingToRollBack(run_id, "it is only planned: nothing was applied")
-    unfinished = _unfinished_batches(conn, run_id)
+    unfinished = ledger.pending_batches(conn, run_id)
     if unfinished:
         # Their calls may have written rows the ledger does not list yet: undoing only the listed ones is not exact.
         raise DataError(
             f"run {run_id} has functions batch(es) {unfinished} whose written rows are not in the ledger yet; "
             f"finish them with `gatefill apply {run_id}` before rolling back"
         )
-    pages = _LedgerPages.open(conn, run_id, defs, page_size)
+    pages = LedgerPages.open(conn, run_id, defs, page_size)
     counts = {name: TableCounts(name) for name in defs}
     conflicts: list[Conflict] = []
     n = 0
@@ -608,7 +606,7 @@ def plan_rollback(
     page_size: int = PAGE_SIZE,
 ) -> RollbackPlan:
     """Read-only: the run's changes counted per table, its status, and the rows that changed since it wrote them."""
-    return _plan(conn, run_id, _definitions(tables, metadata), lock=False, page_size=page_size)[0]
+    return _plan(conn, run_id, table_definitions(tables, metadata), lock=False, page_size=page_size)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- execution
@@ -627,7 +625,7 @@ def _group_runs(changes: Sequence[LedgerChange]) -> Iterator[list[LedgerChange]]
 
 
 def _execute(
-    conn: Connection, plan: RollbackPlan, pages: _Pages, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
+    conn: Connection, plan: RollbackPlan, pages: ChangePages, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
 ) -> dict[str, TableCounts]:
     counts = {t.table: dataclasses.replace(t) for t in plan.tables}
     # Deletes first, newest change first (children before parents), then inserts, oldest first (parents first), so
@@ -712,7 +710,7 @@ class _Tally:
 
 
 def _verify(
-    conn: Connection, pages: _Pages, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
+    conn: Connection, pages: ChangePages, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
 ) -> tuple[list[Check], tuple[str, ...]]:
     """Reads every key back: inserted keys must be absent, updated keys equal to their before-image.
 
@@ -793,21 +791,20 @@ def rollback_run(
     page_size: int = PAGE_SIZE,
     fence: Fence | None = None,
 ) -> RollbackResult:
-    """Undoes a run by primary key in one transaction, verifies it before commit and writes ``rollback_report.md``
-    (a dry run writes ``rollback_dry_run.md``, so it never replaces the report of a real rollback).
+    """Undoes a run by primary key in one transaction, verifies it before commit and returns what it measured
+    (``gatefill.reports.rollback`` writes it as ``rollback_report.md``, a dry run as ``rollback_dry_run.md``).
 
     ``dry_run`` performs every step and the verification, then rolls the transaction back (nothing changes; the
-    report says what would happen). Without ``force``, conflicts refuse the rollback (``RollbackConflicts``, after the
-    report is written); with it, the before-images are restored over them. A run whose status cannot move to
+    result says what would happen). Without ``force``, conflicts refuse the rollback (a result with verdict REFUSED,
+    whose ``raise_for_verdict`` raises ``RollbackConflicts``); with it, the before-images are restored over them. A
+    rollback whose verification fails commits nothing (verdict FAIL). A run whose status cannot move to
     ``rolled_back`` (e.g. already rolled back, or still running) raises ``IllegalTransition`` before any write; a run
     that changed no data (not an apply run, or only planned), and a dry run of a rolled-back run, ``NothingToRollBack``.
     The ledger is read ``page_size`` changes at a time, in four passes: conflicts, deletes, restores, verification.
-    ``fence`` (the run's lease, held by ``rollback_command``) is proven first in the transaction.
+    ``fence`` (the run's lease, held by ``gatefill.commands.rollback_environment``) is proven first in the transaction;
+    ``artifacts_dir`` is where the run's reports are (a refusal names the report of an earlier rollback).
     """
-    defs = _definitions(tables, metadata)
-    refused = committed = False
-    checks: list[Check] = []
-    notes: tuple[str, ...] = ()
+    defs = table_definitions(tables, metadata)
     with db.translate_errors(), db.engine.connect() as conn:
         trans = conn.begin()
         try:
@@ -820,24 +817,10 @@ def rollback_run(
                     f"it was rolled back already (see {artifacts_dir / run_id / REPORT_NAME}); "
                     "a dry run now would only find its rows gone",
                 )
-            counts = {t.table: t for t in plan.tables}
             if not dry_run and not plan.allowed:
                 raise ledger.IllegalTransition(run_id, plan.status, RunStatus.ROLLED_BACK)
-            if plan.conflicts and not force and not dry_run:
-                refused = True
-            else:
-                counts = _execute(conn, plan, pages, defs)
-                checks, notes = _verify(conn, pages, defs)
-                ok = all(c.verdict == "PASS" for c in checks)
-                if not dry_run and ok:
-                    n_deleted = sum(t.deleted for t in counts.values())
-                    n_restored = sum(t.restored for t in counts.values())
-                    reason = f"rollback: {n_deleted} inserted rows deleted, {n_restored} before-images restored"
-                    if plan.conflicts:
-                        reason += f", forced over {len(plan.conflicts)} conflict(s)"
-                    ledger.transition(conn, run_id, RunStatus.ROLLED_BACK, now=now, reason=reason)
-                    committed = True
-            if committed:
+            undone = _undo(conn, plan, pages, defs, now=now, dry_run=dry_run, force=force)
+            if undone.committed:
                 trans.commit()
             else:
                 trans.rollback()
@@ -845,608 +828,60 @@ def rollback_run(
             if trans.is_active:
                 trans.rollback()
             raise
-    result = RollbackResult(
+    return RollbackResult(
         run_id=run_id,
         environment=db.env.name,
         database=db.display_url,
         dry_run=dry_run,
         forced=force,
-        refused=refused,
-        committed=committed,
+        refused=undone.refused,
+        committed=undone.committed,
         status_before=plan.status,
-        status_after=RunStatus.ROLLED_BACK if committed else plan.status,
+        status_after=RunStatus.ROLLED_BACK if undone.committed else plan.status,
         status_allows_rollback=plan.allowed,
         changes=plan.changes,
-        tables=tuple(counts.values()),
+        tables=tuple(undone.counts.values()),
         conflicts=plan.conflicts,
-        verification=tuple(checks),
+        verification=tuple(undone.checks),
         generated_at=now,
-        notes=notes,
+        notes=undone.notes,
     )
-    path = artifacts_dir / run_id / (DRY_RUN_REPORT_NAME if dry_run else REPORT_NAME)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result = dataclasses.replace(result, report_path=path)
-    path.write_text(render_report(result), encoding="utf-8")
-    if refused:
-        raise RollbackConflicts(run_id, plan.conflicts, path)
-    if not dry_run and not committed and plan.changes:
-        raise RollbackVerificationFailed(run_id, [c for c in checks if c.verdict != "PASS"], path)
-    return result
 
 
-# ---------------------------------------------------------------------------------------------------- report
+@dataclass(frozen=True)
+class _Undone:
+    """What the rollback's transaction did: counts per table, verification, and whether it was refused or
+    committed (neither: a dry run, or a failed verification, both rolled back)."""
+
+    counts: dict[str, TableCounts]
+    checks: list[Check] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
+    refused: bool = False
+    committed: bool = False
 
 
-def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_report(result: RollbackResult) -> str:
-    """``rollback_report.md``: what was restored and deleted per table, conflicts, verification with its counts."""
-    mode = "DRY RUN: executed inside a transaction that was then rolled back" if result.dry_run else "executed"
-    if result.refused:
-        mode = "REFUSED: nothing was changed"
-    elif not result.dry_run and not result.committed:
-        mode = "FAILED verification: the transaction was rolled back, nothing was changed"
-    status = (
-        f"{result.status_before.value} → {result.status_after.value}"
-        if result.committed
-        else f"{result.status_before.value} (unchanged)"
-    )
-    lines = [
-        f"# Rollback report: run `{result.run_id}`",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| verdict | **{result.verdict}** |",
-        f"| mode | {mode} |",
-        f"| forced | {'yes (--force): before-images restored over the conflicts below' if result.forced else 'no'} |",
-        f"| environment | {_cell(result.environment)} (`{_cell(result.database)}`) |",
-        f"| run status | {status} |",
-        f"| generated at | {format_utc(result.generated_at)} |",
-        f"| ledger changes | {result.changes} (`gatefill_changes WHERE run_id = '{_cell(result.run_id)}'`) |",
-        f"| conflicts | {len(result.conflicts)} |",
-        "",
-    ]
-    if not result.status_allows_rollback:
-        lines += [
-            f"Note: a run in status `{result.status_before.value}` cannot become `rolled_back`; "
-            "a real rollback would be refused.",
-            "",
-        ]
-    lines += [
-        "Every key comes from the run's ledger; rows the run did not write are never addressed, and nothing is "
-        "selected by timestamp. Rows are deleted by primary key, then before-images are inserted back whole (a job "
-        "whose images hold only the columns it set has those columns updated back in place, by key).",
-        "",
-        "## Rows per table",
-        "",
-        "| table | inserted by the run | deleted | already absent | updated by the run | restored |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for t in result.tables:
-        lines.append(
-            f"| {t.table} | {t.inserted_by_run} | {t.deleted} | {t.already_absent} | {t.updated_by_run} | "
-            f"{t.restored} |"
-        )
-    if result.refused:
-        lines += ["", "(Refused before any write: the deleted/restored columns are zero because nothing ran.)"]
-    lines += ["", "## Conflicts: rows changed since the run wrote them", ""]
-    if not result.conflicts:
-        lines.append("None: every row the run wrote still equals its after-image in every column.")
-    else:
-        lines += ["| table | key | what differs |", "|---|---|---|"]
-        for c in result.conflicts:
-            what = "deleted since the run wrote it" if c.reason == "deleted" else "changed: " + ", ".join(c.columns)
-            lines.append(f"| {c.table} | `{_cell(c.row_key)}` | {_cell(what)} |")
-    lines += ["", "## Verification (inside the transaction, before commit)", ""]
-    if not result.verification:
-        lines.append("Not run: " + ("the rollback was refused." if result.refused else "the run changed no rows."))
-    else:
-        lines += ["| check | expected | measured | verdict | query |", "|---|---:|---:|---|---|"]
-        for check in result.verification:
-            lines.append(
-                f"| {_cell(check.name)} | {check.evidence.get('expected')} | {check.evidence.get('measured')} | "
-                f"{check.verdict} | `{_cell(check.query)}` |"
-            )
-    if result.notes:
-        lines += ["", "## Problems found by verification", ""] + [f"- {_cell(n)}" for n in result.notes]
-    return "\n".join(lines) + "\n"
-
-
-def render_rollback(result: RollbackResult) -> list[str]:
-    """Short plain lines for the terminal."""
-    head = "dry run of rollback" if result.dry_run else "rollback"
-    lines = [f"{head} of run {result.run_id} on {result.environment} ({result.database}): {result.verdict}"]
-    for t in result.tables:
-        if t.inserted_by_run or t.updated_by_run:
-            lines.append(
-                f"  {t.table}: {t.deleted}/{t.inserted_by_run} inserted rows deleted"
-                f" ({t.already_absent} already absent), {t.restored}/{t.updated_by_run} before-images restored"
-            )
-    for check in result.verification:
-        lines.append(f"  {check.verdict:<4} {check.summary}")
-    if result.conflicts:
-        lines.append(f"  {len(result.conflicts)} conflict(s){' overwritten (--force)' if result.forced else ''}")
-    if result.dry_run:
-        lines.append("  nothing was changed (dry run)")
-    elif result.committed:
-        lines.append(f"  run {result.run_id}: {result.status_before.value} → {result.status_after.value}")
-    if result.report_path is not None:
-        lines.append(f"  report: {result.report_path}")
-    return lines
-
-
-# ---------------------------------------------------------------------------------------------------- SQL script
-
-
-def _quote(text: str) -> str:
-    if "\x00" in text:
-        raise DataError("a text value contains a NUL character, which neither psql nor sqlite3 scripts can carry")
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _text(text: str, pg: bool) -> str:
-    """A text literal; on SQLite, carriage returns go through ``char(13)`` because the sqlite3 shell drops them."""
-    if pg or "\r" not in text:
-        return _quote(text)
-    return "(" + " || char(13) || ".join(_quote(part) for part in text.split("\r")) + ")"
-
-
-def _sqlite_real(value: float) -> str:
-    """An SQLite expression that evaluates to exactly ``value``.
-
-    SQLite's own decimal parser is not correctly rounded (3.40 misreads about 1 in 10,000 values written by ``repr``),
-    so a non-integral float is written as an integer mantissa (exact below 2**53) scaled by powers of two, each of
-    which is exact in binary floating point.
-    """
-    if math.isnan(value):
-        return "NULL"  # SQLite stores NaN as NULL itself
-    if math.isinf(value):
-        return "9e999" if value > 0 else "-9e999"
-    if value.is_integer() and abs(value) < 2**53:
-        return repr(value)
-    mantissa, exponent = math.frexp(value)
-    m, e = int(mantissa * 2**53), exponent - 53
-    while m % 2 == 0 and e < 0:
-        m //= 2
-        e += 1
-    expr = f"CAST({m} AS REAL)"
-    op = "/" if e < 0 else "*"
-    remaining = abs(e)
-    while remaining:
-        step = min(remaining, 62)
-        expr += f" {op} {2**step}"
-        remaining -= step
-    return f"({expr})"
-
-
-def _literal(kind: str, value: Any, pg: bool) -> str:
-    """A literal of ``value`` in the column's stored representation for the dialect."""
-    if value is None:
-        return "NULL"
-    if kind == _TS:
-        instant = _normal(_TS, value)
-        if pg:
-            return _quote(instant.isoformat(timespec="microseconds")) + "::timestamptz"
-        return _quote(format_utc(instant))
-    if kind == _JSON:
-        return _quote(dumps_json(value)) + ("::jsonb" if pg else "")
-    if kind == _ARRAY:
-        if pg:
-            if not value:
-                return "'{}'::text[]"
-            return "ARRAY[" + ", ".join("NULL" if v is None else _quote(str(v)) for v in value) + "]::text[]"
-        return _quote(json.dumps(list(value), ensure_ascii=False))  # as TextArray stores it
-    if kind == _UUID:
-        return _text(str(value), pg) + ("::uuid" if pg else "")
-    if kind == _BOOL:
-        return ("TRUE" if value else "FALSE") if pg else ("1" if value else "0")
-    if kind == _FLOAT:
-        number = float(value)
-        if not pg:
-            return _sqlite_real(number)
-        if math.isnan(number):
-            return "'NaN'::float8"
-        if math.isinf(number):
-            return "'Infinity'::float8" if number > 0 else "'-Infinity'::float8"
-        return _quote(repr(number)) + "::float8"  # Postgres parses with a correctly rounded strtod
-    if kind == _INT:
-        return str(int(value))
-    if isinstance(value, bool):
-        return ("TRUE" if value else "FALSE") if pg else ("1" if value else "0")
-    if isinstance(value, float) and not pg:
-        return _sqlite_real(value)  # exact, where SQLite's decimal parser is not
-    if isinstance(value, int | float):
-        return repr(value)
-    return _text(str(value), pg)
-
-
-#: Words either dialect reserves: such a name is quoted even when it is lower-case (``user``, ``order``).
-_RESERVED = frozenset(postgresql_base.RESERVED_WORDS) | frozenset(sqlite_base.SQLiteIdentifierPreparer.reserved_words)
-
-
-def _ident(name: str) -> str:
-    plain = re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in _RESERVED
-    return name if plain else '"' + name.replace('"', '""') + '"'
-
-
-def _table_ident(table: sa.Table) -> str:
-    return f"{_ident(table.schema)}.{_ident(table.name)}" if table.schema else _ident(table.name)
-
-
-def _restore_statement(
-    table: sa.Table, written: WrittenTable, change: LedgerChange, cols: Sequence[str], values: Sequence[str], pg: bool
-) -> str:
-    """The statement that puts one before-image back: an INSERT of the whole row, or for a partial image an UPDATE of
-    its columns by key (``values`` are the literals of ``cols``)."""
-    if not written.partial_images:
-        names = ", ".join(_ident(c) for c in cols)
-        return f"INSERT INTO {_table_ident(table)} ({names}) VALUES ({', '.join(values)});\n"
-    pk = written.primary_key
-    sets = ", ".join(f"{_ident(c)} = {v}" for c, v in zip(cols, values, strict=True) if c not in pk)
-    return f"UPDATE {_table_ident(table)} SET {sets} WHERE {_key_where(table, pk, change.key, pg)};\n"
-
-
-def _key_where(table: sa.Table, pk: Sequence[str], key: Mapping[str, Any], pg: bool) -> str:
-    return " AND ".join(f"{_ident(c)} = {_literal(_kind(table.c[c]), key[c], pg)}" for c in pk)
-
-
-def _keys_in(table: sa.Table, pk: Sequence[str], keys: Sequence[Mapping[str, Any]], pg: bool) -> str:
-    if len(pk) == 1:
-        column = table.c[pk[0]]
-        return f"{_ident(pk[0])} IN (" + ", ".join(_literal(_kind(column), k[pk[0]], pg) for k in keys) + ")"
-    rows = ", ".join("(" + ", ".join(_literal(_kind(table.c[c]), k[c], pg) for c in pk) + ")" for k in keys)
-    return "(" + ", ".join(_ident(c) for c in pk) + f") IN (VALUES {rows})"
-
-
-def _row_matches(table: sa.Table, pk: Sequence[str], key: Mapping[str, Any], image: Mapping[str, Any], pg: bool) -> str:
-    same = "IS NOT DISTINCT FROM" if pg else "IS"
-    parts = [_key_where(table, pk, key, pg)]
-    for name in _columns(table, image):
-        if name not in pk:
-            parts.append(f"{_ident(name)} {same} {_literal(_kind(table.c[name]), image[name], pg)}")
-    return f"EXISTS (SELECT 1 FROM {_table_ident(table)} WHERE " + " AND ".join(parts) + ")"
-
-
-def _columns(table: sa.Table, image: Mapping[str, Any]) -> list[str]:
-    # The table's column order reads better than jsonb's key order (which the ledger's images come back in).
-    return [c.name for c in table.columns if c.name in image]
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _script_pg(dialect: str) -> bool:
-    """Whether the script is for psql (else the sqlite3 shell)."""
-    if dialect not in ("postgresql", "sqlite"):
-        raise DataError(f"no rollback script for dialect {dialect!r}")
-    return dialect == "postgresql"
-
-
-class _Spools:
-    """Temporary files for the script's sections that are written in another order than they appear in the script.
-
-    A section comes into being when first written to; ``copy`` appends it to the script (nothing if never written).
-    """
-
-    def __init__(self, stack: contextlib.ExitStack) -> None:
-        self._stack = stack
-        self._files: dict[str, IO[str]] = {}
-
-    def __getitem__(self, section: str) -> IO[str]:
-        if section not in self._files:
-            # newline="": a literal may hold a bare \r, which universal-newline reading would turn into \n. The
-            # exit stack closes (and so deletes) the file.
-            spool = tempfile.TemporaryFile("w+", encoding="utf-8", newline="")  # noqa: SIM115
-            self._files[section] = self._stack.enter_context(spool)
-        return self._files[section]
-
-    def copy(self, section: str, out: IO[str]) -> None:
-        spool = self._files.get(section)
-        if spool is not None:
-            spool.seek(0)
-            shutil.copyfileobj(spool, out)
-
-
-def _write_script(
-    out: IO[str],
-    pages: _Pages,
+def _undo(
+    conn: Connection,
+    plan: RollbackPlan,
+    pages: LedgerPages,
     defs: Mapping[str, tuple[sa.Table, WrittenTable]],
     *,
-    pg: bool,
-    run_id: str,
-    environment: str,
-    database: str,
-    generated_at: datetime,
-    guard: bool,
-) -> None:
-    """Writes the rollback script (see ``rollback_sql``) to ``out`` in two passes over the run's changes.
-
-    Pass one (newest change first, no images) counts the changes for the header and spools the DELETEs; pass two
-    (oldest first) writes the guard straight to ``out`` and spools the INSERTs, the verification of each table and
-    the after-commit counts, which are then copied in script order. Only a page of changes and one 500-key chunk
-    per table and kind are in memory at a time.
-    """
-    with contextlib.ExitStack() as stack:
-        spools = _Spools(stack)
-        per_table: dict[str, list[int]] = {}  # table → [inserted, updated]
-        oldest: dict[str, int] = {}  # table → position of its oldest change, counted from the newest one
-        n = 0
-        for page in pages(newest_first=True, before=False, after=False):
-            for change in page:
-                if change.table not in defs:
-                    raise DataError(f"run {run_id} changed table {change.table!r}, which the job does not declare")
-                n += 1
-                oldest[change.table] = n
-                per_table.setdefault(change.table, [0, 0])[0 if change.inserted else 1] += 1
-                table, written = defs[change.table]
-                if written.partial_images and not change.inserted:
-                    continue  # restored in place (step 3)
-                where = _key_where(table, written.primary_key, change.key, pg)
-                spools["delete"].write(f"DELETE FROM {_table_ident(table)} WHERE {where};\n")
-        # The header names the tables in the order of their first change.
-        order = sorted(per_table, key=lambda name: -oldest[name])
-        summary = "; ".join(f"{t}: {per_table[t][0]} inserted, {per_table[t][1]} updated" for t in order) or "none"
-        for line in _script_head(pg, run_id, environment, database, generated_at, guard, n, summary):
-            out.write(line + "\n")
-        if guard and n:
-            out.write("\n-- 1. Guard: each row the run wrote still equals what it wrote.\n")
-        check = "INSERT INTO gatefill_rollback_check (what, ok) SELECT"
-        pending: dict[tuple[str, bool], list[Mapping[str, Any]]] = {}  # (table, inserted) → keys of the next chunk
-
-        def flush(name: str, inserted: bool) -> None:
-            """Verification of one chunk of keys: in the transaction (inserted ones), and the counts after commit."""
-            keys = pending.pop((name, inserted), [])
-            if not keys:
-                return
-            table, written = defs[name]
-            where = _keys_in(table, written.primary_key, keys, pg)
-            if inserted:
-                what = _quote(f"verify: no {name} row the run inserted is still present")
-                spools[f"verify inserted {name}"].write(
-                    f"{check} {what}, count(*) = 0 FROM {_table_ident(table)} WHERE {where};\n"
-                )
-                label = _quote(f"{name}: rows the run inserted, still present")
-                spools[f"final inserted {name}"].write(
-                    f"SELECT {label} AS check_name, count(*) AS should_be_0 FROM {_table_ident(table)} WHERE {where};\n"
-                )
-            else:
-                label = _quote(f"{name}: restored rows missing")
-                spools[f"final updated {name}"].write(
-                    f"SELECT {label} AS check_name, {len(keys)} - count(*) AS should_be_0 "
-                    f"FROM {_table_ident(table)} WHERE {where};\n"
-                )
-
-        for page in pages(after=guard):
-            for change in page:
-                name = change.table
-                table, written = defs[name]
-                pk = written.primary_key
-                if guard:
-                    what = _quote(f"unchanged since the run wrote it: {name} {change.row_key}")
-                    out.write(f"{check} {what}, {_row_matches(table, pk, change.key, change.after or {}, pg)};\n")
-                chunk = pending.setdefault((name, change.inserted), [])
-                chunk.append(change.key)
-                if not change.inserted:
-                    before = change.before or {}
-                    cols = _columns(table, before)
-                    values = [_literal(_kind(table.c[c]), before[c], pg) for c in cols]
-                    spools["insert"].write(_restore_statement(table, written, change, cols, values, pg))
-                    what = _quote(f"verify: equals its before-image: {name} {change.row_key}")
-                    spools[f"verify updated {name}"].write(
-                        f"{check} {what}, {_row_matches(table, pk, change.key, before, pg)};\n"
-                    )
-                if len(chunk) == _CHUNK:
-                    flush(name, change.inserted)
-        for name in defs:
-            flush(name, True)
-            flush(name, False)
-        out.write("\n-- 2. Delete every row the run wrote, newest change first.\n")
-        spools.copy("delete", out)
-        out.write("\n-- 3. Insert the before-images back, oldest change first (every column, timestamps included;\n")
-        out.write("--    a job whose images hold only the columns it set has them updated back in place, by key).\n")
-        spools.copy("insert", out)
-        out.write("\n-- 4. Verify inside the transaction (a failed check aborts it: nothing is committed).\n")
-        for name in defs:
-            spools.copy(f"verify inserted {name}", out)
-            spools.copy(f"verify updated {name}", out)
-        for line in _script_tail(pg, run_id):
-            out.write(line + "\n")
-        for name in defs:
-            spools.copy(f"final inserted {name}", out)
-            spools.copy(f"final updated {name}", out)
-
-
-def _script_head(
-    pg: bool, run_id: str, environment: str, database: str, generated_at: datetime, guard: bool, n: int, summary: str
-) -> list[str]:
-    """The script's lines up to the ledger check (step 0): header comments, session settings, BEGIN."""
-    shell = "psql -v ON_ERROR_STOP=1 -f THIS_FILE" if pg else "sqlite3 DATABASE_FILE < THIS_FILE"
-    out = [
-        f"-- gatefill rollback of run {_one_line(run_id)}",
-        f"-- environment: {_one_line(environment)} ({_one_line(database)})",
-        f"-- generated at: {format_utc(generated_at)}",
-        f"-- ledger changes: {n} ({summary})",
-        "-- Undoes exactly the rows the run wrote, by primary key (never by timestamp): deletes the rows it inserted",
-        "-- and restores the before-images of the rows it updated, in one transaction that aborts on any error,",
-        "-- then marks the run rolled_back in the ledger (a second execution is refused).",
-        f"-- Run with: {shell}",
-    ]
-    if guard:
-        out.append("-- Refuses (stops before any write) if a row changed since the run wrote it; a script generated")
-        out.append("-- with --force omits that guard.")
-    if not pg:
-        out.append("-- Non-integral floats are written as integer / 2^k: exact, which SQLite's decimal parser is not.")
-    out.append("")
-    if pg:
-        out += [
-            "\\set ON_ERROR_STOP on",
-            # LOCAL, like the ON COMMIT DROP table: nothing outlives the transaction, so the script is as safe to run
-            # through a transaction-mode pooler (whose sessions other clients share) as on a direct connection.
-            "BEGIN;",
-            "SET LOCAL client_encoding = 'UTF8';",
-            "SET LOCAL standard_conforming_strings = on;",
-            "CREATE TEMP TABLE gatefill_rollback_check (what text NOT NULL, ok boolean NOT NULL CHECK (ok))"
-            " ON COMMIT DROP;",
-        ]
-    else:
-        out += [
-            ".bail on",
-            "PRAGMA foreign_keys = ON;",
-            ".timeout 30000",
-            "BEGIN IMMEDIATE;",
-            "DROP TABLE IF EXISTS temp.gatefill_rollback_check;",
-            # SQLite's message names the constraint, not the row: the name says where to look.
-            "CREATE TEMP TABLE gatefill_rollback_check (what TEXT NOT NULL, ok INTEGER NOT NULL"
-            ' CONSTRAINT "rollback check failed, see the statement at the line named" CHECK (ok));',
-        ]
-    allowed_from = ", ".join(
-        _quote(s.value) for s, targets in ledger.TRANSITIONS.items() if RunStatus.ROLLED_BACK in targets
-    )
-    out += [
-        "",
-        "-- 0. The run must still be in a status that may become rolled_back (so the script cannot run twice).",
-        f"INSERT INTO gatefill_rollback_check (what, ok) SELECT {_quote(f'run may become rolled_back: {run_id}')}, "
-        f"EXISTS (SELECT 1 FROM {ledger.runs.name} WHERE id = {_quote(run_id)} AND status IN ({allowed_from}));",
-    ]
-    return out
-
-
-def _script_tail(pg: bool, run_id: str) -> list[str]:
-    """Step 5 (mark the run rolled_back), COMMIT, and the heading of the after-commit counts."""
-    run = _quote(run_id)
-    now_sql = "now()" if pg else "strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')"
-    return [
-        "",
-        "-- 5. Record the rollback in the run ledger, as `gatefill rollback` does.",
-        f"INSERT INTO {ledger.run_events.name} (run_id, at, from_status, to_status, reason) "
-        f"SELECT id, {now_sql}, status, 'rolled_back', 'rollback script' FROM {ledger.runs.name} WHERE id = {run};",
-        f"UPDATE {ledger.runs.name} SET status = 'rolled_back', updated_at = {now_sql}, finished_at = {now_sql} "
-        f"WHERE id = {run};",
-        "COMMIT;",
-        "",
-        "-- 6. After commit: counts that should all be 0.",
-    ]
-
-
-def rollback_sql(
-    conn_or_dialect: Connection | str,
-    changes: Sequence[LedgerChange],
-    tables: Sequence[WrittenTable],
-    *,
-    run_id: str,
-    environment: str,
-    database: str,
-    generated_at: datetime,
-    metadata: sa.MetaData | None = None,
-    guard: bool = True,
-) -> str:
-    """The rollback as a script for ``psql -v ON_ERROR_STOP=1 -f FILE`` or ``sqlite3 DB < FILE``.
-
-    One transaction: (0) the run's status must still allow ``rolled_back`` (so the script cannot run twice);
-    (1) unless ``guard`` is false, every row the run wrote must still equal its after-image; (2) DELETE every key
-    the run wrote, newest change first; (3) INSERT every before-image, oldest change first; (4) verify that inserted
-    keys are absent and restored rows equal their before-images; (5) mark the run ``rolled_back`` in the ledger;
-    COMMIT; then SELECTs printing counts that should be 0. A failed check is a CHECK violation that stops the
-    script (``ON_ERROR_STOP`` / ``.bail on``, both set by the script itself) with the transaction uncommitted.
-    ``database`` must be a display URL (no password). Nothing is selected by timestamp.
-
-    ``changes`` (as ``load_changes`` returns them) are all in memory; ``write_rollback_sql`` writes the same script
-    from the ledger page by page.
-    """
-    dialect = conn_or_dialect if isinstance(conn_or_dialect, str) else conn_or_dialect.dialect.name
-    pg = _script_pg(dialect)
-    defs = _definitions(tables, metadata)
-    text = io.StringIO()
-    _write_script(
-        text,
-        _sequence_pages(changes, PAGE_SIZE),
-        defs,
-        pg=pg,
-        run_id=run_id,
-        environment=environment,
-        database=database,
-        generated_at=generated_at,
-        guard=guard,
-    )
-    return text.getvalue()
-
-
-def write_rollback_sql(
-    db: Database,
-    run_id: str,
-    tables: Sequence[WrittenTable],
-    path: Path,
-    *,
-    now: datetime | None = None,
-    metadata: sa.MetaData | None = None,
-    guard: bool = True,
-    page_size: int = PAGE_SIZE,
-) -> Path:
-    """Writes the run's rollback script (e.g. ``backfill_logs/rollback_<YYYY-MM-DD>.sql``) and returns its path.
-
-    The script is ``rollback_sql``'s, written as the ledger is read, ``page_size`` changes at a time; it appears at
-    ``path`` only once complete.
-    """
-    defs = _definitions(tables, metadata)
-    with db.connect() as conn:
-        ledger.get_run(conn, run_id, where=db.display_url)
-        pg = _script_pg(conn.dialect.name)
-        pages = _LedgerPages.open(conn, run_id, defs, page_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        try:
-            with partial.open("w", encoding="utf-8") as out:
-                _write_script(
-                    out,
-                    pages,
-                    defs,
-                    pg=pg,
-                    run_id=run_id,
-                    environment=db.env.name,
-                    database=db.display_url,
-                    generated_at=now or datetime.now(UTC),
-                    guard=guard,
-                )
-            partial.replace(path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------- CLI glue
-
-
-def rollback_command(
-    env: Environment,
-    run_id: str,
-    *,
+    now: datetime,
     dry_run: bool,
     force: bool,
-    artifacts_dir: Path,
-    find_job: Callable[[str], Job],
-    now: datetime | None = None,
-) -> RollbackResult:
-    """What ``gatefill rollback RUN --env NAME [--dry-run] [--force]`` does: finds the run's job (``find_job``, the
-    registry's lookup by the name the ledger recorded) and rolls it back."""
-    with Database(env) as db:
-        with db.connect() as conn:
-            if not sa.inspect(conn).has_table(ledger.runs.name):
-                raise ledger.RunNotFound(run_id, f"{db.display_url} (it has no run ledger)")
-            run = ledger.get_run(conn, run_id, where=db.display_url)
-        tables = find_job(run.job).written_tables()
-        # The run's lease: a rollback never interleaves with an apply (or another rollback) of the same run.
-        with RunLease(db, run_id, "rollback") as lease:
-            return rollback_run(
-                db,
-                run_id,
-                tables,
-                now=now or datetime.now(UTC),
-                artifacts_dir=artifacts_dir,
-                dry_run=dry_run,
-                force=force,
-                fence=lease.fence,
-            )
+) -> _Undone:
+    """Deletes, restores and verifies in the caller's transaction, and marks the run ``rolled_back`` when that is
+    to be committed; conflicts refuse a real rollback that is not forced, before any write."""
+    if plan.conflicts and not force and not dry_run:
+        return _Undone({t.table: t for t in plan.tables}, refused=True)
+    counts = _execute(conn, plan, pages, defs)
+    checks, notes = _verify(conn, pages, defs)
+    if dry_run or not all(c.verdict == "PASS" for c in checks):
+        return _Undone(counts, checks, notes)
+    n_deleted = sum(t.deleted for t in counts.values())
+    n_restored = sum(t.restored for t in counts.values())
+    reason = f"rollback: {n_deleted} inserted rows deleted, {n_restored} before-images restored"
+    if plan.conflicts:
+        reason += f", forced over {len(plan.conflicts)} conflict(s)"
+    ledger.transition(conn, plan.run_id, RunStatus.ROLLED_BACK, now=now, reason=reason)
+    return _Undone(counts, checks, notes, committed=True)

@@ -43,8 +43,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from gatefill import ledger, stats
-from gatefill.clock import Clock, RealClock, SimulatedClock, utc
-from gatefill.config import Environment
+from gatefill.clock import Clock, RealClock, SimulatedClock, parse_duration, utc
+from gatefill.config import DEFAULT_SOAK_DURATION, DEFAULT_SOAK_INTERVAL, Environment
 from gatefill.db import Database, format_utc, parse_utc
 from gatefill.errors import GatefillError, UsageError
 from gatefill.interrupt import stop_on_signals
@@ -53,10 +53,10 @@ from gatefill.job import (
     Baseline,
     ChartGuides,
     Check,
-    Fence,
     Job,
     Look,
     Measurement,
+    ReportTable,
     SeriesBucket,
     SoakChecks,
     SoakSettings,
@@ -64,24 +64,23 @@ from gatefill.job import (
 )
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
-from gatefill.reports import render, write_json, write_text
 
 __all__ = [
     "DEFAULT_MIN_CONVERSION",
     "SOAK_PHASE",
+    "SoakObservations",
     "SoakOptions",
     "SoakResult",
     "SoakState",
+    "baseline_text",
+    "duration_text",
     "exit_code_for",
-    "load_baseline",
-    "load_measurements",
     "parse_margin",
     "parse_min_conversion",
     "run_soak",
     "soak_job",
     "soak_state",
     "soak_verdict",
-    "write_soak_artifacts",
 ]
 
 SOAK_PHASE = "soak"
@@ -115,8 +114,8 @@ DEFAULT_MIN_CONVERSION = 0.85
 class SoakOptions:
     """How to soak: the window, the look schedule, the statistical plan, and which checks only observe."""
 
-    duration: float = 6 * 3600.0
-    interval: float = 300.0
+    duration: float = parse_duration(DEFAULT_SOAK_DURATION)
+    interval: float = parse_duration(DEFAULT_SOAK_INTERVAL)
     start: datetime | None = None  # --from: a past or ongoing window, judged retrospectively
     after: str | None = None  # --after RUN: the window starts when that apply run finished
     resume: str | None = None  # --resume RUN: continue that soak run with its stored options
@@ -180,9 +179,27 @@ class SoakOptions:
             )
 
 
+@dataclass(frozen=True)
+class SoakObservations:
+    """What a soak's reports lay out besides its verdict, read from the ledger and the job's checks when it stopped:
+    the run as stored, its approvals, the timeline of rates and events, the chart's guides and the suite's tables."""
+
+    run: ledger.Run
+    env: Environment
+    approvals: list[ledger.Approval]
+    check_names: tuple[str, ...]
+    buckets: list[SeriesBucket]
+    guides: ChartGuides
+    tables: list[ReportTable]
+    #: Whether the report draws the PNG chart (``SoakOptions.chart``).
+    chart: bool
+    read_at: datetime
+
+
 @dataclass
 class SoakResult:
-    """What a soak established, read back from the ledger: verdict, reason, looks, checks and artifact paths."""
+    """What a soak established, read back from the ledger: verdict, reason, looks, checks, what its reports show
+    (``observations``) and, once ``gatefill.reports.soak`` wrote them, the artifacts' paths."""
 
     run_id: str
     environment: str
@@ -199,6 +216,7 @@ class SoakResult:
     checks: list[Check]
     measurements: list[Measurement]
     baseline: Baseline | None = None
+    observations: SoakObservations | None = None
     paths: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -213,6 +231,7 @@ class SoakResult:
             "summary": self.reason,
             "checks": {c.name: c.verdict for c in self.checks},
             "notes": {c.name: c.summary for c in self.checks if c.verdict == NOT_APPLICABLE},
+            "observed": [c.name for c in self.checks if not c.gating],
             "artifacts": {k: str(v) for k, v in self.paths.items()},
         }
 
@@ -393,84 +412,6 @@ def _wait_until(clock: Clock, when: datetime, stop: threading.Event) -> bool:
 # Measurements in the ledger
 
 
-def _check_from_json(data: Mapping[str, Any]) -> Check:
-    return Check(
-        name=str(data["name"]),
-        verdict=str(data["verdict"]),
-        summary=str(data.get("summary", "")),
-        evidence=dict(data.get("evidence") or {}),
-        query=data.get("query"),
-        gating=bool(data.get("gating", True)),
-    )
-
-
-def load_measurements(conn: sa.Connection, run_id: str) -> list[Measurement]:
-    """Every stored look of a soak run, first to last."""
-    m = ledger.measurements
-    rows = conn.execute(sa.select(m).where(m.c.run_id == run_id).order_by(m.c.seq))
-    return [
-        Measurement(
-            seq=row.seq,
-            window_start=row.window_start,
-            window_end=row.window_end,
-            taken_at=row.taken_at,
-            verdict=row.verdict,
-            checks=[_check_from_json(c) for c in row.checks],
-        )
-        for row in rows
-    ]
-
-
-def load_baseline(conn: sa.Connection, run_id: str) -> Baseline | None:
-    """The soak run's stored baseline, or None before it has been measured."""
-    b = ledger.soak_baselines
-    row = conn.execute(sa.select(b).where(b.c.run_id == run_id)).first()
-    if row is None:
-        return None
-    return Baseline(
-        start=row.baseline_start,
-        end=row.baseline_end,
-        summary=row.summary,
-        evidence=dict(row.evidence or {}),
-        query=row.query,
-        measured_at=row.measured_at,
-        seconds=float(row.seconds),
-    )
-
-
-def _store_baseline(db: Database, run_id: str, baseline: Baseline) -> None:
-    assert baseline.measured_at is not None and baseline.seconds is not None
-    with db.begin() as conn:
-        conn.execute(
-            ledger.soak_baselines.insert().values(
-                run_id=run_id,
-                baseline_start=baseline.start,
-                baseline_end=baseline.end,
-                measured_at=baseline.measured_at,
-                seconds=baseline.seconds,
-                summary=baseline.summary,
-                evidence=dict(baseline.evidence),
-                query=baseline.query,
-            )
-        )
-
-
-def _store(db: Database, run_id: str, measurement: Measurement, fence: Fence) -> None:
-    with db.begin() as conn:
-        fence(conn)
-        conn.execute(
-            ledger.measurements.insert().values(
-                run_id=run_id,
-                seq=measurement.seq,
-                window_start=measurement.window_start,
-                window_end=measurement.window_end,
-                taken_at=measurement.taken_at,
-                verdict=measurement.verdict,
-                checks=[c.to_json() for c in measurement.checks],
-            )
-        )
-
-
 # ====================================================================================================================
 # The soak
 
@@ -488,7 +429,8 @@ def _take_baseline(
     measured = checks.measure_baseline(db, start, window_start)
     seconds = time.perf_counter() - started
     baseline = replace(measured, start=start, end=window_start, measured_at=clock.now(), seconds=seconds)
-    _store_baseline(db, run_id, baseline)
+    with db.begin() as conn:
+        ledger.record_baseline(conn, run_id, baseline)
     return baseline
 
 
@@ -497,14 +439,14 @@ def soak_job(
     job: Job,
     options: SoakOptions,
     *,
-    artifacts_dir: Path,
     clock: str = "real",
     settings: SoakSettings | None = None,
     stop: threading.Event | None = None,
     on_look: LookCallback | None = None,
     on_baseline: BaselineCallback | None = None,
 ) -> SoakResult:
-    """What ``gatefill soak`` runs: ``job``'s soak checks on ``env`` with a real or simulated clock.
+    """What ``gatefill soak`` runs: ``job``'s soak checks on ``env`` with a real or simulated clock (the files are
+    written by ``gatefill.reports.soak``).
 
     ``clock="simulated"`` (tests, demo) starts a ``SimulatedClock`` at the window's start and walks the looks back to
     back without waiting; the job's probes then tell the app each look's time. It is refused on production.
@@ -526,7 +468,6 @@ def soak_job(
                 env,
                 options=options,
                 clock=soak_clock,
-                artifacts_dir=artifacts_dir,
                 checks=checks,
                 versions=job.versions,
                 stop=stop,
@@ -547,20 +488,37 @@ def _window_start_for_clock(db: Database, options: SoakOptions) -> datetime | No
     return utc(options.start) if options.start is not None else None
 
 
+@dataclass
+class _Watch:
+    """A soak in progress: its schedule, and what the looks taken so far left for the next one."""
+
+    window_start: datetime
+    max_looks: int
+    plan: stats.SequentialPlan
+    settle: float
+    #: The first look still to take, and the evidence of the look before it (empty before the first).
+    first: int
+    previous: dict[str, Mapping[str, Any]]
+    resumed_at: int | None
+    baseline: Baseline | None
+    ended_early: bool = False
+    interrupted: bool = False
+
+
 def run_soak(
     db: Database,
     env: Environment,
     *,
     options: SoakOptions,
     clock: Clock,
-    artifacts_dir: Path,
     checks: SoakChecks,
     versions: Mapping[str, str] | None = None,
     stop: threading.Event | None = None,
     on_look: LookCallback | None = None,
     on_baseline: BaselineCallback | None = None,
 ) -> SoakResult:
-    """Runs (or continues) a soak of ``env`` and writes its artifacts; see the module docstring.
+    """Runs (or continues) a soak of ``env`` and returns what it established; see the module docstring.
+    ``gatefill.reports.soak`` writes the result's files.
 
     ``versions`` are recorded on a new run when there is no ``--after`` run to take them from (the job's versions),
     so a production gate can look for a passing soak of the same versions. ``on_look`` sees each stored measurement,
@@ -574,76 +532,11 @@ def run_soak(
     ledger.init_ledger(db)
     run, options = _open_run(db, env, options, checks, versions, clock)
     stop = stop or threading.Event()
-    window_start = datetime.fromisoformat(str(run.params["window_start"]).replace("Z", "+00:00"))
-    max_looks = options.max_looks
-    plan = stats.SequentialPlan(max_looks=max_looks, alpha=options.alpha)
-    observe = set(options.observe)
-    simulated = isinstance(clock, SimulatedClock)
-    interrupted = False
     # One process measures a soak at a time: the run's lease (see gatefill.lease), which each stored look fences with.
     with RunLease(db, run.id, "soak") as lease, stop_on_signals(stop) as interruption:
-        with db.connect() as conn:
-            done = load_measurements(conn, run.id)
-        resumed_at = done[-1].seq + 1 if done else None
-        previous = {c.name: c.evidence for c in done[-1].checks} if done else {}
-        reason = f"resumed at look {resumed_at} of {max_looks}" if resumed_at else f"soak started ({max_looks} looks)"
-        with db.begin() as conn:
-            ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=reason)
-        last_verdict = done[-1].verdict if done else None
-        first = (done[-1].seq + 1) if done else 1
-        # A stored FAIL under fail_fast is final: a restarted soak takes no further looks.
-        ended_early = options.fail_fast and last_verdict == "FAIL" and first <= max_looks
-        settle = 0.0 if simulated else options.settle_seconds
-        with db.connect() as conn:
-            baseline = load_baseline(conn, run.id)
+        watch = _start(db, run, options, clock)
         try:
-            if baseline is None and not ended_early and first <= max_looks:
-                # The baseline ends where the window starts: once the window has started (and rows stamped just
-                # before it have committed) it cannot change, so it is counted now, once, and never again.
-                if _wait_until(clock, window_start + timedelta(seconds=settle), stop):
-                    baseline = _take_baseline(db, run.id, checks, window_start, options.baseline_days, clock)
-                    if on_baseline is not None:
-                        on_baseline(baseline)
-                else:
-                    interrupted = True
-            for number in range(first, max_looks + 1):
-                if ended_early or interrupted:
-                    break
-                assert baseline is not None  # measured above, or stored by the soak that took the earlier looks
-                end = window_start + timedelta(seconds=min(number * options.interval, options.duration))
-                if not _wait_until(clock, end + timedelta(seconds=settle), stop):
-                    interrupted = True
-                    break
-                look = Look(
-                    run_id=run.id,
-                    number=number,
-                    max_looks=max_looks,
-                    window_start=window_start,
-                    end=end,
-                    window_end=window_start + timedelta(seconds=options.duration),
-                    taken_at=clock.now(),
-                    plan=plan,
-                    margin=options.margin,
-                    baseline_days=options.baseline_days,
-                    baseline_rate=options.baseline_rate,
-                    min_n=options.min_n,
-                    min_conversion=options.min_conversion,
-                    simulated_time=simulated,
-                    baseline=baseline,
-                    previous=previous,
-                )
-                lease.check()
-                measured = [replace(c, gating=False) if c.name in observe else c for c in checks.measure(db, look)]
-                measurement = Measurement(number, window_start, end, look.taken_at, _look_verdict(measured), measured)
-                _store(db, run.id, measurement, lease.fence)
-                previous = {c.name: c.evidence for c in measured}
-                if on_look is not None:
-                    on_look(measurement)
-                if number < max_looks and options.fail_fast and measurement.verdict == "FAIL":
-                    ended_early = True
-                elif number < max_looks and stop.is_set():
-                    interrupted = True
-                    break
+            _watch(db, run.id, watch, options, checks, clock, lease, stop, on_look, on_baseline)
         except GatefillError as exc:
             # The measurements stored so far stand; the soak continues from the next look when started again. Only
             # while this process still holds the run (the fence): a soak that lost its lease leaves the run alone.
@@ -651,57 +544,200 @@ def run_soak(
                 lease.fence(conn)
                 ledger.transition(conn, run.id, RunStatus.PAUSED, now=clock.now(), reason=f"stopped: {exc}")
             raise
-        with db.connect() as conn:
-            stored = load_measurements(conn, run.id)
-            baseline = load_baseline(conn, run.id)
-        looks = stored[-1].seq if stored else 0
-        complete = looks == max_looks
-        final_checks = stored[-1].checks if stored else []
-        verdict, why = soak_verdict(final_checks, complete=complete, looks=looks, max_looks=max_looks)
-        if ended_early:
-            why += f"; ended early at look {looks} of {max_looks} (--fail-fast: a FAIL is final)"
-        elif interrupted:
-            why += f"; interrupted ({interruption.description}): continue with `gatefill soak --resume {run.id}`"
-        summary = {
-            "verdict": verdict,
-            "reason": why,
-            "looks": looks,
-            "max_looks": max_looks,
-            "complete": complete,
-            "interrupted": interrupted,
-            "ended_early": ended_early,
-            "checks": {c.name: c.verdict for c in final_checks},
-        }
-        status = RunStatus.PAUSED if interrupted else RunStatus.SUCCEEDED
+        result = _finish(db, env, run.id, watch, options, clock, interruption.description)
+    result.observations = _observe(db, env, run.id, checks, clock, options)
+    return result
+
+
+def _start(db: Database, run: ledger.Run, options: SoakOptions, clock: Clock) -> _Watch:
+    """Moves the run to ``running`` and reads where it stands: the looks and the baseline stored before."""
+    with db.connect() as conn:
+        done = ledger.measurements_for(conn, run.id)
+        baseline = ledger.baseline_for(conn, run.id)
+    max_looks = options.max_looks
+    resumed_at = done[-1].seq + 1 if done else None
+    reason = f"resumed at look {resumed_at} of {max_looks}" if resumed_at else f"soak started ({max_looks} looks)"
+    with db.begin() as conn:
+        ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=reason)
+    first = (done[-1].seq + 1) if done else 1
+    watch = _Watch(
+        window_start=datetime.fromisoformat(str(run.params["window_start"]).replace("Z", "+00:00")),
+        max_looks=max_looks,
+        plan=stats.SequentialPlan(max_looks=max_looks, alpha=options.alpha),
+        settle=0.0 if isinstance(clock, SimulatedClock) else options.settle_seconds,
+        first=first,
+        previous={c.name: c.evidence for c in done[-1].checks} if done else {},
+        resumed_at=resumed_at,
+        baseline=baseline,
+    )
+    # A stored FAIL under fail_fast is final: a restarted soak takes no further looks.
+    watch.ended_early = options.fail_fast and bool(done) and done[-1].verdict == "FAIL" and first <= max_looks
+    return watch
+
+
+def _watch(
+    db: Database,
+    run_id: str,
+    watch: _Watch,
+    options: SoakOptions,
+    checks: SoakChecks,
+    clock: Clock,
+    lease: RunLease,
+    stop: threading.Event,
+    on_look: LookCallback | None,
+    on_baseline: BaselineCallback | None,
+) -> None:
+    """Takes the baseline if it is not stored yet, then every look still to take, until the window's end, a final
+    FAIL (``fail_fast``) or a stop."""
+    if watch.baseline is None and not watch.ended_early and watch.first <= watch.max_looks:
+        # The baseline ends where the window starts: once the window has started (and rows stamped just before it
+        # have committed) it cannot change, so it is counted now, once, and never again.
+        if _wait_until(clock, watch.window_start + timedelta(seconds=watch.settle), stop):
+            watch.baseline = _take_baseline(db, run_id, checks, watch.window_start, options.baseline_days, clock)
+            if on_baseline is not None:
+                on_baseline(watch.baseline)
+        else:
+            watch.interrupted = True
+    for number in range(watch.first, watch.max_looks + 1):
+        if watch.ended_early or watch.interrupted:
+            break
+        end = watch.window_start + timedelta(seconds=min(number * options.interval, options.duration))
+        if not _wait_until(clock, end + timedelta(seconds=watch.settle), stop):
+            watch.interrupted = True
+            break
+        lease.check()
+        measurement = _measure(db, run_id, watch, number, end, options, checks, clock)
         with db.begin() as conn:
-            ledger.transition(conn, run.id, status, now=clock.now(), reason=why, summary=summary)
-    result = SoakResult(
-        run_id=run.id,
+            lease.fence(conn)
+            ledger.record_measurement(conn, run_id, measurement)
+        watch.previous = {c.name: c.evidence for c in measurement.checks}
+        if on_look is not None:
+            on_look(measurement)
+        if number < watch.max_looks and options.fail_fast and measurement.verdict == "FAIL":
+            watch.ended_early = True
+        elif number < watch.max_looks and stop.is_set():
+            watch.interrupted = True
+            break
+
+
+def _measure(
+    db: Database,
+    run_id: str,
+    watch: _Watch,
+    number: int,
+    end: datetime,
+    options: SoakOptions,
+    checks: SoakChecks,
+    clock: Clock,
+) -> Measurement:
+    """Look ``number``: every check over the window up to ``end``; observed checks never gate."""
+    assert watch.baseline is not None  # measured before the first look, or stored by the soak that took earlier ones
+    look = Look(
+        run_id=run_id,
+        number=number,
+        max_looks=watch.max_looks,
+        window_start=watch.window_start,
+        end=end,
+        window_end=watch.window_start + timedelta(seconds=options.duration),
+        taken_at=clock.now(),
+        plan=watch.plan,
+        margin=options.margin,
+        baseline_days=options.baseline_days,
+        baseline_rate=options.baseline_rate,
+        min_n=options.min_n,
+        min_conversion=options.min_conversion,
+        simulated_time=isinstance(clock, SimulatedClock),
+        baseline=watch.baseline,
+        previous=watch.previous,
+    )
+    observe = set(options.observe)
+    measured = [replace(c, gating=False) if c.name in observe else c for c in checks.measure(db, look)]
+    return Measurement(number, watch.window_start, end, look.taken_at, _look_verdict(measured), measured)
+
+
+def _finish(
+    db: Database, env: Environment, run_id: str, watch: _Watch, options: SoakOptions, clock: Clock, signal: str
+) -> SoakResult:
+    """Judges the looks stored, records the verdict in the run (``succeeded``, or ``paused`` when interrupted) and
+    returns the result; ``signal`` says what interrupted the soak, if anything did."""
+    with db.connect() as conn:
+        stored = ledger.measurements_for(conn, run_id)
+        baseline = ledger.baseline_for(conn, run_id)
+    max_looks = watch.max_looks
+    looks = stored[-1].seq if stored else 0
+    complete = looks == max_looks
+    final_checks = stored[-1].checks if stored else []
+    verdict, why = soak_verdict(final_checks, complete=complete, looks=looks, max_looks=max_looks)
+    if watch.ended_early:
+        why += f"; ended early at look {looks} of {max_looks} (--fail-fast: a FAIL is final)"
+    elif watch.interrupted:
+        why += f"; interrupted ({signal}): continue with `gatefill soak --resume {run_id}`"
+    summary = {
+        "verdict": verdict,
+        "reason": why,
+        "looks": looks,
+        "max_looks": max_looks,
+        "complete": complete,
+        "interrupted": watch.interrupted,
+        "ended_early": watch.ended_early,
+        "checks": {c.name: c.verdict for c in final_checks},
+    }
+    status = RunStatus.PAUSED if watch.interrupted else RunStatus.SUCCEEDED
+    with db.begin() as conn:
+        ledger.transition(conn, run_id, status, now=clock.now(), reason=why, summary=summary)
+    return SoakResult(
+        run_id=run_id,
         environment=env.name,
         status=status,
         verdict=verdict,
         reason=why,
-        window_start=window_start,
-        window_end=window_start + timedelta(seconds=options.duration),
+        window_start=watch.window_start,
+        window_end=watch.window_start + timedelta(seconds=options.duration),
         looks_taken=looks,
         max_looks=max_looks,
         complete=complete,
-        interrupted=interrupted,
-        resumed_at_look=resumed_at,
+        interrupted=watch.interrupted,
+        resumed_at_look=watch.resumed_at,
         checks=final_checks,
         measurements=stored,
         baseline=baseline,
     )
-    result.paths = write_soak_artifacts(
-        db, env, run.id, checks=checks, clock=clock, artifacts_dir=artifacts_dir, chart=options.chart
+
+
+def _bucket_seconds(duration: float, interval: float) -> float:
+    # Hourly, as the seeds' report claimed to be; a window under two hours gets one bucket per look instead.
+    return 3600.0 if duration >= 7200.0 else interval
+
+
+def _observe(
+    db: Database, env: Environment, run_id: str, checks: SoakChecks, clock: Clock, options: SoakOptions
+) -> SoakObservations:
+    """What the reports lay out besides the verdict, read from the ledger and the checks once the soak has stopped."""
+    read_at = clock.now()
+    with db.connect() as conn:
+        run = ledger.get_run(conn, run_id)
+        measurements = ledger.measurements_for(conn, run_id)
+        approvals = ledger.approvals_for(conn, run_id)
+    window_start = datetime.fromisoformat(str(run.params["window_start"]).replace("Z", "+00:00"))
+    observed_until = measurements[-1].window_end if measurements else window_start
+    bucket = _bucket_seconds(float(run.params["duration_s"]), float(run.params["interval_s"]))
+    return SoakObservations(
+        run=run,
+        env=env,
+        approvals=approvals,
+        check_names=tuple(checks.check_names),
+        buckets=checks.series(db, window_start, observed_until, bucket),
+        guides=checks.chart_guides(measurements, observed_until),
+        tables=checks.report_tables(measurements),
+        chart=options.chart,
+        read_at=read_at,
     )
-    return result
 
 
 # ====================================================================================================================
 # Where a soak stands (gatefill status)
 
-#: The files ``write_soak_artifacts`` writes into ``artifacts/<run-id>/``.
+#: The files ``gatefill.reports.soak`` writes into ``artifacts/<run-id>/`` (the chart aside).
 ARTIFACT_NAMES = ("staging_observability.md", "staging_soak_gate.md", "soak_measurements.json")
 
 
@@ -731,12 +767,13 @@ class SoakState:
 
     def describe(self) -> list[str]:
         """The state as plain lines for a terminal."""
+        length = duration_text((self.window_end - self.window_start).total_seconds())
         lines = [
             f"window: {self.window_start.isoformat()} → {self.window_end.isoformat()} "
-            f"({_hours((self.window_end - self.window_start).total_seconds())}, a look every {_hours(self.interval)})",
+            f"({length}, a look every {duration_text(self.interval)})",
             f"looks: {self.looks_taken} of {self.max_looks}"
             + (f" (last cutoff {self.last_cutoff.isoformat()})" if self.last_cutoff else " (none taken yet)"),
-            f"baseline: {_baseline_fact(self.baseline)}",
+            f"baseline: {baseline_text(self.baseline)}",
         ]
         if self.checks:
             lines.append(f"checks at look {self.looks_taken}:")
@@ -759,7 +796,7 @@ def soak_state(conn: sa.Connection, run: ledger.Run, artifacts_dir: Path) -> Soa
     if run.phase != SOAK_PHASE:
         raise UsageError(f"{run.id} is a {run.phase} run, not a soak")
     params = run.params
-    measurements = load_measurements(conn, run.id)
+    measurements = ledger.measurements_for(conn, run.id)
     window_start = datetime.fromisoformat(str(params["window_start"]).replace("Z", "+00:00"))
     max_looks = int(params["max_looks"])
     looks = measurements[-1].seq if measurements else 0
@@ -782,7 +819,7 @@ def soak_state(conn: sa.Connection, run: ledger.Run, artifacts_dir: Path) -> Soa
         verdict=verdict,
         reason=why,
         # A ledger created before baselines were stored has no such table until its next soak initialises it.
-        baseline=load_baseline(conn, run.id)
+        baseline=ledger.baseline_for(conn, run.id)
         if ledger.soak_baselines.name in sa.inspect(conn).get_table_names()
         else None,
         artifacts_dir=out,
@@ -790,276 +827,8 @@ def soak_state(conn: sa.Connection, run: ledger.Run, artifacts_dir: Path) -> Soa
     )
 
 
-# ====================================================================================================================
-# Artifacts
-
-
-def _display(check: Check) -> Check:
-    """The check as the Markdown reports show it: state keys (look-to-look bookkeeping) left out."""
-    shown = {k: v for k, v in check.evidence.items() if not k.startswith(STATE_PREFIX)}
-    return replace(check, evidence=shown)
-
-
-def _bucket_seconds(duration: float, interval: float) -> float:
-    # Hourly, as the seeds' report claimed to be; a window under two hours gets one bucket per look instead.
-    return 3600.0 if duration >= 7200.0 else interval
-
-
-def _rate_cell(k: int, n: int, pending: int = 0) -> str:
-    later = f" (+{pending} pending)" if pending else ""
-    if n == 0:
-        return f"none judged yet ({pending} pending)" if pending else "n/a (0 of 0)"
-    ci = stats.wilson_interval(k, n)
-    return f"{k}/{n} = {k / n:.1%} [{ci.low:.1%}, {ci.high:.1%}]{later}"
-
-
-_LINE_STYLES = {"baseline": "-", "threshold": "--", "floor": ":"}
-
-
-def _chart(path: Path, buckets: Sequence[SeriesBucket], title: str, guides: ChartGuides) -> str | None:
-    """Draws the rates (95 % Wilson intervals, reference lines, pending tail shaded) and, when there are any, the
-    events per bucket; a panel with nothing to show is replaced by a sentence. Returns why not when it cannot."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: charts are files
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "chart not drawn: matplotlib is not installed"
-    if not buckets:
-        return "chart not drawn: the window has no buckets yet"
-    has_rates = any(n for b in buckets for _, n in b.rates.values())
-    events = sorted({e for b in buckets for e in b.events})
-    if not has_rates and not events:
-        return "chart not drawn: no session was judged and no error or forbidden event was logged in the window"
-    panels = [name for name, shown in (("rates", has_rates), ("events", bool(events))) if shown]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.4 * len(panels) + 0.6), sharex=True, squeeze=False)
-    try:
-        ax = dict(zip(panels, axes[:, 0], strict=True))
-        if "rates" in ax:
-            _draw_rates(ax["rates"], buckets, guides)
-        if "events" in ax:
-            _draw_events(ax["events"], buckets, events)
-        top = axes[0, 0]
-        top.set_title(title)
-        top.set_xlim(buckets[0].start, buckets[-1].end)  # the whole window: an empty stretch must look empty
-        missing = [] if has_rates else ["No session was judged in the window, so there are no rates to draw."]
-        missing += [] if events else ["No error or forbidden event was logged in the window."]
-        fig.autofmt_xdate()
-        fig.tight_layout(rect=(0, 0.05 * len(missing), 1, 1))
-        for i, sentence in enumerate(missing):
-            fig.text(0.5, 0.02 + 0.04 * i, sentence, ha="center", va="bottom", fontsize="medium")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-    finally:
-        plt.close(fig)
-    return None
-
-
-def _draw_rates(ax: Any, buckets: Sequence[SeriesBucket], guides: ChartGuides) -> None:
-    centres = [b.start + (b.end - b.start) / 2 for b in buckets]
-    end = buckets[-1].end
-    lowest = min([line.value for line in guides.lines], default=1.0)
-    for i, name in enumerate(buckets[0].rates):
-        colour = f"C{i}"
-        xs, ys, lows, highs = [], [], [], []
-        for centre, b in zip(centres, buckets, strict=True):
-            k, n = b.rates.get(name, (0, 0))
-            if n:
-                ci = stats.wilson_interval(k, n)
-                lowest = min(lowest, ci.low)
-                xs.append(centre)
-                ys.append(k / n)
-                lows.append(k / n - ci.low)
-                highs.append(ci.high - k / n)
-        if xs:
-            ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, color=colour, label=name)
-        for line in guides.lines:
-            if line.series == name:
-                style = _LINE_STYLES.get(line.style, "-.")
-                ax.axhline(line.value, color=colour, linestyle=style, linewidth=1, alpha=0.7, label=line.label)
-        after = guides.pending_after.get(name)
-        if after is not None and after < end:
-            ax.axvspan(after, end, color=colour, alpha=0.12, label=f"{name}: pending (not judged yet)")
-    # From just below the lowest interval or reference line, in steps of 0.1, so lines a few points apart stay apart.
-    ax.set_ylim(max(0.0, math.floor((lowest - 0.05) * 10) / 10), 1.02)
-    ax.set_ylabel("rate (95% Wilson)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="x-small", ncol=2)
-
-
-def _draw_events(ax: Any, buckets: Sequence[SeriesBucket], names: Sequence[str]) -> None:
-    centres = [b.start + (b.end - b.start) / 2 for b in buckets]
-    width = (buckets[0].end - buckets[0].start) * 0.8
-    stacked = [0] * len(buckets)
-    for name in names:
-        values = [b.events.get(name, 0) for b in buckets]
-        ax.bar(centres, values, width=width, bottom=stacked, label=name)
-        stacked = [a + v for a, v in zip(stacked, values, strict=True)]
-    ax.set_ylabel("events")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize="small")
-
-
-def write_soak_artifacts(
-    db: Database,
-    env: Environment,
-    run_id: str,
-    *,
-    checks: SoakChecks,
-    clock: Clock,
-    artifacts_dir: Path,
-    chart: bool = True,
-) -> dict[str, Path]:
-    """Writes staging_observability.md (+ chart), staging_soak_gate.md and soak_measurements.json from the ledger."""
-    out = artifacts_dir / run_id
-    written_at = clock.now()
-    with db.connect() as conn:
-        run = ledger.get_run(conn, run_id)
-        measurements = load_measurements(conn, run_id)
-        baseline = load_baseline(conn, run_id)
-        approvals = ledger.approvals_for(conn, run_id)
-    params = run.params
-    summary = dict(run.summary or {})
-    window_start = datetime.fromisoformat(str(params["window_start"]).replace("Z", "+00:00"))
-    duration = float(params["duration_s"])
-    interval = float(params["interval_s"])
-    window_end = window_start + timedelta(seconds=duration)
-    max_looks = int(params["max_looks"])
-    looks = measurements[-1].seq if measurements else 0
-    complete = looks == max_looks
-    final_checks = measurements[-1].checks if measurements else []
-    verdict, why = soak_verdict(final_checks, complete=complete, looks=looks, max_looks=max_looks)
-    if summary.get("reason") and summary.get("verdict") == verdict:
-        why = str(summary["reason"])
-    observed_until = measurements[-1].window_end if measurements else window_start
-    buckets = checks.series(db, window_start, observed_until, _bucket_seconds(duration, interval))
-    guides = checks.chart_guides(measurements, observed_until)
-    paths: dict[str, Path] = {}
-    chart_name = "staging_observability_chart.png"
-    chart_note = (
-        _chart(out / chart_name, buckets, f"soak {run_id}: {env.name}", guides)
-        if chart
-        else "chart not drawn (--no-chart)"
-    )
-    if chart_note is None:
-        paths["chart"] = out / chart_name
-    names = list(checks.check_names)
-    rate_names = sorted({n for b in buckets for n in b.rates})
-    event_names = sorted({e for b in buckets for e in b.events})
-    facts = {
-        "run": f"`{run_id}` ({run.status.value})",
-        "environment": f"`{env.name}` ({env.kind}) on `{env.display_url}`",
-        "window": f"{window_start.isoformat()} → {window_end.isoformat()} ({_hours(duration)})",
-        "looks": f"{looks} of {max_looks}, every {_hours(interval)}" + ("" if complete else " (window not finished)"),
-        "clock": str(params.get("clock", "real")),
-        "after apply run": f"`{run.parent_run_id}`" if run.parent_run_id else "none (window given directly)",
-        "versions": ", ".join(f"{k} {v}" for k, v in sorted(run.versions.items())) or "none recorded",
-        "statistical plan": (
-            f"non-inferiority margin {float(params['margin']) * 100:.1f} pp, one-sided alpha {params['alpha']} spent "
-            f"over {max_looks} looks (O'Brien-Fleming), at least {params['min_n']} sessions per sample; baseline "
-            + (
-                f"rate {float(params['baseline_rate']):.1%} (given)"
-                if params.get("baseline_rate") is not None
-                else f"measured over the {float(params['baseline_days']):g} days before the window"
-            )
-            + (
-                f"; conversion floor {float(params['min_conversion']):.1%} (exact one-sided binomial test, alpha "
-                "spent the same way)"
-                if params.get("min_conversion") is not None
-                else "; no conversion floor in this soak's plan"
-            )
-        ),
-        "baseline": _baseline_fact(baseline),
-        "observe only": ", ".join(params.get("observe") or []) or "none",
-        "written at": written_at.isoformat(),
-    }
-    paths["observability"] = write_text(
-        out / "staging_observability.md",
-        render(
-            "staging_observability.md.j2",
-            run_id=run_id,
-            verdict=verdict,
-            reason=why,
-            facts=facts,
-            names=names,
-            timeline=[
-                {
-                    "seq": m.seq,
-                    "cutoff": m.window_end.isoformat(),
-                    "taken_at": m.taken_at.isoformat(),
-                    "verdict": m.verdict,
-                    "checks": {c.name: c.verdict + ("" if c.gating else " (obs)") for c in m.checks},
-                }
-                for m in measurements
-            ],
-            rate_names=rate_names,
-            event_names=event_names,
-            buckets=[
-                {
-                    "start": b.start.isoformat(),
-                    "end": b.end.isoformat(),
-                    "rates": {n: _rate_cell(*b.rates.get(n, (0, 0)), b.pending.get(n, 0)) for n in rate_names},
-                    "events": {e: b.events.get(e, 0) for e in event_names},
-                }
-                for b in buckets
-            ],
-            tables=checks.report_tables(measurements),
-            chart=chart_name if chart_note is None else None,
-            chart_note=chart_note,
-            pending_note=guides.note,
-            interrupted=bool(summary.get("interrupted")),
-            complete=complete,
-            baseline=baseline.to_json() if baseline is not None else None,
-        ),
-    )
-    paths["gate"] = write_text(
-        out / "staging_soak_gate.md",
-        render(
-            "gate.md.j2",
-            title=f"Staging soak gate {run_id}",
-            verdict=verdict,
-            facts={**facts, "why": why},
-            checks=[_display(c) for c in final_checks],
-            approvals=approvals,
-            next_step=_next_step(verdict, run_id, complete, bool(summary.get("interrupted"))),
-        ),
-    )
-    paths["measurements"] = write_json(
-        out / "soak_measurements.json",
-        {
-            "run_id": run_id,
-            "environment": env.name,
-            "status": run.status.value,
-            "verdict": verdict,
-            "reason": why,
-            "window_start": window_start.isoformat(),
-            "window_end": window_end.isoformat(),
-            "params": params,
-            "versions": dict(run.versions),
-            "parent_run_id": run.parent_run_id,
-            "looks": looks,
-            "max_looks": max_looks,
-            "complete": complete,
-            "baseline": baseline.to_json() if baseline is not None else None,
-            "measurements": [
-                {
-                    "seq": m.seq,
-                    "window_start": m.window_start.isoformat(),
-                    "cutoff": m.window_end.isoformat(),
-                    "taken_at": m.taken_at.isoformat(),
-                    "verdict": m.verdict,
-                    "checks": [c.to_json() for c in m.checks],
-                }
-                for m in measurements
-            ],
-            "written_at": written_at.isoformat(),
-        },
-    )
-    return paths
-
-
-def _baseline_fact(baseline: Baseline | None) -> str:
+def baseline_text(baseline: Baseline | None) -> str:
+    """The baseline in one line: its window, when it was measured and how long that took, and what it counted."""
     if baseline is None:
         return "not measured yet (it is measured once, when the window has started)"
     took = "" if baseline.seconds is None else f", took {baseline.seconds * 1000:.0f} ms"
@@ -1067,25 +836,8 @@ def _baseline_fact(baseline: Baseline | None) -> str:
     return f"{baseline.start.isoformat()} → {baseline.end.isoformat()}, {at}{baseline.summary}"
 
 
-def _next_step(verdict: str, run_id: str, complete: bool, interrupted: bool) -> str:
-    if interrupted:
-        return f"Next: continue the soak with `gatefill soak --resume {run_id}` (it resumes at the next look)."
-    if verdict == "PASS":
-        return (
-            f"Next: review `staging_observability.md`, then record the decision with "
-            f"`gatefill approve {run_id} --gate soak --by NAME --note WHY`."
-        )
-    if verdict == "FAIL":
-        return "Next: do not proceed; investigate the failed checks above (their queries and counts are listed)."
-    if not complete:
-        return f"Next: continue the soak with `gatefill soak --resume {run_id}`."
-    return (
-        "Next: there is not enough evidence to decide. Soak longer (a new window) or decide by hand and record it with "
-        f"`gatefill approve {run_id} --gate soak --by NAME --note WHY`; the reports keep saying INCONCLUSIVE."
-    )
-
-
-def _hours(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """A duration as people write it: ``6 h``, ``5 min``, ``90 s``."""
     if seconds >= 3600 and seconds % 3600 == 0:
         return f"{seconds / 3600:g} h"
     if seconds >= 60 and seconds % 60 == 0:

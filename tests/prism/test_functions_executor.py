@@ -27,19 +27,17 @@ from starlette.responses import JSONResponse, Response
 
 from gatefill import apply as apply_module
 from gatefill import ledger
-from gatefill.apply import ApplyOptions, ApplyResult, RunPaused, apply_plan, write_apply_artifacts
+from gatefill.apply import ApplyOptions, ApplyResult, RunPaused, apply_plan, measure_backfill_gate
 from gatefill.clock import RealClock, SimulatedClock
 from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.errors import ConfigError, DataError
-from gatefill.job import Candidate
+from gatefill.job import BatchTask
 from gatefill.ledger import RunStatus
-from gatefill.plan import PlanParams, build_plan
+from gatefill.plan import Plan, PlanParams, build_plan
 from gatefill.prism.functions_executor import (
     FunctionsExecutor,
     FunctionsUnavailable,
-    intents,
-    pending_batches,
 )
 from gatefill.prism.job import PrismJob
 from gatefill.prism.platform.server import create_app, serve_in_thread
@@ -53,6 +51,7 @@ from gatefill.prism.schema import (
     load_reference_data,
     profiles,
 )
+from gatefill.reports.apply import write_apply_artifacts
 from gatefill.rollback import rollback_run
 from tests.conftest import create_pg_database, drop_pg_database, pg_env, sqlite_env
 from tests.prism.conftest import SERVICE_KEY
@@ -125,11 +124,11 @@ def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     s.close()
 
 
-def make_plan(db: Database, env: Environment, artifacts: Path, **params: Any) -> dict[str, Any]:
+def make_plan(db: Database, env: Environment, artifacts: Path, **params: Any) -> Plan:
     # profiles="stale" adds the ten stale profiles as rescores: updates with before-images, not only inserts.
     base: dict[str, Any] = {"since": SINCE, "rate": "unlimited", "profiles": "stale"}
     plan = build_plan(db, env, PrismJob(), PlanParams(**{**base, **params}), now=START, artifacts_dir=artifacts)
-    return dict(plan.body)
+    return plan.plan
 
 
 def data(db: Database) -> dict[str, Any]:
@@ -239,7 +238,7 @@ def apply_with(
     ex: FunctionsExecutor,
     db: Database,
     env: Environment,
-    body: dict[str, Any],
+    body: Plan,
     artifacts: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> ApplyResult:
@@ -257,9 +256,10 @@ def apply_with(
         )
 
 
-def candidates(body: dict[str, Any], keys: list[str]) -> list[Candidate]:
-    by_key = {c["key"]: c for c in body["candidates"]}
-    return [Candidate(k, by_key[k]["category"], START, tuple(by_key[k]["operations"]), {"group": "test"}) for k in keys]
+def task(plan: Plan, batch_no: int, keys: list[str]) -> BatchTask:
+    """A batch of the plan's candidates as apply hands it to an executor."""
+    by_key = {c.key: c for c in plan.candidates}
+    return BatchTask(plan.run_id, batch_no, "test", tuple(by_key[k] for k in keys))
 
 
 @pytest.fixture(scope="module")
@@ -300,12 +300,11 @@ def test_apply_through_the_functions_equals_local_and_rolls_back_exactly(
         per_table = assert_ledger_covers(db, result.run_id, pre)
         assert per_table["fc_scores"] == 39 and per_table["profiles"] == 23 and per_table["fn_logs"] > 0
         with db.connect() as conn:
-            assert conn.execute(sa.select(sa.func.count()).select_from(intents)).scalar_one() == 0
+            assert conn.execute(sa.select(sa.func.count()).select_from(ledger.intents)).scalar_one() == 0
             details = [b.detail for b in conn.execute(sa.select(ledger.batches.c.detail))]
         assert {d["fn_logs_attribution"] for d in details} == {"request_id"}
-        report = write_apply_artifacts(
-            db, env, PrismJob(), result.run_id, clock=SimulatedClock(START), artifacts_dir=art
-        )
+        gate = measure_backfill_gate(db, env, PrismJob(), result.run_id, clock=SimulatedClock(START), artifacts_dir=art)
+        report = write_apply_artifacts(db, PrismJob(), gate, art)
         assert report.verdict == "PASS", [(c.name, c.summary) for c in report.checks if c.verdict != "PASS"]
         # The key is nowhere: artifacts, batch logs, ledger rows, the server's events.
         for path in art.rglob("*"):
@@ -327,13 +326,13 @@ def test_interrupted_between_calls_and_commit_then_recovered(
     art = tmp_path / "art"
     with Database(env) as db, functions_server(env, echo_request_id=False) as url:
         body = make_plan(db, env, art)
-        run_id = str(body["run_id"])
+        run_id = body.run_id
         pre = snapshot(db)
         ex = executor(url)
         original_record = ex._record
 
         def die_before_commit(*args: Any, **kwargs: Any) -> Any:
-            if args[2] == 2:  # batch_no
+            if args[1][0].batch_no == 2:  # the batch's intents
                 raise Killed("killed after the calls of batch 2")
             return original_record(*args, **kwargs)
 
@@ -342,7 +341,7 @@ def test_interrupted_between_calls_and_commit_then_recovered(
             apply_with(ex, db, env, body, art, monkeypatch)
         ex.close()
         with db.connect() as conn:
-            assert pending_batches(conn, run_id) == [2]
+            assert ledger.pending_batches(conn, run_id) == [2]
             assert ledger.committed_batches(conn, run_id) == {1}
             assert ledger.get_run(conn, run_id).status is RunStatus.RUNNING
         # The calls of batch 2 wrote rows that the ledger does not list yet...
@@ -365,14 +364,14 @@ def test_interrupted_between_calls_and_commit_then_recovered(
             recovered = fresh.recover(db, PrismJob(), run_id, clock=SimulatedClock(START), fence=unleased)
             assert [r.batch_no for r in recovered] == [2]
             assert calls == []
-            assert recovered[0].log["recovered"] is True
-            assert recovered[0].log["fn_logs_attribution"] == "session_window"
+            assert recovered[0].log()["recovered"] is True
+            assert recovered[0].log()["fn_logs_attribution"] == "session_window"
             with db.connect() as conn:
-                assert pending_batches(conn, run_id) == []
+                assert ledger.pending_batches(conn, run_id) == []
                 assert ledger.committed_batches(conn, run_id) == {1, 2}
 
             # Second interruption: the server goes away in the middle of batch 4's calls.
-            batch_4 = set(body["batches"][3]["keys"])
+            batch_4 = set(body.batches[3].keys)
             made_in_4: list[str] = []
 
             def dies_mid_batch(function: str, body_: Any, request_id: str) -> Any:
@@ -387,7 +386,7 @@ def test_interrupted_between_calls_and_commit_then_recovered(
             with pytest.raises((FunctionsUnavailable, RunPaused)):
                 apply_with(fresh, db, env, body, art, monkeypatch)
             with db.connect() as conn:
-                assert pending_batches(conn, run_id) == [4]
+                assert ledger.pending_batches(conn, run_id) == [4]
             # apply's own retry path: the same batch again finishes it (here without calling recover first).
             monkeypatch.setattr(fresh, "_call", real_call)
             result = apply_with(fresh, db, env, body, art, monkeypatch)
@@ -396,7 +395,7 @@ def test_interrupted_between_calls_and_commit_then_recovered(
         with db.connect() as conn:
             results = ledger.session_results_for(conn, run_id)
             assert Counter(results.values()) == local_reference["counts"]
-            assert sorted(ledger.committed_batches(conn, run_id)) == list(range(1, len(body["batches"]) + 1))
+            assert sorted(ledger.committed_batches(conn, run_id)) == list(range(1, len(body.batches) + 1))
         assert_ledger_covers(db, run_id, pre)
         assert sleeps == []
         rollback_run(db, run_id, PrismJob().written_tables(), now=START, artifacts_dir=art)
@@ -417,11 +416,10 @@ def test_retries_backoff_final_4xx_and_a_failing_session_in_a_batch(seeded: Seed
     sleeps: list[float] = []
     with Database(env) as db, functions_server(env, faults=faults) as url:
         body = make_plan(db, env, tmp_path / "art")
-        keys = [c["key"] for c in body["candidates"] if c["category"] == "profile+fc"][:4]
+        keys = [c.key for c in body.candidates if c.category == "profile+fc"][:4]
         with executor(url, sleeps, retries=2, backoff_base=0.5, backoff_max=3.0) as ex:
-            sessions, log = ex.commit_batch(
-                db, PrismJob(), str(body["run_id"]), 1, candidates(body, keys), SimulatedClock(START), False, unleased
-            )
+            batch = ex.commit_batch(db, PrismJob(), task(body, 1, keys), SimulatedClock(START), unleased)
+            sessions, log = batch.sessions, batch.log()
         results = {s.key: s for s in sessions}
         assert [results[k].result for k in keys] == ["written", "failed", "written", "failed"]
         calls = {k: [op for op in results[k].operations if "call" in op] for k in keys}
@@ -443,7 +441,7 @@ def test_retries_backoff_final_4xx_and_a_failing_session_in_a_batch(seeded: Seed
         assert 0.25 <= sleeps[3] < 0.75 and 0.5 <= sleeps[4] < 1.5
         # The failed s2 keeps its FC row (written and recorded, so rollback removes it); s4 wrote nothing.
         with db.connect() as conn:
-            changes = {(c.table_name, c.session_id) for c in ledger.changes_for(conn, str(body["run_id"]))}
+            changes = {(c.table_name, c.session_id) for c in ledger.changes_for(conn, body.run_id)}
         assert ("fc_scores", keys[1]) in changes and ("profiles", keys[1]) not in changes
         assert not {t for t, s in changes if s == keys[3] and t != "fn_logs"}
         assert log["sessions_failed"] == 2 and log["sessions_written"] == 2
@@ -460,24 +458,22 @@ def test_unreachable_server_stops_the_batch_and_recovery_finishes_it(seeded: See
     sleeps: list[float] = []
     with Database(env) as db:
         body = make_plan(db, env, tmp_path / "art")
-        run_id = str(body["run_id"])
-        keys = [c["key"] for c in body["candidates"] if c["category"] == "profile+fc"][:2]
+        run_id = body.run_id
+        keys = [c.key for c in body.candidates if c.category == "profile+fc"][:2]
         with executor(dead, sleeps, retries=2) as ex, pytest.raises(FunctionsUnavailable) as stopped:
-            ex.commit_batch(db, PrismJob(), run_id, 1, candidates(body, keys), SimulatedClock(START), False, unleased)
+            ex.commit_batch(db, PrismJob(), task(body, 1, keys), SimulatedClock(START), unleased)
         assert "after 3 attempt(s)" in str(stopped.value) and SERVICE_KEY not in str(stopped.value)
         assert len(sleeps) == 2
         with db.connect() as conn:
-            assert pending_batches(conn, run_id) == [1]
+            assert ledger.pending_batches(conn, run_id) == [1]
         # A different batch may not start while calls of another one are unaccounted for.
         with executor(dead) as ex, pytest.raises(DataError, match="recover them before batch 2"):
-            ex.commit_batch(
-                db, PrismJob(), run_id, 2, candidates(body, keys[:1]), SimulatedClock(START), False, unleased
-            )
+            ex.commit_batch(db, PrismJob(), task(body, 2, keys[:1]), SimulatedClock(START), unleased)
         with functions_server(env) as url, executor(url) as ex:
             recovered = ex.recover(db, PrismJob(), run_id, clock=SimulatedClock(START), fence=unleased)
         assert [(r.batch_no, [s.result for s in r.sessions]) for r in recovered] == [(1, ["written", "written"])]
         with db.connect() as conn:
-            assert pending_batches(conn, run_id) == []
+            assert ledger.pending_batches(conn, run_id) == []
             assert ledger.session_results_for(conn, run_id) == dict.fromkeys(keys, "written")
 
 
@@ -491,8 +487,8 @@ def test_live_writers_racing_the_calls_are_left_alone(
     env = seeded.clone("live")
     with Database(env) as db, functions_server(env) as url, executor(url) as ex:
         body = make_plan(db, env, tmp_path / "art")
-        run_id = str(body["run_id"])
-        keys = [c["key"] for c in body["candidates"] if c["category"] == "profile+fc"][:3]
+        run_id = body.run_id
+        keys = [c.key for c in body.candidates if c.category == "profile+fc"][:3]
         before_calls, between_calls, untouched = keys
         pre = snapshot(db)
         live = PrismService(db, clock=RealClock())
@@ -515,9 +511,7 @@ def test_live_writers_racing_the_calls_are_left_alone(
 
         monkeypatch.setattr(ex, "_call_session", call_session)
         monkeypatch.setattr(ex, "_call", call)
-        sessions, _ = ex.commit_batch(
-            db, PrismJob(), run_id, 1, candidates(body, keys), SimulatedClock(START), False, unleased
-        )
+        sessions = ex.commit_batch(db, PrismJob(), task(body, 1, keys), SimulatedClock(START), unleased).sessions
         results = {s.key: s for s in sessions}
         assert results[before_calls].result == "already_present"
         assert not [op for op in results[before_calls].operations if "call" in op]  # never called over

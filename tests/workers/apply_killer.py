@@ -7,7 +7,6 @@ written) or ``ledger:N`` (batch N's data written, its ledger rows half inserted,
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ from gatefill.clock import SimulatedClock
 from gatefill.config import Environment
 from gatefill.db import Database
 from gatefill.job import BatchOutcome, Candidate, ChangeSink
+from gatefill.plan import load_plan
 from gatefill.prism.job import PrismJob
 
 LEASE_TTL = 1.0
@@ -62,9 +62,9 @@ class KillingJob(PrismJob):
 
 def main(argv: list[str]) -> None:
     url, plan_path, artifacts, point = argv
-    body = json.loads(Path(plan_path).read_text())
+    plan = load_plan(Path(plan_path))
     # A short lease: the test waits for it to expire before it resumes the run (a takeover, as after a real crash).
-    env = Environment(name=body["environment"]["name"], kind="staging", database_url=url, lease_ttl=LEASE_TTL)
+    env = Environment(name=plan.environment.name, kind="staging", database_url=url, lease_ttl=LEASE_TTL)
     kind, *nums = point.split(":")
     job: PrismJob = PrismJob()
     before_batch = None
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
             db,
             env,
             job,
-            body,
+            plan,
             options=ApplyOptions(rate="unlimited"),
             clock=SimulatedClock(datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)),
             artifacts_dir=Path(artifacts),

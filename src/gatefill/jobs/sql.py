@@ -54,7 +54,6 @@ from gatefill.config import Environment
 from gatefill.db import Database, canonical_json
 from gatefill.errors import ConfigError, UsageError
 from gatefill.job import (
-    BACKFILL_CANDIDATES,
     LOCAL_EXECUTOR,
     NOT_APPLICABLE,
     Baseline,
@@ -64,6 +63,7 @@ from gatefill.job import (
     ChartGuides,
     Check,
     Executor,
+    GateCheck,
     Look,
     Measurement,
     ReportTable,
@@ -702,7 +702,7 @@ class SqlJob:
         cols = self._key_cols()
         n = int(conn.execute(sa.select(sa.func.count()).select_from(self.table).where(_sql(d.where))).scalar_one())
         sample = conn.execute(sa.select(*cols).where(_sql(d.where)).order_by(*cols).limit(_LISTED)).all()
-        evidence = {"matching": n, "keys": [self._key_text(r) for r in sample], BACKFILL_CANDIDATES: n}
+        evidence = {"matching": n, "keys": [self._key_text(r) for r in sample]}
         summary = f"{n} row(s) of {d.qualified} match where ({d.where})"
         query = f"SELECT count(*) FROM {d.qualified} WHERE ({d.where})"
         return Check("rows_matching_where", "FAIL" if n else "PASS", summary, evidence, query, gating)
@@ -746,6 +746,13 @@ class SqlJob:
                 timings[name] = time.perf_counter() - started
         return checks
 
+    def needs_backfill(self, checks: Sequence[Check]) -> bool:
+        """Rows still match ``where``: exactly what discovery finds."""
+        return any(int(c.evidence.get("matching", 0)) for c in checks if c.name == "rows_matching_where")
+
+    def gate_checks(self, phase: str) -> Sequence[GateCheck]:
+        return _GATE_CHECKS.get(phase, ())
+
     def newest_activity(self, conn: Connection, since: datetime) -> tuple[datetime | None, str]:
         return None, f"none: job {self.name} knows no timestamp column of {self.definition.qualified}"
 
@@ -773,6 +780,14 @@ def _require_key_affinity(d: SqlDefinition, columns: Mapping[str, Mapping[str, A
                 f"{str(columns[name]['type'])!r}): declare it INTEGER or TEXT",
             )
 
+
+#: What the final gate's checklist cites from each phase. Not ``rows_matching_where`` of health: the health the
+#: pipeline records is the one that found the work for the production apply ("production healthy" judges after it);
+#: the soak's other checks only observe.
+_GATE_CHECKS: dict[str, tuple[GateCheck, ...]] = {
+    "soak": (GateCheck("verify_processed", "verify holds on every row the staging apply wrote"),),
+    "health": (GateCheck("verify_violations", "verify holds on every production row that needs no work"),),
+}
 
 _PRIVILEGES = sa.text(
     "SELECT current_user AS who, r.rolsuper, r.rolbypassrls, "

@@ -41,7 +41,6 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,22 +54,18 @@ from sqlalchemy.engine import Connection
 from gatefill import ledger
 from gatefill.clock import Clock
 from gatefill.config import Environment
-from gatefill.db import Database, JSONValue, UTCTimestamp, format_utc, parse_utc
+from gatefill.db import Database, parse_utc
 from gatefill.errors import ConfigError, DataError, ExecutorUnavailable
-from gatefill.job import Candidate, Fence, Job, RowChange, SessionOutcome
+from gatefill.job import BatchRecord, BatchTask, Fence, Job, RowChange, SessionOutcome
 from gatefill.prism import scoring
 from gatefill.prism.schema import assessment_sessions, fc_scores, fn_logs, profiles
 
 __all__ = [
     "FC_FUNCTION",
-    "INTENTS_METADATA",
     "PRISM_FUNCTION",
     "CallResult",
     "FunctionsExecutor",
     "FunctionsUnavailable",
-    "RecoveredBatch",
-    "intents",
-    "pending_batches",
 ]
 
 FC_FUNCTION = "score_fc_session"
@@ -94,57 +89,6 @@ _LIVE_NOTE = "another writer wrote this row while the batch ran: left alone, not
 
 #: Longest error text kept from a response body (it goes into the ledger and the batch log).
 _MAX_ERROR_CHARS = 200
-
-
-# ---------------------------------------------------------------------------------------------------- intents table
-
-INTENTS_METADATA = sa.MetaData()
-
-#: One row per session of a batch whose calls may have run but whose ledger rows are not committed yet.
-intents = sa.Table(
-    "gatefill_fn_intents",
-    INTENTS_METADATA,
-    sa.Column("run_id", sa.Text(), primary_key=True),
-    sa.Column("session_id", sa.Text(), primary_key=True),
-    sa.Column("batch_no", sa.Integer(), nullable=False),
-    sa.Column("position", sa.Integer(), nullable=False),  # the session's place in its batch (plan order)
-    # key, category, operations, group: what session_results needs, so recovery does not need the plan.
-    sa.Column("candidate", JSONValue(), nullable=False),
-    # function name -> the X-Request-Id its calls carry (retries and recovery reuse it).
-    sa.Column("request_ids", JSONValue(), nullable=False),
-    # {"exists": bool, "fc_scores": image | null, "profiles": image | null} as read in step 1.
-    sa.Column("before", JSONValue(), nullable=False),
-    # The highest fn_logs id when the intent was recorded: the calls' events all come after it.
-    sa.Column("fn_logs_after", sa.BigInteger(), nullable=False),
-    sa.Column("retrying", sa.Boolean(), nullable=False),
-    sa.Column("batch_started_at", UTCTimestamp(), nullable=False),
-    sa.Column("created_at", UTCTimestamp(), nullable=False),
-)
-
-
-def pending_batches(conn: Connection, run_id: str) -> list[int]:
-    """Batch numbers of ``run_id`` with recorded intents (calls possibly made, ledger rows not yet committed).
-
-    A run with pending batches has rows in the database that its ledger does not list yet: rollback must refuse it
-    (or recover it first). A database without the intents table has none.
-    """
-    if not sa.inspect(conn).has_table(intents.name):
-        return []
-    rows = conn.execute(sa.select(intents.c.batch_no).where(intents.c.run_id == run_id).distinct())
-    return sorted(n for (n,) in rows)
-
-
-def _ensure_intents_table(db: Database) -> None:
-    """Creates the intents table if missing (idempotent); on Postgres hides it behind RLS like the ledger."""
-    with db.begin() as conn:
-        if db.caps.advisory_locks:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gatefill.fn_intents.schema'))"))
-        if sa.inspect(conn).has_table(intents.name):
-            return
-        INTENTS_METADATA.create_all(conn, checkfirst=True)
-        if db.caps.row_level_security:
-            # Before-images are user data; only the owner and BYPASSRLS roles may read them through an exposed API.
-            conn.exec_driver_sql(f"ALTER TABLE {intents.name} ENABLE ROW LEVEL SECURITY")
 
 
 # ---------------------------------------------------------------------------------------------------- errors, results
@@ -191,15 +135,6 @@ class CallResult:
         if self.error:
             out["error"] = self.error
         return out
-
-
-@dataclass(frozen=True)
-class RecoveredBatch:
-    """A batch finished by ``recover``: its number, its session outcomes and its batch log (as ``commit_batch``)."""
-
-    batch_no: int
-    sessions: list[SessionOutcome]
-    log: dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------------- internals
@@ -382,18 +317,8 @@ class FunctionsExecutor:
 
     # ------------------------------------------------------------------------------------------------ public API
 
-    def commit_batch(
-        self,
-        db: Database,
-        job: Job,
-        run_id: str,
-        batch_no: int,
-        batch: Sequence[Candidate],
-        clock: Clock,
-        retrying: bool,
-        fence: Fence,
-    ) -> tuple[list[SessionOutcome], dict[str, Any]]:
-        """Runs one batch (intent, calls, commit) and returns its session outcomes and batch log; the intents' and the
+    def commit_batch(self, db: Database, job: Job, task: BatchTask, clock: Clock, fence: Fence) -> BatchRecord:
+        """Runs one batch (intent, calls, commit) and returns it as the ledger recorded it; the intents' and the
         commit's transactions are fenced with the run's lease.
 
         If the same batch already has intents (apply retrying it after a lost connection), it is finished instead of
@@ -401,22 +326,23 @@ class FunctionsExecutor:
         """
         fc_version = _fc_version(job)
         self._prepare(db)
-        keys = [c.key for c in batch]
+        run_id, batch_no = task.run_id, task.batch_no
         with db.connect() as conn:
             leftover = _load_intents(conn, run_id)
         if leftover:
-            if {i.batch_no for i in leftover} == {batch_no} and {i.session_id for i in leftover} == set(keys):
-                return self._finish(db, run_id, batch_no, leftover, clock, fc_version, fence, resumed=True)
+            keys = {c.key for c in task.candidates}
+            if {i.batch_no for i in leftover} == {batch_no} and {i.session_id for i in leftover} == keys:
+                return self._finish(db, leftover, clock, fc_version, fence, resumed=True)
             raise DataError(
                 f"run {run_id} has unfinished functions batch(es) "
                 f"{sorted({i.batch_no for i in leftover})}: recover them before batch {batch_no}"
             )
-        if not batch:
+        if not task.candidates:
             raise DataError(f"batch {batch_no} of run {run_id} is empty")
-        recorded = self._record_intents(db, run_id, batch_no, batch, clock.now(), retrying, fc_version, fence)
-        return self._finish(db, run_id, batch_no, recorded, clock, fc_version, fence, resumed=False)
+        recorded = self._record_intents(db, task, clock.now(), fc_version, fence)
+        return self._finish(db, recorded, clock, fc_version, fence, resumed=False)
 
-    def recover(self, db: Database, job: Job, run_id: str, *, clock: Clock, fence: Fence) -> list[RecoveredBatch]:
+    def recover(self, db: Database, job: Job, run_id: str, *, clock: Clock, fence: Fence) -> list[BatchRecord]:
         """Finishes every batch of ``run_id`` left with intents, oldest first: calls whose rows are missing are made
         again, everything is read back and attributed, and each batch commits with its ledger rows (as step 3).
 
@@ -430,35 +356,21 @@ class FunctionsExecutor:
         by_batch: dict[int, list[_Intent]] = {}
         for intent in leftover:
             by_batch.setdefault(intent.batch_no, []).append(intent)
-        out: list[RecoveredBatch] = []
-        for batch_no in sorted(by_batch):
-            sessions, log = self._finish(
-                db, run_id, batch_no, by_batch[batch_no], clock, fc_version, fence, resumed=True
-            )
-            out.append(RecoveredBatch(batch_no, sessions, log))
-        return out
+        return [self._finish(db, by_batch[n], clock, fc_version, fence, resumed=True) for n in sorted(by_batch)]
 
     # ------------------------------------------------------------------------------------------------ step 1
 
     def _prepare(self, db: Database) -> None:
         where = db.engine.url.render_as_string(hide_password=True)
         if where not in self._tables_ready:
-            _ensure_intents_table(db)
+            ledger.init_intents(db)
             self._tables_ready.add(where)
 
     def _record_intents(
-        self,
-        db: Database,
-        run_id: str,
-        batch_no: int,
-        batch: Sequence[Candidate],
-        started: datetime,
-        retrying: bool,
-        fc_version: str,
-        fence: Fence,
+        self, db: Database, task: BatchTask, started: datetime, fc_version: str, fence: Fence
     ) -> list[_Intent]:
         """Step 1: before-images, request ids and the fn_logs watermark of every session, committed before any call."""
-        ids = [c.key for c in batch]
+        ids = [c.key for c in task.candidates]
         with db.begin() as conn:
             fence(conn)
             existing = set(
@@ -475,15 +387,15 @@ class FunctionsExecutor:
             watermark = int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(fn_logs.c.id), 0))).scalar_one())
             rows = [
                 {
-                    "run_id": run_id,
+                    "run_id": task.run_id,
                     "session_id": c.key,
-                    "batch_no": batch_no,
+                    "batch_no": task.batch_no,
                     "position": position,
                     "candidate": {
                         "key": c.key,
                         "category": c.category,
                         "operations": list(c.operations),
-                        "group": c.detail.get("group"),
+                        "group": task.group,
                     },
                     # One id per function: every attempt of a call, and its redo in recovery, carries the same one.
                     "request_ids": {fn: f"gatefill-{uuid.uuid4().hex}" for fn in (FC_FUNCTION, PRISM_FUNCTION)},
@@ -493,13 +405,13 @@ class FunctionsExecutor:
                         "profiles": profile_rows.get(c.key),
                     },
                     "fn_logs_after": watermark,
-                    "retrying": retrying,
+                    "retrying": task.retrying,
                     "batch_started_at": started,
                     "created_at": started,
                 }
-                for position, c in enumerate(batch)
+                for position, c in enumerate(task.candidates)
             ]
-            conn.execute(intents.insert(), rows)
+            ledger.record_intents(conn, rows)
         return [_intent_from(r) for r in rows]
 
     # ------------------------------------------------------------------------------------------------ steps 2 and 3
@@ -507,15 +419,13 @@ class FunctionsExecutor:
     def _finish(
         self,
         db: Database,
-        run_id: str,
-        batch_no: int,
         batch_intents: Sequence[_Intent],
         clock: Clock,
         fc_version: str,
         fence: Fence,
         *,
         resumed: bool,
-    ) -> tuple[list[SessionOutcome], dict[str, Any]]:
+    ) -> BatchRecord:
         """Steps 2 and 3 for a batch whose intents are recorded (new, or left over from an interrupted attempt)."""
         calls: dict[str, list[CallResult]] = {}
         seconds: dict[str, float] = {}
@@ -525,7 +435,7 @@ class FunctionsExecutor:
             t0 = time.perf_counter()
             calls[intent.session_id] = self._call_session(db, intent, seen[intent.session_id], fc_version)
             seconds[intent.session_id] = time.perf_counter() - t0
-        return self._record(db, run_id, batch_no, batch_intents, calls, seconds, clock, fc_version, fence, resumed)
+        return self._record(db, batch_intents, calls, seconds, clock, fc_version, fence, resumed)
 
     def _call_session(self, db: Database, intent: _Intent, seen: _Seen, fc_version: str) -> list[CallResult]:
         """Step 2 for one session: the calls it still needs, each made only if its row is still missing right before."""
@@ -573,8 +483,6 @@ class FunctionsExecutor:
     def _record(
         self,
         db: Database,
-        run_id: str,
-        batch_no: int,
         batch_intents: Sequence[_Intent],
         calls: Mapping[str, Sequence[CallResult]],
         seconds: Mapping[str, float],
@@ -582,69 +490,39 @@ class FunctionsExecutor:
         fc_version: str,
         fence: Fence,
         resumed: bool,
-    ) -> tuple[list[SessionOutcome], dict[str, Any]]:
+    ) -> BatchRecord:
         """Step 3: reads every row back, attributes it, and commits changes, results and the batch row in one go."""
-        started = batch_intents[0].batch_started_at
+        first = batch_intents[0]
+        run_id, batch_no, started = first.run_id, first.batch_no, first.batch_started_at
         with db.begin() as conn:
             fence(conn)
-            still = set(
-                conn.execute(
-                    sa.select(intents.c.session_id)
-                    .where(intents.c.run_id == run_id, intents.c.batch_no == batch_no)
-                    .with_for_update()
-                ).scalars()
-            )
-            if still != {i.session_id for i in batch_intents}:
-                raise DataError(f"batch {batch_no} of run {run_id} was finished by another process meanwhile")
+            _claim_intents(conn, run_id, batch_no, batch_intents)
             seen, mode = _observe(conn, batch_intents, fc_version)
             outcomes: list[SessionOutcome] = []
             changes: list[RowChange] = []
             for intent in batch_intents:
-                outcome, session_changes = _settle(
-                    intent, seen[intent.session_id], calls.get(intent.session_id, ()), fc_version
-                )
-                outcome.seconds = seconds.get(intent.session_id, 0.0)
+                sid = intent.session_id
+                outcome, session_changes = _settle(intent, seen[sid], calls.get(sid, ()), fc_version)
+                outcome.seconds = seconds.get(sid, 0.0)
                 outcomes.append(outcome)
                 changes.extend(session_changes)
-            changes = _not_yet_recorded(conn, run_id, changes)
-            finished = clock.now()
+            changes = ledger.row_changes_not_recorded(conn, run_id, changes)
             ledger.record_row_changes(conn, run_id, batch_no, changes, at=started)
-            by_key = {i.session_id: i for i in batch_intents}
-            rows = [_session_row(run_id, batch_no, s, by_key[s.key], finished) for s in outcomes]
-            if any(i.retrying for i in batch_intents):
-                conn.execute(
-                    ledger.session_results.delete().where(
-                        ledger.session_results.c.run_id == run_id,
-                        ledger.session_results.c.session_id.in_([r["session_id"] for r in rows]),
-                    )
-                )
-            conn.execute(ledger.session_results.insert(), rows)
-            counts = Counter(s.result for s in outcomes)
-            group = batch_intents[0].candidate.get("group")
-            detail = {
-                "group": group,
-                "keys": [i.session_id for i in batch_intents],
-                "changes": len(changes),
-                "executor": "functions",
-                "fn_logs_attribution": mode,
-                "recovered": resumed,
-            }
-            conn.execute(
-                ledger.batches.insert().values(
-                    run_id=run_id,
-                    batch_no=batch_no,
-                    status="committed",
-                    sessions=len(batch_intents),
-                    succeeded=counts["written"],
-                    failed=counts["failed"],
-                    skipped=counts["already_present"],
-                    started_at=started,
-                    finished_at=finished,
-                    detail=detail,
-                )
+            batch = BatchRecord(
+                run_id=run_id,
+                batch_no=batch_no,
+                group=first.candidate.get("group"),
+                categories={i.session_id: str(i.candidate["category"]) for i in batch_intents},
+                sessions=tuple(outcomes),
+                changes=tuple(changes),
+                started_at=started,
+                finished_at=clock.now(),
+                retrying=any(i.retrying for i in batch_intents),
+                detail={"executor": "functions", "fn_logs_attribution": mode, "recovered": resumed},
             )
-            conn.execute(intents.delete().where(intents.c.run_id == run_id, intents.c.batch_no == batch_no))
-        return outcomes, _batch_log(batch_no, group, started, finished, outcomes, changes, by_key, mode, resumed)
+            ledger.record_batch(conn, batch)
+            ledger.drop_intents(conn, run_id, batch_no)
+        return batch
 
     # ------------------------------------------------------------------------------------------------ HTTP
 
@@ -735,6 +613,12 @@ def _decode(response: httpx.Response) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _claim_intents(conn: Connection, run_id: str, batch_no: int, batch_intents: Sequence[_Intent]) -> None:
+    """Locks the batch's intents for the commit; ``DataError`` if another process finished the batch meanwhile."""
+    if ledger.lock_intents(conn, run_id, batch_no) != {i.session_id for i in batch_intents}:
+        raise DataError(f"batch {batch_no} of run {run_id} was finished by another process meanwhile")
+
+
 def _intent_from(row: Mapping[str, Any]) -> _Intent:
     started = _instant(row["batch_started_at"])
     assert started is not None
@@ -752,12 +636,7 @@ def _intent_from(row: Mapping[str, Any]) -> _Intent:
 
 
 def _load_intents(conn: Connection, run_id: str) -> list[_Intent]:
-    if not sa.inspect(conn).has_table(intents.name):
-        return []
-    rows = conn.execute(
-        sa.select(intents).where(intents.c.run_id == run_id).order_by(intents.c.batch_no, intents.c.position)
-    )
-    return [_intent_from(dict(r._mapping)) for r in rows]
+    return [_intent_from(row) for row in ledger.intents_for(conn, run_id)]
 
 
 def _observe(conn: Connection, batch_intents: Sequence[_Intent], fc_version: str) -> tuple[dict[str, _Seen], str]:
@@ -933,85 +812,3 @@ def _why_missing(op: str, calls: Sequence[CallResult]) -> str:
     reason = f": {info}" if isinstance(info, str) and info else ""
     table = "fc_scores" if op == _FC_INSERT else "profiles"
     return _one_line(f"{function} answered HTTP {last.status} but wrote no {table} row{reason}", 300)
-
-
-def _not_yet_recorded(conn: Connection, run_id: str, changes: Sequence[RowChange]) -> list[RowChange]:
-    """Drops changes this run already recorded (one ledger row per row and run; a retried session reuses none, but
-    a row must never be recorded twice)."""
-    if not changes:
-        return []
-    keys = [ledger.row_key(ch.key) for ch in changes]
-    c = ledger.changes
-    found: set[tuple[str, str]] = set()
-    for start in range(0, len(keys), 500):
-        part = keys[start : start + 500]
-        found.update(
-            (t, k)
-            for t, k in conn.execute(
-                sa.select(c.c.table_name, c.c.row_key).where(c.c.run_id == run_id, c.c.row_key.in_(part))
-            )
-        )
-    return [ch for ch, k in zip(changes, keys, strict=True) if (ch.table, k) not in found]
-
-
-def _session_row(run_id: str, batch_no: int, s: SessionOutcome, intent: _Intent, now: datetime) -> dict[str, Any]:
-    """A gatefill_session_results row, shaped as the local executor writes it."""
-    return {
-        "run_id": run_id,
-        "session_id": s.key,
-        "batch_no": batch_no,
-        "result": s.result,
-        "error": s.error,
-        "detail": {
-            "category": intent.candidate.get("category"),
-            "group": intent.candidate.get("group"),
-            "operations": s.operations,
-            "seconds": round(s.seconds, 6),
-        },
-        "at": now,
-    }
-
-
-def _batch_log(
-    batch_no: int,
-    group: object,
-    started: datetime,
-    finished: datetime,
-    outcomes: Sequence[SessionOutcome],
-    changes: Sequence[RowChange],
-    by_key: Mapping[str, _Intent],
-    mode: str,
-    resumed: bool,
-) -> dict[str, Any]:
-    """The batch log (``backfill_logs/batch_N.json``), shaped as the local executor's plus how rows were attributed."""
-    counts = Counter(s.result for s in outcomes)
-    return {
-        "batch_no": batch_no,
-        "group": group,
-        "executor": "functions",
-        "fn_logs_attribution": mode,
-        "recovered": resumed,
-        "started_at": format_utc(started),
-        "completed_at": format_utc(finished),
-        "sessions_processed": len(outcomes),
-        "sessions_written": counts["written"],
-        "sessions_already_present": counts["already_present"],
-        "sessions_failed": counts["failed"],
-        "rows_written": dict(Counter(ch.table for ch in changes)),
-        "sessions": [
-            {
-                "session_id": s.key,
-                "category": by_key[s.key].candidate.get("category"),
-                "result": s.result,
-                "error": s.error,
-                "seconds": round(s.seconds, 6),
-                "operations": s.operations,
-                "rows": [
-                    {"table": ch.table, "key": dict(ch.key), "before": "absent" if ch.before is None else "present"}
-                    for ch in changes
-                    if ch.candidate == s.key
-                ],
-            }
-            for s in outcomes
-        ],
-    }

@@ -47,6 +47,7 @@ from gatefill.job import (
     ChangeSink,
     Check,
     Executor,
+    GateCheck,
     RowChange,
     SessionOutcome,
     SoakChecks,
@@ -99,6 +100,25 @@ def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
         out[key] = value.isoformat() if isinstance(value, datetime) else value
     return out
 
+
+#: The health checks that count sessions needing backfill (their evidence's ``missing``).
+_CANDIDATE_CHECKS = ("missing_profiles", "missing_fc_scores")
+
+#: The final gate's checklist, as the seed documents' go/no-go reads (each row cites one check of the phase).
+_GATE_CHECKS: dict[str, tuple[GateCheck, ...]] = {
+    "soak": (
+        GateCheck("version_stamps", "versions stamped (staging rows written)"),
+        GateCheck("engine_version_override", "no engine_version_override"),
+        GateCheck("legacy_fc", "no legacy FC"),
+        GateCheck("token_gating", "tokenized results only"),
+        GateCheck("conversion", "conversion not worse than baseline"),
+        GateCheck("conversion_floor", "conversion at least the floor (seed: ≥ 85%)"),
+    ),
+    "health": (
+        GateCheck("version_distribution", "production versions"),
+        GateCheck("row_level_security", "production RLS"),
+    ),
+}
 
 #: ``apply --executor functions``: batches through the PRISM edge functions over HTTP (the app's own code path).
 FUNCTIONS_EXECUTOR = "functions"
@@ -175,6 +195,14 @@ class PrismJob:
             row_level_security=row_level_security,
             timings=timings,
         )
+
+    def needs_backfill(self, checks: Sequence[Check]) -> bool:
+        """A candidate is a completed session of the window without a profile or without the current FC row:
+        exactly what missing_profiles and missing_fc_scores count."""
+        return any(int(c.evidence.get("missing", 0)) for c in checks if c.name in _CANDIDATE_CHECKS)
+
+    def gate_checks(self, phase: str) -> Sequence[GateCheck]:
+        return _GATE_CHECKS.get(phase, ())
 
     def newest_activity(self, conn: Connection, since: datetime) -> tuple[datetime | None, str]:
         return newest_session_activity(conn, since)

@@ -16,11 +16,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from gatefill.artifacts import counts_text
 from gatefill.job import NOT_APPLICABLE, Check
 from gatefill.prism import scoring
 from gatefill.prism.discovery import MIN_ANSWERS
 from gatefill.prism.schema import PRISM_TABLES, assessment_sessions, scoring_config
-from gatefill.reports import counts_text
 
 __all__ = ["LISTED", "health_checks", "newest_session_activity"]
 

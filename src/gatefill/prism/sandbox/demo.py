@@ -21,9 +21,9 @@ from rich.table import Table
 
 from gatefill import ledger
 from gatefill.clock import Clock, OffsetClock, SimulatedClock
-from gatefill.config import Environment, Settings, load_settings
+from gatefill.config import DEFAULT_RATE, DEFAULT_SINCE, Environment, Settings, load_settings
 from gatefill.db import Database
-from gatefill.pipeline import PipelineOptions, PipelineState, run_pipeline
+from gatefill.pipeline import PipelineOptions, PipelineState, SoakStep, run_pipeline
 from gatefill.prism.discovery import BLOCKED_CATEGORIES, CANDIDATE_CATEGORIES, discover
 from gatefill.prism.job import PrismJob
 from gatefill.prism.platform.server import create_app, serve_in_thread
@@ -32,11 +32,12 @@ from gatefill.prism.sandbox.simulator import simulate
 from gatefill.prism.schema import init_schema, load_reference_data
 from gatefill.prism.scoring import ENGINE_VERSION, FC_VERSION
 from gatefill.progress import apply_progress
+from gatefill.reports.soak import write_soak_artifacts
 from gatefill.soak import SoakOptions, soak_job
 
 __all__ = ["DEMO_CONFIG", "DEMO_SINCE", "WALKTHROUGH", "run_demo", "run_demo_pipeline", "run_full_demo", "seed_demo"]
 
-DEMO_SINCE = datetime(2025, 8, 1, tzinfo=UTC)
+DEMO_SINCE = datetime.fromisoformat(DEFAULT_SINCE).replace(tzinfo=UTC)
 DEMO_CONFIG = """\
 # The gatefill demo: embedded SQLite environments (see `gatefill init` for a fully commented example).
 # The demo's pipeline runs on staging and production; walkthrough is staging as it was seeded, left untouched for
@@ -157,11 +158,25 @@ def run_demo_pipeline(
         production="production",
         since=DEMO_SINCE,
         priority=(TEST_SESSION_A, TEST_SESSION_B),
-        rate="unlimited" if fast else "20/min",
+        rate="unlimited" if fast else DEFAULT_RATE,
         auto_approve_as=approver,
     )
     clock = OffsetClock(PIPELINE_START)
     job = PrismJob()
+    soak_step = _soak_step(console, clock, respondents, job)
+    rate = "unthrottled" if fast else "at 20 sessions/min"
+    console.print(f"pipeline: plan, apply {rate}, soak, production health, final gate", markup=False)
+    with apply_progress(console) as progress:
+        state = run_pipeline(settings, options, job=job, clock=clock, soak_step=soak_step, progress=progress)
+    for line in state.log:  # one line per step; the last is the final gate's verdict
+        console.print(f"  {line}", markup=False)
+    console.print(f"approvals in this demo were recorded automatically as '{approver}' (see `gatefill gates`)")
+    return state
+
+
+def _soak_step(console: Console, clock: OffsetClock, respondents: int, job: PrismJob) -> SoakStep:
+    """The demo pipeline's soak: six simulated hours of ``respondents``' traffic through an in-process functions
+    server, then the soak of that window; the pipeline's ``clock`` moves past both."""
 
     def soak_step(db: Database, env: Environment, apply_run: str, step_clock: Clock, artifacts: Path) -> dict[str, Any]:
         app = create_app(env, db, allow_fault_injection=True)
@@ -187,7 +202,8 @@ def run_demo_pipeline(
                 service_role_key=live.service_role_key(),
             )
             console.print(f"soak: {traffic.summary()}", markup=False)
-            result = soak_job(live, job, SoakOptions(after=apply_run), artifacts_dir=artifacts, clock="simulated")
+            soaked = soak_job(live, job, SoakOptions(after=apply_run), clock="simulated")
+            result = write_soak_artifacts(soaked, artifacts)
         # The six simulated hours have passed for the rest of the pipeline too: approvals, the production health
         # check and the final gate are dated after the soak and the traffic it watched, never before.
         with db.connect() as conn:
@@ -195,11 +211,4 @@ def run_demo_pipeline(
         clock.advance_to(max(soaked_until, traffic_clock.now()))
         return result.step_record()
 
-    rate = "unthrottled" if fast else "at 20 sessions/min"
-    console.print(f"pipeline: plan, apply {rate}, soak, production health, final gate", markup=False)
-    with apply_progress(console) as progress:
-        state = run_pipeline(settings, options, job=job, clock=clock, soak_step=soak_step, progress=progress)
-    for line in state.log:  # one line per step; the last is the final gate's verdict
-        console.print(f"  {line}", markup=False)
-    console.print(f"approvals in this demo were recorded automatically as '{approver}' (see `gatefill gates`)")
-    return state
+    return soak_step
