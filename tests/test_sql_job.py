@@ -110,6 +110,13 @@ def test_every_phase_through_the_library(target: Target, tmp_path: Path) -> None
     assert _health(target, job, tmp_path).healthy
 
 
+def test_batches_follow_the_keys_order_not_their_text(target: Target, tmp_path: Path) -> None:
+    todo = make_posts(target.db)  # ids 1..23: as text, "10" sorts before "2"
+    body = plan(target, fill_slug(), tmp_path)
+    in_batches = [int(key) for batch in body.batches for key in batch.keys]
+    assert in_batches == todo == sorted(todo)
+
+
 def gate_of(target: Target, job: SqlJob, body: Plan, tmp_path: Path) -> Any:
     clock = SimulatedClock(START)
     return measure_backfill_gate(target.db, target.env, job, body.run_id, clock=clock, artifacts_dir=tmp_path / "a")

@@ -325,16 +325,18 @@ def _group(candidate: Candidate, priority: set[str], recent_from: datetime) -> s
 def make_batches(
     candidates: Sequence[Candidate], priority: Sequence[str], batch_size: int, now: datetime
 ) -> tuple[Batch, ...]:
-    """Splits the runnable candidates into batches: priority sessions, then the last 30 days, then older ones."""
+    """Splits the runnable candidates into batches: priority sessions, then the last 30 days, then older ones; within
+    a group by creation time, then in discovery order (the job's key order: numeric keys stay numeric)."""
     wanted = set(priority)
     recent_from = now - timedelta(days=RECENT_DAYS)
     order = {"priority": 0, f"recent_{RECENT_DAYS}d": 1, "older": 2}
     runnable = [c for c in candidates if c.operations]
     priority_rank = {key: i for i, key in enumerate(priority)}
+    discovered = {c.key: i for i, c in enumerate(runnable)}
 
-    def sort_key(c: Candidate) -> tuple[int, int, datetime, str]:
+    def sort_key(c: Candidate) -> tuple[int, int, datetime, int]:
         group = _group(c, wanted, recent_from)
-        return (order[group], priority_rank.get(c.key, 0), c.created_at, c.key)
+        return (order[group], priority_rank.get(c.key, 0), c.created_at, discovered[c.key])
 
     batches: list[Batch] = []
     current: list[Candidate] = []
