@@ -380,3 +380,31 @@ def test_a_resumed_runs_summary_counts_runtime_and_rate_over_every_invocation(
     assert f"| runtime | {running:.1f} s running, over 2 invocations (pauses between them not counted)" in summary
     assert f"measured {39 / running * 60.0:.2f} sessions/min (39 sessions in {running:.1f} s)" in summary
     assert "| 1 | " in summary and "| paused | " in summary and "| succeeded | " in summary
+
+
+@pytest.mark.parametrize("target", ["postgresql"], indirect=True)
+def test_write_privileges_needs_every_privilege_not_just_one(staging: tuple[Target, SeedReport]) -> None:
+    """A role that may only INSERT into the written tables cannot back them out: the precheck fails (with a list of
+    privileges, has_table_privilege is true when any one is held, which let such a role through)."""
+    import uuid
+
+    from gatefill.config import Environment
+    from gatefill.db import Database
+
+    target, _ = staging
+    role = f"gf_insert_only_{uuid.uuid4().hex[:8]}"
+    with target.db.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO {role}")
+    env = Environment(name="test", kind="staging", database_url=target.url.replace("postgres@", f"{role}@", 1))
+    try:
+        with Database(env) as db, db.connect() as conn:
+            checks = {c.name: c for c in PrismJob().prechecks(conn, env.name)}
+        privileges = checks["write_privileges"]
+        assert privileges.verdict == "FAIL", privileges.summary
+        assert "privileges MISSING" in privileges.summary
+        assert privileges.evidence["fc_ok"] is False and privileges.evidence["logs_ok"] is False
+    finally:
+        with target.db.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")

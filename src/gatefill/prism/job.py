@@ -798,6 +798,11 @@ def _finding_detail(f: Finding) -> dict[str, Any]:
     }
 
 
+def _all_privileges(table: str, *privileges: str) -> str:
+    """SQL that is true only when the current user holds every one of ``privileges`` on ``table`` (both constants)."""
+    return "(" + " AND ".join(f"has_table_privilege(current_user, '{table}', '{p}')" for p in privileges) + ")"
+
+
 def _write_privileges(conn: Connection) -> Check:
     if conn.dialect.name != "postgresql":
         return Check(
@@ -809,9 +814,10 @@ def _write_privileges(conn: Connection) -> Check:
     row = conn.execute(
         sa.text(
             "SELECT current_user AS who, r.rolsuper, r.rolbypassrls, "
-            "has_table_privilege(current_user, 'fc_scores', 'INSERT,UPDATE,DELETE') AS fc_ok, "
-            "has_table_privilege(current_user, 'profiles', 'INSERT,UPDATE,DELETE') AS profiles_ok, "
-            "has_table_privilege(current_user, 'fn_logs', 'INSERT,DELETE') AS logs_ok, "
+            # One privilege per call: with a list, has_table_privilege is true when ANY of them is held.
+            f"{_all_privileges('fc_scores', 'INSERT', 'UPDATE', 'DELETE')} AS fc_ok, "
+            f"{_all_privileges('profiles', 'INSERT', 'UPDATE', 'DELETE')} AS profiles_ok, "
+            f"{_all_privileges('fn_logs', 'INSERT', 'DELETE')} AS logs_ok, "
             "(SELECT relrowsecurity FROM pg_class WHERE oid = 'profiles'::regclass) AS rls_on, "
             "pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = 'profiles'::regclass), 'MEMBER') "
             "AS owns FROM pg_roles r WHERE r.rolname = current_user"
@@ -825,7 +831,8 @@ def _write_privileges(conn: Connection) -> Check:
         f"{row.who}: privileges {'ok' if row.fc_ok and row.profiles_ok and row.logs_ok else 'MISSING'}, "
         f"RLS {'bypassed' if passes_rls else 'would filter writes'}",
         dict(row._mapping),
-        "has_table_privilege(...) on fc_scores/profiles/fn_logs; rolsuper/rolbypassrls/table owner vs relrowsecurity",
+        "has_table_privilege(...) per privilege on fc_scores/profiles/fn_logs; rolsuper/rolbypassrls/table owner vs "
+        "relrowsecurity",
     )
 
 
