@@ -709,6 +709,34 @@ class _Tally:
             into.append(text)
 
 
+def _tally_change(
+    tally: _Tally, definition: tuple[sa.Table, WrittenTable], change: LedgerChange, row: Mapping[str, Any] | None
+) -> None:
+    """Counts one change read back: an inserted row must be gone, an updated one equal to its before-image."""
+    name = change.table
+    if change.inserted:
+        tally.inserted += 1
+        if row is None:
+            tally.absent += 1
+        else:
+            tally.problem(tally.inserted_problems, f"{name} {change.row_key} still present")
+        return
+    tally.updated += 1
+    if row is None and definition[1].partial_images:
+        tally.gone += 1  # deleted since (a forced rollback): an image of some columns cannot bring it back
+        return
+    if row is None:
+        tally.problem(tally.updated_problems, f"{name} {change.row_key} missing after restore")
+        return
+    differing = _differing(definition[0], change.before or {}, row)
+    if differing:
+        tally.problem(
+            tally.updated_problems, f"{name} {change.row_key} differs from its before-image: {', '.join(differing)}"
+        )
+    else:
+        tally.equal += 1
+
+
 def _verify(
     conn: Connection, pages: ChangePages, defs: Mapping[str, tuple[sa.Table, WrittenTable]]
 ) -> tuple[list[Check], tuple[str, ...]]:
@@ -721,30 +749,8 @@ def _verify(
     for page in pages(after=False):
         current = _current_rows(conn, defs, page, lock=False)
         for change in page:
-            name, tally = change.table, tallies[change.table]
-            row = current.get((name, _canonical_key(defs, change)))
-            if change.inserted:
-                tally.inserted += 1
-                if row is None:
-                    tally.absent += 1
-                else:
-                    tally.problem(tally.inserted_problems, f"{name} {change.row_key} still present")
-                continue
-            tally.updated += 1
-            if row is None and defs[name][1].partial_images:
-                tally.gone += 1  # deleted since (a forced rollback): an image of some columns cannot bring it back
-                continue
-            if row is None:
-                tally.problem(tally.updated_problems, f"{name} {change.row_key} missing after restore")
-                continue
-            differing = _differing(defs[name][0], change.before or {}, row)
-            if differing:
-                tally.problem(
-                    tally.updated_problems,
-                    f"{name} {change.row_key} differs from its before-image: {', '.join(differing)}",
-                )
-            else:
-                tally.equal += 1
+            row = current.get((change.table, _canonical_key(defs, change)))
+            _tally_change(tallies[change.table], defs[change.table], change, row)
     checks: list[Check] = []
     listed: list[str] = []
     for name, (_, written) in defs.items():
@@ -811,14 +817,7 @@ def rollback_run(
             if fence is not None:
                 fence(conn)
             plan, pages = _plan(conn, run_id, defs, lock=True, page_size=page_size)
-            if dry_run and plan.status is RunStatus.ROLLED_BACK:
-                raise NothingToRollBack(
-                    run_id,
-                    f"it was rolled back already (see {artifacts_dir / run_id / REPORT_NAME}); "
-                    "a dry run now would only find its rows gone",
-                )
-            if not dry_run and not plan.allowed:
-                raise ledger.IllegalTransition(run_id, plan.status, RunStatus.ROLLED_BACK)
+            _refuse_early(plan, run_id, artifacts_dir, dry_run=dry_run)
             undone = _undo(conn, plan, pages, defs, now=now, dry_run=dry_run, force=force)
             if undone.committed:
                 trans.commit()
@@ -828,6 +827,25 @@ def rollback_run(
             if trans.is_active:
                 trans.rollback()
             raise
+    return _result(db, run_id, plan, undone, now=now, dry_run=dry_run, force=force)
+
+
+def _refuse_early(plan: RollbackPlan, run_id: str, artifacts_dir: Path, *, dry_run: bool) -> None:
+    """Refuses, before any write, a dry run of a rolled-back run and a rollback the run's status does not allow."""
+    if dry_run and plan.status is RunStatus.ROLLED_BACK:
+        raise NothingToRollBack(
+            run_id,
+            f"it was rolled back already (see {artifacts_dir / run_id / REPORT_NAME}); "
+            "a dry run now would only find its rows gone",
+        )
+    if not dry_run and not plan.allowed:
+        raise ledger.IllegalTransition(run_id, plan.status, RunStatus.ROLLED_BACK)
+
+
+def _result(
+    db: Database, run_id: str, plan: RollbackPlan, undone: _Undone, *, now: datetime, dry_run: bool, force: bool
+) -> RollbackResult:
+    """What the rollback measured, for its report."""
     return RollbackResult(
         run_id=run_id,
         environment=db.env.name,
