@@ -530,35 +530,24 @@ def _decision(
     max_looks: int | None,
     threshold_text: str | None = None,
 ) -> Decision:
-    """Apply the verdict rules shared by every test and write the one-sentence reason.
+    """One test's Decision: its numbers, with the verdict and one-sentence reason of the rules every test shares.
 
     ``threshold_text`` names an absolute floor (`sequential_at_least`): the sentence then speaks of the rate being
     above or below that floor instead of non-inferiority to a baseline.
     """
-    margin_text = f"{_pct(baseline - margin)} (baseline {_pct(baseline)} − margin {margin * 100:.1f} pp)"
-    threshold = threshold_text or margin_text
-    above, below = ("", "") if threshold_text else ("non-inferior, ", "inferior, ")
-    names = ("p(rate ≤ floor)", "p(rate ≥ floor)") if threshold_text else ("non-inferiority p", "inferiority p")
-    tests = f"{names[0]} = {_p(p_noninferior)}, {names[1]} = {_p(p_inferior)}, alpha = {_p(alpha)}"
-    where = f" at look {look} of {max_looks}" if look is not None else ""
-    verdict: Verdict
-    if short_of > 0:
-        verdict = "INCONCLUSIVE"
-        reason = f"too little data: {observed}; at least {min_n} sessions are needed in each sample ({tests})."
-    elif p_noninferior <= alpha:
-        verdict = "PASS"
-        reason = f"{observed}: {above}the rate is shown to be above {threshold}{where} ({tests})."
-    elif p_inferior <= alpha:
-        verdict = "FAIL"
-        reason = f"{observed}: {below}the rate is shown to be below {threshold}{where} ({tests})."
-    else:
-        verdict = "INCONCLUSIVE"
-        if look is not None and max_looks is not None and look < max_looks:
-            outcome = "keep watching"
-        else:
-            outcome = "no conclusion"
-        shown = "neither above nor below" if threshold_text else "neither non-inferiority nor inferiority to"
-        reason = f"{observed}: {shown} {threshold} is shown{where}, {outcome} ({tests})."
+    verdict, reason = _verdict_and_reason(
+        baseline=baseline,
+        margin=margin,
+        alpha=alpha,
+        p_noninferior=p_noninferior,
+        p_inferior=p_inferior,
+        observed=observed,
+        short_of=short_of,
+        min_n=min_n,
+        look=look,
+        max_looks=max_looks,
+        threshold_text=threshold_text,
+    )
     return Decision(
         verdict=verdict,
         k=k,
@@ -578,6 +567,42 @@ def _decision(
         look=look,
         max_looks=max_looks,
     )
+
+
+def _verdict_and_reason(
+    *,
+    baseline: float,
+    margin: float,
+    alpha: float,
+    p_noninferior: float,
+    p_inferior: float,
+    observed: str,
+    short_of: int,
+    min_n: int,
+    look: int | None,
+    max_looks: int | None,
+    threshold_text: str | None,
+) -> tuple[Verdict, str]:
+    """The verdict rules shared by every test, with the one-sentence reason that states them."""
+    margin_text = f"{_pct(baseline - margin)} (baseline {_pct(baseline)} − margin {margin * 100:.1f} pp)"
+    threshold = threshold_text or margin_text
+    above, below = ("", "") if threshold_text else ("non-inferior, ", "inferior, ")
+    names = ("p(rate ≤ floor)", "p(rate ≥ floor)") if threshold_text else ("non-inferiority p", "inferiority p")
+    tests = f"{names[0]} = {_p(p_noninferior)}, {names[1]} = {_p(p_inferior)}, alpha = {_p(alpha)}"
+    where = f" at look {look} of {max_looks}" if look is not None else ""
+    if short_of > 0:
+        return (
+            "INCONCLUSIVE",
+            f"too little data: {observed}; at least {min_n} sessions are needed in each sample ({tests}).",
+        )
+    if p_noninferior <= alpha:
+        return "PASS", f"{observed}: {above}the rate is shown to be above {threshold}{where} ({tests})."
+    if p_inferior <= alpha:
+        return "FAIL", f"{observed}: {below}the rate is shown to be below {threshold}{where} ({tests})."
+    watching = look is not None and max_looks is not None and look < max_looks
+    outcome = "keep watching" if watching else "no conclusion"
+    shown = "neither above nor below" if threshold_text else "neither non-inferiority nor inferiority to"
+    return "INCONCLUSIVE", f"{observed}: {shown} {threshold} is shown{where}, {outcome} ({tests})."
 
 
 def _cp_bounds(k: int, n: int, tail: float) -> tuple[float, float]:

@@ -66,12 +66,23 @@ def load_session_inputs(
     still wins exactly as upstream picks it. ``existing_fc_scores`` is the v1.2/functions ``scores_json`` or None.
     """
     ids = list(dict.fromkeys(session_ids))
-    answers: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
-    fc_rows: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
-    existing: dict[str, object] = {}
     if not ids:
         return {}
+    answers = _answers(conn, ids)
+    fc_rows = _fc_responses(conn, ids) if with_fc_responses else {sid: [] for sid in ids}
+    existing = _existing_fc_scores(conn, ids)
+    return {
+        sid: scoring.SessionInputs(
+            session_id=sid, answers=answers[sid], fc_responses=fc_rows[sid], existing_fc_scores=existing.get(sid)
+        )
+        for sid in ids
+    }
+
+
+def _answers(conn: Connection, ids: Sequence[str]) -> dict[str, list[dict[str, object]]]:
+    """Each session's answers in question order, with the sessions that repeat a question re-read in full."""
     r = assessment_responses
+    answers: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
     repeated: set[str] = set()
     last: tuple[object, object] = (None, None)
     for sid, qid, value in conn.execute(
@@ -84,42 +95,54 @@ def load_session_inputs(
         last = (sid, qid)
         answers[sid].append({"question_id": qid, "answer_value": value})
     if repeated:
-        for sid in repeated:
-            answers[sid] = []
-        for row in conn.execute(
-            sa.select(r.c.session_id, r.c.id, r.c.question_id, r.c.answer_value, r.c.created_at)
-            .where(r.c.session_id.in_(sorted(repeated)))
-            .order_by(r.c.session_id, r.c.created_at, r.c.id)
-        ):
-            answers[row.session_id].append(
-                {
-                    "id": row.id,
-                    "question_id": row.question_id,
-                    "answer_value": row.answer_value,
-                    "created_at": row.created_at,
-                }
-            )
-    if with_fc_responses:
-        f = fc_responses
-        for fc_row in conn.execute(
-            sa.select(f.c.session_id, f.c.block_id, f.c.option_id)
-            .where(f.c.session_id.in_(ids))
-            .order_by(f.c.session_id, f.c.answered_at, f.c.block_id)
-        ):
-            fc_rows[fc_row.session_id].append({"block_id": fc_row.block_id, "option_id": fc_row.option_id})
+        _reread_repeated(conn, answers, repeated)
+    return answers
+
+
+def _reread_repeated(conn: Connection, answers: dict[str, list[dict[str, object]]], repeated: set[str]) -> None:
+    """Replaces the answers of sessions that repeat a question with every answer, in (created_at, id) order."""
+    r = assessment_responses
+    for sid in repeated:
+        answers[sid] = []
+    for row in conn.execute(
+        sa.select(r.c.session_id, r.c.id, r.c.question_id, r.c.answer_value, r.c.created_at)
+        .where(r.c.session_id.in_(sorted(repeated)))
+        .order_by(r.c.session_id, r.c.created_at, r.c.id)
+    ):
+        answers[row.session_id].append(
+            {
+                "id": row.id,
+                "question_id": row.question_id,
+                "answer_value": row.answer_value,
+                "created_at": row.created_at,
+            }
+        )
+
+
+def _fc_responses(conn: Connection, ids: Sequence[str]) -> dict[str, list[dict[str, object]]]:
+    """Each session's FC responses in (answered_at, block_id) order."""
+    f = fc_responses
+    fc_rows: dict[str, list[dict[str, object]]] = {sid: [] for sid in ids}
+    for fc_row in conn.execute(
+        sa.select(f.c.session_id, f.c.block_id, f.c.option_id)
+        .where(f.c.session_id.in_(ids))
+        .order_by(f.c.session_id, f.c.answered_at, f.c.block_id)
+    ):
+        fc_rows[fc_row.session_id].append({"block_id": fc_row.block_id, "option_id": fc_row.option_id})
+    return fc_rows
+
+
+def _existing_fc_scores(conn: Connection, ids: Sequence[str]) -> dict[str, object]:
+    """The v1.2/functions ``scores_json`` of the sessions that have one."""
     s = fc_scores
+    existing: dict[str, object] = {}
     for score_row in conn.execute(
         sa.select(s.c.session_id, s.c.scores_json).where(
             s.c.session_id.in_(ids), s.c.version == scoring.FC_VERSION, s.c.fc_kind == scoring.FC_KIND
         )
     ):
         existing[score_row.session_id] = score_row.scores_json
-    return {
-        sid: scoring.SessionInputs(
-            session_id=sid, answers=answers[sid], fc_responses=fc_rows[sid], existing_fc_scores=existing.get(sid)
-        )
-        for sid in ids
-    }
+    return existing
 
 
 @dataclass(frozen=True)

@@ -310,26 +310,33 @@ class PrismJob:
         run_id: str,
         record: ChangeSink | None,
     ) -> BatchOutcome:
+        """Locks, re-checks, scores and writes one batch (see the module docstring); outcomes in key order."""
         ordered = sorted(candidates, key=lambda c: c.key)
         ids = [c.key for c in ordered]
-        outcome = BatchOutcome()
         if not ids:
-            return outcome
+            return BatchOutcome()
         started = time.perf_counter()
-        # Lock order = id order, the same order the functions server's single-session locks fall into.
-        locked = set(
-            conn.execute(
-                sa.select(assessment_sessions.c.id)
-                .where(assessment_sessions.c.id.in_(ids))
-                .order_by(assessment_sessions.c.id)
-                .with_for_update()
-            ).scalars()
-        )
+        locked = _lock_sessions(conn, ids)
         present_fc, existing_fc = self._present_fc(conn, ids)
         present_profiles = self._present_profiles(conn, ordered)
         ref = self._reference_data(conn, run_id)
-
         results: dict[str, SessionOutcome] = {}
+        todo = self._triage(ordered, locked, present_fc, present_profiles, results)
+        changes: dict[str, list[RowChange]] = {}
+        scoring_seconds = self._score_and_write(conn, todo, existing_fc, ref, now, run_id, record, results, changes)
+        # Shared work (locks, loads, the bulk writes) is spread evenly over the batch's sessions.
+        shared = max(0.0, time.perf_counter() - started - scoring_seconds) / len(ordered)
+        return _batch_outcome(ordered, results, changes, shared)
+
+    def _triage(
+        self,
+        ordered: Sequence[Candidate],
+        locked: set[str],
+        present_fc: set[str],
+        present_profiles: Mapping[str, Mapping[str, Any]],
+        results: dict[str, SessionOutcome],
+    ) -> list[tuple[Candidate, _Wants]]:
+        """Settles in ``results`` the candidates with nothing to do (gone, or present); returns the rest, with wants."""
         todo: list[tuple[Candidate, _Wants]] = []
         for candidate in ordered:
             if candidate.key not in locked:
@@ -340,8 +347,21 @@ class PrismJob:
                 results[candidate.key] = SessionOutcome(candidate.key, "already_present", wants.ops)
             else:
                 todo.append((candidate, wants))
+        return todo
 
-        changes: dict[str, list[RowChange]] = {}
+    def _score_and_write(
+        self,
+        conn: Connection,
+        todo: Sequence[tuple[Candidate, _Wants]],
+        existing_fc: Mapping[str, object],
+        ref: scoring.ReferenceData,
+        now: datetime,
+        run_id: str,
+        record: ChangeSink | None,
+        results: dict[str, SessionOutcome],
+        changes: dict[str, list[RowChange]],
+    ) -> float:
+        """Scores ``todo`` by chunks while one thread loads and writes them; returns the seconds spent scoring."""
         scoring_seconds = 0.0
         chunks = [todo[lo : lo + _LOAD_CHUNK] for lo in range(0, len(todo), _LOAD_CHUNK)]
         # One thread runs this batch's statements in order (load chunk k+1, write chunk k, ...) while this one
@@ -358,18 +378,8 @@ class PrismJob:
                 inputs = load.result()
                 if k + 1 < len(chunks):
                     load = db_thread.submit(_load_inputs, conn, [c.key for c, _ in chunks[k + 1]], existing_fc)
-                pending: list[_Pending] = []
-                for candidate, wants in chunk:
-                    t0 = time.perf_counter()
-                    prepared = self._prepare(candidate, wants, inputs.pop(candidate.key), ref, now, run_id)
-                    session = prepared if isinstance(prepared, SessionOutcome) else prepared.outcome
-                    session.seconds = time.perf_counter() - t0
-                    scoring_seconds += session.seconds
-                    if isinstance(prepared, SessionOutcome):
-                        results[candidate.key] = prepared
-                    else:
-                        pending.append(prepared)
-                        results[candidate.key] = prepared.outcome
+                pending, seconds = self._score_chunk(chunk, inputs, ref, now, run_id, results)
+                scoring_seconds += seconds
                 del inputs
                 writes.append(db_thread.submit(self._write_batch, conn, pending, record))
             for write in writes:
@@ -378,14 +388,32 @@ class PrismJob:
                 results.update(failed)
         finally:
             db_thread.shutdown(wait=True, cancel_futures=True)
-        # Shared work (locks, loads, the bulk writes) is spread evenly over the batch's sessions.
-        shared = max(0.0, time.perf_counter() - started - scoring_seconds) / len(ordered)
-        for candidate in ordered:
-            session = results[candidate.key]
-            session.seconds += shared
-            outcome.sessions.append(session)
-            outcome.changes.extend(changes.get(candidate.key, ()))
-        return outcome
+        return scoring_seconds
+
+    def _score_chunk(
+        self,
+        chunk: Sequence[tuple[Candidate, _Wants]],
+        inputs: dict[str, scoring.SessionInputs],
+        ref: scoring.ReferenceData,
+        now: datetime,
+        run_id: str,
+        results: dict[str, SessionOutcome],
+    ) -> tuple[list[_Pending], float]:
+        """Scores one chunk's sessions, each timed, into ``results``; returns the rows to write and the time taken."""
+        pending: list[_Pending] = []
+        seconds = 0.0
+        for candidate, wants in chunk:
+            t0 = time.perf_counter()
+            prepared = self._prepare(candidate, wants, inputs.pop(candidate.key), ref, now, run_id)
+            session = prepared if isinstance(prepared, SessionOutcome) else prepared.outcome
+            session.seconds = time.perf_counter() - t0
+            seconds += session.seconds
+            if isinstance(prepared, SessionOutcome):
+                results[candidate.key] = prepared
+            else:
+                pending.append(prepared)
+                results[candidate.key] = prepared.outcome
+        return pending, seconds
 
     def _present_fc(self, conn: Connection, ids: Sequence[str]) -> tuple[set[str], dict[str, object]]:
         """Sessions that have this job's fc_scores row, and the v1.2/functions scores that scoring reads as input."""
@@ -746,6 +774,35 @@ _PG_INPUTS = sa.text(
         FROM fc_responses f WHERE f.session_id = c.id) f
     """
 ).bindparams(sa.bindparam("ids", type_=pg.ARRAY(sa.Text)))
+
+
+def _lock_sessions(conn: Connection, ids: Sequence[str]) -> set[str]:
+    """Locks the batch's session rows and returns the ids that still exist."""
+    # Lock order = id order, the same order the functions server's single-session locks fall into.
+    return set(
+        conn.execute(
+            sa.select(assessment_sessions.c.id)
+            .where(assessment_sessions.c.id.in_(ids))
+            .order_by(assessment_sessions.c.id)
+            .with_for_update()
+        ).scalars()
+    )
+
+
+def _batch_outcome(
+    ordered: Sequence[Candidate],
+    results: Mapping[str, SessionOutcome],
+    changes: Mapping[str, list[RowChange]],
+    shared: float,
+) -> BatchOutcome:
+    """The batch's outcome in key order, each session charged its share of the batch's shared work."""
+    outcome = BatchOutcome()
+    for candidate in ordered:
+        session = results[candidate.key]
+        session.seconds += shared
+        outcome.sessions.append(session)
+        outcome.changes.extend(changes.get(candidate.key, ()))
+    return outcome
 
 
 def _load_inputs(

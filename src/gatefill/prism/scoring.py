@@ -568,6 +568,8 @@ def _v8_sort16(n: int, cmp: Callable[[int, int], float]) -> list[int]:
     return a
 
 
+# Longer than a screen on purpose: it mirrors scoreAssessment (scoreEngine.ts @ceea71b, spec prism-scoring.md §3) line
+# by line, in the original's order of summation, so it can be read and diffed beside the TypeScript. Do not split it.
 def _engine(
     responses: Iterable[object],
     key: _CompiledKey,
@@ -1231,6 +1233,9 @@ def _profile_finite(out: Mapping[str, object]) -> bool:
     return all(type(v) is not float or v - v == 0.0 for v in nums)
 
 
+# Longer than a screen on purpose: it mirrors upstream's finalize sequence line by line (score_fc_session/index.ts,
+# then score_prism/index.ts; spec prism-scoring.md §2, §4), events and findings in the original's order, so it can be
+# read beside the TypeScript. Do not split it.
 def score_session(
     inputs: SessionInputs,
     ref: ReferenceData,

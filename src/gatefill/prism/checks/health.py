@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from gatefill.artifacts import counts_text
+from gatefill.db import format_utc
 from gatefill.job import NOT_APPLICABLE, Check
 from gatefill.prism import scoring
 from gatefill.prism.discovery import MIN_ANSWERS
@@ -65,12 +66,7 @@ def health_checks(
     charged to the first check).
     """
     mark = time.perf_counter()
-    p: dict[str, Any] = {"since": since, "now": now, "fcv": fc_version, "kind": scoring.FC_KIND, "ev": engine_version}
-    if conn.dialect.name == "sqlite":
-        # SQLite stores instants as fixed-width ISO text: compare text with text.
-        from gatefill.db import format_utc
-
-        p["since"], p["now"] = format_utc(since), format_utc(now)
+    p = _params(conn, since, now, fc_version, engine_version)
     completed_sql = "SELECT count(*) FROM assessment_sessions WHERE status = 'completed' AND created_at >= :since"
     completed = int(conn.execute(sa.text(completed_sql), p).scalar_one())
     checks: list[Check] = []
@@ -82,77 +78,98 @@ def health_checks(
             timings[check.name] = time.perf_counter() - mark
         mark = time.perf_counter()
 
+    add(_missing_profiles(conn, p, completed))
+    add(_missing_fc_scores(conn, p, completed))
+    add(_versions(conn, p, completed))
+    add(_completion_timestamps(conn, p, completed))
+    counts = _answer_counts(conn, p)
+    add(_sufficiency(counts, completed))
+    add(_orphans(conn, counts))
+    add(_tokens(conn, p, completed))
+    add(_results_version(conn, engine_version))
+    add(_rls(conn) if row_level_security else _no_rls(conn))
+    return checks
+
+
+def _params(conn: Connection, since: datetime, now: datetime, fc_version: str, engine_version: str) -> dict[str, Any]:
+    """The bind parameters every check's query shares, in the form the connection's dialect compares."""
+    p: dict[str, Any] = {"since": since, "now": now, "fcv": fc_version, "kind": scoring.FC_KIND, "ev": engine_version}
+    if conn.dialect.name == "sqlite":
+        # SQLite stores instants as fixed-width ISO text: compare text with text.
+        p["since"], p["now"] = format_utc(since), format_utc(now)
+    return p
+
+
+def _missing_profiles(conn: Connection, p: dict[str, Any], completed: int) -> Check:
+    """Completed sessions of the window without a profile."""
     sql = (
         "SELECT s.id FROM assessment_sessions s WHERE s.status = 'completed' AND s.created_at >= :since "
         "AND NOT EXISTS (SELECT 1 FROM profiles p WHERE p.session_id = s.id)"
     )
     n, ids = _ids(conn, sql, p)
-    add(
-        Check(
-            "missing_profiles",
-            _verdict(n, completed),
-            f"{n} of {completed} completed sessions have no profile",
-            {"completed": completed, "missing": n, "sessions": ids},
-            sql,
-        )
+    return Check(
+        "missing_profiles",
+        _verdict(n, completed),
+        f"{n} of {completed} completed sessions have no profile",
+        {"completed": completed, "missing": n, "sessions": ids},
+        sql,
     )
+
+
+def _missing_fc_scores(conn: Connection, p: dict[str, Any], completed: int) -> Check:
+    """Completed sessions of the window without this job's fc_scores row."""
     sql = (
         "SELECT s.id FROM assessment_sessions s WHERE s.status = 'completed' AND s.created_at >= :since "
         "AND NOT EXISTS (SELECT 1 FROM fc_scores f WHERE f.session_id = s.id AND f.version = :fcv "
         "AND f.fc_kind = :kind)"
     )
     n, ids = _ids(conn, sql, p)
-    add(
-        Check(
-            "missing_fc_scores",
-            _verdict(n, completed),
-            f"{n} of {completed} completed sessions have no {fc_version}/{scoring.FC_KIND} fc_scores row",
-            {"completed": completed, "missing": n, "sessions": ids},
-            sql,
-        )
+    return Check(
+        "missing_fc_scores",
+        _verdict(n, completed),
+        f"{n} of {completed} completed sessions have no {p['fcv']}/{scoring.FC_KIND} fc_scores row",
+        {"completed": completed, "missing": n, "sessions": ids},
+        sql,
     )
-    add(_versions(conn, p, completed))
+
+
+def _completion_timestamps(conn: Connection, p: dict[str, Any], completed: int) -> Check:
+    """Completed sessions of the window that lack a completion or finalization instant."""
     sql = (
         "SELECT id FROM assessment_sessions WHERE status = 'completed' AND created_at >= :since "
         "AND (completed_at IS NULL OR finalized_at IS NULL)"
     )
     n, ids = _ids(conn, sql, p)
-    add(
-        Check(
-            "completion_timestamps",
-            _verdict(n, completed),
-            f"{n} of {completed} completed sessions lack completed_at or finalized_at",
-            {"completed": completed, "lacking": n, "sessions": ids},
-            sql,
-        )
+    return Check(
+        "completion_timestamps",
+        _verdict(n, completed),
+        f"{n} of {completed} completed sessions lack completed_at or finalized_at",
+        {"completed": completed, "lacking": n, "sessions": ids},
+        sql,
     )
-    counts = _answer_counts(conn, p)
-    add(_sufficiency(counts, completed))
-    add(_orphans(conn, counts))
-    add(_tokens(conn, p, completed))
+
+
+def _results_version(conn: Connection, engine_version: str) -> Check:
+    """The database's scoring_config.results_version against the engine's."""
     # Through the Core table so the JSON value is decoded the same way on both dialects.
     value = conn.execute(sa.select(scoring_config.c.value).where(scoring_config.c.key == "results_version")).scalar()
-    add(
-        Check(
-            "results_version",
-            "PASS" if value == engine_version else "FAIL",
-            f"scoring_config.results_version = {value!r} (engine {engine_version})",
-            {"scoring_config": value, "engine": engine_version},
-            "SELECT value FROM scoring_config WHERE key = 'results_version'",
-        )
+    return Check(
+        "results_version",
+        "PASS" if value == engine_version else "FAIL",
+        f"scoring_config.results_version = {value!r} (engine {engine_version})",
+        {"scoring_config": value, "engine": engine_version},
+        "SELECT value FROM scoring_config WHERE key = 'results_version'",
     )
-    if row_level_security:
-        add(_rls(conn))
-    else:
-        add(
-            Check(
-                "row_level_security",
-                NOT_APPLICABLE,
-                f"{conn.dialect.name} has no roles or row-level security: there is nothing to check",
-                {"dialect": conn.dialect.name},
-            )
-        )
-    return checks
+
+
+def _no_rls(conn: Connection) -> Check:
+    """The row-level-security check on a dialect without roles: N/A, with the reason."""
+    return Check(
+        "row_level_security",
+        NOT_APPLICABLE,
+        f"{conn.dialect.name} has no roles or row-level security: there is nothing to check",
+        {"dialect": conn.dialect.name},
+    )
 
 
 def newest_session_activity(conn: Connection, since: datetime) -> tuple[datetime | None, str]:

@@ -1134,22 +1134,12 @@ class PrismSoakChecks:
         rls: Mapping[str, Any],
         tokenless: Any,
     ) -> Check:
+        """Token gating at this look: every probe so far, the tokenless accesses served, and what anon can see."""
         previous = look.previous.get("token_gating", {})
-        totals = Counter({k: int(v) for k, v in (previous.get("probes") or {}).items()})
-        cases = Counter({k: int(v) for k, v in (previous.get("cases_passed") or {}).items()})
-        failures = list(previous.get("failures") or [])
-        this = Counter(p.outcome for p in probes)
-        totals.update({"total": len(probes), "passed": this["pass"], "failed": this["fail"]})
-        totals.update({"inconclusive": this["inconclusive"], "looks_probed": 1 if probes else 0})
-        cases.update(p.case for p in probes if p.outcome == "pass")
-        failures += [dict(p.to_json(), look=look.number) for p in probes if p.outcome == "fail"]
+        totals, cases, failures = _probe_tallies(look, previous, probes)
         served = int(tokenless.tokenless_served)
         coverage = self._coverage(look, previous, bool(probes) and all(p.outcome != "inconclusive" for p in probes))
-        rls_tables = rls.get("tables", {}) if rls.get("applicable") else {}
-        rls_visible = {t: v["visible"] for t, v in rls_tables.items()}
-        # A leak seen at any look stays a FAIL: the probe is not cumulative by itself.
-        leaks = dict(previous.get("rls_leaks") or {})
-        leaks.update({t: {"look": look.number, "visible": v} for t, v in rls_visible.items() if v and t not in leaks})
+        rls_visible, leaks = _rls_leaks(look, previous, rls)
         evidence: dict[str, Any] = {
             "endpoint": self._prober.endpoint,
             "this_look": {
@@ -1166,27 +1156,11 @@ class PrismSoakChecks:
             "rls": rls,
             "rls_leaks": leaks,
         }
-        problems = []
-        if totals["failed"]:
-            problems.append(f"{totals['failed']} of {totals['total']} probes got the wrong status")
-        if served:
-            problems.append(f"{served} results requests without a token were served in the window")
-        if leaks:
-            problems.append(
-                "anon can see " + ", ".join(f"{v['visible']} rows of {t} (look {v['look']})" for t, v in leaks.items())
-            )
+        problems = _gating_problems(totals, served, leaks)
         query = _query_text(_TOKENLESS_SERVED, _PROBE_SESSIONS)
         if problems:
             return Check("token_gating", "FAIL", "; ".join(problems), evidence, query)
-        lacking = []
-        untested = [case for case in _PROBE_CASES if not cases.get(case)]
-        if untested:
-            why = skipped or f"{totals['inconclusive']} probes inconclusive so far"
-            lacking.append(f"not every case has been shown yet (untested: {', '.join(untested)}; {why})")
-        if rls.get("applicable") and any(v is None for v in rls_visible.values()):
-            lacking.append("the RLS probe could not run as anon")
-        if not coverage["enough"]:
-            lacking.append("answered probes do not cover enough of the window: " + _coverage_text(coverage))
+        lacking = _gating_lacking(totals, cases, skipped, rls, rls_visible, coverage)
         if lacking:
             return Check("token_gating", "INCONCLUSIVE", "; ".join(lacking), evidence, query)
         rls_text = (
@@ -1340,48 +1314,16 @@ class PrismSoakChecks:
         return ChartGuides(lines=lines, pending_after={"completion": judged, "profile": written}, note=note)
 
     def report_tables(self, measurements: Sequence[Measurement]) -> list[ReportTable]:
+        """The soak report's tables: conversion at each look, and the results-endpoint probes with RLS."""
         probe_rows: list[list[str]] = []
         conversion_rows: list[list[str]] = []
         for m in measurements:
             gating = m.check("token_gating")
-            latency = m.check("latency")
             if gating is not None:
-                this = gating.evidence.get("this_look", {})
-                outcomes = Counter(p.get("outcome") for p in this.get("probes", []))
-                statuses = ", ".join(f"{p.get('case')} {p.get('status')}" for p in this.get("probes", [])[:8])
-                rls = gating.evidence.get("rls", {})
-                rls_cell = (
-                    ", ".join(f"{t} {v.get('visible')}" for t, v in rls.get("tables", {}).items())
-                    if rls.get("applicable")
-                    else "n/a"
-                )
-                lat = (latency.evidence.get("this_look", {}) if latency is not None else {}) or {}
-                probe_rows.append(
-                    [
-                        str(m.seq),
-                        str(sum(outcomes.values())),
-                        str(outcomes.get("pass", 0)),
-                        str(outcomes.get("fail", 0)),
-                        str(outcomes.get("inconclusive", 0)),
-                        _ms(lat.get("p50_ms")),
-                        _ms(lat.get("p95_ms")),
-                        rls_cell,
-                        this.get("skipped") or statuses or "-",
-                    ]
-                )
+                probe_rows.append(_probe_row(m, gating, m.check("latency")))
             conversion = m.check("conversion")
             if conversion is not None:
-                funnels = conversion.evidence.get("funnels", {})
-                cells = [str(m.seq), m.window_end.isoformat()]
-                for name in _FUNNELS:
-                    f = funnels.get(name, {})
-                    k, n = f.get("k", 0), f.get("n", 0)
-                    low, high = f.get("wilson95", [0.0, 1.0])
-                    cells.append(f"{k}/{n}" + (f" = {k / n:.1%} [{low:.1%}, {high:.1%}]" if n else ""))
-                    cells.append(f"{f.get('look_verdict', '-')} (α {f.get('look_alpha', 0.0):.2g})")
-                floor = m.check("conversion_floor")
-                cells.append(_floor_cell(floor))
-                conversion_rows.append(cells)
+                conversion_rows.append(_conversion_row(m, conversion))
         return [
             ReportTable(
                 "Conversion at each look (cumulative, sequential test)",
@@ -1400,6 +1342,107 @@ class PrismSoakChecks:
                 "token (403), its own token (200). Tokens are never written to any artifact.",
             ),
         ]
+
+
+def _probe_tallies(
+    look: Look, previous: Mapping[str, Any], probes: Sequence[_Probe]
+) -> tuple[Counter[str], Counter[str], list[Any]]:
+    """The probe totals, the cases passed and the failures so far: the previous look's evidence plus this look's."""
+    totals = Counter({k: int(v) for k, v in (previous.get("probes") or {}).items()})
+    cases = Counter({k: int(v) for k, v in (previous.get("cases_passed") or {}).items()})
+    failures = list(previous.get("failures") or [])
+    this = Counter(p.outcome for p in probes)
+    totals.update({"total": len(probes), "passed": this["pass"], "failed": this["fail"]})
+    totals.update({"inconclusive": this["inconclusive"], "looks_probed": 1 if probes else 0})
+    cases.update(p.case for p in probes if p.outcome == "pass")
+    failures += [dict(p.to_json(), look=look.number) for p in probes if p.outcome == "fail"]
+    return totals, cases, failures
+
+
+def _rls_leaks(
+    look: Look, previous: Mapping[str, Any], rls: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What anon sees of each table at this look, and every table anon has been seen to read at any look."""
+    rls_tables = rls.get("tables", {}) if rls.get("applicable") else {}
+    rls_visible = {t: v["visible"] for t, v in rls_tables.items()}
+    # A leak seen at any look stays a FAIL: the probe is not cumulative by itself.
+    leaks = dict(previous.get("rls_leaks") or {})
+    leaks.update({t: {"look": look.number, "visible": v} for t, v in rls_visible.items() if v and t not in leaks})
+    return rls_visible, leaks
+
+
+def _gating_problems(totals: Counter[str], served: int, leaks: Mapping[str, Any]) -> list[str]:
+    """What makes token gating FAIL: wrong statuses, tokenless accesses served, tables anon can read."""
+    problems = []
+    if totals["failed"]:
+        problems.append(f"{totals['failed']} of {totals['total']} probes got the wrong status")
+    if served:
+        problems.append(f"{served} results requests without a token were served in the window")
+    if leaks:
+        problems.append(
+            "anon can see " + ", ".join(f"{v['visible']} rows of {t} (look {v['look']})" for t, v in leaks.items())
+        )
+    return problems
+
+
+def _gating_lacking(
+    totals: Counter[str],
+    cases: Counter[str],
+    skipped: str | None,
+    rls: Mapping[str, Any],
+    rls_visible: Mapping[str, Any],
+    coverage: Mapping[str, Any],
+) -> list[str]:
+    """What token gating still lacks for a PASS: untested cases, an RLS probe that could not run, coverage."""
+    lacking = []
+    untested = [case for case in _PROBE_CASES if not cases.get(case)]
+    if untested:
+        why = skipped or f"{totals['inconclusive']} probes inconclusive so far"
+        lacking.append(f"not every case has been shown yet (untested: {', '.join(untested)}; {why})")
+    if rls.get("applicable") and any(v is None for v in rls_visible.values()):
+        lacking.append("the RLS probe could not run as anon")
+    if not coverage["enough"]:
+        lacking.append("answered probes do not cover enough of the window: " + _coverage_text(coverage))
+    return lacking
+
+
+def _probe_row(m: Measurement, gating: Check, latency: Check | None) -> list[str]:
+    """One look's row of the probes table: its probes' outcomes, their timings and what anon saw."""
+    this = gating.evidence.get("this_look", {})
+    outcomes = Counter(p.get("outcome") for p in this.get("probes", []))
+    statuses = ", ".join(f"{p.get('case')} {p.get('status')}" for p in this.get("probes", [])[:8])
+    rls = gating.evidence.get("rls", {})
+    rls_cell = (
+        ", ".join(f"{t} {v.get('visible')}" for t, v in rls.get("tables", {}).items())
+        if rls.get("applicable")
+        else "n/a"
+    )
+    lat = (latency.evidence.get("this_look", {}) if latency is not None else {}) or {}
+    return [
+        str(m.seq),
+        str(sum(outcomes.values())),
+        str(outcomes.get("pass", 0)),
+        str(outcomes.get("fail", 0)),
+        str(outcomes.get("inconclusive", 0)),
+        _ms(lat.get("p50_ms")),
+        _ms(lat.get("p95_ms")),
+        rls_cell,
+        this.get("skipped") or statuses or "-",
+    ]
+
+
+def _conversion_row(m: Measurement, conversion: Check) -> list[str]:
+    """One look's row of the conversion table: each funnel's counts and decision, then the floor's."""
+    funnels = conversion.evidence.get("funnels", {})
+    cells = [str(m.seq), m.window_end.isoformat()]
+    for name in _FUNNELS:
+        f = funnels.get(name, {})
+        k, n = f.get("k", 0), f.get("n", 0)
+        low, high = f.get("wilson95", [0.0, 1.0])
+        cells.append(f"{k}/{n}" + (f" = {k / n:.1%} [{low:.1%}, {high:.1%}]" if n else ""))
+        cells.append(f"{f.get('look_verdict', '-')} (α {f.get('look_alpha', 0.0):.2g})")
+    cells.append(_floor_cell(m.check("conversion_floor")))
+    return cells
 
 
 def _floor_cell(check: Check | None) -> str:

@@ -46,14 +46,14 @@ import time
 import types
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from multiprocessing.managers import BaseManager
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -636,6 +636,13 @@ def create_app(
     app.add_middleware(CORSMiddleware, **cors)
     # Outside CORS, so the function calls skip the stack below it; it adds CORS's headers itself.
     app.add_middleware(_FunctionCalls, handler=handler, cors=CORSMiddleware(app.router, **cors))
+    _add_error_handlers(app)
+    _add_routes(app, handler)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answers HTTP errors and unexpected exceptions in the functions' JSON error shape."""
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
@@ -648,6 +655,10 @@ def create_app(
         # Never echo the exception: it could carry row data; the log has its type and the traceback.
         _log.exception("unhandled %s", type(exc).__name__)
         return _error(500, "INTERNAL_ERROR", "internal error")
+
+
+def _add_routes(app: FastAPI, handler: _App) -> None:
+    """The app's routes: the functions (those ``_FunctionCalls`` passes on), the metrics and the results link."""
 
     @app.post("/functions/v1/{name}")
     async def _function(name: str, request: Request) -> Response:
@@ -670,8 +681,6 @@ def create_app(
             return {"session_id": session_id, "share_token": token}
 
         return await handler.call("get-results-by-session", request, body)
-
-    return app
 
 
 class _ThreadServer(uvicorn.Server):
@@ -911,49 +920,83 @@ def _supervise(
         limiter = manager.RateLimiter(RealClock(), 60, 60.0)  # type: ignore[attr-defined]
         metrics = _WorkerMetrics(metrics_dir, started)
         for index in range(workers):
-            # SEQPACKET: one message per connection, with its descriptor, and end-of-file when this process exits.
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            worker = spawn.Process(
-                target=_serve_worker,
-                args=(env, theirs, allow_fault_injection, log_level, limiter, closed, index, call_timeout, metrics),
-                name="gatefill-functions-worker",
+            channel, worker = _start_worker(
+                spawn, env, allow_fault_injection, log_level, limiter, closed, index, call_timeout, metrics
             )
-            with multiprocess_environment(metrics_dir):
-                worker.start()
-            theirs.close()
-            channels.append(ours)
+            channels.append(channel)
             processes.append(worker)
         if on_ready is not None:
             on_ready(f"http://{host}:{port}/functions/v1")
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
-        with selectors.DefaultSelector() as selector:
-            selector.register(sock, selectors.EVENT_READ, None)
-            for process in processes:
-                selector.register(process.sentinel, selectors.EVENT_READ, process)
-            while True:
-                for key, _ in selector.select():
-                    if key.data is not None:
-                        code = key.data.exitcode
-                        raise GatefillError(f"functions worker process exited (code {code}); server stopped")
-                    _hand_over(sock, channels, handed, closed)
+        _dispatch(sock, processes, channels, handed, closed)
     except KeyboardInterrupt:
         pass
     finally:
-        for channel in channels:
-            channel.close()
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-        for process in processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
+        _stop_workers(channels, processes)
         manager.shutdown()
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _start_worker(
+    spawn: multiprocessing.context.SpawnContext,
+    env: Environment,
+    allow_fault_injection: bool,
+    log_level: str,
+    limiter: _Limiter,
+    closed: Any,
+    index: int,
+    call_timeout: float,
+    metrics: _WorkerMetrics,
+) -> tuple[socket.socket, multiprocessing.process.BaseProcess]:
+    """Starts worker ``index`` with its end of a new channel; returns our end and the process."""
+    # SEQPACKET: one message per connection, with its descriptor, and end-of-file when this process exits.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = spawn.Process(
+        target=_serve_worker,
+        args=(env, theirs, allow_fault_injection, log_level, limiter, closed, index, call_timeout, metrics),
+        name="gatefill-functions-worker",
+    )
+    with multiprocess_environment(metrics.directory):
+        worker.start()
+    theirs.close()
+    return ours, worker
+
+
+def _dispatch(
+    sock: socket.socket,
+    processes: Sequence[multiprocessing.process.BaseProcess],
+    channels: list[socket.socket],
+    handed: list[int],
+    closed: Any,
+) -> NoReturn:
+    """Listens, and hands every connection to a worker until one of the workers exits (a ``GatefillError``)."""
+    sock.listen(_BACKLOG)
+    sock.setblocking(False)
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ, None)
+        for process in processes:
+            selector.register(process.sentinel, selectors.EVENT_READ, process)
+        while True:
+            for key, _ in selector.select():
+                if key.data is not None:
+                    code = key.data.exitcode
+                    raise GatefillError(f"functions worker process exited (code {code}); server stopped")
+                _hand_over(sock, channels, handed, closed)
+
+
+def _stop_workers(channels: Sequence[socket.socket], processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    """Closes the channels and stops the worker processes: terminated, then killed if they do not exit in time."""
+    for channel in channels:
+        channel.close()
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
 
 
 def _hand_over(sock: socket.socket, channels: list[socket.socket], handed: list[int], closed: Any) -> None:

@@ -905,89 +905,21 @@ class PrismService:
     ) -> list[_Write]:
         """Scores the call (no I/O): fills ``work`` (events, replies, failure) and returns the writes, in order."""
         writes: list[_Write] = []
-        inputs = reads.inputs
-        fc_value = inputs.existing_fc_scores
-        if tally_fc:
-            events, work.fc_reply, fc_row = _fc_step(
-                session_id, inputs.fc_responses, reads.ref, scoring.FC_VERSION, scoring.FC_KIND
-            )
-            work.events.extend(events)
-            if fc_row is not None:
-                # created_at is only inserted, never updated: re-runs keep it, as upstream's upsert did.
-                writes.append(_Write("fc", {**fc_row, "created_at": ctx.now}, "fc", len(work.events)))
-                work.events.append(
-                    (
-                        "fc_scoring_complete",
-                        {"session_id": fc_row["session_id"], "blocks_answered": fc_row["blocks_answered"]},
-                    )
-                )
-                fc_value = fc_row["scores_json"]
-        answered = len({a["question_id"] for a in inputs.answers})
-        try:
-            score = scoring.score_session(
-                scoring.SessionInputs(session_id, inputs.answers, (), fc_value),
-                reads.ref,
-                ctx.now,
-                {"submitted_at": reads.submitted_at} if reads.profile_exists else None,
-            )
-        except DataError as exc:
-            work.events.append(("scoring_failed", {"session_id": session_id, "error": _reason(exc)}))
-            work.failure = FunctionFailure(422, "SCORING_FAILED", "the session's answers cannot be scored")
+        fc_value = _tally_step(reads, work, session_id, ctx, writes) if tally_fc else reads.inputs.existing_fc_scores
+        score = _score_step(reads, work, session_id, ctx, fc_value)
+        if score is None:
             return writes
-        work.score = score
-        work.events.extend(event for event in score.events if event[0] not in _TALLY_EVENTS)
         row = score.profile_row
         if row is None:
-            if "no_responses" in score.findings:
-                # score_prism answers 400 "no responses"; finalize turned any score_prism failure into 422.
-                work.failure = FunctionFailure(422 if finalize else 400, "NO_RESPONSES", "no responses")
-            else:
-                work.events.append(("profile_withheld", {"session_id": session_id, "findings": score.findings}))
-                work.failure = FunctionFailure(
-                    422, "PROFILE_WITHHELD", "profile withheld: " + ", ".join(score.findings)
-                )
-            if finalize:
-                work.events.append(("finalize_failed", {"session_id": session_id, "findings": score.findings}))
+            _withhold(score, work, session_id, finalize)
             return writes
-        unknown = sorted(set(row) - _PROFILE_COLUMNS)
-        if unknown:
-            error = DatabaseError(f"profiles has no column(s) {', '.join(unknown)}")
-            writes.append(_Write("fail", error, "profile", len(work.events)))
-            return writes
-        if "profile_write_fail" in ctx.faults:
-            # The injected fault fails the write where a real failure would, so it takes the real failure's path.
-            error = DatabaseError("profile write failed (injected fault profile_write_fail)")
-            writes.append(_Write("fail", error, "profile", len(work.events)))
+        failure = _planned_write_failure(row, ctx, len(work.events))
+        if failure is not None:
+            writes.append(failure)
             return writes
         writes.append(_Write("profile", row, "profile", len(work.events)))
         if finalize:
-            if reads.locked is not None:
-                token, expires = reads.locked
-                work.share_token = token or str(uuid.uuid4())
-                writes.append(
-                    _Write(
-                        "session",
-                        _session_update(
-                            session_id,
-                            ctx,
-                            responses_count if responses_count is not None else answered,
-                            work.share_token,
-                            expires,
-                        ),
-                    )
-                )
-            work.events.append(
-                (
-                    "finalize_complete",
-                    {
-                        "session_id": session_id,
-                        "profile_created": not reads.profile_exists,
-                        "type_code": row.get("type_code"),
-                        "fc_source": "fc_scores" if fc_value is not None else "legacy",
-                        "delay_ms": ctx.faults.slow_ms,
-                    },
-                )
-            )
+            _completion_step(reads, work, session_id, ctx, responses_count, row, fc_value, writes)
         return writes
 
     def _execute(self, conn: Connection, work: _Work, writes: list[_Write], fn: str, ctx: CallContext) -> None:
@@ -1057,7 +989,6 @@ class PrismService:
         (unknown sessions included), 404 without a profile, else 200. Every access is logged with the token's sha256.
         """
         presented = token or None
-        bypass = "token_bypass" in ctx.faults
         s = assessment_sessions
         with self.db.begin() as conn:
             session = conn.execute(
@@ -1065,72 +996,188 @@ class PrismService:
                     s.c.id, s.c.status, s.c.share_token, s.c.share_token_expires_at, s.c.completed_at, s.c.finalized_at
                 ).where(s.c.id == session_id)
             ).first()
-            expected = (session.share_token if session is not None else None) or ""
-            # Always compare, against a stand-in of the same length when there is no session: same work either way.
-            matches = (
-                hmac.compare_digest(
-                    (presented or "")[:_MAX_TOKEN_CHARS].encode("utf-8"), (expected or "-" * 36).encode("utf-8")
-                )
-                and len(presented or "") <= _MAX_TOKEN_CHARS
-            )
-            reason = "ok"
-            if bypass:
-                # The misconfigured endpoint: it serves any existing session, token or not.
-                reason = "ok" if session is not None else "unknown_session"
-            elif presented is None:
-                reason = "no_token"
-            elif session is None:
-                reason = "unknown_session"
-            elif not matches or not expected:
-                reason = "token_mismatch"
-            elif session.status != "completed":
-                reason = "not_completed"
-            elif session.share_token_expires_at is not None and session.share_token_expires_at <= ctx.now:
-                reason = "expired"
+            reason = _access_reason(session, presented, ctx)
             granted = reason == "ok"
             profile = None
             if granted:
                 profile = (
                     conn.execute(sa.select(profiles).where(profiles.c.session_id == session_id)).mappings().first()
                 )
-            conn.execute(
-                results_token_access_logs.insert().values(
-                    profile_id=profile["id"] if profile is not None else None,
-                    session_id=session_id,
-                    token_hash=token_hash(presented),
-                    success=granted,
-                    ip=ctx.ip,
-                    ua=(ctx.ua or "")[:512] or None,
-                    ts=ctx.now,
-                )
+            self._log_access(conn, session_id, presented, granted, reason, profile, ctx)
+        return _results_outcome(session, profile, granted, reason)
+
+    def _log_access(
+        self,
+        conn: Connection,
+        session_id: str,
+        presented: str | None,
+        granted: bool,
+        reason: str,
+        profile: sa.RowMapping | None,
+        ctx: CallContext,
+    ) -> None:
+        """Records one results request: its access-log row (the token's sha256, never the token) and its events."""
+        conn.execute(
+            results_token_access_logs.insert().values(
+                profile_id=profile["id"] if profile is not None else None,
+                session_id=session_id,
+                token_hash=token_hash(presented),
+                success=granted,
+                ip=ctx.ip,
+                ua=(ctx.ua or "")[:512] or None,
+                ts=ctx.now,
             )
-            events: list[Event] = []
-            if presented is None:
-                events.append(("tokenless_access", {"session_id": session_id, "served": granted}))
-            if not granted:
-                status = 401 if reason == "no_token" else 403
-                events.append(("results_access_denied", {"session_id": session_id, "reason": reason, "status": status}))
-            self._log(conn, "get-results-by-session", ctx, events)
-        if not granted:
-            if reason == "no_token":
-                return ResultsOutcome(401, {"error": "share token required", "code": "TOKEN_REQUIRED"}, False, reason)
-            return ResultsOutcome(403, {"error": "access denied", "code": "ACCESS_DENIED"}, False, reason)
-        if profile is None:
-            return ResultsOutcome(404, {"error": "profile not found", "code": "PROFILE_NOT_FOUND"}, True, "no_profile")
-        assert session is not None
-        body_profile = {k: v for k, v in profile.items() if k != "share_token"}
-        body_session = {
-            "id": session.id,
-            "status": session.status,
-            "completed_at": session.completed_at,
-            "finalized_at": session.finalized_at,
-        }
-        return ResultsOutcome(
-            200,
-            {"status": "success", "profile": _jsonable(body_profile), "session": _jsonable(body_session)},
-            True,
-            reason,
         )
+        events: list[Event] = []
+        if presented is None:
+            events.append(("tokenless_access", {"session_id": session_id, "served": granted}))
+        if not granted:
+            status = 401 if reason == "no_token" else 403
+            events.append(("results_access_denied", {"session_id": session_id, "reason": reason, "status": status}))
+        self._log(conn, "get-results-by-session", ctx, events)
+
+
+def _access_reason(session: sa.Row[*tuple[Any, ...]] | None, presented: str | None, ctx: CallContext) -> str:
+    """Why a results request is refused (no_token, unknown_session, token_mismatch, not_completed, expired) or "ok"."""
+    expected = (session.share_token if session is not None else None) or ""
+    # Always compare, against a stand-in of the same length when there is no session: same work either way.
+    matches = (
+        hmac.compare_digest(
+            (presented or "")[:_MAX_TOKEN_CHARS].encode("utf-8"), (expected or "-" * 36).encode("utf-8")
+        )
+        and len(presented or "") <= _MAX_TOKEN_CHARS
+    )
+    if "token_bypass" in ctx.faults:
+        # The misconfigured endpoint: it serves any existing session, token or not.
+        return "ok" if session is not None else "unknown_session"
+    if presented is None:
+        return "no_token"
+    if session is None:
+        return "unknown_session"
+    if not matches or not expected:
+        return "token_mismatch"
+    if session.status != "completed":
+        return "not_completed"
+    if session.share_token_expires_at is not None and session.share_token_expires_at <= ctx.now:
+        return "expired"
+    return "ok"
+
+
+def _results_outcome(
+    session: sa.Row[*tuple[Any, ...]] | None, profile: sa.RowMapping | None, granted: bool, reason: str
+) -> ResultsOutcome:
+    """The HTTP answer to a results request once its access is decided and its profile, if any, read."""
+    if not granted:
+        if reason == "no_token":
+            return ResultsOutcome(401, {"error": "share token required", "code": "TOKEN_REQUIRED"}, False, reason)
+        return ResultsOutcome(403, {"error": "access denied", "code": "ACCESS_DENIED"}, False, reason)
+    if profile is None:
+        return ResultsOutcome(404, {"error": "profile not found", "code": "PROFILE_NOT_FOUND"}, True, "no_profile")
+    assert session is not None
+    body_profile = {k: v for k, v in profile.items() if k != "share_token"}
+    body_session = {
+        "id": session.id,
+        "status": session.status,
+        "completed_at": session.completed_at,
+        "finalized_at": session.finalized_at,
+    }
+    return ResultsOutcome(
+        200,
+        {"status": "success", "profile": _jsonable(body_profile), "session": _jsonable(body_session)},
+        True,
+        reason,
+    )
+
+
+def _tally_step(reads: _Reads, work: _Work, session_id: str, ctx: CallContext, writes: list[_Write]) -> object:
+    """The call's FC tally: its events, reply and fc_scores write; returns the FC value the profile is scored with."""
+    events, work.fc_reply, fc_row = _fc_step(
+        session_id, reads.inputs.fc_responses, reads.ref, scoring.FC_VERSION, scoring.FC_KIND
+    )
+    work.events.extend(events)
+    if fc_row is None:
+        return reads.inputs.existing_fc_scores
+    # created_at is only inserted, never updated: re-runs keep it, as upstream's upsert did.
+    writes.append(_Write("fc", {**fc_row, "created_at": ctx.now}, "fc", len(work.events)))
+    work.events.append(
+        ("fc_scoring_complete", {"session_id": fc_row["session_id"], "blocks_answered": fc_row["blocks_answered"]})
+    )
+    return fc_row["scores_json"]
+
+
+def _score_step(
+    reads: _Reads, work: _Work, session_id: str, ctx: CallContext, fc_value: object
+) -> scoring.SessionScore | None:
+    """Scores the session's profile into ``work``; None (with the 422 recorded) when its answers cannot be scored."""
+    try:
+        score = scoring.score_session(
+            scoring.SessionInputs(session_id, reads.inputs.answers, (), fc_value),
+            reads.ref,
+            ctx.now,
+            {"submitted_at": reads.submitted_at} if reads.profile_exists else None,
+        )
+    except DataError as exc:
+        work.events.append(("scoring_failed", {"session_id": session_id, "error": _reason(exc)}))
+        work.failure = FunctionFailure(422, "SCORING_FAILED", "the session's answers cannot be scored")
+        return None
+    work.score = score
+    work.events.extend(event for event in score.events if event[0] not in _TALLY_EVENTS)
+    return score
+
+
+def _withhold(score: scoring.SessionScore, work: _Work, session_id: str, finalize: bool) -> None:
+    """Records why a scored session has no profile to write: no answers, or findings that would make the row wrong."""
+    if "no_responses" in score.findings:
+        # score_prism answers 400 "no responses"; finalize turned any score_prism failure into 422.
+        work.failure = FunctionFailure(422 if finalize else 400, "NO_RESPONSES", "no responses")
+    else:
+        work.events.append(("profile_withheld", {"session_id": session_id, "findings": score.findings}))
+        work.failure = FunctionFailure(422, "PROFILE_WITHHELD", "profile withheld: " + ", ".join(score.findings))
+    if finalize:
+        work.events.append(("finalize_failed", {"session_id": session_id, "findings": score.findings}))
+
+
+def _planned_write_failure(row: Mapping[str, object], ctx: CallContext, events_at: int) -> _Write | None:
+    """A profile write that is known to fail (unknown columns, or the injected fault), planned where it would run."""
+    unknown = sorted(set(row) - _PROFILE_COLUMNS)
+    if unknown:
+        return _Write("fail", DatabaseError(f"profiles has no column(s) {', '.join(unknown)}"), "profile", events_at)
+    if "profile_write_fail" in ctx.faults:
+        # The injected fault fails the write where a real failure would, so it takes the real failure's path.
+        error = DatabaseError("profile write failed (injected fault profile_write_fail)")
+        return _Write("fail", error, "profile", events_at)
+    return None
+
+
+def _completion_step(
+    reads: _Reads,
+    work: _Work,
+    session_id: str,
+    ctx: CallContext,
+    responses_count: int | None,
+    row: Mapping[str, object],
+    fc_value: object,
+    writes: list[_Write],
+) -> None:
+    """finalize's completion of the session (its share token kept or made) and its finalize_complete event."""
+    if reads.locked is not None:
+        token, expires = reads.locked
+        work.share_token = token or str(uuid.uuid4())
+        answered = len({a["question_id"] for a in reads.inputs.answers})
+        count = responses_count if responses_count is not None else answered
+        writes.append(_Write("session", _session_update(session_id, ctx, count, work.share_token, expires)))
+    work.events.append(
+        (
+            "finalize_complete",
+            {
+                "session_id": session_id,
+                "profile_created": not reads.profile_exists,
+                "type_code": row.get("type_code"),
+                "fc_source": "fc_scores" if fc_value is not None else "legacy",
+                "delay_ms": ctx.faults.slow_ms,
+            },
+        )
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -546,70 +546,100 @@ def _pick_fc(rng: random.Random, levels: Mapping[str, float], options: Sequence[
     return max(options, key=utility)
 
 
-def _sheet(rng: random.Random, *, malformed: bool, fc_override: str | None = None) -> _Sheet:
-    """Simulates one respondent answering all 248 questions; ``malformed`` adds 1-2 odd Likert values."""
-    type_code = rng.choice(sorted(_prototypes()))
-    seats = _prototypes()[type_code]
+@dataclass(frozen=True)
+class _Latent:
+    """A simulated respondent's hidden traits: function and seat levels, answering bias and noise, neuroticism."""
+
+    levels: dict[str, float]
+    seat_level: dict[str, float]
+    bias: float
+    noise: float
+    neuro: float
+
+
+def _latent(rng: random.Random, type_code: str) -> _Latent:
+    """Draws the hidden traits of a respondent of ``type_code``: its seats' functions strong, the others neutral."""
     levels = {f: 3.0 for f in _FUNCS}
     seat_level: dict[str, float] = {}
-    for seat, func in seats.items():
+    for seat, func in _prototypes()[type_code].items():
         lo, hi = _SEAT_LEVELS[seat]
         levels[func] = seat_level[seat] = rng.uniform(lo, hi)
     bias, noise, neuro = rng.gauss(0.0, 0.2), rng.uniform(0.5, 0.9), rng.uniform(2.0, 6.0)
+    return _Latent(levels, seat_level, bias, noise, neuro)
+
+
+def _sheet(rng: random.Random, *, malformed: bool, fc_override: str | None = None) -> _Sheet:
+    """Simulates one respondent answering all 248 questions; ``malformed`` adds 1-2 odd Likert values."""
+    type_code = rng.choice(sorted(_prototypes()))
+    latent = _latent(rng, type_code)
     options = _fc_options()
     if fc_override is not None:
         fc_choice = tuple(next(o for o in block if o["option_code"] == fc_override) for block in options)
     else:
-        fc_choice = tuple(_pick_fc(rng, levels, block) for block in options)
+        fc_choice = tuple(_pick_fc(rng, latent.levels, block) for block in options)
     answers: list[_Answer] = []
     offset = rng.randint(4_000, 20_000)
     for q in _questions():
-        value: str | None
-        array: tuple[str, ...] | None = None
-        obj: dict[str, Any] | None = None
-        if q.kind == "likert" and q.tag:
-            raw = _clamp(levels[q.tag[:2]] + bias + rng.gauss(0.0, noise), 1, 5)
-            value = str(6 - raw if q.reverse else raw)
-        elif q.kind == "block" and q.tag:
-            level = sum(seat_level[s] for s in _BLOCK_SEATS[q.tag]) / 2
-            value = str(_clamp(level + rng.gauss(0.0, noise), 1, 5))
-        elif q.kind == "sd":
-            value = str(_clamp(3.4 + bias + rng.gauss(0.0, 0.9), 1, 5))
-        elif q.kind == "neuro":
-            raw = _clamp(neuro + rng.gauss(0.0, 1.0), 1, 7)
-            value = str(8 - raw if q.reverse else raw)
-        elif q.kind in ("state", "likert7"):
-            value = str(_clamp(4.0 + rng.gauss(0.0, 1.4), 1, 7))
-        elif q.kind == "fc_map":
-            funcs = [f for _, f in q.fc_map]
-            weights = [math.exp(1.6 * (levels[f] - 3.0)) for f in funcs]
-            value = _FUNCTION_LABELS[rng.choices(funcs, weights)[0]]
-        elif q.kind == "fc_block":
-            value = str(fc_choice[q.block - 1]["prompt"])
-        elif q.kind == "select":
-            picked = tuple(c for c in q.choices if rng.random() < 0.4) or (rng.choice(q.choices),)
-            value, array = "; ".join(picked), picked
-        elif q.kind == "ranking":
-            order = list(q.choices)
-            rng.shuffle(order)
-            value, array, obj = " > ".join(order), tuple(order), {"ranking": order}
-        elif q.qid == 198:  # attention checks: nearly everyone passes
-            value = "Often" if rng.random() < 0.95 else rng.choice(q.choices)
-        elif q.qid == 209:
-            value = "Blue" if rng.random() < 0.95 else rng.choice(q.choices)
-        else:
-            value = rng.choice(q.choices)
+        value, array, obj = _answer_value(rng, q, latent, fc_choice)
         rt = max(600, min(60_000, int(rng.lognormvariate(8.0, 0.5))))
         offset += rt + rng.randint(150, 900)
         answers.append(_Answer(q.qid, value, _numeric(value), array, obj, rt, offset))
     if malformed:
-        # Odd values really stored upstream: "" (JS Number("") is 0), padded digits, and "n/a" (skipped).
-        likert = [i for i, q in enumerate(_questions()) if q.kind == "likert"]
-        for i in rng.sample(likert, rng.randint(1, 2)):
-            old = answers[i]
-            odd = rng.choice(("", f" {old.value} ", "n/a"))
-            answers[i] = _Answer(old.qid, odd, _numeric(odd), None, None, old.rt_ms, old.offset_ms)
+        _malform(rng, answers)
     return _Sheet(type_code, tuple(answers), fc_choice, offset + rng.randint(2_000, 20_000))
+
+
+def _answer_value(
+    rng: random.Random, q: _Question, latent: _Latent, fc_choice: Sequence[Mapping[str, Any]]
+) -> tuple[str | None, tuple[str, ...] | None, dict[str, Any] | None]:
+    """One answer as the respondent gives it: the stored value, and the array and object columns it fills."""
+    value: str | None
+    array: tuple[str, ...] | None = None
+    obj: dict[str, Any] | None = None
+    levels, noise = latent.levels, latent.noise
+    if q.kind == "likert" and q.tag:
+        raw = _clamp(levels[q.tag[:2]] + latent.bias + rng.gauss(0.0, noise), 1, 5)
+        value = str(6 - raw if q.reverse else raw)
+    elif q.kind == "block" and q.tag:
+        level = sum(latent.seat_level[s] for s in _BLOCK_SEATS[q.tag]) / 2
+        value = str(_clamp(level + rng.gauss(0.0, noise), 1, 5))
+    elif q.kind == "sd":
+        value = str(_clamp(3.4 + latent.bias + rng.gauss(0.0, 0.9), 1, 5))
+    elif q.kind == "neuro":
+        raw = _clamp(latent.neuro + rng.gauss(0.0, 1.0), 1, 7)
+        value = str(8 - raw if q.reverse else raw)
+    elif q.kind in ("state", "likert7"):
+        value = str(_clamp(4.0 + rng.gauss(0.0, 1.4), 1, 7))
+    elif q.kind == "fc_map":
+        funcs = [f for _, f in q.fc_map]
+        weights = [math.exp(1.6 * (levels[f] - 3.0)) for f in funcs]
+        value = _FUNCTION_LABELS[rng.choices(funcs, weights)[0]]
+    elif q.kind == "fc_block":
+        value = str(fc_choice[q.block - 1]["prompt"])
+    elif q.kind == "select":
+        picked = tuple(c for c in q.choices if rng.random() < 0.4) or (rng.choice(q.choices),)
+        value, array = "; ".join(picked), picked
+    elif q.kind == "ranking":
+        order = list(q.choices)
+        rng.shuffle(order)
+        value, array, obj = " > ".join(order), tuple(order), {"ranking": order}
+    elif q.qid == 198:  # attention checks: nearly everyone passes
+        value = "Often" if rng.random() < 0.95 else rng.choice(q.choices)
+    elif q.qid == 209:
+        value = "Blue" if rng.random() < 0.95 else rng.choice(q.choices)
+    else:
+        value = rng.choice(q.choices)
+    return value, array, obj
+
+
+def _malform(rng: random.Random, answers: list[_Answer]) -> None:
+    """Replaces one or two Likert answers with the odd values really stored upstream."""
+    # "" (JS Number("") is 0), padded digits, and "n/a" (skipped).
+    likert = [i for i, q in enumerate(_questions()) if q.kind == "likert"]
+    for i in rng.sample(likert, rng.randint(1, 2)):
+        old = answers[i]
+        odd = rng.choice(("", f" {old.value} ", "n/a"))
+        answers[i] = _Answer(old.qid, odd, _numeric(odd), None, None, old.rt_ms, old.offset_ms)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1120,16 +1150,32 @@ def _utc(month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) 
     return datetime(2025, month, day, hour, minute, second, tzinfo=UTC)
 
 
+#: When the staging story's August and September sessions were created (start, end).
+_AUGUST = (WINDOW_START, _utc(8, 31, 23, 59, 59))
+_SEPTEMBER = (_utc(9, 1), _utc(9, 16, 20))
+
+
 def _build_staging(b: _StoryBuilder, now: datetime) -> None:
     """The staging project as the 2025-09-17 plan saw it (counts in the module docstring and ``SeedReport``)."""
-    since = WINDOW_START
-    august = (since, _utc(8, 31, 23, 59, 59))
-    september = (_utc(9, 1), _utc(9, 16, 20))
-    recent = (_utc(9, 10), _utc(9, 16, 20))
+    # One builder draws every session from one seeded generator: the parts run in this order, always.
+    _staging_complete(b, now)
+    _staging_the_39(b)
+    _staging_traps(b, now)
+    _staging_before_window(b)
+
+
+def _staging_complete(b: _StoryBuilder, now: datetime) -> None:
+    """The window's fully scored sessions: 70 current, and 10 whose profile carries the stale results_version."""
     for _ in range(70):
-        b.completed("completed", since, now - timedelta(hours=2), fc_scores=True, profile=_CURRENT, finalized=True)
+        b.completed(
+            "completed", WINDOW_START, now - timedelta(hours=2), fc_scores=True, profile=_CURRENT, finalized=True
+        )
     for _ in range(10):
-        b.completed("stale_profile", since, _utc(9, 13), fc_scores=True, profile=_STALE, finalized=True)
+        b.completed("stale_profile", WINDOW_START, _utc(9, 13), fc_scores=True, profile=_STALE, finalized=True)
+
+
+def _staging_the_39(b: _StoryBuilder) -> None:
+    """The 39 sessions the backfill is for: the two priority test sessions, the recent September ones, the rest."""
     # The 39: the priority test sessions got their FC answers from the 04:16 mock migration, after completion,
     # so A (scored at finalize, before FC existed) has a profile and B (never finalized) has neither row.
     test_window = (_utc(9, 15, 12), _utc(9, 16, 18))
@@ -1157,6 +1203,7 @@ def _build_staging(b: _StoryBuilder, now: datetime) -> None:
         tags=("priority",),
         drop=frozenset(),
     )
+    recent = (_utc(9, 10), _utc(9, 16, 20))
     for prefix in _RECENT_SEPTEMBER_PREFIXES:
         has_profile = prefix not in _RECENT_WITHOUT_PROFILE
         b.completed(
@@ -1168,21 +1215,27 @@ def _build_staging(b: _StoryBuilder, now: datetime) -> None:
             finalized=has_profile,
             tags=("recent_september",),
         )
-    for window, n_fc_only, n_both in ((september, 3, 3), (august, 19, 7)):
+    for window, n_fc_only, n_both in ((_SEPTEMBER, 3, 3), (_AUGUST, 19, 7)):
         for _ in range(n_fc_only):
             b.completed("missing_fc_only", *window, fc_scores=False, profile=_CURRENT, finalized=True)
         for _ in range(n_both):
             b.completed("missing_both", *window, fc_scores=False, profile=None, finalized=False)
+
+
+def _staging_traps(b: _StoryBuilder, now: datetime) -> None:
+    """Sessions a backfill must not pick: completed but not scorable, in progress, abandoned."""
     # Traps: completed but not scorable, so never among the 39.
     for _ in range(3):
-        b.completed("no_fc_responses", since, _utc(9, 16), fc="none", fc_scores=False, profile=None, finalized=False)
+        b.completed(
+            "no_fc_responses", WINDOW_START, _utc(9, 16), fc="none", fc_scores=False, profile=None, finalized=False
+        )
     b.completed(
-        "unresolvable_fc_options", *september, fc="unresolvable", fc_scores=False, profile=None, finalized=False
+        "unresolvable_fc_options", *_SEPTEMBER, fc="unresolvable", fc_scores=False, profile=None, finalized=False
     )
     not_block = [q.qid for q in _questions() if q.kind != "fc_block"]
     b.completed(
         "insufficient_answers",
-        *august,
+        *_AUGUST,
         fc_scores=False,
         profile=None,
         finalized=False,
@@ -1193,7 +1246,11 @@ def _build_staging(b: _StoryBuilder, now: datetime) -> None:
     # Answered everything before the 09-08 autocomplete trigger existed and was never finalized: has FC answers.
     b.unfinished("in_progress", _utc(8, 4), _utc(8, 6), _TOTAL_QUESTIONS)
     for keep in (20, 60, 100, 130, 220):
-        b.unfinished("abandoned", since, _utc(9, 5), keep)
+        b.unfinished("abandoned", WINDOW_START, _utc(9, 5), keep)
+
+
+def _staging_before_window(b: _StoryBuilder) -> None:
+    """Sessions created before the window, scored or not: outside the backfill whatever they lack."""
     early = (_utc(6, 10), _utc(7, 31, 20))
     for i in range(26):
         b.completed("before_window", *early, fc_scores=True, profile=_STALE if i < 6 else _CURRENT, finalized=True)
@@ -1705,50 +1762,16 @@ def seed_scenario(
     started = time.perf_counter()
     now = _validate(scenario, sessions, missing_fraction, seed, now)
     require_schema(db)
-    with db.connect() as conn:
-        existing = _existing(conn)
-    if existing and not replace:
-        raise UsageError(
-            f"{db.display_url} already holds PRISM data ({', '.join(existing)}); "
-            "pass replace=True (--replace) to delete it first"
-        )
+    existing = _refuse_existing(db, replace)
     reference_added = load_reference_data(db, now=now)
-    rng = random.Random(f"gatefill.seed/{scenario}/{seed}")
-    pg = db.caps.copy_from
-    scorer = _Scorer()
     notes: list[str] = []
-    story: _StoryBuilder | None = None
-    synthetic: _Synthetic | None = None
-    if scenario == "synthetic":
-        n = 1000 if sessions is None else sessions
-        fraction = 0.1 if missing_fraction is None else float(missing_fraction)
-        synthetic = _Synthetic(rng, pg, scorer, n, fraction, now)
-        notes.append(
-            f"{n} sessions drawn from {len(synthetic.pool)} simulated respondents; fc_scores/profiles computed once "
-            "per respondent by score_session (exact for every session that shares those answers)"
-        )
-    else:
-        story = _StoryBuilder(rng, pg, scorer)
-        (_build_staging if scenario.startswith("staging") else _build_production)(story, now)
-        if story.unchecked.rows:
-            notes.append(
-                "the unresolvable_fc_options session's FC answer names an option id with no fc_options row, written "
-                "with foreign-key enforcement off: it models rows stored before the constraint was enforced"
-            )
-    replaced: dict[str, int] = {}
+    story, synthetic = _draw(db, scenario, seed, sessions, missing_fraction, now, notes)
     timings = {"prepare": time.perf_counter() - started}
     clear = replace and bool(existing)  # nothing to delete: no TRUNCATE lock either
-    if pg:
+    if db.caps.copy_from:
         counts, replaced = _seed_postgres(db, clear, story, synthetic, fk_checks, notes, timings)
     else:
         counts, replaced = _seed_sqlite(db, clear, story, synthetic, notes, timings)
-    categories = synthetic.categories if synthetic is not None else story.categories if story is not None else {}
-    report_fields = {name: sorted(categories.get(name, [])) for name in _CATEGORY_MEANINGS}
-    if story is not None and story.unchecked.rows and "left out" in " ".join(notes):
-        # The trap was not written: its session is then an ordinary no-FC session.
-        moved = report_fields.pop("unresolvable_fc_options")
-        report_fields["unresolvable_fc_options"] = []
-        report_fields["no_fc_responses"] = sorted(report_fields["no_fc_responses"] + moved)
     return SeedReport(
         scenario=scenario,
         database=db.display_url,
@@ -1761,8 +1784,66 @@ def seed_scenario(
         elapsed_s=time.perf_counter() - started,
         notes=notes,
         timings=timings,
-        **report_fields,
+        **_report_categories(story, synthetic, notes),
     )
+
+
+def _refuse_existing(db: Database, replace: bool) -> dict[str, int]:
+    """The PRISM data tables that already hold rows; refuses (``UsageError``) to seed over them unless ``replace``."""
+    with db.connect() as conn:
+        existing = _existing(conn)
+    if existing and not replace:
+        raise UsageError(
+            f"{db.display_url} already holds PRISM data ({', '.join(existing)}); "
+            "pass replace=True (--replace) to delete it first"
+        )
+    return existing
+
+
+def _draw(
+    db: Database,
+    scenario: str,
+    seed: int,
+    sessions: int | None,
+    missing_fraction: float | None,
+    now: datetime,
+    notes: list[str],
+) -> tuple[_StoryBuilder | None, _Synthetic | None]:
+    """Draws the scenario's sessions in memory (a story, or the synthetic bulk) and notes what the report must say."""
+    rng = random.Random(f"gatefill.seed/{scenario}/{seed}")
+    pg = db.caps.copy_from
+    scorer = _Scorer()
+    if scenario == "synthetic":
+        n = 1000 if sessions is None else sessions
+        fraction = 0.1 if missing_fraction is None else float(missing_fraction)
+        synthetic = _Synthetic(rng, pg, scorer, n, fraction, now)
+        notes.append(
+            f"{n} sessions drawn from {len(synthetic.pool)} simulated respondents; fc_scores/profiles computed once "
+            "per respondent by score_session (exact for every session that shares those answers)"
+        )
+        return None, synthetic
+    story = _StoryBuilder(rng, pg, scorer)
+    (_build_staging if scenario.startswith("staging") else _build_production)(story, now)
+    if story.unchecked.rows:
+        notes.append(
+            "the unresolvable_fc_options session's FC answer names an option id with no fc_options row, written "
+            "with foreign-key enforcement off: it models rows stored before the constraint was enforced"
+        )
+    return story, None
+
+
+def _report_categories(
+    story: _StoryBuilder | None, synthetic: _Synthetic | None, notes: Sequence[str]
+) -> dict[str, list[str]]:
+    """The report's sorted session ids per category, as written (a trap left out is reported as what it became)."""
+    categories = synthetic.categories if synthetic is not None else story.categories if story is not None else {}
+    report_fields = {name: sorted(categories.get(name, [])) for name in _CATEGORY_MEANINGS}
+    if story is not None and story.unchecked.rows and "left out" in " ".join(notes):
+        # The trap was not written: its session is then an ordinary no-FC session.
+        moved = report_fields.pop("unresolvable_fc_options")
+        report_fields["unresolvable_fc_options"] = []
+        report_fields["no_fc_responses"] = sorted(report_fields["no_fc_responses"] + moved)
+    return report_fields
 
 
 def _seed_postgres(

@@ -703,6 +703,48 @@ def simulate(
     duration when that is shorter, and the pauses before finalize and results shrink likewise below an hour. With
     a ``SimulatedClock`` the run takes only as long as its writes and calls.
     """
+    rate_per_s, duration_s, faults = _checked_arguments(sessions, rate, duration, inject, abandon_rate, max_sessions)
+    clock = clock or RealClock()
+    simulated = isinstance(clock, SimulatedClock)
+    require_schema(db)
+    rng = random.Random(seed)
+    requested = {"sessions": sessions, "rate": rate, "duration_s": duration_s, "abandon_rate": abandon_rate}
+    report = _new_report(functions_url, clock, seed, requested, faults)
+    client = _Client(functions_url, service_role_key, clock, simulated, transport)
+    try:
+        client.check(with_key=simulated or any(faults.get(name, 0.0) > 0 for name in _KEYED_FAULTS))
+        sim = _Simulation(
+            db,
+            client,
+            clock,
+            rng,
+            report,
+            faults=faults,
+            abandon_rate=abandon_rate,
+            slow_ms=slow_ms,
+            answer_cap_ms=int(duration_s * 500),
+            pace=min(1.0, duration_s / 3600.0),
+        )
+        for offset in _arrivals(rng, sessions, rate_per_s, duration_s):
+            sim.add_respondent(offset)
+        sim.run()
+        report.ended_at = clock.now()
+    finally:
+        client.close()
+    report.sessions.sort(key=lambda s: s.started_at)
+    return report
+
+
+def _checked_arguments(
+    sessions: int | None,
+    rate: str | None,
+    duration: str | float | None,
+    inject: Mapping[str, float] | None,
+    abandon_rate: float,
+    max_sessions: int,
+) -> tuple[float | None, float, dict[str, float]]:
+    """Refuses what ``simulate`` cannot run (``UsageError``); returns the arrival rate per second, the duration in
+    seconds and the faults."""
     if (sessions is None) == (rate is None):
         raise UsageError("give exactly one of --sessions N and --rate R/h")
     if sessions is not None and not 0 <= sessions <= max_sessions:
@@ -727,43 +769,23 @@ def simulate(
         raise UsageError(f"unknown fault(s): {', '.join(sorted(unknown))}")
     if not 0.0 <= abandon_rate <= 1.0:
         raise UsageError("abandon_rate must be within 0..1")
-    clock = clock or RealClock()
-    simulated = isinstance(clock, SimulatedClock)
-    require_schema(db)
-    rng = random.Random(seed)
+    return rate_per_s, duration_s, faults
+
+
+def _new_report(
+    functions_url: str, clock: Clock, seed: int, requested: Mapping[str, object], faults: dict[str, float]
+) -> SimulationReport:
+    """The report of a run starting now on ``clock``: what was asked for, and no sessions yet."""
     begin = clock.now()
-    report = SimulationReport(
+    return SimulationReport(
         functions_url=functions_url,
-        clock="simulated" if simulated else "real",
+        clock="simulated" if isinstance(clock, SimulatedClock) else "real",
         seed=seed,
         started_at=begin,
         ended_at=begin,
-        requested={"sessions": sessions, "rate": rate, "duration_s": duration_s, "abandon_rate": abandon_rate},
+        requested=dict(requested),
         inject=faults,
     )
-    client = _Client(functions_url, service_role_key, clock, simulated, transport)
-    try:
-        client.check(with_key=simulated or any(faults.get(name, 0.0) > 0 for name in _KEYED_FAULTS))
-        sim = _Simulation(
-            db,
-            client,
-            clock,
-            rng,
-            report,
-            faults=faults,
-            abandon_rate=abandon_rate,
-            slow_ms=slow_ms,
-            answer_cap_ms=int(duration_s * 500),
-            pace=min(1.0, duration_s / 3600.0),
-        )
-        for offset in _arrivals(rng, sessions, rate_per_s, duration_s):
-            sim.add_respondent(offset)
-        sim.run()
-        report.ended_at = clock.now()
-    finally:
-        client.close()
-    report.sessions.sort(key=lambda s: s.started_at)
-    return report
 
 
 def run_simulation(
