@@ -702,3 +702,33 @@ def test_a_sql_pipeline_reaches_a_go_that_cites_its_own_checks(tmp_path: Path) -
     assert "version_stamps" not in text and "conversion" not in text
     with Database(envs["production"]) as production:
         assert all(s is not None for s in slugs(production).values())
+
+
+def test_the_registry_refuses_a_config_job_named_as_a_built_in_and_a_plugin_that_is_not_a_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib import metadata
+
+    import gatefill.jobs as registry
+    from gatefill.config import load_settings
+    from gatefill.errors import ConfigError
+
+    config = tmp_path / "gatefill.toml"
+    config.write_text('[job.prism]\nkind = "sql"\ntable = "posts"\nkey = "id"\nwhere = "1=1"\nset = { a = "1" }\n')
+    settings = load_settings(config, environ={})
+    with pytest.raises(ConfigError, match="the name is the built-in job's"):
+        get_job("prism", settings)
+    with pytest.raises(ConfigError, match="the name is the built-in job's"):
+        available_jobs(settings)
+
+    class HalfAJob:
+        name = "half"
+
+        def discover(self) -> None: ...
+
+    monkeypatch.setattr(
+        registry, "_entry_points", lambda: {"half": metadata.EntryPoint("half", "x:y", "gatefill.jobs")}
+    )
+    monkeypatch.setattr(registry, "_load_entry_point", lambda ep: HalfAJob())
+    with pytest.raises(ConfigError, match=r"entry point x:y is not a gatefill job: it lacks .*health_checks"):
+        get_job("half")

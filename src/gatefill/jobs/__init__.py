@@ -28,8 +28,9 @@ DEFAULT_JOB = "prism"
 #: Installed packages register jobs under this entry-point group (``[project.entry-points."gatefill.jobs"]``).
 ENTRY_POINT_GROUP = "gatefill.jobs"
 
-#: What every job must have for the phases to run it (checked when an entry point or a kind hands one over).
-_REQUIRED = ("name", "versions", "written_tables", "discover", "process_batch", "prechecks", "post_checks")
+#: What every job must have for the phases to run it: the ``Job`` protocol's members, checked when an entry point
+#: hands one over (a plugin that lacks one fails here, with its name, not in the middle of a phase).
+_REQUIRED = ("name", *sorted(name for name in dir(Job) if not name.startswith("_")))
 
 
 def _prism_from_table(name: str, table: Mapping[str, Any]) -> Job:
@@ -65,6 +66,8 @@ def _declared(settings: Settings | None) -> dict[str, JobEntry]:
     where = str(settings.path) if settings.path else "gatefill.toml"
     found: dict[str, JobEntry] = {}
     for name, table in settings.jobs.items():
+        if name in _built_ins():
+            raise ConfigError(f"job '{name}' in {where}: the name is the built-in job's; choose another")
         kind = table.get("kind")
         if not isinstance(kind, str) or kind not in KINDS:
             known = ", ".join(sorted(KINDS))
@@ -79,7 +82,8 @@ def _entry_points() -> dict[str, metadata.EntryPoint]:
 
 def available_jobs(settings: Settings | None = None) -> list[JobEntry]:
     """Every job that ``--job`` can name, built-ins first, then the config's, then installed packages' by name.
-    A name declared twice is taken from the first place (built-in, then config); the later one is listed as hidden."""
+    The config may not reuse a built-in's name (``ConfigError``); an installed entry point whose name is already
+    taken is left out (the built-in or the config's job is the one ``--job`` runs)."""
     entries = {**_built_ins()}
     for name, entry in _declared(settings).items():
         entries.setdefault(name, entry)
@@ -91,10 +95,10 @@ def available_jobs(settings: Settings | None = None) -> list[JobEntry]:
 def get_job(name: str | None = None, settings: Settings | None = None) -> Job:
     """The job called ``name`` (default ``prism``); ``UsageError`` listing the known ones when there is none."""
     name = name or DEFAULT_JOB
+    declared = _declared(settings)  # every [job.NAME] table's name and kind, each with its one-line error
     if name == DEFAULT_JOB:
         return PrismJob()
-    if settings is not None and name in settings.jobs:
-        _declared(settings)  # validates every kind, with its one-line error
+    if settings is not None and name in declared:
         table = settings.jobs[name]
         return _checked(KINDS[str(table["kind"])](name, table), f"[job.{name}]")
     ep = _entry_points().get(name)
