@@ -300,8 +300,9 @@ def apply_command(
     reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden.")] = None,
     job_name: JobOption = None,
 ) -> None:
-    """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable. The plan names its
-    job; --job, when given, must be that job."""
+    """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable.
+
+    The plan names its job; --job, when given, must be that job."""
     options = ApplyOptions(
         rate=rate, batch_size=batch_size, executor=executor, max_failures=max_failures, approve_as=approve_as
     )
@@ -413,7 +414,7 @@ def _wrapped(head: str, text: str) -> str:
 
 @app.command("jobs")
 def jobs_command() -> None:
-    """List the jobs --job can name: built-ins, [job.NAME] tables of gatefill.toml, installed plugins."""
+    """List the jobs --job can name: built-ins, job.NAME tables of gatefill.toml, installed plugins."""
     table = Table("job", "kind", "from")
     for entry in commands.jobs(_settings()):
         table.add_row(entry.name, entry.kind, entry.source)
@@ -546,8 +547,9 @@ def soak_command(
     allow_production: _AllowProduction = False,
     job_name: JobOption = None,
 ) -> None:
-    """Watch an environment for a window (staging; production only with --allow-production): every interval measure
-    every check; verdict PASS (0), FAIL (1), INCONCLUSIVE (3)."""
+    """Watch an environment for a window, measuring every check at every interval: PASS (0), FAIL (1), INCONCLUSIVE (3).
+
+    Staging; an environment of kind production only with --allow-production."""
     options = SoakOptions(
         duration=_seconds(duration),
         interval=_seconds(interval),
@@ -663,8 +665,9 @@ def rollback_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Execute, verify and roll back: change nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Restore even rows changed since the run wrote them.")] = False,
 ) -> None:
-    """Restore exactly what an apply run changed (before-images by primary key), verify it, write rollback_report.md
-    (a dry run: rollback_dry_run.md)."""
+    """Restore exactly what an apply run changed (before-images by primary key), verify it, write its report.
+
+    The report is rollback_report.md; a dry run writes rollback_dry_run.md."""
     done = commands.rollback(_settings(), run_id, env_name=env, dry_run=dry_run, force=force)
     out.print("\n".join(render_rollback(done.result)), markup=False)
     for state in done.pipelines:
