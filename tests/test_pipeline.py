@@ -115,7 +115,7 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
     runnable = [c["key"] for c in plan["candidates"] if c["operations"]]
     assert len(runnable) == len(set(runnable)) == 39 and set(results) == set(runnable)
     for gate in ("plan", "review", "soak", "production"):
-        assert re.search(rf"\| {gate} \| approval \| tess \|", final), gate
+        assert re.search(rf"\| {gate} \| approval \| tess \| \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d", final), gate
     assert "Gate overrides in effect" not in final
 
     before = ledger_rows(pair)
