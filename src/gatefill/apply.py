@@ -667,7 +667,14 @@ class BackfillGate:
     processed: int
     #: Throttle waits of the invocation that just ran, when the gate is measured right after it.
     throttle_wait_seconds: float | None = None
+    #: Every hold of the run (every invocation), from the ledger.
+    holds: list[ledger.Hold] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def held_seconds(self) -> float:
+        """Time the run's holds kept batches from starting (a hold still open, or cut by a crash, counts 0)."""
+        return sum(h.seconds or 0.0 for h in self.holds)
 
     @property
     def rate_per_minute(self) -> float | None:
@@ -707,6 +714,7 @@ def measure_backfill_gate(
         job_checks = job.post_checks(conn, run_id)
         approvals = ledger.approvals_for(conn, run_id)
         invocations = run_invocations(ledger.run_events_for(conn, run_id), batch_rows)
+        holds = ledger.holds_for(conn, run_id)
     plan = run.plan or {}
     planned = {c["key"]: c for c in plan.get("candidates", []) if c.get("operations")}
     # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
@@ -732,6 +740,7 @@ def measure_backfill_gate(
         runtime_seconds=sum(i.seconds for i in invocations),
         processed=sum(i.sessions for i in invocations),
         throttle_wait_seconds=float(result.throttle_wait_seconds) if result else None,
+        holds=holds,
     )
 
 
