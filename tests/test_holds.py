@@ -27,6 +27,9 @@ from gatefill.prism.job import PrismJob
 from gatefill.reports.apply import write_apply_artifacts
 from tests.conftest import Seeder, Target
 
+# The read-only throttle query also runs through PgBouncer in transaction mode (the `pooled` target).
+pytestmark = pytest.mark.pooled
+
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
 START = datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)
 
