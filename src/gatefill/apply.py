@@ -27,11 +27,12 @@ import sqlalchemy as sa
 
 from gatefill import ledger
 from gatefill.artifacts import write_json
-from gatefill.clock import Clock
-from gatefill.config import Environment, Settings
+from gatefill.clock import Clock, sleep_unless
+from gatefill.config import DEFAULT_THROTTLE_INTERVAL, Environment, Settings
 from gatefill.db import Database
 from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
+from gatefill.holds import Indicator, Reading, ThrottleFile, ThrottleQuery, first_hold, validate_all
 from gatefill.interrupt import Interruption, stop_on_signals
 from gatefill.job import (
     LOCAL_EXECUTOR,
@@ -88,6 +89,20 @@ class ApplyOptions:
     approve_as: str | None = None
     retry_attempts: int = 5
     retry_base_seconds: float = 0.5
+    #: Hold (no batch starts) while this file exists / while this read-only query returns a true first column.
+    throttle_file: Path | None = None
+    throttle_query: str | None = None
+    #: Seconds between looks while held.
+    throttle_interval: float = DEFAULT_THROTTLE_INTERVAL
+
+    def indicators(self) -> list[Indicator]:
+        """The hold indicators these options ask for, in the order they are read."""
+        found: list[Indicator] = []
+        if self.throttle_file is not None:
+            found.append(ThrottleFile(self.throttle_file))
+        if self.throttle_query is not None:
+            found.append(ThrottleQuery(self.throttle_query))
+        return found
 
     def validate(self, job: Job) -> None:
         """``UsageError`` (exit 2) for an option that cannot be used; apply checks this before it writes anything."""
@@ -102,6 +117,8 @@ class ApplyOptions:
             raise UsageError(f"unknown executor '{self.executor}' for job {job.name} (use {known})")
         if self.approve_as is not None and not self.approve_as.strip():
             raise UsageError("--approve-as needs a name")
+        if self.throttle_interval <= 0:
+            raise UsageError(f"--throttle-interval must be more than 0 seconds, not {self.throttle_interval}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,9 @@ class ApplyResult:
     batches_committed: int = 0
     elapsed_seconds: float = 0.0
     throttle_wait_seconds: float = 0.0
+    #: Holds of this invocation (``gatefill.holds``): how many, and how long they kept batches from starting.
+    holds: int = 0
+    held_seconds: float = 0.0
     failures: list[SessionFailure] = field(default_factory=list)
 
     @property
@@ -313,6 +333,8 @@ def apply_plan(
     or ``override`` must name who lets it through and why.
     """
     options.validate(job)
+    indicators = options.indicators()
+    validate_all(indicators, db)  # a throttle query that cannot run stops the apply before it writes anything
     verify_plan(plan, env)
     if dict(plan.versions) != dict(job.versions):
         # What was approved is what the plan's versions write (a sql job's: its definition's hash).
@@ -345,7 +367,7 @@ def apply_plan(
             BatchTask(run.id, next_batch + b.batch_no - 1, b.group, tuple(candidates[k] for k in b.keys), retrying)
             for b in _batches_to_run(plan.batches, todo, options.batch_size)
         ]
-        work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result)
+        work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result, tuple(indicators))
         rate = parse_rate(options.rate or plan.parameters.rate)
         _run_batches(work, tasks, rate, done=len(order) - len(todo), progress=progress, before_batch=before_batch)
         _finish(work, rate, options.batch_size or plan.parameters.batch_size)
@@ -366,6 +388,7 @@ class _Work:
     interruption: Interruption
     logs_dir: Path
     result: ApplyResult
+    indicators: tuple[Indicator, ...] = ()
 
     @property
     def run_id(self) -> str:
@@ -388,8 +411,10 @@ def _run_batches(
     for task in tasks:
         if before_batch is not None:
             before_batch(task.batch_no)
-        # A stop (Ctrl-C, SIGTERM) ends the throttle wait at once; no batch starts after it.
-        result.throttle_wait_seconds += bucket.acquire(len(task.candidates), work.stop)
+        # A stop (Ctrl-C, SIGTERM) ends a hold or the throttle wait at once; no batch starts after it.
+        _hold_while_held(work, task.batch_no)
+        if not work.stop.is_set():
+            result.throttle_wait_seconds += bucket.acquire(len(task.candidates), work.stop)
         if work.stop.is_set():
             why = f"interrupted ({work.interruption.description}) before batch {task.batch_no}"
             _pause(work.db, work.run_id, clock, f"{why}; every earlier batch is committed", work.lease.fence)
@@ -402,6 +427,46 @@ def _run_batches(
         if progress is not None:
             progress(done, result.sessions_total, clock.monotonic() - start)
     result.elapsed_seconds = clock.monotonic() - start
+
+
+def _hold_while_held(work: _Work, batch_no: int) -> None:
+    """Keeps ``batch_no`` from starting while any indicator holds, looking again every throttle interval; records the
+    hold in the ledger when it begins and when it ends (cleared, or cut short by a stop)."""
+    reading = first_hold(work.indicators, work.db) if work.indicators and not work.stop.is_set() else None
+    if reading is None:
+        return
+    clock, last, checks = work.clock, reading, 1
+    began = clock.monotonic()
+    with work.db.begin() as conn:
+        work.lease.fence(conn)
+        hold_id = ledger.begin_hold(
+            conn,
+            work.run_id,
+            batch_no=batch_no,
+            indicator=reading.indicator,
+            value=reading.value,
+            reason=reading.reason,
+            at=clock.now(),
+        )
+    held: Reading | None = reading
+    while held is not None and sleep_unless(clock, work.options.throttle_interval, work.stop):
+        held, checks = first_hold(work.indicators, work.db), checks + 1
+        last = held or last
+    seconds = clock.monotonic() - began
+    with work.db.begin() as conn:
+        work.lease.fence(conn)
+        ledger.end_hold(
+            conn,
+            hold_id,
+            at=clock.now(),
+            seconds=seconds,
+            checks=checks,
+            value=last.value,
+            reason=last.reason,
+            ended_by="stop" if held is not None else "clear",
+        )
+    work.result.holds += 1
+    work.result.held_seconds += seconds
 
 
 def _finish(work: _Work, rate: Rate, batch_size: int) -> None:
@@ -602,7 +667,14 @@ class BackfillGate:
     processed: int
     #: Throttle waits of the invocation that just ran, when the gate is measured right after it.
     throttle_wait_seconds: float | None = None
+    #: Every hold of the run (every invocation), from the ledger.
+    holds: list[ledger.Hold] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def held_seconds(self) -> float:
+        """Time the run's holds kept batches from starting (a hold still open, or cut by a crash, counts 0)."""
+        return sum(h.seconds or 0.0 for h in self.holds)
 
     @property
     def rate_per_minute(self) -> float | None:
@@ -642,6 +714,7 @@ def measure_backfill_gate(
         job_checks = job.post_checks(conn, run_id)
         approvals = ledger.approvals_for(conn, run_id)
         invocations = run_invocations(ledger.run_events_for(conn, run_id), batch_rows)
+        holds = ledger.holds_for(conn, run_id)
     plan = run.plan or {}
     planned = {c["key"]: c for c in plan.get("candidates", []) if c.get("operations")}
     # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
@@ -667,6 +740,7 @@ def measure_backfill_gate(
         runtime_seconds=sum(i.seconds for i in invocations),
         processed=sum(i.sessions for i in invocations),
         throttle_wait_seconds=float(result.throttle_wait_seconds) if result else None,
+        holds=holds,
     )
 
 

@@ -33,6 +33,7 @@ from gatefill.config import (
     DEFAULT_SINCE,
     DEFAULT_SOAK_DURATION,
     DEFAULT_SOAK_INTERVAL,
+    DEFAULT_THROTTLE_INTERVAL,
     Settings,
     load_settings,
 )
@@ -40,6 +41,7 @@ from gatefill.errors import GatefillError, UsageError
 from gatefill.gate import Override
 from gatefill.job import Baseline, Measurement
 from gatefill.lease import describe_lease
+from gatefill.ledger import Hold
 from gatefill.pipeline import PipelineOptions
 from gatefill.plan import PlanParams
 from gatefill.progress import apply_progress
@@ -298,13 +300,30 @@ def apply_command(
     ] = False,
     by: Annotated[str | None, typer.Option("--by", help="Who overrides the gate.")] = None,
     reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden.")] = None,
+    throttle_file: Annotated[
+        Path | None, typer.Option("--throttle-file", help="Hold (no batch starts) while this file exists.")
+    ] = None,
+    throttle_query: Annotated[
+        str | None,
+        typer.Option("--throttle-query", help="Hold while this read-only SQL returns a true first column."),
+    ] = None,
+    throttle_interval: Annotated[
+        float, typer.Option("--throttle-interval", help="Seconds between looks while held.")
+    ] = DEFAULT_THROTTLE_INTERVAL,
     job_name: JobOption = None,
 ) -> None:
     """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable.
 
     The plan names its job; --job, when given, must be that job."""
     options = ApplyOptions(
-        rate=rate, batch_size=batch_size, executor=executor, max_failures=max_failures, approve_as=approve_as
+        rate=rate,
+        batch_size=batch_size,
+        executor=executor,
+        max_failures=max_failures,
+        approve_as=approve_as,
+        throttle_file=throttle_file,
+        throttle_query=throttle_query,
+        throttle_interval=throttle_interval,
     )
     override = Override(by or "", reason or "") if override_gate else None
     with apply_progress(out) as progress:
@@ -451,10 +470,26 @@ def status_command(
         out.print(
             f"  batches committed: {p.batches}; last at {p.last_batch_at.isoformat() if p.last_batch_at else '-'}"
         )
+        if p.holds:
+            out.print(f"  {_holds_text(p.holds)}", markup=False)
     for a in p.approvals:
         out.print(
             f"  {a.kind}: gate {a.gate} by {a.approved_by} at {a.at.isoformat()}" + (f" ({a.note})" if a.note else "")
         )
+
+
+def _holds_text(holds: Sequence[Hold]) -> str:
+    """The holds of a run in one line: how many, their total time, and the last decision."""
+    total = sum(h.seconds or 0.0 for h in holds)
+    last = holds[-1]
+    if last.ended_at is None:
+        state = f"holding since {last.began_at.isoformat()}"
+    else:
+        state = f"{last.seconds or 0.0:.1f} s, ended ({last.ended_by}) at {last.ended_at.isoformat()}"
+    return (
+        f"holds: {len(holds)}, {total:.1f} s in all; last: {last.indicator} = {last.value} "
+        f"before batch {last.batch_no} ({last.reason}), {state}"
+    )
 
 
 def _recent_runs_view(runs: Sequence[tuple[str, Any]], env: str | None) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_SINCE",
     "DEFAULT_SOAK_DURATION",
     "DEFAULT_SOAK_INTERVAL",
+    "DEFAULT_THROTTLE_INTERVAL",
     "EXAMPLE_CONFIG",
     "POOLERS",
     "Environment",
@@ -67,6 +68,8 @@ MIN_LEASE_TTL = 1.0
 DEFAULT_RATE = "20/min"
 #: Sessions per batch (one transaction each).
 DEFAULT_BATCH_SIZE = 5
+#: Seconds between looks at apply's hold indicators (--throttle-file, --throttle-query) while they hold.
+DEFAULT_THROTTLE_INTERVAL = 1.0
 #: The start of the window discovery looks at (``created_at >= since``): the one every plan of 2025-09-17/18 used.
 DEFAULT_SINCE = "2025-08-01"
 #: The staging soak's window and the time between its looks.

@@ -310,6 +310,20 @@ class Database:
         with self.translate_errors(), self.engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def read_only(self) -> Iterator[Connection]:
+        """A transaction that cannot write, rolled back at the end: where a user's query (``--throttle-query``)
+        runs, so that it can only read."""
+        sqlite = self.caps.dialect == "sqlite"
+        with self.connect() as conn, conn.begin() as tx:
+            conn.exec_driver_sql("PRAGMA query_only = ON" if sqlite else "SET TRANSACTION READ ONLY")
+            try:
+                yield conn
+            finally:
+                if sqlite:  # a connection setting, not a transaction's: the pooled connection must write again
+                    conn.exec_driver_sql("PRAGMA query_only = OFF")
+                tx.rollback()
+
     def ping(self) -> None:
         """Proves the database answers; raises ``DatabaseUnreachable`` otherwise."""
         with self.connect() as conn:

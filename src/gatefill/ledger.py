@@ -35,6 +35,7 @@ __all__ = [
     "TRANSITIONS",
     "Approval",
     "BatchRecord",
+    "Hold",
     "IllegalTransition",
     "Lease",
     "LeaseHolder",
@@ -45,11 +46,14 @@ __all__ = [
     "RunNotFound",
     "RunStatus",
     "baseline_for",
+    "begin_hold",
     "create_run",
     "drop_intents",
+    "end_hold",
     "fence_lease",
     "get_lease",
     "get_run",
+    "holds_for",
     "init_intents",
     "init_ledger",
     "intents_for",
@@ -294,6 +298,25 @@ leases = sa.Table(
     sa.Column("acquired_at", UTCTimestamp(), nullable=False),
     sa.Column("heartbeat_at", UTCTimestamp(), nullable=False),
     sa.Column("expires_at", UTCTimestamp(), nullable=False),
+)
+
+# An apply's holds: each time an indicator (``gatefill.holds``) kept a batch from starting, which one, what it read
+# and why, from when until when. A hold is recorded when it begins (``ended_at`` NULL while it lasts), so a hold cut
+# short by a crash is still visible.
+holds = sa.Table(
+    "gatefill_holds",
+    LEDGER_METADATA,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("batch_no", sa.Integer(), nullable=False),  # the batch it held back
+    sa.Column("indicator", sa.Text(), nullable=False),
+    sa.Column("value", sa.Text(), nullable=False),  # at the last look that held
+    sa.Column("reason", sa.Text(), nullable=False),
+    sa.Column("began_at", UTCTimestamp(), nullable=False),
+    sa.Column("ended_at", UTCTimestamp()),
+    sa.Column("seconds", sa.Float()),
+    sa.Column("checks", sa.Integer(), nullable=False),
+    sa.Column("ended_by", sa.Text()),  # clear (every indicator Normal again) | stop (Ctrl-C, SIGTERM)
 )
 
 LEDGER_TABLES: tuple[str, ...] = tuple(LEDGER_METADATA.tables)
@@ -927,3 +950,69 @@ def record_measurement(conn: Connection, run_id: str, measurement: Measurement) 
             checks=[c.to_json() for c in measurement.checks],
         )
     )
+
+
+# ====================================================================================================================
+# Holds
+
+
+@dataclass(frozen=True)
+class Hold:
+    """One hold of an apply run: the indicator that held the batch, what it read, why, and for how long (``ended_at``
+    and ``seconds`` None while it lasts, or when its process died holding)."""
+
+    batch_no: int
+    indicator: str
+    value: str
+    reason: str
+    began_at: datetime
+    ended_at: datetime | None
+    seconds: float | None
+    checks: int
+    ended_by: str | None
+
+
+def begin_hold(
+    conn: Connection, run_id: str, *, batch_no: int, indicator: str, value: str, reason: str, at: datetime
+) -> int:
+    """Records that an indicator holds ``batch_no`` from ``at``; returns the hold's id for ``end_hold``."""
+    row = conn.execute(
+        holds.insert()
+        .values(
+            run_id=run_id, batch_no=batch_no, indicator=indicator, value=value, reason=reason, began_at=at, checks=1
+        )
+        .returning(holds.c.id)
+    ).one()
+    return int(row[0])
+
+
+def end_hold(
+    conn: Connection,
+    hold_id: int,
+    *,
+    at: datetime,
+    seconds: float,
+    checks: int,
+    value: str,
+    reason: str,
+    ended_by: str,
+) -> None:
+    """Closes a hold: when and how it ended, how long it lasted, how many looks it took, and its last holding
+    reading."""
+    conn.execute(
+        holds.update()
+        .where(holds.c.id == hold_id)
+        .values(ended_at=at, seconds=seconds, checks=checks, value=value, reason=reason, ended_by=ended_by)
+    )
+
+
+def holds_for(conn: Connection, run_id: str) -> list[Hold]:
+    """Every hold of a run, oldest first (none for a ledger written before holds existed)."""
+    if not sa.inspect(conn).has_table(holds.name):
+        return []
+    h = holds
+    rows = conn.execute(sa.select(h).where(h.c.run_id == run_id).order_by(h.c.id))
+    return [
+        Hold(r.batch_no, r.indicator, r.value, r.reason, r.began_at, r.ended_at, r.seconds, r.checks, r.ended_by)
+        for r in rows
+    ]

@@ -7,7 +7,7 @@ run id without ``--env`` look through every configured environment whose databas
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -109,6 +109,8 @@ class RunProgress:
     soak: SoakState | None = None
     #: Who holds the run's lease (expired included: a holder that stopped renewing it); None when nobody does.
     lease: ledger.Lease | None = None
+    #: The apply's holds (``gatefill.holds``), oldest first.
+    holds: list[ledger.Hold] = field(default_factory=list)
 
     @property
     def done(self) -> int:
@@ -133,7 +135,8 @@ def run_progress(settings: Settings, run_id: str, env_name: str | None = None) -
         # A ledger written before leases existed has no lease table (status reads, it never creates tables).
         has_leases = sa.inspect(conn).has_table(ledger.leases.name)
         lease = ledger.get_lease(conn, lease_name(run.id)) if has_leases else None
-    return RunProgress(env, run, total, results, int(batch_row[0]), batch_row[1], approvals, soak, lease)
+        holds = ledger.holds_for(conn, run.id)
+    return RunProgress(env, run, total, results, int(batch_row[0]), batch_row[1], approvals, soak, lease, holds)
 
 
 def recent_runs(settings: Settings, env_name: str | None = None, limit: int = 20) -> list[tuple[str, ledger.Run]]:
