@@ -262,15 +262,12 @@ def soak(
     """``gatefill soak``: watches an environment (``env_name``, or the one of the soak ``options.resume`` names) for a
     window, look by look, with the job's checks, and writes the soak's files."""
     job = get_job(job_name, settings)
-
     if env_name is not None:
         environment = settings.env(env_name)
     elif options.resume is not None:
         environment, _ = find_run(settings, options.resume)
     else:
         raise UsageError("--env NAME is required (or --resume RUN, which knows its environment)")
-    options.validate()
-    options.check_environment(environment)
     result = soak_job(
         environment,
         job,

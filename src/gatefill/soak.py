@@ -453,7 +453,8 @@ def soak_job(
     """
     if clock not in ("real", "simulated"):
         raise UsageError("--clock must be 'real' or 'simulated'")
-    options.check_environment(env)  # before anything touches the database
+    options.validate()  # every bad input is refused before anything touches the database
+    options.check_environment(env)
     if clock == "simulated" and env.kind == "production":
         raise UsageError(f"environment '{env.name}' is production: --clock simulated is refused there")
     chosen = replace(settings or SoakSettings(), simulated_clock=clock == "simulated")
