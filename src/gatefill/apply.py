@@ -27,19 +27,18 @@ import sqlalchemy as sa
 
 from gatefill import ledger
 from gatefill.artifacts import write_json
-from gatefill.clock import Clock, sleep_unless
+from gatefill.clock import Clock
 from gatefill.config import DEFAULT_THROTTLE_INTERVAL, Environment, Settings
 from gatefill.db import Database
 from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
 from gatefill.gate import Override, check_production_gate, record_production_gate
-from gatefill.holds import Indicator, Reading, ThrottleFile, ThrottleQuery, first_hold, validate_all
+from gatefill.holds import Indicator, ThrottleFile, ThrottleQuery, validate_all
 from gatefill.interrupt import Interruption, stop_on_signals
 from gatefill.job import (
     LOCAL_EXECUTOR,
     NOT_APPLICABLE,
     BatchRecord,
     BatchTask,
-    Candidate,
     Check,
     Executor,
     Fence,
@@ -48,9 +47,11 @@ from gatefill.job import (
 )
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
-from gatefill.plan import Batch, Plan, verify_plan
+from gatefill.pacing import Pacer
+from gatefill.plan import Plan, verify_plan
 from gatefill.rollback import RollbackResult, rollback_run
-from gatefill.throttle import Rate, TokenBucket, parse_rate
+from gatefill.throttle import parse_rate
+from gatefill.worklist import WorkList, open_work
 
 __all__ = [
     "ApplyOptions",
@@ -193,16 +194,6 @@ def ensure_run_for_plan(db: Database, plan: Plan, *, now: datetime) -> ledger.Ru
     return run
 
 
-def _work_order(plan: Plan) -> tuple[list[str], dict[str, Candidate]]:
-    """The keys of the plan's batches in order, and the runnable candidates by key."""
-    runnable = {c.key: c for c in plan.runnable}
-    order = [key for batch in plan.batches for key in batch.keys]
-    for key in order:
-        if key not in runnable:
-            raise GateBlocked("plan", [f"batch lists {key}, which is not a runnable candidate of the plan"])
-    return order, runnable
-
-
 def _open_gates(
     db: Database,
     env: Environment,
@@ -259,28 +250,6 @@ def _record_plan_approval(db: Database, run: ledger.Run, plan_hash: str, options
             note="approved at apply time (--approve-as)",
             plan_hash=plan_hash,
         )
-
-
-def _remaining(db: Database, run: ledger.Run, order: Sequence[str]) -> tuple[list[str], int, bool]:
-    """Sessions still to do (plan order), the next batch number, and whether failed sessions are being retried."""
-    with db.connect() as conn:
-        done = ledger.session_results_for(conn, run.id)
-        committed = ledger.committed_batches(conn, run.id)
-    retry_failed = run.status is RunStatus.COMPLETED_WITH_ERRORS
-    todo = [k for k in order if k not in done or (retry_failed and done[k] == "failed")]
-    return todo, (max(committed) + 1 if committed else 1), retry_failed
-
-
-def _batches_to_run(plan_batches: Sequence[Batch], todo: Sequence[str], batch_size: int | None) -> list[Batch]:
-    """The plan's batches restricted to what is left to do (numbered in plan order); ``batch_size`` re-splits each
-    plan batch."""
-    wanted = set(todo)
-    out: list[Batch] = []
-    for plan_batch in plan_batches:
-        keys = [k for k in plan_batch.keys if k in wanted]
-        size = batch_size or max(1, len(plan_batch.keys))
-        out.extend(Batch(len(out) + 1, plan_batch.group, tuple(keys[i : i + size])) for i in range(0, len(keys), size))
-    return out
 
 
 def _commit_batch(db: Database, job: Job, task: BatchTask, clock: Clock, fence: Fence) -> BatchRecord:
@@ -347,10 +316,8 @@ def apply_plan(
     if run.status in _FINISHED:
         raise GateBlocked("apply", [f"run {run.id} is {run.status.value}; nothing to apply"])
     _open_gates(db, env, run, plan, options, now, settings, override)
-    order, candidates = _work_order(plan)
     logs_dir = artifacts_dir / run.id / "backfill_logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
-    result = ApplyResult(run.id, run.status, len(order))
     with contextlib.ExitStack() as resources:
         executor = resources.enter_context(job.open_executor(options.executor, env))
         commit: CommitBatch = executor.commit_batch if executor is not None else _commit_batch
@@ -359,24 +326,33 @@ def apply_plan(
         interruption = resources.enter_context(stop_on_signals(stop))
         if executor is not None:
             _recover_executor_batches(executor, db, job, run, clock, lease)
-        todo, next_batch, retrying = _remaining(db, run, order)
+        todo = open_work(db, run, plan)
+        result = ApplyResult(run.id, run.status, todo.total)
         with db.begin() as conn:
             lease.fence(conn)
-            ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=_start_reason(len(todo), lease))
-        tasks = [
-            BatchTask(run.id, next_batch + b.batch_no - 1, b.group, tuple(candidates[k] for k in b.keys), retrying)
-            for b in _batches_to_run(plan.batches, todo, options.batch_size)
-        ]
-        work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result, tuple(indicators))
-        rate = parse_rate(options.rate or plan.parameters.rate)
-        _run_batches(work, tasks, rate, done=len(order) - len(todo), progress=progress, before_batch=before_batch)
-        _finish(work, rate, options.batch_size or plan.parameters.batch_size)
+            reason = _start_reason(todo.remaining, lease)
+            ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=reason)
+        pacer = Pacer(
+            db,
+            run.id,
+            clock,
+            stop,
+            lease.fence,
+            rate=parse_rate(options.rate or plan.parameters.rate),
+            size=options.batch_size or plan.parameters.batch_size,
+            indicators=indicators,
+            interval=options.throttle_interval,
+        )
+        work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result, pacer)
+        _run_batches(work, todo, progress=progress, before_batch=before_batch)
+        _finish(work)
     return result
 
 
 @dataclass(frozen=True)
 class _Work:
-    """What one apply invocation works with: where and how it commits batches, and the result it fills in."""
+    """What one apply invocation works with: where and how it commits batches, how it is paced, and the result it
+    fills in."""
 
     db: Database
     job: Job
@@ -388,7 +364,7 @@ class _Work:
     interruption: Interruption
     logs_dir: Path
     result: ApplyResult
-    indicators: tuple[Indicator, ...] = ()
+    pacer: Pacer
 
     @property
     def run_id(self) -> str:
@@ -397,79 +373,42 @@ class _Work:
 
 def _run_batches(
     work: _Work,
-    tasks: Sequence[BatchTask],
-    rate: Rate,
+    todo: WorkList,
     *,
-    done: int,
     progress: ProgressCallback | None,
     before_batch: Callable[[int], None] | None,
 ) -> None:
-    """Commits the batches in order, each after its throttle tokens, and writes each one's batch log."""
-    clock, result = work.clock, work.result
-    bucket = TokenBucket(rate, clock, capacity=max((len(t.candidates) for t in tasks), default=1))
+    """Commits the remaining work batch by batch, each when the pacer lets it start, and writes each batch's log."""
+    clock, result, pacer = work.clock, work.result, work.pacer
     start = clock.monotonic()
-    for task in tasks:
-        if before_batch is not None:
-            before_batch(task.batch_no)
-        # A stop (Ctrl-C, SIGTERM) ends a hold or the throttle wait at once; no batch starts after it.
-        _hold_while_held(work, task.batch_no)
-        if not work.stop.is_set():
-            result.throttle_wait_seconds += bucket.acquire(len(task.candidates), work.stop)
-        if work.stop.is_set():
-            why = f"interrupted ({work.interruption.description}) before batch {task.batch_no}"
-            _pause(work.db, work.run_id, clock, f"{why}; every earlier batch is committed", work.lease.fence)
-            raise RunPaused(work.run_id, why, exit_code=work.interruption.exit_code)
-        work.lease.check()
-        batch = _commit_with_retry(work, task)
-        write_json(work.logs_dir / f"batch_{task.batch_no}.json", batch.log())
-        result.add(batch)
-        done += len(task.candidates)
-        if progress is not None:
-            progress(done, result.sessions_total, clock.monotonic() - start)
-    result.elapsed_seconds = clock.monotonic() - start
+    done = todo.done_before
+    try:
+        while (task := todo.take(pacer.batch_size())) is not None:
+            if before_batch is not None:
+                before_batch(task.batch_no)
+            # A stop (Ctrl-C, SIGTERM) ends a hold or the throttle wait at once; no batch starts after it.
+            pacer.hold_while_held(task.batch_no)
+            if not work.stop.is_set():
+                pacer.wait_for_tokens(len(task.candidates))
+            if work.stop.is_set():
+                why = f"interrupted ({work.interruption.description}) before batch {task.batch_no}"
+                _pause(work.db, work.run_id, clock, f"{why}; every earlier batch is committed", work.lease.fence)
+                raise RunPaused(work.run_id, why, exit_code=work.interruption.exit_code)
+            work.lease.check()
+            batch = _commit_with_retry(work, task)
+            pacer.after_batch(batch)
+            write_json(work.logs_dir / f"batch_{task.batch_no}.json", batch.log())
+            result.add(batch)
+            done += len(task.candidates)
+            if progress is not None:
+                progress(done, result.sessions_total, clock.monotonic() - start)
+    finally:
+        result.elapsed_seconds = clock.monotonic() - start
+        result.throttle_wait_seconds = pacer.throttle_wait_seconds
+        result.holds, result.held_seconds = pacer.holds, pacer.held_seconds
 
 
-def _hold_while_held(work: _Work, batch_no: int) -> None:
-    """Keeps ``batch_no`` from starting while any indicator holds, looking again every throttle interval; records the
-    hold in the ledger when it begins and when it ends (cleared, or cut short by a stop)."""
-    reading = first_hold(work.indicators, work.db) if work.indicators and not work.stop.is_set() else None
-    if reading is None:
-        return
-    clock, last, checks = work.clock, reading, 1
-    began = clock.monotonic()
-    with work.db.begin() as conn:
-        work.lease.fence(conn)
-        hold_id = ledger.begin_hold(
-            conn,
-            work.run_id,
-            batch_no=batch_no,
-            indicator=reading.indicator,
-            value=reading.value,
-            reason=reading.reason,
-            at=clock.now(),
-        )
-    held: Reading | None = reading
-    while held is not None and sleep_unless(clock, work.options.throttle_interval, work.stop):
-        held, checks = first_hold(work.indicators, work.db), checks + 1
-        last = held or last
-    seconds = clock.monotonic() - began
-    with work.db.begin() as conn:
-        work.lease.fence(conn)
-        ledger.end_hold(
-            conn,
-            hold_id,
-            at=clock.now(),
-            seconds=seconds,
-            checks=checks,
-            value=last.value,
-            reason=last.reason,
-            ended_by="stop" if held is not None else "clear",
-        )
-    work.result.holds += 1
-    work.result.held_seconds += seconds
-
-
-def _finish(work: _Work, rate: Rate, batch_size: int) -> None:
+def _finish(work: _Work) -> None:
     """Ends the run: succeeded, or completed with errors when any session of the run failed."""
     with work.db.connect() as conn:
         all_results = ledger.session_results_for(conn, work.run_id)
@@ -479,8 +418,8 @@ def _finish(work: _Work, rate: Rate, batch_size: int) -> None:
         "results": dict(Counter(all_results.values())),
         "elapsed_seconds": work.result.elapsed_seconds,
         "measured_rate_per_minute": work.result.measured_rate_per_minute,
-        "rate": rate.text,
-        "batch_size": batch_size,
+        "rate": work.pacer.rate.text,
+        "batch_size": work.pacer.size,
         "max_failures": work.options.max_failures,
     }
     with work.db.begin() as conn:
