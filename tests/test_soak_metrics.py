@@ -185,7 +185,9 @@ def test_500s_that_left_no_row_fail_function_errors_through_the_apps_metrics(ser
 def test_latency_is_judged_from_the_histogram_and_clean_traffic_passes(served: Served) -> None:
     start = _window(2)
     served.traffic(start, 12, seed=6)
-    checks = served.soak(start, metrics_url=f"{served.url}/metrics")
+    # A threshold far above any call's time, also on a loaded host (the default 1 s once failed there on SQLite):
+    # what this test checks is that clean traffic is judged from the histogram, not how fast the host is.
+    checks = served.soak(start, metrics_url=f"{served.url}/metrics", latency_p95_ms=10_000.0)
     latency = checks["latency"]
     assert latency.verdict == "PASS", latency.summary
     judged = latency.evidence["app_metrics"]["p95_by_function"]
