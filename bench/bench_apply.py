@@ -73,9 +73,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from tests.pgbouncer import start_pgbouncer
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
-GOAL_VS_FLOOR = 0.5
-GOAL_VS_HTTP = 20.0
-GOAL_RSS_MB = 300.0
+GOAL_VS_FLOOR = 0.7
+GOAL_WAL_RATIO = 2.0
+GOAL_RSS_MB = 200.0
 _KEY_ENV = "GATEFILL_BENCH_APPLY_SERVICE_ROLE_KEY"
 _FC_COLUMNS = tuple(c.name for c in fc_scores.columns)
 _PROFILE_COLUMNS = tuple(c.name for c in profiles.columns)
@@ -99,6 +99,54 @@ def _scratch_database(server: str) -> Iterator[str]:
 def _checkpoint(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CHECKPOINT")
+
+
+class WalMeter:
+    """WAL written while a phase ran, measured two ways: the server's ``pg_current_wal_lsn()`` before and after (what
+    the whole cluster wrote meanwhile, other databases' writers included), and this database's own share, the bytes
+    of the WAL records in that range whose block references name this database (``pg_walinspect``; transaction
+    commit records name no block and are left out). A physical replication slot keeps the range's segments until
+    they are read, so checkpoints during a long phase cannot recycle them first."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.slot = f"gf_bench_wal_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+
+    def __enter__(self) -> WalMeter:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (self.slot,))
+            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        self.start: str = row[0]
+        self.cluster_bytes = 0
+        self.database_bytes = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self._measure()
+        finally:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+
+    def _measure(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            end = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            oid = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()
+            assert end is not None and oid is not None
+            diff = conn.execute("SELECT %s::pg_lsn - %s::pg_lsn", (end[0], self.start)).fetchone()
+            assert diff is not None
+            self.cluster_bytes = int(diff[0])
+            mine = conn.execute(
+                "SELECT coalesce(sum(record_length), 0) FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn) "
+                "WHERE block_ref LIKE %s",
+                (self.start, end[0], f"%/{oid[0]}/%"),
+            ).fetchone()
+            assert mine is not None
+            self.database_bytes = int(mine[0])
 
 
 # ------------------------------------------------------------------------------------------------------ (c) HTTP
@@ -197,8 +245,9 @@ LEFT JOIN profiles p ON p.session_id = c.id
 """
 
 
-def measure_floor(url: str, plan: Plan, now: datetime) -> tuple[float, int]:
-    """(sessions/s, sessions) of read + score + COPY for the plan's candidates; scratch tables dropped after."""
+def measure_floor(url: str, plan: Plan, now: datetime) -> tuple[float, int, WalMeter]:
+    """(sessions/s, sessions, WAL written) of read + score + COPY for the plan's candidates; scratch tables dropped
+    after."""
     candidates = sorted(plan.runnable, key=lambda c: c.key)
     ops = {c.key: frozenset(c.operations) for c in candidates}
     env = Environment("bench", "staging", _sa_url(url))
@@ -208,12 +257,14 @@ def measure_floor(url: str, plan: Plan, now: datetime) -> tuple[float, int]:
         ddl.execute("CREATE TABLE floor_fc_scores (LIKE fc_scores INCLUDING ALL)")
         ddl.execute("CREATE TABLE floor_profiles (LIKE profiles INCLUDING ALL)")
     _checkpoint(url)
+    wal = WalMeter(url)
     fc_cols = sql.SQL(", ").join(sql.Identifier(c) for c in _FC_COLUMNS)
     profile_cols = sql.SQL(", ").join(sql.Identifier(c) for c in _PROFILE_COLUMNS)
     n = 0
     try:
         started = time.perf_counter()
         with (
+            wal,
             psycopg.connect(url) as reader,
             psycopg.connect(url) as fc_writer,
             psycopg.connect(url) as profile_writer,
@@ -245,7 +296,7 @@ def measure_floor(url: str, plan: Plan, now: datetime) -> tuple[float, int]:
             ddl.execute("DROP TABLE IF EXISTS floor_fc_scores, floor_profiles")
     if n != len(candidates):
         raise SystemExit(f"floor read {n} sessions, the plan has {len(candidates)} candidates")
-    return n / elapsed, n
+    return n / elapsed, n, wal
 
 
 def _copy_value(column: str, value: Any) -> Any:
@@ -301,17 +352,24 @@ def _vm_hwm_mb() -> float | None:
     return None
 
 
-def measure_apply(url: str, plan_path: Path, artifacts: Path, batch_size: int, pooler: Pooler) -> dict[str, Any]:
-    _checkpoint(url)
+def measure_apply(
+    url: str, direct_url: str, plan_path: Path, artifacts: Path, batch_size: int, pooler: Pooler
+) -> dict[str, Any]:
+    """The apply child's measurements, with the WAL it wrote (``direct_url``: the database without a pooler)."""
+    _checkpoint(direct_url)
+    wal = WalMeter(direct_url)
     # Linux folds the parent's memory into a child's ru_maxrss when the child is spawned straight from this (large)
     # process (vfork + exec), so a small launcher process starts the measured one.
     launcher = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
     child = [sys.executable, __file__, "--child-apply", url, str(plan_path), str(artifacts), str(batch_size), pooler]
-    proc = subprocess.run([sys.executable, "-c", launcher, *child], capture_output=True, text=True, check=False)
+    with wal:
+        proc = subprocess.run([sys.executable, "-c", launcher, *child], capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"apply child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    result["wal_cluster_mb"] = wal.cluster_bytes / 1e6
+    result["wal_database_mb"] = wal.database_bytes / 1e6
     return result
 
 
@@ -348,11 +406,14 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             seed_s = time.perf_counter() - t0
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")
-        pool = sorted(report.missing_both + report.missing_fc_only)
-        want = min(len(pool), args.http_sample + args.http_warmup)
-        step = max(1, len(pool) // max(1, want))
-        chosen = pool[::step][:want]
-        http, http_cpu = measure_http(url, chosen[: args.http_warmup], chosen[args.http_warmup :], args.http_server)
+        http, http_cpu, http_n = 0.0, 0.0, 0
+        if args.http_sample > 0:
+            pool = sorted(report.missing_both + report.missing_fc_only)
+            want = min(len(pool), args.http_sample + args.http_warmup)
+            step = max(1, len(pool) // max(1, want))
+            chosen = pool[::step][:want]
+            http_n = len(chosen) - args.http_warmup
+            http, http_cpu = measure_http(url, chosen[: args.http_warmup], chosen[args.http_warmup :], args.http_server)
 
         now = datetime.now(UTC)
         # Plan and apply run as a user's would: through the transaction pooler when there is one.
@@ -372,10 +433,10 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             plan_s = time.perf_counter() - t0
         candidates = len(plan.plan.runnable)
         busy = machine_busy_seconds()
-        floor, floor_n = measure_floor(url, plan.plan, now)
+        floor, floor_n, floor_wal = measure_floor(url, plan.plan, now)
         floor_cpu = (machine_busy_seconds() - busy) / floor_n * 1000.0
         busy = machine_busy_seconds()
-        applied = measure_apply(served_url, plan.json_path, Path(tmp), args.batch_size, pooler)
+        applied = measure_apply(served_url, url, plan.json_path, Path(tmp), args.batch_size, pooler)
         apply_cpu = (machine_busy_seconds() - busy) / applied["sessions"] * 1000.0
         _verify(url, plan.run_id, candidates)
         apply_rate = applied["sessions"] / applied["seconds"]
@@ -394,16 +455,26 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             "apply_maxrss_mb": applied["maxrss_mb"],
             "apply_vmhwm_mb": applied["vmhwm_mb"] or 0.0,
             "vs_floor": apply_rate / floor,
-            "vs_http": apply_rate / http,
-            "http_sample": len(chosen) - args.http_warmup,
+            "vs_http": apply_rate / http if http else 0.0,
+            "http_sample": http_n,
             "floor_sessions": floor_n,
+            "floor_wal_cluster_mb": floor_wal.cluster_bytes / 1e6,
+            "floor_wal_database_mb": floor_wal.database_bytes / 1e6,
+            "apply_wal_cluster_mb": applied["wal_cluster_mb"],
+            "apply_wal_database_mb": applied["wal_database_mb"],
+            "wal_ratio_cluster": applied["wal_cluster_mb"] / max(1e-9, floor_wal.cluster_bytes / 1e6),
+            "wal_ratio_database": applied["wal_database_mb"] / max(1e-9, floor_wal.database_bytes / 1e6),
+            "load_1min": os.getloadavg()[0],
         }
         print(
             f"  N={n:,}: seed {seed_s:.0f} s, plan {plan_s:.1f} s; floor {floor:.0f}/s, apply {apply_rate:.0f}/s "
             f"({out['apply_cpu_ms_per_session']:.2f} ms CPU/session, peak RSS {applied['maxrss_mb']:.0f} MB, "
             f"VmHWM {out['apply_vmhwm_mb']:.0f} MB), "
             f"HTTP {http:.1f}/s; b/a {out['vs_floor']:.2f}, b/c {out['vs_http']:.0f}; machine CPU ms/session: "
-            f"floor {floor_cpu:.2f}, apply {apply_cpu:.2f}, HTTP {http_cpu:.2f}; load {os.getloadavg()[0]:.1f}",
+            f"floor {floor_cpu:.2f}, apply {apply_cpu:.2f}, HTTP {http_cpu:.2f}; WAL MB (cluster / this database): "
+            f"floor {out['floor_wal_cluster_mb']:.1f} / {out['floor_wal_database_mb']:.1f}, apply "
+            f"{out['apply_wal_cluster_mb']:.1f} / {out['apply_wal_database_mb']:.1f}, ratio "
+            f"{out['wal_ratio_cluster']:.2f} / {out['wal_ratio_database']:.2f}; load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
         return out
@@ -418,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", default="10000,100000", help="sizes, comma-separated (default 10000,100000)")
     parser.add_argument("--runs", type=int, default=3, help="runs per size; medians are reported (default 3)")
     parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--http-sample", type=int, default=500, help="sessions timed over HTTP (default 500)")
+    parser.add_argument("--http-sample", type=int, default=0, help="sessions timed over HTTP (default 0: not run)")
     parser.add_argument("--http-warmup", type=int, default=20)
     parser.add_argument("--http-server", choices=("thread", "process"), default="thread")
     parser.add_argument("--server", default=os.environ.get("GATEFILL_TEST_DATABASE_URL", DEFAULT_SERVER))
@@ -449,26 +520,31 @@ def _run_all(args: argparse.Namespace) -> int:
     summary = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
     print("\nmedians (per size):")
     print(
-        f"{'sessions':>9} {'floor/s':>8} {'apply/s':>8} {'HTTP/s':>7} {'b/a':>5} {'b/c':>6} {'RSS MB':>7} {'CPU ms':>7}"
+        f"{'sessions':>9} {'floor/s':>8} {'apply/s':>8} {'b/a':>5} {'RSS MB':>7} {'CPU ms':>7} "
+        f"{'WAL a MB':>9} {'WAL b MB':>9} {'b/a WAL':>8} {'load':>5}"
     )
     for n, m in summary.items():
         print(
-            f"{n:>9,} {m['floor_per_s']:>8.0f} {m['apply_per_s']:>8.0f} {m['http_per_s']:>7.1f} {m['vs_floor']:>5.2f} "
-            f"{m['vs_http']:>6.0f} {m['apply_maxrss_mb']:>7.0f} {m['apply_cpu_ms_per_session']:>7.2f}"
+            f"{n:>9,} {m['floor_per_s']:>8.0f} {m['apply_per_s']:>8.0f} {m['vs_floor']:>5.2f} "
+            f"{m['apply_maxrss_mb']:>7.0f} {m['apply_cpu_ms_per_session']:>7.2f} {m['floor_wal_cluster_mb']:>9.1f} "
+            f"{m['apply_wal_cluster_mb']:>9.1f} {m['wal_ratio_cluster']:>8.2f} {m['load_1min']:>5.1f}"
         )
-    print("machine CPU ms per session (all cores: this bench, its children, the Postgres backends, anything else):")
-    cores = os.cpu_count() or 1
+    print("WAL of this database alone (pg_walinspect, records naming its blocks), MB: floor / apply = ratio")
     for n, m in summary.items():
         print(
-            f"{n:>9,} floor {m['machine_cpu_ms_floor']:.2f}, apply {m['machine_cpu_ms_apply']:.2f}, "
-            f"HTTP {m['machine_cpu_ms_http']:.2f}; at that cost {cores} cores allow at most "
-            f"{cores * 1000.0 / m['machine_cpu_ms_apply']:.0f} applied sessions/s "
-            f"= {cores * 1000.0 / m['machine_cpu_ms_apply'] / m['http_per_s']:.0f}x the HTTP path"
+            f"{n:>9,} {m['floor_wal_database_mb']:.1f} / {m['apply_wal_database_mb']:.1f} = "
+            f"{m['wal_ratio_database']:.2f}"
         )
+    print("machine CPU ms per session (all cores: this bench, its children, the Postgres backends, anything else):")
+    for n, m in summary.items():
+        http = f", HTTP {m['machine_cpu_ms_http']:.2f} ({m['http_per_s']:.1f}/s)" if m["http_per_s"] else ""
+        print(f"{n:>9,} floor {m['machine_cpu_ms_floor']:.2f}, apply {m['machine_cpu_ms_apply']:.2f}{http}")
     rss = [m["apply_maxrss_mb"] for m in summary.values()]
     goals = {
         f"apply >= {GOAL_VS_FLOOR}x floor": all(m["vs_floor"] >= GOAL_VS_FLOOR for m in summary.values()),
-        f"apply >= {GOAL_VS_HTTP:g}x HTTP": all(m["vs_http"] >= GOAL_VS_HTTP for m in summary.values()),
+        f"apply WAL <= {GOAL_WAL_RATIO:g}x floor's (this database)": all(
+            m["wal_ratio_database"] <= GOAL_WAL_RATIO for m in summary.values()
+        ),
         f"peak RSS <= {GOAL_RSS_MB:g} MB": all(r <= GOAL_RSS_MB for r in rss),
         "RSS flat across sizes (max/min <= 1.2)": len(rss) < 2 or max(rss) / min(rss) <= 1.2,
     }

@@ -264,7 +264,9 @@ def _commit_batch(db: Database, job: Job, task: BatchTask, clock: Clock, fence: 
             task.candidates,
             now=started,
             run_id=task.run_id,
-            record=lambda written: ledger.record_row_changes(conn, task.run_id, task.batch_no, written, at=started),
+            record=lambda written: ledger.record_row_changes(
+                conn, task.run_id, task.batch_no, written, at=started, tables=job.written_tables()
+            ),
         )
         batch = BatchRecord(
             run_id=task.run_id,

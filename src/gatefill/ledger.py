@@ -25,8 +25,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, insert_rows
-from gatefill.errors import GatefillError, UsageError
-from gatefill.job import Baseline, BatchRecord, Check, Measurement, RowChange
+from gatefill.errors import DataError, GatefillError, UsageError
+from gatefill.images import image_columns, row_digest
+from gatefill.job import Baseline, BatchRecord, Check, Measurement, RowChange, SessionOutcome, WrittenTable
 
 __all__ = [
     "APPLY_PHASE",
@@ -236,9 +237,16 @@ changes = sa.Table(
     # The primary key of the changed row as canonical JSON, so that any table's key fits one column.
     sa.Column("row_key", sa.Text(), nullable=False),
     sa.Column("session_id", sa.Text()),
-    # NULL before = the row was absent (an insert); rollback deletes it. Otherwise the full row to restore.
+    # NULL before = the row was absent (an insert); rollback deletes it. Otherwise the row to restore (a job with
+    # partial images: the columns it set).
     sa.Column("before", JSONValue()),
-    sa.Column("after", JSONValue(), nullable=False),
+    # What the batch wrote, as a digest (``gatefill.images.row_digest``) over after_columns (NULL: every column of
+    # the table): rollback compares the row read back with it, so the ledger need not hold a second copy of the row.
+    sa.Column("after_digest", sa.Text()),
+    sa.Column("after_columns", JSONValue()),
+    # Ledgers written before digests kept the whole after-image here (and no digest); their runs are still compared
+    # with it. New changes leave it NULL.
+    sa.Column("after", JSONValue()),
     sa.Column("at", UTCTimestamp(), nullable=False),
     sa.UniqueConstraint("run_id", "table_name", "row_key", name="gatefill_changes_run_row"),
 )
@@ -353,9 +361,31 @@ def init_ledger(db: Database) -> None:
         if db.caps.advisory_locks:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gatefill.ledger.schema'))"))
         LEDGER_METADATA.create_all(conn, checkfirst=True)
+        _add_change_digests(conn)
         if db.caps.row_level_security:
             for table in LEDGER_TABLES:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+
+
+def _add_change_digests(conn: Connection) -> None:
+    """Brings a ledger made before change digests up to date: its ``gatefill_changes`` gets the
+    digest columns and an ``after`` that may be NULL; the after-images already recorded stay, for their runs'
+    rollbacks. Postgres alters the table in place; SQLite, which cannot drop a NOT NULL, copies it into a new one."""
+    names = {c["name"] for c in sa.inspect(conn).get_columns(changes.name)}
+    if "after_digest" in names:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(
+            f"ALTER TABLE {changes.name} ADD COLUMN after_digest text, ADD COLUMN after_columns jsonb, "
+            "ALTER COLUMN after DROP NOT NULL"
+        )
+        return
+    old = f"{changes.name}_before_digests"
+    conn.exec_driver_sql(f"ALTER TABLE {changes.name} RENAME TO {old}")
+    changes.create(conn)
+    kept = ", ".join(f'"{n}"' for n in (c.name for c in changes.columns) if n in names)
+    conn.exec_driver_sql(f"INSERT INTO {changes.name} ({kept}) SELECT {kept} FROM {old}")
+    conn.exec_driver_sql(f"DROP TABLE {old}")
 
 
 def init_intents(db: Database) -> None:
@@ -728,7 +758,10 @@ def committed_batches(conn: Connection, run_id: str) -> set[int]:
 def record_batch(conn: Connection, batch: BatchRecord) -> None:
     """Records a processed batch in the transaction that wrote its data: a result per candidate (replacing the
     earlier ones of candidates being retried) and the committed batch row. Its changes go in through
-    ``record_row_changes``, as they are written or all at once."""
+    ``record_row_changes``, as they are written or all at once.
+
+    A written session's operations are the plan's and are in the batch's log file, so its result row carries no
+    detail; a session that was already present or failed keeps its operations (their reasons) in ``detail``."""
     results = [
         {
             "run_id": batch.run_id,
@@ -736,12 +769,7 @@ def record_batch(conn: Connection, batch: BatchRecord) -> None:
             "batch_no": batch.batch_no,
             "result": s.result,
             "error": s.error,
-            "detail": {
-                "category": batch.categories.get(s.key),
-                "group": batch.group,
-                "operations": s.operations,
-                "seconds": round(s.seconds, 6),
-            },
+            "detail": None if s.result == "written" else _session_detail(batch, s),
             "at": batch.finished_at,
         }
         for s in batch.sessions
@@ -754,7 +782,7 @@ def record_batch(conn: Connection, batch: BatchRecord) -> None:
             )
         )
     if results:
-        conn.execute(session_results.insert(), results)
+        insert_rows(conn, session_results, results)
     counts = batch.counts()
     conn.execute(
         batches.insert().values(
@@ -767,29 +795,46 @@ def record_batch(conn: Connection, batch: BatchRecord) -> None:
             skipped=counts["already_present"],
             started_at=batch.started_at,
             finished_at=batch.finished_at,
-            detail={
-                "group": batch.group,
-                "keys": list(batch.categories),
-                "changes": len(batch.changes),
-                **batch.detail,
-            },
+            # The batch's keys are its sessions' result rows (and its log file): not listed again here.
+            detail={"group": batch.group, "changes": len(batch.changes), **batch.detail},
         )
     )
 
 
+def _session_detail(batch: BatchRecord, s: SessionOutcome) -> dict[str, Any]:
+    return {
+        "category": batch.categories.get(s.key),
+        "group": batch.group,
+        "operations": s.operations,
+        "seconds": round(s.seconds, 6),
+    }
+
+
 def record_changes(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Inserts ledger change rows (run_id, batch_no, table_name, row_key, session_id, before, after, at); on
-    Postgres with one COPY (a ledger row carries whole row images as JSON)."""
+    """Inserts ledger change rows (run_id, batch_no, table_name, row_key, session_id, before, after_digest,
+    after_columns, at); on Postgres with one COPY."""
     insert_rows(conn, changes, rows)
 
 
 def record_row_changes(
-    conn: Connection, run_id: str, batch_no: int, row_changes: Iterable[RowChange], *, at: datetime
+    conn: Connection,
+    run_id: str,
+    batch_no: int,
+    row_changes: Iterable[RowChange],
+    *,
+    at: datetime,
+    tables: Sequence[WrittenTable],
 ) -> None:
-    """Records a batch's RowChanges (before-image or absent, after-image) as ledger change rows."""
-    record_changes(
-        conn,
-        [
+    """Records a batch's RowChanges as ledger change rows: the before-image where the row existed (absent: NULL) and
+    a digest of the after-image, computed by the column kinds of its table in ``tables`` (the job's)."""
+    defs = {t.name: t.table for t in tables}
+    rows = []
+    for ch in row_changes:
+        table = defs.get(ch.table)
+        if table is None:
+            raise DataError(f"a change to table {ch.table!r}, which the job does not declare with its definition")
+        columns = image_columns(table, ch.after)
+        rows.append(
             {
                 "run_id": run_id,
                 "batch_no": batch_no,
@@ -797,12 +842,12 @@ def record_row_changes(
                 "row_key": row_key(ch.key),
                 "session_id": ch.candidate,
                 "before": dict(ch.before) if ch.before is not None else None,
-                "after": dict(ch.after),
+                "after_digest": row_digest(table, ch.after, columns),
+                "after_columns": list(columns) if columns is not None else None,
                 "at": at,
             }
-            for ch in row_changes
-        ],
-    )
+        )
+    record_changes(conn, rows)
 
 
 def record_intents(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
