@@ -122,6 +122,7 @@ class WalMeter:
         self.start: str = row[0]
         self.cluster_bytes = 0
         self.database_bytes = 0
+        self.by_relation: dict[str, int] = {}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -147,6 +148,14 @@ class WalMeter:
             ).fetchone()
             assert mine is not None
             self.database_bytes = int(mine[0])
+            by_relation = conn.execute(
+                "SELECT coalesce(c.relname, w.node), sum(w.bytes)::bigint FROM ("
+                "  SELECT (regexp_match(block_ref, 'rel \\d+/\\d+/(\\d+)'))[1] AS node, record_length AS bytes"
+                "  FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn) WHERE block_ref LIKE %s) w "
+                "LEFT JOIN pg_class c ON c.relfilenode::text = w.node GROUP BY 1 ORDER BY 2 DESC LIMIT 12",
+                (self.start, end[0], f"%/{oid[0]}/%"),
+            ).fetchall()
+            self.by_relation = {str(name): int(n) for name, n in by_relation}
 
 
 # ------------------------------------------------------------------------------------------------------ (c) HTTP
@@ -313,9 +322,9 @@ def _child_apply(url: str, plan_path: str, artifacts: str, batch_size: int, pool
     """Child process: ``gatefill apply PLAN.json`` in library form; prints its measurements as one JSON line."""
     from gatefill.apply import ApplyOptions, apply_plan
     from gatefill.clock import RealClock
-    from gatefill.plan import load_plan
+    from gatefill.plan import open_plan
 
-    plan = load_plan(Path(plan_path))
+    plan = open_plan(Path(plan_path))  # as `gatefill apply PLAN.json` does: streamed, never held whole
     env = Environment(plan.environment.name, "staging", _sa_url(url), pooler=pooler)
     cpu = time.process_time()
     with Database(env, pool_size=2) as db:
@@ -370,6 +379,7 @@ def measure_apply(
     result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
     result["wal_cluster_mb"] = wal.cluster_bytes / 1e6
     result["wal_database_mb"] = wal.database_bytes / 1e6
+    result["wal_by_relation_mb"] = {k: round(v / 1e6, 2) for k, v in wal.by_relation.items()}
     return result
 
 
@@ -466,6 +476,8 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             "wal_ratio_database": applied["wal_database_mb"] / max(1e-9, floor_wal.database_bytes / 1e6),
             "load_1min": os.getloadavg()[0],
         }
+        print(f"  WAL by relation (MB), floor: {_top(floor_wal.by_relation)}", flush=True)
+        print(f"  WAL by relation (MB), apply: {_top(applied['wal_by_relation_mb'], scale=1.0)}", flush=True)
         print(
             f"  N={n:,}: seed {seed_s:.0f} s, plan {plan_s:.1f} s; floor {floor:.0f}/s, apply {apply_rate:.0f}/s "
             f"({out['apply_cpu_ms_per_session']:.2f} ms CPU/session, peak RSS {applied['maxrss_mb']:.0f} MB, "
@@ -478,6 +490,10 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         return out
+
+
+def _top(by_relation: dict[str, Any], scale: float = 1e6) -> str:
+    return ", ".join(f"{name} {value / scale:.1f}" for name, value in by_relation.items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

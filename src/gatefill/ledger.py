@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,7 +28,16 @@ from sqlalchemy.engine import Connection
 from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, insert_rows
 from gatefill.errors import DataError, GatefillError, UsageError
 from gatefill.images import image_columns, row_digest
-from gatefill.job import Baseline, BatchRecord, Check, Measurement, RowChange, SessionOutcome, WrittenTable
+from gatefill.job import (
+    Baseline,
+    BatchRecord,
+    Candidate,
+    Check,
+    Measurement,
+    RowChange,
+    SessionOutcome,
+    WrittenTable,
+)
 
 __all__ = [
     "APPLY_PHASE",
@@ -187,6 +197,32 @@ runs = sa.Table(
     sa.Column("updated_at", UTCTimestamp(), nullable=False),
     sa.Column("started_at", UTCTimestamp()),
     sa.Column("finished_at", UTCTimestamp()),
+)
+
+# A plan's work, stored with its run so that apply reads it a batch at a time (``gatefill_runs.plan`` keeps the
+# plan's header only: at 1M candidates the whole plan is hundreds of MB, more than one jsonb value holds). Written once,
+# when the run is recorded (plan time, or the first apply of a plan file made elsewhere), with COPY on Postgres.
+# The runnable candidates, by key:
+plan_candidates = sa.Table(
+    "gatefill_plan_candidates",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("session_id", sa.Text(), primary_key=True),
+    sa.Column("category", sa.Text(), nullable=False),
+    sa.Column("created_at", UTCTimestamp(), nullable=False),
+    sa.Column("operations", JSONValue(), nullable=False),
+    sa.Column("detail", JSONValue()),
+)
+# and the plan's batches, a row per candidate in the order apply runs them (position counts across batches).
+plan_batches = sa.Table(
+    "gatefill_plan_batches",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("position", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("batch_no", sa.Integer(), nullable=False),
+    sa.Column("plan_group", sa.Text(), nullable=False),
+    sa.Column("session_id", sa.Text(), nullable=False),
+    sa.UniqueConstraint("run_id", "session_id", name="gatefill_plan_batches_once"),
 )
 
 run_events = sa.Table(
@@ -753,6 +789,167 @@ def committed_batches(conn: Connection, run_id: str) -> set[int]:
     """The batch numbers of a run that committed (its resume point is the first one missing)."""
     rows = conn.execute(sa.select(batches.c.batch_no).where(batches.c.run_id == run_id))
     return {n for (n,) in rows}
+
+
+def record_plan_work(
+    conn: Connection,
+    run_id: str,
+    candidates: Iterable[Candidate],
+    batches: Iterable[tuple[int, str, str]],
+    *,
+    chunk: int = 5000,
+) -> tuple[int, int]:
+    """Stores a plan's runnable candidates and its batches (``(batch_no, group, key)`` in run order) with the run, in
+    chunks (COPY on Postgres), so neither is held whole; returns how many of each were stored."""
+    n_candidates = _insert_chunked(
+        conn,
+        plan_candidates,
+        (
+            {
+                "run_id": run_id,
+                "session_id": c.key,
+                "category": c.category,
+                "created_at": c.created_at,
+                "operations": list(c.operations),
+                "detail": dict(c.detail) or None,
+            }
+            for c in candidates
+        ),
+        chunk,
+    )
+    n_batched = _insert_chunked(
+        conn,
+        plan_batches,
+        (
+            {"run_id": run_id, "position": i, "batch_no": no, "plan_group": group, "session_id": key}
+            for i, (no, group, key) in enumerate(batches, start=1)
+        ),
+        chunk,
+    )
+    return n_candidates, n_batched
+
+
+def _insert_chunked(conn: Connection, table: sa.Table, rows: Iterable[Mapping[str, Any]], chunk: int) -> int:
+    n, part = 0, []
+    for row in rows:
+        part.append(row)
+        if len(part) == chunk:
+            insert_rows(conn, table, part)
+            n, part = n + len(part), []
+    insert_rows(conn, table, part)
+    return n + len(part)
+
+
+def plan_work_recorded(conn: Connection, run_id: str) -> bool:
+    """Whether the run's plan work is stored (runs recorded before it was stored apart have it in their plan)."""
+    query = sa.select(plan_batches.c.position).where(plan_batches.c.run_id == run_id).limit(1)
+    return conn.execute(query).first() is not None
+
+
+def unbatched_work(conn: Connection, run_id: str) -> tuple[int, int, int]:
+    """(candidates, batch rows, batch rows whose key is a stored candidate): a consistent plan has all three equal."""
+    pc, pb = plan_candidates, plan_batches
+    n_candidates = conn.execute(sa.select(sa.func.count()).where(pc.c.run_id == run_id)).scalar_one()
+    n_batched = conn.execute(sa.select(sa.func.count()).where(pb.c.run_id == run_id)).scalar_one()
+    joined = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(pb.join(pc, sa.and_(pc.c.run_id == pb.c.run_id, pc.c.session_id == pb.c.session_id)))
+        .where(pb.c.run_id == run_id)
+    ).scalar_one()
+    return int(n_candidates), int(n_batched), int(joined)
+
+
+def plan_work_page(
+    conn: Connection, run_id: str, *, after: int, limit: int, retry_failed: bool
+) -> list[tuple[int, int, str, Candidate]]:
+    """The next ``limit`` planned candidates after position ``after`` that still need work (no result yet; with
+    ``retry_failed``, a failed one too): ``(position, batch_no, group, candidate)`` in run order."""
+    pb, pc, sr = plan_batches, plan_candidates, session_results
+    result_on = sa.and_(sr.c.run_id == pb.c.run_id, sr.c.session_id == pb.c.session_id)
+    todo: sa.ColumnElement[bool] = sr.c.session_id.is_(None)
+    if retry_failed:
+        todo = sa.or_(todo, sr.c.result == "failed")
+    query = (
+        sa.select(
+            pb.c.position,
+            pb.c.batch_no,
+            pb.c.plan_group,
+            pc.c.session_id,
+            pc.c.category,
+            pc.c.created_at,
+            pc.c.operations,
+            pc.c.detail,
+        )
+        .select_from(
+            pb.join(pc, sa.and_(pc.c.run_id == pb.c.run_id, pc.c.session_id == pb.c.session_id)).outerjoin(
+                sr, result_on
+            )
+        )
+        .where(pb.c.run_id == run_id, pb.c.position > after, todo)
+        .order_by(pb.c.position)
+        .limit(limit)
+    )
+    return [
+        (pos, no, group, Candidate(key, category, created, tuple(ops), detail or {}))
+        for pos, no, group, key, category, created, ops, detail in conn.execute(query)
+    ]
+
+
+def planned_counts(conn: Connection, run_id: str, *, retry_failed: bool) -> tuple[int, int]:
+    """(planned candidates, those still needing work: no result, or with ``retry_failed`` a failed one)."""
+    pb, sr = plan_batches, session_results
+    total = conn.execute(sa.select(sa.func.count()).where(pb.c.run_id == run_id)).scalar_one()
+    done = (
+        sa.select(sa.func.count())
+        .select_from(pb.join(sr, sa.and_(sr.c.run_id == pb.c.run_id, sr.c.session_id == pb.c.session_id)))
+        .where(pb.c.run_id == run_id)
+    )
+    if retry_failed:
+        done = done.where(sr.c.result != "failed")
+    return int(total), int(total) - int(conn.execute(done).scalar_one())
+
+
+def planned_by_category(conn: Connection, run_id: str) -> dict[str, dict[str, int]]:
+    """Per category of the plan's runnable candidates: how many are planned and how many have each result."""
+    pc, sr = plan_candidates, session_results
+    rows = conn.execute(
+        sa.select(pc.c.category, sr.c.result, sa.func.count())
+        .select_from(pc.outerjoin(sr, sa.and_(sr.c.run_id == pc.c.run_id, sr.c.session_id == pc.c.session_id)))
+        .where(pc.c.run_id == run_id)
+        .group_by(pc.c.category, sr.c.result)
+    )
+    out: dict[str, dict[str, int]] = {}
+    for category, result, n in rows:
+        row = out.setdefault(category, {"planned": 0})
+        row["planned"] += int(n)
+        if result is not None:
+            row[result] = row.get(result, 0) + int(n)
+    return out
+
+
+def planned_without_result(conn: Connection, run_id: str, *, limit: int) -> list[str]:
+    """The first ``limit`` planned candidates (run order) without a result."""
+    pb, sr = plan_batches, session_results
+    query = (
+        sa.select(pb.c.session_id)
+        .select_from(pb.outerjoin(sr, sa.and_(sr.c.run_id == pb.c.run_id, sr.c.session_id == pb.c.session_id)))
+        .where(pb.c.run_id == run_id, sr.c.session_id.is_(None))
+        .order_by(pb.c.position)
+        .limit(limit)
+    )
+    return [str(k) for k in conn.execute(query).scalars()]
+
+
+def result_counts(conn: Connection, run_id: str) -> Counter[str]:
+    """result → how many sessions of the run have it (counted by the database)."""
+    sr = session_results
+    rows = conn.execute(sa.select(sr.c.result, sa.func.count()).where(sr.c.run_id == run_id).group_by(sr.c.result))
+    return Counter({str(r): int(n) for r, n in rows})
+
+
+def replace_run_plan(conn: Connection, run_id: str, plan: Mapping[str, Any]) -> None:
+    """Replaces the plan stored on the run's row (a plan recorded whole before its work was stored apart)."""
+    conn.execute(runs.update().where(runs.c.id == run_id).values(plan=dict(plan)))
 
 
 def record_batch(conn: Connection, batch: BatchRecord) -> None:
