@@ -413,7 +413,7 @@ def _add_change_digests(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(
             f"ALTER TABLE {changes.name} ADD COLUMN after_digest text, ADD COLUMN after_columns jsonb, "
-            "ALTER COLUMN after DROP NOT NULL"
+            'ALTER COLUMN "after" DROP NOT NULL'
         )
         return
     old = f"{changes.name}_before_digests"
