@@ -123,6 +123,7 @@ class WalMeter:
         self.cluster_bytes = 0
         self.database_bytes = 0
         self.by_relation: dict[str, int] = {}
+        self.ledger_bytes = 0
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -156,6 +157,14 @@ class WalMeter:
                 (self.start, end[0], f"%/{oid[0]}/%"),
             ).fetchall()
             self.by_relation = {str(name): int(n) for name, n in by_relation}
+            ledger = conn.execute(
+                "SELECT coalesce(sum(record_length), 0) FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn) w "
+                "JOIN pg_class c ON c.relfilenode::text = (regexp_match(w.block_ref, 'rel \\d+/\\d+/(\\d+)'))[1] "
+                "WHERE w.block_ref LIKE %s AND c.relname LIKE 'gatefill%%'",
+                (self.start, end[0], f"%/{oid[0]}/%"),
+            ).fetchone()
+            assert ledger is not None
+            self.ledger_bytes = int(ledger[0])
 
 
 # ------------------------------------------------------------------------------------------------------ (c) HTTP
@@ -380,6 +389,7 @@ def measure_apply(
     result["wal_cluster_mb"] = wal.cluster_bytes / 1e6
     result["wal_database_mb"] = wal.database_bytes / 1e6
     result["wal_by_relation_mb"] = {k: round(v / 1e6, 2) for k, v in wal.by_relation.items()}
+    result["wal_ledger_mb"] = wal.ledger_bytes / 1e6
     return result
 
 
@@ -472,6 +482,7 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             "floor_wal_database_mb": floor_wal.database_bytes / 1e6,
             "apply_wal_cluster_mb": applied["wal_cluster_mb"],
             "apply_wal_database_mb": applied["wal_database_mb"],
+            "apply_wal_ledger_mb": applied["wal_ledger_mb"],
             "wal_ratio_cluster": applied["wal_cluster_mb"] / max(1e-9, floor_wal.cluster_bytes / 1e6),
             "wal_ratio_database": applied["wal_database_mb"] / max(1e-9, floor_wal.database_bytes / 1e6),
             "load_1min": os.getloadavg()[0],
@@ -545,11 +556,14 @@ def _run_all(args: argparse.Namespace) -> int:
             f"{m['apply_maxrss_mb']:>7.0f} {m['apply_cpu_ms_per_session']:>7.2f} {m['floor_wal_cluster_mb']:>9.1f} "
             f"{m['apply_wal_cluster_mb']:>9.1f} {m['wal_ratio_cluster']:>8.2f} {m['load_1min']:>5.1f}"
         )
-    print("WAL of this database alone (pg_walinspect, records naming its blocks), MB: floor / apply = ratio")
+    print(
+        "WAL of this database alone (pg_walinspect, records naming its blocks), MB: floor / apply = ratio "
+        "(of the apply's: the ledger's gatefill_* tables)"
+    )
     for n, m in summary.items():
         print(
             f"{n:>9,} {m['floor_wal_database_mb']:.1f} / {m['apply_wal_database_mb']:.1f} = "
-            f"{m['wal_ratio_database']:.2f}"
+            f"{m['wal_ratio_database']:.2f} (ledger {m['apply_wal_ledger_mb']:.1f})"
         )
     print("machine CPU ms per session (all cores: this bench, its children, the Postgres backends, anything else):")
     for n, m in summary.items():
