@@ -75,9 +75,7 @@ class WorkList:
             return
         size = max(PAGE, wanted)
         with self._db.connect() as conn:
-            page = ledger.plan_work_page(
-                conn, self.run_id, after=self._after, limit=size, retry_failed=self.retrying
-            )
+            page = ledger.plan_work_page(conn, self.run_id, after=self._after, limit=size, retry_failed=self.retrying)
         self._buffer.extend((batch_no, group, candidate) for _, batch_no, group, candidate in page)
         if page:
             self._after = page[-1][0]
@@ -95,9 +93,11 @@ def open_work(db: Database, run: ledger.Run, plan: object = None) -> WorkList:
         ).scalar_one_or_none()
         pb = ledger.plan_batches
         largest = conn.execute(
-            sa.select(sa.func.count()).where(pb.c.run_id == run.id).group_by(pb.c.batch_no).order_by(
-                sa.func.count().desc()
-            ).limit(1)
+            sa.select(sa.func.count())
+            .where(pb.c.run_id == run.id)
+            .group_by(pb.c.batch_no)
+            .order_by(sa.func.count().desc())
+            .limit(1)
         ).scalar_one_or_none()
     return WorkList(
         run_id=run.id,

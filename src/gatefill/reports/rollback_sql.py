@@ -477,7 +477,8 @@ def rollback_sql(
     """The rollback as a script for ``psql -v ON_ERROR_STOP=1 -f FILE`` or ``sqlite3 DB < FILE``.
 
     One transaction: (0) the run's status must still allow ``rolled_back`` (so the script cannot run twice);
-    (1) unless ``guard`` is false, every row the run wrote must still equal its after-image; (2) DELETE every key
+    (1) unless ``guard`` is false, every row the run wrote must still hold what the run wrote (the values read back
+    now where the row still digests to what the ledger recorded; a row changed already fails here); (2) DELETE every key
     the run wrote, newest change first; (3) INSERT every before-image, oldest change first; (4) verify that inserted
     keys are absent and restored rows equal their before-images; (5) mark the run ``rolled_back`` in the ledger;
     COMMIT; then SELECTs printing counts that should be 0. A failed check is a CHECK violation that stops the
