@@ -199,10 +199,12 @@ def _store_legacy_work(db: Database, run: ledger.Run, head: PlanHead) -> None:
     with db.begin() as conn:
         if ledger.plan_work_recorded(conn, run.id):
             return
+        stored = ledger.get_run(conn, run.id).plan  # a header (a plan with no work), or a whole plan of old
+        if stored is None or "candidates" not in stored:
+            if stored is None:
+                raise DataError(f"run {run.id} has neither its plan's work nor a plan in the ledger")
+            return
         if head.plan is None and head.path is None:
-            stored = ledger.get_run(conn, run.id).plan
-            if stored is None or "candidates" not in stored:
-                raise DataError(f"run {run.id} has neither its plan's work nor a whole plan in the ledger")
             head = Plan.from_json(stored).head()
         store_plan_work(conn, head)
         ledger.replace_run_plan(conn, run.id, head.header)
