@@ -105,66 +105,59 @@ class WalMeter:
     """WAL written while a phase ran, measured two ways: the server's ``pg_current_wal_lsn()`` before and after (what
     the whole cluster wrote meanwhile, other databases' writers included), and this database's own share, the bytes
     of the WAL records in that range whose block references name this database (``pg_walinspect``; transaction
-    commit records name no block and are left out). A physical replication slot keeps the range's segments until
-    they are read, so checkpoints during a long phase cannot recycle them first."""
+    commit records name no block and are left out), also without their full-page images (which depend on when the
+    server checkpoints, so on everything else it is writing) and per relation.
+
+    A temporary physical replication slot, held by this meter's own connection, keeps the range's segments until they
+    are read (checkpoints during a long phase cannot recycle them first), and goes away with that connection whatever
+    happens to this process."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.slot = f"gf_bench_wal_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        self.cluster_bytes = self.database_bytes = self.database_no_fpi_bytes = self.ledger_bytes = 0
+        self.by_relation: dict[str, int] = {}
 
     def __enter__(self) -> WalMeter:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (self.slot,))
-            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert row is not None
-        self.start: str = row[0]
-        self.cluster_bytes = 0
-        self.database_bytes = 0
-        self.by_relation: dict[str, int] = {}
-        self.ledger_bytes = 0
+        self._conn = psycopg.connect(self.url, autocommit=True)
+        slot = f"gf_bench_wal_{uuid.uuid4().hex[:8]}"
+        self._conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
+        self.start = self._one("SELECT pg_current_wal_lsn()::text")
         return self
+
+    def _one(self, query: str, params: tuple[Any, ...] = ()) -> Any:
+        row = self._conn.execute(query, params).fetchone()
+        assert row is not None
+        return row[0]
 
     def __exit__(self, *exc: object) -> None:
         try:
             if exc[0] is None:
                 self._measure()
         finally:
-            with psycopg.connect(self.url, autocommit=True) as conn:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+            self._conn.close()  # drops the temporary slot
 
     def _measure(self) -> None:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            end = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-            oid = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()
-            assert end is not None and oid is not None
-            diff = conn.execute("SELECT %s::pg_lsn - %s::pg_lsn", (end[0], self.start)).fetchone()
-            assert diff is not None
-            self.cluster_bytes = int(diff[0])
-            mine = conn.execute(
-                "SELECT coalesce(sum(record_length), 0) FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn) "
-                "WHERE block_ref LIKE %s",
-                (self.start, end[0], f"%/{oid[0]}/%"),
-            ).fetchone()
-            assert mine is not None
-            self.database_bytes = int(mine[0])
-            by_relation = conn.execute(
-                "SELECT coalesce(c.relname, w.node), sum(w.bytes)::bigint FROM ("
-                "  SELECT (regexp_match(block_ref, 'rel \\d+/\\d+/(\\d+)'))[1] AS node, record_length AS bytes"
-                "  FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn) WHERE block_ref LIKE %s) w "
-                "LEFT JOIN pg_class c ON c.relfilenode::text = w.node GROUP BY 1 ORDER BY 2 DESC LIMIT 12",
-                (self.start, end[0], f"%/{oid[0]}/%"),
-            ).fetchall()
-            self.by_relation = {str(name): int(n) for name, n in by_relation}
-            ledger = conn.execute(
-                "SELECT coalesce(sum(record_length), 0) FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn) w "
-                "JOIN pg_class c ON c.relfilenode::text = (regexp_match(w.block_ref, 'rel \\d+/\\d+/(\\d+)'))[1] "
-                "WHERE w.block_ref LIKE %s AND c.relname LIKE 'gatefill%%'",
-                (self.start, end[0], f"%/{oid[0]}/%"),
-            ).fetchone()
-            assert ledger is not None
-            self.ledger_bytes = int(ledger[0])
+        end = self._one("SELECT pg_current_wal_lsn()::text")
+        oid = self._one("SELECT oid FROM pg_database WHERE datname = current_database()")
+        self.cluster_bytes = int(self._one("SELECT %s::pg_lsn - %s::pg_lsn", (end, self.start)))
+        # One scan of the range, summed per relation of this database (a record counts for its first block).
+        rows = self._conn.execute(
+            "SELECT (regexp_match(block_ref, 'rel \\d+/\\d+/(\\d+)'))[1], sum(record_length)::bigint, "
+            "sum(fpi_length)::bigint FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn) "
+            "WHERE block_ref LIKE %s GROUP BY 1",
+            (self.start, end, f"%/{oid}/%"),
+        ).fetchall()
+        names: dict[str, str] = dict(self._conn.execute("SELECT relfilenode::text, relname FROM pg_class").fetchall())
+        per: dict[str, int] = {}
+        for node, size, fpi in rows:
+            name = str(names.get(node, node))
+            per[name] = per.get(name, 0) + int(size)
+            self.database_bytes += int(size)
+            self.database_no_fpi_bytes += int(size) - int(fpi)
+            self.ledger_bytes += int(size) if name.startswith("gatefill") else 0
+        self.by_relation = dict(sorted(per.items(), key=lambda kv: -kv[1])[:12])
 
 
 # ------------------------------------------------------------------------------------------------------ (c) HTTP
@@ -390,6 +383,7 @@ def measure_apply(
     result["wal_database_mb"] = wal.database_bytes / 1e6
     result["wal_by_relation_mb"] = {k: round(v / 1e6, 2) for k, v in wal.by_relation.items()}
     result["wal_ledger_mb"] = wal.ledger_bytes / 1e6
+    result["wal_database_no_fpi_mb"] = wal.database_no_fpi_bytes / 1e6
     return result
 
 
@@ -483,6 +477,9 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             "apply_wal_cluster_mb": applied["wal_cluster_mb"],
             "apply_wal_database_mb": applied["wal_database_mb"],
             "apply_wal_ledger_mb": applied["wal_ledger_mb"],
+            "floor_wal_no_fpi_mb": floor_wal.database_no_fpi_bytes / 1e6,
+            "apply_wal_no_fpi_mb": applied["wal_database_no_fpi_mb"],
+            "wal_ratio_no_fpi": applied["wal_database_no_fpi_mb"] / max(1e-9, floor_wal.database_no_fpi_bytes / 1e6),
             "wal_ratio_cluster": applied["wal_cluster_mb"] / max(1e-9, floor_wal.cluster_bytes / 1e6),
             "wal_ratio_database": applied["wal_database_mb"] / max(1e-9, floor_wal.database_bytes / 1e6),
             "load_1min": os.getloadavg()[0],
@@ -563,7 +560,8 @@ def _run_all(args: argparse.Namespace) -> int:
     for n, m in summary.items():
         print(
             f"{n:>9,} {m['floor_wal_database_mb']:.1f} / {m['apply_wal_database_mb']:.1f} = "
-            f"{m['wal_ratio_database']:.2f} (ledger {m['apply_wal_ledger_mb']:.1f})"
+            f"{m['wal_ratio_database']:.2f} (ledger {m['apply_wal_ledger_mb']:.1f}); without full-page images "
+            f"{m['floor_wal_no_fpi_mb']:.1f} / {m['apply_wal_no_fpi_mb']:.1f} = {m['wal_ratio_no_fpi']:.2f}"
         )
     print("machine CPU ms per session (all cores: this bench, its children, the Postgres backends, anything else):")
     for n, m in summary.items():
