@@ -73,9 +73,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from tests.pgbouncer import start_pgbouncer
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
-GOAL_VS_FLOOR = 0.5
-GOAL_VS_HTTP = 20.0
-GOAL_RSS_MB = 300.0
+GOAL_VS_FLOOR = 0.7
+GOAL_WAL_RATIO = 2.0
+GOAL_RSS_MB = 200.0
 _KEY_ENV = "GATEFILL_BENCH_APPLY_SERVICE_ROLE_KEY"
 _FC_COLUMNS = tuple(c.name for c in fc_scores.columns)
 _PROFILE_COLUMNS = tuple(c.name for c in profiles.columns)
@@ -99,6 +99,65 @@ def _scratch_database(server: str) -> Iterator[str]:
 def _checkpoint(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CHECKPOINT")
+
+
+class WalMeter:
+    """WAL written while a phase ran, measured two ways: the server's ``pg_current_wal_lsn()`` before and after (what
+    the whole cluster wrote meanwhile, other databases' writers included), and this database's own share, the bytes
+    of the WAL records in that range whose block references name this database (``pg_walinspect``; transaction
+    commit records name no block and are left out), also without their full-page images (which depend on when the
+    server checkpoints, so on everything else it is writing) and per relation.
+
+    A temporary physical replication slot, held by this meter's own connection, keeps the range's segments until they
+    are read (checkpoints during a long phase cannot recycle them first), and goes away with that connection whatever
+    happens to this process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        self.cluster_bytes = self.database_bytes = self.database_no_fpi_bytes = self.ledger_bytes = 0
+        self.by_relation: dict[str, int] = {}
+
+    def __enter__(self) -> WalMeter:
+        self._conn = psycopg.connect(self.url, autocommit=True)
+        slot = f"gf_bench_wal_{uuid.uuid4().hex[:8]}"
+        self._conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
+        self.start = self._one("SELECT pg_current_wal_lsn()::text")
+        return self
+
+    def _one(self, query: str, params: tuple[Any, ...] = ()) -> Any:
+        row = self._conn.execute(query, params).fetchone()
+        assert row is not None
+        return row[0]
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self._measure()
+        finally:
+            self._conn.close()  # drops the temporary slot
+
+    def _measure(self) -> None:
+        end = self._one("SELECT pg_current_wal_lsn()::text")
+        oid = self._one("SELECT oid FROM pg_database WHERE datname = current_database()")
+        self.cluster_bytes = int(self._one("SELECT %s::pg_lsn - %s::pg_lsn", (end, self.start)))
+        # One scan of the range, summed per relation of this database (a record counts for its first block).
+        rows = self._conn.execute(
+            "SELECT (regexp_match(block_ref, 'rel \\d+/\\d+/(\\d+)'))[1], sum(record_length)::bigint, "
+            "sum(fpi_length)::bigint FROM pg_get_wal_records_info(%s::pg_lsn, %s::pg_lsn) "
+            "WHERE block_ref LIKE %s GROUP BY 1",
+            (self.start, end, f"%/{oid}/%"),
+        ).fetchall()
+        names: dict[str, str] = dict(self._conn.execute("SELECT relfilenode::text, relname FROM pg_class").fetchall())
+        per: dict[str, int] = {}
+        for node, size, fpi in rows:
+            name = str(names.get(node, node))
+            per[name] = per.get(name, 0) + int(size)
+            self.database_bytes += int(size)
+            self.database_no_fpi_bytes += int(size) - int(fpi)
+            self.ledger_bytes += int(size) if name.startswith("gatefill") else 0
+        self.by_relation = dict(sorted(per.items(), key=lambda kv: -kv[1])[:12])
 
 
 # ------------------------------------------------------------------------------------------------------ (c) HTTP
@@ -197,8 +256,9 @@ LEFT JOIN profiles p ON p.session_id = c.id
 """
 
 
-def measure_floor(url: str, plan: Plan, now: datetime) -> tuple[float, int]:
-    """(sessions/s, sessions) of read + score + COPY for the plan's candidates; scratch tables dropped after."""
+def measure_floor(url: str, plan: Plan, now: datetime) -> tuple[float, int, WalMeter]:
+    """(sessions/s, sessions, WAL written) of read + score + COPY for the plan's candidates; scratch tables dropped
+    after."""
     candidates = sorted(plan.runnable, key=lambda c: c.key)
     ops = {c.key: frozenset(c.operations) for c in candidates}
     env = Environment("bench", "staging", _sa_url(url))
@@ -208,12 +268,14 @@ def measure_floor(url: str, plan: Plan, now: datetime) -> tuple[float, int]:
         ddl.execute("CREATE TABLE floor_fc_scores (LIKE fc_scores INCLUDING ALL)")
         ddl.execute("CREATE TABLE floor_profiles (LIKE profiles INCLUDING ALL)")
     _checkpoint(url)
+    wal = WalMeter(url)
     fc_cols = sql.SQL(", ").join(sql.Identifier(c) for c in _FC_COLUMNS)
     profile_cols = sql.SQL(", ").join(sql.Identifier(c) for c in _PROFILE_COLUMNS)
     n = 0
     try:
         started = time.perf_counter()
         with (
+            wal,
             psycopg.connect(url) as reader,
             psycopg.connect(url) as fc_writer,
             psycopg.connect(url) as profile_writer,
@@ -245,7 +307,7 @@ def measure_floor(url: str, plan: Plan, now: datetime) -> tuple[float, int]:
             ddl.execute("DROP TABLE IF EXISTS floor_fc_scores, floor_profiles")
     if n != len(candidates):
         raise SystemExit(f"floor read {n} sessions, the plan has {len(candidates)} candidates")
-    return n / elapsed, n
+    return n / elapsed, n, wal
 
 
 def _copy_value(column: str, value: Any) -> Any:
@@ -262,9 +324,9 @@ def _child_apply(url: str, plan_path: str, artifacts: str, batch_size: int, pool
     """Child process: ``gatefill apply PLAN.json`` in library form; prints its measurements as one JSON line."""
     from gatefill.apply import ApplyOptions, apply_plan
     from gatefill.clock import RealClock
-    from gatefill.plan import load_plan
+    from gatefill.plan import open_plan
 
-    plan = load_plan(Path(plan_path))
+    plan = open_plan(Path(plan_path))  # as `gatefill apply PLAN.json` does: streamed, never held whole
     env = Environment(plan.environment.name, "staging", _sa_url(url), pooler=pooler)
     cpu = time.process_time()
     with Database(env, pool_size=2) as db:
@@ -301,17 +363,27 @@ def _vm_hwm_mb() -> float | None:
     return None
 
 
-def measure_apply(url: str, plan_path: Path, artifacts: Path, batch_size: int, pooler: Pooler) -> dict[str, Any]:
-    _checkpoint(url)
+def measure_apply(
+    url: str, direct_url: str, plan_path: Path, artifacts: Path, batch_size: int, pooler: Pooler
+) -> dict[str, Any]:
+    """The apply child's measurements, with the WAL it wrote (``direct_url``: the database without a pooler)."""
+    _checkpoint(direct_url)
+    wal = WalMeter(direct_url)
     # Linux folds the parent's memory into a child's ru_maxrss when the child is spawned straight from this (large)
     # process (vfork + exec), so a small launcher process starts the measured one.
     launcher = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
     child = [sys.executable, __file__, "--child-apply", url, str(plan_path), str(artifacts), str(batch_size), pooler]
-    proc = subprocess.run([sys.executable, "-c", launcher, *child], capture_output=True, text=True, check=False)
+    with wal:
+        proc = subprocess.run([sys.executable, "-c", launcher, *child], capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"apply child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    result["wal_cluster_mb"] = wal.cluster_bytes / 1e6
+    result["wal_database_mb"] = wal.database_bytes / 1e6
+    result["wal_by_relation_mb"] = {k: round(v / 1e6, 2) for k, v in wal.by_relation.items()}
+    result["wal_ledger_mb"] = wal.ledger_bytes / 1e6
+    result["wal_database_no_fpi_mb"] = wal.database_no_fpi_bytes / 1e6
     return result
 
 
@@ -348,11 +420,14 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             seed_s = time.perf_counter() - t0
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")
-        pool = sorted(report.missing_both + report.missing_fc_only)
-        want = min(len(pool), args.http_sample + args.http_warmup)
-        step = max(1, len(pool) // max(1, want))
-        chosen = pool[::step][:want]
-        http, http_cpu = measure_http(url, chosen[: args.http_warmup], chosen[args.http_warmup :], args.http_server)
+        http, http_cpu, http_n = 0.0, 0.0, 0
+        if args.http_sample > 0:
+            pool = sorted(report.missing_both + report.missing_fc_only)
+            want = min(len(pool), args.http_sample + args.http_warmup)
+            step = max(1, len(pool) // max(1, want))
+            chosen = pool[::step][:want]
+            http_n = len(chosen) - args.http_warmup
+            http, http_cpu = measure_http(url, chosen[: args.http_warmup], chosen[args.http_warmup :], args.http_server)
 
         now = datetime.now(UTC)
         # Plan and apply run as a user's would: through the transaction pooler when there is one.
@@ -372,10 +447,10 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             plan_s = time.perf_counter() - t0
         candidates = len(plan.plan.runnable)
         busy = machine_busy_seconds()
-        floor, floor_n = measure_floor(url, plan.plan, now)
+        floor, floor_n, floor_wal = measure_floor(url, plan.plan, now)
         floor_cpu = (machine_busy_seconds() - busy) / floor_n * 1000.0
         busy = machine_busy_seconds()
-        applied = measure_apply(served_url, plan.json_path, Path(tmp), args.batch_size, pooler)
+        applied = measure_apply(served_url, url, plan.json_path, Path(tmp), args.batch_size, pooler)
         apply_cpu = (machine_busy_seconds() - busy) / applied["sessions"] * 1000.0
         _verify(url, plan.run_id, candidates)
         apply_rate = applied["sessions"] / applied["seconds"]
@@ -394,19 +469,39 @@ def one_run(server: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             "apply_maxrss_mb": applied["maxrss_mb"],
             "apply_vmhwm_mb": applied["vmhwm_mb"] or 0.0,
             "vs_floor": apply_rate / floor,
-            "vs_http": apply_rate / http,
-            "http_sample": len(chosen) - args.http_warmup,
+            "vs_http": apply_rate / http if http else 0.0,
+            "http_sample": http_n,
             "floor_sessions": floor_n,
+            "floor_wal_cluster_mb": floor_wal.cluster_bytes / 1e6,
+            "floor_wal_database_mb": floor_wal.database_bytes / 1e6,
+            "apply_wal_cluster_mb": applied["wal_cluster_mb"],
+            "apply_wal_database_mb": applied["wal_database_mb"],
+            "apply_wal_ledger_mb": applied["wal_ledger_mb"],
+            "floor_wal_no_fpi_mb": floor_wal.database_no_fpi_bytes / 1e6,
+            "apply_wal_no_fpi_mb": applied["wal_database_no_fpi_mb"],
+            "wal_ratio_no_fpi": applied["wal_database_no_fpi_mb"] / max(1e-9, floor_wal.database_no_fpi_bytes / 1e6),
+            "wal_ratio_cluster": applied["wal_cluster_mb"] / max(1e-9, floor_wal.cluster_bytes / 1e6),
+            "wal_ratio_database": applied["wal_database_mb"] / max(1e-9, floor_wal.database_bytes / 1e6),
+            "load_1min": os.getloadavg()[0],
         }
+        print(f"  WAL by relation (MB), floor: {_top(floor_wal.by_relation)}", flush=True)
+        print(f"  WAL by relation (MB), apply: {_top(applied['wal_by_relation_mb'], scale=1.0)}", flush=True)
         print(
             f"  N={n:,}: seed {seed_s:.0f} s, plan {plan_s:.1f} s; floor {floor:.0f}/s, apply {apply_rate:.0f}/s "
             f"({out['apply_cpu_ms_per_session']:.2f} ms CPU/session, peak RSS {applied['maxrss_mb']:.0f} MB, "
             f"VmHWM {out['apply_vmhwm_mb']:.0f} MB), "
             f"HTTP {http:.1f}/s; b/a {out['vs_floor']:.2f}, b/c {out['vs_http']:.0f}; machine CPU ms/session: "
-            f"floor {floor_cpu:.2f}, apply {apply_cpu:.2f}, HTTP {http_cpu:.2f}; load {os.getloadavg()[0]:.1f}",
+            f"floor {floor_cpu:.2f}, apply {apply_cpu:.2f}, HTTP {http_cpu:.2f}; WAL MB (cluster / this database): "
+            f"floor {out['floor_wal_cluster_mb']:.1f} / {out['floor_wal_database_mb']:.1f}, apply "
+            f"{out['apply_wal_cluster_mb']:.1f} / {out['apply_wal_database_mb']:.1f}, ratio "
+            f"{out['wal_ratio_cluster']:.2f} / {out['wal_ratio_database']:.2f}; load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
         return out
+
+
+def _top(by_relation: dict[str, Any], scale: float = 1e6) -> str:
+    return ", ".join(f"{name} {value / scale:.1f}" for name, value in by_relation.items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -418,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", default="10000,100000", help="sizes, comma-separated (default 10000,100000)")
     parser.add_argument("--runs", type=int, default=3, help="runs per size; medians are reported (default 3)")
     parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--http-sample", type=int, default=500, help="sessions timed over HTTP (default 500)")
+    parser.add_argument("--http-sample", type=int, default=0, help="sessions timed over HTTP (default 0: not run)")
     parser.add_argument("--http-warmup", type=int, default=20)
     parser.add_argument("--http-server", choices=("thread", "process"), default="thread")
     parser.add_argument("--server", default=os.environ.get("GATEFILL_TEST_DATABASE_URL", DEFAULT_SERVER))
@@ -449,26 +544,35 @@ def _run_all(args: argparse.Namespace) -> int:
     summary = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
     print("\nmedians (per size):")
     print(
-        f"{'sessions':>9} {'floor/s':>8} {'apply/s':>8} {'HTTP/s':>7} {'b/a':>5} {'b/c':>6} {'RSS MB':>7} {'CPU ms':>7}"
+        f"{'sessions':>9} {'floor/s':>8} {'apply/s':>8} {'b/a':>5} {'RSS MB':>7} {'CPU ms':>7} "
+        f"{'WAL a MB':>9} {'WAL b MB':>9} {'b/a WAL':>8} {'load':>5}"
     )
     for n, m in summary.items():
         print(
-            f"{n:>9,} {m['floor_per_s']:>8.0f} {m['apply_per_s']:>8.0f} {m['http_per_s']:>7.1f} {m['vs_floor']:>5.2f} "
-            f"{m['vs_http']:>6.0f} {m['apply_maxrss_mb']:>7.0f} {m['apply_cpu_ms_per_session']:>7.2f}"
+            f"{n:>9,} {m['floor_per_s']:>8.0f} {m['apply_per_s']:>8.0f} {m['vs_floor']:>5.2f} "
+            f"{m['apply_maxrss_mb']:>7.0f} {m['apply_cpu_ms_per_session']:>7.2f} {m['floor_wal_cluster_mb']:>9.1f} "
+            f"{m['apply_wal_cluster_mb']:>9.1f} {m['wal_ratio_cluster']:>8.2f} {m['load_1min']:>5.1f}"
         )
-    print("machine CPU ms per session (all cores: this bench, its children, the Postgres backends, anything else):")
-    cores = os.cpu_count() or 1
+    print(
+        "WAL of this database alone (pg_walinspect, records naming its blocks), MB: floor / apply = ratio "
+        "(of the apply's: the ledger's gatefill_* tables)"
+    )
     for n, m in summary.items():
         print(
-            f"{n:>9,} floor {m['machine_cpu_ms_floor']:.2f}, apply {m['machine_cpu_ms_apply']:.2f}, "
-            f"HTTP {m['machine_cpu_ms_http']:.2f}; at that cost {cores} cores allow at most "
-            f"{cores * 1000.0 / m['machine_cpu_ms_apply']:.0f} applied sessions/s "
-            f"= {cores * 1000.0 / m['machine_cpu_ms_apply'] / m['http_per_s']:.0f}x the HTTP path"
+            f"{n:>9,} {m['floor_wal_database_mb']:.1f} / {m['apply_wal_database_mb']:.1f} = "
+            f"{m['wal_ratio_database']:.2f} (ledger {m['apply_wal_ledger_mb']:.1f}); without full-page images "
+            f"{m['floor_wal_no_fpi_mb']:.1f} / {m['apply_wal_no_fpi_mb']:.1f} = {m['wal_ratio_no_fpi']:.2f}"
         )
+    print("machine CPU ms per session (all cores: this bench, its children, the Postgres backends, anything else):")
+    for n, m in summary.items():
+        http = f", HTTP {m['machine_cpu_ms_http']:.2f} ({m['http_per_s']:.1f}/s)" if m["http_per_s"] else ""
+        print(f"{n:>9,} floor {m['machine_cpu_ms_floor']:.2f}, apply {m['machine_cpu_ms_apply']:.2f}{http}")
     rss = [m["apply_maxrss_mb"] for m in summary.values()]
     goals = {
         f"apply >= {GOAL_VS_FLOOR}x floor": all(m["vs_floor"] >= GOAL_VS_FLOOR for m in summary.values()),
-        f"apply >= {GOAL_VS_HTTP:g}x HTTP": all(m["vs_http"] >= GOAL_VS_HTTP for m in summary.values()),
+        f"apply WAL <= {GOAL_WAL_RATIO:g}x floor's (this database)": all(
+            m["wal_ratio_database"] <= GOAL_WAL_RATIO for m in summary.values()
+        ),
         f"peak RSS <= {GOAL_RSS_MB:g} MB": all(r <= GOAL_RSS_MB for r in rss),
         "RSS flat across sizes (max/min <= 1.2)": len(rss) < 2 or max(rss) / min(rss) <= 1.2,
     }

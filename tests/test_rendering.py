@@ -74,7 +74,7 @@ def test_the_check_finds_what_the_issue_saw() -> None:
     for line in seen:
         assert python_text(line), line
     fine = [
-        "None: every row the run wrote still equals its after-image in every column.",
+        "None: every row the run wrote still holds, in every column, what the run wrote.",
         "- None found by the checks above.",
         "| | |",
         "|---|---:|---|",

@@ -31,7 +31,7 @@ from gatefill import ledger, rollback
 from gatefill.commands import rollback_environment
 from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText
 from gatefill.errors import DataError
-from gatefill.job import WrittenTable
+from gatefill.job import RowChange, WrittenTable
 from gatefill.jobs import get_job
 from gatefill.ledger import IllegalTransition, RunNotFound, RunStatus
 from gatefill.prism import schema
@@ -194,22 +194,7 @@ def _live_session(conn: sa.Connection, at: datetime, live: dict[str, set[str]]) 
 
 
 def _record(conn: sa.Connection, batch_no: int, changes: Sequence[Any], at: datetime) -> None:
-    ledger.record_changes(
-        conn,
-        [
-            {
-                "run_id": RUN,
-                "batch_no": batch_no,
-                "table_name": c.table,
-                "row_key": ledger.row_key(c.key),
-                "session_id": c.candidate,
-                "before": dict(c.before) if c.before is not None else None,
-                "after": dict(c.after),
-                "at": at,
-            }
-            for c in changes
-        ],
-    )
+    ledger.record_row_changes(conn, RUN, batch_no, changes, at=at, tables=TABLES)
 
 
 def build_applied(db: Database) -> Applied:
@@ -791,30 +776,11 @@ def test_script_literals_round_trip_every_column_kind_exactly(target: Target, tm
         fresh = {"id": str(uuid.uuid4()), "n": 7, "label": "inserted by the run", "doc": [1], "at": APPLY_AT, "x": 0.1}
         conn.execute(odd.insert().values(**fresh))
         after_fresh = dict(conn.execute(sa.select(odd).where(odd.c.n == 7)).one()._mapping)
-        rows = [
-            {
-                "run_id": "odd",
-                "batch_no": 0,
-                "table_name": odd.name,
-                "row_key": ledger.row_key({"id": b["id"], "n": b["n"]}),
-                "before": _plain(b),
-                "after": _plain(a),
-                "at": APPLY_AT,
-            }
-            for b, a in changes
-        ]
-        rows.append(
-            {
-                "run_id": "odd",
-                "batch_no": 0,
-                "table_name": odd.name,
-                "row_key": ledger.row_key({"id": fresh["id"], "n": 7}),
-                "before": None,
-                "after": _plain(after_fresh),
-                "at": APPLY_AT,
-            }
+        recorded = [RowChange(odd.name, {"id": b["id"], "n": b["n"]}, _plain(b), a, "odd") for b, a in changes]
+        recorded.append(RowChange(odd.name, {"id": fresh["id"], "n": 7}, None, after_fresh, "odd"))
+        ledger.record_row_changes(
+            conn, "odd", 0, recorded, at=APPLY_AT, tables=(WrittenTable(odd.name, ("id", "n"), odd),)
         )
-        ledger.record_changes(conn, rows)
         ledger.transition(conn, "odd", RunStatus.CANCELLED, now=APPLY_AT)
     assert _raw(target.db) != raw_before
 

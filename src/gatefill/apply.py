@@ -30,7 +30,14 @@ from gatefill.artifacts import write_json
 from gatefill.clock import Clock
 from gatefill.config import DEFAULT_THROTTLE_INTERVAL, Environment, Settings
 from gatefill.db import Database
-from gatefill.errors import DatabaseUnreachable, ExecutorUnavailable, GateBlocked, GatefillError, UsageError
+from gatefill.errors import (
+    DatabaseUnreachable,
+    DataError,
+    ExecutorUnavailable,
+    GateBlocked,
+    GatefillError,
+    UsageError,
+)
 from gatefill.gate import Override, check_production_gate, record_production_gate
 from gatefill.holds import Indicator, ThrottleFile, ThrottleQuery, validate_all
 from gatefill.interrupt import Interruption, stop_on_signals
@@ -48,7 +55,7 @@ from gatefill.job import (
 from gatefill.lease import RunLease
 from gatefill.ledger import RunStatus
 from gatefill.pacing import Pacer
-from gatefill.plan import Plan, verify_plan
+from gatefill.plan import Plan, PlanHead, record_plan_run, store_plan_work, verify_plan
 from gatefill.rollback import RollbackResult, rollback_run
 from gatefill.throttle import parse_rate
 from gatefill.worklist import WorkList, open_work
@@ -170,35 +177,44 @@ CommitBatch = Callable[[Database, Job, BatchTask, Clock, Fence], BatchRecord]
 _FINISHED = (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED)
 
 
-def ensure_run_for_plan(db: Database, plan: Plan, *, now: datetime) -> ledger.Run:
-    """The ledger run of a plan; a plan file made elsewhere (e.g. by health) is registered on first use."""
+def ensure_run_for_plan(db: Database, plan: Plan | PlanHead, *, now: datetime) -> ledger.Run:
+    """The ledger run of a plan; a plan file made elsewhere (e.g. by health) is registered on first use, its work
+    stored with the run as it is streamed from the file (nothing is recorded if the file turns out modified)."""
+    head = plan.head() if isinstance(plan, Plan) else plan
     ledger.init_ledger(db)
     with db.begin() as conn:
         try:
-            run = ledger.get_run(conn, plan.run_id, with_plan=False)
+            run = ledger.get_run(conn, head.run_id, with_plan=False)
         except ledger.RunNotFound:
-            return ledger.create_run(
-                conn,
-                run_id=plan.run_id,
-                phase="apply",
-                environment=plan.environment.name,
-                job=plan.job,
-                versions=plan.versions,
-                params=plan.parameters.to_json(),
-                now=now,
-                plan=plan.to_json(),
-                plan_hash=plan.hash,
-            )
-    if run.plan_hash != plan.hash:
-        raise GateBlocked("plan", [f"run {run.id} was planned with hash {run.plan_hash}, this plan has {plan.hash}"])
+            return record_plan_run(conn, head, now=now)
+    if run.plan_hash != head.hash:
+        raise GateBlocked("plan", [f"run {run.id} was planned with hash {run.plan_hash}, this plan has {head.hash}"])
+    _store_legacy_work(db, run, head)
     return run
+
+
+def _store_legacy_work(db: Database, run: ledger.Run, head: PlanHead) -> None:
+    """A run recorded before plans were stored apart keeps its whole plan on its row: its work is stored apart (from
+    the plan at hand, else from that row), and the row keeps the header only, before it is first applied from there."""
+    with db.begin() as conn:
+        if ledger.plan_work_recorded(conn, run.id):
+            return
+        stored = ledger.get_run(conn, run.id).plan  # a header (a plan with no work), or a whole plan of old
+        if stored is None or "candidates" not in stored:
+            if stored is None:
+                raise DataError(f"run {run.id} has neither its plan's work nor a plan in the ledger")
+            return
+        if head.plan is None and head.path is None:
+            head = Plan.from_json(stored).head()
+        store_plan_work(conn, head)
+        ledger.replace_run_plan(conn, run.id, head.header)
 
 
 def _open_gates(
     db: Database,
     env: Environment,
     run: ledger.Run,
-    plan: Plan,
+    plan: Plan | PlanHead,
     options: ApplyOptions,
     now: datetime,
     settings: Settings | None,
@@ -264,7 +280,9 @@ def _commit_batch(db: Database, job: Job, task: BatchTask, clock: Clock, fence: 
             task.candidates,
             now=started,
             run_id=task.run_id,
-            record=lambda written: ledger.record_row_changes(conn, task.run_id, task.batch_no, written, at=started),
+            record=lambda written: ledger.record_row_changes(
+                conn, task.run_id, task.batch_no, written, at=started, tables=job.written_tables()
+            ),
         )
         batch = BatchRecord(
             run_id=task.run_id,
@@ -285,7 +303,7 @@ def apply_plan(
     db: Database,
     env: Environment,
     job: Job,
-    plan: Plan,
+    plan: Plan | PlanHead,
     *,
     options: ApplyOptions,
     clock: Clock,
@@ -411,11 +429,10 @@ def _run_batches(
 def _finish(work: _Work) -> None:
     """Ends the run: succeeded, or completed with errors when any session of the run failed."""
     with work.db.connect() as conn:
-        all_results = ledger.session_results_for(conn, work.run_id)
-    failed_total = sum(1 for r in all_results.values() if r == "failed")
-    final = RunStatus.COMPLETED_WITH_ERRORS if failed_total else RunStatus.SUCCEEDED
+        all_results = ledger.result_counts(conn, work.run_id)
+    final = RunStatus.COMPLETED_WITH_ERRORS if all_results["failed"] else RunStatus.SUCCEEDED
     summary = {
-        "results": dict(Counter(all_results.values())),
+        "results": dict(all_results),
         "elapsed_seconds": work.result.elapsed_seconds,
         "measured_rate_per_minute": work.result.measured_rate_per_minute,
         "rate": work.pacer.rate.text,
@@ -641,7 +658,8 @@ def measure_backfill_gate(
     measured_at = clock.now()
     with db.connect() as conn:
         run = ledger.get_run(conn, run_id)
-        results = ledger.session_results_for(conn, run_id)
+        results = ledger.result_counts(conn, run_id)
+        planned = _planned(conn, run)
         failures = [
             FailedSession(r.session_id, r.batch_no, r.error)
             for r in conn.execute(sa.select(ledger.session_results).where(ledger.session_results.c.run_id == run_id))
@@ -655,7 +673,6 @@ def measure_backfill_gate(
         invocations = run_invocations(ledger.run_events_for(conn, run_id), batch_rows)
         holds = ledger.holds_for(conn, run_id)
     plan = run.plan or {}
-    planned = {c["key"]: c for c in plan.get("candidates", []) if c.get("operations")}
     # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
     dry = rollback_run(db, run_id, job.written_tables(), now=measured_at, dry_run=True, artifacts_dir=artifacts_dir)
     tables = _table_rows(job, plan.get("expected_changes", {}), dry)
@@ -666,9 +683,9 @@ def measure_backfill_gate(
         measured_at=measured_at,
         verdict=overall_verdict(c.verdict for c in checks if c.gating),
         checks=checks,
-        results=dict(Counter(results.values())),
-        planned=len(planned),
-        by_category=_by_category(planned, results),
+        results=dict(results),
+        planned=planned.count,
+        by_category=planned.by_category,
         failures=failures,
         batches=[BatchRow(*_batch_fields(b)) for b in batch_rows],
         invocations=invocations,
@@ -687,15 +704,35 @@ def _batch_fields(b: Any) -> tuple[int, int, int, int, int, datetime, datetime]:
     return (b.batch_no, b.sessions, b.succeeded, b.skipped, b.failed, b.started_at, b.finished_at)
 
 
-def _by_category(planned: Mapping[str, Any], results: Mapping[str, str]) -> dict[str, dict[str, int]]:
-    """Per category: sessions planned, and of them how many were written, already present, failed (each counted)."""
-    by_category: dict[str, Counter[str]] = {}
-    for key, cand in planned.items():
-        row = by_category.setdefault(cand["category"], Counter())
-        row["planned"] += 1
-        if key in results:
-            row[results[key]] += 1
-    return {k: {"written": 0, "already_present": 0, "failed": 0, **v} for k, v in by_category.items()}
+@dataclass(frozen=True)
+class _Planned:
+    """The plan's runnable candidates as the gate counts them: how many, per category with their results, and the
+    first ones without a result."""
+
+    count: int
+    by_category: dict[str, dict[str, int]]
+    missing: list[str]
+
+
+def _planned(conn: sa.Connection, run: ledger.Run) -> _Planned:
+    """Counted by the database from the plan's work stored with the run (a run recorded before that was stored
+    apart, and never applied since: from the whole plan on its row)."""
+    if ledger.plan_work_recorded(conn, run.id) or not (run.plan or {}).get("candidates"):
+        by_category = ledger.planned_by_category(conn, run.id)
+        missing = ledger.planned_without_result(conn, run.id, limit=20)
+    else:
+        results = ledger.session_results_for(conn, run.id)
+        by_category = {}
+        keys = [c["key"] for c in (run.plan or {})["candidates"] if c.get("operations")]
+        for cand in (c for c in (run.plan or {})["candidates"] if c.get("operations")):
+            row = by_category.setdefault(cand["category"], {"planned": 0})
+            row["planned"] += 1
+            if cand["key"] in results:
+                row[results[cand["key"]]] = row.get(results[cand["key"]], 0) + 1
+        missing = [k for k in keys if k not in results][:20]
+    count = sum(row["planned"] for row in by_category.values())
+    shaped = {k: {"written": 0, "already_present": 0, "failed": 0, **v} for k, v in by_category.items()}
+    return _Planned(count, shaped, missing)
 
 
 def _table_rows(job: Job, expected: Mapping[str, Any], dry: RollbackResult) -> list[TableRows]:
@@ -715,21 +752,22 @@ def _table_rows(job: Job, expected: Mapping[str, Any], dry: RollbackResult) -> l
 
 def _gate_checks(
     run: ledger.Run,
-    planned: Mapping[str, Any],
-    results: Mapping[str, str],
+    planned: _Planned,
+    results: Mapping[str, int],
     failures: Sequence[FailedSession],
     max_failures: int,
     tables: Sequence[TableRows],
     job_checks: Sequence[Check],
     dry: RollbackResult,
 ) -> list[Check]:
-    missing = [k for k in planned if k not in results]
+    with_result = sum(results.values())
+    finished = run.status in (RunStatus.SUCCEEDED, RunStatus.COMPLETED_WITH_ERRORS)
     checks = [
         Check(
             "all_candidates_processed",
-            "PASS" if not missing and run.status in (RunStatus.SUCCEEDED, RunStatus.COMPLETED_WITH_ERRORS) else "FAIL",
-            f"{len(results)} of {len(planned)} planned sessions have a recorded result; run {run.status.value}",
-            {"planned": len(planned), "with_result": len(results), "missing": missing[:20]},
+            "PASS" if not planned.missing and finished else "FAIL",
+            f"{with_result} of {planned.count} planned sessions have a recorded result; run {run.status.value}",
+            {"planned": planned.count, "with_result": with_result, "missing": planned.missing},
             "SELECT session_id, result FROM gatefill_session_results WHERE run_id = :run",
         ),
         Check(
@@ -748,7 +786,8 @@ def _gate_checks(
             "PASS" if all(t.recorded == t.present for t in tables) else "FAIL",
             "; ".join(f"{t.table}: {t.present}/{t.recorded}" for t in tables),
             {t.table: {"recorded": t.recorded, "present": t.present} for t in tables},
-            "each row in gatefill_changes read back by primary key and compared with its after-image (rollback plan)",
+            "each row in gatefill_changes read back by primary key and compared with the digest of what the run "
+            "wrote (rollback plan)",
         ),
     ]
     checks.extend(job_checks)

@@ -31,7 +31,7 @@ from gatefill.job import Baseline, Job, Measurement, SoakSettings
 from gatefill.jobs import JobEntry, available_jobs, get_job
 from gatefill.lease import RunLease
 from gatefill.pipeline import PipelineOptions, PipelineState, note_rollback, run_pipeline
-from gatefill.plan import PlanFiles, PlanParams, build_plan, load_plan, plan_from_ledger
+from gatefill.plan import PlanFiles, PlanHead, PlanParams, build_plan, open_plan, plan_from_ledger
 from gatefill.prism.schema import SchemaReport, check_schema, init_schema, load_reference_data
 from gatefill.prism.scoring import score_jsonl
 from gatefill.reports.apply import write_apply_artifacts
@@ -209,8 +209,9 @@ def apply(
     """``gatefill apply RUN|PLAN.json``: applies an approved plan with the job it names (``job_name``, when given,
     must be that job), then measures and writes its backfill gate."""
     path = Path(target)
+    body: PlanHead
     if target.endswith(".json") or path.is_file():
-        body = load_plan(path)
+        body = open_plan(path)  # streamed: the candidates are read a batch at a time, never held whole
         environment = settings.env(env_name or body.environment.name)
     else:
         environment, _ = find_run(settings, target, env_name)

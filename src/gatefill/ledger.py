@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,8 +26,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, insert_rows
-from gatefill.errors import GatefillError, UsageError
-from gatefill.job import Baseline, BatchRecord, Check, Measurement, RowChange
+from gatefill.errors import DataError, GatefillError, UsageError
+from gatefill.images import image_columns, row_digest
+from gatefill.job import (
+    Baseline,
+    BatchRecord,
+    Candidate,
+    Check,
+    Measurement,
+    RowChange,
+    SessionOutcome,
+    WrittenTable,
+)
 
 __all__ = [
     "APPLY_PHASE",
@@ -188,6 +199,32 @@ runs = sa.Table(
     sa.Column("finished_at", UTCTimestamp()),
 )
 
+# A plan's work, stored with its run so that apply reads it a batch at a time (``gatefill_runs.plan`` keeps the
+# plan's header only: at 1M candidates the whole plan is hundreds of MB, more than one jsonb value holds). Written once,
+# when the run is recorded (plan time, or the first apply of a plan file made elsewhere), with COPY on Postgres.
+# The runnable candidates, by key:
+plan_candidates = sa.Table(
+    "gatefill_plan_candidates",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("session_id", sa.Text(), primary_key=True),
+    sa.Column("category", sa.Text(), nullable=False),
+    sa.Column("created_at", UTCTimestamp(), nullable=False),
+    sa.Column("operations", JSONValue(), nullable=False),
+    sa.Column("detail", JSONValue()),
+)
+# and the plan's batches, a row per candidate in the order apply runs them (position counts across batches).
+plan_batches = sa.Table(
+    "gatefill_plan_batches",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("position", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("batch_no", sa.Integer(), nullable=False),
+    sa.Column("plan_group", sa.Text(), nullable=False),
+    sa.Column("session_id", sa.Text(), nullable=False),
+    sa.UniqueConstraint("run_id", "session_id", name="gatefill_plan_batches_once"),
+)
+
 run_events = sa.Table(
     "gatefill_run_events",
     LEDGER_METADATA,
@@ -236,9 +273,16 @@ changes = sa.Table(
     # The primary key of the changed row as canonical JSON, so that any table's key fits one column.
     sa.Column("row_key", sa.Text(), nullable=False),
     sa.Column("session_id", sa.Text()),
-    # NULL before = the row was absent (an insert); rollback deletes it. Otherwise the full row to restore.
+    # NULL before = the row was absent (an insert); rollback deletes it. Otherwise the row to restore (a job with
+    # partial images: the columns it set).
     sa.Column("before", JSONValue()),
-    sa.Column("after", JSONValue(), nullable=False),
+    # What the batch wrote, as a digest (``gatefill.images.row_digest``) over after_columns (NULL: every column of
+    # the table): rollback compares the row read back with it, so the ledger need not hold a second copy of the row.
+    sa.Column("after_digest", sa.Text()),
+    sa.Column("after_columns", JSONValue()),
+    # Ledgers written before digests kept the whole after-image here (and no digest); their runs are still compared
+    # with it. New changes leave it NULL.
+    sa.Column("after", JSONValue()),
     sa.Column("at", UTCTimestamp(), nullable=False),
     sa.UniqueConstraint("run_id", "table_name", "row_key", name="gatefill_changes_run_row"),
 )
@@ -353,9 +397,31 @@ def init_ledger(db: Database) -> None:
         if db.caps.advisory_locks:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gatefill.ledger.schema'))"))
         LEDGER_METADATA.create_all(conn, checkfirst=True)
+        _add_change_digests(conn)
         if db.caps.row_level_security:
             for table in LEDGER_TABLES:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+
+
+def _add_change_digests(conn: Connection) -> None:
+    """Brings a ledger made before change digests up to date: its ``gatefill_changes`` gets the
+    digest columns and an ``after`` that may be NULL; the after-images already recorded stay, for their runs'
+    rollbacks. Postgres alters the table in place; SQLite, which cannot drop a NOT NULL, copies it into a new one."""
+    names = {c["name"] for c in sa.inspect(conn).get_columns(changes.name)}
+    if "after_digest" in names:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(
+            f"ALTER TABLE {changes.name} ADD COLUMN after_digest text, ADD COLUMN after_columns jsonb, "
+            'ALTER COLUMN "after" DROP NOT NULL'
+        )
+        return
+    old = f"{changes.name}_before_digests"
+    conn.exec_driver_sql(f"ALTER TABLE {changes.name} RENAME TO {old}")
+    changes.create(conn)
+    kept = ", ".join(f'"{n}"' for n in (c.name for c in changes.columns) if n in names)
+    conn.exec_driver_sql(f"INSERT INTO {changes.name} ({kept}) SELECT {kept} FROM {old}")
+    conn.exec_driver_sql(f"DROP TABLE {old}")
 
 
 def init_intents(db: Database) -> None:
@@ -725,10 +791,174 @@ def committed_batches(conn: Connection, run_id: str) -> set[int]:
     return {n for (n,) in rows}
 
 
+def record_plan_work(
+    conn: Connection,
+    run_id: str,
+    candidates: Iterable[Candidate],
+    batches: Iterable[tuple[int, str, str]],
+    *,
+    chunk: int = 5000,
+) -> tuple[int, int]:
+    """Stores a plan's runnable candidates and its batches (``(batch_no, group, key)`` in run order) with the run, in
+    chunks (COPY on Postgres), so neither is held whole; returns how many of each were stored."""
+    n_candidates = _insert_chunked(
+        conn,
+        plan_candidates,
+        (
+            {
+                "run_id": run_id,
+                "session_id": c.key,
+                "category": c.category,
+                "created_at": c.created_at,
+                "operations": list(c.operations),
+                "detail": dict(c.detail) or None,
+            }
+            for c in candidates
+        ),
+        chunk,
+    )
+    n_batched = _insert_chunked(
+        conn,
+        plan_batches,
+        (
+            {"run_id": run_id, "position": i, "batch_no": no, "plan_group": group, "session_id": key}
+            for i, (no, group, key) in enumerate(batches, start=1)
+        ),
+        chunk,
+    )
+    return n_candidates, n_batched
+
+
+def _insert_chunked(conn: Connection, table: sa.Table, rows: Iterable[Mapping[str, Any]], chunk: int) -> int:
+    n, part = 0, []
+    for row in rows:
+        part.append(row)
+        if len(part) == chunk:
+            insert_rows(conn, table, part)
+            n, part = n + len(part), []
+    insert_rows(conn, table, part)
+    return n + len(part)
+
+
+def plan_work_recorded(conn: Connection, run_id: str) -> bool:
+    """Whether the run's plan work is stored (runs recorded before it was stored apart have it in their plan)."""
+    query = sa.select(plan_batches.c.position).where(plan_batches.c.run_id == run_id).limit(1)
+    return conn.execute(query).first() is not None
+
+
+def unbatched_work(conn: Connection, run_id: str) -> tuple[int, int, int]:
+    """(candidates, batch rows, batch rows whose key is a stored candidate): a consistent plan has all three equal."""
+    pc, pb = plan_candidates, plan_batches
+    n_candidates = conn.execute(sa.select(sa.func.count()).where(pc.c.run_id == run_id)).scalar_one()
+    n_batched = conn.execute(sa.select(sa.func.count()).where(pb.c.run_id == run_id)).scalar_one()
+    joined = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(pb.join(pc, sa.and_(pc.c.run_id == pb.c.run_id, pc.c.session_id == pb.c.session_id)))
+        .where(pb.c.run_id == run_id)
+    ).scalar_one()
+    return int(n_candidates), int(n_batched), int(joined)
+
+
+def plan_work_page(
+    conn: Connection, run_id: str, *, after: int, limit: int, retry_failed: bool
+) -> list[tuple[int, int, str, Candidate]]:
+    """The next ``limit`` planned candidates after position ``after`` that still need work (no result yet; with
+    ``retry_failed``, a failed one too): ``(position, batch_no, group, candidate)`` in run order."""
+    pb, pc, sr = plan_batches, plan_candidates, session_results
+    result_on = sa.and_(sr.c.run_id == pb.c.run_id, sr.c.session_id == pb.c.session_id)
+    todo: sa.ColumnElement[bool] = sr.c.session_id.is_(None)
+    if retry_failed:
+        todo = sa.or_(todo, sr.c.result == "failed")
+    query = (
+        sa.select(
+            pb.c.position,
+            pb.c.batch_no,
+            pb.c.plan_group,
+            pc.c.session_id,
+            pc.c.category,
+            pc.c.created_at,
+            pc.c.operations,
+            pc.c.detail,
+        )
+        .select_from(
+            pb.join(pc, sa.and_(pc.c.run_id == pb.c.run_id, pc.c.session_id == pb.c.session_id)).outerjoin(
+                sr, result_on
+            )
+        )
+        .where(pb.c.run_id == run_id, pb.c.position > after, todo)
+        .order_by(pb.c.position)
+        .limit(limit)
+    )
+    return [
+        (pos, no, group, Candidate(key, category, created, tuple(ops), detail or {}))
+        for pos, no, group, key, category, created, ops, detail in conn.execute(query)
+    ]
+
+
+def planned_counts(conn: Connection, run_id: str, *, retry_failed: bool) -> tuple[int, int]:
+    """(planned candidates, those still needing work: no result, or with ``retry_failed`` a failed one)."""
+    pb, sr = plan_batches, session_results
+    total = conn.execute(sa.select(sa.func.count()).where(pb.c.run_id == run_id)).scalar_one()
+    done = (
+        sa.select(sa.func.count())
+        .select_from(pb.join(sr, sa.and_(sr.c.run_id == pb.c.run_id, sr.c.session_id == pb.c.session_id)))
+        .where(pb.c.run_id == run_id)
+    )
+    if retry_failed:
+        done = done.where(sr.c.result != "failed")
+    return int(total), int(total) - int(conn.execute(done).scalar_one())
+
+
+def planned_by_category(conn: Connection, run_id: str) -> dict[str, dict[str, int]]:
+    """Per category of the plan's runnable candidates: how many are planned and how many have each result."""
+    pc, sr = plan_candidates, session_results
+    rows = conn.execute(
+        sa.select(pc.c.category, sr.c.result, sa.func.count())
+        .select_from(pc.outerjoin(sr, sa.and_(sr.c.run_id == pc.c.run_id, sr.c.session_id == pc.c.session_id)))
+        .where(pc.c.run_id == run_id)
+        .group_by(pc.c.category, sr.c.result)
+    )
+    out: dict[str, dict[str, int]] = {}
+    for category, result, n in rows:
+        row = out.setdefault(category, {"planned": 0})
+        row["planned"] += int(n)
+        if result is not None:
+            row[result] = row.get(result, 0) + int(n)
+    return out
+
+
+def planned_without_result(conn: Connection, run_id: str, *, limit: int) -> list[str]:
+    """The first ``limit`` planned candidates (run order) without a result."""
+    pb, sr = plan_batches, session_results
+    query = (
+        sa.select(pb.c.session_id)
+        .select_from(pb.outerjoin(sr, sa.and_(sr.c.run_id == pb.c.run_id, sr.c.session_id == pb.c.session_id)))
+        .where(pb.c.run_id == run_id, sr.c.session_id.is_(None))
+        .order_by(pb.c.position)
+        .limit(limit)
+    )
+    return [str(k) for k in conn.execute(query).scalars()]
+
+
+def result_counts(conn: Connection, run_id: str) -> Counter[str]:
+    """result → how many sessions of the run have it (counted by the database)."""
+    sr = session_results
+    rows = conn.execute(sa.select(sr.c.result, sa.func.count()).where(sr.c.run_id == run_id).group_by(sr.c.result))
+    return Counter({str(r): int(n) for r, n in rows})
+
+
+def replace_run_plan(conn: Connection, run_id: str, plan: Mapping[str, Any]) -> None:
+    """Replaces the plan stored on the run's row (a plan recorded whole before its work was stored apart)."""
+    conn.execute(runs.update().where(runs.c.id == run_id).values(plan=dict(plan)))
+
+
 def record_batch(conn: Connection, batch: BatchRecord) -> None:
     """Records a processed batch in the transaction that wrote its data: a result per candidate (replacing the
     earlier ones of candidates being retried) and the committed batch row. Its changes go in through
-    ``record_row_changes``, as they are written or all at once."""
+    ``record_row_changes``, as they are written or all at once.
+
+    A written session's operations are the plan's and are in the batch's log file, so its result row carries no
+    detail; a session that was already present or failed keeps its operations (their reasons) in ``detail``."""
     results = [
         {
             "run_id": batch.run_id,
@@ -736,12 +966,7 @@ def record_batch(conn: Connection, batch: BatchRecord) -> None:
             "batch_no": batch.batch_no,
             "result": s.result,
             "error": s.error,
-            "detail": {
-                "category": batch.categories.get(s.key),
-                "group": batch.group,
-                "operations": s.operations,
-                "seconds": round(s.seconds, 6),
-            },
+            "detail": None if s.result == "written" else _session_detail(batch, s),
             "at": batch.finished_at,
         }
         for s in batch.sessions
@@ -754,7 +979,7 @@ def record_batch(conn: Connection, batch: BatchRecord) -> None:
             )
         )
     if results:
-        conn.execute(session_results.insert(), results)
+        insert_rows(conn, session_results, results)
     counts = batch.counts()
     conn.execute(
         batches.insert().values(
@@ -767,29 +992,46 @@ def record_batch(conn: Connection, batch: BatchRecord) -> None:
             skipped=counts["already_present"],
             started_at=batch.started_at,
             finished_at=batch.finished_at,
-            detail={
-                "group": batch.group,
-                "keys": list(batch.categories),
-                "changes": len(batch.changes),
-                **batch.detail,
-            },
+            # The batch's keys are its sessions' result rows (and its log file): not listed again here.
+            detail={"group": batch.group, "changes": len(batch.changes), **batch.detail},
         )
     )
 
 
+def _session_detail(batch: BatchRecord, s: SessionOutcome) -> dict[str, Any]:
+    return {
+        "category": batch.categories.get(s.key),
+        "group": batch.group,
+        "operations": s.operations,
+        "seconds": round(s.seconds, 6),
+    }
+
+
 def record_changes(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Inserts ledger change rows (run_id, batch_no, table_name, row_key, session_id, before, after, at); on
-    Postgres with one COPY (a ledger row carries whole row images as JSON)."""
+    """Inserts ledger change rows (run_id, batch_no, table_name, row_key, session_id, before, after_digest,
+    after_columns, at); on Postgres with one COPY."""
     insert_rows(conn, changes, rows)
 
 
 def record_row_changes(
-    conn: Connection, run_id: str, batch_no: int, row_changes: Iterable[RowChange], *, at: datetime
+    conn: Connection,
+    run_id: str,
+    batch_no: int,
+    row_changes: Iterable[RowChange],
+    *,
+    at: datetime,
+    tables: Sequence[WrittenTable],
 ) -> None:
-    """Records a batch's RowChanges (before-image or absent, after-image) as ledger change rows."""
-    record_changes(
-        conn,
-        [
+    """Records a batch's RowChanges as ledger change rows: the before-image where the row existed (absent: NULL) and
+    a digest of the after-image, computed by the column kinds of its table in ``tables`` (the job's)."""
+    defs = {t.name: t.table for t in tables}
+    rows = []
+    for ch in row_changes:
+        table = defs.get(ch.table)
+        if table is None:
+            raise DataError(f"a change to table {ch.table!r}, which the job does not declare with its definition")
+        columns = image_columns(table, ch.after)
+        rows.append(
             {
                 "run_id": run_id,
                 "batch_no": batch_no,
@@ -797,12 +1039,12 @@ def record_row_changes(
                 "row_key": row_key(ch.key),
                 "session_id": ch.candidate,
                 "before": dict(ch.before) if ch.before is not None else None,
-                "after": dict(ch.after),
+                "after_digest": row_digest(table, ch.after, columns),
+                "after_columns": list(columns) if columns is not None else None,
                 "at": at,
             }
-            for ch in row_changes
-        ],
-    )
+        )
+    record_changes(conn, rows)
 
 
 def record_intents(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -39,7 +39,7 @@ from gatefill.final_gate import exit_code_for, measure_final_gate
 from gatefill.health import HealthResult, check_health
 from gatefill.job import Job
 from gatefill.ledger import RunStatus
-from gatefill.plan import Plan, PlanParams, build_plan, load_plan, plan_from_ledger
+from gatefill.plan import Plan, PlanHead, PlanParams, build_plan, load_plan, plan_from_ledger
 from gatefill.reports.apply import write_apply_artifacts
 from gatefill.reports.final_gate import write_final_gate
 from gatefill.reports.health import write_health_check
@@ -383,7 +383,7 @@ def _staging_apply(step: _Step, state: PipelineState) -> bool:
     return step.approved(state, plan_run, "review")
 
 
-def _apply(step: _Step, db: Database, plan: Plan) -> ApplyResult:
+def _apply(step: _Step, db: Database, plan: Plan | PlanHead) -> ApplyResult:
     return apply_plan(
         db,
         db.env,

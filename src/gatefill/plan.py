@@ -15,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import ijson
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from gatefill import ledger
@@ -38,12 +40,17 @@ __all__ = [
     "Plan",
     "PlanEnvironment",
     "PlanFiles",
+    "PlanHead",
     "PlanParams",
     "build_plan",
     "compose_plan",
     "load_plan",
+    "open_plan",
     "plan_from_ledger",
     "plan_hash",
+    "plan_header",
+    "record_plan_run",
+    "store_plan_work",
     "verify_plan",
     "write_plan_files",
 ]
@@ -214,6 +221,10 @@ class Plan:
             body["hash"] = self.hash
         return body
 
+    def head(self) -> PlanHead:
+        """This plan's head, its work in memory."""
+        return PlanHead.from_header(plan_header(self.to_json()), plan=self)
+
     def dump(self, path: Path) -> Path:
         """Writes the plan file (its JSON, exactly) to ``path``."""
         return write_json(path, self.to_json())
@@ -293,7 +304,7 @@ def plan_hash(body: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def verify_plan(plan: Plan, env: Environment) -> None:
+def verify_plan(plan: Plan | PlanHead, env: Environment) -> None:
     """Refuses a plan made for another environment (its hash and format were verified when it was read)."""
     if plan.environment.name != env.name:
         raise UsageError(f"plan was made for environment '{plan.environment.name}', not '{env.name}'")
@@ -412,19 +423,47 @@ def build_plan(
         plan = compose_plan(conn, env, job, params, now=now, run_id=run_id, source=source)
     body = plan.to_json()
     with db.begin() as conn:
-        ledger.create_run(
-            conn,
-            run_id=plan.run_id,
-            phase="apply",
-            environment=env.name,
-            job=job.name,
-            versions=job.versions,
-            params=params.to_json(),
-            now=now,
-            plan=body,
-            plan_hash=plan.hash,
-        )
+        record_plan_run(conn, plan.head(), now=now)
     return _write_plan_files(plan, body, artifacts_dir / plan.run_id, "backfill_plan")
+
+
+def record_plan_run(conn: Connection, head: PlanHead, *, now: datetime) -> ledger.Run:
+    """Records the planned run of a plan: its header on the run's row, its work (runnable candidates and batches)
+    beside it, streamed from where the plan is (memory or its file), in the caller's transaction. A plan whose batches
+    are not exactly its runnable candidates, each once, is refused (``UsageError``) and the transaction must roll back.
+    """
+    run = ledger.create_run(
+        conn,
+        run_id=head.run_id,
+        phase="apply",
+        environment=head.environment.name,
+        job=head.job,
+        versions=head.versions,
+        params=head.parameters.to_json(),
+        now=now,
+        plan=head.header,
+        plan_hash=head.hash,
+    )
+    store_plan_work(conn, head)
+    return run
+
+
+def store_plan_work(conn: Connection, head: PlanHead) -> None:
+    """Stores a plan's work with its (recorded) run and checks that every batch key is a runnable candidate and every
+    runnable candidate is batched once."""
+    candidates, batches = head.work()
+    try:
+        n_candidates, _ = ledger.record_plan_work(conn, head.run_id, candidates, batches)
+    except sa.exc.IntegrityError:
+        raise UsageError(
+            f"plan of run {head.run_id} lists a candidate twice (in its candidates or its batches)"
+        ) from None
+    stored, batched, joined = ledger.unbatched_work(conn, head.run_id)
+    if not (stored == batched == joined == n_candidates == head.runnable):
+        raise UsageError(
+            f"plan of run {head.run_id}: its batches list {batched} sessions, {joined} of them among its "
+            f"{stored} runnable candidates (the header says {head.runnable}): not a plan gatefill made"
+        )
 
 
 def write_plan_files(plan: Plan, out_dir: Path, stem: str) -> PlanFiles:
@@ -479,10 +518,325 @@ def plan_risks(body: Mapping[str, Any]) -> list[str]:
     return risks
 
 
-def plan_from_ledger(db: Database, run_id: str) -> Plan:
-    """The plan stored with a run, verified as a plan file is (``DataError`` if the run has none)."""
+def plan_from_ledger(db: Database, run_id: str) -> PlanHead:
+    """The plan stored with a run: its header (its work stays in the ledger, where apply reads it a batch at a time).
+    A run recorded before plans were stored apart has its whole plan on its row: that is verified as a plan file is,
+    and its work is stored apart when it is applied. ``DataError`` if the run has no plan."""
     with db.connect() as conn:
         run = ledger.get_run(conn, run_id, where=db.display_url)
     if run.plan is None:
         raise DataError(f"run {run_id} has no plan")
-    return Plan.from_json(run.plan)
+    if "candidates" in run.plan:
+        return Plan.from_json(run.plan).head()
+    return PlanHead.from_header(run.plan)
+
+
+# ---------------------------------------------------------------------------------------------------- plan heads
+# A plan of 1M candidates is a file of hundreds of MB: apply never holds it whole. It works from the plan's header
+# (everything but the lists of candidates and batches, and the categories' key lists) and reads the work itself a
+# batch at a time from the ledger, where it was stored when the run was recorded.
+
+#: The plan body's fields that list every candidate: the ledger keeps them apart from the run's header.
+_LISTS = ("batches", "candidates")
+
+
+def plan_header(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plan body without its candidate and batch lists, its categories with their counts only: what the ledger
+    keeps on the run's row (``gatefill_runs.plan``)."""
+    head = {k: v for k, v in body.items() if k not in _LISTS}
+    head["categories"] = {name: {"count": c["count"]} for name, c in body["categories"].items()}
+    return head
+
+
+@dataclass(frozen=True)
+class PlanHead:
+    """What apply needs of a plan up front, and where its work comes from: the plan in memory, or a plan file read
+    again (streamed) when the run is recorded; once recorded, the ledger holds the work (``gatefill.worklist``)."""
+
+    run_id: str
+    job: str
+    environment: PlanEnvironment
+    versions: Mapping[str, str]
+    parameters: PlanParams
+    hash: str
+    header: Mapping[str, Any]
+    plan: Plan | None = None
+    path: Path | None = None
+    #: sha256 of the file's batch items and of its candidate items as they were verified (``batches:candidates``);
+    #: read again to be recorded, they must give the same.
+    work_digest: str = ""
+
+    @classmethod
+    def from_header(
+        cls, header: Mapping[str, Any], *, plan: Plan | None = None, path: Path | None = None, work_digest: str = ""
+    ) -> PlanHead:
+        bare = _plan_from_json({**header, "candidates": [], "batches": [], "hash": header.get("hash", "")})
+        return cls(
+            bare.run_id,
+            bare.job,
+            bare.environment,
+            bare.versions,
+            bare.parameters,
+            bare.hash,
+            dict(header),
+            plan,
+            path,
+            work_digest,
+        )
+
+    @property
+    def runnable(self) -> int:
+        return int(self.header["totals"]["candidates"])
+
+    def work(self) -> tuple[Iterator[Candidate], Iterator[tuple[int, str, str]]]:
+        """The runnable candidates, and the batches as ``(batch_no, group, key)`` in run order, one at a time."""
+        if self.plan is not None:
+            batches = ((b.batch_no, b.group, key) for b in self.plan.batches for key in b.keys)
+            return iter(self.plan.runnable), batches
+        if self.path is None:
+            raise DataError(f"plan of run {self.run_id}: its work is stored in the ledger, not here")
+        streamed = _StreamedWork(self.path, self.work_digest)
+        return streamed.candidates(), streamed.batch_rows()
+
+
+class _Tally:
+    """What a streaming pass over a plan file's lists derives, to compare with what the file says of them."""
+
+    def __init__(self, priority: Sequence[str]) -> None:
+        self.priority = set(priority)
+        self.found: set[str] = set()
+        self.candidates = 0
+        self.runnable = 0
+        self.batches = 0
+        self.operations: Counter[str] = Counter()
+        self.by_category: dict[str, tuple[int, Any]] = {}  # name -> (count, sha256 of its keys in order)
+
+    def candidate(self, item: Mapping[str, Any]) -> None:
+        c = _candidate_from_json(item)
+        if _candidate_json(c) != dict(item):
+            raise UsageError("plan content does not match what gatefill derives from it (made by another version?)")
+        self.candidates += 1
+        self.runnable += bool(c.operations)
+        self.operations.update(c.operations)
+        if c.key in self.priority:
+            self.found.add(c.key)
+        n, keys = self.by_category.get(c.category, (0, hashlib.sha256()))
+        keys.update(canonical_json(c.key).encode("utf-8") + b",")
+        self.by_category[c.category] = (n + 1, keys)
+
+
+def _candidate_from_json(c: Mapping[str, Any]) -> Candidate:
+    return Candidate(c["key"], c["category"], parse_utc(c["created_at"]), tuple(c["operations"]), c["detail"])
+
+
+def _parse_events(f: Any) -> Iterator[tuple[str, str, Any]]:
+    return ijson.parse(f, use_float=True)  # type: ignore[no-any-return]
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Every top-level field of a plan file but its candidate and batch lists, the categories without their key lists,
+    in one streaming pass (nothing list-long is built)."""
+    header: dict[str, Any] = {}
+    key: str | None = None
+    builder: Any = None
+    skip_depth = depth = 0
+    with path.open("rb") as f:
+        for prefix, event, value in _parse_events(f):
+            if prefix == "" and event in ("start_map", "end_map", "map_key"):
+                if builder is not None and key is not None:
+                    header[key] = builder.value
+                key, builder = (value, None) if event == "map_key" else (None, None)
+                if event == "map_key" and value not in _LISTS:
+                    builder = ijson.ObjectBuilder()
+                continue
+            if prefix == "":
+                raise UsageError(f"{path} is not a gatefill plan")
+            if builder is None:
+                continue
+            if key == "categories":
+                depth += event in ("start_map", "start_array")
+                depth -= event in ("end_map", "end_array")
+                if skip_depth:
+                    skip_depth = 0 if depth < skip_depth else skip_depth
+                    continue
+                if event == "map_key" and value == "keys" and depth == 2:
+                    skip_depth = 3  # the key list that follows (ends when depth falls below 3)
+                    continue
+            builder.event(event, value)
+    return header
+
+
+def _hash_categories(path: Path, digest: Any) -> dict[str, tuple[int, Any]]:
+    """Feeds the canonical JSON of the plan's categories to ``digest`` with their key lists streamed; returns each
+    category's stated count and a sha256 of its keys. Only the shape gatefill writes (names sorted, ``count`` then
+    ``keys``) is accepted: anything else was not written by gatefill."""
+    found: dict[str, tuple[int, Any]] = {}
+    name: str | None = None
+    count: int | None = None
+    keys: Any = None
+    first = True
+    digest.update(b"{")
+    with path.open("rb") as f:
+        events = ((p, e, v) for p, e, v in _parse_events(f) if p == "categories" or p.startswith("categories."))
+        for prefix, event, value in events:
+            if prefix == "categories" and event == "map_key":
+                if not isinstance(value, str) or (name is not None and value <= name):
+                    raise _not_derived()
+                digest.update((b"," if name is not None else b"") + canonical_json(value).encode("utf-8"))
+                digest.update(b':{"count":')
+                name, count, keys = value, None, hashlib.sha256()
+            elif event == "number" and count is None and isinstance(value, int) and not isinstance(value, bool):
+                count, first = value, True
+                digest.update(str(value).encode() + b',"keys":[')
+            elif event == "string" and count is not None and prefix.endswith(".keys.item"):
+                text = canonical_json(value).encode("utf-8")
+                keys.update(text + b",")
+                digest.update(text if first else b"," + text)
+                first = False
+            elif event == "end_array" and name is not None and count is not None and name not in found:
+                digest.update(b"]}")
+                found[name] = (count, keys)
+            elif event == "map_key" and value in ("count", "keys"):
+                continue
+            elif event not in ("start_map", "end_map", "start_array"):
+                raise _not_derived()
+    digest.update(b"}")
+    return found
+
+
+def _not_derived() -> UsageError:
+    return UsageError("plan content does not match what gatefill derives from it (made by another version?)")
+
+
+def _hash_items(path: Path, field: str, digest: Any, work: Any, each: Callable[[Any], None]) -> None:
+    """Feeds the canonical JSON of the list ``field`` to ``digest`` an item at a time (and to ``work``, the work
+    digest), calling ``each`` with every item."""
+    digest.update(b"[")
+    with path.open("rb") as f:
+        for i, item in enumerate(ijson.items(f, f"{field}.item", use_float=True)):
+            text = canonical_json(item).encode("utf-8")
+            digest.update((b"," if i else b"") + text)
+            work.update(text + b"\n")
+            each(item)
+    digest.update(b"]")
+
+
+def open_plan(path: Path) -> PlanHead:
+    """Reads and verifies a plan file as ``load_plan`` does, without ever holding its candidates: one streaming pass
+    reads the header, and one per list (batches, candidates, categories) feeds the hash in its canonical order and
+    tallies what the header says of them (categories, totals, expected changes). ``UsageError`` for a missing or
+    malformed file, another format, or content modified after the plan was made; nothing is written."""
+    try:
+        header = _read_header(path)
+        if header.get("format") != PLAN_FORMAT:
+            raise UsageError(f"not a gatefill plan (format {header.get('format')!r}, expected {PLAN_FORMAT})")
+        digest, work, tally, categories = _stream_hash(path, header)
+    except FileNotFoundError:
+        raise UsageError(f"plan file not found: {path}") from None
+    except (OSError, ijson.JSONError, ijson.IncompleteJSONError) as exc:
+        raise UsageError(f"cannot read plan {path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"malformed gatefill plan: {type(exc).__name__}: {exc}") from None
+    if header.get("hash") != digest:
+        raise UsageError("plan hash does not match its content: the plan was modified after it was made")
+    head = PlanHead.from_header(header, path=path, work_digest=work)
+    _check_derived(head, tally, categories)
+    return head
+
+
+def _stream_hash(path: Path, header: Mapping[str, Any]) -> tuple[str, str, _Tally, dict[str, tuple[int, Any]]]:
+    """The plan hash (``plan_hash``'s, exactly) and the work digest of a plan file, streamed."""
+    digest = hashlib.sha256(b"{")
+    work = {name: hashlib.sha256() for name in _LISTS}
+    tally = _Tally(header["parameters"]["priority"])
+    categories: dict[str, tuple[int, Any]] = {}
+
+    def batch(item: Any) -> None:
+        if Batch(item["batch_no"], item["group"], tuple(item["keys"])).to_json() != item:
+            raise _not_derived()
+        tally.batches += 1
+
+    keys = sorted({*header, *_LISTS} - {"hash"})
+    for i, key in enumerate(keys):
+        digest.update(("," if i else "").encode() + canonical_json(key).encode("utf-8") + b":")
+        if key == "batches":
+            _hash_items(path, key, digest, work[key], batch)
+        elif key == "candidates":
+            _hash_items(path, key, digest, work[key], tally.candidate)
+        elif key == "categories":
+            categories = _hash_categories(path, digest)
+        else:
+            digest.update(canonical_json(header[key]).encode("utf-8"))
+    digest.update(b"}")
+    return digest.hexdigest(), ":".join(work[name].hexdigest() for name in _LISTS), tally, categories
+
+
+def _check_derived(head: PlanHead, tally: _Tally, categories: Mapping[str, tuple[int, Any]]) -> None:
+    """Refuses a file whose header says of its lists what gatefill would not derive from them, as ``load_plan`` does
+    by comparing the whole content."""
+    stated = {name: (n, keys.hexdigest()) for name, (n, keys) in categories.items()}
+    derived = {name: (n, keys.hexdigest()) for name, (n, keys) in tally.by_category.items()}
+    expected = _derived_header(head, tally)
+    if stated != derived or canonical_json(expected) != canonical_json(head.header):
+        raise _not_derived()
+
+
+def _derived_header(head: PlanHead, tally: _Tally) -> dict[str, Any]:
+    """The header gatefill would write for ``head``'s fields and the tallied lists."""
+    bare = Plan(
+        head.run_id,
+        str(head.header["source"]),
+        parse_utc(head.header["created_at"]),
+        head.environment,
+        head.job,
+        head.versions,
+        head.parameters,
+        tuple(Check(**c) for c in head.header["prechecks"]),
+        (),
+        (),
+        head.hash,
+    )
+    body = bare.to_json()
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for op, n in tally.operations.items():
+        table, _, kind = op.partition(":")
+        counts[table][kind] += n
+    body["categories"] = {name: {"count": n} for name, (n, _) in sorted(tally.by_category.items())}
+    body["totals"] = {
+        "candidates": tally.runnable,
+        "blocked_or_skipped": tally.candidates - tally.runnable,
+        "batches": tally.batches,
+        "priority_not_found": [p for p in head.parameters.priority if p not in tally.found],
+    }
+    body["expected_changes"] = {t: {"insert": n["insert"], "update": n["update"]} for t, n in sorted(counts.items())}
+    body["expected_runtime_seconds"] = parse_rate(head.parameters.rate).seconds_for(tally.runnable)
+    return plan_header({**body, "categories": {k: {**v, "keys": []} for k, v in body["categories"].items()}})
+
+
+class _StreamedWork:
+    """A plan file's work read again, when its run is recorded: each list streamed from the file, its digest checked
+    against the one verified when the file was opened (a file changed in between is refused, and the transaction
+    recording the run rolls back)."""
+
+    def __init__(self, path: Path, work_digest: str) -> None:
+        self.path = path
+        self.expected = dict(zip(_LISTS, work_digest.split(":"), strict=True))
+
+    def _items(self, field: str) -> Iterator[Any]:
+        work = hashlib.sha256()
+        with self.path.open("rb") as f:
+            for item in ijson.items(f, f"{field}.item", use_float=True):
+                work.update(canonical_json(item).encode("utf-8") + b"\n")
+                yield item
+        if work.hexdigest() != self.expected[field]:
+            raise UsageError(f"plan file {self.path} changed while it was read ({field}): nothing was recorded")
+
+    def batch_rows(self) -> Iterator[tuple[int, str, str]]:
+        for item in self._items("batches"):
+            for key in item["keys"]:
+                yield int(item["batch_no"]), str(item["group"]), str(key)
+
+    def candidates(self) -> Iterator[Candidate]:
+        for item in self._items("candidates"):
+            if item["operations"]:
+                yield _candidate_from_json(item)

@@ -1,15 +1,17 @@
 """Exact rollback of a run by primary key: restore the before-images and delete the rows the run inserted.
 
 The ledger (``gatefill_changes``) holds, for every row a run wrote, its primary key, its before-image (NULL: the row
-was absent) and its after-image. Rollback addresses only those keys, so rows written by anyone else (live traffic
+was absent) and a digest of what the run wrote (``gatefill.images``; ledgers from before digests hold the whole
+after-image, which is still read). Rollback addresses only those keys, so rows written by anyone else (live traffic
 included) are never touched; nothing is ever selected by timestamp, which is how the original pipeline's rollback
 deleted live users' rows and failed to undo overwritten ones (data model §3.1-3.2).
 
-A row that changed since the run wrote it (its current values differ from the after-image, or it was deleted) is a
-*conflict*: restoring over it would destroy someone else's write, so rollback refuses, listing the rows, unless
-forced. Execution is one transaction: every key is deleted (newest change first, so children go before parents),
-then every before-image is inserted back whole (oldest change first), created_at and updated_at included; restoring
-by DELETE + INSERT rather than UPDATE matters because the ``updated_at`` triggers would otherwise re-stamp the row.
+A row that changed since the run wrote it (its current values no longer digest to what the run wrote, or it was
+deleted) is a *conflict*: restoring over it would destroy someone else's write, so rollback refuses, listing the
+rows, unless forced. Execution is one transaction: every key is deleted (newest change first, so children go before
+parents), then every before-image is inserted back whole (oldest change first), created_at and updated_at included;
+restoring by DELETE + INSERT rather than UPDATE matters because the ``updated_at`` triggers would otherwise re-stamp the
+row.
 A job whose images hold only the columns it set (``WrittenTable.partial_images``, e.g. the ``sql`` job) has its
 updated rows restored in place instead: an UPDATE of exactly those columns by key, which leaves every other column,
 and the row itself (its foreign keys, its cascades), alone.
@@ -36,7 +38,7 @@ import functools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,14 +46,35 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from gatefill import ledger
-from gatefill.db import Database, JSONValue, TextArray, UTCTimestamp, UUIDText, parse_utc
+from gatefill.db import Database, parse_utc
 from gatefill.errors import DataError, GatefillError, UsageError
+from gatefill.images import (
+    KIND_ARRAY,
+    KIND_BOOL,
+    KIND_FLOAT,
+    KIND_INT,
+    KIND_JSON,
+    KIND_TEXT,
+    KIND_TIMESTAMP,
+    KIND_UUID,
+    column_kind,
+    differing_columns,
+    normal_value,
+)
 from gatefill.job import Check, Fence, WrittenTable
 from gatefill.ledger import RunStatus
 
 __all__ = [
     "DRY_RUN_REPORT_NAME",
     "KEY_CHUNK",
+    "KIND_ARRAY",
+    "KIND_BOOL",
+    "KIND_FLOAT",
+    "KIND_INT",
+    "KIND_JSON",
+    "KIND_TEXT",
+    "KIND_TIMESTAMP",
+    "KIND_UUID",
     "PAGE_SIZE",
     "REPORT_NAME",
     "ChangePages",
@@ -64,13 +87,16 @@ __all__ = [
     "RollbackResult",
     "RollbackVerificationFailed",
     "TableCounts",
+    "changed_since_written",
     "column_kind",
+    "current_rows",
     "load_changes",
     "normal_value",
     "plan_rollback",
     "rollback_run",
     "sequence_pages",
     "table_definitions",
+    "written_image",
 ]
 
 REPORT_NAME = "rollback_report.md"
@@ -145,7 +171,11 @@ class LedgerChange:
     session_id: str | None
     inserted: bool
     before: Mapping[str, Any] | None
-    after: Mapping[str, Any] | None
+    #: What the run wrote: the digest of the row over ``after_columns`` (None: every column); a ledger written before
+    #: digests has the whole after-image in ``after`` instead.
+    after_digest: str | None = None
+    after_columns: tuple[str, ...] | None = None
+    after: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +190,8 @@ class Conflict:
     def describe(self) -> str:
         if self.reason == "deleted":
             return f"{self.table} {self.row_key} deleted since the run wrote it"
+        if not self.columns:  # every changed column's mark in the digest collided: which ones is not known
+            return f"{self.table} {self.row_key} changed since the run wrote it"
         return f"{self.table} {self.row_key} changed since the run wrote it: {', '.join(self.columns)}"
 
 
@@ -250,37 +282,6 @@ class RollbackResult:
 
 # ---------------------------------------------------------------------------------------------------- column kinds
 
-KIND_TIMESTAMP, KIND_JSON, KIND_ARRAY, KIND_UUID, KIND_FLOAT, KIND_BOOL, KIND_INT, KIND_TEXT = (
-    "timestamp",
-    "json",
-    "array",
-    "uuid",
-    "float",
-    "bool",
-    "int",
-    "text",
-)
-
-
-def column_kind(column: sa.Column[Any]) -> str:
-    """How a column's values are compared and written as literals."""
-    t = column.type
-    if isinstance(t, UTCTimestamp):
-        return KIND_TIMESTAMP
-    if isinstance(t, JSONValue):
-        return KIND_JSON
-    if isinstance(t, TextArray):
-        return KIND_ARRAY
-    if isinstance(t, UUIDText):
-        return KIND_UUID
-    if isinstance(t, sa.Boolean):
-        return KIND_BOOL
-    if isinstance(t, sa.Float):
-        return KIND_FLOAT
-    if isinstance(t, sa.Integer):
-        return KIND_INT
-    return KIND_TEXT
-
 
 def table_definitions(
     tables: Sequence[WrittenTable], metadata: sa.MetaData | None
@@ -319,38 +320,25 @@ def _coerce_key(column: sa.Column[Any], text: str) -> Any:
     return text
 
 
-def _canon_json(value: Any) -> Any:
-    # Value semantics: 90 and 90.0 are the same JSON number (jsonb and JSON.stringify agree), true is not 1.
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        f = float(value)
-        return int(f) if f.is_integer() and abs(f) < 1e21 else f
-    if isinstance(value, Mapping):
-        return {str(k): _canon_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_canon_json(v) for v in value]
-    return value
+def changed_since_written(table: sa.Table, change: LedgerChange, row: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """None when ``row`` (as stored now) still holds what the run wrote; otherwise the columns that differ (() when
+    the digest's per-column marks cannot tell: the row differs all the same)."""
+    if change.after_digest is None:
+        # A change recorded before digests: its whole after-image, compared column by column.
+        differing = _differing(table, change.after or {}, row)
+        return tuple(differing) if differing else None
+    return differing_columns(table, change.after_digest, row, change.after_columns)
 
 
-def normal_value(kind: str, value: Any) -> Any:
-    """A value in a form where equality means "the same stored value" for the column's kind."""
-    if value is None:
+def written_image(table: sa.Table, change: LedgerChange, row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The values the run wrote to the row, when ``row`` (as stored now) still holds them: the row itself (its
+    ``after_columns``), or a legacy after-image; None when the row changed or is gone."""
+    if row is None or changed_since_written(table, change, row) is not None:
         return None
-    if kind == KIND_TIMESTAMP:
-        instant = parse_utc(value) if isinstance(value, str) else value
-        if isinstance(instant, datetime):
-            return instant.astimezone(UTC) if instant.tzinfo else instant.replace(tzinfo=UTC)
-        return instant
-    if kind in (KIND_JSON, KIND_ARRAY):
-        return json.dumps(_canon_json(value), sort_keys=True, ensure_ascii=False)
-    if kind == KIND_FLOAT and isinstance(value, int | float) and not isinstance(value, bool):
-        return repr(float(value))  # exact: repr round-trips, and NaN equals itself as text
-    if kind == KIND_BOOL:
-        return bool(value)
-    if kind == KIND_UUID:
-        return str(value).lower()
-    return value
+    if change.after_digest is None:
+        return dict(change.after or {})
+    names = change.after_columns if change.after_columns is not None else tuple(table.c.keys())
+    return {name: row[name] for name in names}
 
 
 def _differing(table: sa.Table, image: Mapping[str, Any], row: Mapping[str, Any]) -> list[str]:
@@ -387,6 +375,13 @@ def _change(
         raise DataError(f"run {run_id}: key {row.row_key} does not match {row.table_name}{written.primary_key}")
     key = {c: _coerce_key(table.c[c], raw[c]) for c in written.primary_key}
     inserted = bool(row.inserted)
+    digest, columns, image = None, None, None
+    if after:
+        digest, columns = row.after_digest, row.after_columns
+        if digest is None:
+            image = _image(run_id, table, row, "after")
+        elif columns is not None and not (isinstance(columns, list) and set(columns) <= _column_names(table)):
+            raise DataError(f"run {run_id}: {row.table_name} {row.row_key} has unknown after-columns {columns!r}")
     return LedgerChange(
         row.id,
         row.batch_no,
@@ -396,7 +391,9 @@ def _change(
         row.session_id,
         inserted,
         _image(run_id, table, row, "before") if before and not inserted else None,
-        _image(run_id, table, row, "after") if after else None,
+        digest,
+        tuple(columns) if columns is not None else None,
+        image,
     )
 
 
@@ -433,6 +430,8 @@ class LedgerPages:
     page_size: int
     first: int | None
     upto: int | None
+    #: Whether the ledger has the digest columns (a ledger no apply has written to since they came has not).
+    digests: bool = True
 
     @classmethod
     def open(
@@ -442,7 +441,15 @@ class LedgerPages:
             raise ValueError(f"page_size must be at least 1, not {page_size}")
         c = ledger.changes.c
         first, upto = conn.execute(sa.select(sa.func.min(c.id), sa.func.max(c.id)).where(c.run_id == run_id)).one()
-        return cls(conn, run_id, defs, page_size, first, upto)
+        columns = {col["name"] for col in sa.inspect(conn).get_columns(ledger.changes.name)}
+        return cls(conn, run_id, defs, page_size, first, upto, "after_digest" in columns)
+
+    def _written_columns(self) -> list[sa.ColumnElement[Any]]:
+        c = ledger.changes.c
+        if self.digests:
+            return [c.after_digest, c.after_columns, c.after]
+        # Read as the ledger of an older gatefill stores them: whole after-images, no digests.
+        return [sa.null().label("after_digest"), sa.null().label("after_columns"), c.after]
 
     def __call__(
         self, *, newest_first: bool = False, before: bool = True, after: bool = True, updated_only: bool = False
@@ -455,7 +462,7 @@ class LedgerPages:
         columns: list[sa.ColumnElement[Any]] = [c.id, c.batch_no, c.table_name, c.row_key, c.session_id]
         columns.append(c.before.is_(None).label("inserted"))
         columns += [c.before] if before else []
-        columns += [c.after] if after else []
+        columns += self._written_columns() if after else []
         # Each page must be a range scan of the primary key from the last id read. "run_id || ''" keeps the index on
         # (run_id, table_name, row_key) out of it: SQLite's planner (it has no statistics) and Postgres' (with stale
         # ones) would otherwise read all the run's changes through that index and sort them, for every page.
@@ -514,7 +521,7 @@ def _key_clause(table: sa.Table, pk: Sequence[str], keys: Sequence[Mapping[str, 
     return sa.tuple_(*(table.c[c] for c in pk)).in_([tuple(k[c] for c in pk) for k in keys])
 
 
-def _current_rows(
+def current_rows(
     conn: Connection,
     defs: Mapping[str, tuple[sa.Table, WrittenTable]],
     changes: Sequence[LedgerChange],
@@ -579,7 +586,7 @@ def _plan(
     # Before-images are read too, though only after-images are compared: a malformed ledger row then stops the
     # rollback here, before any write.
     for page in pages():
-        current = _current_rows(conn, defs, page, lock=lock)
+        current = current_rows(conn, defs, page, lock=lock)
         for change in page:
             n += 1
             if change.inserted:
@@ -590,9 +597,9 @@ def _plan(
             if row is None:
                 conflicts.append(Conflict(change.table, change.row_key, "deleted"))
                 continue
-            differing = _differing(defs[change.table][0], change.after or {}, row)
-            if differing:
-                conflicts.append(Conflict(change.table, change.row_key, "changed", tuple(differing)))
+            differing = changed_since_written(defs[change.table][0], change, row)
+            if differing is not None:
+                conflicts.append(Conflict(change.table, change.row_key, "changed", differing))
     plan = RollbackPlan(run_id, RunStatus(status_text), n, tuple(counts.values()), tuple(conflicts))
     return plan, pages
 
@@ -747,7 +754,7 @@ def _verify(
     """
     tallies = {name: _Tally() for name in defs}
     for page in pages(after=False):
-        current = _current_rows(conn, defs, page, lock=False)
+        current = current_rows(conn, defs, page, lock=False)
         for change in page:
             row = current.get((change.table, _canonical_key(defs, change)))
             _tally_change(tallies[change.table], defs[change.table], change, row)

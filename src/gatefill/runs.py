@@ -122,9 +122,11 @@ def run_progress(settings: Settings, run_id: str, env_name: str | None = None) -
     env, run = find_run(settings, run_id, env_name)
     total = 0
     if run.plan is not None:
-        total = sum(1 for c in run.plan.get("candidates", []) if c.get("operations"))
+        # The run's row keeps the plan's header (its totals); a run recorded before that kept the whole plan.
+        totals = run.plan.get("totals") or {}
+        total = int(totals.get("candidates", sum(1 for c in run.plan.get("candidates", []) if c.get("operations"))))
     with Database(env) as db, db.connect() as conn:
-        results = Counter(ledger.session_results_for(conn, run.id).values())
+        results = ledger.result_counts(conn, run.id)
         batch_row = conn.execute(
             sa.select(sa.func.count(), sa.func.max(ledger.batches.c.finished_at)).where(
                 ledger.batches.c.run_id == run.id

@@ -3,21 +3,29 @@
 The ledger is the only record of progress: the work list is the plan's runnable candidates minus those with a
 result (plus the failed ones when a run that completed with errors is resumed to retry them). A batch never spans two
 plan groups or two plan batches, so the plan's priority order holds whatever sizes the batches are drawn at.
+
+The list is a stream: the plan's work is stored with its run (``gatefill_plan_batches`` and
+``gatefill_plan_candidates``, written when the run was recorded), and the candidates still to do are read from the
+ledger a page at a time, keyset-paginated on their position in the plan, so an apply holds at most a page of them
+whatever the plan's size. Counts come from SQL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import deque
 from dataclasses import dataclass, field
+
+import sqlalchemy as sa
 
 from gatefill import ledger
 from gatefill.db import Database
-from gatefill.errors import GateBlocked
 from gatefill.job import BatchTask, Candidate
 from gatefill.ledger import RunStatus
-from gatefill.plan import Batch, Plan
 
-__all__ = ["WorkList", "open_work"]
+__all__ = ["PAGE", "WorkList", "open_work"]
+
+#: Candidates read from the ledger at a time (more when a batch asks for more).
+PAGE = 2000
 
 
 @dataclass
@@ -30,66 +38,74 @@ class WorkList:
     done_before: int
     retrying: bool
     next_batch_no: int
-    _segments: list[tuple[str | None, list[Candidate]]] = field(default_factory=list)
+    #: The most candidates one batch could hold (the plan's largest batch).
+    largest_segment: int = 0
+    _db: Database | None = None
+    _remaining: int = 0
+    _after: int = 0  # the plan position of the last candidate read from the ledger
+    _exhausted: bool = False
+    _buffer: deque[tuple[int, str, Candidate]] = field(default_factory=deque)
 
     @property
     def remaining(self) -> int:
-        return sum(len(keys) for _, keys in self._segments)
-
-    @property
-    def largest_segment(self) -> int:
-        """The most candidates one batch could hold (one plan batch's remaining candidates)."""
-        return max((len(keys) for _, keys in self._segments), default=0)
+        return self._remaining
 
     def take(self, limit: int) -> BatchTask | None:
         """The next batch of at most ``limit`` (≥ 1) candidates, numbered after the run's last; None when done."""
-        while self._segments and not self._segments[0][1]:
-            self._segments.pop(0)
-        if not self._segments:
+        limit = max(1, limit)
+        self._fill(limit)
+        if not self._buffer:
             return None
-        group, candidates = self._segments[0]
-        part, rest = candidates[: max(1, limit)], candidates[max(1, limit) :]
-        self._segments[0] = (group, rest)
+        plan_batch, group, _ = self._buffer[0]
+        part: list[Candidate] = []
+        while len(part) < limit:
+            if not self._buffer:
+                self._fill(limit - len(part))  # the same plan batch may go on in the next page
+            if not self._buffer or self._buffer[0][0] != plan_batch:
+                break
+            part.append(self._buffer.popleft()[2])
         task = BatchTask(self.run_id, self.next_batch_no, group, tuple(part), self.retrying)
         self.next_batch_no += 1
+        self._remaining = max(0, self._remaining - len(part))
         return task
 
+    def _fill(self, wanted: int) -> None:
+        """Reads the next page from the ledger when the buffer runs short of ``wanted``."""
+        if len(self._buffer) >= wanted or self._exhausted or self._db is None:
+            return
+        size = max(PAGE, wanted)
+        with self._db.connect() as conn:
+            page = ledger.plan_work_page(conn, self.run_id, after=self._after, limit=size, retry_failed=self.retrying)
+        self._buffer.extend((batch_no, group, candidate) for _, batch_no, group, candidate in page)
+        if page:
+            self._after = page[-1][0]
+        self._exhausted = len(page) < size
 
-def open_work(db: Database, run: ledger.Run, plan: Plan) -> WorkList:
-    """The run's remaining work, from its plan and the ledger's results."""
-    order, candidates = _work_order(plan)
-    with db.connect() as conn:
-        done = ledger.session_results_for(conn, run.id)
-        committed = ledger.committed_batches(conn, run.id)
+
+def open_work(db: Database, run: ledger.Run, plan: object = None) -> WorkList:
+    """The run's remaining work, read from the plan work stored with the run and the ledger's results (``plan`` is
+    not read: the run's stored work is what its hash was checked against when it was recorded)."""
     retrying = run.status is RunStatus.COMPLETED_WITH_ERRORS
-    wanted = {k for k in order if k not in done or (retrying and done[k] == "failed")}
+    with db.connect() as conn:
+        total, remaining = ledger.planned_counts(conn, run.id, retry_failed=retrying)
+        last = conn.execute(
+            sa.select(sa.func.max(ledger.batches.c.batch_no)).where(ledger.batches.c.run_id == run.id)
+        ).scalar_one_or_none()
+        pb = ledger.plan_batches
+        largest = conn.execute(
+            sa.select(sa.func.count())
+            .where(pb.c.run_id == run.id)
+            .group_by(pb.c.batch_no)
+            .order_by(sa.func.count().desc())
+            .limit(1)
+        ).scalar_one_or_none()
     return WorkList(
         run_id=run.id,
-        total=len(order),
-        done_before=len(order) - len(wanted),
+        total=total,
+        done_before=total - remaining,
         retrying=retrying,
-        next_batch_no=max(committed) + 1 if committed else 1,
-        _segments=_segments(plan.batches, candidates, wanted),
+        next_batch_no=int(last) + 1 if last is not None else 1,
+        largest_segment=int(largest or 0),
+        _db=db,
+        _remaining=remaining,
     )
-
-
-def _work_order(plan: Plan) -> tuple[list[str], dict[str, Candidate]]:
-    """The keys of the plan's batches in order, and the runnable candidates by key."""
-    runnable = {c.key: c for c in plan.runnable}
-    order = [key for batch in plan.batches for key in batch.keys]
-    for key in order:
-        if key not in runnable:
-            raise GateBlocked("plan", [f"batch lists {key}, which is not a runnable candidate of the plan"])
-    return order, runnable
-
-
-def _segments(
-    plan_batches: Sequence[Batch], candidates: Mapping[str, Candidate], wanted: set[str]
-) -> list[tuple[str | None, list[Candidate]]]:
-    """Per plan batch, its candidates still wanted (plan order); empty ones left out."""
-    out: list[tuple[str | None, list[Candidate]]] = []
-    for batch in plan_batches:
-        keys = [candidates[k] for k in batch.keys if k in wanted]
-        if keys:
-            out.append((batch.group, keys))
-    return out

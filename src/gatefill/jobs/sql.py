@@ -53,6 +53,7 @@ from gatefill import ledger
 from gatefill.config import Environment
 from gatefill.db import Database, canonical_json
 from gatefill.errors import ConfigError, UsageError
+from gatefill.images import row_digest
 from gatefill.job import (
     LOCAL_EXECUTOR,
     NOT_APPLICABLE,
@@ -870,10 +871,13 @@ class SqlSoakChecks:
         """Rows the run wrote whose set columns no longer hold what it wrote (a live writer changed them since)."""
         job, d = self._job, self._job.definition
         c = ledger.changes.c
+        # What the run wrote per key: a digest over the set columns (a ledger from before digests: the values).
         images = {
-            job._key_text([str(json.loads(key)[k]) for k in d.key]): after
-            for key, after in conn.execute(
-                sa.select(c.row_key, c.after).where(c.run_id == run_id, c.table_name == d.table)
+            job._key_text([str(json.loads(key)[k]) for k in d.key]): (digest, columns, after)
+            for key, digest, columns, after in conn.execute(
+                sa.select(c.row_key, c.after_digest, c.after_columns, c.after).where(
+                    c.run_id == run_id, c.table_name == d.table
+                )
             )
         }
         changed: list[str] = []
@@ -883,7 +887,9 @@ class SqlSoakChecks:
             for row in conn.execute(sa.select(*job._key_cols(), *job._set_cols()).where(job._keys_in(part))):
                 present += 1
                 text = job._key_text(row[: len(d.key)])
-                if dict(zip(d.columns, row[len(d.key) :], strict=True)) != images.get(text):
+                now = dict(zip(d.columns, row[len(d.key) :], strict=True))
+                digest, columns, after = images.get(text, (None, None, None))
+                if (row_digest(job.table, now, columns) != digest) if digest is not None else (now != after):
                     changed.append(text)
         evidence = {"run_id": run_id, "written": len(images), "present": present, "changed": len(changed)}
         evidence["changed_keys"] = changed[:_LISTED]

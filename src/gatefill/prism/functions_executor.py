@@ -56,7 +56,7 @@ from gatefill.clock import Clock
 from gatefill.config import Environment
 from gatefill.db import Database, parse_utc
 from gatefill.errors import ConfigError, DataError, ExecutorUnavailable
-from gatefill.job import BatchRecord, BatchTask, Fence, Job, RowChange, SessionOutcome
+from gatefill.job import BatchRecord, BatchTask, Fence, Job, RowChange, SessionOutcome, WrittenTable
 from gatefill.prism import scoring
 from gatefill.prism.schema import assessment_sessions, fc_scores, fn_logs, profiles
 
@@ -286,6 +286,8 @@ class FunctionsExecutor:
             timeout=httpx.Timeout(timeout), transport=transport, headers={"user-agent": "gatefill-functions-executor"}
         )
         self._tables_ready: set[str] = set()
+        # The job's written tables (their column kinds digest the after-images): set by commit_batch and recover.
+        self._written: tuple[WrittenTable, ...] = ()
 
     @classmethod
     def from_env(cls, env: Environment, **options: Any) -> FunctionsExecutor:
@@ -325,6 +327,7 @@ class FunctionsExecutor:
         started again. Intents of any other batch of the run must be recovered first (``DataError`` otherwise).
         """
         fc_version = _fc_version(job)
+        self._written = tuple(job.written_tables())
         self._prepare(db)
         run_id, batch_no = task.run_id, task.batch_no
         with db.connect() as conn:
@@ -350,6 +353,7 @@ class FunctionsExecutor:
         is left to do, so those sessions count as done and batch numbers stay contiguous.
         """
         fc_version = _fc_version(job)
+        self._written = tuple(job.written_tables())
         self._prepare(db)
         with db.connect() as conn:
             leftover = _load_intents(conn, run_id)
@@ -507,7 +511,7 @@ class FunctionsExecutor:
                 outcomes.append(outcome)
                 changes.extend(session_changes)
             changes = ledger.row_changes_not_recorded(conn, run_id, changes)
-            ledger.record_row_changes(conn, run_id, batch_no, changes, at=started)
+            ledger.record_row_changes(conn, run_id, batch_no, changes, at=started, tables=self._written)
             batch = BatchRecord(
                 run_id=run_id,
                 batch_no=batch_no,

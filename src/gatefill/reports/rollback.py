@@ -96,7 +96,7 @@ def _tables(result: RollbackResult) -> list[str]:
 def _conflicts(result: RollbackResult) -> list[str]:
     lines = ["", "## Conflicts: rows changed since the run wrote them", ""]
     if not result.conflicts:
-        return [*lines, "None: every row the run wrote still equals its after-image in every column."]
+        return [*lines, "None: every row the run wrote still holds, in every column, what the run wrote."]
     lines += ["| table | key | what differs |", "|---|---|---|"]
     for c in result.conflicts:
         what = "deleted since the run wrote it" if c.reason == "deleted" else "changed: " + ", ".join(c.columns)

@@ -44,9 +44,11 @@ from gatefill.rollback import (
     LedgerChange,
     LedgerPages,
     column_kind,
+    current_rows,
     normal_value,
     sequence_pages,
     table_definitions,
+    written_image,
 )
 
 __all__ = ["rollback_sql", "write_rollback_sql"]
@@ -220,8 +222,10 @@ def _write_script(
     database: str,
     generated_at: datetime,
     guard: bool,
+    conn: Connection | None,
 ) -> None:
-    """Writes the rollback script (see ``rollback_sql``) to ``out`` in two passes over the run's changes.
+    """Writes the rollback script (see ``rollback_sql``) to ``out`` in two passes over the run's changes (``conn``:
+    where the guard reads back what the run wrote).
 
     Pass one (newest change first, no images) counts the changes for the header and spools the DELETEs; pass two
     (oldest first) writes the guard straight to ``out`` and spools the INSERTs, the verification of each table and
@@ -235,7 +239,7 @@ def _write_script(
             out.write(line + "\n")
         if guard and n:
             out.write("\n-- 1. Guard: each row the run wrote still equals what it wrote.\n")
-        _guard_and_spool_restores(out, pages, defs, spools, pg=pg, guard=guard)
+        _guard_and_spool_restores(out, pages, defs, spools, pg=pg, guard=guard, conn=conn)
         out.write("\n-- 2. Delete every row the run wrote, newest change first.\n")
         spools.copy("delete", out)
         out.write("\n-- 3. Insert the before-images back, oldest change first (every column, timestamps included;\n")
@@ -288,18 +292,23 @@ def _guard_and_spool_restores(
     *,
     pg: bool,
     guard: bool,
+    conn: Connection | None,
 ) -> None:
     """Pass two, oldest change first: the guard of each change straight to ``out``; its before-image INSERT, its
     verification and the after-commit counts (per chunk of keys) to their spools."""
     pending: dict[tuple[str, bool], list[Mapping[str, Any]]] = {}  # (table, inserted) → keys of the next chunk
     for page in pages(after=guard):
+        images = _written_images(conn, defs, page) if guard else {}
         for change in page:
             name = change.table
             table, written = defs[name]
             pk = written.primary_key
             if guard:
                 what = _quote(f"unchanged since the run wrote it: {name} {change.row_key}")
-                out.write(f"{_CHECK} {what}, {_row_matches(table, pk, change.key, change.after or {}, pg)};\n")
+                image = images.get(change.seq)
+                # A row that no longer holds what the run wrote (or is gone) already: the check fails as it stands.
+                matches = _row_matches(table, pk, change.key, image, pg) if image is not None else "1 = 0"
+                out.write(f"{_CHECK} {what}, {matches};\n")
             chunk = pending.setdefault((name, change.inserted), [])
             chunk.append(change.key)
             if not change.inserted:
@@ -309,6 +318,28 @@ def _guard_and_spool_restores(
     for name in defs:
         for inserted in (True, False):
             _spool_counts(spools, defs, name, inserted, pending.pop((name, inserted), []), pg)
+
+
+def _written_images(
+    conn: Connection | None, defs: Mapping[str, tuple[sa.Table, WrittenTable]], page: Sequence[LedgerChange]
+) -> dict[int, dict[str, Any]]:
+    """Per change (by ``seq``): the values the run wrote, which the guard checks the row still holds.
+
+    The ledger keeps a digest of them, so they are read back from the row itself, now, where it still digests to what
+    the run wrote (a legacy change carries its whole after-image instead). A change missing here had its row changed
+    or deleted before the script was written."""
+    digested = [c for c in page if c.after_digest is not None]
+    if digested and conn is None:
+        raise DataError("a guarded rollback script needs the database: the ledger keeps digests of what the run wrote")
+    rows = current_rows(conn, defs, digested, lock=False) if conn is not None and digested else {}
+    found: dict[int, dict[str, Any]] = {}
+    for change in page:
+        table, written = defs[change.table]
+        row = rows.get((change.table, ledger.row_key({c: change.key[c] for c in written.primary_key})))
+        image = written_image(table, change, row) if change.after_digest is not None else dict(change.after or {})
+        if image is not None:
+            found[change.seq] = image
+    return found
 
 
 def _spool_restore(spools: _Spools, table: sa.Table, written: WrittenTable, change: LedgerChange, pg: bool) -> None:
@@ -446,7 +477,8 @@ def rollback_sql(
     """The rollback as a script for ``psql -v ON_ERROR_STOP=1 -f FILE`` or ``sqlite3 DB < FILE``.
 
     One transaction: (0) the run's status must still allow ``rolled_back`` (so the script cannot run twice);
-    (1) unless ``guard`` is false, every row the run wrote must still equal its after-image; (2) DELETE every key
+    (1) unless ``guard`` is false, every row the run wrote must still hold what the run wrote (the values read back
+    now where the row still digests to what the ledger recorded; a row changed already fails here); (2) DELETE every key
     the run wrote, newest change first; (3) INSERT every before-image, oldest change first; (4) verify that inserted
     keys are absent and restored rows equal their before-images; (5) mark the run ``rolled_back`` in the ledger;
     COMMIT; then SELECTs printing counts that should be 0. A failed check is a CHECK violation that stops the
@@ -470,6 +502,7 @@ def rollback_sql(
         database=database,
         generated_at=generated_at,
         guard=guard,
+        conn=conn_or_dialect if isinstance(conn_or_dialect, Connection) else None,
     )
     return text.getvalue()
 
@@ -509,6 +542,7 @@ def write_rollback_sql(
                     database=db.display_url,
                     generated_at=now or datetime.now(UTC),
                     guard=guard,
+                    conn=conn,
                 )
             partial.replace(path)
         except BaseException:
