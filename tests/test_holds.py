@@ -73,7 +73,7 @@ def test_a_throttle_file_holds_the_next_batch_until_removed(
             flag.touch()
         started.append((batch_no, flag.exists()))
 
-    options = ApplyOptions(approve_as="t", throttle_file=flag, throttle_interval=2.0)
+    options = ApplyOptions(approve_as="t", throttle_file=flag, throttle_interval=2.0, cool_down=0)
     result = apply_plan(
         target.db, target.env, PrismJob(), plan, options=options, clock=clock, artifacts_dir=tmp_path / "a",
         before_batch=before_batch,
@@ -116,7 +116,7 @@ def test_a_throttle_query_holds_while_true_and_while_it_fails(target: Target, pl
                 conn.execute(sa.text("ALTER TABLE throttle_gone RENAME TO throttle_flag"))
                 conn.execute(sa.text("UPDATE throttle_flag SET v = 0"))
 
-    options = ApplyOptions(approve_as="t", throttle_query="SELECT v FROM throttle_flag")
+    options = ApplyOptions(approve_as="t", throttle_query="SELECT v FROM throttle_flag", cool_down=0)
     result = apply_plan(
         target.db, target.env, PrismJob(), plan, options=options, clock=HookedClock(on_sleep),
         artifacts_dir=tmp_path / "a",
