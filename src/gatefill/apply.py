@@ -642,6 +642,8 @@ class BackfillGate:
     throttle_wait_seconds: float | None = None
     #: Every hold of the run (every invocation), from the ledger.
     holds: list[ledger.Hold] = field(default_factory=list)
+    #: Every pacing decision of the run (every invocation), from the ledger.
+    decisions: list[ledger.PaceDecision] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -688,6 +690,7 @@ def measure_backfill_gate(
         approvals = ledger.approvals_for(conn, run_id)
         invocations = run_invocations(ledger.run_events_for(conn, run_id), batch_rows)
         holds = ledger.holds_for(conn, run_id)
+        decisions = ledger.decisions_for(conn, run_id)
     plan = run.plan or {}
     planned = {c["key"]: c for c in plan.get("candidates", []) if c.get("operations")}
     # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
@@ -714,6 +717,7 @@ def measure_backfill_gate(
         processed=sum(i.sessions for i in invocations),
         throttle_wait_seconds=float(result.throttle_wait_seconds) if result else None,
         holds=holds,
+        decisions=decisions,
     )
 
 

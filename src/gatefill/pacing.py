@@ -69,6 +69,7 @@ class Pacer:
     decisions: list[ledger.PaceDecision] = field(default_factory=list)
     _steps: int = 0
     _watched: bool = False
+    _largest: int = 0
     _reference: float | None = None
     _last_look: float | None = None
     _health: list[Reading] = field(default_factory=list)
@@ -121,6 +122,7 @@ class Pacer:
         if n and elapsed > 0:
             measured = n / elapsed
             self._throughput = measured if self._throughput is None else 0.5 * self._throughput + 0.5 * measured
+        self._largest = max(self._largest, n)
         if n and self.target_batch_time and not self.fixed_size:
             per = seconds / n
             self._per_candidate = per if self._per_candidate is None else (
@@ -131,7 +133,9 @@ class Pacer:
     def _fit_size(self, next_batch: int, n: int, seconds: float) -> None:
         assert self.target_batch_time and self._per_candidate is not None
         ideal = self.target_batch_time / self._per_candidate if self._per_candidate > 0 else math.inf
-        fitted = int(max(self.min_size, min(self.max_size, 2 * n, ideal)))
+        # Growth at most x2 of the largest batch seen: the work list may hand out less than asked (a plan batch's
+        # end), and a size far above what batches really are would make a Hold's halving a no-op.
+        fitted = int(max(self.min_size, min(self.max_size, 2 * self._largest, ideal)))
         if abs(fitted - self.size) <= _DEAD_BAND * self.size:
             return
         self.size = fitted
