@@ -111,7 +111,7 @@ def _replication(t: ThrottleSettings) -> list[PostgresIndicator]:
         count, *values = conn.execute(sql).one()
         value = values[column - 1]
         if not count:
-            return _na(name, "no replicas (pg_stat_replication is empty)", _levels(hold, stop, show))
+            return _na(name, f"no replicas ({t.replication_source} is empty)", _levels(hold, stop, show))
         if value is None:
             why = f"{count} replica(s), lag not visible to this role (grant pg_monitor) or not yet measured"
             return _na(name, why, _levels(hold, stop, show))
