@@ -247,10 +247,16 @@ def test_each_hold_halves_rate_and_batch_size_and_normal_recovers_them_stepwise(
     with target.db.connect() as conn:
         decisions = [d for d in ledger.decisions_for(conn, plan.run_id) if d.action != "watch"]
         watched = {d.indicator: d for d in ledger.decisions_for(conn, plan.run_id) if d.action == "watch"}
+    monkeypatch.chdir(tmp_path)
+    config = str(write_config(tmp_path, target))
     if target.dialect == "sqlite":  # the Postgres indicators are N/A, listed as such: nothing slowed the apply
         assert watched["replay_lag"].level == "n/a" and decisions == []
         assert batch_sizes(target, plan.run_id) == [8, 8, 7, 8, 8]  # the plan's batches (two groups)
         assert result.throttle_wait_seconds == 39.0  # 39 sessions at 60/min
+        assert main(["--config", config, "status", plan.run_id]) == 0
+        out = capsys.readouterr().out
+        assert "pacing: 0 decisions; now 60/min, batch size 8" in out
+        assert "  replay_lag: n/a (not read: the database has no server statistics); hold ≥ 1.50 s" in out
         return
     assert [(d.action, d.batch_no, d.rate, d.batch_size) for d in decisions] == [
         ("slow", 2, "0.5/s (0.5 of 60/min: Hold)", 4),
@@ -278,8 +284,7 @@ def test_each_hold_halves_rate_and_batch_size_and_normal_recovers_them_stepwise(
     assert [d["action"] for d in pacing["decisions"]] == ["slow", "slow", "recover", "recover"]
     assert {d["indicator"] for d in pacing["indicators"]} >= {"replay_lag", "wal_rate", "connections", "autovacuum"}
 
-    monkeypatch.chdir(tmp_path)
-    assert main(["--config", str(write_config(tmp_path, target)), "status", plan.run_id]) == 0
+    assert main(["--config", config, "status", plan.run_id]) == 0
     out = capsys.readouterr().out
     assert "pacing: 4 decisions; now 60/min, batch size 8" in out
     assert "before batch 2: slow on replay_lag = 2.00 s [hold ≥ 1.50 s, stop ≥ 6.00 s] -> rate 0.5/s" in out
@@ -364,3 +369,21 @@ def test_batches_are_sized_to_the_target_batch_time_within_bounds(target: Target
     floor = pacer(min_size=4)
     floor.after_batch(batch(1, 5, 50.0))
     assert floor.batch_size() == 4
+
+
+def test_a_ledger_from_before_pacing_decisions_still_opens_and_gets_the_table_on_the_next_apply(
+    target: Target, plan: Plan, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ensure_run_for_plan(target.db, plan, now=START)
+    with target.db.begin() as conn:
+        conn.execute(sa.text("DROP TABLE gatefill_decisions"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", str(write_config(tmp_path, target)), "status", plan.run_id]) == 0
+    assert "pacing:" not in capsys.readouterr().out
+    options = ApplyOptions(approve_as="t")
+    result = apply_plan(target.db, target.env, PrismJob(), plan, options=options, clock=SimulatedClock(START),
+                        artifacts_dir=tmp_path / "a")  # fmt: skip
+    assert result.status is RunStatus.SUCCEEDED
+    with target.db.connect() as conn:
+        watched = [d for d in ledger.decisions_for(conn, plan.run_id) if d.action == "watch"]
+    assert [d.indicator for d in watched][:2] == ["replication_lag", "replay_lag"] and len(watched) == 7

@@ -81,7 +81,7 @@ class Indicator(Protocol):
         ...
 
     def read(self, db: Database) -> Reading:
-        """The indicator now; never raises for a failed read (that is a Hold saying why)."""
+        """The indicator now; never raises for a failed read (that is a Stop saying why)."""
         ...
 
 
