@@ -386,4 +386,4 @@ def test_a_ledger_from_before_pacing_decisions_still_opens_and_gets_the_table_on
     assert result.status is RunStatus.SUCCEEDED
     with target.db.connect() as conn:
         watched = [d for d in ledger.decisions_for(conn, plan.run_id) if d.action == "watch"]
-    assert [d.indicator for d in watched][:2] == ["replication_lag", "replay_lag"] and len(watched) == 7
+    assert [d.indicator for d in watched][:2] == ["replication_lag", "replay_lag"] and len(watched) == 6

@@ -10,17 +10,21 @@ indicator reads a real HTTP server's Prometheus text. The clock is simulated whe
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
+import psycopg.sql
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from sqlalchemy.engine import make_url
 
 from gatefill.clock import SimulatedClock
-from gatefill.config import ThrottleSettings
+from gatefill.config import Environment, ThrottleSettings
+from gatefill.db import Database
 from gatefill.errors import UsageError
 from gatefill.holds import Decision, Indicator, Reading
 from gatefill.indicators import AppHealth, health_indicators
@@ -125,17 +129,35 @@ def checkpoint() -> None:
 
 
 def test_requested_checkpoints_hold_and_stop(target: Target) -> None:
-    checkpoints = pick(target, "checkpoints", checkpoints_hold=1, checkpoints_stop=3)
+    clock = SimulatedClock()
+    seam = {"checkpoints_source": "fake_checkpoints", "checkpoints_hold": 2, "checkpoints_stop": 4}
+    checkpoints = pick(target, "checkpoints", clock, **seam)
     if not expect_na_on_sqlite(target, checkpoints):
         return
+    execute(target, "CREATE TABLE fake_checkpoints (num_requested bigint)", "INSERT INTO fake_checkpoints VALUES (7)")
     assert checkpoints.read(target.db).decision is Decision.NOT_APPLICABLE  # the first look is the baseline
-    assert checkpoints.read(target.db).decision is Decision.NORMAL
-    checkpoint()
-    assert checkpoints.read(target.db).decision is Decision.HOLD
-    for _ in range(3):
-        checkpoint()
-    stop = checkpoints.read(target.db)
-    assert stop.decision is Decision.STOP and float(stop.value) >= 3 and stop.threshold == "hold ≥ 1, stop ≥ 3"
+    found = []
+    for more, seconds in ((1, 10.0), (1, 10.0), (2, 10.0), (0, 45.0), (0, 30.0)):
+        execute(target, f"UPDATE fake_checkpoints SET num_requested = num_requested + {more}")
+        clock.advance(seconds)
+        found.append(checkpoints.read(target.db))
+    # Counted over the last 60 s of looks: 1, 2, 4, then the looks older than 60 s drop out (2, then 0).
+    assert [r.value for r in found] == ["1", "2", "4", "2", "0"]
+    assert levels(found) == ["normal", "hold", "stop", "hold", "normal"]
+    assert found[2].threshold == "hold ≥ 2, stop ≥ 4 in 60 s"
+
+
+def test_real_checkpoints_are_counted_and_the_indicator_is_off_unless_configured(target: Target) -> None:
+    assert "checkpoints" not in [i.name for i in health_indicators(target.env, TABLES, SimulatedClock())]
+    clock = SimulatedClock()
+    checkpoints = pick(target, "checkpoints", clock, checkpoints_hold=1, checkpoints_stop=1000)
+    if not expect_na_on_sqlite(target, checkpoints):
+        return
+    assert checkpoints.read(target.db).decision is Decision.NOT_APPLICABLE
+    checkpoint()  # other sessions of a shared server may request more: the count only grows
+    clock.advance(1.0)
+    reading = checkpoints.read(target.db)
+    assert reading.decision is Decision.HOLD and float(reading.value) >= 1
 
 
 FAKE_ACTIVITY = "CREATE TABLE fake_activity (backend_type text, datname name, query text)"
@@ -152,11 +174,12 @@ def test_autovacuum_on_a_written_table_holds_and_to_prevent_wraparound_stops(tar
         "autovacuum: VACUUM ANALYZE public.fc_scores",
         "autovacuum: VACUUM public.profiles (to prevent wraparound)",
         "<insufficient privilege>",
+        "autovacuum: ANALYZE public.fc_scores",
     ):
         execute(target, "DELETE FROM fake_activity", "INSERT INTO fake_activity "
                 f"VALUES ('autovacuum worker', current_database(), '{query}')")  # fmt: skip
         found.append(autovacuum.read(target.db))
-    assert levels(found) == ["normal", "hold", "stop", "n/a"]
+    assert levels(found) == ["normal", "hold", "stop", "n/a", "normal"]  # a bare ANALYZE is light: no Hold
     assert found[1].value == "public.fc_scores" and found[2].value == "public.profiles"
     assert "grant pg_monitor" in found[3].reason
     # An autovacuum of the same table in another database is not this apply's business.
@@ -224,7 +247,7 @@ def test_every_postgres_indicator_reads_the_real_statistics_without_error(target
     clock = SimulatedClock()
     found = [i for i in health_indicators(target.env, TABLES, clock) if not isinstance(i, AppHealth)]
     assert [i.name for i in found] == [
-        "replication_lag", "replay_lag", "wal_rate", "checkpoints", "autovacuum", "lock_waits", "connections",
+        "replication_lag", "replay_lag", "wal_rate", "autovacuum", "lock_waits", "connections",
     ]  # fmt: skip
     for indicator in found:
         indicator.validate(target.db)
@@ -329,3 +352,28 @@ def test_the_default_app_series_are_the_functions_servers() -> None:
         metric_names.REQUESTS,
         metric_names.DURATION,
     )
+
+
+def test_a_role_without_superuser_or_pg_monitor_reads_every_indicator() -> None:
+    """Plain ``LOGIN`` role: every Postgres indicator reads (N/A where the role cannot see other sessions' columns),
+    none fails, none is a made-up Normal where it cannot see."""
+    role = f"gf_reader_{uuid.uuid4().hex[:8]}"
+    admin_url = server_url().replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN").format(psycopg.sql.Identifier(role)))
+    try:
+        url = make_url(admin_url).set(drivername="postgresql+psycopg", username=role, password=None)
+        env = Environment("reader", "staging", url.render_as_string(hide_password=False))
+        clock = SimulatedClock()
+        with Database(env) as db:
+            found = [i for i in health_indicators(env, TABLES, clock) if not isinstance(i, AppHealth)]
+            for indicator in found:
+                indicator.validate(db)
+            first = [i.read(db) for i in found]
+            clock.advance(1.0)
+            second = [i.read(db) for i in found]
+        assert all(r.decision is not Decision.STOP for r in first + second), first + second
+        assert {r.indicator: r.decision.value for r in second}["wal_rate"] == "normal"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))

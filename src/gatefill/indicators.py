@@ -1,23 +1,26 @@
-"""Apply's health indicators: the database's (replica lag, WAL rate, requested checkpoints, autovacuum and lock waits
-on the written tables, connections) and the live app's (a function's p95 and the 5xx share, from ``metrics_url``),
-each look classified Normal / Hold / Stop against the thresholds of ``config.ThrottleSettings``.
+"""Apply's health indicators: the database's (replica lag, WAL rate, autovacuum and lock waits on the written
+tables, connections, and requested checkpoints when configured) and the live app's (a function's p95 and the 5xx
+share, from ``metrics_url``), each look classified Normal / Hold / Stop against the thresholds of
+``config.ThrottleSettings``.
 
 Every Postgres read is one read-only transaction of plain ``SELECT``s on the statistics views: no superuser, no
 session state, so it works through a transaction-mode pooler. A role without ``pg_read_all_stats`` (``pg_monitor``)
 sees other sessions' columns as NULL; the indicators that need them then say N/A and why. On SQLite (no server
 statistics) the Postgres indicators are N/A, never Normal.
 
-The test seam: the relations and the function these indicators read are settings (``replication_source``,
-``activity_source``, ``locks_source``, ``wal_lsn_function`` of ``[throttle]``, defaults the ``pg_catalog`` ones). A
-test points them at views or functions of its own with the same columns (e.g. a view whose ``replay_lag`` it sets),
-so that every level of every indicator is reached on a real server without real replicas or real load.
+The test seam: the relations and the function these indicators read are settings of ``[throttle]``
+(``replication_source``, ``activity_source``, ``locks_source``, ``checkpoints_source``, ``wal_lsn_function``;
+by default the ``pg_catalog`` ones). A test points them at tables or functions of its own with the same columns
+(e.g. a table whose ``replay_lag`` it sets), so that every level of every indicator is reached on a real server
+without real replicas or real load. The names are checked as (schema-qualified) identifiers when the settings are
+read, so they cannot carry SQL.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 import sqlalchemy as sa
@@ -166,31 +169,40 @@ def _wal(t: ThrottleSettings, clock: Clock) -> PostgresIndicator:
     return PostgresIndicator("wal_rate", threshold, look)
 
 
-def _checkpoints(t: ThrottleSettings) -> PostgresIndicator:
-    """Checkpoints requested since the previous look (pg_stat_checkpointer from Postgres 17, pg_stat_bgwriter
-    before)."""
-    last: list[float] = []
-    threshold = _levels(t.checkpoints_hold, t.checkpoints_stop, _count)
+def _checkpoints(t: ThrottleSettings, clock: Clock) -> list[PostgresIndicator]:
+    """Checkpoints requested over the last ``checkpoints_window`` seconds (from the looks within it;
+    pg_stat_checkpointer from Postgres 17, pg_stat_bgwriter before). A requested checkpoint means the WAL outgrew
+    ``max_wal_size``, or someone asked (``CHECKPOINT``, and ``CREATE``/``DROP DATABASE``): the count is the
+    server's, whatever the cause."""
+    if t.checkpoints_hold is None or t.checkpoints_stop is None:
+        return []
+    hold, stop = t.checkpoints_hold, t.checkpoints_stop
+    looks: list[tuple[float, float]] = []
+    threshold = _levels(hold, stop, _count) + f" in {t.checkpoints_window:g} s"
 
     def look(conn: Connection) -> Reading:
         version = int(conn.execute(sa.text("SELECT current_setting('server_version_num')::int")).scalar_one())
-        query = (
-            "SELECT num_requested FROM pg_stat_checkpointer"
-            if version >= 170000
-            else "SELECT checkpoints_req FROM pg_stat_bgwriter"
-        )
-        total = float(conn.execute(sa.text(query)).scalar_one())
-        before, last[:] = (last[0] if last else None), [total]
-        if before is None or total < before:
+        if t.checkpoints_source:
+            query = f"SELECT num_requested FROM {t.checkpoints_source}"
+        elif version >= 170000:
+            query = "SELECT num_requested FROM pg_stat_checkpointer"
+        else:
+            query = "SELECT checkpoints_req FROM pg_stat_bgwriter"
+        total, now = float(conn.execute(sa.text(query)).scalar_one()), clock.monotonic()
+        if looks and total < looks[-1][1]:
+            looks.clear()  # the statistics were reset
+        looks[:] = [(at, n) for at, n in looks if now - at <= t.checkpoints_window] + [(now, total)]
+        if len(looks) < 2:
             return _na("checkpoints", "first look (or the counter was reset): counted from the next one", threshold)
-        return classify(
-            "checkpoints", total - before, t.checkpoints_hold, t.checkpoints_stop, _count, "requested checkpoints:"
-        )
+        requested = total - looks[0][1]
+        what = f"requested checkpoints in the last {now - looks[0][0]:.0f} s:"
+        return replace(classify("checkpoints", requested, hold, stop, _count, what), threshold=threshold)
 
-    return PostgresIndicator("checkpoints", threshold, look)
+    return [PostgresIndicator("checkpoints", threshold, look)]
 
 
-_AUTOVACUUM = re.compile(r"autovacuum: (?:VACUUM ANALYZE|VACUUM|ANALYZE) (\S+)( \(to prevent wraparound\))?")
+#: A vacuum by an autovacuum worker (a bare ANALYZE is short and light: it does not hold the apply).
+_AUTOVACUUM = re.compile(r"autovacuum: VACUUM(?: ANALYZE)? (\S+)( \(to prevent wraparound\))?")
 
 
 def _autovacuum(t: ThrottleSettings, tables: Sequence[str]) -> PostgresIndicator:
@@ -365,7 +377,7 @@ def health_indicators(env: Environment, tables: Sequence[str], clock: Clock) -> 
     found: list[Indicator] = [
         *_replication(t),
         _wal(t, clock),
-        _checkpoints(t),
+        *_checkpoints(t, clock),
         _autovacuum(t, tables),
         _lock_waits(t, tables),
         _connections(t),
