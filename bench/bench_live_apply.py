@@ -12,8 +12,9 @@ respondents), and starts ``gatefill serve functions`` in a child process. Then:
    server. First ``--baseline-seconds`` with no apply running: the finalize p95 (client-measured) is the baseline.
    Then, with the same traffic going on, an adaptive apply of the plan runs in a child process with no fixed rate
    (``--rate unlimited``, health indicators on, the environment's ``metrics_url`` pointing at the server's
-   ``/metrics``). Its app indicator holds at the first histogram edge above the baseline's p95 (the thresholds are
-   printed). Goal: finalize p95 while the apply runs ≤ 1.2x the baseline, and the apply finishes.
+   ``/metrics``). Its app indicator holds at the first histogram edge above the baseline's p95 and stops at 3x that,
+   over windows of 3 s of traffic, with a ``--cool-down`` of 5 s (the thresholds are printed). Goal: finalize p95
+   while the apply runs ≤ 1.2x the baseline, and the apply finishes.
 2. **Stop.** A second plan (``--stop-sessions`` fresh candidates) is applied with ``--throttle-query "SELECT v FROM
    bench_flag"``. Once ``--flip-after`` batches have committed the flag turns true; the bench counts the batches
    committed after the flip (goal: at most the one in flight), checks that the hold was recorded, turns the flag
@@ -197,8 +198,11 @@ def live_part(url: str, base: str, plan_path: Path, args: argparse.Namespace, tm
     t1 = time.monotonic()
     baseline = p95(traffic.between(t0 + 2.0, t1))  # the first calls warm the server up
     hold = hold_threshold_ms(baseline)
-    throttle = {"app_p95_hold_ms": hold, "app_p95_stop_ms": 2 * hold, "app_min_calls": 10, "hold_floor": 1 / 64}
-    options = {"rate": "unlimited", "metrics_url": f"{base}/metrics", "throttle_interval": 0.5}
+    # Windows of 3 s of traffic (fewer calls make a noisy p95), Stop at 3x the Hold, a short cool-down.
+    throttle = {"app_p95_hold_ms": hold, "app_p95_stop_ms": 3 * hold, "app_min_calls": int(2.5 * args.traffic_rate),
+                "hold_floor": 1 / 64, "cool_down_seconds": args.cool_down}  # fmt: skip
+    # A look every 3 s: each one finds a new window of the app's calls judged.
+    options = {"rate": "unlimited", "metrics_url": f"{base}/metrics", "throttle_interval": 3.0}
     proc = run_apply(url, plan_path, tmp / "live", options, throttle)
     applied = finish(proc)
     t2 = time.monotonic()
@@ -256,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--traffic-rate", type=float, default=10.0, help="finalize calls per second")
     parser.add_argument("--baseline-seconds", type=float, default=30.0)
     parser.add_argument("--max-apply-seconds", type=float, default=240.0, help="traffic sessions written for this")
+    parser.add_argument("--cool-down", type=float, default=5.0, help="the live part's cool-down after a Stop")
     parser.add_argument("--stop-sessions", type=int, default=2000)
     parser.add_argument("--stop-batch-size", type=int, default=20)
     parser.add_argument("--flip-after", type=int, default=5, help="batches committed before the flag turns true")

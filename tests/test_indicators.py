@@ -321,7 +321,7 @@ def test_the_apps_p95_and_5xx_share_hold_and_stop(target: Target, app: FakeApp) 
     app.calls(30, 0.03)
     found.append(indicator.read(target.db))  # p95 ≤ 50 ms, no 5xx
     app.calls(10, 0.03)
-    found.append(indicator.read(target.db))  # 10 calls: not judged yet
+    found.append(indicator.read(target.db))  # 10 calls: not judged yet, the last judgment stands
     app.calls(25, 0.3)
     found.append(indicator.read(target.db))  # p95 in (100, 500] ms of 35 calls: ≥ 500 ms is the bucket's edge
     app.calls(40, 3.0)
@@ -332,7 +332,8 @@ def test_the_apps_p95_and_5xx_share_hold_and_stop(target: Target, app: FakeApp) 
     app.calls(90, 0.03)
     app.calls(10, 0.03, status="503")
     found.append(indicator.read(target.db))  # 10% 5xx: Stop
-    assert levels(found) == ["normal", "n/a", "hold", "stop", "hold", "stop"]
+    assert levels(found) == ["normal", "normal", "hold", "stop", "hold", "stop"]
+    assert found[1].reason.endswith("; the next window has 10 of 20 calls")
     assert found[0].value == "finalizeAssessment p95 in (10 ms, 50 ms]; 5xx 0 of 30 (0.0%)"
     assert found[4].value.endswith("5xx 1 of 100 (1.0%)")
     assert "p95 hold ≥ 500 ms, stop ≥ 2000 ms" in found[3].threshold

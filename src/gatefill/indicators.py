@@ -279,7 +279,7 @@ def _connections(t: ThrottleSettings) -> PostgresIndicator:
 class AppHealth:
     """The live app, from its Prometheus metrics: ``app_function``'s p95 latency and the share of 5xx answers (all
     functions) over the calls since the window began. A window is judged once it has ``app_min_calls`` calls; then
-    the next one begins. The worse of the two is the reading."""
+    the next one begins, and the last judgment stands until it is judged. The worse of the two is the reading."""
 
     url: str
     settings: ThrottleSettings
@@ -287,6 +287,7 @@ class AppHealth:
     per_batch: bool = False
     timeout: float = 2.0
     _base: Series | None = field(default=None, repr=False)
+    _last: Reading | None = field(default=None, repr=False)
 
     @property
     def threshold(self) -> str:
@@ -317,13 +318,14 @@ class AppHealth:
             return _na(self.name, "first look (or the app restarted): the window begins now", self.threshold)
         calls = self._calls(now) - self._calls(base)
         if calls < self.settings.app_min_calls:
-            return _na(
-                self.name,
-                f"{calls:g} calls in the window so far, judged at {self.settings.app_min_calls}",
-                self.threshold,
-            )
+            # While the next window fills, the last judgment stands (a filling window is no evidence of Normal).
+            filling = f"the next window has {calls:g} of {self.settings.app_min_calls} calls"
+            if self._last is None:
+                return _na(self.name, filling, self.threshold)
+            return replace(self._last, reason=f"{self._last.reason}; {filling}")
         self._base = now
-        return self._judge(base, now)
+        self._last = self._judge(base, now)
+        return self._last
 
     def _calls(self, series: Series) -> float:
         name = f"{self.settings.app_requests_metric}_total"
