@@ -85,6 +85,10 @@ BAD_APPLY_OPTIONS = [
     (["--max-failures", "-1"], "--max-failures must be 0 or more, not -1"),
     (["--rate", "fast"], "not a rate: 'fast'"),
     (["--executor", "remote"], "unknown executor 'remote'"),
+    (["--target-batch-time", "-1"], "--target-batch-time must be 0 (off) or more seconds, not -1.0"),
+    (["--cool-down", "-5"], "--cool-down must be 0 or more seconds, not -5.0"),
+    (["--min-batch-size", "0"], "--min-batch-size must be at least 1, not 0"),
+    (["--min-batch-size", "9", "--max-batch-size", "3"], "--min-batch-size 9 is above --max-batch-size 3"),
 ]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gatefill.config import EXAMPLE_CONFIG, load_settings
+from gatefill.config import EXAMPLE_CONFIG, ThrottleSettings, load_settings
 from gatefill.errors import ConfigError
 
 
@@ -144,4 +144,34 @@ def test_a_bad_pooler_or_lease_ttl_is_a_config_error(tmp_path: Path, lines: str,
 def test_a_pooler_needs_a_postgres_url(tmp_path: Path) -> None:
     path = write(tmp_path, '[env.x]\ndatabase_url = "sqlite:///x.db"\npooler = "transaction"\n')
     with pytest.raises(ConfigError, match="pooler 'transaction' needs a postgresql:// database_url"):
+        load_settings(path, environ={})
+
+
+def test_throttle_settings_from_the_file_with_an_environment_over_them(tmp_path: Path) -> None:
+    text = (
+        "[throttle]\ncool_down_seconds = 30\nreplay_lag_hold_seconds = 0.5\n"
+        '[env.a]\ndatabase_url = "sqlite:///a.db"\n[env.a.throttle]\ncool_down_seconds = 5\nmax_batch_size = 40\n'
+        '[env.b]\ndatabase_url = "sqlite:///b.db"\n'
+    )
+    settings = load_settings(write(tmp_path, text), environ={})
+    a, b = settings.env("a").throttle, settings.env("b").throttle
+    assert (a.cool_down_seconds, a.max_batch_size, a.replay_lag_hold_seconds) == (5.0, 40, 0.5)
+    assert (b.cool_down_seconds, b.max_batch_size, b.replay_lag_hold_seconds) == (30.0, 1000, 0.5)
+    assert b.wal_hold_bytes_per_second == ThrottleSettings().wal_hold_bytes_per_second
+    assert load_settings(write(tmp_path, EXAMPLE_CONFIG), environ={}).env("staging").throttle == ThrottleSettings()
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("[throttle]\nreplay_lag = 3", "unknown throttle key 'replay_lag'"),
+        ('[throttle]\ncool_down_seconds = "1m"', "throttle.cool_down_seconds must be a number of 0 or more"),
+        ("[throttle]\nmax_batch_size = 0.5", "throttle.max_batch_size must be a whole number of 1 or more"),
+        ('[throttle]\nactivity_source = "pg_stat_activity; drop table x"', "must be a \\(schema-qualified\\) name"),
+        ("throttle = 3", "throttle must be a table"),
+    ],
+)
+def test_a_bad_throttle_setting_is_a_config_error(tmp_path: Path, lines: str, message: str) -> None:
+    path = write(tmp_path, f'{lines}\n[env.x]\ndatabase_url = "sqlite:///x.db"\n')
+    with pytest.raises(ConfigError, match=message):
         load_settings(path, environ={})

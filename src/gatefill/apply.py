@@ -40,6 +40,7 @@ from gatefill.errors import (
 )
 from gatefill.gate import Override, check_production_gate, record_production_gate
 from gatefill.holds import Indicator, ThrottleFile, ThrottleQuery, validate_all
+from gatefill.indicators import health_indicators
 from gatefill.interrupt import Interruption, stop_on_signals
 from gatefill.job import (
     LOCAL_EXECUTOR,
@@ -100,17 +101,48 @@ class ApplyOptions:
     #: Hold (no batch starts) while this file exists / while this read-only query returns a true first column.
     throttle_file: Path | None = None
     throttle_query: str | None = None
-    #: Seconds between looks while held.
+    #: Seconds between looks at the health indicators, and at every indicator while a Stop holds.
     throttle_interval: float = DEFAULT_THROTTLE_INTERVAL
+    #: Read the health indicators (``gatefill.indicators``); False: only the manual ones above.
+    health: bool = True
+    #: Each None: the environment's ``[throttle]`` setting (``config.ThrottleSettings``). A target batch time of 0
+    #: keeps the batch size as given; an explicit ``batch_size`` is never resized (only halved by Holds).
+    target_batch_time: float | None = None
+    cool_down: float | None = None
+    min_batch_size: int | None = None
+    max_batch_size: int | None = None
 
-    def indicators(self) -> list[Indicator]:
-        """The hold indicators these options ask for, in the order they are read."""
+    def indicators(self, env: Environment, job: Job, clock: Clock) -> list[Indicator]:
+        """The indicators these options ask for, in the order they are read: the manual ones, then the health
+        ones of ``env`` on the tables ``job`` writes."""
         found: list[Indicator] = []
         if self.throttle_file is not None:
             found.append(ThrottleFile(self.throttle_file))
         if self.throttle_query is not None:
             found.append(ThrottleQuery(self.throttle_query))
+        if self.health:
+            found.extend(health_indicators(env, [t.name for t in job.written_tables()], clock))
         return found
+
+    def pacer(self, db: Database, run_id: str, plan: Plan, env: Environment, clock: Clock, **kw: Any) -> Pacer:
+        """The pacer of an invocation: these options over the environment's throttle settings over the plan's."""
+        t = env.throttle
+        target = t.target_batch_time if self.target_batch_time is None else self.target_batch_time
+        return Pacer(
+            db,
+            run_id,
+            clock,
+            rate=parse_rate(self.rate or plan.parameters.rate),
+            size=self.batch_size or plan.parameters.batch_size,
+            interval=self.throttle_interval,
+            cool_down=t.cool_down_seconds if self.cool_down is None else self.cool_down,
+            target_batch_time=target or None,
+            fixed_size=self.batch_size is not None,
+            min_size=self.min_batch_size or t.min_batch_size,
+            max_size=self.max_batch_size or t.max_batch_size,
+            floor=t.hold_floor,
+            **kw,
+        )
 
     def validate(self, job: Job) -> None:
         """``UsageError`` (exit 2) for an option that cannot be used; apply checks this before it writes anything."""
@@ -127,6 +159,18 @@ class ApplyOptions:
             raise UsageError("--approve-as needs a name")
         if self.throttle_interval <= 0:
             raise UsageError(f"--throttle-interval must be more than 0 seconds, not {self.throttle_interval}")
+        self._validate_pacing()
+
+    def _validate_pacing(self) -> None:
+        if self.target_batch_time is not None and self.target_batch_time < 0:
+            raise UsageError(f"--target-batch-time must be 0 (off) or more seconds, not {self.target_batch_time}")
+        if self.cool_down is not None and self.cool_down < 0:
+            raise UsageError(f"--cool-down must be 0 or more seconds, not {self.cool_down}")
+        for flag, value in (("--min-batch-size", self.min_batch_size), ("--max-batch-size", self.max_batch_size)):
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} must be at least 1, not {value}")
+        if (self.min_batch_size or 1) > (self.max_batch_size or self.min_batch_size or 1):
+            raise UsageError(f"--min-batch-size {self.min_batch_size} is above --max-batch-size {self.max_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -320,7 +364,7 @@ def apply_plan(
     or ``override`` must name who lets it through and why.
     """
     options.validate(job)
-    indicators = options.indicators()
+    indicators = options.indicators(env, job, clock)
     validate_all(indicators, db)  # a throttle query that cannot run stops the apply before it writes anything
     verify_plan(plan, env)
     if dict(plan.versions) != dict(job.versions):
@@ -350,17 +394,7 @@ def apply_plan(
             lease.fence(conn)
             reason = _start_reason(todo.remaining, lease)
             ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=reason)
-        pacer = Pacer(
-            db,
-            run.id,
-            clock,
-            stop,
-            lease.fence,
-            rate=parse_rate(options.rate or plan.parameters.rate),
-            size=options.batch_size or plan.parameters.batch_size,
-            indicators=indicators,
-            interval=options.throttle_interval,
-        )
+        pacer = options.pacer(db, run.id, plan, env, clock, stop=stop, fence=lease.fence, indicators=indicators)
         work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result, pacer)
         _run_batches(work, todo, progress=progress, before_batch=before_batch)
         _finish(work)
@@ -625,6 +659,8 @@ class BackfillGate:
     throttle_wait_seconds: float | None = None
     #: Every hold of the run (every invocation), from the ledger.
     holds: list[ledger.Hold] = field(default_factory=list)
+    #: Every pacing decision of the run (every invocation), from the ledger.
+    decisions: list[ledger.PaceDecision] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -672,6 +708,7 @@ def measure_backfill_gate(
         approvals = ledger.approvals_for(conn, run_id)
         invocations = run_invocations(ledger.run_events_for(conn, run_id), batch_rows)
         holds = ledger.holds_for(conn, run_id)
+        decisions = ledger.decisions_for(conn, run_id)
     plan = run.plan or {}
     # The dry run compares every row the run recorded with the database now (conflict = changed or deleted since).
     dry = rollback_run(db, run_id, job.written_tables(), now=measured_at, dry_run=True, artifacts_dir=artifacts_dir)
@@ -697,6 +734,7 @@ def measure_backfill_gate(
         processed=sum(i.sessions for i in invocations),
         throttle_wait_seconds=float(result.throttle_wait_seconds) if result else None,
         holds=holds,
+        decisions=decisions,
     )
 
 

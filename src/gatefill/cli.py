@@ -41,7 +41,7 @@ from gatefill.errors import GatefillError, UsageError
 from gatefill.gate import Override
 from gatefill.job import Baseline, Measurement
 from gatefill.lease import describe_lease
-from gatefill.ledger import Hold
+from gatefill.ledger import Hold, PaceDecision
 from gatefill.pipeline import PipelineOptions
 from gatefill.plan import PlanParams
 from gatefill.progress import apply_progress
@@ -286,8 +286,50 @@ def approve_command(
 def apply_command(
     target: Annotated[str, typer.Argument(metavar="RUN|PLAN.json", help="A planned run id or a plan file.")],
     env: Annotated[str | None, typer.Option("--env", help="Environment (default: the plan's).")] = None,
-    rate: Annotated[str | None, typer.Option(help="Override the plan's rate (e.g. 20/min, unlimited).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Override the plan's batch size.")] = None,
+    rate: Annotated[
+        str | None,
+        typer.Option(
+            help="Override the plan's rate (e.g. 20/min). unlimited: as fast as the indicators allow (a Hold then "
+            "halves the measured throughput)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="A fixed batch size: wins over the plan's and over --target-batch-time (never resized; a Hold "
+            "still halves it).",
+        ),
+    ] = None,
+    target_batch_time: Annotated[
+        float | None,
+        typer.Option(
+            "--target-batch-time",
+            help="Seconds a batch should take: batches are sized from the measured ones, within --min-batch-size "
+            "and --max-batch-size; 0 keeps the plan's size. [default: 1, or [throttle] target_batch_time]",
+        ),
+    ] = None,
+    min_batch_size: Annotated[
+        int | None, typer.Option("--min-batch-size", help="Smallest batch (sizing and Holds). [default: 1]")
+    ] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option("--max-batch-size", help="Largest batch --target-batch-time may size. [default: 1000]")
+    ] = None,
+    cool_down: Annotated[
+        float | None,
+        typer.Option(
+            "--cool-down",
+            help="After a Stop, seconds every indicator must read Normal before the next batch. [default: 60]",
+        ),
+    ] = None,
+    health: Annotated[
+        bool,
+        typer.Option(
+            "--health/--no-health",
+            help="Read the health indicators (replica lag, WAL rate, checkpoints, autovacuum, lock waits, "
+            "connections, the app's metrics); thresholds in [throttle] of gatefill.toml.",
+        ),
+    ] = True,
     executor: Annotated[
         str, typer.Option(help="local (in-process), or one of the job's own (prism: functions, over HTTP).")
     ] = "local",
@@ -301,20 +343,22 @@ def apply_command(
     by: Annotated[str | None, typer.Option("--by", help="Who overrides the gate.")] = None,
     reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden.")] = None,
     throttle_file: Annotated[
-        Path | None, typer.Option("--throttle-file", help="Hold (no batch starts) while this file exists.")
+        Path | None, typer.Option("--throttle-file", help="Stop (no batch starts) while this file exists.")
     ] = None,
     throttle_query: Annotated[
         str | None,
-        typer.Option("--throttle-query", help="Hold while this read-only SQL returns a true first column."),
+        typer.Option("--throttle-query", help="Stop while this read-only SQL returns a true first column."),
     ] = None,
     throttle_interval: Annotated[
-        float, typer.Option("--throttle-interval", help="Seconds between looks while held.")
+        float,
+        typer.Option("--throttle-interval", help="Seconds between looks at the health indicators, and while stopped."),
     ] = DEFAULT_THROTTLE_INTERVAL,
     job_name: JobOption = None,
 ) -> None:
     """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable.
 
-    The plan names its job; --job, when given, must be that job."""
+    Before each batch the indicators are read: Hold halves the rate and batch size, Stop pauses until every one
+    has read Normal for --cool-down. The plan names its job; --job, when given, must be that job."""
     options = ApplyOptions(
         rate=rate,
         batch_size=batch_size,
@@ -324,6 +368,11 @@ def apply_command(
         throttle_file=throttle_file,
         throttle_query=throttle_query,
         throttle_interval=throttle_interval,
+        health=health,
+        target_batch_time=target_batch_time,
+        cool_down=cool_down,
+        min_batch_size=min_batch_size,
+        max_batch_size=max_batch_size,
     )
     override = Override(by or "", reason or "") if override_gate else None
     with apply_progress(out) as progress:
@@ -472,6 +521,8 @@ def status_command(
         )
         if p.holds:
             out.print(f"  {_holds_text(p.holds)}", markup=False)
+        for line in _decisions_text(p.decisions):
+            out.print(f"  {line}", markup=False)
     for a in p.approvals:
         out.print(
             f"  {a.kind}: gate {a.gate} by {a.approved_by} at {a.at.isoformat()}" + (f" ({a.note})" if a.note else "")
@@ -490,6 +541,32 @@ def _holds_text(holds: Sequence[Hold]) -> str:
         f"holds: {len(holds)}, {total:.1f} s in all; last: {last.indicator} = {last.value} "
         f"before batch {last.batch_no} ({last.reason}), {state}"
     )
+
+
+#: How many of a run's latest pacing decisions ``status`` lists.
+_DECISIONS_SHOWN = 8
+
+
+def _decisions_text(decisions: Sequence[PaceDecision]) -> list[str]:
+    """The indicators of the run's last invocation (level and thresholds at its first look) and its latest
+    pacing decisions."""
+    if not decisions:
+        return []
+    starts = [
+        i for i, d in enumerate(decisions) if d.action == "watch" and (i == 0 or decisions[i - 1].action != "watch")
+    ]
+    watched = [d for d in decisions[starts[-1] if starts else 0 :] if d.action == "watch"]
+    changes = [d for d in decisions if d.action != "watch"]
+    last = decisions[-1]
+    lines = [f"pacing: {len(changes)} decisions; now {last.rate}, batch size {last.batch_size}"]
+    lines += [f"  {d.indicator}: {d.level} ({d.reason}); {d.threshold or 'no threshold'}" for d in watched]
+    for d in changes[-_DECISIONS_SHOWN:]:
+        held = f", held {d.held_seconds:.1f} s" if d.held_seconds is not None else ""
+        lines.append(
+            f"  {d.at.isoformat()} before batch {d.batch_no}: {d.action} on {d.indicator} = {d.value} "
+            f"[{d.threshold}]{held} -> rate {d.rate}, batch size {d.batch_size}"
+        )
+    return lines
 
 
 def _recent_runs_view(runs: Sequence[tuple[str, Any]], env: str | None) -> None:

@@ -33,9 +33,11 @@ __all__ = [
     "DEFAULT_THROTTLE_INTERVAL",
     "EXAMPLE_CONFIG",
     "POOLERS",
+    "THROTTLE_DEFAULTS",
     "Environment",
     "Pooler",
     "Settings",
+    "ThrottleSettings",
     "load_settings",
 ]
 
@@ -52,7 +54,7 @@ _ENV_KEYS = {
     "pooler",
     "lease_ttl",
 }
-_TOP_KEYS = {"env", "artifacts_dir", "job"}
+_TOP_KEYS = {"env", "artifacts_dir", "job", "throttle"}
 _DEFAULT_KEY_ENV = "SUPABASE_SERVICE_ROLE_KEY"
 
 Pooler = Literal["none", "session", "transaction"]
@@ -68,13 +70,116 @@ MIN_LEASE_TTL = 1.0
 DEFAULT_RATE = "20/min"
 #: Sessions per batch (one transaction each).
 DEFAULT_BATCH_SIZE = 5
-#: Seconds between looks at apply's hold indicators (--throttle-file, --throttle-query) while they hold.
+#: Seconds between looks at apply's health indicators (and at every indicator while a Stop holds the apply).
 DEFAULT_THROTTLE_INTERVAL = 1.0
 #: The start of the window discovery looks at (``created_at >= since``): the one every plan of 2025-09-17/18 used.
 DEFAULT_SINCE = "2025-08-01"
 #: The staging soak's window and the time between its looks.
 DEFAULT_SOAK_DURATION = "6h"
 DEFAULT_SOAK_INTERVAL = "5m"
+
+
+@dataclass(frozen=True)
+class ThrottleSettings:
+    """Apply's adaptive throttle: each health indicator's Hold and Stop thresholds, how Hold slows the apply and how
+    long a Stop lasts, and how batches are sized. Read from ``[throttle]`` (all environments) and
+    ``[env.NAME.throttle]`` (one environment; its keys win); ``--target-batch-time``, ``--cool-down``,
+    ``--min-batch-size`` and ``--max-batch-size`` override the matching keys for one apply.
+
+    The anchors: gh-ost holds at 1.5 s of replica lag (``--max-lag-millis`` 1500); GitLab's batched migrations stop
+    on autovacuum of their tables, on 100 MB of replication-slot lag and on a WAL-rate threshold of 70 MB, hold a
+    stopped migration 10 min, and size batches to a target duration from an EMA (alpha 0.4) of past batches;
+    pt-online-schema-change sizes chunks to 0.5 s and aborts at 2x the load it pauses at.
+    """
+
+    #: Replicas (``pg_stat_replication``): bytes not yet replayed, and the replay lag in seconds.
+    replication_lag_hold_bytes: float = 32 * 1024 * 1024
+    replication_lag_stop_bytes: float = 100 * 1000 * 1000
+    replay_lag_hold_seconds: float = 1.5
+    replay_lag_stop_seconds: float = 6.0
+    #: WAL written per second (all writers, from ``pg_current_wal_lsn()`` between looks) against a budget.
+    wal_hold_bytes_per_second: float = 35 * 1000 * 1000
+    wal_stop_bytes_per_second: float = 70 * 1000 * 1000
+    #: Checkpoints requested in the last ``checkpoints_window`` seconds (at the default max_wal_size of 1 GB, four a
+    #: minute mean about 70 MB/s of WAL). Off unless set (e.g. 2 and 4): the counter is the server's and counts
+    #: every ``CHECKPOINT`` and ``DROP DATABASE`` too, so a server shared with a test suite would hold every apply;
+    #: the WAL rate measures the same pressure directly.
+    checkpoints_hold: float | None = None
+    checkpoints_stop: float | None = None
+    checkpoints_window: float = 60.0
+    #: Lock requests on the written tables waiting (``pg_locks`` not granted).
+    lock_waits_hold: float = 1
+    lock_waits_stop: float = 5
+    #: Client connections as a share of ``max_connections``.
+    connections_hold: float = 0.75
+    connections_stop: float = 0.90
+    #: The live app (``metrics_url``): the p95 of one function's latency, and the share of 5xx answers, over the
+    #: calls since the previous look (a window is read only once it has ``app_min_calls`` calls).
+    app_p95_hold_ms: float = 500.0
+    app_p95_stop_ms: float = 2000.0
+    app_5xx_hold: float = 0.01
+    app_5xx_stop: float = 0.05
+    app_min_calls: int = 20
+    #: The series the app indicator reads: the functions server's (``gatefill serve functions``) names.
+    app_function: str = "finalizeAssessment"
+    app_requests_metric: str = "gatefill_function_requests"
+    app_duration_metric: str = "gatefill_function_request_duration_seconds"
+    #: After a Stop, every indicator must read Normal this long before the next batch starts.
+    cool_down_seconds: float = 60.0
+    #: Each consecutive Hold halves the rate and the batch size, down to this share of them; each Normal look
+    #: doubles them back, step by step.
+    hold_floor: float = 1 / 16
+    #: Batches sized to this duration from the measured ones (0: keep the plan's or --batch-size).
+    target_batch_time: float = 1.0
+    min_batch_size: int = 1
+    max_batch_size: int = 1000
+    #: Where the Postgres indicators read (the test seam: a test points these at views or functions of its own).
+    replication_source: str = "pg_stat_replication"
+    activity_source: str = "pg_stat_activity"
+    locks_source: str = "pg_locks"
+    wal_lsn_function: str = "pg_current_wal_lsn"
+    #: A relation with ``num_requested`` instead of the server's view (empty: pg_stat_checkpointer or
+    #: pg_stat_bgwriter, by version).
+    checkpoints_source: str = ""
+
+
+THROTTLE_DEFAULTS = ThrottleSettings()
+_SOURCE_KEYS = {"replication_source", "activity_source", "locks_source", "checkpoints_source", "wal_lsn_function"}
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+
+
+def _throttle_settings(where: str, *tables: object) -> ThrottleSettings:
+    """The defaults overridden by each table in turn (later ones win); a ``ConfigError`` for an unknown key or a
+    value of the wrong kind."""
+    fields = {f.name: f.type for f in THROTTLE_DEFAULTS.__dataclass_fields__.values()}
+    values: dict[str, Any] = {}
+    for table in tables:
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: throttle must be a table")
+        for key, value in table.items():
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown throttle key {key!r}")
+            values[key] = _throttle_value(where, key, value, str(fields[key]))
+    return ThrottleSettings(**values)
+
+
+def _throttle_value(where: str, key: str, value: object, kind: str) -> object:
+    if kind.endswith("| None"):
+        kind = kind.removesuffix(" | None")
+    if kind == "str":
+        if not isinstance(value, str) or (key in _SOURCE_KEYS and value and not _IDENTIFIER.fullmatch(value)):
+            raise ConfigError(f"{where}: throttle.{key} must be a (schema-qualified) name, not {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{where}: throttle.{key} must be a number of 0 or more, not {value!r}")
+    if kind == "int":
+        if int(value) != value or value < 1:
+            raise ConfigError(f"{where}: throttle.{key} must be a whole number of 1 or more, not {value!r}")
+        return int(value)
+    return float(value)
+
 
 EXAMPLE_CONFIG = """\
 # gatefill.toml: the environments gatefill may touch.
@@ -100,10 +205,22 @@ kind = "staging"                      # "staging" or "production": production ap
 # metrics_url = "http://127.0.0.1:54321/metrics"          # the app's Prometheus metrics: the soak counts 5xx answers
 # service_role_key_env = "SUPABASE_SERVICE_ROLE_KEY"      # name of the variable holding the service-role key
 
+# [env.staging.throttle]  # this environment's thresholds, over the [throttle] table below
+# wal_hold_bytes_per_second = 20000000
+
 [env.production]
 database_url = "sqlite:///production.db"
 kind = "production"
 # database_password_env = "PROD_DB_PASSWORD"   # the password is read from this variable, never from this file
+
+# [throttle]   # apply's adaptive throttle, for every environment (each key's default in config.ThrottleSettings)
+# replay_lag_hold_seconds = 1.5        # replicas: Hold (halve rate and batch size) at this replay lag ...
+# replay_lag_stop_seconds = 6.0        # ... and Stop (no batch starts) at this one
+# wal_hold_bytes_per_second = 35000000 # the WAL budget: Hold above it, Stop above wal_stop_bytes_per_second
+# app_p95_hold_ms = 500                # the app's finalize p95 (needs metrics_url), Hold and Stop
+# app_p95_stop_ms = 2000
+# cool_down_seconds = 60               # after a Stop, every indicator Normal this long before the next batch
+# target_batch_time = 1.0              # seconds per batch, sized from the measured ones
 """
 
 
@@ -127,6 +244,8 @@ class Environment:
     pooler: Pooler = "none"
     #: Seconds a run's lease outlives its holder's last heartbeat.
     lease_ttl: float = DEFAULT_LEASE_TTL
+    #: Apply's adaptive throttle (``[throttle]`` with ``[env.NAME.throttle]`` over it).
+    throttle: ThrottleSettings = THROTTLE_DEFAULTS
 
     @property
     def url(self) -> URL:
@@ -227,7 +346,15 @@ def _resolve_database_url(
     return url.render_as_string(hide_password=False)
 
 
-def _build_environment(name: str, table: Mapping[str, object], root: Path, environ: Mapping[str, str]) -> Environment:
+def _build_environment(
+    name: str,
+    table: Mapping[str, object],
+    root: Path,
+    environ: Mapping[str, str],
+    throttle: object = None,
+) -> Environment:
+    throttle_settings = _throttle_settings(f"environment '{name}'", throttle, table.get("throttle"))
+    table = {k: v for k, v in table.items() if k != "throttle"}
     unknown = set(table) - _ENV_KEYS
     if unknown:
         raise ConfigError(f"environment '{name}': unknown key(s) {', '.join(sorted(unknown))}")
@@ -270,6 +397,7 @@ def _build_environment(name: str, table: Mapping[str, object], root: Path, envir
         service_role_key_env=values.get("service_role_key_env", _DEFAULT_KEY_ENV),
         pooler=pooler,
         lease_ttl=lease_ttl,
+        throttle=throttle_settings,
     )
 
 
@@ -318,11 +446,11 @@ def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | 
     for name, table in env_tables.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: env.{name} must be a table")
-        environments[name] = _build_environment(name, table, root, environ)
+        environments[name] = _build_environment(name, table, root, environ, data.get("throttle"))
     declared = {re.sub(r"[^A-Za-z0-9]", "_", n).upper() for n in environments}
     for upper, lower in _names_from_environ(environ).items():
         if upper not in declared:
-            environments[lower] = _build_environment(lower, {}, root, environ)
+            environments[lower] = _build_environment(lower, {}, root, environ, data.get("throttle"))
     artifacts = data.get("artifacts_dir", "artifacts")
     if not isinstance(artifacts, str):
         raise ConfigError(f"{path}: artifacts_dir must be a string")

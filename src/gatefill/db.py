@@ -209,9 +209,12 @@ class Capabilities:
     #: A connection keeps its session (settings, prepared statements) from one transaction to the next; False
     #: behind a transaction-mode pooler, which hands each transaction whichever server connection is free.
     session_state: bool = True
+    #: The server's statistics views (replication, WAL, checkpoints, vacuum, locks), which apply's health
+    #: indicators read (``gatefill.indicators``).
+    server_statistics: bool = False
 
 
-POSTGRES_CAPS = Capabilities("postgresql", True, True, True, True, True, "now()")
+POSTGRES_CAPS = Capabilities("postgresql", True, True, True, True, True, "now()", server_statistics=True)
 POOLED_POSTGRES_CAPS = replace(POSTGRES_CAPS, session_state=False)
 SQLITE_CAPS = Capabilities("sqlite", False, False, False, False, False, "strftime('%Y-%m-%dT%H:%M:%f000Z','now')")
 

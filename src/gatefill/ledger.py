@@ -17,7 +17,7 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -51,6 +51,7 @@ __all__ = [
     "Lease",
     "LeaseHolder",
     "LeaseLost",
+    "PaceDecision",
     "Run",
     "RunEvent",
     "RunLocked",
@@ -59,6 +60,7 @@ __all__ = [
     "baseline_for",
     "begin_hold",
     "create_run",
+    "decisions_for",
     "drop_intents",
     "end_hold",
     "fence_lease",
@@ -76,6 +78,7 @@ __all__ = [
     "record_approval_once",
     "record_baseline",
     "record_batch",
+    "record_decisions",
     "record_intents",
     "record_measurement",
     "release_lease",
@@ -361,6 +364,28 @@ holds = sa.Table(
     sa.Column("seconds", sa.Float()),
     sa.Column("checks", sa.Integer(), nullable=False),
     sa.Column("ended_by", sa.Text()),  # clear (every indicator Normal again) | stop (Ctrl-C, SIGTERM)
+)
+
+# An apply's pacing decisions: each look that changed something (a Hold that slowed it, a Normal that sped it back
+# up, a Stop and the resume after its cool-down, a batch size fitted to the target batch time), with the indicator,
+# the value it read, its thresholds, its level, and the rate and batch size from then on. The first look lists every
+# indicator with its thresholds (``watch``), N/A ones included. A ledger made before it gets it from ``init_ledger``.
+decisions = sa.Table(
+    "gatefill_decisions",
+    LEDGER_METADATA,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("at", UTCTimestamp(), nullable=False),
+    sa.Column("batch_no", sa.Integer(), nullable=False),  # the batch about to start
+    sa.Column("action", sa.Text(), nullable=False),  # watch | slow | recover | stop | resume | size
+    sa.Column("indicator", sa.Text(), nullable=False),
+    sa.Column("level", sa.Text(), nullable=False),  # n/a | normal | hold | stop
+    sa.Column("value", sa.Text(), nullable=False),
+    sa.Column("threshold", sa.Text(), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=False),
+    sa.Column("rate", sa.Text(), nullable=False),  # the effective rate from then on
+    sa.Column("batch_size", sa.Integer(), nullable=False),  # and the batch size
+    sa.Column("held_seconds", sa.Float()),  # resume: how long the Stop kept batches from starting
 )
 
 LEDGER_TABLES: tuple[str, ...] = tuple(LEDGER_METADATA.tables)
@@ -1258,3 +1283,46 @@ def holds_for(conn: Connection, run_id: str) -> list[Hold]:
         Hold(r.batch_no, r.indicator, r.value, r.reason, r.began_at, r.ended_at, r.seconds, r.checks, r.ended_by)
         for r in rows
     ]
+
+
+# ====================================================================================================================
+# Pacing decisions
+
+
+@dataclass(frozen=True)
+class PaceDecision:
+    """One pacing decision of an apply (``gatefill.pacing``): what changed before ``batch_no``, on which
+    indicator's reading, against which thresholds, and the rate and batch size it left."""
+
+    at: datetime
+    batch_no: int
+    action: str
+    indicator: str
+    level: str
+    value: str
+    threshold: str
+    reason: str
+    rate: str
+    batch_size: int
+    held_seconds: float | None = None
+
+
+def record_decisions(conn: Connection, run_id: str, found: Sequence[PaceDecision]) -> None:
+    """Records pacing decisions of run ``run_id`` in the caller's transaction."""
+    if found:
+        conn.execute(decisions.insert(), [{"run_id": run_id, **asdict(d)} for d in found])
+
+
+def decisions_for(conn: Connection, run_id: str) -> list[PaceDecision]:
+    """Every pacing decision of a run, oldest first (none for a ledger written before they were recorded)."""
+    if not sa.inspect(conn).has_table(decisions.name):
+        return []
+    d = decisions
+    rows = conn.execute(sa.select(d).where(d.c.run_id == run_id).order_by(d.c.id))
+    return [
+        PaceDecision(
+            r.at, r.batch_no, r.action, r.indicator, r.level, r.value, r.threshold, r.reason, r.rate, r.batch_size,
+            r.held_seconds,
+        )
+        for r in rows
+    ]  # fmt: skip

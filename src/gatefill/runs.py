@@ -111,6 +111,8 @@ class RunProgress:
     lease: ledger.Lease | None = None
     #: The apply's holds (``gatefill.holds``), oldest first.
     holds: list[ledger.Hold] = field(default_factory=list)
+    #: The apply's pacing decisions (``gatefill.pacing``), oldest first.
+    decisions: list[ledger.PaceDecision] = field(default_factory=list)
 
     @property
     def done(self) -> int:
@@ -138,7 +140,9 @@ def run_progress(settings: Settings, run_id: str, env_name: str | None = None) -
         has_leases = sa.inspect(conn).has_table(ledger.leases.name)
         lease = ledger.get_lease(conn, lease_name(run.id)) if has_leases else None
         holds = ledger.holds_for(conn, run.id)
-    return RunProgress(env, run, total, results, int(batch_row[0]), batch_row[1], approvals, soak, lease, holds)
+        decisions = ledger.decisions_for(conn, run.id)
+    batches, last_at = int(batch_row[0]), batch_row[1]
+    return RunProgress(env, run, total, results, batches, last_at, approvals, soak, lease, holds, decisions)
 
 
 def recent_runs(settings: Settings, env_name: str | None = None, limit: int = 20) -> list[tuple[str, ledger.Run]]:

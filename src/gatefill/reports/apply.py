@@ -4,7 +4,8 @@ rollback script ``backfill_logs/rollback_<date>.sql``, ``rollback_dry_run.md``, 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from gatefill.apply import BackfillGate
 from gatefill.artifacts import render, write_json, write_text
 from gatefill.db import Database
 from gatefill.job import Job
+from gatefill.ledger import PaceDecision
 from gatefill.reports.rollback import write_rollback_report
 from gatefill.reports.rollback_sql import write_rollback_sql
 
@@ -63,6 +65,7 @@ def _execution_results(gate: BackfillGate) -> dict[str, Any]:
         "measured_rate_per_minute": None if rate is None else round(rate, 3),
         "invocations": [i.to_json() for i in gate.invocations],
         "holds": {"count": len(gate.holds), "held_seconds": round(gate.held_seconds, 3)},
+        "pacing": _pacing(gate),
         "total_sessions": gate.planned,
         "results": dict(gate.results),
         "failed_sessions": len(gate.failures),
@@ -70,6 +73,35 @@ def _execution_results(gate: BackfillGate) -> dict[str, Any]:
         "errors": [f.to_json() for f in gate.failures],
         "measured_at": gate.measured_at.isoformat(),
     }
+
+
+def _pacing(gate: BackfillGate) -> dict[str, Any]:
+    """The run's pacing decisions from the ledger: the indicators each invocation watched (level and thresholds at
+    its first look) and every decision that changed the rate, the batch size or whether batches started."""
+    return {
+        "indicators": [_decision_json(d) for d in _watched(gate.decisions)],
+        "decisions": [_decision_json(d) for d in gate.decisions if d.action != "watch"],
+    }
+
+
+def _watched(decisions: Sequence[PaceDecision]) -> list[PaceDecision]:
+    """The indicators as the last invocation's first look found them."""
+    last_start = max((i for i, d in enumerate(decisions) if d.action == "watch"
+                      and (i == 0 or decisions[i - 1].action != "watch")), default=None)  # fmt: skip
+    if last_start is None:
+        return []
+    found = []
+    for d in decisions[last_start:]:
+        if d.action != "watch":
+            break
+        found.append(d)
+    return found
+
+
+def _decision_json(d: PaceDecision) -> dict[str, Any]:
+    data = asdict(d)
+    data["at"] = d.at.isoformat()
+    return data
 
 
 def _summary(gate: BackfillGate) -> str:
@@ -95,6 +127,8 @@ def _summary(gate: BackfillGate) -> str:
         measured_at=gate.measured_at.isoformat(),
         failures=gate.failures,
         rollback_file=_rollback_file(gate),
+        watched=_watched(gate.decisions),
+        decisions=[d for d in gate.decisions if d.action != "watch"],
     )
 
 

@@ -23,7 +23,7 @@ such a reason too; ``PrismSoakChecks`` never passes a check on counts it could n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +41,7 @@ from gatefill.prism.metric_names import (
     STARTED,
     UNRECORDED,
 )
+from gatefill.prometheus import bucket_quantile
 
 __all__ = ["STATE_KEY", "AppMetricsReader", "AppWindow", "Scrape", "bucket_quantile", "display_url", "parse_metrics"]
 
@@ -115,34 +116,6 @@ def display_url(url: str) -> str:
     except httpx.InvalidURL:
         return "(an invalid URL)"
     return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
-
-
-@dataclass(frozen=True)
-class Quantile:
-    """A quantile located by histogram buckets: it lies in ``(low, high]`` seconds, over ``n`` calls."""
-
-    n: int
-    low: float
-    high: float
-
-    def text(self) -> str:
-        high = "∞" if math.isinf(self.high) else f"{self.high * 1000:g} ms"
-        return f"in ({self.low * 1000:g} ms, {high}]"
-
-
-def bucket_quantile(cumulative: Sequence[tuple[float, float]], q: float) -> Quantile | None:
-    """The nearest-rank ``q`` quantile's bucket from cumulative ``(le, count)`` pairs; None without calls."""
-    ordered = sorted(cumulative)
-    if not ordered or ordered[-1][1] <= 0:
-        return None
-    n = round(ordered[-1][1])
-    rank = max(1, math.ceil(q * n))
-    low = 0.0
-    for le, count in ordered:
-        if count >= rank:
-            return Quantile(n, low, le)
-        low = le
-    return Quantile(n, low, math.inf)
 
 
 @dataclass(frozen=True)
