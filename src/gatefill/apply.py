@@ -124,7 +124,9 @@ class ApplyOptions:
             found.extend(health_indicators(env, [t.name for t in job.written_tables()], clock))
         return found
 
-    def pacer(self, db: Database, run_id: str, plan: Plan, env: Environment, clock: Clock, **kw: Any) -> Pacer:
+    def pacer(
+        self, db: Database, run_id: str, plan: Plan | PlanHead, env: Environment, clock: Clock, **kw: Any
+    ) -> Pacer:
         """The pacer of an invocation: these options over the environment's throttle settings over the plan's."""
         t = env.throttle
         target = t.target_batch_time if self.target_batch_time is None else self.target_batch_time
