@@ -85,7 +85,8 @@ class PostgresIndicator:
 
     def read(self, db: Database) -> Reading:
         if not db.caps.server_statistics:
-            return Reading(self.name, Decision.NOT_APPLICABLE, "n/a", "not read: the database has no server statistics")
+            why = "not read: the database has no server statistics"
+            return Reading(self.name, Decision.NOT_APPLICABLE, "n/a", why, self.threshold)
         try:
             with db.read_only() as conn:
                 return self.look(conn)
