@@ -225,6 +225,34 @@ def batch_sizes(target: Target, run_id: str) -> list[int]:
         return list(conn.execute(sa.select(b.c.sessions).where(b.c.run_id == run_id).order_by(b.c.batch_no)).scalars())
 
 
+def test_a_hold_is_undone_only_after_three_normal_looks_in_a_row(
+    target: Target, seeder: Seeder, tmp_path: Path
+) -> None:
+    seeder(target, "staging-2025-09-17")
+    params = PlanParams(since=SINCE, rate="60/min", batch_size=8)
+    plan = build_plan(target.db, target.env, PrismJob(), params, now=START, artifacts_dir=tmp_path / "p").plan
+    env = replay_lag_env(target)
+    assert env.throttle.recover_after_looks == 3  # the default
+
+    def before_batch(batch_no: int) -> None:  # replay lag 2 s (Hold) before batch 2 only
+        if target.dialect != "sqlite" and batch_no in (2, 3):
+            set_replay_lag(target, 2.0 if batch_no == 2 else None)
+
+    options = ApplyOptions(approve_as="t", batch_size=8)
+    result = apply_plan(target.db, env, PrismJob(), plan, options=options, clock=SimulatedClock(START),
+                        artifacts_dir=tmp_path / "a", before_batch=before_batch)  # fmt: skip
+    assert result.status is RunStatus.SUCCEEDED
+    with target.db.connect() as conn:
+        decisions = [d for d in ledger.decisions_for(conn, plan.run_id) if d.action != "watch"]
+    if target.dialect == "sqlite":
+        assert decisions == [] and batch_sizes(target, plan.run_id) == [8, 8, 7, 8, 8]
+        return
+    # Normal before batches 3, 4 and 5: the recovery comes at the third of them, not the first.
+    assert [(d.action, d.batch_no, d.batch_size) for d in decisions] == [("slow", 2, 4), ("recover", 5, 8)]
+    assert "3 looks in a row" in decisions[1].reason
+    assert batch_sizes(target, plan.run_id) == [8, 8, 4, 3, 4, 4, 8]
+
+
 def test_each_hold_halves_rate_and_batch_size_and_normal_recovers_them_stepwise(
     target: Target, seeder: Seeder, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,6 +260,7 @@ def test_each_hold_halves_rate_and_batch_size_and_normal_recovers_them_stepwise(
     params = PlanParams(since=SINCE, rate="60/min", batch_size=8)
     plan = build_plan(target.db, target.env, PrismJob(), params, now=START, artifacts_dir=tmp_path / "p").plan
     env = replay_lag_env(target)
+    env = replace(env, throttle=replace(env.throttle, recover_after_looks=1))
     # Replay lag 2 s (Hold ≥ 1.5 s) before batches 2 and 3, Normal from batch 4 on. A Hold read before batch N
     # slows N's tokens and sizes the batches after it (N was drawn before the look).
     lags = {2: 2.0, 3: 2.0, 4: None}

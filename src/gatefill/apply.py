@@ -143,6 +143,7 @@ class ApplyOptions:
             min_size=self.min_batch_size or t.min_batch_size,
             max_size=self.max_batch_size or t.max_batch_size,
             floor=t.hold_floor,
+            recover_after=t.recover_after_looks,
             **kw,
         )
 

@@ -129,6 +129,8 @@ class ThrottleSettings:
     #: Each consecutive Hold halves the rate and the batch size, down to this share of them; each Normal look
     #: doubles them back, step by step.
     hold_floor: float = 1 / 16
+    #: Fresh looks in a row with every indicator Normal before each step back up.
+    recover_after_looks: int = 3
     #: Batches sized to this duration from the measured ones (0: keep the plan's or --batch-size).
     target_batch_time: float = 1.0
     min_batch_size: int = 1

@@ -62,12 +62,16 @@ class Pacer:
     min_size: int = 1
     max_size: int = 1000
     floor: float = 1 / 16
+    #: Fresh looks in a row with every indicator Normal before each step back up (one look is too eager: a Hold that
+    #: clears because the apply slowed down would come straight back).
+    recover_after: int = 3
     #: Measured: the throttle's waits, the Stops with the time they kept batches from starting, the decisions.
     throttle_wait_seconds: float = 0.0
     holds: int = 0
     held_seconds: float = 0.0
     decisions: list[ledger.PaceDecision] = field(default_factory=list)
     _steps: int = 0
+    _normal_looks: int = 0
     _watched: bool = False
     _largest: int = 0
     _reference: float | None = None
@@ -156,11 +160,15 @@ class Pacer:
             self._watched = True
             self._record([self._watch(batch_no, r) for r in readings])
         top = worst(readings)
+        slows = top is not None and (top.holds or top.slows)
+        if fresh or slows:
+            self._normal_looks = 0 if slows else self._normal_looks + 1
         if top is not None and top.holds:
             self._stop_until_cool(batch_no, top)
         elif fresh and top is not None and top.slows:
             self._step(batch_no, top, +1)
-        elif fresh and self._steps > 0:
+        elif fresh and self._steps > 0 and self._normal_looks >= self.recover_after:
+            self._normal_looks = 0
             self._step(batch_no, None, -1)
 
     def _look(self) -> tuple[list[Reading], bool]:
@@ -187,7 +195,8 @@ class Pacer:
             found = self._decision(batch_no, "slow", reading.indicator, reading.decision.value, reading.value,
                                    reading.threshold, why)  # fmt: skip
         else:
-            why = f"every indicator Normal: rate and batch size back up to {self.factor:g}"
+            why = f"every indicator Normal {self.recover_after} looks in a row: rate and batch size back up to "
+            why += f"{self.factor:g}"
             found = self._decision(batch_no, "recover", "all", "normal", "normal", "", why)
         self._record([found])
 
