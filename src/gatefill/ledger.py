@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, insert_rows
 from gatefill.errors import GatefillError, UsageError
-from gatefill.job import Baseline, BatchRecord, Check, Measurement, RowChange
+from gatefill.job import Baseline, BatchRecord, Check, Measurement, RowChange, SessionOutcome
 
 __all__ = [
     "APPLY_PHASE",
@@ -40,12 +40,15 @@ __all__ = [
     "Lease",
     "LeaseHolder",
     "LeaseLost",
+    "PaceGrant",
     "Run",
     "RunEvent",
     "RunLocked",
     "RunNotFound",
     "RunStatus",
     "baseline_for",
+    "batch_keys",
+    "batch_record",
     "begin_hold",
     "create_run",
     "drop_intents",
@@ -60,7 +63,9 @@ __all__ = [
     "lock_intents",
     "measurements_for",
     "new_run_id",
+    "pace_level",
     "pending_batches",
+    "publish_pace",
     "record_approval",
     "record_approval_once",
     "record_baseline",
@@ -69,6 +74,7 @@ __all__ = [
     "record_measurement",
     "release_lease",
     "renew_lease",
+    "reserve_pace",
     "row_changes_not_recorded",
     "row_key",
     "run_events_for",
@@ -317,6 +323,22 @@ holds = sa.Table(
     sa.Column("seconds", sa.Float()),
     sa.Column("checks", sa.Integer(), nullable=False),
     sa.Column("ended_by", sa.Text()),  # clear (every indicator Normal again) | stop (Ctrl-C, SIGTERM)
+)
+
+# The global pace of a run applied by several workers (``gatefill.workers``): the rate the coordinator publishes
+# (NULL: unlimited), the next free instant of its leaky bucket (GCRA: the theoretical arrival time of the next token),
+# and the coordinator's level (normal | stop). Every worker reserves its batch's tokens here with one atomic UPDATE,
+# so the rate holds across processes and machines.
+pace = sa.Table(
+    "gatefill_pace",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("rate_per_second", sa.Float()),
+    sa.Column("next_free", UTCTimestamp(), nullable=False),
+    sa.Column("level", sa.Text(), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=False),
+    sa.Column("updated_at", UTCTimestamp(), nullable=False),
+    sa.CheckConstraint("level IN ('normal','hold','stop')", name="gatefill_pace_level"),
 )
 
 LEDGER_TABLES: tuple[str, ...] = tuple(LEDGER_METADATA.tables)
@@ -1016,3 +1038,121 @@ def holds_for(conn: Connection, run_id: str) -> list[Hold]:
         Hold(r.batch_no, r.indicator, r.value, r.reason, r.began_at, r.ended_at, r.seconds, r.checks, r.ended_by)
         for r in rows
     ]
+
+
+# ====================================================================================================================
+# The global pace of a run with several workers
+
+
+@dataclass(frozen=True)
+class PaceGrant:
+    """A worker's reservation of a batch's tokens: the instant its batch may commit (its tokens have accrued by then),
+    and the coordinator's level and reason at the time (``stop``: start no batch)."""
+
+    ready_at: datetime
+    level: str
+    reason: str
+    rate_per_second: float | None
+
+
+def publish_pace(
+    conn: Connection,
+    run_id: str,
+    *,
+    rate_per_second: float | None,
+    level: str,
+    reason: str,
+    at: datetime,
+    restart: bool = False,
+) -> None:
+    """The coordinator's rate and level for its workers. The first publication of an apply (``restart``) starts the
+    bucket empty at ``at`` (the first batch waits for its tokens, as ``gatefill.throttle`` does); later ones keep the
+    bucket's position."""
+    values: dict[str, Any] = {"rate_per_second": rate_per_second, "level": level, "reason": reason, "updated_at": at}
+    if restart:
+        values["next_free"] = at
+    updated = conn.execute(pace.update().where(pace.c.run_id == run_id).values(**values))
+    if updated.rowcount == 0:
+        conn.execute(pace.insert().values(run_id=run_id, **{"next_free": at, **values}))
+
+
+#: One statement, so that two workers never reserve the same tokens: the row lock orders them. A batch of n tokens is
+#: ready n/rate after the bucket's next free instant, or after ``now`` less one batch's worth when the bucket has been
+#: idle (it holds at most one batch of tokens, so an idle spell never lets a burst through).
+_RESERVE = sa.text(
+    """
+    UPDATE gatefill_pace SET next_free = CASE
+        WHEN rate_per_second IS NULL OR level = 'stop' THEN next_free
+        ELSE GREATEST(next_free, CAST(:now AS timestamptz) - make_interval(secs => :tokens / rate_per_second))
+             + make_interval(secs => :tokens / rate_per_second)
+        END
+    WHERE run_id = :run_id
+    RETURNING next_free, level, reason, rate_per_second
+    """
+).columns(next_free=UTCTimestamp(), level=sa.Text(), reason=sa.Text(), rate_per_second=sa.Float())
+
+
+def reserve_pace(conn: Connection, run_id: str, tokens: int, *, now: datetime) -> PaceGrant:
+    """Reserves ``tokens`` of the run's global rate at ``now`` (the worker's clock) in the caller's short transaction
+    (Postgres: workers run only there). Unlimited or stopped: ready at once. No pace row: ``UsageError``."""
+    row = conn.execute(_RESERVE, {"run_id": run_id, "tokens": float(tokens), "now": now}).first()
+    if row is None:
+        raise UsageError(f"run {run_id} has no published pace: it is not being applied with --workers")
+    unlimited = row.rate_per_second is None or row.level == "stop"
+    return PaceGrant(now if unlimited else row.next_free, row.level, row.reason, row.rate_per_second)
+
+
+def pace_level(conn: Connection, run_id: str) -> str | None:
+    """The level the run's coordinator last published (None: it publishes none, the run has no workers)."""
+    return conn.execute(sa.select(pace.c.level).where(pace.c.run_id == run_id)).scalar_one_or_none()
+
+
+def batch_keys(conn: Connection, run_id: str, batch_no: int) -> list[str] | None:
+    """The candidate keys of a committed batch, in order; None when the batch has not committed."""
+    detail = conn.execute(
+        sa.select(batches.c.detail).where(batches.c.run_id == run_id, batches.c.batch_no == batch_no)
+    ).first()
+    return None if detail is None else list((detail[0] or {}).get("keys", []))
+
+
+def batch_record(conn: Connection, run_id: str, batch_no: int) -> BatchRecord | None:
+    """A committed batch as the ledger recorded it (what a worker in another process committed), None if it has not
+    committed; its sessions in the batch's order, its changes in the order they were recorded."""
+    row = conn.execute(sa.select(batches).where(batches.c.run_id == run_id, batches.c.batch_no == batch_no)).first()
+    if row is None:
+        return None
+    detail = dict(row.detail or {})
+    keys = list(detail.get("keys", []))
+    sr = session_results
+    results = {
+        r.session_id: r for r in conn.execute(sa.select(sr).where(sr.c.run_id == run_id, sr.c.batch_no == batch_no))
+    }
+    sessions = tuple(
+        SessionOutcome(
+            k,
+            results[k].result,
+            list((results[k].detail or {}).get("operations") or []),
+            results[k].error,
+            float((results[k].detail or {}).get("seconds") or 0.0),
+        )
+        for k in keys
+        if k in results
+    )
+    ch = changes
+    row_changes = tuple(
+        RowChange(c.table_name, json.loads(c.row_key), c.before, c.after, c.session_id or "")
+        for c in conn.execute(sa.select(ch).where(ch.c.run_id == run_id, ch.c.batch_no == batch_no).order_by(ch.c.id))
+    )
+    categories = {k: str((results[k].detail or {}).get("category")) for k in keys if k in results}
+    extra = {k: v for k, v in detail.items() if k not in ("group", "keys", "changes")}
+    return BatchRecord(
+        run_id,
+        batch_no,
+        detail.get("group"),
+        categories,
+        sessions,
+        row_changes,
+        row.started_at,
+        row.finished_at,
+        detail=extra,
+    )

@@ -40,6 +40,8 @@ __all__ = [
     "PlanFiles",
     "PlanParams",
     "build_plan",
+    "candidate_from_json",
+    "candidate_to_json",
     "compose_plan",
     "load_plan",
     "plan_from_ledger",
@@ -199,7 +201,7 @@ class Plan:
             "parameters": self.parameters.to_json(),
             "prechecks": [c.to_json() for c in self.prechecks],
             "categories": {k: {"count": len(v), "keys": v} for k, v in self.categories().items()},
-            "candidates": [_candidate_json(c) for c in self.candidates],
+            "candidates": [candidate_to_json(c) for c in self.candidates],
             "batches": [b.to_json() for b in self.batches],
             "totals": {
                 "candidates": runnable,
@@ -219,7 +221,8 @@ class Plan:
         return write_json(path, self.to_json())
 
 
-def _candidate_json(c: Candidate) -> dict[str, Any]:
+def candidate_to_json(c: Candidate) -> dict[str, Any]:
+    """A candidate as the plan file (and a worker's job arguments) carry it."""
     return {
         "key": c.key,
         "category": c.category,
@@ -227,6 +230,11 @@ def _candidate_json(c: Candidate) -> dict[str, Any]:
         "operations": list(c.operations),
         "detail": dict(c.detail),
     }
+
+
+def candidate_from_json(c: Mapping[str, Any]) -> Candidate:
+    """The candidate ``candidate_to_json`` wrote."""
+    return Candidate(c["key"], c["category"], parse_utc(c["created_at"]), tuple(c["operations"]), c["detail"])
 
 
 def _plan_from_json(body: Mapping[str, Any]) -> Plan:
@@ -246,10 +254,7 @@ def _plan_from_json(body: Mapping[str, Any]) -> Plan:
             profiles=p["profiles"],
         ),
         prechecks=tuple(Check(**c) for c in body["prechecks"]),
-        candidates=tuple(
-            Candidate(c["key"], c["category"], parse_utc(c["created_at"]), tuple(c["operations"]), c["detail"])
-            for c in body["candidates"]
-        ),
+        candidates=tuple(candidate_from_json(c) for c in body["candidates"]),
         batches=tuple(Batch(b["batch_no"], b["group"], tuple(b["keys"])) for b in body["batches"]),
         hash=str(body["hash"]),
     )
