@@ -126,7 +126,8 @@ def ensure_queue_schema(db: Database) -> None:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gatefill.queue.schema'))"))
         if conn.execute(sa.text("SELECT to_regclass('procrastinate_jobs')")).scalar_one() is not None:
             return
-        conn.exec_driver_sql(SchemaManager.get_schema())
+        # Sent with (empty) parameters, so its literal percent signs are doubled, as procrastinate's own apply does.
+        conn.exec_driver_sql(SchemaManager.get_schema().replace("%", "%%"))
 
 
 def claim_job(conn: Connection, job_id: int, worker_id: int | None) -> None:

@@ -141,6 +141,8 @@ def _fence(args: BatchArgs, claim: Fence | None) -> Fence:
     task = args.task
 
     def fence(conn: Any) -> None:
+        # pg_stat_activity then names the worker and its batch (SET LOCAL: also behind a transaction pooler).
+        conn.exec_driver_sql(f"SET LOCAL application_name = 'gatefill worker {os.getpid()} batch {task.batch_no}'")
         if claim is not None:
             claim(conn)
         if _committed_as(conn, task):
@@ -177,6 +179,7 @@ class _Jobs:
         return self.by_run[run_id]
 
 
+#: Told when a worker starts a batch ("started") and how it ended (``run_batch``'s outcome).
 BatchDone = Callable[[BatchTask, str], None]
 
 
@@ -193,7 +196,8 @@ def serve(
     worker) is gone."""
     if db.caps.dialect != "postgresql":
         raise UsageError("gatefill worker needs a Postgres environment (SQLite is single-process)")
-    ledger.init_ledger(db)
+    # No ledger DDL here (init_ledger takes exclusive locks that applies in progress would deadlock with): the ledger
+    # exists once an apply has queued a batch.
     ensure_queue_schema(db)
     app = open_queue(db.env)
     jobs, worker_clock = _Jobs(db, find_job), clock or RealClock()
@@ -207,6 +211,8 @@ def serve(
         def claim(conn: Any) -> None:
             claim_job(conn, job_id, worker_id)
 
+        if on_batch is not None:
+            on_batch(args.task, "started")
         outcome = run_batch(db, jobs.for_run(args.task.run_id), args, worker_clock, claim=claim)
         if on_batch is not None:
             on_batch(args.task, outcome)
@@ -258,7 +264,7 @@ class Coordinator:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             procs = [_start_worker(self.worker_argv) for _ in range(self.local)]
-            _Coordination(work, todo, app, self.local * AHEAD_PER_WORKER, progress, before_batch).run()
+            _Coordination(work, todo, app, self.local * AHEAD_PER_WORKER, progress, before_batch, procs).run()
         finally:
             _stop_workers(procs)
             app.close()
@@ -294,6 +300,7 @@ class _Coordination:
     ahead: int
     progress: ProgressCallback | None
     before_batch: Callable[[int], None] | None
+    local: Sequence[subprocess.Popen[bytes]] = ()
     queued: dict[int, BatchTask] = field(default_factory=dict)
     exhausted: bool = False
     done: int = 0
@@ -314,6 +321,9 @@ class _Coordination:
                     return
                 self._collect(start)
                 self._retry_stalled()
+                if self.local and all(p.poll() is not None for p in self.local):
+                    codes = ", ".join(str(p.returncode) for p in self.local)
+                    self._stop(f"every local worker exited (exit codes {codes}; their errors are above)", 1)
                 work.stop.wait(_POLL_SECONDS)
         finally:
             result = work.result
