@@ -213,6 +213,58 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_writes_nothing_twice(
         drop_pg_database(ref_name)
 
 
+def _local_workers_of(pid: int) -> list[int]:
+    """Live processes started as local workers of apply ``pid`` (their command line names it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"--until-pid" in argv and argv[argv.index(b"--until-pid") + 1] == str(pid).encode():
+                    found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_stops_the_workers_and_pauses_the_run_which_resumes(
+    pg_db: tuple[Environment, Database], tmp_path: Path
+) -> None:
+    env, db = pg_db
+    make_posts(db, 250)
+    run_id = _plan(db, env, tmp_path, rate="20/s", batch_size=10)  # 200 sessions: 20 batches, 10 s
+    config = _config(tmp_path, env)
+    apply = _gatefill(config, "apply", run_id, "--workers", "2", "--approve-as", "tess")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with db.connect() as conn:
+                if ledger.committed_batches(conn, run_id):
+                    break
+            assert apply.poll() is None and time.monotonic() < deadline, apply.communicate()
+            time.sleep(0.1)
+        apply.send_signal(signal.SIGTERM)
+        out, err = apply.communicate(timeout=60)
+    finally:
+        _stop(apply)
+    assert apply.returncode == 143, (out, err)
+    assert "paused: interrupted (SIGTERM)" in err
+    assert _status(db, run_id) is ledger.RunStatus.PAUSED
+    assert not _local_workers_of(apply.pid)
+    with db.connect() as conn:
+        left = ledger.committed_batches(conn, run_id)
+        queued = conn.execute(
+            sa.text("SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')")
+        ).scalar_one()
+    assert 0 < len(left) < 20 and queued == 0
+
+    resume = _gatefill(config, "apply", run_id, "--workers", "2", "--rate", "unlimited")
+    out, err = resume.communicate(timeout=90)
+    assert resume.returncode == 0, (out, err)
+    slugs, results, changes = _state(db, run_id)
+    assert len(results) == 200 and len(changes) == 200 and all(r == "written" for _, r in results)
+    assert sum(1 for s in slugs.values() if s is None) == 0
+    assert _status(db, run_id) is ledger.RunStatus.SUCCEEDED
+
+
 class _SharedClock:
     """A simulated clock shared by worker threads: a sleeping thread wakes when every thread still working is asleep
     and its wake-up comes first; the clock jumps to it. Database work takes no simulated time."""
