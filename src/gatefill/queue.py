@@ -13,13 +13,16 @@ workers poll for jobs instead of listening (LISTEN needs a session of its own).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import procrastinate
+import psycopg_pool
 import sqlalchemy as sa
+from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate import jobs as procrastinate_jobs
 from procrastinate import sql as procrastinate_sql
 from procrastinate.app import WorkerOptions
@@ -42,6 +45,7 @@ __all__ = [
     "ensure_queue_schema",
     "job_statuses",
     "open_queue",
+    "queue_errors",
     "retry_now",
     "run_jobs",
     "stalled_jobs",
@@ -117,6 +121,19 @@ def open_queue(env: Environment, *, pool_size: int = 2) -> procrastinate.App:
         "delete_jobs": "successful",
     }
     return procrastinate.App(connector=connector, worker_defaults=defaults)
+
+
+@contextlib.contextmanager
+def queue_errors(db: Database) -> Iterator[None]:
+    """procrastinate's errors (and its connection pool's) as gatefill's, masked as ``Database.translate_errors``
+    masks the driver's: a pool that cannot connect is ``DatabaseUnreachable``."""
+    try:
+        yield
+    except psycopg_pool.PoolTimeout as exc:
+        raise db.driver_error(exc, disconnected=True) from exc
+    except procrastinate_exceptions.ConnectorException as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+        raise db.driver_error(cause) from exc
 
 
 def ensure_queue_schema(db: Database) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import procrastinate
+from sqlalchemy.engine import Connection
 
 from gatefill import ledger
 from gatefill.apply import ProgressCallback, RunPaused, _commit_batch, _pause, _Work
@@ -47,6 +48,7 @@ from gatefill.queue import (
     ensure_queue_schema,
     job_statuses,
     open_queue,
+    queue_errors,
     retry_now,
     run_jobs,
     stalled_jobs,
@@ -122,7 +124,7 @@ def run_batch(db: Database, job: Job, args: BatchArgs, clock: Clock, *, claim: F
     return COMMITTED
 
 
-def _committed_as(conn: Any, task: BatchTask) -> bool:
+def _committed_as(conn: Connection, task: BatchTask) -> bool:
     """Whether the batch committed, with exactly these candidates (another set under its number: a stale job)."""
     keys = ledger.batch_keys(conn, task.run_id, task.batch_no)
     if keys is None:
@@ -140,7 +142,7 @@ def _fence(args: BatchArgs, claim: Fence | None) -> Fence:
     queued it still holds the run, and it has not stopped."""
     task = args.task
 
-    def fence(conn: Any) -> None:
+    def fence(conn: Connection) -> None:
         # pg_stat_activity then names the worker and its batch (SET LOCAL: also behind a transaction pooler).
         conn.exec_driver_sql(f"SET LOCAL application_name = 'gatefill worker {os.getpid()} batch {task.batch_no}'")
         if claim is not None:
@@ -208,7 +210,7 @@ def serve(
         job_id, worker_id = context.job.id, context.job.worker_id
         assert job_id is not None
 
-        def claim(conn: Any) -> None:
+        def claim(conn: Connection) -> None:
             claim_job(conn, job_id, worker_id)
 
         if on_batch is not None:
@@ -218,7 +220,7 @@ def serve(
             on_batch(args.task, outcome)
         return outcome
 
-    with _watch_parent(until_pid):
+    with _watch_parent(until_pid), queue_errors(db):
         app.run_worker(name=f"gatefill-{os.getpid()}", install_signal_handlers=True)
 
 
@@ -260,11 +262,13 @@ class Coordinator:
     ) -> None:
         ensure_queue_schema(work.db)
         app = open_queue(work.db.env)
-        app.open()
+        with queue_errors(work.db):
+            app.open()
         procs: list[subprocess.Popen[bytes]] = []
         try:
             procs = [_start_worker(self.worker_argv) for _ in range(self.local)]
-            _Coordination(work, todo, app, self.local * AHEAD_PER_WORKER, progress, before_batch, procs).run()
+            with queue_errors(work.db):
+                _Coordination(work, todo, app, self.local * AHEAD_PER_WORKER, progress, before_batch, procs).run()
         finally:
             _stop_workers(procs)
             app.close()
