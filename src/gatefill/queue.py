@@ -44,6 +44,7 @@ __all__ = [
     "claim_job",
     "ensure_queue_schema",
     "job_statuses",
+    "live_workers",
     "open_queue",
     "queue_errors",
     "retry_now",
@@ -181,6 +182,20 @@ def job_statuses(db: Database, job_ids: Sequence[int]) -> dict[int, str]:
             sa.text("SELECT id, status FROM procrastinate_jobs WHERE id = ANY(:ids)"), {"ids": list(job_ids)}
         )
         return {int(i): str(s) for i, s in rows}
+
+
+def live_workers(db: Database) -> int:
+    """Workers of this database whose heartbeat is recent (here and on other machines)."""
+    with db.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM procrastinate_workers "
+                    "WHERE last_heartbeat > now() - make_interval(secs => :stalled)"
+                ),
+                {"stalled": STALLED_SECONDS},
+            ).scalar_one()
+        )
 
 
 def stalled_jobs(app: procrastinate.App) -> list[procrastinate_jobs.Job]:

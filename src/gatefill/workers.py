@@ -3,9 +3,10 @@ worker processes, here (N of them) and on any machine that runs ``gatefill worke
 database.
 
 The coordinator is the apply process. It holds the run's lease, draws batches from the work list at the size the
-pacer asks for, lets the pacer hold them, and queues only a few ahead (``AHEAD_PER_WORKER`` per local worker), so a
-hold, a stop or a new batch size takes effect within a batch or two. It publishes the run's rate in the ledger
-(``gatefill_pace``); each worker reserves its batch's tokens there with one atomic UPDATE, so the rate is global.
+pacer asks for, lets the pacer hold them, and queues only a few ahead (``AHEAD_PER_WORKER`` per live worker, local or
+joined from elsewhere), so a hold, a stop or a new batch size takes effect within a batch or two. It publishes the
+run's rate in the ledger (``gatefill_pace``); each worker reserves its batch's tokens there with one atomic UPDATE,
+so the rate is global.
 
 A worker commits a batch exactly as the in-process apply does (``apply._commit_batch``: data and ledger rows in one
 transaction), fenced three ways in that transaction: the procrastinate job must still be this worker's (its row is
@@ -47,6 +48,7 @@ from gatefill.queue import (
     claim_job,
     ensure_queue_schema,
     job_statuses,
+    live_workers,
     open_queue,
     queue_errors,
     retry_now,
@@ -381,11 +383,14 @@ class _Coordination:
         return True
 
     def _retry_stalled(self) -> None:
-        """Puts back in the queue the jobs of workers whose heartbeat stopped (killed mid-batch)."""
+        """Puts back in the queue the jobs of workers whose heartbeat stopped (killed mid-batch); counts the live
+        workers, to queue enough batches for all of them."""
         now = time.monotonic()
         if now - self._stall_check < _STALLED_CHECK_SECONDS:
             return
         self._stall_check = now
+        # Workers that joined from elsewhere get batches too: about AHEAD_PER_WORKER queued for each live worker.
+        self.ahead = AHEAD_PER_WORKER * max(len(self.local), live_workers(self.work.db))
         for job in stalled_jobs(self.app):
             if job.id in self.queued:
                 retry_now(self.app, job.id)
