@@ -398,7 +398,7 @@ def test_two_workers_through_a_transaction_pooler(tmp_path: Path) -> None:
         drop_pg_database(name)
 
 
-def test_sqlite_refuses_more_than_one_worker_and_writes_nothing(tmp_path: Path) -> None:
+def test_sqlite_refuses_more_than_one_worker_and_writes_nothing_and_runs_one_in_process(tmp_path: Path) -> None:
     env = sqlite_env(tmp_path / "staging.db")
     with Database(env, create=True) as db:
         make_posts(db, 20)
@@ -411,6 +411,13 @@ def test_sqlite_refuses_more_than_one_worker_and_writes_nothing(tmp_path: Path) 
     assert err.strip().count("\n") == 0 and "SQLite is single-process" in err
     with Database(env) as db:
         assert table_digests(db) == before
+
+    one = _gatefill(config, "apply", run_id, "--workers", "1", "--approve-as", "tess")  # the in-process apply
+    out, err = one.communicate(timeout=60)
+    assert one.returncode == 0, (out, err)
+    with Database(env) as db:
+        assert _status(db, run_id) is ledger.RunStatus.SUCCEEDED
+        assert len(_state(db, run_id)[1]) == 16
 
 
 def test_the_queue_schema_is_applied_once_whatever_the_number_of_calls(pg_db: tuple[Environment, Database]) -> None:
