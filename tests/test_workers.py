@@ -353,24 +353,37 @@ def test_two_workers_keep_the_global_rate(pg_db: tuple[Environment, Database], t
 def test_a_worker_from_outside_joins_an_apply(pg_db: tuple[Environment, Database], tmp_path: Path) -> None:
     env, db = pg_db
     make_posts(db, 250)
-    run_id = _plan(db, env, tmp_path, rate="40/s", batch_size=8)  # 200 sessions, 25 batches, 5 s
+    run_id = _plan(db, env, tmp_path, rate="unlimited", batch_size=8)  # 200 sessions, 25 batches
     config = _config(tmp_path, env)
     outside = _gatefill(config, "worker", "--env", "test")
     lines = _Lines(outside)
+    admin = psycopg.connect(env.url.set(drivername="postgresql").render_as_string(hide_password=False))
     try:
         lines.wait_for("serving gatefill batches in test")
+        # The first worker to take batch 1 waits on its first row until the other worker has committed a batch:
+        # whatever the load, both commit some.
+        admin.execute("SELECT 1 FROM posts WHERE id = 1 FOR UPDATE")
         apply = _gatefill(config, "apply", run_id, "--workers", "1", "--approve-as", "tess")
+        _waiting_worker(db, timeout=60)
+        deadline = time.monotonic() + 60
+        while True:
+            with db.connect() as conn:
+                if ledger.committed_batches(conn, run_id):
+                    break
+            assert apply.poll() is None and time.monotonic() < deadline, apply.communicate()
+            time.sleep(0.1)
+        admin.rollback()
         out, err = apply.communicate(timeout=90)
         assert apply.returncode == 0, (out, err)
         outside.send_signal(signal.SIGTERM)
         assert outside.wait(timeout=30) == 0
         lines.thread.join(timeout=10)  # every line read, to the end
     finally:
+        admin.close()
         _stop(outside)
     assert any("stopped" in line for line in lines.seen[-2:]), lines.seen
-    theirs = {
-        int(line.split()[3].rstrip(":")) for line in lines.seen if line.endswith("sessions)") and "committed" in line
-    }
+    said = [line.split() for line in lines.seen if line.startswith("run ")]
+    theirs = {int(words[3].rstrip(":")) for words in said if words[4] == "committed"}
     with db.connect() as conn:
         committed = ledger.committed_batches(conn, run_id)
     assert committed == set(range(1, 26))
