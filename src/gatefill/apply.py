@@ -66,6 +66,7 @@ __all__ = [
     "ApplyResult",
     "BackfillGate",
     "BatchRow",
+    "BatchRunner",
     "FailedSession",
     "Invocation",
     "RunPaused",
@@ -220,6 +221,10 @@ ProgressCallback = Callable[[int, int, float], None]  # done, total, elapsed sec
 #: Runs one batch and records it in the ledger, in transactions the fence proves this process may write in.
 CommitBatch = Callable[[Database, Job, BatchTask, Clock, Fence], BatchRecord]
 
+#: Runs the remaining batches of an apply somewhere else than this process (``gatefill.workers.Coordinator``), with
+#: the same work list, pacer, lease and result; the default is ``_run_batches``, here.
+BatchRunner = Callable[["_Work", WorkList, ProgressCallback | None, Callable[[int], None] | None], None]
+
 #: Statuses of a run that has nothing left to apply.
 _FINISHED = (RunStatus.SUCCEEDED, RunStatus.ROLLED_BACK, RunStatus.CANCELLED, RunStatus.FAILED)
 
@@ -360,6 +365,7 @@ def apply_plan(
     before_batch: Callable[[int], None] | None = None,
     settings: Settings | None = None,
     override: Override | None = None,
+    run_batches: BatchRunner | None = None,
 ) -> ApplyResult:
     """Applies (or resumes) the plan's run; returns the measured result and writes the batch logs.
 
@@ -399,7 +405,10 @@ def apply_plan(
             ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=reason)
         pacer = options.pacer(db, run.id, plan, env, clock, stop=stop, fence=lease.fence, indicators=indicators)
         work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result, pacer)
-        _run_batches(work, todo, progress=progress, before_batch=before_batch)
+        if run_batches is not None:  # --workers: the batches are committed by worker processes
+            run_batches(work, todo, progress, before_batch)
+        else:
+            _run_batches(work, todo, progress=progress, before_batch=before_batch)
         _finish(work)
     return result
 

@@ -8,6 +8,7 @@ a traceback only with ``--traceback``.
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import traceback
@@ -39,7 +40,7 @@ from gatefill.config import (
 )
 from gatefill.errors import GatefillError, UsageError
 from gatefill.gate import Override
-from gatefill.job import Baseline, Measurement
+from gatefill.job import Baseline, BatchTask, Measurement
 from gatefill.lease import describe_lease
 from gatefill.ledger import Hold, PaceDecision
 from gatefill.pipeline import PipelineOptions
@@ -354,6 +355,15 @@ def apply_command(
         typer.Option("--throttle-interval", help="Seconds between looks at the health indicators, and while stopped."),
     ] = DEFAULT_THROTTLE_INTERVAL,
     job_name: JobOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            metavar="N",
+            help="Postgres: commit the batches in N local worker processes (procrastinate); "
+            "`gatefill worker` joins from other machines.",
+        ),
+    ] = None,
 ) -> None:
     """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable.
 
@@ -384,6 +394,7 @@ def apply_command(
             override=override,
             job_name=job_name,
             progress=progress,
+            workers=workers,
         )
     out.print(_apply_line(applied.result), markup=False)
     for name, artifact in applied.gate.paths.items():
@@ -404,6 +415,22 @@ def _apply_line(result: ApplyResult) -> str:
         + counts_text(dict(sorted(result.counts.items())))
         + f"; {result.elapsed_seconds:.1f} s, measured {result.measured_rate_per_minute:.1f} sessions/min"
     )
+
+
+@app.command("worker")
+def worker_command(
+    env: EnvOption,
+    until_pid: Annotated[int | None, typer.Option("--until-pid", hidden=True)] = None,
+) -> None:
+    """Join the applies running with --workers in an environment (Postgres): commit their queued batches until
+    Ctrl-C or SIGTERM, which let the current batch finish."""
+
+    def said(task: BatchTask, outcome: str) -> None:
+        out.print(f"run {task.run_id} batch {task.batch_no}: {outcome} ({len(task.candidates)} sessions)", markup=False)
+
+    out.print(f"worker {os.getpid()} serving gatefill batches in {env} (Ctrl-C stops it)", markup=False)
+    commands.worker(_settings(), env, on_batch=said, until_pid=until_pid)
+    out.print(f"worker {os.getpid()} stopped", markup=False)
 
 
 @app.command("gates")

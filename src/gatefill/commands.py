@@ -10,6 +10,7 @@ every other command would pay at start-up.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from gatefill.db import Database, PoolerFinding, detect_pooler
 from gatefill.errors import UsageError
 from gatefill.gate import GateRecord, Override, gate_records
 from gatefill.health import HealthResult, check_health
-from gatefill.job import Baseline, Job, Measurement, SoakSettings
+from gatefill.job import Baseline, BatchTask, Job, Measurement, SoakSettings
 from gatefill.jobs import JobEntry, available_jobs, get_job
 from gatefill.lease import RunLease
 from gatefill.pipeline import PipelineOptions, PipelineState, note_rollback, run_pipeline
@@ -42,6 +43,7 @@ from gatefill.rollback import RollbackResult, rollback_run
 from gatefill.runs import ApprovalOutcome, RunProgress, find_run, recent_runs, run_progress
 from gatefill.runs import approve as record_approval
 from gatefill.soak import SoakOptions, SoakResult, soak_job
+from gatefill.workers import Coordinator, check_workers, serve
 
 if TYPE_CHECKING:
     from gatefill.prism.sandbox.seed import SeedReport
@@ -73,6 +75,7 @@ __all__ = [
     "simulate",
     "soak",
     "status",
+    "worker",
 ]
 
 
@@ -205,9 +208,11 @@ def apply(
     override: Override | None,
     job_name: str | None = None,
     progress: ProgressCallback | None = None,
+    workers: int | None = None,
 ) -> Applied:
     """``gatefill apply RUN|PLAN.json``: applies an approved plan with the job it names (``job_name``, when given,
-    must be that job), then measures and writes its backfill gate."""
+    must be that job), then measures and writes its backfill gate. ``workers`` (Postgres): the batches are committed
+    by that many local worker processes (and any ``gatefill worker`` joining from elsewhere)."""
     path = Path(target)
     body: PlanHead
     if target.endswith(".json") or path.is_file():
@@ -224,6 +229,7 @@ def apply(
         override.validate()
     clock, artifacts = RealClock(), settings.artifacts_dir
     with Database(environment) as db:
+        check_workers(db, workers, options.executor)
         result = apply_plan(
             db,
             environment,
@@ -235,6 +241,7 @@ def apply(
             progress=progress,
             settings=settings,
             override=override,
+            run_batches=_coordinator(settings, environment, workers) if db.caps.dialect == "postgresql" else None,
         )
         gate = measure_backfill_gate(
             db,
@@ -247,6 +254,28 @@ def apply(
             result=result,
         )
         return Applied(result, write_apply_artifacts(db, job, gate, artifacts))
+
+
+def _coordinator(settings: Settings, env: Environment, workers: int | None) -> Coordinator | None:
+    """With ``--workers N``: the coordinator that starts N local ``gatefill worker`` processes for ``env``."""
+    if workers is None:
+        return None
+    config = ["--config", str(settings.path)] if settings.path is not None else []
+    return Coordinator(workers, [sys.executable, "-m", "gatefill", *config, "worker", "--env", env.name])
+
+
+def worker(
+    settings: Settings,
+    env_name: str,
+    *,
+    on_batch: Callable[[BatchTask, str], None] | None = None,
+    until_pid: int | None = None,
+) -> None:
+    """``gatefill worker --env NAME``: commits the batches every ``apply --workers`` queues in that environment's
+    database, with the jobs gatefill.toml defines, until Ctrl-C or SIGTERM."""
+    environment = settings.env(env_name)
+    with Database(environment) as db:
+        serve(db, lambda name: get_job(name, settings), on_batch=on_batch, until_pid=until_pid)
 
 
 def soak(

@@ -167,7 +167,8 @@ class SessionOutcome:
     result: str
     operations: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-    seconds: float = 0.0
+    #: None when it was not measured (a batch read back from the ledger, which keeps no time per written session).
+    seconds: float | None = 0.0
 
 
 @dataclass
@@ -385,7 +386,7 @@ class BatchRecord:
                 "category": self.categories.get(s.key),
                 "result": s.result,
                 "error": s.error,
-                "seconds": round(s.seconds, 6),
+                "seconds": None if s.seconds is None else round(s.seconds, 6),
                 "operations": s.operations,
                 "rows": rows.get(s.key, []),
             }

@@ -31,6 +31,7 @@ from gatefill.images import image_columns, row_digest
 from gatefill.job import (
     Baseline,
     BatchRecord,
+    BatchTask,
     Candidate,
     Check,
     Measurement,
@@ -52,12 +53,15 @@ __all__ = [
     "LeaseHolder",
     "LeaseLost",
     "PaceDecision",
+    "PaceGrant",
     "Run",
     "RunEvent",
     "RunLocked",
     "RunNotFound",
     "RunStatus",
     "baseline_for",
+    "batch_keys",
+    "batch_record",
     "begin_hold",
     "create_run",
     "decisions_for",
@@ -73,7 +77,9 @@ __all__ = [
     "lock_intents",
     "measurements_for",
     "new_run_id",
+    "pace_level",
     "pending_batches",
+    "publish_pace",
     "record_approval",
     "record_approval_once",
     "record_baseline",
@@ -83,6 +89,7 @@ __all__ = [
     "record_measurement",
     "release_lease",
     "renew_lease",
+    "reserve_pace",
     "row_changes_not_recorded",
     "row_key",
     "run_events_for",
@@ -386,6 +393,22 @@ decisions = sa.Table(
     sa.Column("rate", sa.Text(), nullable=False),  # the effective rate from then on
     sa.Column("batch_size", sa.Integer(), nullable=False),  # and the batch size
     sa.Column("held_seconds", sa.Float()),  # resume: how long the Stop kept batches from starting
+)
+
+# The global pace of a run applied by several workers (``gatefill.workers``): the rate the coordinator publishes
+# (NULL: unlimited), the next free instant of its leaky bucket (GCRA: the theoretical arrival time of the next token),
+# and the coordinator's level (normal | stop). Every worker reserves its batch's tokens here with one atomic UPDATE,
+# so the rate holds across processes and machines.
+pace = sa.Table(
+    "gatefill_pace",
+    LEDGER_METADATA,
+    sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("rate_per_second", sa.Float()),
+    sa.Column("next_free", UTCTimestamp(), nullable=False),
+    sa.Column("level", sa.Text(), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=False),
+    sa.Column("updated_at", UTCTimestamp(), nullable=False),
+    sa.CheckConstraint("level IN ('normal','hold','stop')", name="gatefill_pace_level"),
 )
 
 LEDGER_TABLES: tuple[str, ...] = tuple(LEDGER_METADATA.tables)
@@ -1028,7 +1051,7 @@ def _session_detail(batch: BatchRecord, s: SessionOutcome) -> dict[str, Any]:
         "category": batch.categories.get(s.key),
         "group": batch.group,
         "operations": s.operations,
-        "seconds": round(s.seconds, 6),
+        "seconds": None if s.seconds is None else round(s.seconds, 6),
     }
 
 
@@ -1326,3 +1349,136 @@ def decisions_for(conn: Connection, run_id: str) -> list[PaceDecision]:
         )
         for r in rows
     ]  # fmt: skip
+
+
+# The global pace of a run with several workers
+
+
+@dataclass(frozen=True)
+class PaceGrant:
+    """A worker's reservation of a batch's tokens: the instant its batch may commit (its tokens have accrued by then),
+    and the coordinator's level and reason at the time (``stop``: start no batch)."""
+
+    ready_at: datetime
+    level: str
+    reason: str
+    rate_per_second: float | None
+
+
+def publish_pace(
+    conn: Connection,
+    run_id: str,
+    *,
+    rate_per_second: float | None,
+    level: str,
+    reason: str,
+    at: datetime,
+    restart: bool = False,
+) -> None:
+    """The coordinator's rate and level for its workers. The first publication of an apply (``restart``) starts the
+    bucket empty at ``at`` (the first batch waits for its tokens, as ``gatefill.throttle`` does); later ones keep the
+    bucket's position."""
+    values: dict[str, Any] = {"rate_per_second": rate_per_second, "level": level, "reason": reason, "updated_at": at}
+    if restart:
+        values["next_free"] = at
+    updated = conn.execute(pace.update().where(pace.c.run_id == run_id).values(**values))
+    if updated.rowcount == 0:
+        conn.execute(pace.insert().values(run_id=run_id, **{"next_free": at, **values}))
+
+
+#: One statement, so that two workers never reserve the same tokens: the row lock orders them. A batch of n tokens is
+#: ready n/rate after the bucket's next free instant, or after ``now`` less one batch's worth when the bucket has been
+#: idle (it holds at most one batch of tokens, so an idle spell never lets a burst through).
+_RESERVE = sa.text(
+    """
+    UPDATE gatefill_pace SET next_free = CASE
+        WHEN rate_per_second IS NULL OR level = 'stop' THEN next_free
+        ELSE GREATEST(next_free, CAST(:now AS timestamptz) - make_interval(secs => :tokens / rate_per_second))
+             + make_interval(secs => :tokens / rate_per_second)
+        END
+    WHERE run_id = :run_id
+    RETURNING next_free, level, reason, rate_per_second
+    """
+).columns(next_free=UTCTimestamp(), level=sa.Text(), reason=sa.Text(), rate_per_second=sa.Float())
+
+
+def reserve_pace(conn: Connection, run_id: str, tokens: int, *, now: datetime) -> PaceGrant:
+    """Reserves ``tokens`` of the run's global rate at ``now`` (the worker's clock) in the caller's short transaction
+    (Postgres: workers run only there). Unlimited or stopped: ready at once. No pace row: ``UsageError``."""
+    row = conn.execute(_RESERVE, {"run_id": run_id, "tokens": float(tokens), "now": now}).first()
+    if row is None:
+        raise UsageError(f"run {run_id} has no published pace: it is not being applied with --workers")
+    unlimited = row.rate_per_second is None or row.level == "stop"
+    return PaceGrant(now if unlimited else row.next_free, row.level, row.reason, row.rate_per_second)
+
+
+def pace_level(conn: Connection, run_id: str) -> str | None:
+    """The level the run's coordinator last published (None: it publishes none, the run has no workers)."""
+    return conn.execute(sa.select(pace.c.level).where(pace.c.run_id == run_id)).scalar_one_or_none()
+
+
+def batch_keys(conn: Connection, run_id: str, batch_no: int) -> set[str] | None:
+    """The candidate keys of a committed batch (its sessions' result rows); None when the batch has not committed."""
+    committed = conn.execute(
+        sa.select(batches.c.batch_no).where(batches.c.run_id == run_id, batches.c.batch_no == batch_no)
+    ).first()
+    if committed is None:
+        return None
+    sr = session_results
+    return set(
+        conn.execute(sa.select(sr.c.session_id).where(sr.c.run_id == run_id, sr.c.batch_no == batch_no)).scalars()
+    )
+
+
+def batch_record(conn: Connection, run_id: str, batch: BatchTask) -> BatchRecord | None:
+    """The committed batch ``batch`` (what a worker in another process committed) as the ledger recorded it, None if
+    it has not committed: its sessions in the batch's order, its changes in the order they were recorded.
+
+    The ledger keeps what the in-process apply has in hand only in part: a written session's result row has no
+    detail (its operations are the plan's, its time unknown: ``seconds`` None), and a change's after-image is a
+    digest (``after`` is empty; its before-image and key are as recorded)."""
+    row = conn.execute(
+        sa.select(batches).where(batches.c.run_id == run_id, batches.c.batch_no == batch.batch_no)
+    ).first()
+    if row is None:
+        return None
+    sr = session_results
+    results = {
+        r.session_id: r
+        for r in conn.execute(sa.select(sr).where(sr.c.run_id == run_id, sr.c.batch_no == batch.batch_no))
+    }
+    planned = {c.key: c for c in batch.candidates}
+    sessions = tuple(_outcome_read_back(results[c.key], planned[c.key]) for c in batch.candidates if c.key in results)
+    ch = changes
+    row_changes = tuple(
+        RowChange(c.table_name, json.loads(c.row_key), c.before, {}, c.session_id or "")
+        for c in conn.execute(
+            sa.select(ch.c.table_name, ch.c.row_key, ch.c.before, ch.c.session_id)
+            .where(ch.c.run_id == run_id, ch.c.batch_no == batch.batch_no)
+            .order_by(ch.c.id)
+        )
+    )
+    detail = dict(row.detail or {})
+    extra = {k: v for k, v in detail.items() if k not in ("group", "keys", "changes")}
+    categories = {c.key: c.category for c in batch.candidates if c.key in results}
+    return BatchRecord(
+        run_id,
+        batch.batch_no,
+        detail.get("group", batch.group),
+        categories,
+        sessions,
+        row_changes,
+        row.started_at,
+        row.finished_at,
+        detail=extra,
+    )
+
+
+def _outcome_read_back(r: Any, candidate: Candidate) -> SessionOutcome:
+    """A session's outcome from its result row: the recorded detail, or for a written one the plan's operations."""
+    detail = dict(r.detail or {})
+    if "operations" in detail:
+        seconds = detail.get("seconds")
+        return SessionOutcome(r.session_id, r.result, list(detail["operations"]), r.error, seconds)
+    operations = [{"operation": op} for op in candidate.operations]
+    return SessionOutcome(r.session_id, r.result, operations, r.error, None)

@@ -43,6 +43,8 @@ __all__ = [
     "PlanHead",
     "PlanParams",
     "build_plan",
+    "candidate_from_json",
+    "candidate_to_json",
     "compose_plan",
     "load_plan",
     "open_plan",
@@ -206,7 +208,7 @@ class Plan:
             "parameters": self.parameters.to_json(),
             "prechecks": [c.to_json() for c in self.prechecks],
             "categories": {k: {"count": len(v), "keys": v} for k, v in self.categories().items()},
-            "candidates": [_candidate_json(c) for c in self.candidates],
+            "candidates": [candidate_to_json(c) for c in self.candidates],
             "batches": [b.to_json() for b in self.batches],
             "totals": {
                 "candidates": runnable,
@@ -230,7 +232,8 @@ class Plan:
         return write_json(path, self.to_json())
 
 
-def _candidate_json(c: Candidate) -> dict[str, Any]:
+def candidate_to_json(c: Candidate) -> dict[str, Any]:
+    """A candidate as the plan file (and a worker's job arguments) carry it."""
     return {
         "key": c.key,
         "category": c.category,
@@ -238,6 +241,11 @@ def _candidate_json(c: Candidate) -> dict[str, Any]:
         "operations": list(c.operations),
         "detail": dict(c.detail),
     }
+
+
+def candidate_from_json(c: Mapping[str, Any]) -> Candidate:
+    """The candidate ``candidate_to_json`` wrote."""
+    return Candidate(c["key"], c["category"], parse_utc(c["created_at"]), tuple(c["operations"]), c["detail"])
 
 
 def _plan_from_json(body: Mapping[str, Any]) -> Plan:
@@ -257,10 +265,7 @@ def _plan_from_json(body: Mapping[str, Any]) -> Plan:
             profiles=p["profiles"],
         ),
         prechecks=tuple(Check(**c) for c in body["prechecks"]),
-        candidates=tuple(
-            Candidate(c["key"], c["category"], parse_utc(c["created_at"]), tuple(c["operations"]), c["detail"])
-            for c in body["candidates"]
-        ),
+        candidates=tuple(candidate_from_json(c) for c in body["candidates"]),
         batches=tuple(Batch(b["batch_no"], b["group"], tuple(b["keys"])) for b in body["batches"]),
         hash=str(body["hash"]),
     )
@@ -612,8 +617,8 @@ class _Tally:
         self.by_category: dict[str, tuple[int, Any]] = {}  # name -> (count, sha256 of its keys in order)
 
     def candidate(self, item: Mapping[str, Any]) -> None:
-        c = _candidate_from_json(item)
-        if _candidate_json(c) != dict(item):
+        c = candidate_from_json(item)
+        if candidate_to_json(c) != dict(item):
             raise UsageError("plan content does not match what gatefill derives from it (made by another version?)")
         self.candidates += 1
         self.runnable += bool(c.operations)
@@ -623,10 +628,6 @@ class _Tally:
         n, keys = self.by_category.get(c.category, (0, hashlib.sha256()))
         keys.update(canonical_json(c.key).encode("utf-8") + b",")
         self.by_category[c.category] = (n + 1, keys)
-
-
-def _candidate_from_json(c: Mapping[str, Any]) -> Candidate:
-    return Candidate(c["key"], c["category"], parse_utc(c["created_at"]), tuple(c["operations"]), c["detail"])
 
 
 def _parse_events(f: Any) -> Iterator[tuple[str, str, Any]]:
@@ -839,4 +840,4 @@ class _StreamedWork:
     def candidates(self) -> Iterator[Candidate]:
         for item in self._items("candidates"):
             if item["operations"]:
-                yield _candidate_from_json(item)
+                yield candidate_from_json(item)

@@ -799,7 +799,7 @@ def _batch_outcome(
     outcome = BatchOutcome()
     for candidate in ordered:
         session = results[candidate.key]
-        session.seconds += shared
+        session.seconds = (session.seconds or 0.0) + shared
         outcome.sessions.append(session)
         outcome.changes.extend(changes.get(candidate.key, ()))
     return outcome
