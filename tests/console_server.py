@@ -56,6 +56,11 @@ class Bench:
         }
         return cls(work, env)
 
+    @classmethod
+    def in_directory(cls, work: Path) -> Bench:
+        """The CLI run in ``work`` with its own gatefill.toml (the demo's), plus the operator token."""
+        return cls(work, {**os.environ, "GATEFILL_UI_TOKEN": TOKEN, "COLUMNS": "200"})
+
     def cli(self, *argv: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [sys.executable, "-m", "gatefill", *argv],

@@ -147,3 +147,28 @@ def test_pause_stops_a_running_apply_after_its_batch_and_shows_how_to_resume(ben
         expect(page.locator('[data-field="status"]')).to_have_text("paused")
         expect(page.locator("code.command").last).to_have_text(f"gatefill apply {run_id} --env staging")
     assert "paused" in bench.cli("status", run_id).stdout
+
+
+@pytest.mark.slow
+def test_the_demo_in_the_console_every_page_with_reports_and_the_soak_chart(tmp_path: Path, page: Page) -> None:
+    """What the issue's newcomer sees after ``gatefill demo``: every run, the pipeline, the reports and the chart."""
+    demo = tmp_path / "gatefill-demo"
+    Bench.in_directory(tmp_path).cli("demo", "--fast", "--dir", str(demo))
+    bench = Bench.in_directory(demo)
+    with bench.console(token=False, envs=("staging", "production")) as url:
+        page.goto(url + "/")
+        for phase in ("apply", "soak", "pipeline"):
+            expect(page.locator(f'table.runs a[href*="/runs/{phase}-"]').first).to_be_visible()
+        page.goto(url + "/pipeline")
+        expect(page.locator("p.ok")).to_contain_text("final gate GO")
+        page.get_by_role("link", name="pipeline_final_gate.md").click()
+        expect(page.locator("article.report h1").first).to_be_visible()
+        page.goto(url + "/pipeline")
+        page.locator('table.steps a[href*="/runs/soak-"]').first.click()
+        expect(page.locator('[data-field="verdict"]')).to_have_text("PASS")
+        chart = page.locator("img.chart")
+        expect(chart).to_be_visible()
+        assert chart.evaluate("img => img.complete && img.naturalWidth > 0")
+        assert page.locator("table[data-looks] tbody tr").count() >= 2
+        page.goto(url + "/gates")
+        expect(page.locator("table.gates")).to_contain_text("demo")

@@ -335,6 +335,8 @@ class PipelineView:
     done: bool
     pending: list[PendingGate]
     step_envs: Mapping[str, str] = field(default_factory=dict)
+    #: Each step's report, as (the run directory it is in, its path there), when it lies in the artifacts directory.
+    reports: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def pipeline_view(settings: Settings, envs: Sequence[str], env: str, run_id: str) -> PipelineView:
@@ -357,9 +359,22 @@ def pipeline_view(settings: Settings, envs: Sequence[str], env: str, run_id: str
             pending.extend(pending_gates(found.run, found.approvals, name))
             break
     waiting = summary.get("waiting_for")
-    return PipelineView(
-        env, progress.run, steps, str(waiting) if waiting else None, bool(summary.get("done")), pending, step_envs
-    )
+    done = bool(summary.get("done"))
+    reports = _step_reports(settings, steps)
+    return PipelineView(env, progress.run, steps, str(waiting) if waiting else None, done, pending, step_envs, reports)
+
+
+def _step_reports(settings: Settings, steps: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
+    root = settings.artifacts_dir.resolve()
+    found: dict[str, tuple[str, str]] = {}
+    for name, detail in steps.items():
+        artifact = detail.get("artifact") if isinstance(detail, Mapping) else None
+        path = Path(str(artifact)).resolve() if artifact else None
+        if path is not None and root in path.parents and path.is_file():
+            run_dir, _, rest = path.relative_to(root).as_posix().partition("/")
+            if rest:
+                found[name] = (run_dir, rest)
+    return found
 
 
 def gates(settings: Settings, envs: Sequence[str]) -> list[GateRecord]:
