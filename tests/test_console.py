@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Seeder, Target
 from tests.console_server import SECRETS, TOKEN, Bench
@@ -52,6 +53,8 @@ def test_every_page_renders_real_runs_and_no_secret(bench: Bench) -> None:
             answer = http.get(path, follow_redirects=True)
             assert answer.status_code == 200, (path, answer.text[:500])
             pages[path] = answer.text
+        assert http.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+        metrics = _samples(http.get("/metrics").text)
         for path, text in pages.items():
             for secret in SECRETS:
                 assert secret not in text, (path, "shows a secret")
@@ -68,6 +71,22 @@ def test_every_page_renders_real_runs_and_no_secret(bench: Bench) -> None:
     assert '"run_id"' in pages[f"/env/staging/runs/{applied}/files/backfill_logs/execution_results.json"]
     gates = pages["/gates"]
     assert applied in gates and "ana" in gates and "plan" in gates
+    assert metrics[("gatefill_runs", (("env", "staging"), ("phase", "apply"), ("status", "succeeded")))] == 1
+    assert metrics[("gatefill_runs", (("env", "staging"), ("phase", "apply"), ("status", "planned")))] == 1
+    assert metrics[("gatefill_sessions", (("env", "staging"), ("result", "written")))] == 39
+    batches = run_page.count("<td>committed</td>")
+    assert batches >= 8 and metrics[("gatefill_batch_duration_seconds_count", ())] == batches
+    assert metrics[("gatefill_ledger_up", (("env", "staging"),))] == 1
+    assert metrics[("gatefill_ledger_up", (("env", "prod"),))] == 0
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_writes_need_the_token_and_a_valid_csrf_token(bench: Bench) -> None:

@@ -172,3 +172,6 @@ def test_the_demo_in_the_console_every_page_with_reports_and_the_soak_chart(tmp_
         assert page.locator("table[data-looks] tbody tr").count() >= 2
         page.goto(url + "/gates")
         expect(page.locator("table.gates")).to_contain_text("demo")
+        metrics = page.request.get(url + "/metrics").text()
+        soak_check = r'gatefill_soak_check\{check="conversion",env="staging",run="soak-[^"]+",verdict="PASS"\} 1'
+        assert re.search(soak_check, metrics)

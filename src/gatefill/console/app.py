@@ -1,5 +1,5 @@
 """The console's FastAPI application: its pages (runs, a run, a plan under review, a soak, the pipeline, gates),
-the run files and rendered reports, the live event stream, and the writes the CLI has (approve, pause).
+the run files and rendered reports, the live event stream, ``/metrics``, and the writes the CLI has (approve, pause).
 
 Handlers parse, call one reading function of ``console.reads`` (or the CLI's approve), and render; the rules of who may
 write live in ``console.auth``.
@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, quote
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
@@ -26,6 +27,7 @@ from gatefill.config import Settings
 from gatefill.console import reads
 from gatefill.console.actions import pause_run, resume_command
 from gatefill.console.auth import LOGIN_COOKIE, SESSION_COOKIE, SESSION_SECONDS, Auth, Viewer
+from gatefill.console.metrics import metrics_text
 from gatefill.console.render import markdown_html, page
 from gatefill.errors import GatefillError
 from gatefill.runs import ApprovalOutcome
@@ -195,6 +197,10 @@ def _routes_pages(app: FastAPI, config: ConsoleConfig) -> None:
     @app.get("/gates", response_class=HTMLResponse)
     def gates_page(who: Who) -> Response:
         return _html("gates.html", who, records=reads.gates(settings, envs), title="Gates")
+
+    @app.get("/metrics")
+    def metrics(who: Who) -> Response:
+        return Response(metrics_text(settings, envs), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/pipeline", response_class=HTMLResponse)
     def pipeline_page(who: Who) -> Response:

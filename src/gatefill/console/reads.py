@@ -38,6 +38,7 @@ __all__ = [
     "SessionRow",
     "SoakView",
     "artifact_files",
+    "batch_row",
     "gates",
     "live_state",
     "pipeline_view",
@@ -200,10 +201,12 @@ class RunView:
 def _batches(conn: sa.Connection, run_id: str) -> list[BatchRow]:
     b = ledger.batches
     rows = conn.execute(sa.select(b).where(b.c.run_id == run_id).order_by(b.c.batch_no))
-    return [
-        BatchRow(r.batch_no, r.status, r.sessions, r.succeeded, r.failed, r.skipped, r.started_at, r.finished_at)
-        for r in rows
-    ]
+    return [batch_row(r) for r in rows]
+
+
+def batch_row(r: sa.Row[Any]) -> BatchRow:
+    """A ``gatefill_batches`` row as a record."""
+    return BatchRow(r.batch_no, r.status, r.sessions, r.succeeded, r.failed, r.skipped, r.started_at, r.finished_at)
 
 
 def _sessions(conn: sa.Connection, run_id: str) -> list[SessionRow]:
