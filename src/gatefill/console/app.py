@@ -30,7 +30,7 @@ from gatefill.console.auth import LOGIN_COOKIE, SESSION_COOKIE, SESSION_SECONDS,
 from gatefill.console.metrics import metrics_text
 from gatefill.console.render import markdown_html, page
 from gatefill.errors import GatefillError
-from gatefill.runs import ApprovalOutcome
+from gatefill.runs import GATES, ApprovalOutcome
 
 __all__ = ["Approver", "ConsoleConfig", "create_app"]
 
@@ -139,7 +139,9 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(GatefillError)
     async def gatefill_error(request: Request, exc: GatefillError) -> Response:
         status = 404 if isinstance(exc, ledger.RunNotFound) else 400
-        return _html("error.html", Viewer(None, None, False), status, message=str(exc))
+        auth: Auth = request.app.state.auth
+        seen = auth.viewer(request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE))
+        return _html("error.html", seen, status, message=str(exc))
 
 
 def _routes_login(app: FastAPI, auth: Auth) -> None:
@@ -222,7 +224,7 @@ def _notice(approved: str | None, again: str | None, paused: str | None) -> str 
     gate's name, escaped)."""
     if paused:
         return "Ctrl-C (SIGINT) sent to the apply: it pauses after its current batch."
-    if approved:
+    if approved in GATES:
         return (
             f"The {approved} gate was already approved: nothing recorded."
             if again
@@ -245,14 +247,13 @@ def _routes_runs(app: FastAPI, config: ConsoleConfig) -> None:
     ) -> Response:
         _known(config, env)
         notice = _notice(approved, again, paused)
-        progress = reads.run_view(settings, env, run_id).progress
-        if progress.run.phase == "soak":
-            view: Any = reads.soak_view(settings, env, run_id)
-            return _html("soak.html", who, view=view, env=env, notice=notice, title=f"Soak {run_id}")
-        if progress.run.phase == "pipeline":
-            view = reads.pipeline_view(settings, envs, env, run_id)
-            return _html("pipeline.html", who, view=view, notice=notice, title=f"Pipeline {run_id}")
         view = reads.run_view(settings, env, run_id)
+        if view.run.phase == "soak":
+            soak = reads.soak_view(settings, env, run_id)
+            return _html("soak.html", who, view=soak, env=env, notice=notice, title=f"Soak {run_id}")
+        if view.run.phase == "pipeline":
+            pipeline = reads.pipeline_view(settings, envs, env, run_id)
+            return _html("pipeline.html", who, view=pipeline, notice=notice, title=f"Pipeline {run_id}")
         resume = resume_command(env, run_id) if view.run.status is ledger.RunStatus.PAUSED else None
         return _html("run.html", who, view=view, env=env, resume=resume, notice=notice, title=f"Run {run_id}")
 
