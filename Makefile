@@ -8,7 +8,7 @@ JS     := tests/js
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck pytest bench clean pgbouncer
+.PHONY: demo test lint typecheck pytest bench clean pgbouncer chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ $(JS)/node_modules/.package-lock.json: $(JS)/package.json $(JS)/package-lock.jso
 demo: $(VENV)/.installed
 	$(BIN)/gatefill demo
 
-test: $(VENV)/.installed-test pgbouncer lint typecheck pytest
+test: $(VENV)/.installed-test pgbouncer chromium lint typecheck pytest
 
 # The pooled half of the suite runs through PgBouncer (Debian's package), which the tests start themselves.
 pgbouncer:
@@ -44,15 +44,22 @@ pgbouncer:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; }
 
+# The console's browser tests drive Debian's Chromium through Playwright (never `playwright install`: no downloads).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || { \
+	  echo "installing chromium (Debian package) for the console's browser tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/lint-imports --no-logo
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed-test pgbouncer $(JS)/node_modules/.package-lock.json
+pytest: $(VENV)/.installed-test pgbouncer chromium $(JS)/node_modules/.package-lock.json
 	$(BIN)/pytest -n 2 --dist loadscope -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test

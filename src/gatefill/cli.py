@@ -856,6 +856,36 @@ def serve_functions_command(
     )
 
 
+@app.command("ui")
+def ui_command(
+    env: Annotated[list[str], typer.Option("--env", metavar="NAME", help="An environment to show (repeatable).")],
+    host: Annotated[
+        str, typer.Option(metavar="HOST", help="Interface to listen on (not loopback: needs --auth-token-env).")
+    ] = ("127.0.0.1"),
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, metavar="PORT", help="Port to listen on (0: any free port).")
+    ] = 8765,
+    auth_token_env: Annotated[
+        str | None,
+        typer.Option(
+            "--auth-token-env",
+            metavar="VAR",
+            help="Variable holding the operator token: signed-in operators may approve and pause. Without it the "
+            "console is read-only.",
+        ),
+    ] = None,
+) -> None:
+    """Serve the operator console: runs, plans, soaks, the pipeline and gates, live; approve and pause."""
+    commands.ui(
+        _settings(),
+        env,
+        host=host,
+        port=port,
+        token_env=auth_token_env,
+        on_ready=lambda url: out.print(f"gatefill console at {url}", markup=False),
+    )
+
+
 @app.command("simulate")
 def simulate_command(
     env: EnvOption,

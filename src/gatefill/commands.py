@@ -10,6 +10,7 @@ every other command would pay at start-up.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ __all__ = [
     "simulate",
     "soak",
     "status",
+    "ui",
     "worker",
 ]
 
@@ -430,6 +432,35 @@ def status(settings: Settings, run_id: str, env_name: str | None) -> RunProgress
 def recent(settings: Settings, env_name: str | None) -> list[tuple[str, ledger.Run]]:
     """``gatefill status``: the recent runs of each environment."""
     return recent_runs(settings, env_name)
+
+
+# ------------------------------------------------------------------------------------------------- the console
+
+
+def ui(
+    settings: Settings,
+    env_names: list[str],
+    *,
+    host: str,
+    port: int,
+    token_env: str | None,
+    on_ready: Callable[[str], None],
+) -> None:
+    """``gatefill ui``: serves the operator console of ``env_names`` until stopped; approvals clicked there are
+    recorded by :func:`approve`, as ``gatefill approve`` records them. Read-only without ``token_env``."""
+    from gatefill.console import ConsoleConfig, serve_console
+
+    if not env_names:
+        raise UsageError("--env NAME is required (repeat it for each environment the console shows)")
+    for name in env_names:
+        settings.env(name)
+    token = None
+    if token_env is not None:
+        token = os.environ.get(token_env, "")
+        if not token.strip():
+            raise UsageError(f"--auth-token-env {token_env}: that environment variable is not set or is empty")
+    config = ConsoleConfig(settings, tuple(dict.fromkeys(env_names)), token, approve)
+    serve_console(config, host=host, port=port, on_ready=on_ready)
 
 
 # ------------------------------------------------------------------------------------------- the platform stand-in
