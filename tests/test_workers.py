@@ -138,7 +138,7 @@ def _state(db: Database, run_id: str) -> tuple[dict[int, str | None], list[tuple
         ]
         ch = ledger.changes
         changes = [
-            (r.table_name, r.row_key, str(r.before), str(r.after))
+            (r.table_name, r.row_key, str(r.before), str(r.after_digest))
             for r in conn.execute(sa.select(ch).where(ch.c.run_id == run_id).order_by(ch.c.row_key))
         ]
     return slugs, results, changes
@@ -263,6 +263,54 @@ def test_sigterm_stops_the_workers_and_pauses_the_run_which_resumes(
     assert len(results) == 200 and len(changes) == 200 and all(r == "written" for _, r in results)
     assert sum(1 for s in slugs.values() if s is None) == 0
     assert _status(db, run_id) is ledger.RunStatus.SUCCEEDED
+
+
+def test_a_stop_indicator_holds_the_batches_already_queued_for_the_workers(
+    pg_db: tuple[Environment, Database], tmp_path: Path
+) -> None:
+    env, db = pg_db
+    make_posts(db, 50)
+    # 40 sessions, 8 batches of 5 at 4/s: 1.25 s of tokens each. Without the Stop reaching them, the batches queued
+    # ahead (about 2 per worker) would go on committing for about 5 s after the apply read the flag.
+    run_id = _plan(db, env, tmp_path, rate="4/s", batch_size=5)
+    config, flag = _config(tmp_path, env), tmp_path / "hold.flag"
+    apply = _gatefill(config, "apply", run_id, "--workers", "2", "--approve-as", "tess", "--no-health",
+                      "--throttle-file", str(flag), "--throttle-interval", "0.2", "--cool-down", "1")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _committed(db, run_id):
+            assert apply.poll() is None and time.monotonic() < deadline, apply.communicate()
+            time.sleep(0.05)
+        flag.touch()
+        while not _open_holds(db, run_id):  # the apply has read the flag: a Stop, published to the workers
+            assert apply.poll() is None and time.monotonic() < deadline, apply.communicate()
+            time.sleep(0.05)
+        time.sleep(2.8)  # a batch that reserved its tokens before the Stop (one per worker) commits within 2.5 s
+        held_at = _committed(db, run_id)
+        time.sleep(3.0)
+        assert _committed(db, run_id) == held_at, "a queued batch started while the Stop held"
+        assert len(held_at) < 8
+        flag.unlink()
+        out, err = apply.communicate(timeout=90)
+    finally:
+        _stop(apply)
+    assert apply.returncode == 0, (out, err)
+    slugs, results, changes = _state(db, run_id)
+    assert sum(1 for s in slugs.values() if s is None) == 0
+    assert len(results) == 40 and len(changes) == 40 and all(r == "written" for _, r in results)
+    with db.connect() as conn:
+        stops = [h for h in ledger.holds_for(conn, run_id) if h.indicator == "file"]
+    assert len(stops) == 1 and stops[0].ended_by == "clear"
+
+
+def _committed(db: Database, run_id: str) -> set[int]:
+    with db.connect() as conn:
+        return ledger.committed_batches(conn, run_id)
+
+
+def _open_holds(db: Database, run_id: str) -> list[ledger.Hold]:
+    with db.connect() as conn:
+        return [h for h in ledger.holds_for(conn, run_id) if h.ended_at is None]
 
 
 class _SharedClock:

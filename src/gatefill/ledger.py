@@ -397,8 +397,9 @@ decisions = sa.Table(
 
 # The global pace of a run applied by several workers (``gatefill.workers``): the rate the coordinator publishes
 # (NULL: unlimited), the next free instant of its leaky bucket (GCRA: the theoretical arrival time of the next token),
-# and the coordinator's level (normal | stop). Every worker reserves its batch's tokens here with one atomic UPDATE,
-# so the rate holds across processes and machines.
+# and the coordinator's level: normal; hold (a Stop indicator: workers wait, taking no tokens); stop (the apply is
+# stopping: no batch starts). Every worker reserves its batch's tokens here with one atomic UPDATE, so the rate holds
+# across processes and machines.
 pace = sa.Table(
     "gatefill_pace",
     LEDGER_METADATA,
@@ -1357,7 +1358,7 @@ def decisions_for(conn: Connection, run_id: str) -> list[PaceDecision]:
 @dataclass(frozen=True)
 class PaceGrant:
     """A worker's reservation of a batch's tokens: the instant its batch may commit (its tokens have accrued by then),
-    and the coordinator's level and reason at the time (``stop``: start no batch)."""
+    and the coordinator's level and reason at the time (``hold``: wait and ask again; ``stop``: start no batch)."""
 
     ready_at: datetime
     level: str
@@ -1392,7 +1393,7 @@ def publish_pace(
 _RESERVE = sa.text(
     """
     UPDATE gatefill_pace SET next_free = CASE
-        WHEN rate_per_second IS NULL OR level = 'stop' THEN next_free
+        WHEN rate_per_second IS NULL OR level <> 'normal' THEN next_free
         ELSE GREATEST(next_free, CAST(:now AS timestamptz) - make_interval(secs => :tokens / rate_per_second))
              + make_interval(secs => :tokens / rate_per_second)
         END
@@ -1408,7 +1409,7 @@ def reserve_pace(conn: Connection, run_id: str, tokens: int, *, now: datetime) -
     row = conn.execute(_RESERVE, {"run_id": run_id, "tokens": float(tokens), "now": now}).first()
     if row is None:
         raise UsageError(f"run {run_id} has no published pace: it is not being applied with --workers")
-    unlimited = row.rate_per_second is None or row.level == "stop"
+    unlimited = row.rate_per_second is None or row.level != "normal"
     return PaceGrant(now if unlimited else row.next_free, row.level, row.reason, row.rate_per_second)
 
 

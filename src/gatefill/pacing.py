@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
@@ -65,6 +65,9 @@ class Pacer:
     #: Fresh looks in a row with every indicator Normal before each step back up (one look is too eager: a Hold that
     #: clears because the apply slowed down would come straight back).
     recover_after: int = 3
+    #: Told when a Stop begins (True, its reason) and ends (False, how): the worker coordinator publishes it to its
+    #: workers, so that batches already queued wait too.
+    on_stop: Callable[[bool, str], None] | None = None
     #: Measured: the throttle's waits, the Stops with the time they kept batches from starting, the decisions.
     throttle_wait_seconds: float = 0.0
     holds: int = 0
@@ -212,6 +215,8 @@ class Pacer:
             why = f"Stop: no batch starts until every indicator reads Normal for {self.cool_down:g} s"
             stop = self._decision(batch_no, "stop", reading.indicator, "stop", reading.value, reading.threshold, why)
             self._remember(conn, [stop])
+        if self.on_stop is not None:
+            self.on_stop(True, f"Stop: {reading.reason}")
         normal_since: float | None = None
         cooled = False
         while not cooled and sleep_unless(clock, self.interval, self.stop):
@@ -238,6 +243,8 @@ class Pacer:
                 resume = self._decision(batch_no, "resume", reading.indicator, "normal", last.value,
                                         reading.threshold, why, held=seconds)  # fmt: skip
                 self._remember(conn, [resume])
+        if self.on_stop is not None and cooled:
+            self.on_stop(False, f"every indicator Normal for {self.cool_down:g} s after the Stop")
         self.holds += 1
         self.held_seconds += seconds
 

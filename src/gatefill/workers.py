@@ -64,6 +64,8 @@ AHEAD_PER_WORKER = 2
 #: How often the coordinator looks at its queued batches (real seconds), and at stalled workers.
 _POLL_SECONDS = 0.05
 _STALLED_CHECK_SECONDS = 1.0
+#: How often a worker looks again while the apply's pacer holds its batches (a Stop indicator).
+_HOLD_LOOK_SECONDS = 0.5
 
 #: The job a run was planned with, by name (``gatefill.jobs`` through ``commands``: a worker reads gatefill.toml).
 JobFinder = Callable[[str], Job]
@@ -105,8 +107,12 @@ def run_batch(db: Database, job: Job, args: BatchArgs, clock: Clock, *, claim: F
     with db.connect() as conn:
         if _committed_as(conn, task):
             return ALREADY_COMMITTED
-    with db.begin() as conn:
-        grant = ledger.reserve_pace(conn, task.run_id, len(task.candidates), now=clock.now())
+    while True:  # a Stop of the apply's pacer: wait (no tokens taken) until it is lifted
+        with db.begin() as conn:
+            grant = ledger.reserve_pace(conn, task.run_id, len(task.candidates), now=clock.now())
+        if grant.level != "hold":
+            break
+        clock.sleep(_HOLD_LOOK_SECONDS)
     if grant.level == "stop":
         return STOPPED
     while (wait := (grant.ready_at - clock.now()).total_seconds()) > 0:
@@ -318,6 +324,8 @@ class _Coordination:
         start, self.done = clock.monotonic(), self.todo.done_before
         try:
             self._publish("normal", "apply started", restart=True)
+            # A Stop of the pacer holds the batches already queued too (workers wait while the level is hold).
+            work.pacer.on_stop = lambda held, why: self._publish("hold" if held else "normal", why)
             self._drop_stale_jobs()
             while True:
                 self._fill()
@@ -350,7 +358,7 @@ class _Coordination:
             if work.stop.is_set():
                 return  # never queued: a resume takes it from the ledger's results
             work.lease.check()
-            if work.pacer.rate.per_second != self._rate:
+            if work.pacer.current_rate().per_second != self._rate:
                 self._publish("normal", "rate changed")
             args = BatchArgs(task, work.lease.holder.id)
             job_id = self.app.configure_task(TASK_NAME, queue=QUEUE).defer(**args.to_kwargs())
@@ -404,7 +412,7 @@ class _Coordination:
 
     def _publish(self, level: str, reason: str, *, restart: bool = False) -> None:
         work = self.work
-        self._rate = work.pacer.rate.per_second
+        self._rate = work.pacer.current_rate().per_second
         with work.db.begin() as conn:
             work.lease.fence(conn)
             ledger.publish_pace(
