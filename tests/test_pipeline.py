@@ -109,10 +109,13 @@ def test_full_pipeline_end_to_end_and_rerunning_changes_nothing(pair: Settings, 
     assert "## Verdict: **GO**" in final
     assert "Sessions backfilled: 39 on staging, 0 on production." in final
     # Every session once: the ledger's per-session results are exactly the plan's runnable candidates.
+    # The plan's work is stored beside its run (the run's row keeps the plan's header).
     with Database(pair.env("staging")) as db, db.connect() as conn:
-        plan = ledger.get_run(conn, steps["apply"]["run_id"]).plan or {}
+        pb = ledger.plan_batches
+        runnable = list(
+            conn.execute(sa.select(pb.c.session_id).where(pb.c.run_id == steps["apply"]["run_id"])).scalars()
+        )
         results = ledger.session_results_for(conn, steps["apply"]["run_id"])
-    runnable = [c["key"] for c in plan["candidates"] if c["operations"]]
     assert len(runnable) == len(set(runnable)) == 39 and set(results) == set(runnable)
     for gate in ("plan", "review", "soak", "production"):
         assert re.search(rf"\| {gate} \| approval \| tess \| \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d", final), gate
