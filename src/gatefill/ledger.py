@@ -996,6 +996,29 @@ def result_counts(conn: Connection, run_id: str) -> Counter[str]:
     return Counter({str(r): int(n) for r, n in rows})
 
 
+def plan_category_operations(conn: Connection, run_id: str, category: str) -> list[str]:
+    """The operations the plan gives the candidates of ``category`` (one candidate's: a category's are the same)."""
+    pc = plan_candidates
+    ops = conn.execute(
+        sa.select(pc.c.operations).where(pc.c.run_id == run_id, pc.c.category == category).limit(1)
+    ).scalar_one_or_none()
+    return [str(o) for o in ops or []]
+
+
+def plan_first_batches(conn: Connection, run_id: str, *, batches: int) -> list[tuple[int, str, list[str]]]:
+    """The plan's first ``batches`` batches as stored beside the run: number, group and keys in apply order."""
+    pb = plan_batches
+    rows = conn.execute(
+        sa.select(pb.c.batch_no, pb.c.plan_group, pb.c.session_id)
+        .where(pb.c.run_id == run_id, pb.c.batch_no <= batches)
+        .order_by(pb.c.position)
+    )
+    found: dict[int, tuple[int, str, list[str]]] = {}
+    for batch_no, group, key in rows:
+        found.setdefault(batch_no, (batch_no, group, []))[2].append(key)
+    return list(found.values())
+
+
 def replace_run_plan(conn: Connection, run_id: str, plan: Mapping[str, Any]) -> None:
     """Replaces the plan stored on the run's row (a plan recorded whole before its work was stored apart)."""
     conn.execute(runs.update().where(runs.c.id == run_id).values(plan=dict(plan)))

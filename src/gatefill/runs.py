@@ -21,7 +21,16 @@ from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
 from gatefill.lease import lease_name
 from gatefill.soak import SOAK_PHASE, SoakState, soak_state
 
-__all__ = ["GATES", "GATE_PHASES", "ApprovalOutcome", "RunProgress", "approve", "find_run", "run_progress"]
+__all__ = [
+    "GATES",
+    "GATE_PHASES",
+    "ApprovalOutcome",
+    "RunProgress",
+    "approve",
+    "find_run",
+    "planned_total",
+    "run_progress",
+]
 
 #: Each gate and the phase of the run it is approved on. plan: the plan may be applied; review: the applied backfill
 #: was reviewed (the pipeline waits for it); soak: the staging soak is accepted; production: the production go/no-go
@@ -119,14 +128,19 @@ class RunProgress:
         return sum(self.results.values())
 
 
+def planned_total(run: ledger.Run) -> int:
+    """The sessions a run's plan gives work to (0 without a plan). The run's row keeps the plan's header (its
+    totals); a run recorded before that kept the whole plan."""
+    if run.plan is None:
+        return 0
+    totals = run.plan.get("totals") or {}
+    return int(totals.get("candidates", sum(1 for c in run.plan.get("candidates", []) if c.get("operations"))))
+
+
 def run_progress(settings: Settings, run_id: str, env_name: str | None = None) -> RunProgress:
     """Progress of one run: sessions with a result, committed batches, approvals; a soak's state for a soak run."""
     env, run = find_run(settings, run_id, env_name)
-    total = 0
-    if run.plan is not None:
-        # The run's row keeps the plan's header (its totals); a run recorded before that kept the whole plan.
-        totals = run.plan.get("totals") or {}
-        total = int(totals.get("candidates", sum(1 for c in run.plan.get("candidates", []) if c.get("operations"))))
+    total = planned_total(run)
     with Database(env) as db, db.connect() as conn:
         results = ledger.result_counts(conn, run.id)
         batch_row = conn.execute(

@@ -261,7 +261,7 @@ def _routes_runs(app: FastAPI, config: ConsoleConfig) -> None:
     def plan_page(env: str, run_id: str, who: Who) -> Response:
         _known(config, env)
         view = reads.run_view(settings, env, run_id)
-        plan = reads.plan_of(view.progress)
+        plan = reads.plan_of(settings, env, view.progress)
         if plan is None:
             raise _Refused(404, f"run {run_id} has no plan")
         return _html("plan.html", who, view=view, plan=plan, env=env, title=f"Plan {run_id}")

@@ -18,13 +18,13 @@ import sqlalchemy as sa
 
 from gatefill import ledger
 from gatefill.config import Environment, Settings
-from gatefill.db import Database
+from gatefill.db import Database, parse_utc
 from gatefill.errors import DatabaseUnreachable, GatefillError
 from gatefill.gate import GateRecord, gate_records
 from gatefill.job import Check, Measurement
 from gatefill.lease import describe_lease
-from gatefill.plan import Plan
-from gatefill.runs import GATE_PHASES, RunProgress, run_progress
+from gatefill.plan import Plan, PlanHead
+from gatefill.runs import GATE_PHASES, RunProgress, planned_total, run_progress
 from gatefill.soak import baseline_text
 
 __all__ = [
@@ -97,7 +97,7 @@ def age_text(seconds: float) -> str:
 def _planned_total(run: ledger.Run) -> int:
     """Sessions an apply run plans to process; a soak's looks; 0 for other phases."""
     if run.plan is not None:
-        return sum(1 for c in run.plan.get("candidates", []) if c.get("operations"))
+        return planned_total(run)
     if run.phase == "soak":
         return int(run.params.get("max_looks", 0))
     return 0
@@ -289,10 +289,95 @@ def artifact_path(settings: Settings, run_id: str, relative: str) -> Path | None
     return path
 
 
-def plan_of(progress: RunProgress) -> Plan | None:
-    """The plan an apply run recorded (its hash verified), None when it has none."""
+#: Batches a plan page lists (the plan file lists them all).
+PLAN_PAGE_BATCHES = 100
+
+
+@dataclass(frozen=True)
+class PlanBatchRow:
+    batch_no: int
+    group: str
+    keys: list[str]
+
+
+@dataclass(frozen=True)
+class PlanCategory:
+    name: str
+    count: int
+    operations: list[str]
+
+
+@dataclass(frozen=True)
+class PlanReview:
+    """A plan under review, as its run recorded it: the header on the run's row, its categories' operations and its
+    first batches from the work stored beside it (a plan of 1M candidates is never read whole)."""
+
+    run_id: str
+    job: str
+    created_at: datetime
+    hash: str
+    since: datetime
+    rate: str
+    batch_size: int
+    versions: Mapping[str, str]
+    prechecks: list[Check]
+    categories: list[PlanCategory]
+    runnable: int
+    batch_count: int
+    expected_changes: Mapping[str, Mapping[str, int]]
+    batches: list[PlanBatchRow]
+
+
+def plan_of(settings: Settings, env: str, progress: RunProgress) -> PlanReview | None:
+    """The plan an apply run recorded, None when it has none."""
     run = progress.run
-    return Plan.from_json(run.plan) if run.plan is not None else None
+    if run.plan is None:
+        return None
+    if "candidates" in run.plan:  # a run recorded before plans were stored apart: its whole plan is on its row
+        return _review_of_whole(Plan.from_json(run.plan))
+    head = PlanHead.from_header(run.plan)
+    with Database(settings.env(env)) as db, db.connect() as conn:
+        counts = {name: int(c["count"]) for name, c in run.plan.get("categories", {}).items()}
+        categories = [
+            PlanCategory(name, n, ledger.plan_category_operations(conn, run.id, name)) for name, n in counts.items()
+        ]
+        first = ledger.plan_first_batches(conn, run.id, batches=PLAN_PAGE_BATCHES)
+    totals = run.plan.get("totals") or {}
+    return PlanReview(
+        run_id=head.run_id,
+        job=head.job,
+        created_at=parse_utc(run.plan["created_at"]),
+        hash=head.hash,
+        since=head.parameters.since,
+        rate=head.parameters.rate,
+        batch_size=head.parameters.batch_size,
+        versions=head.versions,
+        prechecks=[Check.from_json(c) for c in run.plan.get("prechecks", [])],
+        categories=categories,
+        runnable=int(totals.get("candidates", 0)),
+        batch_count=int(totals.get("batches", 0)),
+        expected_changes=run.plan.get("expected_changes", {}),
+        batches=[PlanBatchRow(n, g, keys) for n, g, keys in first],
+    )
+
+
+def _review_of_whole(plan: Plan) -> PlanReview:
+    return PlanReview(
+        run_id=plan.run_id,
+        job=plan.job,
+        created_at=plan.created_at,
+        hash=plan.hash,
+        since=plan.parameters.since,
+        rate=plan.parameters.rate,
+        batch_size=plan.parameters.batch_size,
+        versions=plan.versions,
+        prechecks=list(plan.prechecks),
+        categories=[PlanCategory(n, len(k), list(plan.operations_of(n))) for n, k in plan.categories().items()],
+        runnable=len(plan.runnable),
+        batch_count=len(plan.batches),
+        expected_changes=plan.expected_changes(),
+        batches=[PlanBatchRow(b.batch_no, b.group, list(b.keys)) for b in plan.batches[:PLAN_PAGE_BATCHES]],
+    )
 
 
 @dataclass(frozen=True)
