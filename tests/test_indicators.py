@@ -10,6 +10,7 @@ indicator reads a real HTTP server's Prometheus text. The clock is simulated whe
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -155,8 +156,14 @@ def test_real_checkpoints_are_counted_and_the_indicator_is_off_unless_configured
         return
     assert checkpoints.read(target.db).decision is Decision.NOT_APPLICABLE
     checkpoint()  # other sessions of a shared server may request more: the count only grows
-    clock.advance(1.0)
-    reading = checkpoints.read(target.db)
+    # CHECKPOINT returns before the checkpointer has published its counters: look again for a few seconds.
+    deadline = time.monotonic() + 10
+    while True:
+        clock.advance(0.1)
+        reading = checkpoints.read(target.db)
+        if reading.decision is Decision.HOLD or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert reading.decision is Decision.HOLD and float(reading.value) >= 1
 
 
