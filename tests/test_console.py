@@ -67,6 +67,12 @@ def test_every_page_renders_real_runs_and_no_secret(bench: Bench) -> None:
     run_page = pages[f"/env/staging/runs/{applied}"]
     assert '39</strong> of <span data-field="total">39</span> sessions' in run_page
     assert "backfill_summary.md" in run_page and "batches committed" in run_page
+    # The pacer's first look lists every indicator it watched (N/A on SQLite, read on Postgres).
+    section = run_page[run_page.index("Holds and throttle decisions") :][:3000]
+    assert "Indicators watched: " in section and "replay_lag " in section, section
+    assert "<td>size</td><td>batch_time</td>" in section  # batches sized to the target batch time
+    planned_page = pages[f"/env/staging/runs/{planned}/plan"]
+    assert "39 candidates to process in" in planned_page and "<td>priority</td>" not in planned_page
     assert "<table>" in pages[f"/env/staging/runs/{applied}/files/backfill_summary.md"]  # Markdown rendered
     assert '"run_id"' in pages[f"/env/staging/runs/{applied}/files/backfill_logs/execution_results.json"]
     gates = pages["/gates"]
