@@ -344,6 +344,12 @@ def test_the_apps_p95_and_5xx_share_hold_and_stop(target: Target, app: FakeApp) 
     assert found[0].value == "finalizeAssessment p95 in (10 ms, 50 ms]; 5xx 0 of 30 (0.0%)"
     assert found[4].value.endswith("5xx 1 of 100 (1.0%)")
     assert "p95 hold ≥ 500 ms, stop ≥ 2000 ms" in found[3].threshold
+    # The app goes quiet after a Stop: the judgment stands for app_quiet_looks looks, then lapses (no Stop forever).
+    quiet = [indicator.read(target.db) for _ in range(ThrottleSettings().app_quiet_looks + 1)]
+    assert levels(quiet) == ["stop"] * 10 + ["n/a"]
+    assert "the app is quiet, its last judgment has lapsed" in quiet[-1].reason
+    app.calls(30, 0.03)
+    assert indicator.read(target.db).decision is Decision.NORMAL  # traffic again: judged again
 
 
 def test_an_app_that_does_not_answer_stops_and_says_why_without_credentials(target: Target) -> None:

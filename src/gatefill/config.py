@@ -120,6 +120,8 @@ class ThrottleSettings:
     app_5xx_hold: float = 0.01
     app_5xx_stop: float = 0.05
     app_min_calls: int = 20
+    #: Looks in a row with a window still short of app_min_calls after which the last judgment lapses (N/A).
+    app_quiet_looks: int = 10
     #: The series the app indicator reads: the functions server's (``gatefill serve functions``) names.
     app_function: str = "finalizeAssessment"
     app_requests_metric: str = "gatefill_function_requests"

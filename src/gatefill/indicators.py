@@ -289,6 +289,8 @@ class AppHealth:
     timeout: float = 2.0
     _base: Series | None = field(default=None, repr=False)
     _last: Reading | None = field(default=None, repr=False)
+    #: Looks in a row that found the next window still filling.
+    _filling: int = field(default=0, repr=False)
 
     @property
     def threshold(self) -> str:
@@ -319,12 +321,18 @@ class AppHealth:
             return _na(self.name, "first look (or the app restarted): the window begins now", self.threshold)
         calls = self._calls(now) - self._calls(base)
         if calls < self.settings.app_min_calls:
-            # While the next window fills, the last judgment stands (a filling window is no evidence of Normal).
+            # While the next window fills, the last judgment stands (a filling window is no evidence of Normal),
+            # for a while: an app that has gone quiet has nothing left to judge, and a Stop must not outlive it.
+            self._filling += 1
             filling = f"the next window has {calls:g} of {self.settings.app_min_calls} calls"
+            if self._last is not None and self._filling > self.settings.app_quiet_looks:
+                self._last = None
+                why = f"{filling} after {self._filling - 1} looks: the app is quiet, its last judgment has lapsed"
+                return _na(self.name, why, self.threshold)
             if self._last is None:
                 return _na(self.name, filling, self.threshold)
             return replace(self._last, reason=f"{self._last.reason}; {filling}")
-        self._base = now
+        self._base, self._filling = now, 0
         self._last = self._judge(base, now)
         return self._last
 
