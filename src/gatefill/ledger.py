@@ -1504,5 +1504,6 @@ def _outcome_read_back(r: Any, candidate: Candidate) -> SessionOutcome:
     if "operations" in detail:
         seconds = detail.get("seconds")
         return SessionOutcome(r.session_id, r.result, list(detail["operations"]), r.error, seconds)
-    operations = [{"operation": op} for op in candidate.operations]
+    # The plan's operations, in the shape a job reports them ({"op": ...}); each one's own result was not recorded.
+    operations: list[dict[str, Any]] = [{"op": op} for op in candidate.operations]
     return SessionOutcome(r.session_id, r.result, operations, r.error, None)
