@@ -149,7 +149,14 @@ class WalMeter:
             "WHERE block_ref LIKE %s GROUP BY 1",
             (self.start, end, f"%/{oid}/%"),
         ).fetchall()
-        names: dict[str, str] = dict(self._conn.execute("SELECT relfilenode::text, relname FROM pg_class").fetchall())
+        # A TOAST table (and its index) is named after the table it belongs to.
+        names: dict[str, str] = dict(
+            self._conn.execute(
+                "SELECT c.relfilenode::text, COALESCE(owner.relname || ' (toast)', c.relname) FROM pg_class c "
+                "LEFT JOIN pg_index i ON i.indexrelid = c.oid AND c.relnamespace = 'pg_toast'::regnamespace "
+                "LEFT JOIN pg_class owner ON owner.reltoastrelid = COALESCE(i.indrelid, c.oid)"
+            ).fetchall()
+        )
         per: dict[str, int] = {}
         for node, size, fpi in rows:
             name = str(names.get(node, node))
@@ -157,7 +164,7 @@ class WalMeter:
             self.database_bytes += int(size)
             self.database_no_fpi_bytes += int(size) - int(fpi)
             self.ledger_bytes += int(size) if name.startswith("gatefill") else 0
-        self.by_relation = dict(sorted(per.items(), key=lambda kv: -kv[1])[:12])
+        self.by_relation = dict(sorted(per.items(), key=lambda kv: -kv[1])[:30])
 
 
 # ------------------------------------------------------------------------------------------------------ (c) HTTP
@@ -396,8 +403,9 @@ def _verify(url: str, run_id: str, expected: int) -> None:
             ).fetchall()
         )
         missing = conn.execute(
-            "SELECT count(*) FROM gatefill_changes c WHERE c.run_id = %s AND c.table_name = 'fc_scores' "
-            "AND NOT EXISTS (SELECT 1 FROM fc_scores f WHERE f.session_id::text = c.session_id)",
+            "SELECT count(*) FROM gatefill_change_sets c, json_array_elements(c.entries::json) e "
+            "WHERE c.run_id = %s AND c.table_name = 'fc_scores' "
+            "AND NOT EXISTS (SELECT 1 FROM fc_scores f WHERE f.session_id::text = e->>1)",
             (run_id,),
         ).fetchone()
     if results != {"written": expected}:

@@ -222,7 +222,7 @@ def test_gate_refusals_write_nothing(staging: tuple[Target, SeedReport], tmp_pat
     with pytest.raises(UsageError, match="made for environment 'production'"):
         run(other)
     with target.db.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(ledger.changes)).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(ledger.change_sets)).scalar_one() == 0
         assert ledger.get_run(conn, plan.run_id).status is RunStatus.PLANNED
 
 
@@ -265,13 +265,13 @@ def test_a_live_writer_finalizing_candidates_is_never_overwritten(
         changed_keys = {
             json.loads(c.row_key).get("session_id")
             for c in ledger.changes_for(conn, result.run_id)
-            if c.table_name == "fc_scores"
+            if c.table == "fc_scores"
         }
         assert not changed_keys & set(live_sessions)
-        backfill_events = conn.execute(
-            sa.select(sa.func.count()).select_from(fn_logs).where(fn_logs.c.evt == "gatefill_backfill")
-        ).scalar_one()
-        assert backfill_events == 39 - len(live_sessions)
+        # Every session the run wrote has events that name the run (its scoring's, or one gatefill_backfill).
+        payloads = conn.execute(sa.select(fn_logs.c.payload)).scalars().all()
+        marked = {p["session_id"] for p in payloads if p.get("run_id") == result.run_id}
+        assert len(marked) == 39 - len(live_sessions) and not marked & set(live_sessions)
 
 
 def test_ctrl_c_finishes_the_current_batch_pauses_and_resumes(

@@ -136,7 +136,7 @@ def digest(db: Database, run_id: str) -> dict[str, Any]:
             for r in conn.execute(sa.select(fn_logs.c.evt, fn_logs.c.payload))
         )
         results = dict(ledger.session_results_for(conn, run_id))
-        change_keys = [(c.table_name, c.row_key) for c in ledger.changes_for(conn, run_id)]
+        change_keys = [(c.table, c.row_key) for c in ledger.changes_for(conn, run_id)]
         batches = sorted(ledger.committed_batches(conn, run_id))
         status = ledger.get_run(conn, run_id).status
     assert len(change_keys) == len(set(change_keys)), "duplicate ledger changes"

@@ -117,7 +117,7 @@ def test_plan_apply_and_the_reports_count_the_same(case: Case) -> None:
     assert result.status is RunStatus.SUCCEEDED and result.counts == Counter(written=case.candidates)
     with case.db.connect() as conn:
         recorded = Counter(
-            (c.table_name, "insert" if c.before is None else "update") for c in ledger.changes_for(conn, body.run_id)
+            (c.table, "insert" if c.before is None else "update") for c in ledger.changes_for(conn, body.run_id)
         )
         assert Counter(ledger.session_results_for(conn, body.run_id).values()) == result.counts
     for table, n in body.expected_changes().items():

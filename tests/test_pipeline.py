@@ -77,7 +77,7 @@ def ledger_rows(settings: Settings) -> dict[str, tuple[int, int, int]]:
                 int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one())
                 if sa.inspect(conn).has_table(t.name)
                 else -1
-                for t in (ledger.runs, ledger.approvals, ledger.changes)
+                for t in (ledger.runs, ledger.approvals, ledger.change_sets)
             )
     return found
 

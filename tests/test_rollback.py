@@ -244,7 +244,7 @@ def build_applied(db: Database) -> Applied:
         inserted: dict[str, list[str]] = {}
         updated: dict[str, list[str]] = {}
         for change in ledger.changes_for(conn, RUN):
-            (inserted if change.before is None else updated).setdefault(change.table_name, []).append(change.row_key)
+            (inserted if change.before is None else updated).setdefault(change.table, []).append(change.row_key)
     assert len(inserted["fc_scores"]) == 39 and len(inserted["profiles"]) == 13 and len(updated["profiles"]) == 10
     return Applied(pre, live, digests(db, only=live), inserted, updated)
 

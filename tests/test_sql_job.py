@@ -86,8 +86,8 @@ def test_every_phase_through_the_library(target: Target, tmp_path: Path) -> None
     assert all(filled[i] == lowered(target.db, i) for i in todo)
     assert all(filled[i] == f"kept-{i}" for i in filled if i % PRESET_EVERY == 0)
     changes = changes_of(target, body.run_id)
-    assert len(changes) == 19 and {c.table_name for c in changes} == {"posts"}
-    assert all(c.before == {"slug": None} and c.after_columns == ["slug"] and c.after is None for c in changes)
+    assert len(changes) == 19 and {c.table for c in changes} == {"posts"}
+    assert all(c.before == {"slug": None} and c.after_columns == ("slug",) and c.after is None for c in changes)
 
     report = gate_of(target, job, body, tmp_path)
     verdicts = {c.name: c.verdict for c in report.checks}

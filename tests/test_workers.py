@@ -136,11 +136,9 @@ def _state(db: Database, run_id: str) -> tuple[dict[int, str | None], list[tuple
             (r.session_id, r.result)
             for r in conn.execute(sa.select(sr).where(sr.c.run_id == run_id).order_by(sr.c.session_id))
         ]
-        ch = ledger.changes
-        changes = [
-            (r.table_name, r.row_key, str(r.before), str(r.after_digest))
-            for r in conn.execute(sa.select(ch).where(ch.c.run_id == run_id).order_by(ch.c.row_key))
-        ]
+        changes = sorted(
+            (c.table, c.row_key, str(c.before), str(c.after_digest)) for c in ledger.changes_for(conn, run_id)
+        )
     return slugs, results, changes
 
 

@@ -836,8 +836,8 @@ def _gate_checks(
             "PASS" if all(t.recorded == t.present for t in tables) else "FAIL",
             "; ".join(f"{t.table}: {t.present}/{t.recorded}" for t in tables),
             {t.table: {"recorded": t.recorded, "present": t.present} for t in tables},
-            "each row in gatefill_changes read back by primary key and compared with the digest of what the run "
-            "wrote (rollback plan)",
+            "each row in the run's change sets (gatefill_change_sets) read back by primary key and compared with "
+            "the digest of what the run wrote (rollback plan)",
         ),
     ]
     checks.extend(job_checks)
@@ -853,7 +853,7 @@ def _rollback_check(dry: RollbackResult) -> Check:
             NOT_APPLICABLE,
             "the run recorded no changes: there is nothing to roll back, so nothing to verify",
             {"changes": 0},
-            "SELECT count(*) FROM gatefill_changes WHERE run_id = :run",
+            "SELECT sum(rows) FROM gatefill_change_sets WHERE run_id = :run",
         )
     failed_verifications = [c.name for c in dry.verification if c.verdict != "PASS"]
     return Check(

@@ -16,7 +16,7 @@ import os
 import socket
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, insert_rows
+from gatefill.db import Database, JSONValue, UTCTimestamp, database_now, dumps_json, insert_rows
 from gatefill.errors import DataError, GatefillError, UsageError
 from gatefill.images import image_columns, row_digest
 from gatefill.job import (
@@ -54,6 +54,7 @@ __all__ = [
     "LeaseLost",
     "PaceDecision",
     "PaceGrant",
+    "RecordedChange",
     "Run",
     "RunEvent",
     "RunLocked",
@@ -63,6 +64,10 @@ __all__ = [
     "batch_keys",
     "batch_record",
     "begin_hold",
+    "change_pages",
+    "change_range",
+    "changes_for",
+    "count_changes",
     "create_run",
     "decisions_for",
     "drop_intents",
@@ -273,29 +278,33 @@ session_results = sa.Table(
     sa.Column("at", UTCTimestamp(), nullable=False),
 )
 
-changes = sa.Table(
-    "gatefill_changes",
+# The rows a run changed, a set per batch and table (one row of this table; a batch recording its rows in parts has a
+# set per part). A row per change would cost, on Postgres, more WAL than the data it describes (its keys, run id and
+# an index entry, per row); a set stores its entries as one compact JSON text that TOAST compresses. ``entries`` is a
+# JSON array with, per changed row in the order they were written: [key values in key_columns' order, candidate key
+# (null: none), before-image (null: the row was absent, an insert; rollback deletes it), after digest
+# (``gatefill.images.row_digest``, null in a set migrated from a ledger older than digests), index into
+# after_columns (null: every column of the table)] and, only in sets migrated from such a ledger, a sixth element:
+# the whole after-image. Read back through ``change_pages``; a change's sequence number is ``id * SET_SPAN + i``.
+change_sets = sa.Table(
+    "gatefill_change_sets",
     LEDGER_METADATA,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.Text(), sa.ForeignKey("gatefill_runs.id", ondelete="CASCADE"), nullable=False),
     sa.Column("batch_no", sa.Integer(), nullable=False),
     sa.Column("table_name", sa.Text(), nullable=False),
-    # The primary key of the changed row as canonical JSON, so that any table's key fits one column.
-    sa.Column("row_key", sa.Text(), nullable=False),
-    sa.Column("session_id", sa.Text()),
-    # NULL before = the row was absent (an insert); rollback deletes it. Otherwise the row to restore (a job with
-    # partial images: the columns it set).
-    sa.Column("before", JSONValue()),
-    # What the batch wrote, as a digest (``gatefill.images.row_digest``) over after_columns (NULL: every column of
-    # the table): rollback compares the row read back with it, so the ledger need not hold a second copy of the row.
-    sa.Column("after_digest", sa.Text()),
-    sa.Column("after_columns", JSONValue()),
-    # Ledgers written before digests kept the whole after-image here (and no digest); their runs are still compared
-    # with it. New changes leave it NULL.
-    sa.Column("after", JSONValue()),
+    sa.Column("rows", sa.Integer(), nullable=False),
+    sa.Column("key_columns", JSONValue(), nullable=False),
+    # The distinct column lists of the set's partial after-images (a job's update sets some columns only).
+    sa.Column("after_columns", JSONValue(), nullable=False),
+    sa.Column("entries", sa.Text(), nullable=False),
     sa.Column("at", UTCTimestamp(), nullable=False),
-    sa.UniqueConstraint("run_id", "table_name", "row_key", name="gatefill_changes_run_row"),
+    sa.Index("gatefill_change_sets_run", "run_id", "batch_no"),
 )
+#: Entries per set at most; sequence numbers of a set's changes are id * SET_SPAN + their index.
+SET_SPAN = 1 << 20
+#: The table of ledgers older than change sets (a row per change); ``init_ledger`` moves its rows into sets.
+LEGACY_CHANGES = "gatefill_changes"
 
 approvals = sa.Table(
     "gatefill_approvals",
@@ -446,31 +455,89 @@ def init_ledger(db: Database) -> None:
         if db.caps.advisory_locks:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gatefill.ledger.schema'))"))
         LEDGER_METADATA.create_all(conn, checkfirst=True)
-        _add_change_digests(conn)
+        _move_legacy_changes(conn)
         if db.caps.row_level_security:
             for table in LEDGER_TABLES:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
 
 
-def _add_change_digests(conn: Connection) -> None:
-    """Brings a ledger made before change digests up to date: its ``gatefill_changes`` gets the
-    digest columns and an ``after`` that may be NULL; the after-images already recorded stay, for their runs'
-    rollbacks. Postgres alters the table in place; SQLite, which cannot drop a NOT NULL, copies it into a new one."""
-    names = {c["name"] for c in sa.inspect(conn).get_columns(changes.name)}
-    if "after_digest" in names:
+def _move_legacy_changes(conn: Connection) -> None:
+    """Moves the changes of a ledger older than change sets (``gatefill_changes``, a row per change, with or without
+    digests) into sets, in their order, then drops that table: runs recorded before keep their rollback."""
+    if not sa.inspect(conn).has_table(LEGACY_CHANGES):
         return
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(
-            f"ALTER TABLE {changes.name} ADD COLUMN after_digest text, ADD COLUMN after_columns jsonb, "
-            'ALTER COLUMN "after" DROP NOT NULL'
-        )
-        return
-    old = f"{changes.name}_before_digests"
-    conn.exec_driver_sql(f"ALTER TABLE {changes.name} RENAME TO {old}")
-    changes.create(conn)
-    kept = ", ".join(f'"{n}"' for n in (c.name for c in changes.columns) if n in names)
-    conn.exec_driver_sql(f"INSERT INTO {changes.name} ({kept}) SELECT {kept} FROM {old}")
-    conn.exec_driver_sql(f"DROP TABLE {old}")
+    present = {c["name"] for c in sa.inspect(conn).get_columns(LEGACY_CHANGES)}
+    legacy = sa.Table(
+        LEGACY_CHANGES,
+        sa.MetaData(),
+        *(sa.Column(n, t) for n, t in _LEGACY_COLUMNS.items() if n in present),
+    )
+    last = 0
+    while True:
+        page = conn.execute(sa.select(legacy).where(legacy.c.id > last).order_by(legacy.c.id).limit(10_000)).all()
+        if not page:
+            break
+        last = page[-1].id
+        for group in _legacy_groups(page):
+            conn.execute(change_sets.insert().values(**_legacy_set(group)))
+    conn.exec_driver_sql(f"DROP TABLE {LEGACY_CHANGES}")
+
+
+_LEGACY_COLUMNS: dict[str, Any] = {
+    "id": sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+    "run_id": sa.Text(),
+    "batch_no": sa.Integer(),
+    "table_name": sa.Text(),
+    "row_key": sa.Text(),
+    "session_id": sa.Text(),
+    "before": JSONValue(),
+    "after": JSONValue(),
+    "after_digest": sa.Text(),
+    "after_columns": JSONValue(),
+    "at": UTCTimestamp(),
+}
+
+
+def _legacy_groups(page: Sequence[Any]) -> Iterator[list[Any]]:
+    """Consecutive legacy rows of one run, batch and table."""
+    group: list[Any] = []
+    for row in page:
+        if group and (group[0].run_id, group[0].batch_no, group[0].table_name) != (
+            row.run_id,
+            row.batch_no,
+            row.table_name,
+        ):
+            yield group
+            group = []
+        group.append(row)
+    if group:
+        yield group
+
+
+def _legacy_set(group: Sequence[Any]) -> dict[str, Any]:
+    """One change set holding legacy rows (of one run, batch and table; their keys name the same columns)."""
+    key_columns = sorted(json.loads(group[0].row_key))
+    columns: dict[tuple[str, ...], int] = {}
+    entries = []
+    for r in group:
+        m = r._mapping
+        key = json.loads(r.row_key)
+        after_columns = m.get("after_columns")
+        index = None if after_columns is None else columns.setdefault(tuple(after_columns), len(columns))
+        entry = [[key[c] for c in key_columns], r.session_id, r.before, m.get("after_digest"), index]
+        if m.get("after_digest") is None:
+            entry.append(m.get("after"))
+        entries.append(entry)
+    return {
+        "run_id": group[0].run_id,
+        "batch_no": group[0].batch_no,
+        "table_name": group[0].table_name,
+        "rows": len(entries),
+        "key_columns": key_columns,
+        "after_columns": [list(c) for c in columns],
+        "entries": dumps_json(entries),
+        "at": group[0].at,
+    }
 
 
 def init_intents(db: Database) -> None:
@@ -1079,12 +1146,6 @@ def _session_detail(batch: BatchRecord, s: SessionOutcome) -> dict[str, Any]:
     }
 
 
-def record_changes(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Inserts ledger change rows (run_id, batch_no, table_name, row_key, session_id, before, after_digest,
-    after_columns, at); on Postgres with one COPY."""
-    insert_rows(conn, changes, rows)
-
-
 def record_row_changes(
     conn: Connection,
     run_id: str,
@@ -1094,29 +1155,185 @@ def record_row_changes(
     at: datetime,
     tables: Sequence[WrittenTable],
 ) -> None:
-    """Records a batch's RowChanges as ledger change rows: the before-image where the row existed (absent: NULL) and
-    a digest of the after-image, computed by the column kinds of its table in ``tables`` (the job's)."""
-    defs = {t.name: t.table for t in tables}
-    rows = []
+    """Records a batch's RowChanges as change sets, a set per table in the order the tables first appear (each
+    table's changes in their order): per row its key, candidate, before-image where the row existed (absent: null)
+    and a digest of the after-image, computed by the column kinds of its table in ``tables`` (the job's).
+
+    Rollback undoes sets newest first, so a job that writes a parent row before its children (per candidate or for
+    the whole batch) has its children deleted before their parents, as with a row per change."""
+    defs = {t.name: t for t in tables}
+    sets: dict[str, list[_SetBuilder]] = {}
     for ch in row_changes:
-        table = defs.get(ch.table)
-        if table is None:
+        written = defs.get(ch.table)
+        if written is None or written.table is None:
             raise DataError(f"a change to table {ch.table!r}, which the job does not declare with its definition")
-        columns = image_columns(table, ch.after)
-        rows.append(
-            {
-                "run_id": run_id,
-                "batch_no": batch_no,
-                "table_name": ch.table,
-                "row_key": row_key(ch.key),
-                "session_id": ch.candidate,
-                "before": dict(ch.before) if ch.before is not None else None,
-                "after_digest": row_digest(table, ch.after, columns),
-                "after_columns": list(columns) if columns is not None else None,
-                "at": at,
-            }
-        )
-    record_changes(conn, rows)
+        of_table = sets.setdefault(ch.table, [])
+        if not of_table or len(of_table[-1].entries) >= SET_SPAN:
+            of_table.append(_SetBuilder(written.table, written.primary_key))
+        of_table[-1].add(ch)
+    for builder in (b for of_table in sets.values() for b in of_table):
+        # One at a time: their ids must follow the order of the sets.
+        conn.execute(change_sets.insert().values(**builder.row(run_id, batch_no, at)))
+
+
+class _SetBuilder:
+    """The entries of one change set as they are added."""
+
+    def __init__(self, table: sa.Table, key_columns: Sequence[str]) -> None:
+        self.table = table
+        self.key_columns = tuple(key_columns)
+        self.columns: dict[tuple[str, ...], int] = {}
+        self.entries: list[list[Any]] = []
+
+    def add(self, ch: RowChange) -> None:
+        columns = image_columns(self.table, ch.after)
+        index = None if columns is None else self.columns.setdefault(columns, len(self.columns))
+        before = dict(ch.before) if ch.before is not None else None
+        key = [str(ch.key[c]) for c in self.key_columns]
+        self.entries.append([key, ch.candidate, before, row_digest(self.table, ch.after, columns), index])
+
+    def row(self, run_id: str, batch_no: int, at: datetime) -> dict[str, Any]:
+        return {
+            "run_id": run_id,
+            "batch_no": batch_no,
+            "table_name": self.table.name,
+            "rows": len(self.entries),
+            "key_columns": list(self.key_columns),
+            "after_columns": [list(c) for c in self.columns],
+            "entries": dumps_json(self.entries),
+            "at": at,
+        }
+
+
+@dataclass(frozen=True)
+class RecordedChange:
+    """One row change as the ledger holds it: its key as ``row_key`` text and values, its images as recorded."""
+
+    seq: int
+    batch_no: int
+    table: str
+    row_key: str
+    key: Mapping[str, str]
+    candidate: str | None
+    #: None: the row was absent before the run (an insert)
+    before: Mapping[str, Any] | None
+    after_digest: str | None
+    #: None: the after-image covered every column of the table
+    after_columns: tuple[str, ...] | None
+    #: The whole after-image, only in sets moved from a ledger older than digests
+    after: Mapping[str, Any] | None = None
+
+    @property
+    def inserted(self) -> bool:
+        return self.before is None
+
+
+def _expand(row: Any) -> list[RecordedChange]:
+    """A change set row's entries as RecordedChanges, in recorded order."""
+    try:
+        entries = json.loads(row.entries)
+        key_columns = list(row.key_columns)
+        columns = [tuple(c) for c in row.after_columns]
+        out = []
+        for i, e in enumerate(entries):
+            key = dict(zip(key_columns, e[0], strict=True))
+            after_columns = None if e[4] is None else columns[e[4]]
+            after = e[5] if len(e) > 5 else None
+            out.append(
+                RecordedChange(
+                    row.id * SET_SPAN + i,
+                    row.batch_no,
+                    row.table_name,
+                    row_key(key),
+                    key,
+                    e[1],
+                    e[2],
+                    e[3],
+                    after_columns,
+                    after,
+                )
+            )
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise DataError(f"change set {row.id} of run {row.run_id} cannot be read ({exc})") from None
+    return out
+
+
+def change_range(conn: Connection, run_id: str) -> tuple[int | None, int | None]:
+    """The sequence numbers of the run's first and last recorded change (None, None: it recorded none)."""
+    cs = change_sets.c
+    first, last = conn.execute(
+        sa.select(sa.func.min(cs.id), sa.func.max(cs.id)).where(cs.run_id == run_id, cs.rows > 0)
+    ).one()
+    if first is None:
+        return None, None
+    last_rows = conn.execute(sa.select(cs.rows).where(cs.id == last)).scalar_one()
+    return first * SET_SPAN, last * SET_SPAN + last_rows - 1
+
+
+def count_changes(conn: Connection, run_id: str, table: str | None = None) -> int:
+    """How many row changes the run recorded (of one table)."""
+    cs = change_sets.c
+    query = sa.select(sa.func.coalesce(sa.func.sum(cs.rows), 0)).where(cs.run_id == run_id)
+    if table is not None:
+        query = query.where(cs.table_name == table)
+    return int(conn.execute(query).scalar_one())
+
+
+def change_pages(
+    conn: Connection,
+    run_id: str,
+    *,
+    page_size: int = 5000,
+    newest_first: bool = False,
+    seq_range: tuple[int, int] | None = None,
+    table: str | None = None,
+    batch_no: int | None = None,
+) -> Iterator[list[RecordedChange]]:
+    """The run's changes in recorded order (or newest first), in pages of ``page_size``, reading a few sets at a
+    time; only those with a sequence number in ``seq_range`` (inclusive), of ``table``, of batch ``batch_no``."""
+    cs = change_sets.c
+    heads = sa.select(cs.id, cs.rows).where(cs.run_id == run_id, cs.rows > 0)
+    if seq_range is not None:
+        heads = heads.where(cs.id.between(seq_range[0] // SET_SPAN, seq_range[1] // SET_SPAN))
+    if table is not None:
+        heads = heads.where(cs.table_name == table)
+    if batch_no is not None:
+        heads = heads.where(cs.batch_no == batch_no)
+    # Fetched whole before it is used: a pass may write between pages (SQLite would see an open cursor).
+    listed = conn.execute(heads.order_by(cs.id.desc() if newest_first else cs.id)).all()
+    page: list[RecordedChange] = []
+    for group in _set_groups(listed, page_size):
+        rows = conn.execute(sa.select(change_sets).where(cs.id.in_(group))).all()
+        by_id = {r.id: r for r in rows}
+        for set_id in group:
+            found = _expand(by_id[set_id])
+            if seq_range is not None:
+                found = [c for c in found if seq_range[0] <= c.seq <= seq_range[1]]
+            page.extend(reversed(found) if newest_first else found)
+            while len(page) >= page_size:
+                yield page[:page_size]
+                page = page[page_size:]
+    if page:
+        yield page
+
+
+def changes_for(conn: Connection, run_id: str) -> list[RecordedChange]:
+    """Every change a run recorded, in the order it made them, all at once (for inspecting small runs)."""
+    return [c for page in change_pages(conn, run_id) for c in page]
+
+
+def _set_groups(listed: Sequence[Any], page_size: int) -> Iterator[list[int]]:
+    """Set ids in order, grouped so that a group holds about a page of changes."""
+    group: list[int] = []
+    rows = 0
+    for set_id, n in listed:
+        group.append(set_id)
+        rows += n
+        if rows >= page_size:
+            yield group
+            group, rows = [], 0
+    if group:
+        yield group
 
 
 def record_intents(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -1158,23 +1375,15 @@ def drop_intents(conn: Connection, run_id: str, batch_no: int) -> None:
 
 def row_changes_not_recorded(conn: Connection, run_id: str, row_changes: Sequence[RowChange]) -> list[RowChange]:
     """The changes this run has not recorded yet (a row has one change per run: a retried batch that finds its rows
-    again must not record them twice)."""
+    again must not record them twice). Reads the run's sets of the tables involved: meant for executors whose
+    batches are small (the functions executor)."""
     if not row_changes:
         return []
-    keys = [row_key(ch.key) for ch in row_changes]
     found: set[tuple[str, str]] = set()
-    for start in range(0, len(keys), 500):
-        part = keys[start : start + 500]
-        query = sa.select(changes.c.table_name, changes.c.row_key).where(
-            changes.c.run_id == run_id, changes.c.row_key.in_(part)
-        )
-        found.update((t, k) for t, k in conn.execute(query))
-    return [ch for ch, k in zip(row_changes, keys, strict=True) if (ch.table, k) not in found]
-
-
-def changes_for(conn: Connection, run_id: str) -> Iterable[sa.Row[Any]]:
-    """Every change a run recorded, in the order it made them."""
-    return conn.execute(sa.select(changes).where(changes.c.run_id == run_id).order_by(changes.c.id))
+    for name in {ch.table for ch in row_changes}:
+        for page in change_pages(conn, run_id, table=name):
+            found.update((c.table, c.row_key) for c in page)
+    return [ch for ch in row_changes if (ch.table, row_key(ch.key)) not in found]
 
 
 @dataclass(frozen=True)
@@ -1473,14 +1682,10 @@ def batch_record(conn: Connection, run_id: str, batch: BatchTask) -> BatchRecord
     }
     planned = {c.key: c for c in batch.candidates}
     sessions = tuple(_outcome_read_back(results[c.key], planned[c.key]) for c in batch.candidates if c.key in results)
-    ch = changes
     row_changes = tuple(
-        RowChange(c.table_name, json.loads(c.row_key), c.before, {}, c.session_id or "")
-        for c in conn.execute(
-            sa.select(ch.c.table_name, ch.c.row_key, ch.c.before, ch.c.session_id)
-            .where(ch.c.run_id == run_id, ch.c.batch_no == batch.batch_no)
-            .order_by(ch.c.id)
-        )
+        RowChange(c.table, dict(c.key), c.before, {}, c.candidate or "")
+        for page in change_pages(conn, run_id, batch_no=batch.batch_no)
+        for c in page
     )
     detail = dict(row.detail or {})
     extra = {k: v for k, v in detail.items() if k not in ("group", "keys", "changes")}

@@ -1,7 +1,7 @@
 """Exact rollback of a run by primary key: restore the before-images and delete the rows the run inserted.
 
-The ledger (``gatefill_changes``) holds, for every row a run wrote, its primary key, its before-image (NULL: the row
-was absent) and a digest of what the run wrote (``gatefill.images``; ledgers from before digests hold the whole
+The ledger (``gatefill_change_sets``) holds, for every row a run wrote, its primary key, its before-image (null: the
+row was absent) and a digest of what the run wrote (``gatefill.images``; ledgers from before digests hold the whole
 after-image, which is still read). Rollback addresses only those keys, so rows written by anyone else (live traffic
 included) are never touched; nothing is ever selected by timestamp, which is how the original pipeline's rollback
 deleted live users' rows and failed to undo overwritten ones (data model §3.1-3.2).
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -364,48 +363,50 @@ class ChangePages(Protocol):
 
 
 def _change(
-    run_id: str, defs: Mapping[str, tuple[sa.Table, WrittenTable]], row: sa.Row[Any], *, before: bool, after: bool
+    run_id: str,
+    defs: Mapping[str, tuple[sa.Table, WrittenTable]],
+    rec: ledger.RecordedChange,
+    *,
+    before: bool,
+    after: bool,
 ) -> LedgerChange:
-    """A ledger row as a typed change, checked against the job's table definitions."""
-    if row.table_name not in defs:
-        raise DataError(f"run {run_id} changed table {row.table_name!r}, which the job does not declare")
-    table, written = defs[row.table_name]
-    raw = json.loads(row.row_key)
-    if set(raw) != set(written.primary_key):
-        raise DataError(f"run {run_id}: key {row.row_key} does not match {row.table_name}{written.primary_key}")
-    key = {c: _coerce_key(table.c[c], raw[c]) for c in written.primary_key}
-    inserted = bool(row.inserted)
+    """A recorded change as a typed one, checked against the job's table definitions."""
+    if rec.table not in defs:
+        raise DataError(f"run {run_id} changed table {rec.table!r}, which the job does not declare")
+    table, written = defs[rec.table]
+    if set(rec.key) != set(written.primary_key):
+        raise DataError(f"run {run_id}: key {rec.row_key} does not match {rec.table}{written.primary_key}")
+    key = {c: _coerce_key(table.c[c], rec.key[c]) for c in written.primary_key}
     digest, columns, image = None, None, None
     if after:
-        digest, columns = row.after_digest, row.after_columns
+        digest, columns = rec.after_digest, rec.after_columns
         if digest is None:
-            image = _image(run_id, table, row, "after")
-        elif columns is not None and not (isinstance(columns, list) and set(columns) <= _column_names(table)):
-            raise DataError(f"run {run_id}: {row.table_name} {row.row_key} has unknown after-columns {columns!r}")
+            image = _image(run_id, table, rec, rec.after, "after")
+        elif columns is not None and not set(columns) <= _column_names(table):
+            raise DataError(f"run {run_id}: {rec.table} {rec.row_key} has unknown after-columns {list(columns)!r}")
     return LedgerChange(
-        row.id,
-        row.batch_no,
-        row.table_name,
-        row.row_key,
+        rec.seq,
+        rec.batch_no,
+        rec.table,
+        rec.row_key,
         key,
-        row.session_id,
-        inserted,
-        _image(run_id, table, row, "before") if before and not inserted else None,
+        rec.candidate,
+        rec.inserted,
+        _image(run_id, table, rec, rec.before, "before") if before and not rec.inserted else None,
         digest,
-        tuple(columns) if columns is not None else None,
+        columns,
         image,
     )
 
 
-def _image(run_id: str, table: sa.Table, row: sa.Row[Any], which: str) -> dict[str, Any]:
+def _image(run_id: str, table: sa.Table, rec: ledger.RecordedChange, value: Any, which: str) -> dict[str, Any]:
     """A change's before- or after-image, which must name only columns of its table."""
-    value = getattr(row, which)
     if not isinstance(value, dict):
-        raise DataError(f"run {run_id}: {row.table_name} {row.row_key} has a {which}-image that is not an object")
+        raise DataError(f"run {run_id}: {rec.table} {rec.row_key} has a {which}-image that is not an object")
     unknown = value.keys() - _column_names(table)
     if unknown:
-        raise DataError(f"run {run_id}: {row.table_name} {row.row_key} has unknown column(s) {sorted(unknown)}")
-    return value  # decoded for this row alone: nothing else holds it
+        raise DataError(f"run {run_id}: {rec.table} {rec.row_key} has unknown column(s) {sorted(unknown)}")
+    return value  # decoded for this change alone: nothing else holds it
 
 
 @functools.cache
@@ -416,12 +417,12 @@ def _column_names(table: sa.Table) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class LedgerPages:
-    """The one reader of a run's changes: pages of ``page_size`` changes from the ledger, keyset-paginated on id.
+    """The one reader of a run's changes: pages of ``page_size`` changes from the ledger's change sets.
 
     Planning, execution, verification and the SQL script each make their passes through it, so none of them holds
-    more than a page of changes (the previous page may still be alive while the next one is read). ``first`` and
-    ``upto`` are the run's oldest and newest change ids when reading began: every pass stays between them, so all
-    passes see the same changes even on a connection that sees other transactions' commits between statements.
+    more than a page of changes (and the sets being expanded). ``first`` and ``upto`` are the run's oldest and
+    newest change sequence numbers when reading began: every pass stays between them, so all passes see the same
+    changes even on a connection that sees other transactions' commits between statements.
     """
 
     conn: Connection
@@ -430,8 +431,6 @@ class LedgerPages:
     page_size: int
     first: int | None
     upto: int | None
-    #: Whether the ledger has the digest columns (a ledger no apply has written to since they came has not).
-    digests: bool = True
 
     @classmethod
     def open(
@@ -439,50 +438,29 @@ class LedgerPages:
     ) -> LedgerPages:
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, not {page_size}")
-        c = ledger.changes.c
-        first, upto = conn.execute(sa.select(sa.func.min(c.id), sa.func.max(c.id)).where(c.run_id == run_id)).one()
-        columns = {col["name"] for col in sa.inspect(conn).get_columns(ledger.changes.name)}
-        return cls(conn, run_id, defs, page_size, first, upto, "after_digest" in columns)
-
-    def _written_columns(self) -> list[sa.ColumnElement[Any]]:
-        c = ledger.changes.c
-        if self.digests:
-            return [c.after_digest, c.after_columns, c.after]
-        # Read as the ledger of an older gatefill stores them: whole after-images, no digests.
-        return [sa.null().label("after_digest"), sa.null().label("after_columns"), c.after]
+        first, upto = ledger.change_range(conn, run_id)
+        return cls(conn, run_id, defs, page_size, first, upto)
 
     def __call__(
         self, *, newest_first: bool = False, before: bool = True, after: bool = True, updated_only: bool = False
     ) -> Iterator[list[LedgerChange]]:
         if self.first is None or self.upto is None:
             return
-        c = ledger.changes.c
-        # The images are most of a change's bytes and of its decoding time: a pass reads only those it uses, and
-        # learns whether the row was inserted from "before IS NULL" (NULL is how the ledger records "absent").
-        columns: list[sa.ColumnElement[Any]] = [c.id, c.batch_no, c.table_name, c.row_key, c.session_id]
-        columns.append(c.before.is_(None).label("inserted"))
-        columns += [c.before] if before else []
-        columns += self._written_columns() if after else []
-        # Each page must be a range scan of the primary key from the last id read. "run_id || ''" keeps the index on
-        # (run_id, table_name, row_key) out of it: SQLite's planner (it has no statistics) and Postgres' (with stale
-        # ones) would otherwise read all the run's changes through that index and sort them, for every page.
-        query = sa.select(*columns).where(c.run_id.concat("") == self.run_id, c.id.between(self.first, self.upto))
-        if updated_only:
-            query = query.where(c.before.is_not(None))
-        query = query.order_by(c.id.desc() if newest_first else c.id).limit(self.page_size)
-        last: int | None = None
-        while True:
-            page = query if last is None else query.where(c.id < last if newest_first else c.id > last)
-            # Fetched whole before it is used: a pass may write between pages (SQLite would see an open cursor).
-            rows = self.conn.execute(page).all()
-            if not rows:
-                return
-            last = rows[-1].id
-            changes = [_change(self.run_id, self.defs, row, before=before, after=after) for row in rows]
-            del rows
-            yield changes
-            if len(changes) < self.page_size:
-                return
+        pages = ledger.change_pages(
+            self.conn,
+            self.run_id,
+            page_size=self.page_size,
+            newest_first=newest_first,
+            seq_range=(self.first, self.upto),
+        )
+        for page in pages:
+            changes = [
+                _change(self.run_id, self.defs, rec, before=before, after=after)
+                for rec in page
+                if not (updated_only and rec.inserted)
+            ]
+            if changes:
+                yield changes
 
 
 def sequence_pages(changes: Sequence[LedgerChange], page_size: int) -> ChangePages:

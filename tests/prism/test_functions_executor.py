@@ -168,7 +168,7 @@ def assert_ledger_covers(db: Database, run_id: str, before: dict[str, dict[str, 
     after = snapshot(db)
     assert after["assessment_sessions"] == before["assessment_sessions"]
     with db.connect() as conn:
-        recorded = [(c.table_name, c.row_key, c.before is None) for c in ledger.changes_for(conn, run_id)]
+        recorded = [(c.table, c.row_key, c.before is None) for c in ledger.changes_for(conn, run_id)]
     assert len(recorded) == len({(t, k) for t, k, _ in recorded}), "a row recorded twice"
     for table in ("fc_scores", "profiles", "fn_logs"):
         inserted = set(after[table]) - set(before[table])
@@ -311,7 +311,7 @@ def test_apply_through_the_functions_equals_local_and_rolls_back_exactly(
             if path.is_file():
                 assert SERVICE_KEY not in path.read_text(encoding="utf-8"), path
         with db.connect() as conn:
-            for table in (ledger.changes, ledger.session_results, ledger.batches, fn_logs):
+            for table in (ledger.change_sets, ledger.session_results, ledger.batches, fn_logs):
                 assert SERVICE_KEY not in repr(conn.execute(sa.select(table)).all())
         rollback_run(db, result.run_id, PrismJob().written_tables(), now=START, artifacts_dir=art)
         assert snapshot(db) == pre
@@ -347,7 +347,7 @@ def test_interrupted_between_calls_and_commit_then_recovered(
         # The calls of batch 2 wrote rows that the ledger does not list yet...
         unrecorded = set(snapshot(db)["fc_scores"]) - set(pre["fc_scores"])
         with db.connect() as conn:
-            recorded = {c.row_key for c in ledger.changes_for(conn, run_id) if c.table_name == "fc_scores"}
+            recorded = {c.row_key for c in ledger.changes_for(conn, run_id) if c.table == "fc_scores"}
         assert unrecorded - recorded
 
         # ...until a new worker recovers the batch: calls whose rows are there are not made again.
@@ -441,7 +441,7 @@ def test_retries_backoff_final_4xx_and_a_failing_session_in_a_batch(seeded: Seed
         assert 0.25 <= sleeps[3] < 0.75 and 0.5 <= sleeps[4] < 1.5
         # The failed s2 keeps its FC row (written and recorded, so rollback removes it); s4 wrote nothing.
         with db.connect() as conn:
-            changes = {(c.table_name, c.session_id) for c in ledger.changes_for(conn, body.run_id)}
+            changes = {(c.table, c.candidate) for c in ledger.changes_for(conn, body.run_id)}
         assert ("fc_scores", keys[1]) in changes and ("profiles", keys[1]) not in changes
         assert not {t for t, s in changes if s == keys[3] and t != "fn_logs"}
         assert log["sessions_failed"] == 2 and log["sessions_written"] == 2
@@ -520,9 +520,9 @@ def test_live_writers_racing_the_calls_are_left_alone(
         live_rows = snapshot(db)
         with db.connect() as conn:
             changes = list(ledger.changes_for(conn, run_id))
-            log_ids = [int(json.loads(c.row_key)["id"]) for c in changes if c.table_name == "fn_logs"]
+            log_ids = [int(json.loads(c.row_key)["id"]) for c in changes if c.table == "fn_logs"]
             payloads = conn.execute(sa.select(fn_logs.c.payload).where(fn_logs.c.id.in_(log_ids))).scalars().all()
-        recorded_sessions = {c.session_id for c in changes if c.table_name != "fn_logs"}
+        recorded_sessions = {c.candidate for c in changes if c.table != "fn_logs"}
         assert recorded_sessions == {untouched}
         # fn_logs: only our calls' events (the live finalize events are not ours), as the rows themselves say.
         assert len(payloads) == len(log_ids) > 0

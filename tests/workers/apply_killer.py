@@ -79,17 +79,18 @@ def main(argv: list[str]) -> None:
         job = KillingJob(int(nums[0]), int(nums[1]))
     elif kind == "ledger":
         target_batch = int(nums[0])
-        original = ledger.record_changes
+        original = ledger.record_row_changes
         calls = {"n": 0}
 
-        def record_then_die(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        def record_then_die(conn: Connection, run_id: str, batch_no: int, changes: Any, **kw: Any) -> None:
             calls["n"] += 1
+            rows = list(changes)
             if calls["n"] == target_batch:
-                original(conn, list(rows)[: max(1, len(rows) // 2)])
+                original(conn, run_id, batch_no, rows[: max(1, len(rows) // 2)], **kw)
                 die()
-            original(conn, rows)
+            original(conn, run_id, batch_no, rows, **kw)
 
-        apply_module.ledger.record_changes = record_then_die  # type: ignore[assignment]
+        apply_module.ledger.record_row_changes = record_then_die  # type: ignore[assignment]
     with Database(env) as db:
         apply_plan(
             db,

@@ -667,11 +667,8 @@ class SqlJob:
 
     def written_keys(self, conn: Connection, run_id: str) -> list[tuple[str, ...]]:
         """The keys of the rows a run wrote, as its ledger lists them, in the order it wrote them."""
-        c = ledger.changes.c
-        rows = conn.execute(
-            sa.select(c.row_key).where(c.run_id == run_id, c.table_name == self.definition.table).order_by(c.id)
-        )
-        return [tuple(str(json.loads(text)[k]) for k in self.definition.key) for (text,) in rows]
+        pages = ledger.change_pages(conn, run_id, table=self.definition.table)
+        return [tuple(str(c.key[k]) for k in self.definition.key) for page in pages for c in page]
 
     def verify_check(self, conn: Connection, run_id: str) -> Check:
         """``verify_processed``: ``verify`` holds on every row ``run_id`` wrote (N/A without ``verify`` or rows)."""
@@ -870,15 +867,11 @@ class SqlSoakChecks:
     def _as_written(self, conn: Connection, run_id: str) -> Check:
         """Rows the run wrote whose set columns no longer hold what it wrote (a live writer changed them since)."""
         job, d = self._job, self._job.definition
-        c = ledger.changes.c
         # What the run wrote per key: a digest over the set columns (a ledger from before digests: the values).
         images = {
-            job._key_text([str(json.loads(key)[k]) for k in d.key]): (digest, columns, after)
-            for key, digest, columns, after in conn.execute(
-                sa.select(c.row_key, c.after_digest, c.after_columns, c.after).where(
-                    c.run_id == run_id, c.table_name == d.table
-                )
-            )
+            job._key_text([str(c.key[k]) for k in d.key]): (c.after_digest, c.after_columns, c.after)
+            for page in ledger.change_pages(conn, run_id, table=d.table)
+            for c in page
         }
         changed: list[str] = []
         present = 0
@@ -900,7 +893,7 @@ class SqlSoakChecks:
         verdict = NOT_APPLICABLE if not images else ("PASS" if not changed and present == len(images) else "FAIL")
         if not images:
             summary = f"run {run_id} wrote no row of {d.qualified}"
-        return Check("rows_as_written", verdict, summary, evidence, "rows of the run (gatefill_changes) re-read", False)
+        return Check("rows_as_written", verdict, summary, evidence, "rows of the run (change sets) re-read", False)
 
     def series(self, db: Database, start: datetime, end: datetime, bucket_seconds: float) -> list[SeriesBucket]:
         return []  # no rate or event over time: the checks count rows, not traffic

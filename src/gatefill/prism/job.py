@@ -36,6 +36,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from gatefill import ledger
 from gatefill.config import Environment
 from gatefill.db import Database, UTCTimestamp, insert_rows, parse_utc
 from gatefill.errors import DataError, UsageError
@@ -516,8 +517,9 @@ class PrismJob:
             else:
                 pending.profile_update = (existing, dict(scored.profile_row))
                 ops.append({"op": _PROFILE_UPDATE, "result": "written"})
-        for evt, payload in [*scored.events, ("gatefill_backfill", {})]:
-            # Events say who wrote them, so the soak can tell backfill rows from live traffic.
+        # Events say who wrote them, so the soak can tell backfill rows from live traffic; a session whose scoring
+        # logged nothing gets one gatefill_backfill event, so that every session written has at least one.
+        for evt, payload in scored.events or [("gatefill_backfill", {})]:
             body: dict[str, Any] = {**payload, "session_id": sid, "source": "gatefill", "run_id": run_id}
             pending.events.append({"evt": evt, "payload": body, "at": now})
         return pending
@@ -893,27 +895,27 @@ def _write_privileges(conn: Connection) -> Check:
     )
 
 
+def _count_stamped(conn: Connection, run_id: str, table: sa.Table, ok: sa.ColumnElement[bool]) -> tuple[int, int]:
+    """Rows of ``table`` for the sessions whose row of it the run changed (as the ledger lists them), and how many of
+    them are stamped as ``ok`` says; read a page of sessions at a time."""
+    total = good = 0
+    for page in ledger.change_pages(conn, run_id, table=table.name):
+        sessions = sorted({c.candidate for c in page if c.candidate})
+        n, k = conn.execute(
+            sa.select(sa.func.count(), sa.func.count().filter(ok)).where(
+                sa.cast(table.c.session_id, sa.Text).in_(sessions)
+            )
+        ).one()
+        total, good = total + n, good + k
+    return total, good
+
+
 def stamp_check(conn: Connection, run_id: str, fc_version: str, engine_version: str) -> Check:
     """Re-counts, in the database, the version stamps of the rows a run wrote (as the ledger lists them)."""
-    changes = sa.table("gatefill_changes", sa.column("run_id"), sa.column("table_name"), sa.column("session_id"))
-    fc_sessions = sa.select(changes.c.session_id).where(changes.c.run_id == run_id, changes.c.table_name == "fc_scores")
-    profile_sessions = sa.select(changes.c.session_id).where(
-        changes.c.run_id == run_id, changes.c.table_name == "profiles"
-    )
-    fc_total, fc_ok = conn.execute(
-        sa.select(
-            sa.func.count(),
-            sa.func.count().filter(sa.and_(fc_scores.c.version == fc_version, fc_scores.c.fc_kind == scoring.FC_KIND)),
-        ).where(sa.cast(fc_scores.c.session_id, sa.Text).in_(fc_sessions))
-    ).one()
-    p_total, p_ok = conn.execute(
-        sa.select(
-            sa.func.count(),
-            sa.func.count().filter(
-                sa.and_(profiles.c.results_version == engine_version, profiles.c.version == engine_version)
-            ),
-        ).where(sa.cast(profiles.c.session_id, sa.Text).in_(profile_sessions))
-    ).one()
+    fc_ok_when = sa.and_(fc_scores.c.version == fc_version, fc_scores.c.fc_kind == scoring.FC_KIND)
+    fc_total, fc_ok = _count_stamped(conn, run_id, fc_scores, fc_ok_when)
+    p_ok_when = sa.and_(profiles.c.results_version == engine_version, profiles.c.version == engine_version)
+    p_total, p_ok = _count_stamped(conn, run_id, profiles, p_ok_when)
     ok = fc_total == fc_ok and p_total == p_ok
     summary = (
         f"fc_scores {fc_ok}/{fc_total} stamped {fc_version}/{scoring.FC_KIND}; "
@@ -928,5 +930,5 @@ def stamp_check(conn: Connection, run_id: str, fc_version: str, engine_version: 
         verdict,
         summary,
         {"fc_scores": {"rows": fc_total, "correct": fc_ok}, "profiles": {"rows": p_total, "correct": p_ok}},
-        "rows of the run's sessions (gatefill_changes) re-read from fc_scores/profiles with their stamps",
+        "rows of the run's sessions (its ledger change sets) re-read from fc_scores/profiles with their stamps",
     )

@@ -63,7 +63,8 @@ def _head(result: RollbackResult) -> list[str]:
         f"| environment | {_cell(result.environment)} (`{_cell(result.database)}`) |",
         f"| run status | {status} |",
         f"| generated at | {format_utc(result.generated_at)} |",
-        f"| ledger changes | {result.changes} (`gatefill_changes WHERE run_id = '{_cell(result.run_id)}'`) |",
+        f"| ledger changes | {result.changes} "
+        f"(`sum(rows) FROM gatefill_change_sets WHERE run_id = '{_cell(result.run_id)}'`) |",
         f"| conflicts | {len(result.conflicts)} |",
         "",
     ]
