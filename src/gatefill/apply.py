@@ -398,6 +398,7 @@ def apply_plan(
         if executor is not None:
             _recover_executor_batches(executor, db, job, run, clock, lease)
         todo = open_work(db, run, plan)
+        resources.callback(todo.close)
         result = ApplyResult(run.id, run.status, todo.total)
         with db.begin() as conn:
             lease.fence(conn)

@@ -212,9 +212,14 @@ class Capabilities:
     #: The server's statistics views (replication, WAL, checkpoints, vacuum, locks), which apply's health
     #: indicators read (``gatefill.indicators``).
     server_statistics: bool = False
+    #: Another connection may read while this one writes, without waiting for it (apply reads its next page of work
+    #: ahead); SQLite's single writer would make such a reader wait or fail with "database is locked".
+    concurrent_reads: bool = False
 
 
-POSTGRES_CAPS = Capabilities("postgresql", True, True, True, True, True, "now()", server_statistics=True)
+POSTGRES_CAPS = Capabilities(
+    "postgresql", True, True, True, True, True, "now()", server_statistics=True, concurrent_reads=True
+)
 POOLED_POSTGRES_CAPS = replace(POSTGRES_CAPS, session_state=False)
 SQLITE_CAPS = Capabilities("sqlite", False, False, False, False, False, "strftime('%Y-%m-%dT%H:%M:%f000Z','now')")
 

@@ -7,12 +7,16 @@ plan groups or two plan batches, so the plan's priority order holds whatever siz
 The list is a stream: the plan's work is stored with its run (``gatefill_plan_batches`` and
 ``gatefill_plan_candidates``, written when the run was recorded), and the candidates still to do are read from the
 ledger a page at a time, keyset-paginated on their position in the plan, so an apply holds at most a page of them
-whatever the plan's size. Counts come from SQL.
+whatever the plan's size. Counts come from SQL. On Postgres the next page is read on another connection while the
+batches of the current one run (a page's read is an anti-join the server does while the apply scores), so the apply
+never waits for it after the first; the page read ahead lies wholly after every batch handed out, which cannot change
+which of its candidates still need work.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -45,6 +49,8 @@ class WorkList:
     _after: int = 0  # the plan position of the last candidate read from the ledger
     _exhausted: bool = False
     _buffer: deque[tuple[int, str, Candidate]] = field(default_factory=deque)
+    _ahead: Future[list[tuple[int, int, str, Candidate]]] | None = None
+    _reader: ThreadPoolExecutor | None = None
 
     @property
     def remaining(self) -> int:
@@ -70,16 +76,31 @@ class WorkList:
         return task
 
     def _fill(self, wanted: int) -> None:
-        """Reads the next page from the ledger when the buffer runs short of ``wanted``."""
+        """Reads the next page from the ledger when the buffer runs short of ``wanted`` (the page read ahead, when
+        there is one), and on Postgres starts reading the page after it."""
         if len(self._buffer) >= wanted or self._exhausted or self._db is None:
             return
         size = max(PAGE, wanted)
-        with self._db.connect() as conn:
-            page = ledger.plan_work_page(conn, self.run_id, after=self._after, limit=size, retry_failed=self.retrying)
+        ahead, self._ahead = self._ahead, None
+        page = ahead.result() if ahead is not None and size == PAGE else self._read(size, self._after)
         self._buffer.extend((batch_no, group, candidate) for _, batch_no, group, candidate in page)
         if page:
             self._after = page[-1][0]
         self._exhausted = len(page) < size
+        if not self._exhausted and self._db.caps.concurrent_reads:
+            self._reader = self._reader or ThreadPoolExecutor(1, thread_name_prefix="gatefill-worklist")
+            self._ahead = self._reader.submit(self._read, PAGE, self._after)
+
+    def _read(self, size: int, after: int) -> list[tuple[int, int, str, Candidate]]:
+        assert self._db is not None
+        with self._db.connect() as conn:
+            return ledger.plan_work_page(conn, self.run_id, after=after, limit=size, retry_failed=self.retrying)
+
+    def close(self) -> None:
+        """Waits for a page being read ahead (its connection back in the pool) and ends the reader thread."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader, self._ahead = None, None
 
 
 def open_work(db: Database, run: ledger.Run, plan: object = None) -> WorkList:
