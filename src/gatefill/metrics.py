@@ -426,6 +426,8 @@ class _Pusher:
         self.pushed = 0
         self._latest: bytes | None = None
         self._closing = False
+        #: Set when ``close`` stopped waiting: a push still in flight then ends unheard.
+        self._abandoned = False
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="gatefill-metrics-push", daemon=True)
         self._thread.start()
@@ -441,6 +443,7 @@ class _Pusher:
             self._closing = True
             self._wake.notify()
         self._thread.join(self.timeout + 1.0)
+        self._abandoned = self._thread.is_alive()
 
     def _loop(self) -> None:
         with httpx.Client(timeout=self.timeout) as client:
@@ -459,6 +462,8 @@ class _Pusher:
         try:
             answer = client.put(self.url, content=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
         except httpx.HTTPError as exc:
+            if self._abandoned:
+                return
             # The exception's text can hold the request's URL and its credentials: only its class is shown.
             kind = type(exc).__name__
             self.once.warn(kind, f"metrics push to {self.shown} failed ({kind}); retrying at the next batch or look")
