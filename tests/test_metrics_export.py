@@ -145,6 +145,8 @@ def test_textfile_at_most_once_a_second_then_once_at_the_end(bench: Bench, targe
         ("--metrics-file", "adir.prom", "is a directory"),
         ("--pushgateway", "ftp://127.0.0.1:9091", "not an http(s) URL"),
         ("--pushgateway", "not a url", "not an http(s) URL"),
+        ("--pushgateway", f"http://{CREDENTIALS}@127.0.0.1:port", "not an http(s) URL with a host: ***"),
+        ("--pushgateway", f"ftp://{CREDENTIALS}@127.0.0.1:9091", "URL with a host: ftp://127.0.0.1:9091"),
     ],
 )
 def test_bad_metrics_targets_are_refused_before_anything_is_written(
@@ -169,6 +171,7 @@ def test_bad_metrics_targets_are_refused_before_anything_is_written(
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+        assert "pw-PUSH" not in err
     assert sorted(p.relative_to(bench.work) for p in bench.work.rglob("*")) == before
     with target.db.connect() as conn:
         assert ledger.get_run(conn, run_id).status is ledger.RunStatus.PLANNED
@@ -274,17 +277,22 @@ def test_soak_exports_each_look_to_the_textfile_and_the_pushgateway(
 
 
 def test_an_unreachable_pushgateway_never_fails_the_apply_and_is_logged_once_without_credentials(
-    bench: Bench, target: Target, caplog: pytest.LogCaptureFixture
+    bench: Bench, target: Target
 ) -> None:
     refused = f"http://{CREDENTIALS}@127.0.0.1:{_free_port()}"
-    run_id = bench.plan("--rate", "unlimited")
-    with caplog.at_level(logging.WARNING, logger="gatefill.metrics"):
-        applied = _apply(bench, run_id, _settings(bench, interval=0.0), pushgateway=refused)
-    assert applied.exit_code == 0 and applied.result.status is ledger.RunStatus.SUCCEEDED
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 1, messages
-    assert "metrics push to http://127.0.0.1:" in messages[0] and "ConnectError" in messages[0]
-    assert "pw-PUSH" not in messages[0] and "pushuser" not in messages[0]
+    run_id = bench.plan("--rate", "unlimited", "--batch-size", "2")
+    argv = ("apply", run_id, "--approve-as", "ana", "--no-health", "--pushgateway", refused)
+    proc = bench.cli(*argv, "--metrics-file", "gatefill.prom")
+    assert "backfill gate: PASS" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if "metrics push" in line]
+    assert len(lines) == 1, proc.stderr  # 20 batches and the start and the end: one line
+    assert lines[0].startswith("metrics push to http://127.0.0.1:") and "ConnectError" in lines[0]
+    written = [p.read_text(errors="replace") for p in bench.work.rglob("*") if p.is_file() and p.suffix != ".db"]
+    for text in [proc.stdout, proc.stderr, *written]:
+        assert "pw-PUSH" not in text and "pushuser" not in text
+    results, _, _ = _ledger_counts(target, run_id)
+    assert results == {"written": 39}
+    assert _value(parse_series((bench.work / "gatefill.prom").read_text()), "gatefill_apply_sessions_done") == 39
 
 
 def test_a_silent_pushgateway_never_slows_the_batches(
@@ -323,3 +331,24 @@ def test_metrics_section_of_gatefill_toml(tmp_path: Path) -> None:
     config.write_text('[metrics]\npushgateway = "http://pg:9091"\n')
     with pytest.raises(ConfigError, match=r"unknown \[metrics\] key"):
         load_settings(config, environ={})
+
+
+def test_a_textfile_that_cannot_be_written_mid_run_is_logged_once_and_the_apply_goes_on(
+    bench: Bench, target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id = bench.plan("--rate", "unlimited")
+    folder = bench.work / "textfiles"
+    folder.mkdir()
+    path = folder / "gatefill.prom"
+
+    def after_batch(done: int, total: int, elapsed: float) -> None:
+        if folder.exists():  # node_exporter's directory goes away under the run
+            path.unlink()
+            folder.rmdir()
+
+    with caplog.at_level(logging.WARNING, logger="gatefill.metrics"):
+        applied = _apply(bench, run_id, _settings(bench, interval=0.0), progress=after_batch, metrics_file=path)
+    assert applied.exit_code == 0 and applied.result.batches_committed == 8
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [f"metrics file {path} not written: No such file or directory"]
+    assert _ledger_counts(target, run_id)[0] == {"written": 39}

@@ -17,7 +17,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote, urlsplit
@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from gatefill import ledger
 from gatefill.clock import Clock
-from gatefill.config import Environment, MetricsSettings, Settings
+from gatefill.config import DEFAULT_METRICS_INTERVAL, DEFAULT_PUSH_TIMEOUT, Environment, MetricsSettings, Settings
 from gatefill.db import Database
 from gatefill.errors import DatabaseUnreachable, GatefillError, UsageError
 
@@ -232,7 +232,7 @@ def read_run(conn: sa.Connection, env: str, run_id: str) -> RunMetrics:
     if run.phase == ledger.APPLY_PHASE:
         return _read_apply(conn, base)
     looks = ledger.measurements_for(conn, run.id)
-    return RunMetrics(**{**base.__dict__, "looks": len(looks), "verdict": looks[-1].verdict if looks else None})
+    return replace(base, looks=len(looks), verdict=looks[-1].verdict if looks else None)
 
 
 def _read_apply(conn: sa.Connection, base: RunMetrics) -> RunMetrics:
@@ -245,17 +245,15 @@ def _read_apply(conn: sa.Connection, base: RunMetrics) -> RunMetrics:
     ).scalar_one_or_none()
     paced = [d for d in ledger.decisions_for(conn, base.run_id) if d.action in _PACE_ACTIONS]
     stopped = any(h.ended_at is None for h in ledger.holds_for(conn, base.run_id))
-    return RunMetrics(
-        **{
-            **base.__dict__,
-            "planned": planned,
-            "results": results,
-            "batches": int(count),
-            "last_batch_sessions": last,
-            "pace_level": paced[-1].level if paced else None,
-            "pace_batch_size": paced[-1].batch_size if paced else None,
-            "stopped": stopped,
-        }
+    return replace(
+        base,
+        planned=planned,
+        results=results,
+        batches=int(count),
+        last_batch_sessions=last,
+        pace_level=paced[-1].level if paced else None,
+        pace_batch_size=paced[-1].batch_size if paced else None,
+        stopped=stopped,
     )
 
 
@@ -314,10 +312,14 @@ def _only_run(metrics: Iterable[Metric], run_id: str) -> list[Metric]:
 
 def safe_url(url: str) -> str:
     """``url`` without its user, password, query and fragment: what a message may show of it."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port is not None else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:  # a port that is no number: the whole URL may be a secret mistyped
+        return "***"
+    if "://" not in url:
+        return "***"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 def _check_textfile(path: Path) -> Path:
@@ -340,7 +342,7 @@ def _check_pushgateway(url: str) -> str:
     except ValueError:
         valid = False
     if not valid:
-        raise UsageError(f"--pushgateway: not an http(s) URL with a host: {safe_url(url) if '://' in url else '***'}")
+        raise UsageError(f"--pushgateway: not an http(s) URL with a host: {safe_url(url)}")
     return url.rstrip("/")
 
 
@@ -352,8 +354,8 @@ class MetricsTargets:
     textfile: Path | None = None
     pushgateway_url: str | None = None
     #: Seconds between two writes on the batch path (apply); the first and the last are never skipped.
-    interval: float = 1.0
-    push_timeout: float = 2.0
+    interval: float = DEFAULT_METRICS_INTERVAL
+    push_timeout: float = DEFAULT_PUSH_TIMEOUT
 
     def __repr__(self) -> str:
         url = safe_url(self.pushgateway_url) if self.pushgateway_url else None
@@ -423,7 +425,6 @@ class _Pusher:
         self.shown = safe_url(url)
         self.timeout = timeout
         self.once = once
-        self.pushed = 0
         self._latest: bytes | None = None
         self._closing = False
         #: Set when ``close`` stopped waiting: a push still in flight then ends unheard.
@@ -469,7 +470,6 @@ class _Pusher:
             self.once.warn(kind, f"metrics push to {self.shown} failed ({kind}); retrying at the next batch or look")
             return
         if answer.is_success:
-            self.pushed += 1
             return
         detail = answer.text.strip().splitlines()[0][:200] if answer.text.strip() else ""
         self.once.warn(
@@ -487,7 +487,6 @@ class MetricsExport:
         self.targets = targets
         self.clock = clock
         self.run_id: str | None = None
-        self.written = 0
         self._db: Database | None = None
         self._once = _Once()
         self._pusher: _Pusher | None = None
@@ -528,7 +527,6 @@ class MetricsExport:
         if self.targets.textfile is not None:
             try:
                 write_textfile(self.targets.textfile, _exposition(families))
-                self.written += 1
             except OSError as exc:
                 why = exc.strerror or type(exc).__name__
                 self._once.warn(f"textfile {exc.errno}", f"metrics file {self.targets.textfile} not written: {why}")
