@@ -101,7 +101,8 @@ PushgatewayOption = Annotated[
         "--pushgateway",
         metavar="URL",
         help="Push the same metrics to this Pushgateway (group job/gatefill/env/ENV/run/RUN); failures are logged "
-        "once and never stop the run. [default: [metrics] pushgateway_url_env or pushgateway_url of gatefill.toml]",
+        "once and never stop the run. Default: pushgateway_url_env or pushgateway_url in the metrics table of "
+        "gatefill.toml.",
     ),
 ]
 
