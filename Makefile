@@ -8,7 +8,7 @@ JS     := tests/js
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck pytest bench clean pgbouncer chromium
+.PHONY: demo test lint typecheck pytest bench clean pgbouncer chromium pushgateway
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ $(JS)/node_modules/.package-lock.json: $(JS)/package.json $(JS)/package-lock.jso
 demo: $(VENV)/.installed
 	$(BIN)/gatefill demo
 
-test: $(VENV)/.installed-test pgbouncer chromium lint typecheck pytest
+test: $(VENV)/.installed-test pgbouncer chromium pushgateway lint typecheck pytest
 
 # The pooled half of the suite runs through PgBouncer (Debian's package), which the tests start themselves.
 pgbouncer:
@@ -51,6 +51,14 @@ chromium:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
+# The metrics export tests push to Debian's Pushgateway, which they start themselves (the package's own service is
+# not needed: it is stopped and disabled where the system runs services).
+pushgateway:
+	@command -v prometheus-pushgateway >/dev/null 2>&1 || test -x /usr/bin/prometheus-pushgateway || { \
+	  echo "installing prometheus-pushgateway (Debian package) for the metrics export tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-pushgateway >/dev/null; }
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
@@ -59,7 +67,7 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed-test pgbouncer chromium $(JS)/node_modules/.package-lock.json
+pytest: $(VENV)/.installed-test pgbouncer chromium pushgateway $(JS)/node_modules/.package-lock.json
 	$(BIN)/pytest -n 2 --dist loadscope -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test

@@ -366,11 +366,12 @@ def apply_plan(
     settings: Settings | None = None,
     override: Override | None = None,
     run_batches: BatchRunner | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> ApplyResult:
     """Applies (or resumes) the plan's run; returns the measured result and writes the batch logs.
 
     On a production environment the production gate must pass first (``settings`` lets it find the staging soak),
-    or ``override`` must name who lets it through and why.
+    or ``override`` must name who lets it through and why. ``on_start`` is told the run's id once it is running.
     """
     options.validate(job)
     indicators = options.indicators(env, job, clock)
@@ -404,6 +405,8 @@ def apply_plan(
             lease.fence(conn)
             reason = _start_reason(todo.remaining, lease)
             ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=reason)
+        if on_start is not None:
+            on_start(run.id)
         pacer = options.pacer(db, run.id, plan, env, clock, stop=stop, fence=lease.fence, indicators=indicators)
         work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result, pacer)
         if run_batches is not None:  # --workers: the batches are committed by worker processes

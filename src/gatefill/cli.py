@@ -86,6 +86,25 @@ EnvOption = Annotated[str, typer.Option("--env", help="Environment name from gat
 JobOption = Annotated[
     str | None, typer.Option("--job", metavar="NAME", help="The job (`gatefill jobs` lists them; default prism).")
 ]
+MetricsFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--metrics-file",
+        metavar="PATH.prom",
+        help="Write the run's and its environment's metrics (Prometheus text) to this file, atomically, for "
+        "node_exporter's textfile collector.",
+    ),
+]
+PushgatewayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--pushgateway",
+        metavar="URL",
+        help="Push the same metrics to this Pushgateway (group job/gatefill/env/ENV/run/RUN); failures are logged "
+        "once and never stop the run. Default: pushgateway_url_env or pushgateway_url in the metrics table of "
+        "gatefill.toml.",
+    ),
+]
 
 
 @app.callback()
@@ -364,6 +383,8 @@ def apply_command(
             "`gatefill worker` joins from other machines.",
         ),
     ] = None,
+    metrics_file: MetricsFileOption = None,
+    pushgateway: PushgatewayOption = None,
 ) -> None:
     """Apply an approved plan: throttled batches, each committed with its ledger rows; resumable.
 
@@ -395,6 +416,8 @@ def apply_command(
             job_name=job_name,
             progress=progress,
             workers=workers,
+            metrics_file=metrics_file,
+            pushgateway=pushgateway,
         )
     out.print(_apply_line(applied.result), markup=False)
     for name, artifact in applied.gate.paths.items():
@@ -685,6 +708,8 @@ def soak_command(
     no_chart: _NoChart = False,
     allow_production: _AllowProduction = False,
     job_name: JobOption = None,
+    metrics_file: MetricsFileOption = None,
+    pushgateway: PushgatewayOption = None,
 ) -> None:
     """Watch an environment for a window, measuring every check at every interval: PASS (0), FAIL (1), INCONCLUSIVE (3).
 
@@ -713,6 +738,8 @@ def soak_command(
         job_name=job_name,
         on_look=_look_line,
         on_baseline=_baseline_line,
+        metrics_file=metrics_file,
+        pushgateway=pushgateway,
     )
     table = Table("check", "verdict", "evidence")
     for c in result.checks:

@@ -32,6 +32,7 @@ from gatefill.health import HealthResult, check_health
 from gatefill.job import Baseline, BatchTask, Job, Measurement, SoakSettings
 from gatefill.jobs import JobEntry, available_jobs, get_job
 from gatefill.lease import RunLease
+from gatefill.metrics import MetricsExport, MetricsTargets
 from gatefill.pipeline import PipelineOptions, PipelineState, note_rollback, run_pipeline
 from gatefill.plan import PlanFiles, PlanHead, PlanParams, build_plan, open_plan, plan_from_ledger
 from gatefill.prism.schema import SchemaReport, check_schema, init_schema, load_reference_data
@@ -211,10 +212,14 @@ def apply(
     job_name: str | None = None,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    metrics_file: Path | None = None,
+    pushgateway: str | None = None,
 ) -> Applied:
     """``gatefill apply RUN|PLAN.json``: applies an approved plan with the job it names (``job_name``, when given,
     must be that job), then measures and writes its backfill gate. ``workers`` (Postgres): the batches are committed
-    by that many local worker processes (and any ``gatefill worker`` joining from elsewhere)."""
+    by that many local worker processes (and any ``gatefill worker`` joining from elsewhere). ``metrics_file`` and
+    ``pushgateway`` receive the run's metrics after each committed batch (at most once a second) and at the end."""
+    targets = MetricsTargets.resolve(settings.metrics, metrics_file, pushgateway)
     path = Path(target)
     body: PlanHead
     if target.endswith(".json") or path.is_file():
@@ -230,7 +235,7 @@ def apply(
     if override is not None:
         override.validate()
     clock, artifacts = RealClock(), settings.artifacts_dir
-    with Database(environment) as db:
+    with Database(environment) as db, MetricsExport(environment, targets, clock) as export:
         check_workers(db, workers, options.executor)
         result = apply_plan(
             db,
@@ -240,10 +245,11 @@ def apply(
             options=options,
             clock=clock,
             artifacts_dir=artifacts,
-            progress=progress,
+            progress=_exporting(export, progress),
             settings=settings,
             override=override,
             run_batches=_coordinator(settings, environment, workers) if db.caps.dialect == "postgresql" else None,
+            on_start=export.started,
         )
         gate = measure_backfill_gate(
             db,
@@ -256,6 +262,17 @@ def apply(
             result=result,
         )
         return Applied(result, write_apply_artifacts(db, job, gate, artifacts))
+
+
+def _exporting(export: MetricsExport, progress: ProgressCallback | None) -> ProgressCallback:
+    """The progress callback that exports the run's metrics after each committed batch, then shows progress."""
+
+    def after_batch(done: int, total: int, elapsed: float) -> None:
+        export.moment()
+        if progress is not None:
+            progress(done, total, elapsed)
+
+    return after_batch
 
 
 def _coordinator(settings: Settings, env: Environment, workers: int | None) -> Coordinator | None:
@@ -290,9 +307,13 @@ def soak(
     job_name: str | None = None,
     on_look: Callable[[Measurement], None] | None = None,
     on_baseline: Callable[[Baseline], None] | None = None,
+    metrics_file: Path | None = None,
+    pushgateway: str | None = None,
 ) -> SoakResult:
     """``gatefill soak``: watches an environment (``env_name``, or the one of the soak ``options.resume`` names) for a
-    window, look by look, with the job's checks, and writes the soak's files."""
+    window, look by look, with the job's checks, and writes the soak's files. ``metrics_file`` and ``pushgateway``
+    receive the soak's metrics after each look and at the end."""
+    targets = MetricsTargets.resolve(settings.metrics, metrics_file, pushgateway)
     job = get_job(job_name, settings)
     if env_name is not None:
         environment = settings.env(env_name)
@@ -300,16 +321,24 @@ def soak(
         environment, _ = find_run(settings, options.resume)
     else:
         raise UsageError("--env NAME is required (or --resume RUN, which knows its environment)")
-    result = soak_job(
-        environment,
-        job,
-        options,
-        clock=clock,
-        settings=SoakSettings(latency_p95_ms=latency_p95_ms),
-        on_look=on_look,
-        on_baseline=on_baseline,
-    )
-    return write_soak_artifacts(result, settings.artifacts_dir)
+    with MetricsExport(environment, targets, RealClock()) as export:
+
+        def look(measurement: Measurement) -> None:
+            export.moment(force=True)
+            if on_look is not None:
+                on_look(measurement)
+
+        result = soak_job(
+            environment,
+            job,
+            options,
+            clock=clock,
+            settings=SoakSettings(latency_p95_ms=latency_p95_ms),
+            on_look=look,
+            on_baseline=on_baseline,
+            on_start=export.started,
+        )
+        return write_soak_artifacts(result, settings.artifacts_dir)
 
 
 def health(

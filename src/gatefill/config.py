@@ -35,6 +35,7 @@ __all__ = [
     "POOLERS",
     "THROTTLE_DEFAULTS",
     "Environment",
+    "MetricsSettings",
     "Pooler",
     "Settings",
     "ThrottleSettings",
@@ -54,7 +55,7 @@ _ENV_KEYS = {
     "pooler",
     "lease_ttl",
 }
-_TOP_KEYS = {"env", "artifacts_dir", "job", "throttle"}
+_TOP_KEYS = {"env", "artifacts_dir", "job", "throttle", "metrics"}
 _DEFAULT_KEY_ENV = "SUPABASE_SERVICE_ROLE_KEY"
 
 Pooler = Literal["none", "session", "transaction"]
@@ -77,6 +78,21 @@ DEFAULT_SINCE = "2025-08-01"
 #: The staging soak's window and the time between its looks.
 DEFAULT_SOAK_DURATION = "6h"
 DEFAULT_SOAK_INTERVAL = "5m"
+#: apply/soak ``--metrics-file`` and ``--pushgateway``: seconds between exports on apply's batch path (the first and
+#: the last always go out), and how long one push may take before it is dropped (retried at the next export).
+DEFAULT_METRICS_INTERVAL = 1.0
+DEFAULT_PUSH_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]`` of gatefill.toml: where apply and soak push their metrics by default. The Pushgateway URL may
+    carry credentials, so it comes from the variable ``pushgateway_url_env`` names, or from ``pushgateway_url``
+    when it has no password (a password written into the file is refused); it is never shown whole."""
+
+    pushgateway_url: str | None = field(default=None, repr=False)
+    interval: float = DEFAULT_METRICS_INTERVAL
+    push_timeout: float = DEFAULT_PUSH_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -225,6 +241,9 @@ kind = "production"
 # app_p95_stop_ms = 2000
 # cool_down_seconds = 60               # after a Stop, every indicator Normal this long before the next batch
 # target_batch_time = 1.0              # seconds per batch, sized from the measured ones
+
+# [metrics]    # where `gatefill apply` and `gatefill soak` push their metrics (--pushgateway URL wins)
+# pushgateway_url_env = "GATEFILL_PUSHGATEWAY_URL"   # the variable holding the URL (it may carry credentials)
 """
 
 
@@ -284,6 +303,8 @@ class Settings:
     environments: Mapping[str, Environment]
     #: The ``[job.NAME]`` tables as written; ``gatefill.jobs`` validates each by its ``kind`` when it is used.
     jobs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: ``[metrics]``: apply's and soak's Pushgateway by default.
+    metrics: MetricsSettings = MetricsSettings()
 
     def env(self, name: str) -> Environment:
         """The environment called ``name``; an unknown name is a ``ConfigError`` listing the known ones."""
@@ -424,6 +445,28 @@ def _lease_ttl(env_name: str, text: str | None) -> float:
     return seconds
 
 
+def _metrics_settings(where: str, table: object, environ: Mapping[str, str]) -> MetricsSettings:
+    """``[metrics]``: ``pushgateway_url_env`` (the variable holding the URL, which wins when set) or
+    ``pushgateway_url`` (refused with a password in it: secrets come from variables only)."""
+    if table is None:
+        return MetricsSettings()
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [metrics] must be a table")
+    unknown = set(table) - {"pushgateway_url", "pushgateway_url_env"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown [metrics] key(s) {', '.join(sorted(unknown))}")
+    literal, variable = table.get("pushgateway_url"), table.get("pushgateway_url_env")
+    for key, value in (("pushgateway_url", literal), ("pushgateway_url_env", variable)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{where}: metrics.{key} must be a non-empty string")
+    if isinstance(literal, str) and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", literal, re.IGNORECASE):
+        raise ConfigError(
+            f"{where}: metrics.pushgateway_url holds a password; put the URL in a variable named by pushgateway_url_env"
+        )
+    url = environ.get(variable) if isinstance(variable, str) else None
+    return MetricsSettings(pushgateway_url=url or literal)
+
+
 def _names_from_environ(environ: Mapping[str, str]) -> dict[str, str]:
     """Environments declared only through ``GATEFILL_ENV_<NAME>_DATABASE_URL`` (upper-case name → lower-case name)."""
     found: dict[str, str] = {}
@@ -465,4 +508,7 @@ def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | 
     job_tables = data.get("job", {})
     if not isinstance(job_tables, dict) or not all(isinstance(t, dict) for t in job_tables.values()):
         raise ConfigError(f"{path}: [job] must be a table of [job.NAME] sections")
-    return Settings(path=path, root=root, artifacts_dir=artifacts_dir, environments=environments, jobs=job_tables)
+    metrics = _metrics_settings(str(path), data.get("metrics"), environ)
+    return Settings(
+        path=path, root=root, artifacts_dir=artifacts_dir, environments=environments, jobs=job_tables, metrics=metrics
+    )

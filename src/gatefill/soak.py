@@ -444,6 +444,7 @@ def soak_job(
     stop: threading.Event | None = None,
     on_look: LookCallback | None = None,
     on_baseline: BaselineCallback | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> SoakResult:
     """What ``gatefill soak`` runs: ``job``'s soak checks on ``env`` with a real or simulated clock (the files are
     written by ``gatefill.reports.soak``).
@@ -474,6 +475,7 @@ def soak_job(
                 stop=stop,
                 on_look=on_look,
                 on_baseline=on_baseline,
+                on_start=on_start,
             )
 
 
@@ -517,13 +519,15 @@ def run_soak(
     stop: threading.Event | None = None,
     on_look: LookCallback | None = None,
     on_baseline: BaselineCallback | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> SoakResult:
     """Runs (or continues) a soak of ``env`` and returns what it established; see the module docstring.
     ``gatefill.reports.soak`` writes the result's files.
 
     ``versions`` are recorded on a new run when there is no ``--after`` run to take them from (the job's versions),
     so a production gate can look for a passing soak of the same versions. ``on_look`` sees each stored measurement,
-    ``on_baseline`` the baseline when this call measured it (not when it was stored by an earlier one).
+    ``on_baseline`` the baseline when this call measured it (not when it was stored by an earlier one), ``on_start``
+    the run's id once it is running.
     """
     options.validate()
     options.check_environment(env)
@@ -536,6 +540,8 @@ def run_soak(
     # One process measures a soak at a time: the run's lease (see gatefill.lease), which each stored look fences with.
     with RunLease(db, run.id, "soak") as lease, stop_on_signals(stop) as interruption:
         watch = _start(db, run, options, clock)
+        if on_start is not None:
+            on_start(run.id)
         try:
             _watch(db, run.id, watch, options, checks, clock, lease, stop, on_look, on_baseline)
         except GatefillError as exc:
