@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from gatefill import ledger
+from gatefill import ledger, notify
 from gatefill.artifacts import write_json
 from gatefill.clock import Clock
 from gatefill.config import DEFAULT_THROTTLE_INTERVAL, Environment, Settings
@@ -405,11 +405,17 @@ def apply_plan(
             ledger.transition(conn, run.id, RunStatus.RUNNING, now=clock.now(), reason=reason)
         pacer = options.pacer(db, run.id, plan, env, clock, stop=stop, fence=lease.fence, indicators=indicators)
         work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result, pacer)
-        if run_batches is not None:  # --workers: the batches are committed by worker processes
-            run_batches(work, todo, progress, before_batch)
-        else:
-            _run_batches(work, todo, progress=progress, before_batch=before_batch)
+        try:
+            if run_batches is not None:  # --workers: the batches are committed by worker processes
+                run_batches(work, todo, progress, before_batch)
+            else:
+                _run_batches(work, todo, progress=progress, before_batch=before_batch)
+        except RunPaused as exc:
+            notify.send(notify.run_paused(env.name, run.id, exc.reason))
+            raise
         _finish(work)
+    if result.status is RunStatus.COMPLETED_WITH_ERRORS:
+        notify.send(notify.run_failed(env.name, run.id, f"{len(result.failures)} session(s) failed in this apply"))
     return result
 
 

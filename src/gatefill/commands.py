@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from rich.console import Console
 
-from gatefill import ledger
+from gatefill import ledger, notify
 from gatefill.apply import ApplyOptions, ApplyResult, BackfillGate, ProgressCallback, apply_plan, measure_backfill_gate
 from gatefill.clock import RealClock
 from gatefill.config import EXAMPLE_CONFIG, Environment, Settings
@@ -177,9 +177,12 @@ def plan(settings: Settings, env_name: str, params: PlanParams, *, job_name: str
     job = get_job(job_name, settings)
     environment = settings.env(env_name)
     params = params.normalized(job)
-    with Database(environment) as db:
+    with Database(environment) as db, notify.notifying(settings.notify):
         job.require_schema(db)
-        return build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
+        files = build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
+        if files.plan.runnable:
+            notify.send(notify.gate_waiting(environment.name, files.plan.run_id, "plan"))
+        return files
 
 
 def approve(
@@ -230,7 +233,7 @@ def apply(
     if override is not None:
         override.validate()
     clock, artifacts = RealClock(), settings.artifacts_dir
-    with Database(environment) as db:
+    with Database(environment) as db, notify.notifying(settings.notify):
         check_workers(db, workers, options.executor)
         result = apply_plan(
             db,
@@ -300,16 +303,28 @@ def soak(
         environment, _ = find_run(settings, options.resume)
     else:
         raise UsageError("--env NAME is required (or --resume RUN, which knows its environment)")
-    result = soak_job(
-        environment,
-        job,
-        options,
-        clock=clock,
-        settings=SoakSettings(latency_p95_ms=latency_p95_ms),
-        on_look=on_look,
-        on_baseline=on_baseline,
-    )
+    with notify.notifying(settings.notify):
+        result = soak_job(
+            environment,
+            job,
+            options,
+            clock=clock,
+            settings=SoakSettings(latency_p95_ms=latency_p95_ms),
+            on_look=on_look,
+            on_baseline=on_baseline,
+        )
+        _announce_soak(environment.name, result)
     return write_soak_artifacts(result, settings.artifacts_dir)
+
+
+def _announce_soak(env: str, result: SoakResult) -> None:
+    """A finished soak: a PASS waits at the soak gate, a FAIL is a failed run, an interrupted one is paused."""
+    if result.interrupted:
+        notify.send(notify.run_paused(env, result.run_id, result.reason))
+    elif result.verdict == "FAIL":
+        notify.send(notify.run_failed(env, result.run_id, result.reason))
+    elif result.verdict == "PASS" and result.complete:
+        notify.send(notify.gate_waiting(env, result.run_id, "soak"))
 
 
 def health(
@@ -349,7 +364,8 @@ def pipeline(
         options = SoakOptions(after=apply_run, duration=soak_duration, interval=soak_interval)
         return write_soak_artifacts(soak_job(env, job, options), artifacts).step_record()
 
-    return run_pipeline(settings, options, job=job, clock=RealClock(), soak_step=soak_step)
+    with notify.notifying(settings.notify):
+        return run_pipeline(settings, options, job=job, clock=RealClock(), soak_step=soak_step)
 
 
 @dataclass(frozen=True)
