@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,8 +24,8 @@ from rich.console import Console
 
 from gatefill import ledger, notify
 from gatefill.apply import ApplyOptions, ApplyResult, BackfillGate, ProgressCallback, apply_plan, measure_backfill_gate
-from gatefill.clock import RealClock
-from gatefill.config import EXAMPLE_CONFIG, Environment, Settings
+from gatefill.clock import Clock, RealClock
+from gatefill.config import EXAMPLE_CONFIG, WATCH_PERIODS, Environment, Settings
 from gatefill.db import Database, PoolerFinding, detect_pooler
 from gatefill.errors import UsageError
 from gatefill.gate import GateRecord, Override, gate_records
@@ -44,6 +45,7 @@ from gatefill.rollback import RollbackResult, rollback_run
 from gatefill.runs import ApprovalOutcome, RunProgress, find_run, recent_runs, run_progress
 from gatefill.runs import approve as record_approval
 from gatefill.soak import SoakOptions, SoakResult, soak_job
+from gatefill.watch import WatchResult, watch_forever, watch_once
 from gatefill.workers import Coordinator, check_workers, serve
 
 if TYPE_CHECKING:
@@ -77,6 +79,7 @@ __all__ = [
     "soak",
     "status",
     "ui",
+    "watch",
     "worker",
 ]
 
@@ -430,6 +433,56 @@ def rollback_environment(
             result = write_rollback_report(result, artifacts_dir)
     result.raise_for_verdict()
     return result
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What ``gatefill watch`` did: the last pass (with ``--once``, the only one) and what stopped the loop."""
+
+    last: WatchResult | None
+    once: bool
+    stopped_by: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """``--once``: 1 when a check FAILed, else 0; the loop: 0 once a signal stopped it cleanly."""
+        return self.last.exit_code if self.once and self.last is not None else 0
+
+
+def watch(
+    settings: Settings,
+    env_name: str,
+    *,
+    once: bool,
+    only: str | None = None,
+    job_name: str | None = None,
+    clock: Clock | None = None,
+    on_result: Callable[[WatchResult], None] | None = None,
+    stop: threading.Event | None = None,
+) -> Watched:
+    """``gatefill watch``: the job's checks over the latest period, each set when it is due, recorded in the
+    environment's ledger; with ``once``, what is due now and no more."""
+    if only is not None and only not in WATCH_PERIODS:
+        raise UsageError(f"--set {only}: unknown set (use {', '.join(WATCH_PERIODS)})")
+    environment = settings.env(env_name)
+    job = get_job(job_name, settings)
+    clock = clock or RealClock()
+    with Database(environment) as db, notify.notifying(settings.notify):
+        job.require_schema(db)
+        if once:
+            result = watch_once(db, environment, job, clock=clock, only=only)
+            if on_result is not None:
+                on_result(result)
+            return Watched(result, once=True)
+        seen: list[WatchResult] = []
+
+        def keep(result: WatchResult) -> None:
+            seen[:] = [result]
+            if on_result is not None:
+                on_result(result)
+
+        stopped = watch_forever(db, environment, job, clock=clock, only=only, stop=stop, on_result=keep)
+        return Watched(seen[-1] if seen else None, once=False, stopped_by=stopped)
 
 
 # ------------------------------------------------------------------------------------------------- runs and gates
