@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +23,10 @@ from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism.job import PrismJob
 from tests.conftest import Seeder, Target
+from tests.webhooks import HOOK_SECRET, Receiver
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
 START = datetime(2025, 9, 17, 18, 5, 30, tzinfo=UTC)
-HOOK_SECRET = "T0KEN-of-the-webhook-77aa"
-
-
-class Receiver:
-    """A webhook receiver: answers each POST with the next status of ``statuses`` (then 200), keeps every body."""
-
-    def __init__(self, statuses: tuple[int, ...] = ()) -> None:
-        self.statuses = list(statuses)
-        self.bodies: list[dict[str, Any]] = []
-        self.attempts = 0
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                body = json.loads(self.rfile.read(length))
-                owner.attempts += 1
-                status = owner.statuses.pop(0) if owner.statuses else 200
-                if status == 200:
-                    owner.bodies.append(body)
-                self.send_response(status)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/{HOOK_SECRET}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
