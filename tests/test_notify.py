@@ -9,19 +9,21 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gatefill import notify
+from gatefill import commands, notify
 from gatefill.apply import ApplyOptions, RunPaused, apply_plan
 from gatefill.clock import SimulatedClock
-from gatefill.config import NotifySettings
+from gatefill.config import NotifySettings, Settings
 from gatefill.ledger import RunStatus
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism.job import PrismJob
+from gatefill.prism.schema import assessment_sessions, profiles
+from gatefill.soak import SoakOptions
 from tests.conftest import Seeder, Target
 from tests.webhooks import HOOK_SECRET, Receiver
 
@@ -147,4 +149,44 @@ def test_a_paused_apply_is_announced(target: Target, seeder: Seeder, tmp_path: P
                    clock=SimulatedClock(START), artifacts_dir=tmp_path / "a", stop=stop)  # fmt: skip
     assert [b["text"].splitlines()[:2] for b in receiver.bodies] == [
         [f"test: run {plan.run_id} paused", "interrupted (a stop request) before batch 1"]
+    ]
+
+
+def test_a_soak_whose_verdict_changes_and_fails_is_announced_twice(
+    target: Target, tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start = datetime(2025, 10, 1, tzinfo=UTC)
+    at = start + timedelta(minutes=40)  # after look 1's cutoff (30 min), before look 2's (60 min)
+    sid = "00000000-0000-4000-9000-000000000001"
+    session = {"id": sid, "started_at": at, "created_at": at, "updated_at": at, "share_token": f"t-{sid}"}
+    profile = {"session_id": sid, "results_version": None, "created_at": at, "updated_at": at}  # a wrong stamp
+    with target.db.begin() as conn:
+        conn.execute(assessment_sessions.insert(), [session])
+        conn.execute(profiles.insert(), [profile])
+    monkeypatch.setenv("GATEFILL_TEST_WEBHOOK", receiver.url)
+    settings = Settings(None, tmp_path, tmp_path / "a", {"test": target.env}, notify=_settings())
+    options = SoakOptions(start=start, duration=3600.0, interval=1800.0, chart=False)
+    result = commands.soak(settings, options, env_name="test", clock="simulated", latency_p95_ms=1000.0)
+    assert result.verdict == "FAIL" and [m.verdict for m in result.measurements] == ["INCONCLUSIVE", "FAIL"]
+    texts = [b["text"].splitlines() for b in receiver.bodies]
+    assert [t[0] for t in texts] == [
+        f"test: soak {result.run_id} went from INCONCLUSIVE to FAIL at look 2",
+        f"test: run {result.run_id} failed",
+    ]
+    assert "version_stamps FAIL" in texts[0][1]
+
+
+def test_a_recorded_plan_waits_at_its_gate_with_a_link_to_its_page(
+    target: Target, seeder: Seeder, tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seeder(target, "staging-2025-09-17")
+    monkeypatch.setenv("GATEFILL_TEST_WEBHOOK", receiver.url)
+    notify_settings = _settings(console_url="http://console.test:8765")
+    settings = Settings(None, tmp_path, tmp_path / "a", {"test": target.env}, notify=notify_settings)
+    files = commands.plan(settings, "test", PlanParams(since=SINCE))
+    assert [b["text"].splitlines()[::2] for b in receiver.bodies] == [
+        [
+            f"test: the plan gate of {files.run_id} waits for approval",
+            f"http://console.test:8765/env/test/runs/{files.run_id}/plan",
+        ]
     ]
