@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,12 @@ from gatefill.apply import ApplyOptions, RunPaused, apply_plan
 from gatefill.clock import SimulatedClock
 from gatefill.config import NotifySettings, Settings
 from gatefill.ledger import RunStatus
+from gatefill.pipeline import PipelineOptions
 from gatefill.plan import PlanParams, build_plan
 from gatefill.prism.job import PrismJob
 from gatefill.prism.schema import assessment_sessions, profiles
 from gatefill.soak import SoakOptions
-from tests.conftest import Seeder, Target
+from tests.conftest import Seeder, Target, sqlite_env
 from tests.webhooks import HOOK_SECRET, Receiver
 
 SINCE = datetime(2025, 8, 1, tzinfo=UTC)
@@ -189,4 +192,26 @@ def test_a_recorded_plan_waits_at_its_gate_with_a_link_to_its_page(
             f"test: the plan gate of {files.run_id} waits for approval",
             f"http://console.test:8765/env/test/runs/{files.run_id}/plan",
         ]
+    ]
+
+
+def test_a_pipeline_stopped_at_a_gate_announces_it(
+    target: Target, seeder: Seeder, sqlite_template: Path, tmp_path: Path, receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    seeder(target, "staging-2025-09-17")
+    production = tmp_path / "production.db"
+    shutil.copyfile(sqlite_template, production)
+    monkeypatch.setenv("GATEFILL_TEST_WEBHOOK", receiver.url)
+    environments = {
+        "staging": replace(target.env, name="staging"),
+        "production": sqlite_env(production, "production", kind="production"),
+    }
+    settings = Settings(None, tmp_path, tmp_path / "a", environments, notify=_settings())
+    options = PipelineOptions(staging="staging", production="production", since=SINCE)
+    state = commands.pipeline(settings, options, soak_duration=3600.0, soak_interval=600.0)
+    plan_run = state.steps["plan"]["run_id"]
+    assert "--gate plan" in str(state.waiting_for)
+    assert [b["text"].splitlines()[0] for b in receiver.bodies] == [
+        f"staging: the plan gate of {plan_run} waits for approval"
     ]
