@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from gatefill import ledger
+from gatefill import ledger, notify
 from gatefill.artifacts import write_json
 from gatefill.clock import Clock
 from gatefill.config import DEFAULT_THROTTLE_INTERVAL, Environment, Settings
@@ -409,12 +409,28 @@ def apply_plan(
             on_start(run.id)
         pacer = options.pacer(db, run.id, plan, env, clock, stop=stop, fence=lease.fence, indicators=indicators)
         work = _Work(db, job, clock, options, commit, lease, stop, interruption, logs_dir, result, pacer)
-        if run_batches is not None:  # --workers: the batches are committed by worker processes
-            run_batches(work, todo, progress, before_batch)
-        else:
-            _run_batches(work, todo, progress=progress, before_batch=before_batch)
-        _finish(work)
+        runner = run_batches or _local_batches  # run_batches: --workers, batches committed by worker processes
+        _announced(env, work, lambda: runner(work, todo, progress, before_batch))
     return result
+
+
+def _local_batches(
+    work: _Work, todo: WorkList, progress: ProgressCallback | None, before_batch: Callable[[int], None] | None
+) -> None:
+    _run_batches(work, todo, progress=progress, before_batch=before_batch)
+
+
+def _announced(env: Environment, work: _Work, run_batches: Callable[[], None]) -> None:
+    """Runs the batches and ends the run, telling people (``gatefill.notify``) when it paused or sessions failed."""
+    try:
+        run_batches()
+    except RunPaused as exc:
+        notify.send(notify.run_paused(env.name, work.run_id, exc.reason))
+        raise
+    _finish(work)
+    if work.result.status is RunStatus.COMPLETED_WITH_ERRORS:
+        failed = len(work.result.failures)
+        notify.send(notify.run_failed(env.name, work.run_id, f"{failed} session(s) failed in this apply"))
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from gatefill.plan import PlanParams
 from gatefill.progress import apply_progress
 from gatefill.reports.rollback import render_rollback
 from gatefill.soak import DEFAULT_MIN_CONVERSION, SoakOptions, parse_margin, parse_min_conversion
+from gatefill.watch import WatchResult
 
 __all__ = ["app", "main"]
 
@@ -911,6 +912,47 @@ def ui_command(
         token_env=auth_token_env,
         on_ready=lambda url: out.print(f"gatefill console at {url}", markup=False),
     )
+
+
+@app.command("watch")
+def watch_command(
+    env: EnvOption,
+    once: Annotated[bool, typer.Option("--once", help="Run the sets due now, then exit (cron, a timer).")] = False,
+    set_name: Annotated[
+        str | None,
+        typer.Option("--set", metavar="SET", help="Only this set: daily, weekly or monthly (when it is due)."),
+    ] = None,
+    job_name: JobOption = None,
+) -> None:
+    """Ongoing monitoring: the job's health and soak checks over the latest day, week or month of new data, as the
+    [watch] sets of gatefill.toml say, each result recorded in the environment's ledger and shown by `gatefill ui`.
+
+    A set runs when it never ran or its period has passed since its last result; a check whose verdict changed is
+    announced ([notify]). Without --once it stays in the foreground, sleeping until the next set is due, until
+    Ctrl-C or SIGTERM (exit 0). Exit codes with --once: 0 every check PASS, INCONCLUSIVE or N/A (or nothing due),
+    1 a check FAILed, 2 a bad option or configuration (unknown set or check: nothing recorded)."""
+    watched = commands.watch(_settings(), env, once=once, only=set_name, job_name=job_name, on_result=_watch_lines)
+    if watched.stopped_by is not None:
+        out.print(f"watch stopped ({watched.stopped_by})", markup=False)
+    raise typer.Exit(watched.exit_code)
+
+
+def _watch_lines(result: WatchResult) -> None:
+    when = result.taken_at.strftime("%Y-%m-%d %H:%M:%SZ")
+    if result.ran:
+        # Short: the evidence of each check is on the console's watch page (`gatefill ui`).
+        table = Table("set", "window", "check", "verdict")
+        for run in result.ran:
+            window = f"{run.window_start.strftime('%Y-%m-%d %H:%M')} → {run.window_end.strftime('%Y-%m-%d %H:%M')}"
+            for c in run.checks:
+                table.add_row(run.set_name, window, c.name, c.verdict)
+        out.print(table, markup=False)
+    else:
+        out.print(f"{result.env} at {when}: no set due", markup=False)
+    for change in result.changes:
+        out.print(f"changed: {change.check} ({change.set_name}) {change.before} → {change.after}", markup=False)
+    due = ", ".join(f"{n} {t.strftime('%Y-%m-%d %H:%M:%SZ')}" for n, t in result.next_due.items())
+    out.print(f"next due: {due or 'no set has checks'}", markup=False)
 
 
 @app.command("simulate")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from rich.console import Console
 
-from gatefill import ledger
+from gatefill import ledger, notify
 from gatefill.apply import ApplyOptions, ApplyResult, BackfillGate, ProgressCallback, apply_plan, measure_backfill_gate
-from gatefill.clock import RealClock
-from gatefill.config import EXAMPLE_CONFIG, Environment, Settings
+from gatefill.clock import Clock, RealClock
+from gatefill.config import EXAMPLE_CONFIG, WATCH_PERIODS, Environment, Settings
 from gatefill.db import Database, PoolerFinding, detect_pooler
 from gatefill.errors import UsageError
 from gatefill.gate import GateRecord, Override, gate_records
@@ -45,6 +46,7 @@ from gatefill.rollback import RollbackResult, rollback_run
 from gatefill.runs import ApprovalOutcome, RunProgress, find_run, recent_runs, run_progress
 from gatefill.runs import approve as record_approval
 from gatefill.soak import SoakOptions, SoakResult, soak_job
+from gatefill.watch import WatchResult, watch_forever, watch_once
 from gatefill.workers import Coordinator, check_workers, serve
 
 if TYPE_CHECKING:
@@ -78,6 +80,7 @@ __all__ = [
     "soak",
     "status",
     "ui",
+    "watch",
     "worker",
 ]
 
@@ -178,9 +181,12 @@ def plan(settings: Settings, env_name: str, params: PlanParams, *, job_name: str
     job = get_job(job_name, settings)
     environment = settings.env(env_name)
     params = params.normalized(job)
-    with Database(environment) as db:
+    with Database(environment) as db, notify.notifying(settings.notify):
         job.require_schema(db)
-        return build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
+        files = build_plan(db, environment, job, params, now=RealClock().now(), artifacts_dir=settings.artifacts_dir)
+        if files.plan.runnable:
+            notify.send(notify.gate_waiting(environment.name, files.plan.run_id, "plan"))
+        return files
 
 
 def approve(
@@ -235,7 +241,11 @@ def apply(
     if override is not None:
         override.validate()
     clock, artifacts = RealClock(), settings.artifacts_dir
-    with Database(environment) as db, MetricsExport(environment, targets, clock) as export:
+    with (
+        Database(environment) as db,
+        MetricsExport(environment, targets, clock) as export,
+        notify.notifying(settings.notify),
+    ):
         check_workers(db, workers, options.executor)
         result = apply_plan(
             db,
@@ -321,7 +331,7 @@ def soak(
         environment, _ = find_run(settings, options.resume)
     else:
         raise UsageError("--env NAME is required (or --resume RUN, which knows its environment)")
-    with MetricsExport(environment, targets, RealClock()) as export:
+    with MetricsExport(environment, targets, RealClock()) as export, notify.notifying(settings.notify):
 
         def look(measurement: Measurement) -> None:
             export.moment(force=True)
@@ -338,7 +348,18 @@ def soak(
             on_baseline=on_baseline,
             on_start=export.started,
         )
-        return write_soak_artifacts(result, settings.artifacts_dir)
+        _announce_soak(environment.name, result)
+    return write_soak_artifacts(result, settings.artifacts_dir)
+
+
+def _announce_soak(env: str, result: SoakResult) -> None:
+    """A finished soak: a PASS waits at the soak gate, a FAIL is a failed run, an interrupted one is paused."""
+    if result.interrupted:
+        notify.send(notify.run_paused(env, result.run_id, result.reason))
+    elif result.verdict == "FAIL":
+        notify.send(notify.run_failed(env, result.run_id, result.reason))
+    elif result.verdict == "PASS" and result.complete:
+        notify.send(notify.gate_waiting(env, result.run_id, "soak"))
 
 
 def health(
@@ -378,7 +399,8 @@ def pipeline(
         options = SoakOptions(after=apply_run, duration=soak_duration, interval=soak_interval)
         return write_soak_artifacts(soak_job(env, job, options), artifacts).step_record()
 
-    return run_pipeline(settings, options, job=job, clock=RealClock(), soak_step=soak_step)
+    with notify.notifying(settings.notify):
+        return run_pipeline(settings, options, job=job, clock=RealClock(), soak_step=soak_step)
 
 
 @dataclass(frozen=True)
@@ -443,6 +465,56 @@ def rollback_environment(
             result = write_rollback_report(result, artifacts_dir)
     result.raise_for_verdict()
     return result
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What ``gatefill watch`` did: the last pass (with ``--once``, the only one) and what stopped the loop."""
+
+    last: WatchResult | None
+    once: bool
+    stopped_by: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """``--once``: 1 when a check FAILed, else 0; the loop: 0 once a signal stopped it cleanly."""
+        return self.last.exit_code if self.once and self.last is not None else 0
+
+
+def watch(
+    settings: Settings,
+    env_name: str,
+    *,
+    once: bool,
+    only: str | None = None,
+    job_name: str | None = None,
+    clock: Clock | None = None,
+    on_result: Callable[[WatchResult], None] | None = None,
+    stop: threading.Event | None = None,
+) -> Watched:
+    """``gatefill watch``: the job's checks over the latest period, each set when it is due, recorded in the
+    environment's ledger; with ``once``, what is due now and no more."""
+    if only is not None and only not in WATCH_PERIODS:
+        raise UsageError(f"--set {only}: unknown set (use {', '.join(WATCH_PERIODS)})")
+    environment = settings.env(env_name)
+    job = get_job(job_name, settings)
+    clock = clock or RealClock()
+    with Database(environment) as db, notify.notifying(settings.notify):
+        job.require_schema(db)
+        if once:
+            result = watch_once(db, environment, job, clock=clock, only=only)
+            if on_result is not None:
+                on_result(result)
+            return Watched(result, once=True)
+        seen: list[WatchResult] = []
+
+        def keep(result: WatchResult) -> None:
+            seen[:] = [result]
+            if on_result is not None:
+                on_result(result)
+
+        stopped = watch_forever(db, environment, job, clock=clock, only=only, stop=stop, on_result=keep)
+        return Watched(seen[-1] if seen else None, once=False, stopped_by=stopped)
 
 
 # ------------------------------------------------------------------------------------------------- runs and gates

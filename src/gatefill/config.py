@@ -26,19 +26,30 @@ from gatefill.errors import ConfigError
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_LEASE_TTL",
+    "DEFAULT_NOTIFY_ATTEMPTS",
+    "DEFAULT_NOTIFY_BACKOFF",
+    "DEFAULT_NOTIFY_TIMEOUT",
     "DEFAULT_RATE",
     "DEFAULT_SINCE",
     "DEFAULT_SOAK_DURATION",
     "DEFAULT_SOAK_INTERVAL",
     "DEFAULT_THROTTLE_INTERVAL",
+    "DEFAULT_WATCH_SETS",
     "EXAMPLE_CONFIG",
+    "NOTICE_KINDS",
+    "NOTIFY_FLUSH_SECONDS",
+    "NOTIFY_QUEUE_SIZE",
     "POOLERS",
     "THROTTLE_DEFAULTS",
+    "WATCH_CHECK_GROUPS",
+    "WATCH_PERIODS",
     "Environment",
     "MetricsSettings",
+    "NotifySettings",
     "Pooler",
     "Settings",
     "ThrottleSettings",
+    "WatchSettings",
     "load_settings",
 ]
 
@@ -55,7 +66,7 @@ _ENV_KEYS = {
     "pooler",
     "lease_ttl",
 }
-_TOP_KEYS = {"env", "artifacts_dir", "job", "throttle", "metrics"}
+_TOP_KEYS = {"env", "artifacts_dir", "job", "throttle", "metrics", "notify", "watch"}
 _DEFAULT_KEY_ENV = "SUPABASE_SERVICE_ROLE_KEY"
 
 Pooler = Literal["none", "session", "transaction"]
@@ -201,6 +212,114 @@ def _throttle_value(where: str, key: str, value: object, kind: str) -> object:
     return float(value)
 
 
+# ====================================================================================================================
+# [notify] and [watch]
+
+#: What a notice can be about; ``[notify] events`` picks among them (default: all).
+NOTICE_KINDS: tuple[str, ...] = ("gate_waiting", "soak_verdict", "run_failed", "run_paused", "watch_verdict")
+#: Seconds one webhook delivery may take, attempts per notice, and the first pause between attempts (doubled after
+#: each failure): a chat service that hiccups gets three tries over a few seconds.
+DEFAULT_NOTIFY_TIMEOUT = 5.0
+DEFAULT_NOTIFY_ATTEMPTS = 3
+DEFAULT_NOTIFY_BACKOFF = 1.0
+#: Notices waiting for delivery at most (a flood beyond it is dropped, with a log line, never waited for).
+NOTIFY_QUEUE_SIZE = 100
+#: At the end of a command, how long it waits for undelivered notices before it exits anyway.
+NOTIFY_FLUSH_SECONDS = 2.0
+_NOTIFY_KEYS = {"webhook_url_env", "console_url", "events", "timeout", "attempts", "backoff"}
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """``[notify]``: the variable holding the webhook URL (a secret: never in the file), the console's address for
+    links, the notice kinds to send, and how delivery is retried."""
+
+    webhook_url_env: str
+    console_url: str | None = None
+    events: tuple[str, ...] = NOTICE_KINDS
+    timeout: float = DEFAULT_NOTIFY_TIMEOUT
+    attempts: int = DEFAULT_NOTIFY_ATTEMPTS
+    backoff: float = DEFAULT_NOTIFY_BACKOFF
+
+    def webhook_url(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The webhook URL from its variable, or None when the variable is unset or empty."""
+        value = (os.environ if environ is None else environ).get(self.webhook_url_env, "").strip()
+        return value or None
+
+
+def _notify_settings(where: str, table: object) -> NotifySettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [notify] must be a table")
+    unknown = set(table) - _NOTIFY_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: [notify] unknown key(s) {', '.join(sorted(unknown))}")
+    env_var = table.get("webhook_url_env")
+    if not isinstance(env_var, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_var):
+        raise ConfigError(f"{where}: [notify] webhook_url_env must name an environment variable (the URL is a secret)")
+    console_url = table.get("console_url")
+    if console_url is not None and (not isinstance(console_url, str) or not re.match(r"https?://", console_url)):
+        raise ConfigError(f"{where}: [notify] console_url must be an http(s):// address")
+    events = table.get("events", list(NOTICE_KINDS))
+    if not isinstance(events, list) or not all(isinstance(e, str) and e in NOTICE_KINDS for e in events):
+        raise ConfigError(f"{where}: [notify] events must be a list of {', '.join(NOTICE_KINDS)}")
+    numbers: dict[str, Any] = {}
+    for key, low in (("timeout", 0.001), ("attempts", 1), ("backoff", 0)):
+        value = table.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+            raise ConfigError(f"{where}: [notify] {key} must be a number of at least {low:g}, not {value!r}")
+        numbers[key] = int(value) if key == "attempts" else float(value)
+    return NotifySettings(
+        webhook_url_env=env_var,
+        console_url=console_url.rstrip("/") if console_url else None,
+        events=tuple(events),
+        **numbers,
+    )
+
+
+#: Each check set of ``gatefill watch`` and the period it covers and recurs at (the latest period of new data).
+WATCH_PERIODS: Mapping[str, float] = {"daily": 86400.0, "weekly": 7 * 86400.0, "monthly": 30 * 86400.0}
+#: Names a set may hold besides a check's own name: every health check, every soak check of the job.
+WATCH_CHECK_GROUPS = ("health", "soak")
+#: The seed's ongoing monitoring: daily the health checks (completion: profiles and FC rows of the day's completed
+#: sessions), weekly the soak's checks of new data (versions stamped, conversion), monthly the health checks over the
+#: month (data quality). Job-neutral: groups, resolved by the job's own check names.
+DEFAULT_WATCH_SETS: Mapping[str, tuple[str, ...]] = {"daily": ("health",), "weekly": ("soak",), "monthly": ("health",)}
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """``gatefill watch``'s check sets: (set name, the check names or groups it runs), in period order (daily,
+    weekly, monthly); a set with no names is off. Pairs, not a dict, so an ``Environment`` stays hashable."""
+
+    sets: tuple[tuple[str, tuple[str, ...]], ...] = tuple(DEFAULT_WATCH_SETS.items())
+
+    def checks(self, set_name: str) -> tuple[str, ...]:
+        """The names set ``set_name`` runs (empty for an unknown or switched-off set)."""
+        return dict(self.sets).get(set_name, ())
+
+
+WATCH_DEFAULTS = WatchSettings()
+
+
+def _watch_settings(where: str, *tables: object) -> WatchSettings:
+    """The default sets overridden, set by set, by each table in turn (``[watch]``, then ``[env.NAME.watch]``)."""
+    sets = dict(DEFAULT_WATCH_SETS)
+    for table in tables:
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: watch must be a table")
+        for key, value in table.items():
+            if key not in WATCH_PERIODS:
+                raise ConfigError(f"{where}: unknown watch set {key!r} (use {', '.join(WATCH_PERIODS)})")
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise ConfigError(f"{where}: watch.{key} must be a list of check names")
+            sets[key] = tuple(dict.fromkeys(v.strip() for v in value))
+    return WatchSettings(tuple((name, sets[name]) for name in WATCH_PERIODS))
+
+
 EXAMPLE_CONFIG = """\
 # gatefill.toml: the environments gatefill may touch.
 # Every value can be overridden by an environment variable GATEFILL_ENV_<NAME>_<KEY>,
@@ -244,6 +363,15 @@ kind = "production"
 
 # [metrics]    # where `gatefill apply` and `gatefill soak` push their metrics (--pushgateway URL wins)
 # pushgateway_url_env = "GATEFILL_PUSHGATEWAY_URL"   # the variable holding the URL (it may carry credentials)
+# [notify]     # Slack-compatible webhook notices: gates waiting, soak verdicts changed, runs failed or paused
+# webhook_url_env = "GATEFILL_WEBHOOK_URL"   # the variable holding the webhook URL (a secret: never in this file)
+# console_url = "http://127.0.0.1:8765"      # `gatefill ui`'s address, for links to the pages
+# events = ["gate_waiting", "soak_verdict", "run_failed", "run_paused", "watch_verdict"]
+
+# [watch]      # `gatefill watch`: check sets by period (a check's name, or "health" / "soak" for all of them)
+# daily = ["health"]       # over the last 24 h of new data
+# weekly = ["soak"]        # over the last 7 days
+# monthly = ["health"]     # over the last 30 days
 """
 
 
@@ -269,6 +397,8 @@ class Environment:
     lease_ttl: float = DEFAULT_LEASE_TTL
     #: Apply's adaptive throttle (``[throttle]`` with ``[env.NAME.throttle]`` over it).
     throttle: ThrottleSettings = THROTTLE_DEFAULTS
+    #: ``gatefill watch``'s check sets (``[watch]`` with ``[env.NAME.watch]`` over it).
+    watch: WatchSettings = WATCH_DEFAULTS
 
     @property
     def url(self) -> URL:
@@ -305,6 +435,8 @@ class Settings:
     jobs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: ``[metrics]``: apply's and soak's Pushgateway by default.
     metrics: MetricsSettings = MetricsSettings()
+    #: ``[notify]``: where notices go (None: no notifications).
+    notify: NotifySettings | None = None
 
     def env(self, name: str) -> Environment:
         """The environment called ``name``; an unknown name is a ``ConfigError`` listing the known ones."""
@@ -377,9 +509,11 @@ def _build_environment(
     root: Path,
     environ: Mapping[str, str],
     throttle: object = None,
+    watch: object = None,
 ) -> Environment:
     throttle_settings = _throttle_settings(f"environment '{name}'", throttle, table.get("throttle"))
-    table = {k: v for k, v in table.items() if k != "throttle"}
+    watch_settings = _watch_settings(f"environment '{name}'", watch, table.get("watch"))
+    table = {k: v for k, v in table.items() if k not in ("throttle", "watch")}
     unknown = set(table) - _ENV_KEYS
     if unknown:
         raise ConfigError(f"environment '{name}': unknown key(s) {', '.join(sorted(unknown))}")
@@ -423,6 +557,7 @@ def _build_environment(
         pooler=pooler,
         lease_ttl=lease_ttl,
         throttle=throttle_settings,
+        watch=watch_settings,
     )
 
 
@@ -493,11 +628,11 @@ def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | 
     for name, table in env_tables.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: env.{name} must be a table")
-        environments[name] = _build_environment(name, table, root, environ, data.get("throttle"))
+        environments[name] = _build_environment(name, table, root, environ, data.get("throttle"), data.get("watch"))
     declared = {re.sub(r"[^A-Za-z0-9]", "_", n).upper() for n in environments}
     for upper, lower in _names_from_environ(environ).items():
         if upper not in declared:
-            environments[lower] = _build_environment(lower, {}, root, environ, data.get("throttle"))
+            environments[lower] = _build_environment(lower, {}, root, environ, data.get("throttle"), data.get("watch"))
     artifacts = data.get("artifacts_dir", "artifacts")
     if not isinstance(artifacts, str):
         raise ConfigError(f"{path}: artifacts_dir must be a string")
@@ -509,6 +644,13 @@ def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | 
     if not isinstance(job_tables, dict) or not all(isinstance(t, dict) for t in job_tables.values()):
         raise ConfigError(f"{path}: [job] must be a table of [job.NAME] sections")
     metrics = _metrics_settings(str(path), data.get("metrics"), environ)
+    notify = _notify_settings(f"{path}", data["notify"]) if "notify" in data else None
     return Settings(
-        path=path, root=root, artifacts_dir=artifacts_dir, environments=environments, jobs=job_tables, metrics=metrics
+        path=path,
+        root=root,
+        artifacts_dir=artifacts_dir,
+        environments=environments,
+        jobs=job_tables,
+        metrics=metrics,
+        notify=notify,
     )

@@ -60,6 +60,7 @@ __all__ = [
     "RunLocked",
     "RunNotFound",
     "RunStatus",
+    "WatchRecord",
     "baseline_for",
     "batch_keys",
     "batch_record",
@@ -92,6 +93,7 @@ __all__ = [
     "record_decisions",
     "record_intents",
     "record_measurement",
+    "record_watch_results",
     "release_lease",
     "renew_lease",
     "reserve_pace",
@@ -100,6 +102,9 @@ __all__ = [
     "run_events_for",
     "take_lease",
     "transition",
+    "watch_history",
+    "watch_last_taken",
+    "watch_last_verdicts",
 ]
 
 LEDGER_METADATA = sa.MetaData()
@@ -419,6 +424,25 @@ pace = sa.Table(
     sa.Column("reason", sa.Text(), nullable=False),
     sa.Column("updated_at", UTCTimestamp(), nullable=False),
     sa.CheckConstraint("level IN ('normal','hold','stop')", name="gatefill_pace_level"),
+)
+
+# ``gatefill watch``'s results: one row per check of a check set each time the set ran, with the window of new data
+# it judged. Not tied to a run: the watch is ongoing, its history is per environment, set and check. A ledger made
+# before it gets it from ``init_ledger``.
+watch_results = sa.Table(
+    "gatefill_watch_results",
+    LEDGER_METADATA,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("environment", sa.Text(), nullable=False),
+    sa.Column("set_name", sa.Text(), nullable=False),  # daily | weekly | monthly
+    sa.Column("check_name", sa.Text(), nullable=False),
+    sa.Column("verdict", sa.Text(), nullable=False),
+    sa.Column("summary", sa.Text(), nullable=False),
+    sa.Column("evidence", JSONValue(), nullable=False),
+    sa.Column("window_start", UTCTimestamp(), nullable=False),
+    sa.Column("window_end", UTCTimestamp(), nullable=False),
+    sa.Column("taken_at", UTCTimestamp(), nullable=False),
+    sa.Index("gatefill_watch_results_by_check", "environment", "set_name", "check_name", "taken_at"),
 )
 
 LEDGER_TABLES: tuple[str, ...] = tuple(LEDGER_METADATA.tables)
@@ -1712,3 +1736,65 @@ def _outcome_read_back(r: Any, candidate: Candidate) -> SessionOutcome:
     # The plan's operations, in the shape a job reports them ({"op": ...}); each one's own result was not recorded.
     operations: list[dict[str, Any]] = [{"op": op} for op in candidate.operations]
     return SessionOutcome(r.session_id, r.result, operations, r.error, None)
+
+
+# ``gatefill watch``'s results
+
+
+@dataclass(frozen=True)
+class WatchRecord:
+    """One check of one watch set as it was judged over ``[window_start, window_end)`` at ``taken_at``."""
+
+    environment: str
+    set_name: str
+    check_name: str
+    verdict: str
+    summary: str
+    evidence: Mapping[str, Any]
+    window_start: datetime
+    window_end: datetime
+    taken_at: datetime
+
+
+def record_watch_results(conn: Connection, records: Sequence[WatchRecord]) -> None:
+    """Records a watch's results in the caller's transaction."""
+    if records:
+        conn.execute(watch_results.insert(), [{**asdict(r), "evidence": dict(r.evidence)} for r in records])
+
+
+def watch_last_taken(conn: Connection, environment: str) -> dict[str, datetime]:
+    """Set name → when it last ran in ``environment`` (sets that never ran are absent)."""
+    if not sa.inspect(conn).has_table(watch_results.name):
+        return {}
+    w = watch_results
+    query = sa.select(w.c.set_name, sa.func.max(w.c.taken_at)).where(w.c.environment == environment)
+    return {str(name): taken for name, taken in conn.execute(query.group_by(w.c.set_name))}
+
+
+def watch_last_verdicts(conn: Connection, environment: str, set_name: str) -> dict[str, str]:
+    """Check name → the verdict recorded last for it in this set of ``environment``."""
+    if not sa.inspect(conn).has_table(watch_results.name):
+        return {}
+    w = watch_results
+    query = (
+        sa.select(w.c.check_name, w.c.verdict)
+        .where(w.c.environment == environment, w.c.set_name == set_name)
+        .order_by(w.c.taken_at, w.c.id)
+    )
+    return {str(check): str(verdict) for check, verdict in conn.execute(query)}
+
+
+def watch_history(conn: Connection, environment: str, *, limit: int = 500) -> list[WatchRecord]:
+    """The latest ``limit`` watch results of ``environment``, oldest first (none before any watch ran)."""
+    if not sa.inspect(conn).has_table(watch_results.name):
+        return []
+    w = watch_results
+    query = sa.select(w).where(w.c.environment == environment).order_by(w.c.taken_at.desc(), w.c.id.desc())
+    rows = list(conn.execute(query.limit(limit)))
+    return [
+        WatchRecord(
+            r.environment, r.set_name, r.check_name, r.verdict, r.summary, dict(r.evidence or {}), r.window_start,
+            r.window_end, r.taken_at,
+        )
+        for r in reversed(rows)
+    ]  # fmt: skip

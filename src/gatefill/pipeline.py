@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from gatefill import ledger
+from gatefill import ledger, notify
 from gatefill.apply import (
     ApplyOptions,
     ApplyResult,
@@ -259,6 +259,7 @@ def _approve_or_wait(
             )
         return True
     state.waiting_for = f"`gatefill approve {run_id} --gate {gate} --by NAME --env {env}`"
+    notify.send(notify.gate_waiting(env, run_id, gate, page="/pipeline" if gate == "production" else None))
     return False
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from gatefill import ledger, stats
+from gatefill import ledger, notify, stats
 from gatefill.clock import Clock, RealClock, SimulatedClock, parse_duration, utc
 from gatefill.config import DEFAULT_SOAK_DURATION, DEFAULT_SOAK_INTERVAL, Environment
 from gatefill.db import Database, format_utc, parse_utc
@@ -504,6 +504,8 @@ class _Watch:
     previous: dict[str, Mapping[str, Any]]
     resumed_at: int | None
     baseline: Baseline | None
+    #: The verdict of the last look taken (None before the first): a look that changes it is announced.
+    last_verdict: str | None = None
     ended_early: bool = False
     interrupted: bool = False
 
@@ -576,6 +578,7 @@ def _start(db: Database, run: ledger.Run, options: SoakOptions, clock: Clock) ->
         previous={c.name: c.evidence for c in done[-1].checks} if done else {},
         resumed_at=resumed_at,
         baseline=baseline,
+        last_verdict=done[-1].verdict if done else None,
     )
     # A stored FAIL under fail_fast is final: a restarted soak takes no further looks.
     watch.ended_early = options.fail_fast and bool(done) and done[-1].verdict == "FAIL" and first <= max_looks
@@ -618,6 +621,7 @@ def _watch(
             lease.fence(conn)
             ledger.record_measurement(conn, run_id, measurement)
         watch.previous = {c.name: c.evidence for c in measurement.checks}
+        _announce_change(db.env.name, run_id, watch, measurement)
         if on_look is not None:
             on_look(measurement)
         if number < watch.max_looks and options.fail_fast and measurement.verdict == "FAIL":
@@ -625,6 +629,14 @@ def _watch(
         elif number < watch.max_looks and stop.is_set():
             watch.interrupted = True
             break
+
+
+def _announce_change(env: str, run_id: str, watch: _Watch, measurement: Measurement) -> None:
+    """A look whose verdict differs from the look before is a notice (the first look sets the verdict: no notice)."""
+    before, watch.last_verdict = watch.last_verdict, measurement.verdict
+    if before is not None and before != measurement.verdict:
+        moved = ", ".join(f"{c.name} {c.verdict}" for c in measurement.checks if c.verdict != "PASS") or "all PASS"
+        notify.send(notify.soak_verdict_changed(env, run_id, measurement.seq, before, measurement.verdict, moved))
 
 
 def _measure(

@@ -1,5 +1,6 @@
-"""The console's FastAPI application: its pages (runs, a run, a plan under review, a soak, the pipeline, gates),
-the run files and rendered reports, the live event stream, ``/metrics``, and the writes the CLI has (approve, pause).
+"""The console's FastAPI application: its pages (runs, a run, a plan under review, a soak, the pipeline, gates, the
+ongoing watch), the run files and rendered reports, the live event stream, ``/metrics``, and the writes the CLI has
+(approve, pause).
 
 Handlers parse, call one reading function of ``console.reads`` (or the CLI's approve), and render; the rules of who may
 write live in ``console.auth``.
@@ -203,6 +204,15 @@ def _routes_pages(app: FastAPI, config: ConsoleConfig) -> None:
     @app.get("/metrics")
     def metrics(who: Who) -> Response:
         return Response(metrics_text(settings, envs), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/watch", response_class=HTMLResponse)
+    def watch_all_page(who: Who) -> Response:
+        return _html("watch.html", who, view=reads.watch_view(settings, envs), env=None, envs=envs, title="Watch")
+
+    @app.get("/env/{env}/watch", response_class=HTMLResponse)
+    def watch_page(who: Who, env: str) -> Response:
+        view = reads.watch_view(settings, [_known(config, env)])
+        return _html("watch.html", who, view=view, env=env, envs=envs, title=f"Watch · {env}")
 
     @app.get("/pipeline", response_class=HTMLResponse)
     def pipeline_page(who: Who) -> Response:

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from gatefill import ledger
-from gatefill.config import Environment, Settings
+from gatefill.config import WATCH_PERIODS, Environment, Settings
 from gatefill.db import Database, parse_utc
 from gatefill.errors import DatabaseUnreachable, GatefillError
 from gatefill.gate import GateRecord, gate_records
@@ -37,6 +37,8 @@ __all__ = [
     "RunView",
     "SessionRow",
     "SoakView",
+    "WatchTrend",
+    "WatchView",
     "artifact_files",
     "batch_row",
     "gates",
@@ -46,6 +48,7 @@ __all__ = [
     "run_rows",
     "run_view",
     "soak_view",
+    "watch_view",
 ]
 
 #: Per-session rows a run page lists (errors first); the counts above the table cover every session.
@@ -533,3 +536,57 @@ def live_state(settings: Settings, env: str, run_id: str) -> LiveState:
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------------------------------------------- ongoing watch
+
+#: Results of one check the watch page lists (its trend, newest last).
+WATCH_POINTS = 30
+
+
+@dataclass(frozen=True)
+class WatchTrend:
+    """One watched check of one set in one environment: its recorded results, oldest first."""
+
+    env: str
+    set_name: str
+    check: str
+    points: tuple[ledger.WatchRecord, ...]
+
+    @property
+    def latest(self) -> ledger.WatchRecord:
+        return self.points[-1]
+
+    @property
+    def changes(self) -> int:
+        """How many times the verdict changed over the results shown."""
+        return sum(1 for a, b in zip(self.points, self.points[1:], strict=False) if a.verdict != b.verdict)
+
+
+@dataclass(frozen=True)
+class WatchView:
+    """The watch page of the environments asked for: each check's trend, and the environments it could not read."""
+
+    trends: tuple[WatchTrend, ...]
+    unreadable: tuple[str, ...] = ()
+
+
+def watch_view(settings: Settings, envs: Sequence[str]) -> WatchView:
+    """Every check ``gatefill watch`` recorded in ``envs``' ledgers, grouped by environment, set and check (read only
+    from ``gatefill_watch_results``; an unreachable environment is named, not shown)."""
+    trends: list[WatchTrend] = []
+    unreadable: list[str] = []
+    for name in envs:
+        try:
+            with Database(settings.env(name)) as db, db.connect() as conn:
+                history = ledger.watch_history(conn, name)
+        except (DatabaseUnreachable, GatefillError):
+            unreadable.append(name)
+            continue
+        grouped: dict[tuple[str, str], list[ledger.WatchRecord]] = {}
+        for record in history:
+            grouped.setdefault((record.set_name, record.check_name), []).append(record)
+        order = {s: i for i, s in enumerate(WATCH_PERIODS)}
+        for (set_name, check), points in sorted(grouped.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+            trends.append(WatchTrend(name, set_name, check, tuple(points[-WATCH_POINTS:])))
+    return WatchView(tuple(trends), tuple(unreadable))
