@@ -403,9 +403,12 @@ def _verify(url: str, run_id: str, expected: int) -> None:
             ).fetchall()
         )
         missing = conn.execute(
+            # An entry's candidate: its third element, or the key value of the set's candidate_key column.
             "SELECT count(*) FROM gatefill_change_sets c, json_array_elements(c.entries::json) e "
-            "WHERE c.run_id = %s AND c.table_name = 'fc_scores' "
-            "AND NOT EXISTS (SELECT 1 FROM fc_scores f WHERE f.session_id::text = e->>1)",
+            "WHERE c.run_id = %s AND c.table_name = 'fc_scores' AND NOT EXISTS (SELECT 1 FROM fc_scores f "
+            "WHERE f.session_id::text = CASE WHEN c.candidate_key IS NULL THEN e->>2 ELSE e->0->>(SELECT "
+            "k.i - 1 FROM jsonb_array_elements_text(c.key_columns) WITH ORDINALITY k(name, i) "
+            "WHERE k.name = c.candidate_key)::int END)",
             (run_id,),
         ).fetchone()
     if results != {"written": expected}:

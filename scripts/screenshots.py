@@ -1,8 +1,9 @@
 """Takes the README's screenshots of the operator console (``docs/screenshots/*.png``) from a real demo.
 
 Builds ``gatefill demo --fast`` in a temporary directory, plans a run on its untouched ``walkthrough`` copy (the plan
-under review), serves ``gatefill ui`` with an operator token, signs in with Debian's Chromium through Playwright and
-photographs each page. Run it from the repository: ``.venv/bin/python scripts/screenshots.py``.
+under review), records one ``gatefill watch --env production --once`` (the Watch page), serves ``gatefill ui`` with
+an operator token, signs in with Debian's Chromium through Playwright and photographs each page. Run it from the
+repository: ``.venv/bin/python scripts/screenshots.py``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 
 
-def gatefill(*argv: str, cwd: Path, env: dict[str, str]) -> str:
+def gatefill(*argv: str, cwd: Path, env: dict[str, str], ok: tuple[int, ...] = (0,)) -> str:
     proc = subprocess.run([sys.executable, "-m", "gatefill", *argv], cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise SystemExit(f"gatefill {' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
     return proc.stdout
 
@@ -52,6 +53,7 @@ def photograph(url: str, token: str) -> None:
             "soak": first_link(page, "/env/staging/runs/soak-"),
             "pipeline": "/pipeline",
             "gates": "/gates",
+            "watch": "/watch",
         }
         for name, path in shots.items():
             page.goto(url + path)
@@ -68,6 +70,8 @@ def main() -> None:
         demo = Path(tmp) / "gatefill-demo"
         gatefill("demo", "--fast", "--dir", str(demo), cwd=Path(tmp), env=env)
         gatefill("plan", "--env", "walkthrough", cwd=demo, env=env)
+        # Exit 1 is a FAILed check: a result to show like any other.
+        gatefill("watch", "--env", "production", "--once", cwd=demo, env=env, ok=(0, 1))
         argv = ["ui", "--env", "staging", "--env", "production", "--env", "walkthrough", "--port", "0"]
         server = subprocess.Popen(
             [sys.executable, "-m", "gatefill", *argv, "--auth-token-env", "GATEFILL_UI_TOKEN"],

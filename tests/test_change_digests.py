@@ -145,6 +145,25 @@ def _old_changes_table(conn: sa.Connection, pg: bool) -> sa.Table:
     )
 
 
+def test_change_sets_are_compact_and_read_back_whole(target: Target, seeder: Seeder, tmp_path: Path) -> None:
+    """A set per batch and table: entries without trailing nulls, digests in base64url, and the candidate left out
+    where a key column holds it (fc_scores, keyed by session); read back, every change has its candidate and the
+    hex digest of the row as it is now."""
+    run_id = _applied(target, seeder, tmp_path)
+    with target.db.connect() as conn:
+        sets = conn.execute(sa.select(ledger.change_sets).where(ledger.change_sets.c.run_id == run_id)).all()
+        assert ledger.count_changes(conn, run_id) == sum(s.rows for s in sets) == len(_changes(target, run_id))
+    keyed = {s.table_name: s.candidate_key for s in sets}
+    assert keyed == {"fc_scores": "session_id", "profiles": None, "fn_logs": None}
+    fc_entries = [e for s in sets if s.table_name == "fc_scores" for e in json.loads(s.entries)]
+    assert fc_entries and all(len(e) == 2 and "." not in e[1] for e in fc_entries)  # [key, digest]: an insert
+    changes = _changes(target, run_id)
+    assert all(c.candidate for c in changes)
+    assert all(c.candidate == c.key["session_id"] for c in changes if c.table == "fc_scores")
+    with target.db.connect() as conn:
+        assert all(row_digest(TABLES[c.table], _row(conn, c.table, c.row_key)) == c.after_digest for c in changes)  # type: ignore[arg-type]
+
+
 def test_a_ledger_from_before_digests_still_rolls_back_its_runs(target: Target, seeder: Seeder, tmp_path: Path) -> None:
     """A run recorded by an older gatefill (a row per change, whole after-images, no digest): ``init_ledger`` moves
     its changes into sets in their order, and rollback compares with the images (conflicts named by column, as they

@@ -11,6 +11,7 @@ only the owner and roles with BYPASSRLS (the service role) can read them through
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -286,11 +287,12 @@ session_results = sa.Table(
 # The rows a run changed, a set per batch and table (one row of this table; a batch recording its rows in parts has a
 # set per part). A row per change would cost, on Postgres, more WAL than the data it describes (its keys, run id and
 # an index entry, per row); a set stores its entries as one compact JSON text that TOAST compresses. ``entries`` is a
-# JSON array with, per changed row in the order they were written: [key values in key_columns' order, candidate key
-# (null: none), before-image (null: the row was absent, an insert; rollback deletes it), after digest
-# (``gatefill.images.row_digest``, null in a set migrated from a ledger older than digests), index into
-# after_columns (null: every column of the table)] and, only in sets migrated from such a ledger, a sixth element:
-# the whole after-image. Read back through ``change_pages``; a change's sequence number is ``id * SET_SPAN + i``.
+# JSON array with, per changed row in the order they were written: [key values in key_columns' order, after digest
+# (``gatefill.images.row_digest``, its bytes in base64url; null in a set moved from a ledger older than digests),
+# candidate key (null: none, or the value of the key column ``candidate_key`` names), before-image (null: the row was
+# absent, an insert; rollback deletes it), index into after_columns (null: every column of the table), the whole
+# after-image (only in sets moved from a ledger older than digests)], trailing nulls left out. Read back through
+# ``change_pages``; a change's sequence number is ``id * SET_SPAN + i``.
 change_sets = sa.Table(
     "gatefill_change_sets",
     LEDGER_METADATA,
@@ -300,6 +302,8 @@ change_sets = sa.Table(
     sa.Column("table_name", sa.Text(), nullable=False),
     sa.Column("rows", sa.Integer(), nullable=False),
     sa.Column("key_columns", JSONValue(), nullable=False),
+    # The key column whose value is every entry's candidate (e.g. a table keyed by session): entries omit it.
+    sa.Column("candidate_key", sa.Text()),
     # The distinct column lists of the set's partial after-images (a job's update sets some columns only).
     sa.Column("after_columns", JSONValue(), nullable=False),
     sa.Column("entries", sa.Text(), nullable=False),
@@ -548,16 +552,16 @@ def _legacy_set(group: Sequence[Any]) -> dict[str, Any]:
         key = json.loads(r.row_key)
         after_columns = m.get("after_columns")
         index = None if after_columns is None else columns.setdefault(tuple(after_columns), len(columns))
-        entry = [[key[c] for c in key_columns], r.session_id, r.before, m.get("after_digest"), index]
-        if m.get("after_digest") is None:
-            entry.append(m.get("after"))
-        entries.append(entry)
+        digest = m.get("after_digest")
+        after = m.get("after") if digest is None else None
+        entries.append(_entry([key[c] for c in key_columns], digest, r.session_id, r.before, index, after))
     return {
         "run_id": group[0].run_id,
         "batch_no": group[0].batch_no,
         "table_name": group[0].table_name,
         "rows": len(entries),
         "key_columns": key_columns,
+        "candidate_key": None,
         "after_columns": [list(c) for c in columns],
         "entries": dumps_json(entries),
         "at": group[0].at,
@@ -1207,26 +1211,64 @@ class _SetBuilder:
         self.table = table
         self.key_columns = tuple(key_columns)
         self.columns: dict[tuple[str, ...], int] = {}
-        self.entries: list[list[Any]] = []
+        self.entries: list[tuple[list[str], str, str | None, Any, int | None]] = []
 
     def add(self, ch: RowChange) -> None:
         columns = image_columns(self.table, ch.after)
         index = None if columns is None else self.columns.setdefault(columns, len(self.columns))
         before = dict(ch.before) if ch.before is not None else None
         key = [str(ch.key[c]) for c in self.key_columns]
-        self.entries.append([key, ch.candidate, before, row_digest(self.table, ch.after, columns), index])
+        self.entries.append((key, row_digest(self.table, ch.after, columns), ch.candidate, before, index))
 
     def row(self, run_id: str, batch_no: int, at: datetime) -> dict[str, Any]:
+        keyed = _candidate_key(self.key_columns, [(e[0], e[2]) for e in self.entries])
+        entries = [
+            _entry(key, digest, None if keyed else candidate, before, index)
+            for key, digest, candidate, before, index in self.entries
+        ]
         return {
             "run_id": run_id,
             "batch_no": batch_no,
             "table_name": self.table.name,
-            "rows": len(self.entries),
+            "rows": len(entries),
             "key_columns": list(self.key_columns),
+            "candidate_key": keyed,
             "after_columns": [list(c) for c in self.columns],
-            "entries": dumps_json(self.entries),
+            "entries": dumps_json(entries),
             "at": at,
         }
+
+
+def _candidate_key(key_columns: Sequence[str], pairs: Sequence[tuple[Sequence[str], str | None]]) -> str | None:
+    """The key column holding every entry's candidate, if one does (then the entries need not repeat it)."""
+    for i, column in enumerate(key_columns):
+        if pairs and all(candidate is not None and key[i] == candidate for key, candidate in pairs):
+            return column
+    return None
+
+
+def _entry(
+    key: list[str], digest: str | None, candidate: str | None, before: Any, index: int | None, after: Any = None
+) -> list[Any]:
+    """One change set entry, its digest in base64url and its trailing nulls left out."""
+    entry = [key, None if digest is None else _short_digest(digest), candidate, before, index, after]
+    while entry[-1] is None:
+        entry.pop()
+    return entry
+
+
+def _short_digest(digest: str) -> str:
+    """A row digest (``<32 hex>.<4 hex per column>``, ``gatefill.images``) as base64url of its bytes: a third
+    shorter."""
+    whole, _, marks = digest.partition(".")
+    if len(whole) != 32:
+        raise DataError(f"not a row digest: {digest[:40]!r}")
+    return base64.urlsafe_b64encode(bytes.fromhex(whole + marks)).rstrip(b"=").decode("ascii")
+
+
+def _hex_digest(short: str) -> str:
+    text = base64.urlsafe_b64decode(short + "=" * (-len(short) % 4)).hex()
+    return f"{text[:32]}.{text[32:]}"
 
 
 @dataclass(frozen=True)
@@ -1255,14 +1297,13 @@ class RecordedChange:
 def _expand(row: Any) -> list[RecordedChange]:
     """A change set row's entries as RecordedChanges, in recorded order."""
     try:
-        entries = json.loads(row.entries)
         key_columns = list(row.key_columns)
         columns = [tuple(c) for c in row.after_columns]
+        keyed = key_columns.index(row.candidate_key) if row.candidate_key is not None else None
         out = []
-        for i, e in enumerate(entries):
-            key = dict(zip(key_columns, e[0], strict=True))
-            after_columns = None if e[4] is None else columns[e[4]]
-            after = e[5] if len(e) > 5 else None
+        for i, e in enumerate(json.loads(row.entries)):
+            values, digest, candidate, before, index, after = [*e, None, None, None, None, None][:6]
+            key = dict(zip(key_columns, values, strict=True))
             out.append(
                 RecordedChange(
                     row.id * SET_SPAN + i,
@@ -1270,10 +1311,10 @@ def _expand(row: Any) -> list[RecordedChange]:
                     row.table_name,
                     row_key(key),
                     key,
-                    e[1],
-                    e[2],
-                    e[3],
-                    after_columns,
+                    values[keyed] if keyed is not None else candidate,
+                    before,
+                    None if digest is None else _hex_digest(digest),
+                    None if index is None else columns[index],
                     after,
                 )
             )
