@@ -1335,13 +1335,12 @@ def change_range(conn: Connection, run_id: str) -> tuple[int | None, int | None]
     return first * SET_SPAN, last * SET_SPAN + last_rows - 1
 
 
-def count_changes(conn: Connection, run_id: str, table: str | None = None) -> int:
-    """How many row changes the run recorded (of one table)."""
+def count_changes(conn: Connection, run_id: str) -> int:
+    """How many row changes the run recorded."""
     cs = change_sets.c
-    query = sa.select(sa.func.coalesce(sa.func.sum(cs.rows), 0)).where(cs.run_id == run_id)
-    if table is not None:
-        query = query.where(cs.table_name == table)
-    return int(conn.execute(query).scalar_one())
+    return int(
+        conn.execute(sa.select(sa.func.coalesce(sa.func.sum(cs.rows), 0)).where(cs.run_id == run_id)).scalar_one()
+    )
 
 
 def change_pages(
